@@ -1,0 +1,191 @@
+"""The run configuration: one schema, validated once at start.
+
+The defaults live in `pyproject.toml` under `[tool.flwr.app.config]` (Flower's single source of
+truth, overridable with `flwr run . --run-config "key=value ..."`). This module only knows each
+key's type and allowed values, turns Flower's flat dict into a typed `RunConfig`, and fails
+early with a message that names the key, the bad value and the fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import time
+import tomllib
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+METHODS = ("collafuse", "fedavg", "local", "centralized")
+DATASETS = ("digits", "mnist", "fashion-mnist", "cifar10", "celeba", "awa2", "imagefolder")
+PARTITIONINGS = ("iid", "dirichlet", "by-class", "by-attribute")
+PYPROJECT = Path(__file__).resolve().parent.parent / "pyproject.toml"
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    method: str
+    cut_ratio: float
+    server_target: str
+    num_server_rounds: int
+    dataset: str
+    data_dir: str
+    partitioning: str
+    dirichlet_alpha: float
+    client_groups: str
+    test_fraction: float
+    max_samples: int
+    image_size: int
+    diffusion_steps: int
+    beta_schedule: str
+    model_size: str
+    local_steps: int
+    server_steps: int
+    batch_size: int
+    learning_rate: float
+    uploads_per_round: int
+    eval_every: int
+    num_eval_samples: int
+    sampling_steps: int
+    fid_backbone: str
+    fid_weights: str
+    count_flops: bool
+    seed: int
+    output_dir: str
+
+    @property
+    def cut_step(self) -> int:
+        from .diffusion import cut_step
+
+        return cut_step(self.cut_ratio, self.diffusion_steps)
+
+    @property
+    def uses_cut(self) -> bool:
+        return self.method == "collafuse"
+
+    def is_eval_round(self, server_round: int) -> bool:
+        last = server_round == self.num_server_rounds
+        return last or (self.eval_every > 0 and server_round % self.eval_every == 0)
+
+    def to_flwr(self) -> dict[str, Any]:
+        """Back to Flower's flat, dash-separated form (for results.json and ConfigRecords)."""
+        return {f.name.replace("_", "-"): getattr(self, f.name) for f in dataclasses.fields(self)}
+
+
+_TYPES: dict[str, type] = {f.name: f.type for f in dataclasses.fields(RunConfig)}  # type: ignore[misc]
+_CHOICES: dict[str, tuple[str, ...]] = {
+    "method": METHODS,
+    "server_target": ("exact", "renoise"),
+    "dataset": DATASETS,
+    "partitioning": PARTITIONINGS,
+    "beta_schedule": ("linear", "cosine"),
+    "model_size": ("tiny", "small", "base"),
+    "fid_backbone": ("auto", "inception", "digits-cnn", "none"),
+}
+_MIN: dict[str, float] = {
+    "num_server_rounds": 1, "diffusion_steps": 2, "image_size": 4, "local_steps": 0,
+    "server_steps": 0, "batch_size": 1, "uploads_per_round": 0, "eval_every": 0,
+    "num_eval_samples": 2, "sampling_steps": 0, "max_samples": 0, "seed": 0,
+}
+# Keys that only one method reads: setting them away from the default elsewhere is a mistake
+# worth a warning, never a silent no-op.
+_ONLY_FOR = {"cut_ratio": "collafuse", "server_target": "collafuse", "server_steps": "collafuse",
+             "uploads_per_round": "collafuse"}
+
+
+class ConfigError(ValueError):
+    """A run-config key has a bad value; the message names the key and the fix."""
+
+
+def load_defaults(pyproject: Path = PYPROJECT) -> dict[str, Any]:
+    """The `[tool.flwr.app.config]` table (empty when the app runs without its pyproject)."""
+    if not pyproject.is_file():
+        return {}
+    with open(pyproject, "rb") as f:
+        return dict(tomllib.load(f)["tool"]["flwr"]["app"]["config"])
+
+
+def _coerce(key: str, value: Any, typ: Any) -> Any:
+    dash = key.replace("_", "-")
+    typ = {"int": int, "float": float, "str": str, "bool": bool}.get(typ, typ)
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+        raise ConfigError(f"{dash} must be true or false, got {value!r}")
+    if typ is int:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or float(value) != int(value):
+            raise ConfigError(f"{dash} must be an integer, got {value!r}")
+        return int(value)
+    if typ is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(float(value)):
+            raise ConfigError(f"{dash} must be a number, got {value!r}")
+        return float(value)
+    if not isinstance(value, str):
+        raise ConfigError(f"{dash} must be a string, got {value!r} (quote it: {dash}='...')")
+    return value
+
+
+def parse_config(run_config: dict[str, Any], *, defaults: dict[str, Any] | None = None) -> RunConfig:
+    """Validate Flower's run_config (dash-separated keys) into a RunConfig."""
+    base = load_defaults() if defaults is None else dict(defaults)
+    merged = {**base, **run_config}
+    unknown = sorted(k for k in merged if k.replace("-", "_") not in _TYPES)
+    if unknown:
+        raise ConfigError(f"unknown run-config key(s) {unknown}; valid keys: "
+                          f"{sorted(k.replace('_', '-') for k in _TYPES)}")
+    missing = sorted(k.replace("_", "-") for k in _TYPES if k.replace("_", "-") not in merged)
+    if missing:
+        raise ConfigError(f"run-config lacks {missing}; they belong in [tool.flwr.app.config]")
+    values = {k: _coerce(k, merged[k.replace("_", "-")], t) for k, t in _TYPES.items()}
+    for k, choices in _CHOICES.items():
+        if values[k] not in choices:
+            raise ConfigError(f"{k.replace('_', '-')}={values[k]!r} is not one of {list(choices)}")
+    for k, lo in _MIN.items():
+        if values[k] < lo:
+            raise ConfigError(f"{k.replace('_', '-')} must be >= {lo:g}, got {values[k]}")
+    if not 0.0 <= values["cut_ratio"] <= 1.0:
+        raise ConfigError(f"cut-ratio must be in [0, 1] (0 = server-only, 1 = local-only), "
+                          f"got {values['cut_ratio']}")
+    if not 0.0 < values["test_fraction"] < 1.0:
+        raise ConfigError(f"test-fraction must be in (0, 1), got {values['test_fraction']}")
+    if values["learning_rate"] <= 0:
+        raise ConfigError(f"learning-rate must be > 0, got {values['learning_rate']}")
+    if values["dirichlet_alpha"] <= 0:
+        raise ConfigError(f"dirichlet-alpha must be > 0, got {values['dirichlet_alpha']}")
+    if values["dataset"] != "digits" and not values["data_dir"]:
+        raise ConfigError(f"dataset={values['dataset']!r} reads local files: set data-dir to the "
+                          f"absolute folder that holds them (nothing is downloaded)")
+    for key in ("data_dir", "output_dir", "fid_weights"):
+        if values[key] and not os.path.isabs(os.path.expanduser(values[key])):
+            raise ConfigError(f"{key.replace('_', '-')} must be an absolute path (Flower resolves "
+                              f"relative paths against the SuperLink's start folder), got {values[key]!r}")
+        values[key] = os.path.expanduser(values[key]) if values[key] else ""
+    cfg = RunConfig(**values)
+    if cfg.uses_cut and cfg.cut_step not in (0, cfg.diffusion_steps) and cfg.local_steps == 0:
+        raise ConfigError("collafuse with 0 < cut-ratio < 1 needs local-steps >= 1 to train the client models")
+    _warn_ignored(cfg, base)
+    return cfg
+
+
+def _warn_ignored(cfg: RunConfig, base: dict[str, Any]) -> None:
+    for key, method in _ONLY_FOR.items():
+        dash = key.replace("_", "-")
+        if cfg.method != method and dash in base and getattr(cfg, key) != _coerce(key, base[dash], _TYPES[key]):
+            warnings.warn(f"{dash}={getattr(cfg, key)} is ignored by method={cfg.method!r} "
+                          f"(only {method} reads it)", stacklevel=3)
+
+
+def run_dir(cfg: RunConfig, run_id: int | str | None = None) -> Path:
+    """This run's own folder under output-dir (absolute; default ~/collafuse-runs)."""
+    root = Path(cfg.output_dir) if cfg.output_dir else Path.home() / "collafuse-runs"
+    tag = f"c{cfg.cut_ratio:g}-" if cfg.method == "collafuse" else ""
+    name = f"{time.strftime('%Y%m%d-%H%M%S')}-{cfg.method}-{tag}{cfg.dataset}-s{cfg.seed}"
+    if run_id is not None:
+        name += f"-{run_id}"
+    path = root / name
+    path.mkdir(parents=True, exist_ok=False)
+    return path

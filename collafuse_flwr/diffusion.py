@@ -1,0 +1,356 @@
+r"""DDPM math for CollaFuse: the noise schedule, the timestep split, and split sampling.
+
+Pure torch, no Flower. Timesteps are 1-indexed, t in {1, ..., T}, with the convention
+abar_0 = 1 (t = 0 is clean data). The forward process is
+
+    q(x_t | x_0) = N(sqrt(abar_t) x_0, (1 - abar_t) I),   abar_t = prod_{s<=t} (1 - beta_s).
+
+CollaFuse cuts the chain at t_c = round(c T). The client owns t <= t_c, the server t > t_c.
+
+Why the server can train on the *exact* sub-diffusion: with x_{t_c} = sqrt(abar_c) x_0 +
+sqrt(1 - abar_c) eps and, for t > t_c,
+
+    x_t = sqrt(abar_t / abar_c) x_{t_c} + sqrt(1 - abar_t / abar_c) eps',
+
+x_t = sqrt(abar_t) x_0 + [sqrt(abar_t/abar_c - abar_t) eps + sqrt(1 - abar_t/abar_c) eps'],
+whose noise variance is (abar_t/abar_c - abar_t) + (1 - abar_t/abar_c) = 1 - abar_t. So x_t has
+exactly the marginal q(x_t | x_0), yet the server never needs x_0: it is an ordinary DDPM whose
+"clean data" is x_{t_c} and whose cumulative schedule is abar_t / abar_c (the per-step betas are
+unchanged). Its reverse posterior q(x_{t-1} | x_t, x_{t_c}) is the usual DDPM posterior with
+abar replaced by abar / abar_c, and its last step (t - 1 = t_c) has zero variance and returns the
+server's estimate of x_{t_c}. Both sides are therefore the same code, `reverse_chain`, run with a
+different *anchor* (0 for the client, t_c for the server).
+
+"renoise" is the authors' public-code variant kept for the ablation: the server adds noise to
+x_{t_c} with the *absolute* schedule (x_t = sqrt(abar_t) x_{t_c} + sqrt(1 - abar_t) eps'), i.e.
+treats x_{t_c} as if it were clean data. That is not q(x_t | x_0); the authors patch the sampler by
+letting the client restart its chain at t_max = round((c + c(1 - c)) T), which `client_start_step`
+reproduces.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+BetaSchedule = Literal["linear", "cosine"]
+ServerTarget = Literal["exact", "renoise"]
+#: eps_model(x_t, t) -> predicted noise; t is a LongTensor of shape (N,) with values in 1..T.
+EpsModel = Callable[[Tensor, Tensor], Tensor]
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """A DDPM noise schedule. Index arrays by timestep t in 0..T (entry 0 is t = 0, clean)."""
+
+    betas: Tensor  # (T + 1,), betas[0] = 0
+    alpha_bars: Tensor  # (T + 1,), alpha_bars[0] = 1
+
+    @property
+    def T(self) -> int:  # noqa: N802 - the paper's name
+        return self.betas.shape[0] - 1
+
+    def to(self, device: torch.device | str) -> Schedule:
+        return Schedule(self.betas.to(device), self.alpha_bars.to(device))
+
+
+def make_schedule(T: int, kind: BetaSchedule = "linear") -> Schedule:  # noqa: N803
+    """Build the schedule in float64 (products of ~1000 factors lose precision in float32).
+
+    linear: betas from 1e-4 to 0.02 scaled by 1000/T (Ho et al. 2020, as diffusers' "linear").
+    cosine: abar_t = f(t)/f(0), f(t) = cos^2(((t/T + s)/(1 + s)) pi/2), s = 0.008, betas clipped
+    to 0.999 (Nichol & Dhariwal 2021, diffusers' "squaredcos_cap_v2").
+    """
+    if not isinstance(T, int) or T < 1:
+        raise ValueError(f"diffusion-steps must be an integer >= 1, got {T!r}")
+    if kind == "linear":
+        scale = 1000.0 / T
+        betas = torch.linspace(scale * 1e-4, min(scale * 0.02, 0.999), T, dtype=torch.float64)
+    elif kind == "cosine":
+        s = 0.008
+        t = torch.arange(T + 1, dtype=torch.float64) / T
+        f = torch.cos((t + s) / (1 + s) * math.pi / 2) ** 2
+        betas = (1 - f[1:] / f[:-1]).clamp(max=0.999)
+    else:
+        raise ValueError(f"beta-schedule must be 'linear' or 'cosine', got {kind!r}")
+    betas = torch.cat([torch.zeros(1, dtype=torch.float64), betas])
+    alpha_bars = torch.cumprod(1 - betas, dim=0)
+    return Schedule(betas=betas, alpha_bars=alpha_bars)
+
+
+def cut_step(c: float, T: int) -> int:  # noqa: N803
+    """t_c = round(c T): the client runs t_c of the T denoising steps."""
+    if not (0.0 <= float(c) <= 1.0) or math.isnan(float(c)):
+        raise ValueError(f"cut-ratio must be in [0, 1], got {c!r} (0 = server-only, 1 = local-only)")
+    return int(round(float(c) * T))
+
+
+def client_start_step(c: float, T: int, target: ServerTarget = "exact") -> int:  # noqa: N803
+    """Where the client starts its reverse chain on the image the server hands it.
+
+    exact: at t_c, because the server's output really is distributed as x_{t_c}.
+    renoise: at round((c + c(1 - c)) T), the authors' patch for the mismatched server marginal.
+    """
+    t_c = cut_step(c, T)
+    if target == "exact" or t_c == 0:
+        return t_c
+    if target == "renoise":
+        return min(T, int(round((c + c * (1 - c)) * T)))
+    raise ValueError(f"server-target must be 'exact' or 'renoise', got {target!r}")
+
+
+def _bcast(v: Tensor, x: Tensor) -> Tensor:
+    """Gather per-sample scalars to x's dtype/device and shape (N, 1, 1, ...)."""
+    return v.to(device=x.device, dtype=x.dtype).reshape(-1, *([1] * (x.dim() - 1)))
+
+
+def relative_alpha_bar(sched: Schedule, t: Tensor | int, anchor: int) -> Tensor:
+    """abar_t / abar_anchor: the cumulative schedule of the chain that starts at x_anchor."""
+    t = torch.as_tensor(t, device=sched.alpha_bars.device)
+    return sched.alpha_bars[t] / sched.alpha_bars[anchor]
+
+
+def q_sample(sched: Schedule, x0: Tensor, t: Tensor, noise: Tensor) -> Tensor:
+    """Forward noising: x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) noise (t = 0 returns x_0)."""
+    ab = _bcast(sched.alpha_bars[t.cpu()], x0)
+    return ab.sqrt() * x0 + (1 - ab).sqrt() * noise
+
+
+def upload(sched: Schedule, x0: Tensor, t_c: int, noise: Tensor | None = None) -> Tensor:
+    """The cut image x_{t_c}: the only data-derived tensor a CollaFuse client ever sends.
+
+    t_c = 0 returns x_0 itself (server-only CollaFuse shares raw images).
+    """
+    if noise is None:
+        noise = torch.randn_like(x0)
+    t = torch.full((x0.shape[0],), t_c, dtype=torch.long)
+    return q_sample(sched, x0, t, noise)
+
+
+def sub_diffuse(
+    sched: Schedule,
+    x_anchor: Tensor,
+    anchor: int,
+    t: Tensor,
+    noise: Tensor,
+    target: ServerTarget = "exact",
+) -> Tensor:
+    """Noise x_anchor up to step t > anchor.
+
+    exact: x_t = sqrt(abar_t/abar_a) x_a + sqrt(1 - abar_t/abar_a) eps' (marginal = q(x_t|x_0)).
+    renoise: x_t = sqrt(abar_t) x_a + sqrt(1 - abar_t) eps' (x_a treated as clean data).
+    """
+    if target == "exact":
+        ab = _bcast(relative_alpha_bar(sched, t.cpu(), anchor), x_anchor)
+    elif target == "renoise":
+        ab = _bcast(sched.alpha_bars[t.cpu()], x_anchor)
+    else:
+        raise ValueError(f"server-target must be 'exact' or 'renoise', got {target!r}")
+    return ab.sqrt() * x_anchor + (1 - ab).sqrt() * noise
+
+
+def sample_timesteps(n: int, low: int, high: int, generator: torch.Generator | None = None) -> Tensor:
+    """t ~ U{low, ..., high}, inclusive."""
+    if not 1 <= low <= high:
+        raise ValueError(f"empty timestep range [{low}, {high}]")
+    return torch.randint(low, high + 1, (n,), generator=generator)
+
+
+def client_loss(
+    eps_model: EpsModel,
+    sched: Schedule,
+    x0: Tensor,
+    t_c: int,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """The usual DDPM epsilon loss restricted to the client's steps t ~ U{1..t_c}."""
+    t = sample_timesteps(x0.shape[0], 1, t_c, generator).to(x0.device)
+    noise = torch.randn(x0.shape, generator=generator).to(x0)
+    x_t = q_sample(sched, x0, t, noise)
+    return torch.nn.functional.mse_loss(eps_model(x_t, t), noise)
+
+
+def server_loss(
+    eps_model: EpsModel,
+    sched: Schedule,
+    x_tc: Tensor,
+    t_c: int,
+    target: ServerTarget = "exact",
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Epsilon loss on the server's steps t ~ U{t_c+1..T}, from uploads x_{t_c} alone.
+
+    The target is the fresh noise eps' of `sub_diffuse`, never the client's noise.
+    """
+    t = sample_timesteps(x_tc.shape[0], t_c + 1, sched.T, generator).to(x_tc.device)
+    noise = torch.randn(x_tc.shape, generator=generator).to(x_tc)
+    x_t = sub_diffuse(sched, x_tc, t_c, t, noise, target)
+    return torch.nn.functional.mse_loss(eps_model(x_t, t), noise)
+
+
+def predict_anchor(
+    sched: Schedule, x_t: Tensor, t: int, eps: Tensor, anchor: int, relative: bool = True
+) -> Tensor:
+    """Tweedie's estimate of the chain's clean end x_anchor from (x_t, predicted noise)."""
+    ab = relative_alpha_bar(sched, t, anchor) if relative else sched.alpha_bars[t]
+    ab = ab.to(device=x_t.device, dtype=x_t.dtype)
+    return (x_t - (1 - ab).sqrt() * eps) / ab.sqrt()
+
+
+def posterior(
+    sched: Schedule, x_t: Tensor, x_anchor_hat: Tensor, t: int, anchor: int, relative: bool = True
+) -> tuple[Tensor, Tensor]:
+    """Mean and variance of q(x_{t-1} | x_t, x_anchor) for the chain anchored at `anchor`.
+
+    mean = sqrt(a'_{t-1}) beta_t / (1 - a'_t) x_a + sqrt(alpha_t) (1 - a'_{t-1}) / (1 - a'_t) x_t,
+    var  = beta_t (1 - a'_{t-1}) / (1 - a'_t), with a' = abar / abar_anchor (or abar when not
+    relative). At t - 1 = anchor the variance is 0 and the mean is x_anchor.
+    """
+    if relative:
+        ab_t, ab_prev = relative_alpha_bar(sched, t, anchor), relative_alpha_bar(sched, t - 1, anchor)
+    else:
+        ab_t, ab_prev = sched.alpha_bars[t], sched.alpha_bars[t - 1]
+    beta = 1 - ab_t / ab_prev
+    c_anchor = ab_prev.sqrt() * beta / (1 - ab_t)
+    c_t = (1 - beta).sqrt() * (1 - ab_prev) / (1 - ab_t)
+    var = beta * (1 - ab_prev) / (1 - ab_t)
+    f = dict(device=x_t.device, dtype=x_t.dtype)
+    return c_anchor.to(**f) * x_anchor_hat + c_t.to(**f) * x_t, var.to(**f)
+
+
+def _strided_steps(t_from: int, t_to: int, num_steps: int | None) -> list[int]:
+    """Descending timesteps t_from = s_0 > s_1 > ... > s_k = t_to for the reverse chain."""
+    span = t_from - t_to
+    if num_steps is None or num_steps <= 0 or num_steps >= span:
+        return list(range(t_from, t_to - 1, -1))
+    pts = torch.linspace(t_from, t_to, num_steps + 1).round().long().tolist()
+    out: list[int] = []
+    for p in pts:
+        if not out or p < out[-1]:
+            out.append(int(p))
+    return out
+
+
+@torch.no_grad()
+def reverse_chain(
+    eps_model: EpsModel,
+    sched: Schedule,
+    x: Tensor,
+    t_from: int,
+    t_to: int,
+    anchor: int | None = None,
+    relative: bool = True,
+    num_steps: int | None = None,
+    generator: torch.Generator | None = None,
+    clip: float | None = None,
+) -> Tensor:
+    """Run the reverse process from x at step t_from down to step t_to.
+
+    anchor: the step whose state the chain treats as clean (default t_to); the client uses 0,
+    the exact-target server t_c. num_steps: None runs every step with the DDPM ancestral
+    posterior; a smaller number runs deterministic DDIM (eta = 0) on a strided grid.
+    clip: clamp the anchor estimate to [-clip, clip]; only meaningful for the client (x_0 lives
+    in [-1, 1]); the server's x_{t_c} is not bounded.
+    """
+    anchor = t_to if anchor is None else anchor
+    if not (anchor <= t_to <= t_from <= sched.T):
+        raise ValueError(f"need anchor <= t_to <= t_from <= T, got {anchor}, {t_to}, {t_from}, {sched.T}")
+    steps = _strided_steps(t_from, t_to, num_steps)
+    ddpm = len(steps) == t_from - t_to + 1
+    for t, s in zip(steps[:-1], steps[1:]):
+        tt = torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)
+        eps = eps_model(x, tt)
+        x_a = predict_anchor(sched, x, t, eps, anchor, relative)
+        if clip is not None:
+            x_a = x_a.clamp(-clip, clip)
+        if ddpm:
+            mean, var = posterior(sched, x, x_a, t, anchor, relative)
+            if s > anchor and var.item() > 0:
+                noise = torch.randn(x.shape, generator=generator).to(x)
+                x = mean + var.sqrt() * noise
+            else:
+                x = mean
+        else:
+            ab_s = (relative_alpha_bar(sched, s, anchor) if relative else sched.alpha_bars[s]).to(x)
+            ab_t = (relative_alpha_bar(sched, t, anchor) if relative else sched.alpha_bars[t]).to(x)
+            eps_dir = (x - ab_t.sqrt() * x_a) / (1 - ab_t).sqrt()
+            x = ab_s.sqrt() * x_a + (1 - ab_s).sqrt() * eps_dir
+    return x
+
+
+def server_sample(
+    eps_model: EpsModel,
+    sched: Schedule,
+    shape: tuple[int, ...],
+    t_c: int,
+    target: ServerTarget = "exact",
+    num_steps: int | None = None,
+    generator: torch.Generator | None = None,
+    device: torch.device | str = "cpu",
+) -> Tensor:
+    """Server half of inference: x_T ~ N(0, I) -> x_{t_c} (returns x_T itself when t_c = T)."""
+    x = torch.randn(shape, generator=generator).to(device)
+    if t_c >= sched.T:
+        return x
+    if target == "exact":
+        return reverse_chain(eps_model, sched, x, sched.T, t_c, anchor=t_c, num_steps=num_steps,
+                             generator=generator)
+    # renoise: the server's chain treats x_{t_c} as clean data under the absolute schedule; stop
+    # at t_c and hand over that (still noisy) state, as the authors' code does.
+    return reverse_chain(eps_model, sched, x, sched.T, t_c, anchor=0, relative=False,
+                         num_steps=num_steps, generator=generator)
+
+
+def client_finish(
+    eps_model: EpsModel,
+    sched: Schedule,
+    x_start: Tensor,
+    t_start: int,
+    num_steps: int | None = None,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Client half of inference: x_{t_start} -> x_0 with the private model, clipped to [-1, 1]."""
+    if t_start == 0:
+        return x_start.clamp(-1, 1)
+    x = reverse_chain(eps_model, sched, x_start, t_start, 0, anchor=0, num_steps=num_steps,
+                      generator=generator, clip=1.0)
+    return x.clamp(-1, 1)
+
+
+def split_sample(
+    server_model: EpsModel | None,
+    client_model: EpsModel | None,
+    sched: Schedule,
+    shape: tuple[int, ...],
+    c: float,
+    target: ServerTarget = "exact",
+    num_steps: int | None = None,
+    generator: torch.Generator | None = None,
+    device: torch.device | str = "cpu",
+) -> Tensor:
+    """Full CollaFuse inference in one process (the Flower apps run the two halves apart).
+
+    num_steps is split between the sides in proportion to their share of the chain.
+    """
+    t_c = cut_step(c, sched.T)
+    s_srv, s_cli = split_step_budget(num_steps, sched.T, t_c)
+    if t_c < sched.T and server_model is None:
+        raise ValueError("cut-ratio < 1 needs a server model")
+    if t_c > 0 and client_model is None:
+        raise ValueError("cut-ratio > 0 needs a client model")
+    x = server_sample(server_model, sched, shape, t_c, target, s_srv, generator, device)  # type: ignore[arg-type]
+    return client_finish(client_model, sched, x, client_start_step(c, sched.T, target), s_cli, generator)  # type: ignore[arg-type]
+
+
+def split_step_budget(num_steps: int | None, T: int, t_c: int) -> tuple[int | None, int | None]:  # noqa: N803
+    """Share a DDIM step budget between server (T - t_c steps) and client (t_c steps)."""
+    if not num_steps or num_steps <= 0:
+        return None, None
+    srv = max(1, round(num_steps * (T - t_c) / T)) if t_c < T else 0
+    cli = max(1, num_steps - srv) if t_c > 0 else 0
+    return srv or None, cli or None

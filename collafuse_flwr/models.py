@@ -1,0 +1,100 @@
+"""Denoiser factory: a small diffusers `UNet2DModel` sized by image size, channels and a preset.
+
+Client and server hold the same architecture (as in the CollaFuse papers); the split is by
+timestep, not by layers. Presets are sized for CPU: `tiny` for tests, `small` for the default
+digits run, `base` for 28-64 px on a GPU.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from diffusers import UNet2DModel
+from torch import Tensor, nn
+
+
+@dataclass(frozen=True)
+class UNetPreset:
+    block_out_channels: tuple[int, ...]
+    layers_per_block: int
+    attention: tuple[bool, ...]  # per resolution level, from the top
+    norm_num_groups: int
+
+
+PRESETS: dict[str, UNetPreset] = {
+    "tiny": UNetPreset((16, 32), 1, (False, False), 8),
+    "small": UNetPreset((32, 64), 1, (False, True), 8),
+    "base": UNetPreset((64, 128, 128), 2, (False, True, True), 32),
+}
+
+
+class Denoiser(nn.Module):
+    """eps_theta(x_t, t[, class]) around a `UNet2DModel`, callable as diffusion.EpsModel.
+
+    Class labels, when the model is class-conditional, are bound with `condition` so that the
+    sampling code (which only knows (x, t)) stays unaware of conditioning.
+    """
+
+    def __init__(self, unet: UNet2DModel) -> None:
+        super().__init__()
+        self.unet = unet
+        self._labels: Tensor | None = None
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.unet.config.num_class_embeds or 0)
+
+    def forward(self, x: Tensor, t: Tensor, class_labels: Tensor | None = None) -> Tensor:
+        if class_labels is None and self.num_classes:
+            class_labels = self._labels
+        return self.unet(x, t, class_labels=class_labels).sample
+
+    def condition(self, labels: Tensor | None) -> Denoiser:
+        self._labels = labels
+        return self
+
+
+def build_denoiser(
+    image_size: int,
+    channels: int,
+    size: str = "small",
+    num_classes: int = 0,
+) -> Denoiser:
+    """A UNet2DModel for `image_size` x `image_size` images with `channels` channels.
+
+    num_classes > 0 adds a class embedding (for class-conditional client models).
+    """
+    if size not in PRESETS:
+        raise ValueError(f"model-size must be one of {sorted(PRESETS)}, got {size!r}")
+    p = PRESETS[size]
+    levels = len(p.block_out_channels)
+    if image_size < 2 ** (levels - 1) or image_size % (2 ** (levels - 1)):
+        raise ValueError(
+            f"image-size {image_size} must be a multiple of {2 ** (levels - 1)} for model-size "
+            f"{size!r}; resize the data (image-size=16) or pick another preset"
+        )
+    down = tuple("AttnDownBlock2D" if a else "DownBlock2D" for a in p.attention)
+    up = tuple("AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(p.attention))
+    unet = UNet2DModel(
+        sample_size=image_size,
+        in_channels=channels,
+        out_channels=channels,
+        block_out_channels=p.block_out_channels,
+        layers_per_block=p.layers_per_block,
+        down_block_types=down,
+        up_block_types=up,
+        norm_num_groups=p.norm_num_groups,
+        attention_head_dim=8,
+        num_class_embeds=num_classes or None,
+    )
+    return Denoiser(unet)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def default_device() -> torch.device:
+    """CUDA when present (the apps must use a GPU where there is one), else CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
