@@ -1,0 +1,115 @@
+"""Run outputs every method writes the same way, so one report can read them all.
+
+- metrics.csv: one row per round, appended as rounds finish (nothing lost if a run dies);
+- samples.png: a grid, one row per client; samples.npz: images (uint8 N x H x W x C), client (N);
+- results.json: the run's settings and a `final` object; written with status "failed" and the
+  error when a run breaks.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+def _clean(v: Any) -> Any:
+    """JSON has no NaN/inf: NaN becomes null, +-inf the strings "inf"/"-inf" (epsilon = inf is
+    meaningful: no privacy at all), so the file stays standard JSON."""
+    if isinstance(v, dict):
+        return {str(k): _clean(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_clean(x) for x in v]
+    if isinstance(v, (np.floating, np.integer)):
+        v = v.item()
+    if isinstance(v, float) and math.isnan(v):
+        return None
+    if isinstance(v, float) and math.isinf(v):
+        return "inf" if v > 0 else "-inf"
+    return v
+
+
+def write_json(path: Path, obj: dict[str, Any]) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(_clean(obj), indent=2, sort_keys=False))
+    tmp.replace(path)
+
+
+class MetricsCsv:
+    """Appends one row per round; new columns extend the header by rewriting the file."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.rows: list[dict[str, Any]] = []
+
+    def append(self, row: dict[str, Any]) -> None:
+        self.rows.append(row)
+        cols: list[str] = []
+        for r in self.rows:
+            cols += [k for k in r if k not in cols]
+        with open(self.path, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=cols)
+            w.writeheader()
+            for r in self.rows:
+                w.writerow({k: _clean(r.get(k, "")) if r.get(k) is not None else "" for k in cols})
+
+
+def save_samples(out_dir: Path, images: dict[int, np.ndarray], max_per_row: int = 16) -> None:
+    """samples.npz (all images) and samples.png (one row per client)."""
+    if not images:
+        return
+    clients = sorted(images)
+    stacked = np.concatenate([images[c] for c in clients])  # N x C x H x W
+    labels = np.concatenate([np.full(images[c].shape[0], c, dtype=np.int64) for c in clients])
+    np.savez_compressed(out_dir / "samples.npz", images=stacked.transpose(0, 2, 3, 1).astype(np.uint8),
+                        client=labels)
+    save_grid(out_dir / "samples.png", [images[c][:max_per_row] for c in clients],
+              [f"client {c}" for c in clients])
+
+
+def save_grid(path: Path, rows: list[np.ndarray], row_labels: list[str], title: str | None = None) -> None:
+    """A readable image grid: one labelled row per list entry (uint8 N x C x H x W each)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ncols = max(r.shape[0] for r in rows)
+    fig, axes = plt.subplots(len(rows), ncols, figsize=(0.6 * ncols + 1.2, 0.7 * len(rows) + 0.5),
+                             squeeze=False)
+    for i, r in enumerate(rows):
+        for j in range(ncols):
+            ax = axes[i][j]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            for s in ax.spines.values():
+                s.set_visible(False)
+            if j < r.shape[0]:
+                img = r[j].transpose(1, 2, 0)
+                ax.imshow(img[..., 0] if img.shape[-1] == 1 else img, cmap="gray", vmin=0, vmax=255,
+                          interpolation="nearest")
+        axes[i][0].set_ylabel(row_labels[i], rotation=0, ha="right", va="center", fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def summary_table(rows: list[tuple[str, Any]]) -> str:
+    """A two-column plain-text table for the end-of-run summary."""
+    def fmt(v: Any) -> str:
+        if isinstance(v, float):
+            if not math.isfinite(v):
+                return str(v)
+            return f"{v:.4g}" if abs(v) < 1e5 else f"{v:.3e}"
+        return str(v)
+
+    width = max(len(k) for k, _ in rows)
+    lines = [f"{k.ljust(width)}  {fmt(v)}" for k, v in rows]
+    bar = "-" * max(len(line) for line in lines)
+    return "\n".join([bar, *lines, bar])

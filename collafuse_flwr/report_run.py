@@ -1,0 +1,168 @@
+"""Turn a finished strategy's records into results.json, samples.* and the printed summary."""
+
+from __future__ import annotations
+
+import math
+from logging import INFO
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from flwr.supercore import log
+
+from .config import RunConfig
+from .outputs import save_samples, summary_table, write_json
+
+SUM_KEYS = ("client-train-flops", "server-train-flops")
+
+
+def _per_client(metrics: dict[int, dict[str, float]], key: str) -> dict[str, float]:
+    return {str(pid): m[key] for pid, m in sorted(metrics.items()) if key in m}
+
+
+def _mean(values) -> float:
+    vals = [float(v) for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    return float(np.mean(vals)) if vals else float("nan")
+
+
+def pooled_quality(cfg: RunConfig, images: dict[int, np.ndarray], num_nodes: int) -> dict[str, Any]:
+    """FID of all generated images against all clients' held-out test images.
+
+    A simulation-harness measurement: it reloads the test splits in the ServerApp, which a real
+    deployment's server could not do (there the per-client figures are what exist).
+    """
+    try:
+        import torch
+
+        from .client_data import all_splits, dataset_for
+        from .metrics.features import resolve_backbone
+        from .metrics.fid import compute_fid_kid
+
+        backbone = resolve_backbone(cfg.fid_backbone, cfg.dataset, cfg.fid_weights or None)
+        if backbone == "none" or not images:
+            return {}
+        ds = dataset_for(cfg)
+        test_idx = np.concatenate([s.test_idx for s in all_splits(cfg, num_nodes)])
+        fake = torch.from_numpy(np.concatenate([images[k] for k in sorted(images)]))
+        r = compute_fid_kid(ds.images[test_idx], fake, backbone, cfg.fid_weights or None)
+        return {"fid_pooled": r["fid"], "kid_pooled": r["kid"], "fid_backbone": backbone}
+    except Exception as exc:  # the per-client figures still stand
+        log(INFO, "pooled FID skipped: %s", exc)
+        return {}
+
+
+def finalize(cfg: RunConfig, strategy, out: Path, run_id: int, num_nodes: int, wall_s: float,
+             params: int) -> dict[str, Any]:
+    rounds = strategy.rounds
+    evals = strategy.evals
+    last = evals[max(evals)] if evals else None
+    per_client = last.metrics if last else {}
+    totals = {k: float(sum(r.values.get(k, 0.0) or 0.0 for r in rounds.values())) for k in SUM_KEYS}
+    b = strategy.bytes
+    n_rounds = max(1, cfg.num_server_rounds)
+    bytes_up = b.get("up-train", 0.0)
+    bytes_down = b.get("down-train", 0.0) + b.get("down-eval", 0.0)
+    final: dict[str, Any] = {
+        "fid": _mean(m.get("fid") for m in per_client.values()),
+        "fid_per_client": _per_client(per_client, "fid"),
+        "kid": _mean(m.get("kid") for m in per_client.values()),
+        "kid_per_client": _per_client(per_client, "kid"),
+        "fid_backbone": None,
+        "client_train_flops": totals["client-train-flops"],
+        "client_train_flops_per_round": totals["client-train-flops"] / n_rounds,
+        "client_train_flops_per_client_round": totals["client-train-flops"] / n_rounds / max(1, num_nodes),
+        "client_infer_flops_per_image": _mean(m.get("client-infer-flops-per-image") for m in per_client.values()),
+        "server_train_flops": totals["server-train-flops"],
+        "server_infer_flops_per_image": _mean([r.values.get("server-infer-flops-per-image")
+                                               for r in rounds.values()]),
+        "bytes_up": bytes_up,
+        "bytes_down": bytes_down,
+        "bytes_up_per_round": bytes_up / n_rounds,
+        "bytes_down_per_round": bytes_down / n_rounds,
+        "bytes_per_client": {str(strategy._node_to_partition.get(n, n)): dict(v)
+                             for n, v in strategy.bytes_by_node.items()},
+        "bytes_harness": {"down": b.get("down-harness", 0.0), "up_eval": b.get("up-eval", 0.0)},
+        "failed_replies": strategy.failures,
+        "infer_seconds_per_client": _mean(m.get("infer-seconds") for m in per_client.values()),
+    }
+    final.update(pooled_quality(cfg, last.images if last else {}, num_nodes))
+    if final["fid_backbone"] is None and per_client:
+        from .metrics.features import resolve_backbone
+
+        final["fid_backbone"] = resolve_backbone(cfg.fid_backbone, cfg.dataset, cfg.fid_weights or None)
+    image_dim = int(np.prod(last.images[min(last.images)].shape[1:])) if last and last.images else 0
+    final["disclosure"] = _disclosure(cfg, per_client, image_dim)
+    results = {
+        "status": "ok",
+        "method": cfg.method,
+        "cut_ratio": cfg.cut_ratio if cfg.method == "collafuse" else None,
+        "cut_step": cfg.cut_step if cfg.method == "collafuse" else None,
+        "server_target": cfg.server_target if cfg.method == "collafuse" else None,
+        "dataset": cfg.dataset,
+        "num_clients": num_nodes,
+        "num_rounds": cfg.num_server_rounds,
+        "seed": cfg.seed,
+        "diffusion_steps": cfg.diffusion_steps,
+        "denoiser_parameters": params,
+        "wall_seconds": wall_s,
+        "run_id": run_id,
+        "config": cfg.to_flwr(),
+        "final": final,
+        "per_client": {str(k): v for k, v in sorted(per_client.items())},
+    }
+    write_json(out / "results.json", results)
+    if last:
+        save_samples(out, last.images)
+    log(INFO, "\n%s", summary_table(_summary_rows(results)))
+    log(INFO, "outputs: %s", out)
+    return results
+
+
+def _disclosure(cfg: RunConfig, per_client: dict[int, dict[str, float]], image_dim: int) -> dict[str, Any]:
+    keys = sorted({k for m in per_client.values() for k in m if k.startswith("disclosure-")})
+    d: dict[str, Any] = {k.removeprefix("disclosure-").replace("-", "_"): _mean(m.get(k) for m in per_client.values())
+                         for k in keys}
+    eps = [m["epsilon"] for m in per_client.values() if "epsilon" in m]
+    if cfg.method == "collafuse":
+        from .diffusion import make_schedule
+        from .metrics.privacy import sensitivity_note
+
+        k = int(max((m.get("max-uploads-per-image", 0) for m in per_client.values()), default=0))
+        abar_c = float(make_schedule(cfg.diffusion_steps, cfg.beta_schedule).alpha_bars[cfg.cut_step])
+        d["epsilon"] = max(eps) if eps else (0.0 if cfg.cut_step == cfg.diffusion_steps else None)
+        d["delta"] = 1e-5
+        d["max_uploads_per_image"] = k
+        d["epsilon_assumption"] = sensitivity_note(abar_c, k, image_dim)
+    elif cfg.method == "centralized":
+        d.update({"note": "raw training images are sent to the server: complete disclosure",
+                  "epsilon": float("inf"), "reid_server": 1.0})
+    elif cfg.method == "local":
+        d.update({"note": "nothing but metrics leaves a client", "epsilon": 0.0})
+    else:
+        d.update({"note": "model weights leave the client every round; image disclosure through "
+                          "weights is not measured here", "epsilon": None})
+    return d
+
+
+def _summary_rows(r: dict[str, Any]) -> list[tuple[str, Any]]:
+    f = r["final"]
+    rows: list[tuple[str, Any]] = [("method", r["method"])]
+    if r["cut_ratio"] is not None:
+        rows.append(("cut ratio c / t_c", f"{r['cut_ratio']} / {r['cut_step']} of {r['diffusion_steps']}"))
+    rows += [
+        ("clients x rounds", f"{r['num_clients']} x {r['num_rounds']}"),
+        (f"FID ({f.get('fid_backbone')}) mean per client", f["fid"]),
+        ("FID pooled", f.get("fid_pooled", float("nan"))),
+        ("KID mean per client", f["kid"]),
+        ("client train FLOPs (total)", f["client_train_flops"]),
+        ("client infer FLOPs / image", f["client_infer_flops_per_image"]),
+        ("server train FLOPs (total)", f["server_train_flops"]),
+        ("bytes up / round", f["bytes_up_per_round"]),
+        ("bytes down / round", f["bytes_down_per_round"]),
+    ]
+    d = f["disclosure"]
+    for k in ("reid_server", "psnr_server", "upload_fid", "epsilon"):
+        if k in d:
+            rows.append((f"disclosure {k}", d[k]))
+    rows.append(("wall time (s)", r["wall_seconds"]))
+    return rows

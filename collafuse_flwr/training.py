@@ -1,0 +1,91 @@
+"""Optimizer loops shared by every method and by the in-process reference loop.
+
+One function runs `steps` optimizer steps of any loss over minibatches of a tensor; the methods
+differ only in which loss (client share, server share, or the whole chain) they pass in. FLOPs
+are counted on these real passes when a meter is given.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+
+from . import diffusion as D
+
+
+def make_optimizer(model: nn.Module, lr: float) -> torch.optim.Optimizer:
+    return torch.optim.Adam(model.parameters(), lr=lr)
+
+
+def minibatch_indices(n: int, batch_size: int, steps: int, generator: torch.Generator) -> list[Tensor]:
+    """Indices for `steps` minibatches, drawn by reshuffled epochs so each image is seen evenly."""
+    out: list[Tensor] = []
+    perm = torch.empty(0, dtype=torch.long)
+    bs = min(batch_size, n)
+    while len(out) < steps:
+        if perm.numel() < bs:
+            perm = torch.cat([perm, torch.randperm(n, generator=generator)])
+        out.append(perm[:bs])
+        perm = perm[bs:]
+    return out
+
+
+def train_steps(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    loss_fn: Callable[[Tensor], Tensor],
+    data: Tensor,
+    steps: int,
+    batch_size: int,
+    generator: torch.Generator,
+    device: torch.device,
+    flops: object | None = None,
+    flops_key: str = "train",
+) -> float:
+    """Run `steps` Adam steps of loss_fn(batch) on `data` (already in model range); mean loss."""
+    if steps <= 0 or data.shape[0] == 0:
+        return float("nan")
+    model.train()
+    total = 0.0
+    for idx in minibatch_indices(data.shape[0], batch_size, steps, generator):
+        batch = data[idx].to(device)
+        ctx = flops.count(flops_key) if flops is not None else contextlib.nullcontext()
+        with ctx:
+            loss = loss_fn(batch)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+        optimizer.step()
+        total += float(loss.detach())
+    return total / steps
+
+
+def client_share_loss(model: nn.Module, sched: D.Schedule, t_max: int, generator: torch.Generator):
+    """Loss on t ~ U{1..t_max}: CollaFuse's client share (t_max = t_c) or the whole chain (t_max = T)."""
+    return lambda x0: D.client_loss(model, sched, x0, t_max, generator)
+
+
+def server_share_loss(model: nn.Module, sched: D.Schedule, t_c: int, target: D.ServerTarget,
+                      generator: torch.Generator):
+    return lambda x_tc: D.server_loss(model, sched, x_tc, t_c, target, generator)
+
+
+@torch.no_grad()
+def generate(
+    model: nn.Module,
+    sched: D.Schedule,
+    n: int,
+    shape: tuple[int, int, int],
+    num_steps: int | None,
+    generator: torch.Generator,
+    device: torch.device,
+    flops: object | None = None,
+) -> Tensor:
+    """x_T -> x_0 with one model (FedAvg, local-only, centralized)."""
+    model.eval()
+    ctx = flops.count("infer") if flops is not None else contextlib.nullcontext()
+    with ctx:
+        x = torch.randn((n, *shape), generator=generator).to(device)
+        return D.client_finish(model, sched, x, sched.T, num_steps, generator).cpu()

@@ -1,0 +1,174 @@
+"""What every method's strategy shares: node sampling, failure counting, byte accounting,
+per-round records and the evaluation harness.
+
+Each method only decides what goes into its train/evaluate messages and what the server does
+with the replies; the bookkeeping that makes methods comparable lives here once.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from logging import INFO, WARNING
+from typing import Any
+
+import numpy as np
+from flwr.app import ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy.strategy_utils import sample_nodes
+from flwr.supercore import log
+
+from collafuse_flwr.config import RunConfig
+from collafuse_flwr.metrics.comm import message_nbytes
+
+
+# Totals across nodes rather than example-weighted means.
+SUM_KEYS = ("num-examples", "num-uploaded", "client-train-flops")
+
+
+@dataclass
+class EvalResult:
+    """Everything the nodes returned from one evaluation round."""
+
+    server_round: int
+    images: dict[int, np.ndarray] = field(default_factory=dict)  # partition-id -> N x C x H x W uint8
+    metrics: dict[int, dict[str, float]] = field(default_factory=dict)
+
+
+@dataclass
+class RoundRecord:
+    server_round: int
+    values: dict[str, float] = field(default_factory=dict)
+
+
+class HarnessMixin:
+    """Bookkeeping shared by all strategies. Call `_init_harness` in __init__."""
+
+    cfg: RunConfig
+
+    def _init_harness(self, cfg: RunConfig, min_nodes: int, on_round_end=None) -> None:
+        self.cfg = cfg
+        self.min_nodes = min_nodes
+        self.bytes: dict[str, float] = defaultdict(float)  # totals by direction and phase
+        self.bytes_by_node: dict[int, dict[str, float]] = defaultdict(lambda: defaultdict(float))
+        self.rounds: dict[int, RoundRecord] = {}
+        self.evals: dict[int, EvalResult] = {}
+        self.failures = 0
+        self.server_flops: dict[str, float] = defaultdict(float)
+        self._t0 = time.perf_counter()
+        self._on_round_end = on_round_end
+        self._node_to_partition: dict[int, int] = {}
+
+    # -- sampling ---------------------------------------------------------------------------
+    def _sample(self, grid: Grid) -> list[int]:
+        """All connected nodes (every client takes part every round, as in the papers)."""
+        n_all = len(list(grid.get_node_ids()))
+        node_ids, _ = sample_nodes(grid, self.min_nodes, max(n_all, self.min_nodes))
+        return sorted(node_ids)
+
+    # -- accounting ---------------------------------------------------------------------------
+    def _record(self, server_round: int, **values: float) -> None:
+        rec = self.rounds.setdefault(server_round, RoundRecord(server_round))
+        rec.values.update(values)
+
+    def _count_down(self, messages: list[Message], phase: str, harness: Iterable[str] = ()) -> list[Message]:
+        """Count bytes server -> client; `harness` keys are measurement-only and counted apart."""
+        for m in messages:
+            n_harness = sum(message_nbytes(Message(content=RecordDict({k: m.content[k]}),
+                                                   dst_node_id=m.metadata.dst_node_id,
+                                                   message_type=m.metadata.message_type))
+                            for k in harness if k in m.content)
+            n = message_nbytes(m)
+            node = m.metadata.dst_node_id
+            self.bytes[f"down-{phase}"] += n - n_harness
+            self.bytes["down-harness"] += n_harness
+            self.bytes_by_node[node][f"down-{phase}"] += n - n_harness
+        return messages
+
+    def _split_replies(self, server_round: int, replies: Iterable[Message], phase: str) -> list[Message]:
+        """Count bytes client -> server and drop failed replies (counted, not fatal)."""
+        ok, failed = [], 0
+        for m in replies:
+            if m.has_error():
+                failed += 1
+                log(WARNING, "round %d %s: node %d failed: %s", server_round, phase,
+                    m.metadata.src_node_id, m.error.reason)
+                continue
+            n = message_nbytes(m)
+            key = "up-eval" if phase == "evaluate" else "up-train"
+            self.bytes[key] += n
+            self.bytes_by_node[m.metadata.src_node_id][key] += n
+            if "metrics" in m.content.metric_records and "partition-id" in m.content["metrics"]:
+                self._node_to_partition[m.metadata.src_node_id] = int(m.content["metrics"]["partition-id"])
+            ok.append(m)
+        self.failures += failed
+        if failed:
+            self._record(server_round, **{f"failed-{phase}": failed})
+        return ok
+
+    @staticmethod
+    def _messages(node_ids: list[int], content_for, message_type: str) -> list[Message]:
+        return [Message(content=content_for(nid), message_type=message_type, dst_node_id=nid)
+                for nid in node_ids]
+
+    def _base_config(self, server_round: int, **extra: Any) -> ConfigRecord:
+        return ConfigRecord({"server-round": server_round, **extra})
+
+    # -- aggregation of metrics -------------------------------------------------------------------
+    def _mean_metrics(self, replies: list[Message], weight_key: str = "num-examples") -> MetricRecord:
+        """Example-weighted mean of every numeric metric the replies share (Flower's convention)."""
+        recs = [m.content["metrics"] for m in replies if "metrics" in m.content.metric_records]
+        if not recs:
+            return MetricRecord()
+        keys = set.intersection(*(set(r.keys()) for r in recs)) - {"partition-id"}
+        w = np.array([float(r.get(weight_key, 1.0)) for r in recs])
+        w = w / w.sum() if w.sum() > 0 else np.full(len(recs), 1 / len(recs))
+        out = {}
+        for k in sorted(keys):
+            vals = [r[k] for r in recs]
+            if all(isinstance(v, (int, float)) for v in vals):
+                arr = np.array(vals, dtype=float)
+                out[k] = float(arr.sum()) if k in SUM_KEYS else float(np.nansum(arr * w))
+        return MetricRecord(out)
+
+    def _collect_eval(self, server_round: int, replies: list[Message]) -> MetricRecord | None:
+        res = EvalResult(server_round)
+        for m in replies:
+            met = dict(m.content["metrics"])
+            pid = int(met["partition-id"])
+            res.metrics[pid] = met
+            res.images[pid] = m.content["samples"]["images"].numpy()
+        self.evals[server_round] = res
+        agg = self._mean_metrics(replies) if replies else None
+        if agg is not None:
+            self._record(server_round, **{f"eval-{k}": v for k, v in agg.items()})
+        return agg
+
+    def _progress(self, server_round: int, phase: str, **figures: float) -> None:
+        elapsed = time.perf_counter() - self._t0
+        shown = "  ".join(f"{k}={v:.4g}" for k, v in figures.items() if v == v)
+        log(INFO, "[%s] round %d/%d %s  %s  (elapsed %.1fs)", self.cfg.method, server_round,
+            self.cfg.num_server_rounds, phase, shown, elapsed)
+        if self._on_round_end is not None:
+            self._on_round_end(self, server_round, phase)
+
+    def summary(self) -> None:
+        log(INFO, "\t├──> method=%s rounds=%d min-nodes=%d", self.cfg.method,
+            self.cfg.num_server_rounds, self.min_nodes)
+
+    # -- shared evaluation for methods whose client generates alone ------------------------------
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        ok = self._split_replies(server_round, replies, "evaluate")
+        agg = self._collect_eval(server_round, ok)
+        figs = {k: float(v) for k, v in (agg or {}).items() if k in ("fid", "kid", "infer-seconds")}
+        self._progress(server_round, "evaluate", **figs)
+        return agg
+
+    def _evaluate_messages(self, server_round: int, grid: Grid, content_for,
+                           harness: Iterable[str] = ()) -> list[Message]:
+        if not self.cfg.is_eval_round(server_round):
+            return []
+        msgs = self._messages(self._sample(grid), content_for, MessageType.EVALUATE)
+        return self._count_down(msgs, "eval", harness)

@@ -1,0 +1,136 @@
+"""The CollaFuse strategy (Message API): clients train their low-noise share and upload x_{t_c};
+the server trains the shared high-noise denoiser on those uploads.
+
+Round r:
+1. configure_train: every node gets the cut step t_c, local steps, batch size and how many
+   x_{t_c} to upload. No weights go down: the server model is never shared.
+2. aggregate_train: uploads join the server's buffer and the server denoiser (the strategy's
+   global ArrayRecord) trains `server-steps` steps on t > t_c.
+3. configure_evaluate (every `eval-every` rounds and at the end): the server runs x_T -> x_{t_c}
+   once per node and sends those x_{t_c}; the node finishes x_{t_c} -> x_0 privately.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from logging import WARNING
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+from flwr.supercore import log
+
+from collafuse_flwr import diffusion as D
+from collafuse_flwr.config import RunConfig
+from collafuse_flwr.metrics.flops import FlopMeter
+from collafuse_flwr.models import Denoiser
+from collafuse_flwr.training import make_optimizer, server_share_loss, train_steps
+
+from .base import HarnessMixin
+
+
+class CollaFuse(HarnessMixin, Strategy):
+    def __init__(self, cfg: RunConfig, server_model: Denoiser, image_shape: tuple[int, int, int],
+                 device: torch.device, min_nodes: int = 1, on_round_end=None) -> None:
+        self._init_harness(cfg, min_nodes, on_round_end)
+        self.model = server_model.to(device)
+        self.device = device
+        self.image_shape = image_shape
+        self.sched = D.make_schedule(cfg.diffusion_steps, cfg.beta_schedule)
+        self.t_c = D.cut_step(cfg.cut_ratio, cfg.diffusion_steps)
+        self.t_start = D.client_start_step(cfg.cut_ratio, cfg.diffusion_steps, cfg.server_target)
+        self.optimizer = make_optimizer(self.model, cfg.learning_rate)
+        self.buffer: list[torch.Tensor] = []
+        self.uploads_by_node: dict[int, np.ndarray] = {}  # last upload of each node (disclosure harness)
+        self.meter = FlopMeter() if cfg.count_flops else None
+        self.gen = torch.Generator().manual_seed(cfg.seed + 7919)
+        self.server_share = self.t_c < self.sched.T
+        if self.t_c == 0:
+            log(WARNING, "cut-ratio=0: clients upload their RAW training images (x_0) - this is the "
+                "server-only extreme and discloses the data completely")
+        if self.t_c == self.sched.T:
+            log(WARNING, "cut-ratio=1: clients train alone and upload nothing (local-only extreme)")
+
+    # -- training ---------------------------------------------------------------------------
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config, grid: Grid) -> Iterable[Message]:
+        uploads = self.cfg.uploads_per_round if self.server_share else 0
+        conf = self._base_config(server_round, **{"cut-step": self.t_c, "client-max-step": self.t_start,
+                                                  "uploads": uploads})
+        msgs = self._messages(self._sample(grid), lambda _: RecordDict({"config": conf}), MessageType.TRAIN)
+        return self._count_down(msgs, "train")
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]):
+        ok = self._split_replies(server_round, replies, "train")
+        n_new = 0
+        for m in ok:
+            if "upload" in m.content.array_records:
+                x = m.content["upload"]["x_tc"].numpy()
+                self.buffer.append(torch.from_numpy(x))
+                self.uploads_by_node[m.metadata.src_node_id] = x
+                n_new += x.shape[0]
+        loss = float("nan")
+        if self.server_share and self.buffer and self.cfg.server_steps > 0:
+            data = torch.cat(self.buffer)
+            loss = train_steps(self.model, self.optimizer,
+                               server_share_loss(self.model, self.sched, self.t_c, self.cfg.server_target, self.gen),
+                               data, self.cfg.server_steps, self.cfg.batch_size, self.gen, self.device,
+                               self.meter, "server-train")
+        metrics = self._mean_metrics(ok)
+        metrics["server-train-loss"] = loss
+        metrics["uploads-received"] = n_new
+        if self.meter is not None:
+            metrics["server-train-flops"] = float(self.meter.totals.pop("server-train", 0))
+        self._record(server_round, **dict(metrics))
+        self._progress(server_round, "train", **{k: float(v) for k, v in metrics.items()
+                                                 if k in ("train-loss", "server-train-loss", "uploads-received")})
+        return ArrayRecord(self.model.state_dict()), metrics
+
+    # -- evaluation ---------------------------------------------------------------------------
+    def server_half(self, n: int) -> torch.Tensor:
+        """x_T -> x_{t_c} with the shared model (what one node receives at inference)."""
+        s_srv, _ = D.split_step_budget(self.cfg.sampling_steps, self.sched.T, self.t_c)
+        self.model.eval()
+        ctx = self.meter.count("server-infer") if self.meter is not None else torch.no_grad()
+        with ctx, torch.no_grad():
+            x = D.server_sample(self.model, self.sched, (n, *self.image_shape), self.t_c,
+                                self.cfg.server_target, s_srv, self.gen, self.device)
+        return x.cpu()
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config, grid: Grid) -> Iterable[Message]:
+        n = self.cfg.num_eval_samples
+        _, s_cli = D.split_step_budget(self.cfg.sampling_steps, self.sched.T, self.t_c)
+        conf = self._base_config(server_round, **{"num-samples": n, "client-start-step": self.t_start,
+                                                  "client-sampling-steps": s_cli or 0})
+
+        def content(node_id: int) -> RecordDict:
+            rd = RecordDict({"config": conf})
+            if self.t_c < self.sched.T:
+                rd["x_tc"] = ArrayRecord({"x_tc": Array(self.server_half(n).float().numpy())})
+            if node_id in self.uploads_by_node:  # measurement only: what the server can infer
+                rd["harness"] = self.disclosure_payload(self.uploads_by_node[node_id])
+            return rd
+
+        return self._evaluate_messages(server_round, grid, content, harness=("harness",))
+
+    def disclosure_payload(self, uploads: np.ndarray) -> ArrayRecord:
+        """The server's reconstructions of a node's last upload, sent back for scoring only."""
+        from collafuse_flwr.metrics.disclosure import reconstruct
+
+        x = torch.from_numpy(uploads)
+        self.model.eval()
+        with torch.no_grad():
+            # The server model only learned t > t_c; read at t_c as an ordinary DDPM, its Tweedie
+            # output is the best x_0 guess it can make with what it owns.
+            own = reconstruct(x, self.sched, self.t_c, self.model if self.t_c > 0 else None)
+            scaled = reconstruct(x, self.sched, self.t_c, None)
+        return ArrayRecord({"uploads": Array(uploads.astype(np.float32)),
+                            "recon-server": Array(own.float().numpy()),
+                            "recon-scaled": Array(scaled.float().numpy())})
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        if self.meter is not None:
+            n = max(1, self.cfg.num_eval_samples * max(1, len(self._node_to_partition)))
+            self._record(server_round, **{"server-infer-flops-per-image": float(self.meter.totals.pop("server-infer", 0)) / n})
+        return super().aggregate_evaluate(server_round, replies)
