@@ -1,0 +1,168 @@
+"""Which feature network FID/KID use, and building it without ever touching the network.
+
+Two backbones:
+
+* ``inception``: torchmetrics' standard FID Inception-v3 (the TF 2015-12-05 graph ported by
+  pytorch-fid / torch-fidelity). Used only when its weights file is already on disk, either
+  at a path the user gives (run-config ``fid-weights``) or in torch hub's checkpoint cache.
+  We always hand torchmetrics an explicit path, because given none it would download.
+* ``digits-cnn``: the offline substitute in :mod:`.digits_cnn`, honest only for digit images
+  (scikit-learn digits, MNIST). Its distances are not Inception FID and are labelled so.
+
+``none`` (a valid ``fid-backbone`` in the run config) means: compute no FID at all.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+BACKBONES = ("auto", "inception", "digits-cnn", "none")
+#: Datasets whose images are handwritten digits, where digits-cnn features mean something.
+DIGIT_DATASETS = ("digits", "mnist")
+#: pytorch-fid's name for the FID Inception weights, then torch-fidelity's name for the same
+#: file (same SHA-256 prefix 6726825d); torch hub caches downloads under these names.
+INCEPTION_WEIGHT_NAMES = ("pt_inception-2015-12-05-6726825d.pth",
+                          "weights-inception-2015-12-05-6726825d.pth")
+INCEPTION_FEATURES = 2048
+
+
+def to_uint8(images: Tensor) -> Tensor:
+    """[-1, 1] floats -> uint8 0..255, clamping overshoot (samples and uploads leave the range)."""
+    if images.dtype == torch.uint8:
+        return images
+    return ((images.detach().to(torch.float32) + 1.0) * 127.5).clamp(0, 255).round().to(torch.uint8)
+
+
+def hub_inception_paths() -> list[Path]:
+    """Where torch hub would have cached the FID Inception weights (honours $TORCH_HOME)."""
+    ckpt = Path(torch.hub.get_dir()) / "checkpoints"
+    return [ckpt / name for name in INCEPTION_WEIGHT_NAMES]
+
+
+def _missing_weights_message(given: str | None) -> str:
+    where = f"no file at {given}" if given else "no Inception FID weights found at " + " or ".join(
+        str(p) for p in hub_inception_paths())
+    return (f"{where}. This project never downloads; put pt_inception-2015-12-05-6726825d.pth "
+            f"(pytorch-fid / torch-fidelity's FID Inception weights) there, or pass "
+            f"fid-weights=/abs/path/to/pt_inception-2015-12-05-6726825d.pth, "
+            f"or choose fid-backbone=digits-cnn (digit datasets) or fid-backbone=none")
+
+
+def find_inception_weights(weights_path: str | os.PathLike[str] | None = None) -> Path | None:
+    """The weights file to use, or None when there is none on disk.
+
+    A path the user names must exist (a typo must not silently fall back to another file);
+    without one, torch hub's checkpoint cache is searched.
+    """
+    if weights_path is not None and str(weights_path) != "":
+        p = Path(weights_path).expanduser()
+        if not p.is_file():
+            raise FileNotFoundError(_missing_weights_message(str(p)))
+        return p.resolve()
+    for p in hub_inception_paths():
+        if p.is_file():
+            return p
+    return None
+
+
+def torch_fidelity_available() -> bool:
+    """torchmetrics builds its Inception from torch-fidelity's module definition."""
+    return importlib.util.find_spec("torch_fidelity") is not None
+
+
+def _need_torch_fidelity() -> None:
+    if not torch_fidelity_available():
+        raise ModuleNotFoundError(
+            "fid-backbone=inception needs the torch-fidelity package (torchmetrics builds its "
+            "Inception-v3 from it): `pip install torch-fidelity`, or use fid-backbone=digits-cnn")
+
+
+def resolve_backbone(name: str, dataset: str, weights_path: str | None) -> str:
+    """Turn the run config's ``fid-backbone`` into ``inception``, ``digits-cnn`` or ``none``.
+
+    ``auto`` picks Inception whenever its weights are on disk (and torch-fidelity is installed),
+    else digits-cnn for digit datasets; for any other dataset it fails loudly rather than
+    report a distance from a network that has never seen such images.
+    """
+    if name not in BACKBONES:
+        raise ValueError(f"fid-backbone must be one of {BACKBONES}, got {name!r}")
+    if name == "none":
+        return "none"
+    if name == "inception":
+        if find_inception_weights(weights_path) is None:
+            raise FileNotFoundError(_missing_weights_message(None))
+        _need_torch_fidelity()
+        return "inception"
+    if name == "digits-cnn":
+        if dataset not in DIGIT_DATASETS:
+            raise ValueError(f"fid-backbone=digits-cnn only means something for digit images "
+                             f"{DIGIT_DATASETS}, got dataset={dataset!r}; use fid-backbone=inception "
+                             f"with fid-weights=/abs/path/to/{INCEPTION_WEIGHT_NAMES[0]}")
+        return "digits-cnn"
+    # auto
+    found = find_inception_weights(weights_path)
+    if found is not None and torch_fidelity_available():
+        return "inception"
+    if dataset in DIGIT_DATASETS:
+        return "digits-cnn"
+    if found is not None:
+        _need_torch_fidelity()
+    raise FileNotFoundError(_missing_weights_message(None) + f" (dataset={dataset!r} is not a digit "
+                            f"dataset, so digits-cnn does not apply)")
+
+
+class InceptionFeatures(nn.Module):
+    """torchmetrics' FID Inception with grayscale repeated to RGB (the net only takes 3 channels)."""
+
+    num_features = INCEPTION_FEATURES
+
+    def __init__(self, weights: Path) -> None:
+        super().__init__()
+        from torchmetrics.image import fid as tm_fid
+
+        try:
+            self.net = tm_fid.NoTrainInceptionV3(
+                name="inception-v3-compat", features_list=[str(INCEPTION_FEATURES)],
+                feature_extractor_weights_path=str(weights))
+        except Exception as err:  # wrong or corrupt file: torch.load / load_state_dict errors vary
+            raise RuntimeError(f"could not load Inception FID weights from {weights}: {err}. Expected "
+                               f"{INCEPTION_WEIGHT_NAMES[0]} (pytorch-fid / torch-fidelity)") from err
+
+    def forward(self, images_uint8: Tensor) -> Tensor:
+        if images_uint8.dtype != torch.uint8 or images_uint8.dim() != 4 or images_uint8.shape[1] not in (1, 3):
+            raise ValueError(f"Inception features need uint8 N x C x H x W with C in (1, 3), got "
+                             f"{images_uint8.dtype} {tuple(images_uint8.shape)}")
+        if images_uint8.shape[1] == 1:
+            images_uint8 = images_uint8.expand(-1, 3, -1, -1)
+        return self.net(images_uint8)
+
+
+def feature_extractor(backbone: str, weights_path: str | None = None) -> nn.Module:
+    """The network mapping uint8 N x C x H x W images to feature rows for a resolved backbone."""
+    if backbone == "inception":
+        weights = find_inception_weights(weights_path)
+        if weights is None:
+            raise FileNotFoundError(_missing_weights_message(None))
+        _need_torch_fidelity()
+        return InceptionFeatures(weights)
+    if backbone == "digits-cnn":
+        from .digits_cnn import DigitsCNNFeatures, load_digits_cnn
+
+        return DigitsCNNFeatures(load_digits_cnn())
+    raise ValueError(f"backbone must be 'inception' or 'digits-cnn' (resolve 'auto' first with "
+                     f"resolve_backbone), got {backbone!r}")
+
+
+@torch.no_grad()
+def extract_features(net: nn.Module, images_uint8: Tensor, batch_size: int = 128) -> Tensor:
+    """Features in float64, batched so thousands of 299x299 Inception inputs fit in memory."""
+    if images_uint8.dtype != torch.uint8:
+        raise TypeError(f"images must be uint8 0..255, got {images_uint8.dtype}; convert [-1, 1] "
+                        "floats with collafuse_flwr.metrics.to_uint8")
+    rows = [net(chunk).reshape(chunk.shape[0], -1).double() for chunk in images_uint8.split(batch_size)]
+    return torch.cat(rows) if rows else torch.zeros(0, getattr(net, "num_features", 0), dtype=torch.float64)

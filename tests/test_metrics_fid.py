@@ -1,0 +1,209 @@
+"""FID/KID: the digits-cnn backbone ranks real, noisy and blurred digits sensibly; Inception
+is used only from weights on disk, and a missing file is a clear error, never a download."""
+
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torchvision.transforms.functional import gaussian_blur
+
+from collafuse_flwr.metrics import compute_fid_kid, feature_extractor, find_inception_weights, resolve_backbone
+from collafuse_flwr.metrics import features as feat
+from collafuse_flwr.metrics.digits_cnn import digits_training_images
+from collafuse_flwr.metrics.fid import fid_kid_from_features
+
+WEIGHTS = "pt_inception-2015-12-05-6726825d.pth"
+
+
+@pytest.fixture(scope="module")
+def digits16():
+    """The 1,797 digits at 16x16 (the project's default image-size), split 1400 / 397."""
+    imgs, _ = digits_training_images()
+    imgs = F.interpolate(imgs.float(), size=(16, 16), mode="bilinear", antialias=True)
+    imgs = imgs.round().clamp(0, 255).to(torch.uint8)
+    perm = torch.randperm(imgs.shape[0], generator=torch.Generator().manual_seed(0))
+    return imgs[perm[:1400]], imgs[perm[1400:]]
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    """Any attempt to download fails the test loudly."""
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"a download was attempted: {args!r}")
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", refuse)
+    monkeypatch.setattr(torch.hub, "download_url_to_file", refuse)
+    monkeypatch.setattr(urllib.request, "urlopen", refuse)
+    try:
+        import torch_fidelity.feature_extractor_inceptionv3 as tf_inc
+        monkeypatch.setattr(tf_inc, "load_state_dict_from_url", refuse)
+    except ImportError:
+        pass
+
+
+@pytest.fixture
+def empty_hub(monkeypatch, tmp_path):
+    hub = tmp_path / "hub"
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(hub))
+    return hub
+
+
+def test_digits_cnn_fd_ranks_real_noise_blur(digits16):
+    train, test = digits16
+    g = torch.Generator().manual_seed(1)
+    noise = ((torch.randn(train.shape, generator=g) + 1) * 127.5).clamp(0, 255).round().to(torch.uint8)
+    blur = gaussian_blur(train.float(), kernel_size=9, sigma=3.0).round().clamp(0, 255).to(torch.uint8)
+    fd_real = compute_fid_kid(test, train, "digits-cnn")
+    fd_noise = compute_fid_kid(test, noise, "digits-cnn")
+    fd_blur = compute_fid_kid(test, blur, "digits-cnn")
+    fd_same = compute_fid_kid(test, test.clone(), "digits-cnn")
+    # Measured: real 0.26, noise 23.0, blur 19.3, identical 0.
+    assert fd_noise["fid"] > 20 * fd_real["fid"]
+    assert fd_blur["fid"] > 20 * fd_real["fid"]
+    assert fd_same["fid"] < 1e-3 * fd_real["fid"]
+    assert fd_noise["kid"] > 10 * max(fd_real["kid"], fd_real["kid_std"])
+    assert fd_blur["kid"] > 10 * max(fd_real["kid"], fd_real["kid_std"])
+
+
+def test_digits_cnn_works_for_other_sizes_and_rgb(digits16):
+    train, test = digits16
+    net = feature_extractor("digits-cnn")
+    small = train[:8]
+    big = F.interpolate(small.float(), size=(28, 28), mode="bilinear").round().to(torch.uint8)
+    rgb = small.expand(-1, 3, -1, -1)
+    f16, f28, frgb = net(small), net(big), net(rgb)
+    assert f16.shape == f28.shape == (8, 64)
+    torch.testing.assert_close(f16, frgb)  # grey RGB = the grey channel
+    assert torch.nn.functional.cosine_similarity(f16, f28).min() > 0.8  # same digits, other size
+
+
+def test_small_sets_and_kid_subset(digits16):
+    train, test = digits16
+    out = compute_fid_kid(test[:5], train[:3], "digits-cnn")
+    assert set(out) == {"fid", "kid", "kid_std"} and all(isinstance(v, float) for v in out.values())
+    with pytest.raises(ValueError, match="at least 2"):
+        compute_fid_kid(test[:5], train[:1], "digits-cnn")
+    with pytest.raises(ValueError, match="kid_subset_size"):
+        compute_fid_kid(test[:5], train[:3], "digits-cnn", kid_subset_size=4)
+
+
+def test_kid_is_deterministic_and_leaves_global_rng_alone():
+    g = torch.Generator().manual_seed(3)
+    real, fake = torch.randn(60, 8, generator=g), torch.randn(60, 8, generator=g) + 0.5
+    torch.manual_seed(123)
+    before = torch.rand(1)
+    torch.manual_seed(123)
+    a = fid_kid_from_features(real, fake)
+    after = torch.rand(1)
+    b = fid_kid_from_features(real, fake)
+    assert a == b
+    assert torch.equal(before, after)
+    assert a["fid"] > 0.1 and a["kid"] > 0
+
+
+def test_bad_inputs_are_named(digits16):
+    train, _ = digits16
+    with pytest.raises(TypeError, match="uint8"):
+        compute_fid_kid(train.float(), train, "digits-cnn")
+    with pytest.raises(ValueError, match="N x C x H x W"):
+        compute_fid_kid(train[:, 0], train, "digits-cnn")
+    with pytest.raises(ValueError, match="resolve_backbone"):
+        compute_fid_kid(train[:4], train[:4], "auto")
+
+
+def test_resolve_backbone_without_inception_weights(empty_hub, no_network):
+    assert resolve_backbone("auto", "digits", None) == "digits-cnn"
+    assert resolve_backbone("auto", "mnist", "") == "digits-cnn"
+    assert resolve_backbone("digits-cnn", "digits", None) == "digits-cnn"
+    assert resolve_backbone("none", "cifar10", None) == "none"
+    with pytest.raises(FileNotFoundError, match="fid-weights=/abs/path") as err:
+        resolve_backbone("auto", "cifar10", None)
+    assert str(empty_hub / "checkpoints" / WEIGHTS) in str(err.value)
+    with pytest.raises(FileNotFoundError, match="never downloads"):
+        resolve_backbone("inception", "digits", None)
+    with pytest.raises(ValueError, match="digit images"):
+        resolve_backbone("digits-cnn", "cifar10", None)
+    with pytest.raises(ValueError, match="fid-backbone must be one of"):
+        resolve_backbone("inceptionv3", "digits", None)
+
+
+def test_missing_inception_weights_is_a_clear_error_not_a_download(empty_hub, no_network, tmp_path):
+    imgs = torch.zeros(4, 1, 16, 16, dtype=torch.uint8)
+    with pytest.raises(FileNotFoundError, match="pt_inception-2015-12-05-6726825d.pth") as err:
+        compute_fid_kid(imgs, imgs, "inception")
+    assert str(empty_hub / "checkpoints") in str(err.value)
+    missing = tmp_path / "nowhere" / WEIGHTS
+    with pytest.raises(FileNotFoundError, match=str(missing)):
+        compute_fid_kid(imgs, imgs, "inception", weights_path=str(missing))
+    with pytest.raises(FileNotFoundError, match=str(missing)):
+        resolve_backbone("auto", "digits", str(missing))  # a typo never falls back silently
+
+
+class _RecordingInception(torch.nn.Module):
+    """Stands in for torchmetrics' NoTrainInceptionV3 and records how it was built."""
+
+    calls: list = []
+
+    def __init__(self, name, features_list, feature_extractor_weights_path=None, antialias=True):
+        super().__init__()
+        _RecordingInception.calls.append(dict(name=name, features_list=features_list,
+                                              feature_extractor_weights_path=feature_extractor_weights_path))
+        self.seen_channels = None
+
+    def forward(self, x):
+        self.seen_channels = x.shape[1]
+        return x.float().mean(dim=(2, 3)).repeat(1, 683)[:, :2048]
+
+
+def test_weights_path_is_passed_through(monkeypatch, tmp_path, empty_hub, no_network):
+    import torchmetrics.image.fid as tm_fid
+
+    weights = tmp_path / WEIGHTS
+    weights.write_bytes(b"not really weights")
+    _RecordingInception.calls = []
+    monkeypatch.setattr(tm_fid, "NoTrainInceptionV3", _RecordingInception)
+    monkeypatch.setattr(feat, "torch_fidelity_available", lambda: True)
+    assert resolve_backbone("auto", "cifar10", str(weights)) == "inception"
+    net = feature_extractor("inception", str(weights))
+    assert _RecordingInception.calls == [dict(name="inception-v3-compat", features_list=["2048"],
+                                              feature_extractor_weights_path=str(weights.resolve()))]
+    out = net(torch.zeros(2, 1, 16, 16, dtype=torch.uint8))
+    assert net.net.seen_channels == 3 and out.shape == (2, 2048)
+
+
+def test_weights_found_in_torch_hub_cache(monkeypatch, empty_hub, no_network):
+    cached = empty_hub / "checkpoints" / "weights-inception-2015-12-05-6726825d.pth"  # torch-fidelity's name
+    cached.parent.mkdir(parents=True)
+    cached.write_bytes(b"x")
+    assert find_inception_weights(None) == cached
+    monkeypatch.setattr(feat, "torch_fidelity_available", lambda: True)
+    assert resolve_backbone("auto", "cifar10", None) == "inception"
+    monkeypatch.setattr(feat, "torch_fidelity_available", lambda: False)
+    assert resolve_backbone("auto", "digits", None) == "digits-cnn"
+    with pytest.raises(ModuleNotFoundError, match="pip install torch-fidelity"):
+        resolve_backbone("auto", "cifar10", None)
+    with pytest.raises(ModuleNotFoundError, match="pip install torch-fidelity"):
+        resolve_backbone("inception", "cifar10", None)
+
+
+@pytest.mark.skipif(not feat.torch_fidelity_available(), reason="torch-fidelity not installed")
+def test_real_inception_loader_reads_the_given_file(tmp_path, empty_hub, no_network):
+    bogus = tmp_path / WEIGHTS
+    bogus.write_bytes(b"not a checkpoint")
+    with pytest.raises(RuntimeError, match=f"could not load Inception FID weights from {bogus}"):
+        feature_extractor("inception", str(bogus))
+
+
+def test_to_uint8_maps_model_range():
+    x = torch.tensor([-1.5, -1.0, 0.0, 1.0, 2.0]).view(1, 1, 1, 5)
+    assert feat.to_uint8(x).flatten().tolist() == [0, 0, 128, 255, 255]
+    u = torch.arange(5, dtype=torch.uint8)
+    assert feat.to_uint8(u) is u
+
+
+def test_assets_path_is_inside_package():
+    from collafuse_flwr.metrics.digits_cnn import ASSET_PATH
+
+    assert ASSET_PATH.parent == Path(feat.__file__).resolve().parent.parent / "assets"
