@@ -11,7 +11,6 @@ At evaluation every node returns the images it generated and its metrics.
 
 from __future__ import annotations
 
-import contextlib
 import time
 from functools import lru_cache
 
@@ -62,7 +61,7 @@ def train(msg: Message, context: Context) -> Message:
     cfg, data, sched, device = _setup(context)
     conf = msg.content["config"]
     rnd = int(conf["server-round"])
-    meter = FlopMeter() if cfg.count_flops else None
+    meter = FlopMeter(every_pass=cfg.flops_every_pass) if cfg.count_flops else None
     gen = _generator(cfg, data.partition_id, rnd, 0)
     metrics: dict[str, float | int] = {"num-examples": int(data.train.shape[0]),
                                        "partition-id": data.partition_id}
@@ -109,7 +108,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     rnd = int(conf["server-round"])
     n = int(conf["num-samples"])
     num_steps = int(conf.get("client-sampling-steps", 0)) or None
-    meter = FlopMeter() if cfg.count_flops else None
+    meter = FlopMeter(every_pass=cfg.flops_every_pass) if cfg.count_flops else None
     gen = _generator(cfg, data.partition_id, rnd, 1)
     t0 = time.perf_counter()
 
@@ -127,8 +126,8 @@ def evaluate(msg: Message, context: Context) -> Message:
             x = torch.from_numpy(msg.content["x_tc"]["x_tc"].numpy()).to(device)
         else:  # local-only or c = 1: the client starts from pure noise
             x = torch.randn((n, *data.image_shape), generator=gen).to(device)
-        with meter.count("infer") if meter is not None else contextlib.nullcontext(), torch.no_grad():
-            images = D.client_finish(model, sched, x, t_start, num_steps, gen).cpu()
+        eps_model = meter.wrap(model, "infer") if meter is not None else model
+        images = D.client_finish(eps_model, sched, x, t_start, num_steps, gen).cpu()
     seconds = time.perf_counter() - t0
 
     gen_uint8 = to_uint8(images)

@@ -52,6 +52,7 @@ class RunConfig:
     fid_backbone: str
     fid_weights: str
     count_flops: bool
+    flops_every_pass: bool
     seed: int
     output_dir: str
 

@@ -155,7 +155,7 @@ def run_flower(
     home.mkdir(parents=True, exist_ok=True)
     http_port, control_port = _free_port(), _free_port()
     env = _flwr_env(home, http_port, control_port)
-    fed = f"num-supernodes={num_clients} backend.client-resources.num-cpus={client_cpus}"
+    fed = f"num-supernodes={num_clients} client-resources-num-cpus={client_cpus}"
     cmd = [_flwr_bin(), "run", str(app_dir), "--federation-config", fed]
     if run_config:
         cmd += ["--run-config", run_config]

@@ -64,12 +64,11 @@ def main(grid: Grid, context: Context) -> None:
         num_nodes = _wait_for_nodes(grid)
         device = default_device()
 
-        def on_round_end(strategy, server_round: int, phase: str) -> None:
-            if phase == "evaluate" or not cfg.is_eval_round(server_round):
-                rec = strategy.rounds.get(server_round)
-                csv.append({"round": server_round, "elapsed-s": round(time.time() - started, 2),
-                            **dict(rec.values if rec else {}),
-                            **{f"bytes-{k}": v for k, v in strategy.bytes.items()}})
+        def on_round_end(strategy, server_round: int) -> None:
+            rec = strategy.rounds.get(server_round)
+            csv.append({"round": server_round, "elapsed-s": round(time.time() - started, 2),
+                        **dict(rec.values if rec else {}),
+                        **{f"bytes-total-{k}": v for k, v in strategy.bytes.items()}})
 
         strategy, arrays = build_strategy(cfg, num_nodes, device, on_round_end)
         params = 0 if not len(arrays) else sum(a.numpy().size for a in arrays.values())

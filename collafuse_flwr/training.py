@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from . import diffusion as D
+from .metrics.flops import FlopMeter
 
 
 def make_optimizer(model: nn.Module, lr: float) -> torch.optim.Optimizer:
@@ -42,7 +43,7 @@ def train_steps(
     batch_size: int,
     generator: torch.Generator,
     device: torch.device,
-    flops: object | None = None,
+    flops: FlopMeter | None = None,
     flops_key: str = "train",
 ) -> float:
     """Run `steps` Adam steps of loss_fn(batch) on `data` (already in model range); mean loss."""
@@ -52,7 +53,8 @@ def train_steps(
     total = 0.0
     for idx in minibatch_indices(data.shape[0], batch_size, steps, generator):
         batch = data[idx].to(device)
-        ctx = flops.count(flops_key) if flops is not None else contextlib.nullcontext()
+        ctx = (flops.count(flops_key, shape=(tuple(batch.shape), str(device))) if flops is not None
+               else contextlib.nullcontext())
         with ctx:
             loss = loss_fn(batch)
             optimizer.zero_grad(set_to_none=True)
@@ -81,11 +83,11 @@ def generate(
     num_steps: int | None,
     generator: torch.Generator,
     device: torch.device,
-    flops: object | None = None,
+    flops: FlopMeter | None = None,
+    flops_key: str = "infer",
 ) -> Tensor:
     """x_T -> x_0 with one model (FedAvg, local-only, centralized)."""
     model.eval()
-    ctx = flops.count("infer") if flops is not None else contextlib.nullcontext()
-    with ctx:
-        x = torch.randn((n, *shape), generator=generator).to(device)
-        return D.client_finish(model, sched, x, sched.T, num_steps, generator).cpu()
+    eps_model = flops.wrap(model, flops_key) if flops is not None else model
+    x = torch.randn((n, *shape), generator=generator).to(device)
+    return D.client_finish(eps_model, sched, x, sched.T, num_steps, generator).cpu()

@@ -151,8 +151,6 @@ class HarnessMixin:
         shown = "  ".join(f"{k}={v:.4g}" for k, v in figures.items() if v == v)
         log(INFO, "[%s] round %d/%d %s  %s  (elapsed %.1fs)", self.cfg.method, server_round,
             self.cfg.num_server_rounds, phase, shown, elapsed)
-        if self._on_round_end is not None:
-            self._on_round_end(self, server_round, phase)
 
     def summary(self) -> None:
         log(INFO, "\t├──> method=%s rounds=%d min-nodes=%d", self.cfg.method,
@@ -160,10 +158,15 @@ class HarnessMixin:
 
     # -- shared evaluation for methods whose client generates alone ------------------------------
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        ok = self._split_replies(server_round, replies, "evaluate")
-        agg = self._collect_eval(server_round, ok)
-        figs = {k: float(v) for k, v in (agg or {}).items() if k in ("fid", "kid", "infer-seconds")}
-        self._progress(server_round, "evaluate", **figs)
+        """Flower calls this every round; it is also where a round ends (for metrics.csv)."""
+        agg = None
+        if self.cfg.is_eval_round(server_round):
+            ok = self._split_replies(server_round, replies, "evaluate")
+            agg = self._collect_eval(server_round, ok)
+            figs = {k: float(v) for k, v in (agg or {}).items() if k in ("fid", "kid", "infer-seconds")}
+            self._progress(server_round, "evaluate", **figs)
+        if self._on_round_end is not None:
+            self._on_round_end(self, server_round)
         return agg
 
     def _evaluate_messages(self, server_round: int, grid: Grid, content_for,

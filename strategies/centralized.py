@@ -40,7 +40,7 @@ class Centralized(HarnessMixin, Strategy):
         self.optimizer = make_optimizer(self.model, cfg.learning_rate)
         self.pool: torch.Tensor | None = None
         self.num_nodes = 0
-        self.meter = FlopMeter() if cfg.count_flops else None
+        self.meter = FlopMeter(every_pass=cfg.flops_every_pass) if cfg.count_flops else None
         self.gen = torch.Generator().manual_seed(cfg.seed + 7919)
         log(WARNING, "method=centralized is a REFERENCE that pools the clients' raw training images "
             "on the server (no privacy); use it as the quality upper bound only")

@@ -44,9 +44,10 @@ class CollaFuse(HarnessMixin, Strategy):
         self.optimizer = make_optimizer(self.model, cfg.learning_rate)
         self.buffer: list[torch.Tensor] = []
         self.uploads_by_node: dict[int, np.ndarray] = {}  # last upload of each node (disclosure harness)
-        self.meter = FlopMeter() if cfg.count_flops else None
+        self.meter = FlopMeter(every_pass=cfg.flops_every_pass) if cfg.count_flops else None
         self.gen = torch.Generator().manual_seed(cfg.seed + 7919)
         self.server_share = self.t_c < self.sched.T
+        self._served = 0  # images whose server half ran since the last evaluation
         if self.t_c == 0:
             log(WARNING, "cut-ratio=0: clients upload their RAW training images (x_0) - this is the "
                 "server-only extreme and discloses the data completely")
@@ -91,10 +92,11 @@ class CollaFuse(HarnessMixin, Strategy):
     def server_half(self, n: int) -> torch.Tensor:
         """x_T -> x_{t_c} with the shared model (what one node receives at inference)."""
         s_srv, _ = D.split_step_budget(self.cfg.sampling_steps, self.sched.T, self.t_c)
+        self._served += n
         self.model.eval()
-        ctx = self.meter.count("server-infer") if self.meter is not None else torch.no_grad()
-        with ctx, torch.no_grad():
-            x = D.server_sample(self.model, self.sched, (n, *self.image_shape), self.t_c,
+        eps_model = self.meter.wrap(self.model, "server-infer") if self.meter is not None else self.model
+        with torch.no_grad():
+            x = D.server_sample(eps_model, self.sched, (n, *self.image_shape), self.t_c,
                                 self.cfg.server_target, s_srv, self.gen, self.device)
         return x.cpu()
 
@@ -130,7 +132,8 @@ class CollaFuse(HarnessMixin, Strategy):
                             "recon-scaled": Array(scaled.float().numpy())})
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        if self.meter is not None:
-            n = max(1, self.cfg.num_eval_samples * max(1, len(self._node_to_partition)))
-            self._record(server_round, **{"server-infer-flops-per-image": float(self.meter.totals.pop("server-infer", 0)) / n})
+        if self.meter is not None and self._served:
+            flops = float(self.meter.totals.pop("server-infer", 0))
+            self._record(server_round, **{"server-infer-flops-per-image": flops / self._served})
+        self._served = 0
         return super().aggregate_evaluate(server_round, replies)
