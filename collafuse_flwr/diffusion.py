@@ -254,8 +254,7 @@ def reverse_chain(
     anchor: the step whose state the chain treats as clean (default t_to); the client uses 0,
     the exact-target server t_c. num_steps: None runs every step with the DDPM ancestral
     posterior; a smaller number runs deterministic DDIM (eta = 0) on a strided grid.
-    clip: clamp the anchor estimate to [-clip, clip]; only meaningful for the client (x_0 lives
-    in [-1, 1]); the server's x_{t_c} is not bounded.
+    clip: clamp the anchor estimate to [-clip, clip] (1 for x_0; `anchor_bound` for x_{t_c}).
     """
     anchor = t_to if anchor is None else anchor
     if not (anchor <= t_to <= t_from <= sched.T):
@@ -283,6 +282,17 @@ def reverse_chain(
     return x
 
 
+def anchor_bound(sched: Schedule, anchor: int, z: float = 4.0) -> float:
+    """Range of x_anchor for data in [-1, 1]: sqrt(abar_a) + z sqrt(1 - abar_a) (|eps| <= z).
+
+    Clamping the anchor estimate to it is what x_0-clipping is for an ordinary DDPM (anchor 0
+    gives exactly [-1, 1]). Without it, schedules whose last betas approach 1 (cosine, capped at
+    0.999) amplify the server model's early errors by up to 1/sqrt(1 - beta_T) ~ 30x per step.
+    """
+    ab = float(sched.alpha_bars[anchor])
+    return math.sqrt(ab) + z * math.sqrt(1.0 - ab)
+
+
 def server_sample(
     eps_model: EpsModel,
     sched: Schedule,
@@ -297,13 +307,14 @@ def server_sample(
     x = torch.randn(shape, generator=generator).to(device)
     if t_c >= sched.T:
         return x
+    bound = anchor_bound(sched, t_c)
     if target == "exact":
         return reverse_chain(eps_model, sched, x, sched.T, t_c, anchor=t_c, num_steps=num_steps,
-                             generator=generator)
+                             generator=generator, clip=bound)
     # renoise: the server's chain treats x_{t_c} as clean data under the absolute schedule; stop
     # at t_c and hand over that (still noisy) state, as the authors' code does.
     return reverse_chain(eps_model, sched, x, sched.T, t_c, anchor=0, relative=False,
-                         num_steps=num_steps, generator=generator)
+                         num_steps=num_steps, generator=generator, clip=bound)
 
 
 def client_finish(

@@ -1,4 +1,4 @@
-"""Rebuild the shipped digits-cnn feature network (collafuse_flwr/assets/digits_cnn.pt).
+"""Rebuild the shipped digits-cnn feature network (collafuse_flwr/assets/digits_cnn.json).
 
 Why a script: the weights are a committed artefact, and anyone must be able to regenerate
 them bit for bit from scikit-learn's bundled digits, offline, in seconds:

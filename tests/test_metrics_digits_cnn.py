@@ -1,5 +1,7 @@
 """The shipped digits-cnn: small, accurate, reproducible, and rebuilt offline when missing."""
 
+import json
+
 import torch
 
 from collafuse_flwr.metrics import digits_cnn as dc
@@ -8,8 +10,10 @@ from collafuse_flwr.metrics import digits_cnn as dc
 def test_shipped_asset_is_small_and_accurate():
     assert dc.ASSET_PATH.is_file(), "run `python scripts/train_digits_features.py`"
     assert dc.ASSET_PATH.stat().st_size < 200 * 1024
-    blob = torch.load(dc.ASSET_PATH, weights_only=True)
-    assert blob["info"]["format_version"] == dc.FORMAT_VERSION
+    # JSON, not torch.save: Flower's FAB only packs *.py/*.toml/*.md/*.json/*.yaml files.
+    assert dc.ASSET_PATH.suffix == ".json"
+    blob = json.loads(dc.ASSET_PATH.read_text(encoding="utf-8"))
+    assert blob["format_version"] == blob["info"]["format_version"] == dc.FORMAT_VERSION
     net = dc.load_digits_cnn()
     images, labels = dc.digits_training_images()
     with torch.no_grad():
@@ -19,6 +23,12 @@ def test_shipped_asset_is_small_and_accurate():
     assert feats.shape == (images.shape[0], dc.NUM_FEATURES)
     # Rescaled to unit RMS on the training digits, the scale KID's kernel expects.
     assert abs(feats.pow(2).mean().sqrt().item() - 1.0) < 1e-3
+
+
+def test_shipped_asset_round_trips_byte_for_byte(tmp_path):
+    blob = json.loads(dc.ASSET_PATH.read_text(encoding="utf-8"))
+    out = dc.save_digits_cnn(dc.load_digits_cnn(dc.ASSET_PATH), blob["info"], tmp_path / "copy.json")
+    assert out.read_bytes() == dc.ASSET_PATH.read_bytes()
 
 
 def test_training_is_bitwise_reproducible_and_keeps_caller_state():
@@ -40,7 +50,7 @@ def test_training_is_bitwise_reproducible_and_keeps_caller_state():
 
 
 def test_missing_asset_is_trained_once_and_cached(monkeypatch, tmp_path):
-    asset = tmp_path / "assets" / "digits_cnn.pt"
+    asset = tmp_path / "assets" / "digits_cnn.json"
     monkeypatch.setattr(dc, "ASSET_PATH", asset)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     real_train = dc.train_digits_cnn
@@ -62,14 +72,14 @@ def test_missing_asset_is_trained_once_and_cached(monkeypatch, tmp_path):
 def test_read_only_asset_folder_falls_back_to_user_cache(monkeypatch, tmp_path):
     blocked = tmp_path / "file-not-dir"
     blocked.write_text("a file where the assets folder should be")
-    monkeypatch.setattr(dc, "ASSET_PATH", blocked / "digits_cnn.pt")
+    monkeypatch.setattr(dc, "ASSET_PATH", blocked / "digits_cnn.json")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     images, labels = dc.digits_training_images()
     real_train = dc.train_digits_cnn
     monkeypatch.setattr(dc, "train_digits_cnn",
                         lambda **kw: real_train(epochs=1, images=images[:32], labels=labels[:32]))
     dc.load_digits_cnn()
-    assert (tmp_path / "cache" / "collafuse_flwr" / "digits_cnn.pt").is_file()
+    assert (tmp_path / "cache" / "collafuse_flwr" / "digits_cnn.json").is_file()
 
 
 def test_prepare_rejects_floats_and_bad_shapes():
@@ -87,4 +97,4 @@ def test_explicit_missing_path_is_a_clear_error(tmp_path):
     import pytest
 
     with pytest.raises(FileNotFoundError, match="train_digits_features.py"):
-        dc.load_digits_cnn(tmp_path / "nope.pt")
+        dc.load_digits_cnn(tmp_path / "nope.json")

@@ -207,3 +207,5 @@ def test_assets_path_is_inside_package():
     from collafuse_flwr.metrics.digits_cnn import ASSET_PATH
 
     assert ASSET_PATH.parent == Path(feat.__file__).resolve().parent.parent / "assets"
+    # Flower's FAB only packs *.py/*.toml/*.md/*.json/*.yaml, so the shipped weights are JSON.
+    assert ASSET_PATH.suffix == ".json" and ASSET_PATH.is_file()

@@ -10,20 +10,25 @@ noise and blur score high), but the numbers are on their own scale: results must
 Every input is converted to one 16x16 grayscale channel before the network, so any image
 size (8x8 digits, 16x16 CollaFuse samples, 28x28 MNIST) and RGB inputs work.
 
-Weights: ``collafuse_flwr/assets/digits_cnn.pt`` (built by ``scripts/train_digits_features.py``).
-If that file is missing, :func:`load_digits_cnn` trains once (seconds on one CPU thread) and
+Weights: ``collafuse_flwr/assets/digits_cnn.json`` (built by ``scripts/train_digits_features.py``).
+They are JSON, not a ``torch.save`` file, because Flower's FAB (what ``flwr run`` ships to
+simulations and deployments) only packs *.py, *.toml, *.md, *.json and *.yaml files; each
+tensor is stored as its dtype, shape and the base64 of its little-endian raw bytes, so loading
+is bit-exact. If that file is missing, :func:`load_digits_cnn` trains once (seconds on one CPU thread) and
 caches the result, so a fresh checkout still works offline.
 """
 
 from __future__ import annotations
 
-import io
+import base64
+import json
 import math
 import os
 import tempfile
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -32,7 +37,7 @@ from torch import Tensor, nn
 INPUT_SIZE = 16
 #: Width of the feature vector used for Frechet / kernel distances.
 NUM_FEATURES = 64
-ASSET_PATH = Path(__file__).resolve().parent.parent / "assets" / "digits_cnn.pt"
+ASSET_PATH = Path(__file__).resolve().parent.parent / "assets" / "digits_cnn.json"
 #: Bumped whenever the architecture or training recipe changes, so stale caches are rebuilt.
 FORMAT_VERSION = 1
 DEFAULT_SEED = 0
@@ -183,17 +188,46 @@ def train_digits_cnn(
     return net, info
 
 
+#: Tensor dtypes the JSON weight format can hold, with their little-endian numpy codes.
+_JSON_DTYPES = {"float32": "<f4", "float64": "<f8", "int64": "<i8"}
+
+
+def _tensor_to_json(t: Tensor) -> dict[str, Any]:
+    name = str(t.dtype).removeprefix("torch.")
+    if name not in _JSON_DTYPES:
+        raise TypeError(f"cannot store a {t.dtype} tensor in the digits-cnn JSON format")
+    arr = t.detach().cpu().contiguous().numpy().astype(_JSON_DTYPES[name], copy=False)
+    return {"dtype": name, "shape": list(t.shape), "data": base64.b64encode(arr.tobytes()).decode("ascii")}
+
+
+def _tensor_from_json(entry: dict[str, Any]) -> Tensor:
+    code = _JSON_DTYPES[entry["dtype"]]
+    shape = [int(n) for n in entry["shape"]]
+    raw = base64.b64decode(entry["data"], validate=True)
+    arr = np.frombuffer(raw, dtype=code)
+    if arr.size != math.prod(shape):
+        raise ValueError(f"digits-cnn JSON tensor holds {arr.size} values, shape {shape} needs {math.prod(shape)}")
+    # astype to native byte order (a no-op copy on little-endian hosts) gives a writable array.
+    return torch.from_numpy(arr.astype(arr.dtype.newbyteorder("="))).reshape(shape)
+
+
 def save_digits_cnn(net: DigitsCNN, info: dict[str, Any], path: str | os.PathLike[str]) -> Path:
-    """Write atomically (temp file + rename) so concurrent Flower clients never read half a file."""
+    """Write the weights as JSON, atomically (temp file + rename) so concurrent Flower clients
+    never read half a file. The output is a pure function of the weights and info, so retraining
+    with the same seed and torch build reproduces the file byte for byte.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().clone() for k, v in net.state_dict().items()}
-    buf = io.BytesIO()  # saving to a buffer keeps the random temp name out of the zip archive
-    torch.save({"state_dict": state, "info": info}, buf)
+    blob = {
+        "format_version": FORMAT_VERSION,
+        "info": info,
+        "state_dict": {k: _tensor_to_json(v) for k, v in net.state_dict().items()},
+    }
+    text = json.dumps(blob, indent=1, allow_nan=False) + "\n"
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".digits_cnn.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(buf.getvalue())
+        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
+            f.write(text)
         os.chmod(tmp, 0o644)  # mkstemp makes it owner-only; the asset is meant to be shared
         os.replace(tmp, path)
     finally:
@@ -206,17 +240,17 @@ def _read(path: Path) -> DigitsCNN | None:
     """The network stored at path, or None if the file is absent or from another format."""
     if not path.is_file():
         return None
-    blob = torch.load(path, map_location="cpu", weights_only=True)
-    if blob.get("info", {}).get("format_version") != FORMAT_VERSION:
+    blob = json.loads(path.read_text(encoding="utf-8"))
+    if not isinstance(blob, dict) or blob.get("format_version") != FORMAT_VERSION:
         return None
     net = DigitsCNN()
-    net.load_state_dict(blob["state_dict"])
+    net.load_state_dict({k: _tensor_from_json(v) for k, v in blob["state_dict"].items()})
     return net.eval()
 
 
 def _cache_path() -> Path:
     root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(root) / "collafuse_flwr" / "digits_cnn.pt"
+    return Path(root) / "collafuse_flwr" / "digits_cnn.json"
 
 
 def load_digits_cnn(path: str | os.PathLike[str] | None = None) -> DigitsCNN:

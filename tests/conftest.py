@@ -1,0 +1,28 @@
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from collafuse_flwr.config import load_defaults  # noqa: E402
+
+#: A run-config small enough for unit tests: tiny UNet on 8x8 digits, short chain.
+TINY = {
+    "num-server-rounds": 2, "model-size": "tiny", "image-size": 8, "diffusion-steps": 20,
+    "local-steps": 2, "server-steps": 2, "uploads-per-round": 8, "num-eval-samples": 4,
+    "batch-size": 16,
+}
+
+
+@pytest.fixture
+def tiny_config():
+    def make(**overrides):
+        return {**load_defaults(), **TINY, **{k.replace("_", "-"): v for k, v in overrides.items()}}
+    return make
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)

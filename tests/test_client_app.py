@@ -1,0 +1,129 @@
+"""The ClientApp driven with real Flower messages: what leaves a node, and what stays."""
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+
+from collafuse_flwr.client_app import app
+from collafuse_flwr.client_data import client_data
+from collafuse_flwr.config import parse_config
+from collafuse_flwr.models import build_denoiser
+from collafuse_flwr.state import MODEL_KEY
+
+NUM_NODES = 3
+
+
+def _context(rc, pid=0):
+    return Context(run_id=1, node_id=100 + pid, node_config={"partition-id": pid, "num-partitions": NUM_NODES},
+                   state=RecordDict(), run_config=rc)
+
+
+def _message(content: RecordDict, mtype=MessageType.TRAIN) -> Message:
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
+    m = Message(content=content, message_type=mtype, dst_node_id=100)
+    m.metadata.__dict__["_message_id"] = "m1"
+    return m
+
+
+def _train(rc, ctx, rnd=1, cut=None, uploads=16):
+    cfg = parse_config(rc)
+    t_c = cfg.cut_step if cut is None else cut
+    conf = ConfigRecord({"server-round": rnd, "cut-step": t_c, "client-max-step": t_c, "uploads": uploads})
+    return app(_message(RecordDict({"config": conf})), ctx)
+
+
+def _all_arrays(msg: Message) -> dict[str, np.ndarray]:
+    return {f"{rk}/{ak}": a.numpy() for rk, rec in msg.content.array_records.items() for ak, a in rec.items()}
+
+
+def _min_rms_distance(arrays: np.ndarray, images: np.ndarray) -> float:
+    a = arrays.reshape(arrays.shape[0], -1).astype(np.float64)
+    b = images.reshape(images.shape[0], -1).astype(np.float64)
+    d2 = (a**2).sum(1)[:, None] + (b**2).sum(1)[None, :] - 2 * a @ b.T
+    return float(np.sqrt(np.maximum(d2, 0).min() / a.shape[1]))
+
+
+def _param_arrays(rc):
+    cfg = parse_config(rc)
+    return build_denoiser(cfg.image_size, 1, cfg.model_size).state_dict()
+
+
+@pytest.mark.parametrize("cut_ratio", [0.3, 0.6])
+def test_collafuse_reply_holds_no_training_image_and_no_weights(tiny_config, cut_ratio):
+    rc = tiny_config(cut_ratio=cut_ratio)
+    ctx = _context(rc)
+    reply = _train(rc, ctx)
+    arrays = _all_arrays(reply)
+    assert list(arrays) == ["upload/x_tc"]
+    x_tc = arrays["upload/x_tc"]
+    assert x_tc.shape == (16, 1, 8, 8)
+    data = client_data(parse_config(rc), 0, NUM_NODES)
+    # every uploaded image is far from every training image (RMS per pixel, images in [-1, 1])
+    assert _min_rms_distance(x_tc, data.train.numpy()) > 0.1
+    # and nothing shaped like, or equal to, a model weight
+    params = _param_arrays(rc)
+    assert not set(reply.content.array_records["upload"].keys()) & set(params)
+    assert x_tc.size < sum(p.numel() for p in params.values()) / 10
+    assert set(reply.content.metric_records["metrics"].keys()) >= {"num-examples", "train-loss"}
+
+
+def test_cut_zero_uploads_raw_images_so_the_check_above_can_fail(tiny_config):
+    """Negative control: at c = 0 the same distance check finds the training images."""
+    rc = tiny_config(cut_ratio=0.0)
+    reply = _train(rc, _context(rc))
+    data = client_data(parse_config(rc), 0, NUM_NODES)
+    assert _min_rms_distance(_all_arrays(reply)["upload/x_tc"], data.train.numpy()) < 1e-6
+
+
+def test_private_model_stays_in_context_state_and_keeps_training(tiny_config):
+    rc = tiny_config(cut_ratio=0.5)
+    ctx = _context(rc)
+    _train(rc, ctx, rnd=1)
+    first = {k: v.numpy().copy() for k, v in ctx.state.array_records[MODEL_KEY].items()}
+    reply = _train(rc, ctx, rnd=2)
+    second = ctx.state.array_records[MODEL_KEY]
+    assert any(not np.allclose(first[k], second[k].numpy()) for k in first)  # it trained on
+    sent = _all_arrays(reply)
+    for w in second.values():  # and no reply array equals a private weight
+        assert all(a.shape != w.numpy().shape or not np.allclose(a, w.numpy()) for a in sent.values())
+
+
+def test_cut_one_uploads_nothing(tiny_config):
+    rc = tiny_config(cut_ratio=1.0)
+    cfg = parse_config(rc)
+    reply = _train(rc, _context(rc), cut=cfg.diffusion_steps, uploads=0)
+    assert _all_arrays(reply) == {}
+
+
+def test_local_only_sends_no_arrays(tiny_config):
+    rc = tiny_config(method="local")
+    ctx = _context(rc)
+    reply = _train(rc, ctx)
+    assert _all_arrays(reply) == {}
+    assert MODEL_KEY in ctx.state.array_records
+    conf = ConfigRecord({"server-round": 2, "num-samples": 4, "client-start-step": 20, "client-sampling-steps": 0})
+    ev = app(_message(RecordDict({"config": conf}), MessageType.EVALUATE), ctx)
+    arrays = _all_arrays(ev)
+    assert list(arrays) == ["samples/images"]
+    assert arrays["samples/images"].dtype == np.uint8 and arrays["samples/images"].shape == (4, 1, 8, 8)
+
+
+def test_collafuse_evaluate_finishes_the_servers_images(tiny_config):
+    rc = tiny_config(cut_ratio=0.5)
+    ctx = _context(rc)
+    _train(rc, ctx)
+    x_tc = torch.randn(4, 1, 8, 8).numpy()
+    from flwr.app import Array, ArrayRecord
+
+    conf = ConfigRecord({"server-round": 2, "num-samples": 4, "client-start-step": 10, "client-sampling-steps": 0})
+    ev = app(_message(RecordDict({"config": conf, "x_tc": ArrayRecord({"x_tc": Array(x_tc)})}),
+                      MessageType.EVALUATE), ctx)
+    m = ev.content["metrics"]
+    assert m["num-examples"] == 4 and "fid" in m and "kid" in m
+    # client inference ran exactly t_c = 10 denoiser passes per image
+    assert m["client-infer-flops-per-image"] > 0
+    images = ev.content["samples"]["images"].numpy()
+    assert images.shape == (4, 1, 8, 8) and images.dtype == np.uint8
+    assert MODEL_KEY not in ev.content.array_records

@@ -1,0 +1,50 @@
+"""Run-config validation: one schema, clear messages naming the key, the value and the fix."""
+
+import pytest
+
+from collafuse_flwr.config import ConfigError, load_defaults, parse_config, run_dir
+
+
+def test_pyproject_defaults_are_valid():
+    cfg = parse_config({})
+    assert cfg.method == "collafuse" and cfg.dataset == "digits"
+    assert cfg.cut_step == round(cfg.cut_ratio * cfg.diffusion_steps)
+    assert set(load_defaults()) == {k for k in cfg.to_flwr()}
+
+
+@pytest.mark.parametrize("override,match", [
+    ({"cut-ratio": 1.5}, r"cut-ratio must be in \[0, 1\]"),
+    ({"cut-ratio": -0.1}, "cut-ratio"),
+    ({"method": "fedprox"}, r"method='fedprox' is not one of"),
+    ({"dataset": "imagenet"}, "dataset='imagenet'"),
+    ({"dataset": "mnist"}, "set data-dir"),
+    ({"data-dir": "relative/path", "dataset": "mnist"}, "absolute path"),
+    ({"num-server-rounds": 0}, "num-server-rounds must be >= 1"),
+    ({"batch-size": 2.5}, "batch-size must be an integer"),
+    ({"learning-rate": "fast"}, "learning-rate must be a number"),
+    ({"count-flops": "maybe"}, "count-flops must be true or false"),
+    ({"test-fraction": 1.0}, "test-fraction"),
+    ({"model-size": "huge"}, "model-size"),
+    ({"no-such-key": 1}, r"unknown run-config key\(s\) \['no-such-key'\]"),
+])
+def test_bad_values_name_key_and_fix(override, match):
+    with pytest.raises(ConfigError, match=match):
+        parse_config(override)
+
+
+def test_collafuse_needs_client_steps_inside_the_cut():
+    with pytest.raises(ConfigError, match="local-steps"):
+        parse_config({"cut-ratio": 0.5, "local-steps": 0})
+    parse_config({"cut-ratio": 0.0, "local-steps": 0})  # server-only needs none
+
+
+def test_options_a_method_ignores_warn():
+    with pytest.warns(UserWarning, match="cut-ratio=0.5 is ignored by method='fedavg'"):
+        parse_config({"method": "fedavg", "cut-ratio": 0.5})
+
+
+def test_run_dir_is_absolute_and_unique(tmp_path):
+    cfg = parse_config({"output-dir": str(tmp_path)})
+    a, b = run_dir(cfg, 1), run_dir(cfg, 2)
+    assert a.is_absolute() and a.parent == tmp_path and a != b
+    assert "collafuse-c0.2-digits" in a.name
