@@ -25,7 +25,7 @@ from .config import RunConfig, parse_config
 from .data import to_uint8
 from .evaluation import client_metrics
 from .metrics.flops import FlopMeter
-from .models import build_denoiser, default_device
+from .models import build_denoiser, default_device, shared_denoiser
 from .state import remember_upload, restore_private, save_private
 from .training import client_share_loss, generate, make_optimizer, train_steps
 
@@ -37,12 +37,24 @@ def _config(items: tuple) -> RunConfig:
     return parse_config(dict(items))
 
 
-def _setup(context: Context) -> tuple[RunConfig, ClientData, D.Schedule, torch.device]:
+def _setup(context: Context) -> tuple[RunConfig, ClientData, D.Schedule, torch.device, int]:
     cfg = _config(tuple(sorted(context.run_config.items())))
     pid = int(context.node_config.get("partition-id", 0))
     num = int(context.node_config.get("num-partitions", 1))
     data = client_data(cfg, pid, num)
-    return cfg, data, D.make_schedule(cfg.diffusion_steps, cfg.beta_schedule), default_device()
+    return cfg, data, D.make_schedule(cfg.diffusion_steps, cfg.beta_schedule), default_device(), num
+
+
+def _global_model(cfg: RunConfig, data: ClientData, num: int, msg: Message, device: torch.device):
+    """FedAvg's global model from the message, conditioned on this client's index."""
+    model = shared_denoiser(cfg.image_size, data.image_shape[0], cfg.model_size, cfg.conditioning, num)
+    try:
+        model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+    except RuntimeError as exc:
+        raise RuntimeError(f"the global model does not fit this node's settings (num-partitions={num}, "
+                           f"model-size={cfg.model_size!r}): the server must build it for the same "
+                           f"number of clients") from exc
+    return model.to(device).condition(data.partition_id)
 
 
 def _private_model(cfg: RunConfig, data: ClientData, context: Context, device: torch.device):
@@ -58,7 +70,7 @@ def _generator(cfg: RunConfig, pid: int, server_round: int, salt: int) -> torch.
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    cfg, data, sched, device = _setup(context)
+    cfg, data, sched, device, num = _setup(context)
     conf = msg.content["config"]
     rnd = int(conf["server-round"])
     meter = FlopMeter(every_pass=cfg.flops_every_pass) if cfg.count_flops else None
@@ -72,8 +84,7 @@ def train(msg: Message, context: Context) -> Message:
         # The reference that shares raw data: send the training images once.
         content["upload"] = ArrayRecord({"x0": Array(data.train.numpy())})
     elif cfg.method == "fedavg":
-        model = build_denoiser(cfg.image_size, data.image_shape[0], cfg.model_size).to(device)
-        model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+        model = _global_model(cfg, data, num, msg, device)
         opt = make_optimizer(model, cfg.learning_rate)
         metrics["train-loss"] = train_steps(model, opt, client_share_loss(model, sched, sched.T, gen),
                                             data.train, cfg.local_steps, cfg.batch_size, gen, device, meter)
@@ -103,7 +114,7 @@ def train(msg: Message, context: Context) -> Message:
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    cfg, data, sched, device = _setup(context)
+    cfg, data, sched, device, num = _setup(context)
     conf = msg.content["config"]
     rnd = int(conf["server-round"])
     n = int(conf["num-samples"])
@@ -115,8 +126,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     if cfg.method == "centralized":
         images = torch.from_numpy(msg.content["generated"]["images"].numpy())
     elif cfg.method == "fedavg":
-        model = build_denoiser(cfg.image_size, data.image_shape[0], cfg.model_size).to(device)
-        model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+        model = _global_model(cfg, data, num, msg, device)
         images = generate(model, sched, n, data.image_shape, num_steps, gen, device, meter)
     else:
         model, _ = _private_model(cfg, data, context, device)

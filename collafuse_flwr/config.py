@@ -41,6 +41,7 @@ class RunConfig:
     diffusion_steps: int
     beta_schedule: str
     model_size: str
+    conditioning: str
     local_steps: int
     server_steps: int
     batch_size: int
@@ -83,6 +84,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "partitioning": PARTITIONINGS,
     "beta_schedule": ("linear", "cosine"),
     "model_size": ("tiny", "small", "base"),
+    "conditioning": ("client", "none"),
     "fid_backbone": ("auto", "inception", "digits-cnn", "none"),
 }
 _MIN: dict[str, float] = {

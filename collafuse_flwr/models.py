@@ -47,11 +47,20 @@ class Denoiser(nn.Module):
 
     def forward(self, x: Tensor, t: Tensor, class_labels: Tensor | None = None) -> Tensor:
         if class_labels is None and self.num_classes:
-            class_labels = self._labels
+            if self._labels is None:
+                raise ValueError("this denoiser is class-conditional: call condition(labels) first")
+            class_labels = self._labels.to(x.device)
+            if class_labels.dim() == 0:
+                class_labels = class_labels.expand(x.shape[0])
         return self.unet(x, t, class_labels=class_labels).sample
 
-    def condition(self, labels: Tensor | None) -> Denoiser:
-        self._labels = labels
+    def condition(self, labels: Tensor | int | None) -> Denoiser:
+        """Bind class labels (one per batch row, or one int for all) for the following calls."""
+        if labels is not None and self.num_classes:
+            labels = torch.as_tensor(labels, dtype=torch.long)
+            if labels.numel() and (labels.min() < 0 or labels.max() >= self.num_classes):
+                raise ValueError(f"class label out of range 0..{self.num_classes - 1}: {labels.tolist()}")
+        self._labels = labels if self.num_classes else None
         return self
 
 
@@ -89,6 +98,18 @@ def build_denoiser(
         num_class_embeds=num_classes or None,
     )
     return Denoiser(unet)
+
+
+def shared_denoiser(image_size: int, channels: int, size: str, conditioning: str, num_clients: int) -> Denoiser:
+    """A model several clients' data shape (CollaFuse's server, FedAvg's global, centralized).
+
+    conditioning="client" gives it a class embedding indexed by client, so one shared model can
+    produce each client's own distribution; the server already knows which client sent what,
+    so the label discloses nothing new. "none" makes it unconditional (pooled distribution).
+    """
+    if conditioning not in ("client", "none"):
+        raise ValueError(f"conditioning must be 'client' or 'none', got {conditioning!r}")
+    return build_denoiser(image_size, channels, size, num_clients if conditioning == "client" else 0)
 
 
 def count_parameters(model: nn.Module) -> int:

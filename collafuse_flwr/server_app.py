@@ -13,7 +13,7 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.supercore import log
 
 from .config import RunConfig, parse_config, run_dir
-from .models import build_denoiser, default_device
+from .models import default_device, shared_denoiser
 from .outputs import MetricsCsv, write_json
 from .report_run import finalize
 
@@ -29,8 +29,8 @@ def build_strategy(cfg: RunConfig, num_nodes: int, device: torch.device, on_roun
     shape = (CHANNELS[cfg.dataset], cfg.image_size, cfg.image_size)
     if cfg.method == "local":
         return LocalOnly(cfg, num_nodes, on_round_end), ArrayRecord()
-    model = build_denoiser(cfg.image_size, shape[0], cfg.model_size)
     torch.manual_seed(cfg.seed)
+    model = shared_denoiser(cfg.image_size, shape[0], cfg.model_size, cfg.conditioning, num_nodes)
     arrays = ArrayRecord(model.state_dict())
     if cfg.method == "collafuse":
         return CollaFuse(cfg, model, shape, device, num_nodes, on_round_end), arrays

@@ -45,14 +45,20 @@ def train_steps(
     device: torch.device,
     flops: FlopMeter | None = None,
     flops_key: str = "train",
+    labels: Tensor | None = None,
 ) -> float:
-    """Run `steps` Adam steps of loss_fn(batch) on `data` (already in model range); mean loss."""
+    """Run `steps` Adam steps of loss_fn(batch) on `data` (already in model range); mean loss.
+
+    labels: per-row class labels bound to a conditional `Denoiser` for each minibatch.
+    """
     if steps <= 0 or data.shape[0] == 0:
         return float("nan")
     model.train()
     total = 0.0
     for idx in minibatch_indices(data.shape[0], batch_size, steps, generator):
         batch = data[idx].to(device)
+        if labels is not None:
+            model.condition(labels[idx])
         ctx = (flops.count(flops_key, shape=(tuple(batch.shape), str(device))) if flops is not None
                else contextlib.nullcontext())
         with ctx:
@@ -85,9 +91,12 @@ def generate(
     device: torch.device,
     flops: FlopMeter | None = None,
     flops_key: str = "infer",
+    label: int | None = None,
 ) -> Tensor:
-    """x_T -> x_0 with one model (FedAvg, local-only, centralized)."""
+    """x_T -> x_0 with one model (FedAvg, local-only, centralized); label for conditional models."""
     model.eval()
+    if label is not None:
+        model.condition(label)
     eps_model = flops.wrap(model, flops_key) if flops is not None else model
     x = torch.randn((n, *shape), generator=generator).to(device)
     return D.client_finish(eps_model, sched, x, sched.T, num_steps, generator).cpu()

@@ -39,6 +39,7 @@ class Centralized(HarnessMixin, Strategy):
         self.sched = D.make_schedule(cfg.diffusion_steps, cfg.beta_schedule)
         self.optimizer = make_optimizer(self.model, cfg.learning_rate)
         self.pool: torch.Tensor | None = None
+        self.pool_labels: torch.Tensor | None = None  # which client each image came from
         self.num_nodes = 0
         self.meter = FlopMeter(every_pass=cfg.flops_every_pass) if cfg.count_flops else None
         self.gen = torch.Generator().manual_seed(cfg.seed + 7919)
@@ -60,10 +61,13 @@ class Centralized(HarnessMixin, Strategy):
                 log(WARNING, "round %d: no node sent data; nothing to train on yet", server_round)
                 return None, None
             self.pool = torch.cat(parts)
+            self.pool_labels = torch.cat([torch.full((p.shape[0],), self._node_to_partition[m.metadata.src_node_id])
+                                          for p, m in zip(parts, ok)])
             self.num_nodes = len(parts)
         steps = self.cfg.local_steps * self.num_nodes
         loss = train_steps(self.model, self.optimizer, client_share_loss(self.model, self.sched, self.sched.T, self.gen),
-                           self.pool, steps, self.cfg.batch_size, self.gen, self.device, self.meter, "server-train")
+                           self.pool, steps, self.cfg.batch_size, self.gen, self.device, self.meter, "server-train",
+                           labels=self.pool_labels)
         metrics = {"server-train-loss": loss, "num-examples": int(self.pool.shape[0])}
         if self.meter is not None:
             metrics["server-train-flops"] = float(self.meter.totals.pop("server-train", 0))
@@ -75,9 +79,9 @@ class Centralized(HarnessMixin, Strategy):
         n = self.cfg.num_eval_samples
         conf = self._base_config(server_round, **{"num-samples": n})
 
-        def content(_: int) -> RecordDict:
+        def content(node_id: int) -> RecordDict:
             imgs = generate(self.model, self.sched, n, self.image_shape, self.cfg.sampling_steps or None,
-                            self.gen, self.device, self.meter)
+                            self.gen, self.device, self.meter, label=self._node_to_partition.get(node_id, 0))
             return RecordDict({"config": conf, "generated": ArrayRecord({"images": Array(to_uint8(imgs).numpy())})})
 
         return self._evaluate_messages(server_round, grid, content, harness=("generated",))

@@ -43,6 +43,7 @@ class CollaFuse(HarnessMixin, Strategy):
         self.t_start = D.client_start_step(cfg.cut_ratio, cfg.diffusion_steps, cfg.server_target)
         self.optimizer = make_optimizer(self.model, cfg.learning_rate)
         self.buffer: list[torch.Tensor] = []
+        self.buffer_labels: list[torch.Tensor] = []  # which client each upload came from
         self.uploads_by_node: dict[int, np.ndarray] = {}  # last upload of each node (disclosure harness)
         self.meter = FlopMeter(every_pass=cfg.flops_every_pass) if cfg.count_flops else None
         self.gen = torch.Generator().manual_seed(cfg.seed + 7919)
@@ -69,6 +70,8 @@ class CollaFuse(HarnessMixin, Strategy):
             if "upload" in m.content.array_records:
                 x = m.content["upload"]["x_tc"].numpy()
                 self.buffer.append(torch.from_numpy(x))
+                pid = self._node_to_partition[m.metadata.src_node_id]
+                self.buffer_labels.append(torch.full((x.shape[0],), pid, dtype=torch.long))
                 self.uploads_by_node[m.metadata.src_node_id] = x
                 n_new += x.shape[0]
         loss = float("nan")
@@ -77,7 +80,7 @@ class CollaFuse(HarnessMixin, Strategy):
             loss = train_steps(self.model, self.optimizer,
                                server_share_loss(self.model, self.sched, self.t_c, self.cfg.server_target, self.gen),
                                data, self.cfg.server_steps, self.cfg.batch_size, self.gen, self.device,
-                               self.meter, "server-train")
+                               self.meter, "server-train", labels=torch.cat(self.buffer_labels))
         metrics = self._mean_metrics(ok)
         metrics["server-train-loss"] = loss
         metrics["uploads-received"] = n_new
@@ -89,11 +92,12 @@ class CollaFuse(HarnessMixin, Strategy):
         return ArrayRecord(self.model.state_dict()), metrics
 
     # -- evaluation ---------------------------------------------------------------------------
-    def server_half(self, n: int) -> torch.Tensor:
-        """x_T -> x_{t_c} with the shared model (what one node receives at inference)."""
+    def server_half(self, n: int, client: int) -> torch.Tensor:
+        """x_T -> x_{t_c} with the shared model for one client (what that node receives)."""
         s_srv, _ = D.split_step_budget(self.cfg.sampling_steps, self.sched.T, self.t_c)
         self._served += n
         self.model.eval()
+        self.model.condition(client)
         eps_model = self.meter.wrap(self.model, "server-infer") if self.meter is not None else self.model
         with torch.no_grad():
             x = D.server_sample(eps_model, self.sched, (n, *self.image_shape), self.t_c,
@@ -109,14 +113,16 @@ class CollaFuse(HarnessMixin, Strategy):
         def content(node_id: int) -> RecordDict:
             rd = RecordDict({"config": conf})
             if self.t_c < self.sched.T:
-                rd["x_tc"] = ArrayRecord({"x_tc": Array(self.server_half(n).float().numpy())})
+                pid = self._node_to_partition.get(node_id, 0)
+                rd["x_tc"] = ArrayRecord({"x_tc": Array(self.server_half(n, pid).float().numpy())})
             if node_id in self.uploads_by_node:  # measurement only: what the server can infer
-                rd["harness"] = self.disclosure_payload(self.uploads_by_node[node_id])
+                rd["harness"] = self.disclosure_payload(self.uploads_by_node[node_id],
+                                                        self._node_to_partition.get(node_id, 0))
             return rd
 
         return self._evaluate_messages(server_round, grid, content, harness=("harness",))
 
-    def disclosure_payload(self, uploads: np.ndarray) -> ArrayRecord:
+    def disclosure_payload(self, uploads: np.ndarray, pid: int) -> ArrayRecord:
         """The server's reconstructions of a node's last upload, sent back for scoring only."""
         from collafuse_flwr.metrics.disclosure import reconstruct
 
@@ -125,6 +131,7 @@ class CollaFuse(HarnessMixin, Strategy):
         with torch.no_grad():
             # The server model only learned t > t_c; read at t_c as an ordinary DDPM, its Tweedie
             # output is the best x_0 guess it can make with what it owns.
+            self.model.condition(pid)
             own = reconstruct(x, self.sched, self.t_c, self.model if self.t_c > 0 else None)
             scaled = reconstruct(x, self.sched, self.t_c, None)
         return ArrayRecord({"uploads": Array(uploads.astype(np.float32)),
