@@ -34,6 +34,8 @@ class RunOutcome:
     returncode: int
     output_dir: Path | None
     log: str
+    http_port: int
+    control_port: int
 
     @property
     def ok(self) -> bool:
@@ -126,6 +128,8 @@ def _flwr_env(flwr_home: Path, http_port: int, control_port: int) -> dict[str, s
     })
     # the simulation imports the app from its FAB copy; make sure `strategies` resolves too
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(APP_DIR), env.get("PYTHONPATH", "")]))
+    # flwr starts `flower-superlink` from PATH: use this interpreter's, venv activated or not
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     return env
 
 
@@ -184,7 +188,7 @@ def run_flower(
         stop_superlink(control_port)
         stop_superlink(http_port)
     log = "".join(log_lines)
-    return RunOutcome(run_id, status, rc, _output_dir(log), log)
+    return RunOutcome(run_id, status, rc, _output_dir(log), log, http_port, control_port)
 
 
 def _run_status(env: dict[str, str], app_dir: Path) -> tuple[int | None, str]:

@@ -1,0 +1,76 @@
+"""End to end through `flwr run` on the simulation engine (Ray), one tiny run per method.
+
+Each run gets its own FLWR_HOME and ports from the launcher, which stops the SuperLink it
+started; the test then checks that nothing it started is left listening.
+"""
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from collafuse_flwr.launch import _pids_listening_on, run_flower
+
+pytestmark = pytest.mark.e2e
+
+TINY = ("num-server-rounds=2 model-size='tiny' image-size=8 diffusion-steps=20 local-steps=2 "
+        "server-steps=2 uploads-per-round=8 num-eval-samples=6 batch-size=16")
+NUM_CLIENTS = 3
+
+
+def _run(tmp_path: Path, extra: str):
+    out = run_flower(f"{TINY} {extra} output-dir='{tmp_path}'", num_clients=NUM_CLIENTS,
+                     flwr_home=tmp_path / "flwr-home", timeout=600, stream=False)
+    assert out.ok, f"run failed: status={out.status} rc={out.returncode}\n{out.log[-4000:]}"
+    assert out.output_dir is not None and out.output_dir.parent == tmp_path
+    assert not _pids_listening_on(out.control_port) and not _pids_listening_on(out.http_port)
+    return out.output_dir, json.loads((out.output_dir / "results.json").read_text())
+
+
+def _check_common(run_dir: Path, res: dict, method: str):
+    assert res["status"] == "ok" and res["method"] == method
+    assert res["num_clients"] == NUM_CLIENTS and res["num_rounds"] == 2 and res["diffusion_steps"] == 20
+    f = res["final"]
+    for key in ("fid", "fid_per_client", "fid_backbone", "kid", "client_train_flops",
+                "client_infer_flops_per_image", "server_train_flops", "bytes_up", "bytes_down", "disclosure"):
+        assert key in f, key
+    assert f["fid_backbone"] == "digits-cnn"
+    assert len(f["fid_per_client"]) == NUM_CLIENTS and all(v > 0 for v in f["fid_per_client"].values())
+    rows = list(csv.DictReader(open(run_dir / "metrics.csv")))
+    assert [r["round"] for r in rows] == ["1", "2"]
+    s = np.load(run_dir / "samples.npz")
+    assert s["images"].dtype == np.uint8 and s["images"].shape == (NUM_CLIENTS * 6, 8, 8, 1)
+    assert sorted(set(s["client"].tolist())) == list(range(NUM_CLIENTS))
+    assert (run_dir / "samples.png").stat().st_size > 1000
+    return f
+
+
+def test_collafuse_end_to_end(tmp_path):
+    run_dir, res = _run(tmp_path, "method='collafuse' cut-ratio=0.3")
+    f = _check_common(run_dir, res, "collafuse")
+    assert res["cut_ratio"] == 0.3 and res["cut_step"] == 6
+    assert f["bytes_up"] > 0 and f["server_train_flops"] > 0 and f["client_train_flops"] > 0
+    d = f["disclosure"]
+    assert 0 <= d["reid_server"] <= 1 and d["epsilon"] > 0 and "sensitivity" in d["epsilon_assumption"]
+
+
+@pytest.mark.parametrize("method", ["fedavg", "local", "centralized"])
+def test_baselines_end_to_end(tmp_path, method):
+    run_dir, res = _run(tmp_path, f"method='{method}'")
+    f = _check_common(run_dir, res, method)
+    if method == "local":
+        assert f["bytes_up"] < 5_000  # metrics only
+    if method == "fedavg":
+        assert f["bytes_up"] > 2 * NUM_CLIENTS * 100_000  # the model goes up every round
+    if method == "centralized":
+        assert f["client_train_flops"] == 0 and f["server_train_flops"] > 0
+
+
+def test_failed_run_is_reported_as_failed(tmp_path):
+    """A run that breaks must not look like a success (flwr run --stream can exit 0)."""
+    out = run_flower(f"{TINY} dataset='mnist' data-dir='{tmp_path}/nothing-here' output-dir='{tmp_path}'",
+                     num_clients=2, flwr_home=tmp_path / "flwr-home", timeout=300, stream=False)
+    assert not out.ok
+    assert "failed" in out.status or out.returncode != 0
