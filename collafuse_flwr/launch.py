@@ -147,7 +147,10 @@ def run_flower(
     stream: bool = True,
     client_cpus: float = 2,
 ) -> RunOutcome:
-    """Run the app once through `flwr run` on a private local SuperLink and clean up after it."""
+    """Run the app once through `flwr run` on a private local SuperLink and clean up after it.
+
+    stream: echo the run's log to stdout as it comes (it is captured in the outcome either way).
+    """
     if num_clients < 1:
         raise ValueError(f"num-clients must be >= 1, got {num_clients}")
     if isinstance(run_config, dict):
@@ -163,8 +166,7 @@ def run_flower(
     cmd = [_flwr_bin(), "run", str(app_dir), "--federation-config", fed]
     if run_config:
         cmd += ["--run-config", run_config]
-    if stream:
-        cmd.append("--stream")
+    cmd.append("--stream")  # flwr run then returns when the run ends; `stream` only echoes it
     print("$", " ".join(shlex.quote(c) for c in cmd), flush=True)
     log_lines: list[str] = []
     rc = 1
