@@ -127,3 +127,28 @@ def test_collafuse_evaluate_finishes_the_servers_images(tiny_config):
     images = ev.content["samples"]["images"].numpy()
     assert images.shape == (4, 1, 8, 8) and images.dtype == np.uint8
     assert MODEL_KEY not in ev.content.array_records
+
+
+def test_client_inference_flops_are_cut_share_of_fedavgs(tiny_config):
+    """CollaFuse's client runs c*T denoiser passes per image, FedAvg's client all T: measured."""
+    from flwr.app import Array, ArrayRecord
+
+    from collafuse_flwr.models import shared_denoiser
+
+    rc = tiny_config(cut_ratio=0.3, image_size=8)
+    ctx = _context(rc)
+    _train(rc, ctx)
+    conf = ConfigRecord({"server-round": 2, "num-samples": 4, "client-start-step": 6, "client-sampling-steps": 0})
+    x_tc = ArrayRecord({"x_tc": Array(torch.randn(4, 1, 8, 8).numpy())})
+    collafuse = app(_message(RecordDict({"config": conf, "x_tc": x_tc}), MessageType.EVALUATE), ctx)
+
+    rf = tiny_config(method="fedavg", image_size=8)
+    cfg = parse_config(rf)
+    glob = shared_denoiser(8, 1, cfg.model_size, cfg.conditioning, NUM_NODES)
+    conf = ConfigRecord({"server-round": 2, "num-samples": 4, "client-sampling-steps": 0})
+    fedavg = app(_message(RecordDict({"config": conf, "arrays": ArrayRecord(glob.state_dict())}),
+                          MessageType.EVALUATE), _context(rf))
+    a = collafuse.content["metrics"]["client-infer-flops-per-image"]
+    b = fedavg.content["metrics"]["client-infer-flops-per-image"]
+    # same architecture family (FedAvg's has a class embedding, which costs no matmul FLOPs)
+    assert a > 0 and a / b == pytest.approx(6 / 20, rel=1e-6)
