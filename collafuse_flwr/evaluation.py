@@ -48,7 +48,7 @@ def _disclosure(cfg: RunConfig, data: ClientData, content: RecordDict, state: Re
         h = content["harness"]
         idx = state.array_records[LAST_UPLOAD_KEY]["indices"].numpy()
         x0 = data.train[idx]
-        for name in ("recon-server", "recon-scaled"):
+        for name in [k for k in h.keys() if k.startswith("recon-")]:
             x_hat = torch.from_numpy(h[name].numpy())
             ps = psnr_ssim(x_hat, x0)
             key = name.removeprefix("recon-")

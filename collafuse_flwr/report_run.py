@@ -161,7 +161,7 @@ def _summary_rows(r: dict[str, Any]) -> list[tuple[str, Any]]:
         ("bytes down / round", f["bytes_down_per_round"]),
     ]
     d = f["disclosure"]
-    for k in ("reid_server", "psnr_server", "upload_fid", "epsilon"):
+    for k in ("reid_server", "reid_reference", "psnr_reference", "upload_fid", "epsilon"):
         if k in d:
             rows.append((f"disclosure {k}", d[k]))
     rows.append(("wall time (s)", r["wall_seconds"]))

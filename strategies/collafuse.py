@@ -49,6 +49,7 @@ class CollaFuse(HarnessMixin, Strategy):
         self.gen = torch.Generator().manual_seed(cfg.seed + 7919)
         self.server_share = self.t_c < self.sched.T
         self._served = 0  # images whose server half ran since the last evaluation
+        self.reference: torch.nn.Module | None = None  # the disclosure harness's attacker model
         if self.t_c == 0:
             log(WARNING, "cut-ratio=0: clients upload their RAW training images (x_0) - this is the "
                 "server-only extreme and discloses the data completely")
@@ -124,8 +125,11 @@ class CollaFuse(HarnessMixin, Strategy):
 
     def disclosure_payload(self, uploads: np.ndarray, pid: int) -> ArrayRecord:
         """The server's reconstructions of a node's last upload, sent back for scoring only."""
+        from collafuse_flwr.attack import train_reference_denoiser
         from collafuse_flwr.metrics.disclosure import reconstruct
 
+        if self.reference is None and self.cfg.attack_reference_steps > 0 and self.t_c > 0:
+            self.reference = train_reference_denoiser(self.cfg, len(self._node_to_partition), self.device)
         x = torch.from_numpy(uploads)
         self.model.eval()
         with torch.no_grad():
@@ -134,9 +138,13 @@ class CollaFuse(HarnessMixin, Strategy):
             self.model.condition(pid)
             own = reconstruct(x, self.sched, self.t_c, self.model if self.t_c > 0 else None)
             scaled = reconstruct(x, self.sched, self.t_c, None)
+            recon = {"recon-server": own, "recon-scaled": scaled}
+            if self.reference is not None:
+                recon["recon-reference"] = reconstruct(x, self.sched, self.t_c, self.reference)
+            elif self.t_c == 0:
+                recon["recon-reference"] = own  # raw images: every attacker recovers them exactly
         return ArrayRecord({"uploads": Array(uploads.astype(np.float32)),
-                            "recon-server": Array(own.float().numpy()),
-                            "recon-scaled": Array(scaled.float().numpy())})
+                            **{k: Array(v.float().numpy()) for k, v in recon.items()}})
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         if self.meter is not None and self._served:

@@ -12,7 +12,7 @@ from collafuse_flwr.config import load_defaults  # noqa: E402
 TINY = {
     "num-server-rounds": 2, "model-size": "tiny", "image-size": 8, "diffusion-steps": 20,
     "local-steps": 2, "server-steps": 2, "uploads-per-round": 8, "num-eval-samples": 4,
-    "batch-size": 16,
+    "batch-size": 16, "attack-reference-steps": 5,
 }
 
 

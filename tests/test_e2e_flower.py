@@ -16,7 +16,7 @@ from collafuse_flwr.launch import _pids_listening_on, run_flower
 pytestmark = pytest.mark.e2e
 
 TINY = ("num-server-rounds=2 model-size='tiny' image-size=8 diffusion-steps=20 local-steps=2 "
-        "server-steps=2 uploads-per-round=8 num-eval-samples=6 batch-size=16")
+        "server-steps=2 uploads-per-round=8 num-eval-samples=6 batch-size=16 attack-reference-steps=5")
 NUM_CLIENTS = 3
 
 

@@ -1,0 +1,38 @@
+"""The disclosure harness's reference attacker: a full-chain denoiser trained on data of the
+same kind as the clients', but not on their training images.
+
+An honest-but-curious server that owns public data of the same kind can train an ordinary
+DDPM and denoise each upload x_tc in one Tweedie step. In the simulation the pooled held-out
+test splits play that public data: same distribution, disjoint from the training images the
+attack is scored on. Like the pooled FID, this reloads data in the ServerApp, which only a
+simulation can do; it costs `attack-reference-steps` optimizer steps once per run.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from . import diffusion as D
+from .client_data import all_splits, dataset_for
+from .config import RunConfig
+from .data import to_model_range
+from .models import Denoiser, build_denoiser
+from .training import client_share_loss, make_optimizer, train_steps
+
+
+def train_reference_denoiser(cfg: RunConfig, num_clients: int, device: torch.device) -> Denoiser | None:
+    """An unconditional full-chain denoiser on the pooled test splits (None when steps = 0)."""
+    if cfg.attack_reference_steps <= 0:
+        return None
+    ds = dataset_for(cfg)
+    idx = np.concatenate([s.test_idx for s in all_splits(cfg, num_clients)])
+    data = to_model_range(ds.images[idx])
+    sched = D.make_schedule(cfg.diffusion_steps, cfg.beta_schedule)
+    gen = torch.Generator().manual_seed(cfg.seed + 4242)
+    torch.manual_seed(cfg.seed + 4242)
+    model = build_denoiser(cfg.image_size, data.shape[1], cfg.model_size).to(device)
+    opt = make_optimizer(model, cfg.learning_rate)
+    train_steps(model, opt, client_share_loss(model, sched, sched.T, gen), data,
+                cfg.attack_reference_steps, cfg.batch_size, gen, device)
+    return model.eval()
