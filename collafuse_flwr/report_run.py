@@ -79,7 +79,7 @@ def finalize(cfg: RunConfig, strategy, out: Path, run_id: int, num_nodes: int, w
         "bytes_down": bytes_down,
         "bytes_up_per_round": bytes_up / n_rounds,
         "bytes_down_per_round": bytes_down / n_rounds,
-        "bytes_per_client": {str(strategy._node_to_partition.get(n, n)): dict(v)
+        "bytes_per_client": {str(strategy.node_to_partition.get(n, n)): dict(v)
                              for n, v in strategy.bytes_by_node.items()},
         "bytes_harness": {"down": b.get("down-harness", 0.0), "up_eval": b.get("up-eval", 0.0)},
         "failed_replies": strategy.failures,

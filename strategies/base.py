@@ -21,7 +21,7 @@ from flwr.serverapp.strategy.strategy_utils import sample_nodes
 from flwr.supercore import log
 
 from collafuse_flwr.config import RunConfig
-from collafuse_flwr.metrics.comm import message_nbytes
+from collafuse_flwr.metrics.comm import message_nbytes, recorddict_nbytes
 
 
 # Totals across nodes rather than example-weighted means.
@@ -56,10 +56,9 @@ class HarnessMixin:
         self.rounds: dict[int, RoundRecord] = {}
         self.evals: dict[int, EvalResult] = {}
         self.failures = 0
-        self.server_flops: dict[str, float] = defaultdict(float)
         self._t0 = time.perf_counter()
         self._on_round_end = on_round_end
-        self._node_to_partition: dict[int, int] = {}
+        self.node_to_partition: dict[int, int] = {}
 
     # -- sampling ---------------------------------------------------------------------------
     def _sample(self, grid: Grid) -> list[int]:
@@ -76,10 +75,7 @@ class HarnessMixin:
     def _count_down(self, messages: list[Message], phase: str, harness: Iterable[str] = ()) -> list[Message]:
         """Count bytes server -> client; `harness` keys are measurement-only and counted apart."""
         for m in messages:
-            n_harness = sum(message_nbytes(Message(content=RecordDict({k: m.content[k]}),
-                                                   dst_node_id=m.metadata.dst_node_id,
-                                                   message_type=m.metadata.message_type))
-                            for k in harness if k in m.content)
+            n_harness = sum(recorddict_nbytes(RecordDict({k: m.content[k]})) for k in harness if k in m.content)
             n = message_nbytes(m)
             node = m.metadata.dst_node_id
             self.bytes[f"down-{phase}"] += n - n_harness
@@ -101,7 +97,7 @@ class HarnessMixin:
             self.bytes[key] += n
             self.bytes_by_node[m.metadata.src_node_id][key] += n
             if "metrics" in m.content.metric_records and "partition-id" in m.content["metrics"]:
-                self._node_to_partition[m.metadata.src_node_id] = int(m.content["metrics"]["partition-id"])
+                self.node_to_partition[m.metadata.src_node_id] = int(m.content["metrics"]["partition-id"])
             ok.append(m)
         self.failures += failed
         if failed:

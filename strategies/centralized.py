@@ -61,7 +61,7 @@ class Centralized(HarnessMixin, Strategy):
                 log(WARNING, "round %d: no node sent data; nothing to train on yet", server_round)
                 return None, None
             self.pool = torch.cat(parts)
-            self.pool_labels = torch.cat([torch.full((p.shape[0],), self._node_to_partition[m.metadata.src_node_id])
+            self.pool_labels = torch.cat([torch.full((p.shape[0],), self.node_to_partition[m.metadata.src_node_id])
                                           for p, m in zip(parts, ok)])
             self.num_nodes = len(parts)
         steps = self.cfg.local_steps * self.num_nodes
@@ -81,7 +81,7 @@ class Centralized(HarnessMixin, Strategy):
 
         def content(node_id: int) -> RecordDict:
             imgs = generate(self.model, self.sched, n, self.image_shape, self.cfg.sampling_steps or None,
-                            self.gen, self.device, self.meter, label=self._node_to_partition.get(node_id, 0))
+                            self.gen, self.device, self.meter, label=self.node_to_partition.get(node_id, 0))
             return RecordDict({"config": conf, "generated": ArrayRecord({"images": Array(to_uint8(imgs).numpy())})})
 
         return self._evaluate_messages(server_round, grid, content, harness=("generated",))

@@ -71,7 +71,7 @@ class CollaFuse(HarnessMixin, Strategy):
             if "upload" in m.content.array_records:
                 x = m.content["upload"]["x_tc"].numpy()
                 self.buffer.append(torch.from_numpy(x))
-                pid = self._node_to_partition[m.metadata.src_node_id]
+                pid = self.node_to_partition[m.metadata.src_node_id]
                 self.buffer_labels.append(torch.full((x.shape[0],), pid, dtype=torch.long))
                 self.uploads_by_node[m.metadata.src_node_id] = x
                 n_new += x.shape[0]
@@ -114,11 +114,11 @@ class CollaFuse(HarnessMixin, Strategy):
         def content(node_id: int) -> RecordDict:
             rd = RecordDict({"config": conf})
             if self.t_c < self.sched.T:
-                pid = self._node_to_partition.get(node_id, 0)
+                pid = self.node_to_partition.get(node_id, 0)
                 rd["x_tc"] = ArrayRecord({"x_tc": Array(self.server_half(n, pid).float().numpy())})
             if node_id in self.uploads_by_node:  # measurement only: what the server can infer
                 rd["harness"] = self.disclosure_payload(self.uploads_by_node[node_id],
-                                                        self._node_to_partition.get(node_id, 0))
+                                                        self.node_to_partition.get(node_id, 0))
             return rd
 
         return self._evaluate_messages(server_round, grid, content, harness=("harness",))
@@ -129,7 +129,7 @@ class CollaFuse(HarnessMixin, Strategy):
         from collafuse_flwr.metrics.disclosure import reconstruct
 
         if self.reference is None and self.cfg.attack_reference_steps > 0 and self.t_c > 0:
-            self.reference = train_reference_denoiser(self.cfg, len(self._node_to_partition), self.device)
+            self.reference = train_reference_denoiser(self.cfg, len(self.node_to_partition), self.device)
         x = torch.from_numpy(uploads)
         self.model.eval()
         with torch.no_grad():
