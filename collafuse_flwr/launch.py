@@ -15,6 +15,7 @@ import argparse
 import json
 import os
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -146,6 +147,7 @@ def run_flower(
     timeout: float = 3600,
     stream: bool = True,
     client_cpus: float = 2,
+    client_gpus: float = 0.0,
 ) -> RunOutcome:
     """Run the app once through `flwr run` on a private local SuperLink and clean up after it.
 
@@ -163,6 +165,8 @@ def run_flower(
     http_port, control_port = _free_port(), _free_port()
     env = _flwr_env(home, http_port, control_port)
     fed = f"num-supernodes={num_clients} client-resources-num-cpus={client_cpus}"
+    if client_gpus > 0:  # Ray hides GPUs from actors that ask for none
+        fed += f" client-resources-num-gpus={client_gpus}"
     cmd = [_flwr_bin(), "run", str(app_dir), "--federation-config", fed]
     if run_config:
         cmd += ["--run-config", run_config]
@@ -189,6 +193,8 @@ def run_flower(
     finally:
         stop_superlink(control_port)
         stop_superlink(http_port)
+        if own_home:
+            shutil.rmtree(home, ignore_errors=True)
     log = "".join(log_lines)
     return RunOutcome(run_id, status, rc, _output_dir(log), log, http_port, control_port)
 
@@ -226,10 +232,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--flwr-home", type=Path, default=None, help="FLWR_HOME to use (default: a fresh temp dir)")
     p.add_argument("--timeout", type=float, default=3600)
     p.add_argument("--quiet", action="store_true", help="do not stream the run's log")
+    p.add_argument("--client-gpus", type=float, default=0.0, help="GPU share per virtual client (e.g. 0.2)")
     a = p.parse_args(argv)
     if not (a.app / "pyproject.toml").is_file():
         p.error(f"--app {a.app} has no pyproject.toml; point it at the collafuse-flwr checkout")
-    out = run_flower(a.run_config, a.num_clients, a.app, a.flwr_home, a.timeout, stream=not a.quiet)
+    out = run_flower(a.run_config, a.num_clients, a.app, a.flwr_home, a.timeout, stream=not a.quiet,
+                     client_gpus=a.client_gpus)
     print(f"\nrun {out.run_id}: {out.status}; outputs: {out.output_dir}")
     return 0 if out.ok else 1
 
