@@ -108,13 +108,13 @@ def gaussian_upload_epsilon(
 
     0.0 for no uploads or abar_c = 0 (pure noise); inf for abar_c = 1 (c = 0: raw images).
     """
-    abar, sens = _validate(alpha_bar_c, num_uploads, dim, delta, l2_sensitivity, accountant)
+    abar, _ = _validate(alpha_bar_c, num_uploads, dim, delta, l2_sensitivity, accountant)
     k = int(num_uploads)
     if k == 0 or abar == 0.0:
         return 0.0
     if abar == 1.0:
         return math.inf
-    z = math.sqrt(1.0 - abar) / (math.sqrt(abar) * sens)
+    z = upload_noise_multiplier(abar, dim, l2_sensitivity)
     return _rdp_epsilon(z, k, delta) if accountant == "rdp" else _pld_epsilon(z, k, delta)
 
 
