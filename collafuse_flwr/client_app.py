@@ -22,7 +22,7 @@ from flwr.clientapp import ClientApp
 from . import diffusion as D
 from .client_data import ClientData, client_data
 from .config import RunConfig, parse_config
-from .data import to_uint8
+from .data import to_model_range, to_uint8
 from .evaluation import client_metrics
 from .metrics.flops import FlopMeter
 from .models import build_denoiser, default_device, shared_denoiser
@@ -123,8 +123,8 @@ def evaluate(msg: Message, context: Context) -> Message:
     gen = _generator(cfg, data.partition_id, rnd, 1)
     t0 = time.perf_counter()
 
-    if cfg.method == "centralized":
-        images = torch.from_numpy(msg.content["generated"]["images"].numpy())
+    if cfg.method == "centralized":  # the server generated them; they arrive as uint8 already
+        images = to_model_range(torch.from_numpy(msg.content["generated"]["images"].numpy()))
     elif cfg.method == "fedavg":
         model = _global_model(cfg, data, num, msg, device)
         images = generate(model, sched, n, data.image_shape, num_steps, gen, device, meter)

@@ -152,3 +152,14 @@ def test_client_inference_flops_are_cut_share_of_fedavgs(tiny_config):
     b = fedavg.content["metrics"]["client-infer-flops-per-image"]
     # same architecture family (FedAvg's has a class embedding, which costs no matmul FLOPs)
     assert a > 0 and a / b == pytest.approx(6 / 20, rel=1e-6)
+
+
+def test_centralized_client_scores_exactly_the_images_the_server_generated(tiny_config):
+    from flwr.app import Array, ArrayRecord
+
+    rc = tiny_config(method="centralized")
+    images = np.random.default_rng(0).integers(0, 256, (4, 1, 8, 8), dtype=np.uint8)
+    conf = ConfigRecord({"server-round": 2, "num-samples": 4})
+    ev = app(_message(RecordDict({"config": conf, "generated": ArrayRecord({"images": Array(images)})}),
+                      MessageType.EVALUATE), _context(rc))
+    np.testing.assert_array_equal(ev.content["samples"]["images"].numpy(), images)
