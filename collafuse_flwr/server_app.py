@@ -13,6 +13,7 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.supercore import log
 
 from .config import RunConfig, parse_config, run_dir
+from .grid import PollingGrid
 from .models import default_device, shared_denoiser
 from .outputs import MetricsCsv, write_json
 from .report_run import finalize
@@ -73,7 +74,9 @@ def main(grid: Grid, context: Context) -> None:
         strategy, arrays = build_strategy(cfg, num_nodes, device, on_round_end)
         params = 0 if not len(arrays) else sum(a.numpy().size for a in arrays.values())
         log(INFO, "%d client nodes; denoiser parameters: %d", num_nodes, params)
-        strategy.start(grid=grid, initial_arrays=arrays, num_rounds=cfg.num_server_rounds, timeout=3600)
+        # Flower's grid re-polls for replies only every 3 s; poll every 0.2 s instead
+        strategy.start(grid=PollingGrid(grid), initial_arrays=arrays, num_rounds=cfg.num_server_rounds,
+                       timeout=3600)
         finalize(cfg, strategy, out, context.run_id, num_nodes, time.time() - started, params)
     except Exception as exc:  # keep what was measured, say why it stopped, then fail the run
         write_json(out / "results.json", {**header, "status": "failed", "error": repr(exc),
