@@ -58,7 +58,10 @@ def _global_model(cfg: RunConfig, data: ClientData, num: int, msg: Message, devi
 
 
 def _private_model(cfg: RunConfig, data: ClientData, context: Context, device: torch.device):
-    model = build_denoiser(cfg.image_size, data.image_shape[0], cfg.model_size).to(device)
+    """The node's denoiser: restored from context.state, or initialised from (seed, client)."""
+    with torch.random.fork_rng(devices=[]):  # the actor's global RNG is shared between nodes
+        torch.manual_seed(cfg.seed * 1_000_003 + data.partition_id)
+        model = build_denoiser(cfg.image_size, data.image_shape[0], cfg.model_size).to(device)
     opt = make_optimizer(model, cfg.learning_rate)
     restore_private(context.state, model, opt)
     return model, opt

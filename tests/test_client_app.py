@@ -163,3 +163,16 @@ def test_centralized_client_scores_exactly_the_images_the_server_generated(tiny_
     ev = app(_message(RecordDict({"config": conf, "generated": ArrayRecord({"images": Array(images)})}),
                       MessageType.EVALUATE), _context(rc))
     np.testing.assert_array_equal(ev.content["samples"]["images"].numpy(), images)
+
+
+def test_private_model_initialisation_is_seeded_per_client(tiny_config):
+    rc = tiny_config(cut_ratio=0.5)
+    states = []
+    for pid in (0, 0, 1):
+        torch.manual_seed(pid + 123)  # whatever the process RNG holds must not matter
+        ctx = _context(rc, pid)
+        _train(rc, ctx)
+        states.append(ctx.state.array_records[MODEL_KEY])
+    key = next(iter(states[0].keys()))
+    np.testing.assert_array_equal(states[0][key].numpy(), states[1][key].numpy())
+    assert not np.array_equal(states[0][key].numpy(), states[2][key].numpy())
