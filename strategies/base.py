@@ -15,12 +15,16 @@ from logging import INFO, WARNING
 from typing import Any
 
 import numpy as np
+import torch
 from flwr.app import ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy.strategy_utils import sample_nodes
 from flwr.supercore import log
 
+from collafuse_flwr import diffusion as D
 from collafuse_flwr.config import RunConfig
+from collafuse_flwr.metrics.flops import FlopMeter
+from collafuse_flwr.training import make_optimizer
 from collafuse_flwr.metrics.comm import message_nbytes, recorddict_nbytes
 
 
@@ -59,6 +63,16 @@ class HarnessMixin:
         self._t0 = time.perf_counter()
         self._on_round_end = on_round_end
         self.node_to_partition: dict[int, int] = {}
+
+    def _init_server_model(self, model, image_shape: tuple[int, int, int], device) -> None:
+        """For strategies that train a denoiser on the server (CollaFuse, centralized)."""
+        self.model = model.to(device)
+        self.device = device
+        self.image_shape = image_shape
+        self.sched = D.make_schedule(self.cfg.diffusion_steps, self.cfg.beta_schedule)
+        self.optimizer = make_optimizer(self.model, self.cfg.learning_rate)
+        self.meter = FlopMeter(every_pass=self.cfg.flops_every_pass) if self.cfg.count_flops else None
+        self.gen = torch.Generator().manual_seed(self.cfg.seed + 7919)
 
     # -- sampling ---------------------------------------------------------------------------
     def _sample(self, grid: Grid) -> list[int]:

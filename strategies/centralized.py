@@ -19,12 +19,10 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 from flwr.supercore import log
 
-from collafuse_flwr import diffusion as D
 from collafuse_flwr.config import RunConfig
 from collafuse_flwr.data import to_uint8
-from collafuse_flwr.metrics.flops import FlopMeter
 from collafuse_flwr.models import Denoiser
-from collafuse_flwr.training import client_share_loss, generate, make_optimizer, train_steps
+from collafuse_flwr.training import client_share_loss, generate, train_steps
 
 from .base import HarnessMixin
 
@@ -33,16 +31,10 @@ class Centralized(HarnessMixin, Strategy):
     def __init__(self, cfg: RunConfig, model: Denoiser, image_shape: tuple[int, int, int],
                  device: torch.device, min_nodes: int = 1, on_round_end=None) -> None:
         self._init_harness(cfg, min_nodes, on_round_end)
-        self.model = model.to(device)
-        self.device = device
-        self.image_shape = image_shape
-        self.sched = D.make_schedule(cfg.diffusion_steps, cfg.beta_schedule)
-        self.optimizer = make_optimizer(self.model, cfg.learning_rate)
+        self._init_server_model(model, image_shape, device)
         self.pool: torch.Tensor | None = None
         self.pool_labels: torch.Tensor | None = None  # which client each image came from
         self.num_nodes = 0
-        self.meter = FlopMeter(every_pass=cfg.flops_every_pass) if cfg.count_flops else None
-        self.gen = torch.Generator().manual_seed(cfg.seed + 7919)
         log(WARNING, "method=centralized is a REFERENCE that pools the clients' raw training images "
             "on the server (no privacy); use it as the quality upper bound only")
 

@@ -24,9 +24,8 @@ from flwr.supercore import log
 
 from collafuse_flwr import diffusion as D
 from collafuse_flwr.config import RunConfig
-from collafuse_flwr.metrics.flops import FlopMeter
 from collafuse_flwr.models import Denoiser
-from collafuse_flwr.training import make_optimizer, server_share_loss, train_steps
+from collafuse_flwr.training import server_share_loss, train_steps
 
 from .base import HarnessMixin
 
@@ -35,18 +34,12 @@ class CollaFuse(HarnessMixin, Strategy):
     def __init__(self, cfg: RunConfig, server_model: Denoiser, image_shape: tuple[int, int, int],
                  device: torch.device, min_nodes: int = 1, on_round_end=None) -> None:
         self._init_harness(cfg, min_nodes, on_round_end)
-        self.model = server_model.to(device)
-        self.device = device
-        self.image_shape = image_shape
-        self.sched = D.make_schedule(cfg.diffusion_steps, cfg.beta_schedule)
+        self._init_server_model(server_model, image_shape, device)
         self.t_c = D.cut_step(cfg.cut_ratio, cfg.diffusion_steps)
         self.t_start = D.client_start_step(cfg.cut_ratio, cfg.diffusion_steps, cfg.server_target)
-        self.optimizer = make_optimizer(self.model, cfg.learning_rate)
         self.buffer: list[torch.Tensor] = []
         self.buffer_labels: list[torch.Tensor] = []  # which client each upload came from
         self.uploads_by_node: dict[int, np.ndarray] = {}  # last upload of each node (disclosure harness)
-        self.meter = FlopMeter(every_pass=cfg.flops_every_pass) if cfg.count_flops else None
-        self.gen = torch.Generator().manual_seed(cfg.seed + 7919)
         self.server_share = self.t_c < self.sched.T
         self._served = 0  # images whose server half ran since the last evaluation
         self.reference: torch.nn.Module | None = None  # the disclosure harness's attacker model
