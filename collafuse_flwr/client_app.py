@@ -22,7 +22,7 @@ from flwr.clientapp import ClientApp
 from . import diffusion as D
 from .client_data import ClientData, client_data
 from .config import RunConfig, parse_config
-from .data import to_model_range, to_uint8
+from .data import to_uint8
 from .evaluation import client_metrics
 from .metrics.flops import FlopMeter
 from .models import build_denoiser, default_device, shared_denoiser
@@ -127,10 +127,10 @@ def evaluate(msg: Message, context: Context) -> Message:
     t0 = time.perf_counter()
 
     if cfg.method == "centralized":  # the server generated them; they arrive as uint8 already
-        images = to_model_range(torch.from_numpy(msg.content["generated"]["images"].numpy()))
+        gen_uint8 = torch.from_numpy(msg.content["generated"]["images"].numpy())
     elif cfg.method == "fedavg":
         model = _global_model(cfg, data, num, msg, device)
-        images = generate(model, sched, n, data.image_shape, num_steps, gen, device, meter)
+        gen_uint8 = to_uint8(generate(model, sched, n, data.image_shape, num_steps, gen, device, meter))
     else:
         model, _ = _private_model(cfg, data, context, device)
         model.eval()
@@ -140,10 +140,9 @@ def evaluate(msg: Message, context: Context) -> Message:
         else:  # local-only or c = 1: the client starts from pure noise
             x = torch.randn((n, *data.image_shape), generator=gen).to(device)
         eps_model = meter.wrap(model, "infer") if meter is not None else model
-        images = D.client_finish(eps_model, sched, x, t_start, num_steps, gen).cpu()
+        gen_uint8 = to_uint8(D.client_finish(eps_model, sched, x, t_start, num_steps, gen).cpu())
     seconds = time.perf_counter() - t0
 
-    gen_uint8 = to_uint8(images)
     metrics: dict[str, float | int] = {
         "num-examples": int(gen_uint8.shape[0]),
         "partition-id": data.partition_id,
