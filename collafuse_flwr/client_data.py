@@ -1,7 +1,8 @@
 """A node's own data: its partition of the configured dataset, train and held-out test.
 
 Every node loads and partitions the same dataset with the same seed, then keeps only its own
-partition; the result is cached per process because Ray actors serve many virtual nodes.
+partition. Results are cached per process, because Ray actors serve many virtual nodes, and
+the index sets are memoised on disk (`splits.py`) so a worker start need not recompute them.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from torch import Tensor
 
 from .config import RunConfig
 from .data import ImageDataset, load_dataset, to_model_range
-from .partition import ClientSplit, parse_groups, partition_dataset
+from .splits import ClientSplit, memoised_splits
 
 
 @dataclass(frozen=True)
@@ -37,10 +38,17 @@ def _dataset(name: str, data_dir: str, image_size: int, max_samples: int) -> Ima
 @lru_cache(maxsize=4)
 def _splits(cfg: RunConfig, num_partitions: int) -> tuple[ClientSplit, ...]:
     ds = _dataset(cfg.dataset, cfg.data_dir, cfg.image_size, cfg.max_samples)
-    return tuple(partition_dataset(
-        ds, num_partitions, cfg.partitioning, seed=cfg.seed, alpha=cfg.dirichlet_alpha,
-        test_fraction=cfg.test_fraction, groups=parse_groups(cfg.client_groups) or None,
-    ))
+    params = {"scheme": cfg.partitioning, "seed": cfg.seed, "alpha": cfg.dirichlet_alpha,
+              "test_fraction": cfg.test_fraction, "groups": cfg.client_groups}
+
+    def compute() -> list[ClientSplit]:
+        # imported here: flwr-datasets costs seconds to import and a memo hit does not need it
+        from .partition import parse_groups, partition_dataset
+
+        return partition_dataset(ds, num_partitions, cfg.partitioning, seed=cfg.seed, alpha=cfg.dirichlet_alpha,
+                                 test_fraction=cfg.test_fraction, groups=parse_groups(cfg.client_groups) or None)
+
+    return tuple(memoised_splits(ds, num_partitions, params, compute))
 
 
 def dataset_for(cfg: RunConfig) -> ImageDataset:

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import datasets
@@ -33,6 +32,7 @@ import numpy as np
 from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, Partitioner
 
 from collafuse_flwr.data import ImageDataset
+from collafuse_flwr.splits import ClientSplit
 
 PARTITIONINGS: tuple[str, ...] = ("iid", "dirichlet", "by-class", "by-attribute")
 
@@ -43,13 +43,6 @@ CELEBA_PAPER_GROUPS: list[list[str]] = [
     ["Bushy_Eyebrows", "Arched_Eyebrows"],
     ["Eyeglasses", "Narrow_Eyes"],
 ]
-
-
-@dataclass(frozen=True)
-class ClientSplit:
-    client_id: int
-    train_idx: np.ndarray
-    test_idx: np.ndarray
 
 
 class GroupPartitioner(Partitioner):
