@@ -40,14 +40,23 @@ def build_strategy(cfg: RunConfig, num_nodes: int, device: torch.device, on_roun
     return Centralized(cfg, model, shape, device, num_nodes, on_round_end), arrays
 
 
-def _wait_for_nodes(grid: Grid, timeout: float = 120.0) -> int:
+def _wait_for_nodes(grid: Grid, timeout: float = 120.0, settle: float = 0.5) -> int:
+    """The number of connected nodes, once it has held still for `settle` seconds.
+
+    A simulation registers every node before the ServerApp starts, so this returns after one
+    settle period; a real deployment's SuperNodes may still be connecting.
+    """
     t0 = time.time()
+    last, since = 0, time.time()
     while time.time() - t0 < timeout:
         n = len(list(grid.get_node_ids()))
-        if n:
-            time.sleep(1.0)  # let the rest of the federation register
-            return len(list(grid.get_node_ids()))
-        time.sleep(0.5)
+        if n != last:
+            last, since = n, time.time()
+        elif n and time.time() - since >= settle:
+            return n
+        time.sleep(0.1)
+    if last:
+        return last
     raise RuntimeError(f"no client node connected within {timeout:.0f}s")
 
 
@@ -77,7 +86,7 @@ def main(grid: Grid, context: Context) -> None:
         # Flower's grid re-polls for replies only every 3 s; poll every 0.2 s instead
         strategy.start(grid=PollingGrid(grid), initial_arrays=arrays, num_rounds=cfg.num_server_rounds,
                        timeout=3600)
-        finalize(cfg, strategy, out, context.run_id, num_nodes, time.time() - started, params)
+        finalize(cfg, strategy, out, context.run_id, num_nodes, started, params)
     except Exception as exc:  # keep what was measured, say why it stopped, then fail the run
         write_json(out / "results.json", {**header, "status": "failed", "error": repr(exc),
                                           "traceback": traceback.format_exc()})

@@ -10,6 +10,8 @@ scores them against its own held-out test split.
 
 from __future__ import annotations
 
+import time
+
 from collections.abc import Iterable
 from logging import WARNING
 
@@ -57,10 +59,12 @@ class Centralized(HarnessMixin, Strategy):
                                           for p, m in zip(parts, ok)])
             self.num_nodes = len(parts)
         steps = self.cfg.local_steps * self.num_nodes
+        t0 = time.perf_counter()
         loss = train_steps(self.model, self.optimizer, client_share_loss(self.model, self.sched, self.sched.T, self.gen),
                            self.pool, steps, self.cfg.batch_size, self.gen, self.device, self.meter, "server-train",
                            labels=self.pool_labels)
-        metrics = {"server-train-loss": loss, "num-examples": int(self.pool.shape[0])}
+        metrics = {"server-train-loss": loss, "server-train-seconds": time.perf_counter() - t0,
+                   "num-examples": int(self.pool.shape[0])}
         if self.meter is not None:
             metrics["server-train-flops"] = float(self.meter.totals.pop("server-train", 0))
         self._record(server_round, **metrics)

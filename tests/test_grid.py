@@ -53,3 +53,31 @@ def test_timeout_returns_what_arrived():
     assert PollingGrid(Never(), interval=0.01).send_and_receive(["a"], timeout=0.1) == []
     with pytest.raises(ValueError, match="interval"):
         PollingGrid(Never(), interval=0)
+
+
+class ArrivingNodes:
+    """Nodes connect one by one, a new one every `every` get_node_ids calls, up to `total`."""
+
+    def __init__(self, total, every):
+        self.total, self.every, self.calls = total, every, 0
+
+    def get_node_ids(self):
+        self.calls += 1
+        return list(range(min(self.total, self.calls // self.every)))
+
+
+def test_wait_for_nodes_waits_until_the_count_settles():
+    from collafuse_flwr.server_app import _wait_for_nodes
+
+    grid = ArrivingNodes(total=4, every=2)  # one more node every 0.2 s
+    assert _wait_for_nodes(grid, timeout=10, settle=0.5) == 4
+
+
+def test_wait_for_nodes_returns_soon_when_all_are_there_and_fails_when_none_come():
+    from collafuse_flwr.server_app import _wait_for_nodes
+
+    t0 = time.time()
+    assert _wait_for_nodes(ArrivingNodes(total=5, every=0.001), timeout=10, settle=0.3) == 5
+    assert time.time() - t0 < 2
+    with pytest.raises(RuntimeError, match="no client node connected"):
+        _wait_for_nodes(ArrivingNodes(total=0, every=1), timeout=0.3)
