@@ -6,9 +6,16 @@ DDPM and denoise each upload x_tc in one Tweedie step. In the simulation the poo
 test splits play that public data: same distribution, disjoint from the training images the
 attack is scored on. Like the pooled FID, this reloads data in the ServerApp, which only a
 simulation can do; it costs `attack-reference-steps` optimizer steps once per run.
+
+The ServerApp trains it in a background thread from the start of the run
+(`start_reference_training`): it is needed only at the first evaluation, and the first minute
+of a simulation leaves the CPU mostly idle while the engine starts Ray and its workers import
+the ClientApp.
 """
 
 from __future__ import annotations
+
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -21,18 +28,45 @@ from .models import Denoiser, build_denoiser
 from .training import client_share_loss, make_optimizer, train_steps
 
 
-def train_reference_denoiser(cfg: RunConfig, num_clients: int, device: torch.device) -> Denoiser | None:
-    """An unconditional full-chain denoiser on the pooled test splits (None when steps = 0)."""
-    if cfg.attack_reference_steps <= 0:
-        return None
+def _init_reference(cfg: RunConfig, num_clients: int, device: torch.device):
     ds = dataset_for(cfg)
     idx = np.concatenate([s.test_idx for s in all_splits(cfg, num_clients)])
     data = to_model_range(ds.images[idx])
+    with torch.random.fork_rng(devices=[]):  # seed the init without touching the caller's RNG
+        torch.manual_seed(cfg.seed + 4242)
+        model = build_denoiser(cfg.image_size, data.shape[1], cfg.model_size).to(device)
+    return model, data
+
+
+def _train_reference(cfg: RunConfig, model: Denoiser, data: torch.Tensor, device: torch.device) -> Denoiser:
     sched = D.make_schedule(cfg.diffusion_steps, cfg.beta_schedule)
-    gen = torch.Generator().manual_seed(cfg.seed + 4242)
-    torch.manual_seed(cfg.seed + 4242)
-    model = build_denoiser(cfg.image_size, data.shape[1], cfg.model_size).to(device)
+    gen = torch.Generator().manual_seed(cfg.seed + 4242)  # the only randomness of the training
     opt = make_optimizer(model, cfg.learning_rate)
     train_steps(model, opt, client_share_loss(model, sched, sched.T, gen), data,
                 cfg.attack_reference_steps, cfg.batch_size, gen, device)
     return model.eval()
+
+
+def train_reference_denoiser(cfg: RunConfig, num_clients: int, device: torch.device) -> Denoiser | None:
+    """An unconditional full-chain denoiser on the pooled test splits (None when steps = 0)."""
+    if cfg.attack_reference_steps <= 0:
+        return None
+    model, data = _init_reference(cfg, num_clients, device)
+    return _train_reference(cfg, model, data, device)
+
+
+def start_reference_training(cfg: RunConfig, num_clients: int, device: torch.device) -> Future:
+    """train_reference_denoiser in a background thread; the same model, bit for bit.
+
+    The init runs here, in the caller's thread, because it seeds torch's global RNG; the
+    training draws only from its own generator, so the two threads never share a random stream.
+    """
+    if cfg.attack_reference_steps <= 0:
+        done: Future = Future()
+        done.set_result(None)
+        return done
+    model, data = _init_reference(cfg, num_clients, device)
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="reference-attacker")
+    job = pool.submit(_train_reference, cfg, model, data, device)
+    pool.shutdown(wait=False)  # the thread finishes the job; nothing else is ever queued
+    return job

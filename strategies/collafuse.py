@@ -12,6 +12,7 @@ Round r:
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable
 from logging import WARNING
 
@@ -43,6 +44,12 @@ class CollaFuse(HarnessMixin, Strategy):
         self.server_share = self.t_c < self.sched.T
         self._served = 0  # images whose server half ran since the last evaluation
         self.reference: torch.nn.Module | None = None  # the disclosure harness's attacker model
+        self._reference_job = None
+        if self.t_c > 0 and cfg.attack_reference_steps > 0:  # the last round always evaluates
+            from collafuse_flwr.attack import start_reference_training
+
+            # needed at the first evaluation only: train it while the engine starts its workers
+            self._reference_job = start_reference_training(cfg, min_nodes, device)
         if self.t_c == 0:
             log(WARNING, "cut-ratio=0: clients upload their RAW training images (x_0) - this is the "
                 "server-only extreme and discloses the data completely")
@@ -69,6 +76,7 @@ class CollaFuse(HarnessMixin, Strategy):
                 self.uploads_by_node[m.metadata.src_node_id] = x
                 n_new += x.shape[0]
         loss = float("nan")
+        t0 = time.perf_counter()
         if self.server_share and self.buffer and self.cfg.server_steps > 0:
             data = torch.cat(self.buffer)
             loss = train_steps(self.model, self.optimizer,
@@ -77,6 +85,7 @@ class CollaFuse(HarnessMixin, Strategy):
                                self.meter, "server-train", labels=torch.cat(self.buffer_labels))
         metrics = self._mean_metrics(ok)
         metrics["server-train-loss"] = loss
+        metrics["server-train-seconds"] = time.perf_counter() - t0
         metrics["uploads-received"] = n_new
         if self.meter is not None:
             metrics["server-train-flops"] = float(self.meter.totals.pop("server-train", 0))
@@ -118,11 +127,10 @@ class CollaFuse(HarnessMixin, Strategy):
 
     def disclosure_payload(self, uploads: np.ndarray, pid: int) -> ArrayRecord:
         """The server's reconstructions of a node's last upload, sent back for scoring only."""
-        from collafuse_flwr.attack import train_reference_denoiser
         from collafuse_flwr.metrics.disclosure import reconstruct
 
-        if self.reference is None and self.cfg.attack_reference_steps > 0 and self.t_c > 0:
-            self.reference = train_reference_denoiser(self.cfg, len(self.node_to_partition), self.device)
+        if self.reference is None and self._reference_job is not None:
+            self.reference = self._reference_job.result()
         x = torch.from_numpy(uploads)
         self.model.eval()
         with torch.no_grad():

@@ -1,5 +1,7 @@
 """The disclosure harness end to end in process: extremes of the cut give known answers."""
 
+import time
+
 import pytest
 import torch
 
@@ -15,7 +17,7 @@ def _run(rc, tmp_path, nodes=2):
     grid = InProcessGrid(client_app, rc, nodes)
     strategy, arrays = build_strategy(cfg, nodes, torch.device("cpu"))
     strategy.start(grid=grid, initial_arrays=arrays, num_rounds=cfg.num_server_rounds)
-    return finalize(cfg, strategy, tmp_path, 1, nodes, 0.0, 0), grid
+    return finalize(cfg, strategy, tmp_path, 1, nodes, time.time(), 0), grid
 
 
 def test_cut_zero_is_full_disclosure(tiny_config, tmp_path):
@@ -40,6 +42,27 @@ def test_failed_node_is_counted_and_skipped(tiny_config, tmp_path):
     grid = InProcessGrid(client_app, rc, 3, fail_nodes=[1001])
     strategy, arrays = build_strategy(cfg, 3, torch.device("cpu"))
     strategy.start(grid=grid, initial_arrays=arrays, num_rounds=1)
-    res = finalize(cfg, strategy, tmp_path, 1, 3, 0.0, 0)
+    res = finalize(cfg, strategy, tmp_path, 1, 3, time.time(), 0)
     assert res["final"]["failed_replies"] == 2  # its train and its evaluate reply
     assert len(res["final"]["fid_per_client"]) == 2
+
+
+def test_background_reference_attacker_is_the_same_model_and_leaves_the_rng_alone(tiny_config):
+    from collafuse_flwr.attack import start_reference_training, train_reference_denoiser
+
+    cfg = parse_config(tiny_config(attack_reference_steps=3))
+    torch.manual_seed(123)
+    expected_draw = torch.rand(3)
+    torch.manual_seed(123)
+    job = start_reference_training(cfg, 3, torch.device("cpu"))
+    assert torch.equal(torch.rand(3), expected_draw)  # the caller's global stream is untouched
+    background = job.result(timeout=60)
+    foreground = train_reference_denoiser(cfg, 3, torch.device("cpu"))
+    assert not background.training
+    for (name, a), (_, b) in zip(background.state_dict().items(), foreground.state_dict().items()):
+        assert torch.equal(a, b), name
+    untrained = train_reference_denoiser(parse_config(tiny_config(attack_reference_steps=1)), 3, torch.device("cpu"))
+    assert any(not torch.equal(a, b) for a, b in zip(untrained.state_dict().values(),
+                                                     foreground.state_dict().values()))
+    assert start_reference_training(parse_config(tiny_config(attack_reference_steps=0)), 3,
+                                    torch.device("cpu")).result() is None
