@@ -146,7 +146,7 @@ def run_flower(
     flwr_home: Path | None = None,
     timeout: float = 3600,
     stream: bool = True,
-    client_cpus: float = 2,
+    client_cpus: int = 2,
     client_gpus: float = 0.0,
 ) -> RunOutcome:
     """Run the app once through `flwr run` on a private local SuperLink and clean up after it.
@@ -155,6 +155,10 @@ def run_flower(
     """
     if num_clients < 1:
         raise ValueError(f"num-clients must be >= 1, got {num_clients}")
+    if isinstance(client_cpus, bool) or int(client_cpus) != client_cpus or client_cpus < 1:
+        # Flower's federation config carries whole CPUs (uint32); "1.0" fails the run late
+        raise ValueError(f"client_cpus must be a whole number of CPUs >= 1, got {client_cpus!r}")
+    client_cpus = int(client_cpus)
     if isinstance(run_config, dict):
         parts = [f"{k}={json.dumps(v) if isinstance(v, str) else str(v).lower() if isinstance(v, bool) else v}"
                  for k, v in run_config.items()]

@@ -74,3 +74,12 @@ def test_failed_run_is_reported_as_failed(tmp_path):
                      num_clients=2, flwr_home=tmp_path / "flwr-home", timeout=300, stream=False)
     assert not out.ok
     assert "failed" in out.status or out.returncode != 0
+
+
+@pytest.mark.parametrize("kwargs, match", [({"num_clients": 0}, "num-clients"),
+                                           ({"client_cpus": 1.5}, "whole number of CPUs"),
+                                           ({"client_cpus": 0}, "whole number of CPUs")])
+def test_run_flower_rejects_bad_resources_before_starting_anything(tmp_path, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        run_flower("", flwr_home=tmp_path / "home", **{"num_clients": 2, **kwargs})
+    assert not (tmp_path / "home").exists()  # failed before any SuperLink or FLWR_HOME
