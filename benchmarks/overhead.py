@@ -1,8 +1,9 @@
 """Framework overhead: the same CollaFuse job through Flower's simulation engine vs a plain loop.
 
-    python -m benchmarks.overhead                 # c=0.2, 5 clients, 8 rounds (the main job, FLOPs off)
-    python -m benchmarks.overhead --rounds 5 --repeats 2
-    python -m benchmarks.overhead --quick         # tiny smoke check; its ratio means little
+    python -m benchmarks.overhead               # c=0.2, 5 clients, 8 rounds (the main job, FLOPs off)
+    python -m benchmarks.overhead --repeats 2   # two back-to-back pairs, median ratio
+    python -m benchmarks.overhead --rounds 16   # a longer job: the fixed start-up amortizes
+    python -m benchmarks.overhead --quick       # tiny smoke check; its ratio means little
 
 Both sides do the same work: the app's defaults (pyproject.toml) with cut-ratio 0.2,
 count-flops false, the same steps, batch sizes, uploads, seeds and the same evaluation (server
@@ -15,12 +16,23 @@ the same metric functions) in one process, with no Flower message, record or pro
 Two ratios, because they answer different questions:
 
 - ServerApp ratio = results.json `wall_seconds` (measured inside the ServerApp from its start to
-  the written results) / plain seconds: what Flower's messaging, Ray dispatch, per-call
-  ClientApp setup and state (de)serialization cost on top of the work. Target <= 1.15; the
-  exit code follows this verdict.
+  the written results, pooled FID and sample files included) / plain seconds: what Flower's
+  messaging, Ray start-up and dispatch, per-call ClientApp setup and state (de)serialization
+  cost on top of the work. Target <= 1.15; the exit code follows this verdict.
 - Total ratio = wall time of the whole `run_flower` call / plain seconds: adds the fixed
-  SuperLink / SuperExec / Ray start-up and shutdown (~40 s here), which only a longer job
-  amortizes. Reported against the same target for information.
+  SuperLink / SuperExec start-up and shutdown (~20 s here), which only a longer job amortizes.
+  Reported against the same target for information.
+
+Each repeat runs the two sides back to back and the verdict is the median of the per-pair
+ratios: this 2-core VM's speed drifts by up to 20 % over minutes, so one plain run against a
+Flower run made minutes later can be off by more than the overhead being measured. A phase
+table (first round with start-up, mean middle round, last round with evaluation, results)
+shows which part of the job the extra time is in.
+
+The ServerApp trains the disclosure harness's reference attacker in a background thread from
+its start (it is needed at the first evaluation, and the engine's start-up leaves the CPU
+mostly idle); the plain loop trains the same model at its first evaluation. Same work, same
+model; only where it sits in time differs.
 
 Writes benchmarks/results/overhead.json (or --json PATH).
 """
@@ -28,6 +40,7 @@ Writes benchmarks/results/overhead.json (or --json PATH).
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import statistics
 import sys
@@ -83,6 +96,7 @@ class PlainResult:
     fid_pooled: float
     train_seconds: float
     eval_seconds: float
+    round_ends: list[float]  # seconds from the start to the end of each round (evaluation included)
 
 
 def plain_collafuse(cfg: RunConfig, num_clients: int, out_dir: Path) -> PlainResult:
@@ -119,6 +133,7 @@ def plain_collafuse(cfg: RunConfig, num_clients: int, out_dir: Path) -> PlainRes
     reference = None  # the disclosure harness's reference attacker, trained once at first evaluation
     images: dict[int, np.ndarray] = {}
     per_client_fid: list[float] = []
+    round_ends: list[float] = []
     for rnd in range(1, cfg.num_server_rounds + 1):
         # -- clients train their share and upload x_tc (client_app.train) --------------------------
         n_up = cfg.uploads_per_round if server_share else 0
@@ -142,6 +157,7 @@ def plain_collafuse(cfg: RunConfig, num_clients: int, out_dir: Path) -> PlainRes
                         torch.cat(buffer), cfg.server_steps, cfg.batch_size, server_gen, device,
                         labels=torch.cat(buffer_labels))
         if not cfg.is_eval_round(rnd):
+            round_ends.append(time.perf_counter() - t0)
             continue
         # -- evaluation: server half, client half, the same metrics ----------------------------------
         te = time.perf_counter()
@@ -191,6 +207,7 @@ def plain_collafuse(cfg: RunConfig, num_clients: int, out_dir: Path) -> PlainRes
                     if x_srv is not None:
                         upload_fid(x_srv, data.train_uint8, backbone, cfg.fid_weights or None)
         eval_s += time.perf_counter() - te
+        round_ends.append(time.perf_counter() - t0)
     # -- pooled FID, samples, results (report_run.finalize) ---------------------------------------------
     te = time.perf_counter()
     fid_pooled = float("nan")
@@ -204,7 +221,7 @@ def plain_collafuse(cfg: RunConfig, num_clients: int, out_dir: Path) -> PlainRes
     write_json(out_dir / "results.json", {"status": "ok", "fid": fid, "fid_pooled": fid_pooled})
     eval_s += time.perf_counter() - te
     total = time.perf_counter() - t0
-    return PlainResult(total, fid, fid_pooled, total - eval_s, eval_s)
+    return PlainResult(total, fid, fid_pooled, total - eval_s, eval_s, round_ends)
 
 
 def flower_collafuse(overrides: dict[str, Any], num_clients: int, out_dir: Path, timeout: float) -> dict[str, Any]:
@@ -219,8 +236,28 @@ def flower_collafuse(overrides: dict[str, Any], num_clients: int, out_dir: Path,
         raise BenchmarkError(f"the Flower run failed (status {res.status}, rc {res.returncode}):\n{tail}")
     r = json.loads((res.output_dir / "results.json").read_text())
     f = r["final"]
+    with open(res.output_dir / "metrics.csv", newline="") as fh:
+        round_ends = [float(row["elapsed-s"]) for row in csv.DictReader(fh)]
     return {"call_seconds": call_s, "wall_seconds": float(r["wall_seconds"]), "fid": f.get("fid"),
-            "fid_pooled": f.get("fid_pooled"), "run_id": res.run_id}
+            "fid_pooled": f.get("fid_pooled"), "run_id": res.run_id, "round_ends": round_ends}
+
+
+def phases(round_ends: list[float], total: float) -> dict[str, float]:
+    """Where the time went: start-up + round 1, the mean middle round, the last round, the tail.
+
+    Comparing these between the two sides separates Flower's fixed start-up cost from its
+    per-round cost.
+    """
+    if not round_ends:
+        return {"first round (with start-up)": float("nan"), "middle round (mean)": float("nan"),
+                "last round (with evaluation)": float("nan"), "results": total}
+    mids = np.diff(round_ends[:-1]) if len(round_ends) > 2 else np.array([])
+    return {
+        "first round (with start-up)": round_ends[0],
+        "middle round (mean)": float(mids.mean()) if mids.size else float("nan"),
+        "last round (with evaluation)": round_ends[-1] - round_ends[-2] if len(round_ends) > 1 else round_ends[0],
+        "results": total - round_ends[-1],
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -230,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=None, help="R (default: the app's num-server-rounds, 8)")
     p.add_argument("--clients", type=int, default=5)
     p.add_argument("--cut-ratio", type=float, default=0.2)
-    p.add_argument("--repeats", type=int, default=1, help="alternate plain/Flower this many times; medians")
+    p.add_argument("--repeats", type=int, default=1, help="plain/Flower pairs, run back to back; the verdict is the median pair ratio")
     p.add_argument("--threads", type=int, default=2,
                    help="torch threads of the plain loop (run_flower gives each ClientApp 2 CPUs)")
     p.add_argument("--extra", default="", help="run-config overrides for both sides")
@@ -266,16 +303,33 @@ def main(argv: list[str] | None = None) -> int:
     except BenchmarkError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    # Each repeat is a back-to-back pair, so its ratio sees one machine speed; this 2-core VM's
+    # speed drifts by 20 % over minutes, which a ratio of medians across pairs would not cancel.
+    app_ratios = [f["wall_seconds"] / pr.seconds for pr, f in zip(plain, flower)]
+    call_ratios = [f["call_seconds"] / pr.seconds for pr, f in zip(plain, flower)]
     plain_s = statistics.median(r.seconds for r in plain)
     wall_s = statistics.median(r["wall_seconds"] for r in flower)
     call_s = statistics.median(r["call_seconds"] for r in flower)
-    r_app, r_total = wall_s / plain_s, call_s / plain_s
+    r_app, r_total = statistics.median(app_ratios), statistics.median(call_ratios)
     ok_app, ok_total = r_app <= TARGET, r_total <= TARGET
+    spread = (lambda xs: f"  (pairs: {', '.join(f'{x:.3f}' for x in xs)})" if len(xs) > 1 else "")
     print()
     print(f"plain loop            {fmt_seconds(plain_s):>8}")
-    print(f"Flower, ServerApp     {fmt_seconds(wall_s):>8}   ratio {r_app:.3f}  (target <= {TARGET})  {verdict(ok_app)}")
+    print(f"Flower, ServerApp     {fmt_seconds(wall_s):>8}   ratio {r_app:.3f}  (target <= {TARGET})  "
+          f"{verdict(ok_app)}{spread(app_ratios)}")
     print(f"Flower, whole call    {fmt_seconds(call_s):>8}   ratio {r_total:.3f}  (target <= {TARGET})  "
-          f"{verdict(ok_total)}  [includes ~{call_s - wall_s:.0f}s SuperLink/Ray start-up and shutdown]")
+          f"{verdict(ok_total)}{spread(call_ratios)}  [includes ~{call_s - wall_s:.0f}s SuperLink/Ray start-up "
+          f"and shutdown]")
+    plain_ph = [phases(r.round_ends, r.seconds) for r in plain]
+    flower_ph = [phases(f["round_ends"], f["wall_seconds"]) for f in flower]
+    print("\nwhere the time goes (seconds, median over repeats; Flower counted inside the ServerApp)")
+    print(f"{'phase':<30}{'plain':>9}{'Flower':>9}{'extra':>9}")
+    phase_table = {}
+    for k in plain_ph[0]:
+        a_s = statistics.median(p_[k] for p_ in plain_ph)
+        b_s = statistics.median(f_[k] for f_ in flower_ph)
+        phase_table[k] = {"plain": a_s, "flower": b_s}
+        print(f"{k:<30}{a_s:>9.1f}{b_s:>9.1f}{b_s - a_s:>+9.1f}")
     if a.quick:
         print("note: --quick is a code check; the fixed costs dominate such a short job")
     result = {
@@ -284,8 +338,11 @@ def main(argv: list[str] | None = None) -> int:
         "plain_threads": a.threads, "quick": a.quick,
         "plain_seconds": [r.seconds for r in plain], "plain_train_seconds": [r.train_seconds for r in plain],
         "plain_eval_seconds": [r.eval_seconds for r in plain], "plain_fid": [r.fid for r in plain],
+        "plain_round_ends": [r.round_ends for r in plain],
         "flower_wall_seconds": [r["wall_seconds"] for r in flower],
         "flower_call_seconds": [r["call_seconds"] for r in flower], "flower_fid": [r["fid"] for r in flower],
+        "flower_round_ends": [r["round_ends"] for r in flower],
+        "ratios_serverapp": app_ratios, "ratios_total": call_ratios, "phases": phase_table,
         "ratio_serverapp": r_app, "ratio_total": r_total, "target": TARGET,
         "pass_serverapp": ok_app, "pass_total": ok_total, "machine": machine_info(),
     }

@@ -1,0 +1,130 @@
+"""How much light background CPU load slows the 2-thread training the engine runs.
+
+    python -m benchmarks.interference              # 3 alternations, ~3 min on 2 cores
+    python -m benchmarks.interference --load 0.05  # 5 % of one core per poller
+
+Why it exists: a hypothesis about benchmarks/overhead.py. During a Flower simulation the
+SuperLink, SuperExec, the simulation's dispatcher threads, Ray's raylet/GCS/agents and
+`flwr run --stream` together use a few percent of the CPU (they poll and heartbeat several
+times a second; /proc sampling put it at ~3-5 % of this 2-core machine), and the Ray worker
+that trains runs at nice 15. torch trains with 2 OpenMP threads that meet at a barrier after
+every operation, so a core taken for a moment stalls both threads, and a small background load
+could cost the training much more than its own share. This measures that amplification on its
+own, without Flower: the same client training block (the app's default model and client steps)
+alone and next to `--pollers` processes that each wake every `--period` seconds and burn
+`--load` of a core, alternating so the machine's drift hits all settings alike; and once more at
+nice 15 with the load, as the Ray worker runs.
+
+Writes benchmarks/results/interference.json (or --json PATH). No target: it explains a share of
+what benchmarks/overhead.py measures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from .common import RESULTS_DIR, command_line, machine_info
+
+TRAIN = r"""
+import os, sys, time, torch
+torch.set_num_threads(2)
+if int(sys.argv[1]):
+    os.nice(int(sys.argv[1]))
+from collafuse_flwr import diffusion as D
+from collafuse_flwr.client_data import client_data
+from collafuse_flwr.config import load_defaults, parse_config
+from collafuse_flwr.models import build_denoiser
+from collafuse_flwr.training import client_share_loss, make_optimizer, train_steps
+cfg = parse_config(load_defaults())
+data = client_data(cfg, 0, 5)
+sched = D.make_schedule(cfg.diffusion_steps, cfg.beta_schedule)
+t_c = D.cut_step(cfg.cut_ratio, cfg.diffusion_steps)
+model = build_denoiser(cfg.image_size, data.image_shape[0], cfg.model_size)
+opt = make_optimizer(model, cfg.learning_rate)
+for _ in range(int(sys.argv[2])):
+    gen = torch.Generator().manual_seed(0)
+    t = time.perf_counter()
+    train_steps(model, opt, client_share_loss(model, sched, t_c, gen), data.train, cfg.local_steps,
+                cfg.batch_size, gen, torch.device("cpu"))
+    print(time.perf_counter() - t, flush=True)
+"""
+
+POLLER = r"""
+import sys, time
+period, load = float(sys.argv[1]), float(sys.argv[2])
+while True:
+    t = time.perf_counter()
+    while time.perf_counter() - t < load * period:
+        pass
+    time.sleep(period)
+"""
+
+
+def _train(nice: int, blocks: int) -> list[float]:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]),
+                                                        os.environ.get("PYTHONPATH", "")])}
+    out = subprocess.run([sys.executable, "-c", TRAIN, str(nice), str(blocks)], env=env, check=True,
+                         capture_output=True, text=True).stdout
+    return [float(x) for x in out.split()][1:]  # the first block warms up
+
+
+def _with_load(pollers: int, period: float, load: float, nice: int, blocks: int) -> list[float]:
+    procs = [subprocess.Popen([sys.executable, "-c", POLLER, str(period), str(load)]) for _ in range(pollers)]
+    try:
+        return _train(nice, blocks)
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.interference", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="\n\n".join(__doc__.split("\n\n")[1:]))
+    p.add_argument("--pollers", type=int, default=2)
+    p.add_argument("--period", type=float, default=0.03, help="seconds between a poller's wake-ups")
+    p.add_argument("--load", type=float, default=0.05, help="share of one core each poller burns")
+    p.add_argument("--rounds", type=int, default=3, help="alternations of the three settings")
+    p.add_argument("--blocks", type=int, default=3, help="timed training blocks per setting and round")
+    p.add_argument("--json", type=Path, default=RESULTS_DIR / "interference.json")
+    a = p.parse_args(argv)
+    if a.pollers < 1 or a.rounds < 1 or a.blocks < 1 or not 0 < a.load < 1 or a.period <= 0:
+        p.error("need --pollers/--rounds/--blocks >= 1, 0 < --load < 1 and --period > 0")
+    settings = {"alone": lambda: _train(0, a.blocks + 1),
+                "with load": lambda: _with_load(a.pollers, a.period, a.load, 0, a.blocks + 1),
+                "with load, nice 15": lambda: _with_load(a.pollers, a.period, a.load, 15, a.blocks + 1)}
+    times: dict[str, list[float]] = {k: [] for k in settings}
+    background = a.pollers * a.load / (os.cpu_count() or 1)
+    print(f"client training block ({'/'.join(settings)}), {a.pollers} pollers x {a.load:.0%} of a core "
+          f"= {background:.1%} of the machine, {a.rounds} alternations", flush=True)
+    for r in range(a.rounds):
+        for name, run in settings.items():
+            times[name] += run()
+            print(f"  [{r + 1}/{a.rounds}] {name:<20} median so far {statistics.median(times[name]):.2f} s", flush=True)
+    base = statistics.median(times["alone"])
+    print(f"\n{'setting':<22}{'median s':>10}{'slowdown':>10}")
+    rows = {}
+    for name, ts in times.items():
+        med = statistics.median(ts)
+        rows[name] = {"seconds": ts, "median": med, "slowdown": med / base}
+        print(f"{name:<22}{med:>10.2f}{med / base:>9.2f}x")
+    result = {"benchmark": "interference", "command": command_line(), "when": time.strftime("%Y-%m-%dT%H:%M:%S"),
+              "pollers": a.pollers, "period": a.period, "load": a.load, "background_share": background,
+              "settings": rows, "machine": machine_info()}
+    from collafuse_flwr.outputs import write_json
+
+    a.json.parent.mkdir(parents=True, exist_ok=True)
+    write_json(a.json, result)
+    print(f"wrote {a.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
