@@ -45,7 +45,8 @@ class CollaFuse(HarnessMixin, Strategy):
         self._served = 0  # images whose server half ran since the last evaluation
         self.reference: torch.nn.Module | None = None  # the disclosure harness's attacker model
         self._reference_job = None
-        if self.t_c > 0 and cfg.attack_reference_steps > 0:  # the last round always evaluates
+        # scored only on uploads, so not at c=1; the last round always evaluates
+        if 0 < self.t_c < self.sched.T and cfg.attack_reference_steps > 0:
             from collafuse_flwr.attack import start_reference_training
 
             # needed at the first evaluation only: train it while the engine starts its workers

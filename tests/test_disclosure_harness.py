@@ -66,3 +66,12 @@ def test_background_reference_attacker_is_the_same_model_and_leaves_the_rng_alon
                                                      foreground.state_dict().values()))
     assert start_reference_training(parse_config(tiny_config(attack_reference_steps=0)), 3,
                                     torch.device("cpu")).result() is None
+
+
+@pytest.mark.parametrize("cut, expected", [(0.0, False), (0.3, True), (1.0, False)])
+def test_reference_attacker_trains_only_where_uploads_are_scored_with_it(tiny_config, cut, expected):
+    # c=0 scores the raw uploads directly; c=1 uploads nothing
+    strategy, _ = build_strategy(parse_config(tiny_config(cut_ratio=cut)), 3, torch.device("cpu"))
+    assert (strategy._reference_job is not None) is expected
+    if expected:
+        assert strategy._reference_job.result(timeout=60) is not None
