@@ -1,6 +1,6 @@
 """How much light background CPU load slows the 2-thread training the engine runs.
 
-    python -m benchmarks.interference              # 3 alternations, ~3 min on 2 cores
+    python -m benchmarks.interference              # 3 alternations, ~5 min on 2 cores
     python -m benchmarks.interference --load 0.05  # 5 % of one core per poller
 
 Why it exists: a hypothesis about benchmarks/overhead.py. During a Flower simulation the
@@ -12,10 +12,11 @@ every operation, so a core taken for a moment stalls both threads, and a small b
 could cost the training much more than its own share. This measures that amplification on its
 own, without Flower: the same client training block (the app's default model and client steps)
 alone and next to `--pollers` processes that each wake every `--period` seconds and burn
-`--load` of a core, alternating so the machine's drift hits all settings alike; and once more at
-nice 15 with the load, as the Ray worker runs.
+`--load` of a core, alternating so the machine's drift hits all settings alike; once more at
+nice 15 with the load, as the Ray worker runs; and next to an idle Ray cluster (its daemons and
+one idle actor, started as Flower's Ray backend starts it), the engine's own background.
 
-Writes benchmarks/results/interference.json (or --json PATH). No target: it explains a share of
+Writes benchmarks/results/interference.json (or --json PATH). No target: a diagnostic for
 what benchmarks/overhead.py measures.
 """
 
@@ -55,6 +56,23 @@ for _ in range(int(sys.argv[2])):
     print(time.perf_counter() - t, flush=True)
 """
 
+IDLE_RAY = r"""
+import sys, ray
+ray.init(num_cpus=2, include_dashboard=False)  # as Flower's Ray backend starts it
+
+
+@ray.remote(num_cpus=2)
+class Idle:
+    def ping(self):
+        return 1
+
+
+actor = Idle.remote()
+ray.get(actor.ping.remote())
+print("ready", flush=True)
+sys.stdin.readline()  # until the parent closes our stdin; then ray shuts down cleanly at exit
+"""
+
 POLLER = r"""
 import sys, time
 period, load = float(sys.argv[1]), float(sys.argv[2])
@@ -84,6 +102,25 @@ def _with_load(pollers: int, period: float, load: float, nice: int, blocks: int)
             p.wait()
 
 
+def _next_to_idle_ray(blocks: int) -> list[float]:
+    """The training block while an idle Ray cluster (daemons plus one idle actor) is up."""
+    proc = subprocess.Popen([sys.executable, "-c", IDLE_RAY], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            text=True)
+    try:
+        assert proc.stdout is not None
+        if proc.stdout.readline().strip() != "ready":
+            raise RuntimeError("the idle Ray cluster did not start")
+        return _train(0, blocks)
+    finally:
+        assert proc.stdin is not None
+        proc.stdin.close()
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.interference", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -99,7 +136,8 @@ def main(argv: list[str] | None = None) -> int:
         p.error("need --pollers/--rounds/--blocks >= 1, 0 < --load < 1 and --period > 0")
     settings = {"alone": lambda: _train(0, a.blocks + 1),
                 "with load": lambda: _with_load(a.pollers, a.period, a.load, 0, a.blocks + 1),
-                "with load, nice 15": lambda: _with_load(a.pollers, a.period, a.load, 15, a.blocks + 1)}
+                "with load, nice 15": lambda: _with_load(a.pollers, a.period, a.load, 15, a.blocks + 1),
+                "next to idle Ray": lambda: _next_to_idle_ray(a.blocks + 1)}
     times: dict[str, list[float]] = {k: [] for k in settings}
     background = a.pollers * a.load / (os.cpu_count() or 1)
     print(f"client training block ({'/'.join(settings)}), {a.pollers} pollers x {a.load:.0%} of a core "
