@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from collafuse_flwr.launch import APP_DIR
+from collafuse_flwr.outputs import write_json
 
 REPO = APP_DIR
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -168,6 +169,13 @@ def fmt_seconds(s: float | None) -> str:
 
 def verdict(ok: bool) -> str:
     return "PASS" if ok else "FAIL"
+
+
+def write_result(path: Path, result: dict[str, Any]) -> None:
+    """A benchmark's JSON record, into a folder that may not exist yet; says where it went."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json(path, result)
+    print(f"wrote {path}")
 
 
 # -- memory of a process tree ------------------------------------------------------------------------------

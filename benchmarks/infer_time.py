@@ -28,7 +28,6 @@ import torch
 from collafuse_flwr import diffusion as D
 from collafuse_flwr.metrics.flops import FlopMeter
 from collafuse_flwr.models import build_denoiser, count_parameters, default_device
-from collafuse_flwr.outputs import write_json
 
 from .common import (
     RESULTS_DIR,
@@ -38,6 +37,7 @@ from .common import (
     parse_overrides,
     validate_overrides,
     verdict,
+    write_result,
 )
 
 TARGET = 0.25
@@ -138,9 +138,7 @@ def main(argv: list[str] | None = None) -> int:
         "time_ratio": ratio, "flops_per_image_collafuse": f_cf, "flops_per_image_fedavg": f_fa,
         "flops_ratio": f_ratio, "target": TARGET, "pass": ok, "machine": machine_info(),
     }
-    a.json.parent.mkdir(parents=True, exist_ok=True)
-    write_json(a.json, result)
-    print(f"wrote {a.json}")
+    write_result(a.json, result)
     return 0 if ok else 1
 
 

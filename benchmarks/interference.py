@@ -30,7 +30,7 @@ import sys
 import time
 from pathlib import Path
 
-from .common import RESULTS_DIR, command_line, machine_info
+from .common import RESULTS_DIR, command_line, machine_info, write_result
 
 TRAIN = r"""
 import os, sys, time, torch
@@ -156,11 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {"benchmark": "interference", "command": command_line(), "when": time.strftime("%Y-%m-%dT%H:%M:%S"),
               "pollers": a.pollers, "period": a.period, "load": a.load, "background_share": background,
               "settings": rows, "machine": machine_info()}
-    from collafuse_flwr.outputs import write_json
-
-    a.json.parent.mkdir(parents=True, exist_ok=True)
-    write_json(a.json, result)
-    print(f"wrote {a.json}")
+    write_result(a.json, result)
     return 0
 
 

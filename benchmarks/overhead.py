@@ -76,6 +76,7 @@ from .common import (
     parse_overrides,
     validate_overrides,
     verdict,
+    write_result,
 )
 
 TARGET = 1.15
@@ -346,9 +347,7 @@ def main(argv: list[str] | None = None) -> int:
         "ratio_serverapp": r_app, "ratio_total": r_total, "target": TARGET,
         "pass_serverapp": ok_app, "pass_total": ok_total, "machine": machine_info(),
     }
-    a.json.parent.mkdir(parents=True, exist_ok=True)
-    write_json(a.json, result)
-    print(f"wrote {a.json}")
+    write_result(a.json, result)
     return 0 if ok_app else 1
 
 
