@@ -38,6 +38,7 @@ def _dataset(name: str, data_dir: str, image_size: int, max_samples: int) -> Ima
 @lru_cache(maxsize=4)
 def _splits(cfg: RunConfig, num_partitions: int) -> tuple[ClientSplit, ...]:
     ds = _dataset(cfg.dataset, cfg.data_dir, cfg.image_size, cfg.max_samples)
+    # one dict is both the memo key and the partitioner's arguments, so they cannot drift apart
     params = {"scheme": cfg.partitioning, "seed": cfg.seed, "alpha": cfg.dirichlet_alpha,
               "test_fraction": cfg.test_fraction, "groups": cfg.client_groups}
 
@@ -45,8 +46,7 @@ def _splits(cfg: RunConfig, num_partitions: int) -> tuple[ClientSplit, ...]:
         # imported here: flwr-datasets costs seconds to import and a memo hit does not need it
         from .partition import parse_groups, partition_dataset
 
-        return partition_dataset(ds, num_partitions, cfg.partitioning, seed=cfg.seed, alpha=cfg.dirichlet_alpha,
-                                 test_fraction=cfg.test_fraction, groups=parse_groups(cfg.client_groups) or None)
+        return partition_dataset(ds, num_partitions, **{**params, "groups": parse_groups(cfg.client_groups) or None})
 
     return tuple(memoised_splits(ds, num_partitions, params, compute))
 
