@@ -11,7 +11,6 @@ scores them against its own held-out test split.
 from __future__ import annotations
 
 import time
-
 from collections.abc import Iterable
 from logging import WARNING
 
