@@ -7,15 +7,13 @@ test splits play that public data: same distribution, disjoint from the training
 attack is scored on. Like the pooled FID, this reloads data in the ServerApp, which only a
 simulation can do; it costs `attack-reference-steps` optimizer steps once per run.
 
-The ServerApp trains it in a background thread from the start of the run
-(`start_reference_training`): it is needed only at the first evaluation, and the first minute
-of a simulation leaves the CPU mostly idle while the engine starts Ray and its workers import
-the ClientApp.
+The strategy trains it at the first evaluation, while the clients are idle. It once trained in a
+background thread from the ServerApp's start, on the theory that the engine's start-up leaves
+the CPU idle; /proc sampling showed it does not (Ray's daemons and the workers' imports use a
+core), and the extra 2-thread team slowed round 1's clients by more than it saved.
 """
 
 from __future__ import annotations
-
-from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -53,20 +51,3 @@ def train_reference_denoiser(cfg: RunConfig, num_clients: int, device: torch.dev
         return None
     model, data = _init_reference(cfg, num_clients, device)
     return _train_reference(cfg, model, data, device)
-
-
-def start_reference_training(cfg: RunConfig, num_clients: int, device: torch.device) -> Future:
-    """train_reference_denoiser in a background thread; the same model, bit for bit.
-
-    The init runs here, in the caller's thread, because it seeds torch's global RNG; the
-    training draws only from its own generator, so the two threads never share a random stream.
-    """
-    if cfg.attack_reference_steps <= 0:
-        done: Future = Future()
-        done.set_result(None)
-        return done
-    model, data = _init_reference(cfg, num_clients, device)
-    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="reference-attacker")
-    job = pool.submit(_train_reference, cfg, model, data, device)
-    pool.shutdown(wait=False)  # the thread finishes the job; nothing else is ever queued
-    return job

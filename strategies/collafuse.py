@@ -44,13 +44,11 @@ class CollaFuse(HarnessMixin, Strategy):
         self.server_share = self.t_c < self.sched.T
         self._served = 0  # images whose server half ran since the last evaluation
         self.reference: torch.nn.Module | None = None  # the disclosure harness's attacker model
-        self._reference_job = None
-        # scored only on uploads, so not at c=1; the last round always evaluates
-        if 0 < self.t_c < self.sched.T and cfg.attack_reference_steps > 0:
-            from collafuse_flwr.attack import start_reference_training
-
-            # needed at the first evaluation only: train it while the engine starts its workers
-            self._reference_job = start_reference_training(cfg, min_nodes, device)
+        # Scored only on uploads, so not at c=0 (raw uploads) nor at c=1 (none). Trained at the
+        # first evaluation, in this thread, while the clients are idle: trained beside them (as a
+        # background thread from the start once was) it took ~1 core for ~30 s of round 1 and
+        # slowed the clients' 2 OpenMP threads more than it saved (benchmarks/overhead.py).
+        self.needs_reference = 0 < self.t_c < self.sched.T and cfg.attack_reference_steps > 0
         if self.t_c == 0:
             log(WARNING, "cut-ratio=0: clients upload their RAW training images (x_0) - this is the "
                 "server-only extreme and discloses the data completely")
@@ -130,8 +128,10 @@ class CollaFuse(HarnessMixin, Strategy):
         """The server's reconstructions of a node's last upload, sent back for scoring only."""
         from collafuse_flwr.metrics.disclosure import reconstruct
 
-        if self.reference is None and self._reference_job is not None:
-            self.reference = self._reference_job.result()
+        if self.reference is None and self.needs_reference:
+            from collafuse_flwr.attack import train_reference_denoiser
+
+            self.reference = train_reference_denoiser(self.cfg, self.min_nodes, self.device)
         x = torch.from_numpy(uploads)
         self.model.eval()
         with torch.no_grad():

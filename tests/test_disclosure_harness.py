@@ -2,6 +2,7 @@
 
 import time
 
+import numpy as np
 import pytest
 import torch
 
@@ -47,31 +48,32 @@ def test_failed_node_is_counted_and_skipped(tiny_config, tmp_path):
     assert len(res["final"]["fid_per_client"]) == 2
 
 
-def test_background_reference_attacker_is_the_same_model_and_leaves_the_rng_alone(tiny_config):
-    from collafuse_flwr.attack import start_reference_training, train_reference_denoiser
+def test_reference_attacker_is_seeded_and_leaves_the_rng_alone(tiny_config):
+    from collafuse_flwr.attack import train_reference_denoiser
 
     cfg = parse_config(tiny_config(attack_reference_steps=3))
     torch.manual_seed(123)
     expected_draw = torch.rand(3)
     torch.manual_seed(123)
-    job = start_reference_training(cfg, 3, torch.device("cpu"))
+    first = train_reference_denoiser(cfg, 3, torch.device("cpu"))
     assert torch.equal(torch.rand(3), expected_draw)  # the caller's global stream is untouched
-    background = job.result(timeout=60)
-    foreground = train_reference_denoiser(cfg, 3, torch.device("cpu"))
-    assert not background.training
-    for (name, a), (_, b) in zip(background.state_dict().items(), foreground.state_dict().items()):
+    again = train_reference_denoiser(cfg, 3, torch.device("cpu"))
+    assert not first.training
+    for (name, a), (_, b) in zip(first.state_dict().items(), again.state_dict().items()):
         assert torch.equal(a, b), name
     untrained = train_reference_denoiser(parse_config(tiny_config(attack_reference_steps=1)), 3, torch.device("cpu"))
     assert any(not torch.equal(a, b) for a, b in zip(untrained.state_dict().values(),
-                                                     foreground.state_dict().values()))
-    assert start_reference_training(parse_config(tiny_config(attack_reference_steps=0)), 3,
-                                    torch.device("cpu")).result() is None
+                                                     first.state_dict().values()))
+    assert train_reference_denoiser(parse_config(tiny_config(attack_reference_steps=0)), 3,
+                                    torch.device("cpu")) is None
 
 
 @pytest.mark.parametrize("cut, expected", [(0.0, False), (0.3, True), (1.0, False)])
 def test_reference_attacker_trains_only_where_uploads_are_scored_with_it(tiny_config, cut, expected):
     # c=0 scores the raw uploads directly; c=1 uploads nothing
     strategy, _ = build_strategy(parse_config(tiny_config(cut_ratio=cut)), 3, torch.device("cpu"))
-    assert (strategy._reference_job is not None) is expected
+    assert strategy.needs_reference is expected
+    assert strategy.reference is None  # not before the first evaluation: the clients train first
     if expected:
-        assert strategy._reference_job.result(timeout=60) is not None
+        strategy.disclosure_payload(np.zeros((2, 1, 8, 8), dtype=np.float32), 0)
+        assert strategy.reference is not None and not strategy.reference.training
