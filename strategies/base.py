@@ -141,6 +141,8 @@ class HarnessMixin:
             if all(isinstance(v, (int, float)) for v in vals):
                 arr = np.array(vals, dtype=float)
                 out[k] = float(arr.sum()) if k in SUM_KEYS else float(np.nansum(arr * w))
+                if k.endswith("-seconds"):  # the round's busy time on all nodes, next to the mean
+                    out[f"{k}-total"] = float(np.nansum(arr))
         return MetricRecord(out)
 
     def _collect_eval(self, server_round: int, replies: list[Message]) -> MetricRecord | None:

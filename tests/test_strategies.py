@@ -104,13 +104,19 @@ def test_fedavg_weights_by_examples(tiny_config):
     assert all("arrays" in m.content.array_records for m in msgs)
     replies = [
         _reply(msgs[0], RecordDict({"arrays": ArrayRecord({"w": Array(np.zeros(3, np.float32))}),
-                                    "metrics": MetricRecord({"num-examples": 1, "partition-id": 0})}), 1),
+                                    "metrics": MetricRecord({"num-examples": 1, "partition-id": 0,
+                                                             "train-seconds": 2.0})}), 1),
         _reply(msgs[1], RecordDict({"arrays": ArrayRecord({"w": Array(np.full(3, 4.0, np.float32))}),
-                                    "metrics": MetricRecord({"num-examples": 3, "partition-id": 1})}), 2),
+                                    "metrics": MetricRecord({"num-examples": 3, "partition-id": 1,
+                                                             "train-seconds": 6.0})}), 2),
     ]
     arrays, metrics = s.aggregate_train(1, replies)
     np.testing.assert_allclose(arrays["w"].numpy(), np.full(3, 3.0))  # (0*1 + 4*3) / 4
     assert metrics["num-examples"] == 4
+    # timings: the example-weighted mean as for every metric, and the round's total beside it
+    assert metrics["train-seconds"] == pytest.approx((2 * 1 + 6 * 3) / 4)
+    assert metrics["train-seconds-total"] == pytest.approx(8.0)
+    assert "num-examples-total" not in metrics
 
 
 def test_local_only_messages_carry_no_arrays(tiny_config):
