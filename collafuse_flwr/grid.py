@@ -17,7 +17,7 @@ from flwr.serverapp import Grid
 
 
 class PollingGrid(Grid):
-    def __init__(self, inner: Grid, interval: float = 0.2) -> None:
+    def __init__(self, inner: Grid, interval: float = 0.05) -> None:
         if interval <= 0:
             raise ValueError(f"poll interval must be > 0 s, got {interval}")
         self.inner = inner
