@@ -29,10 +29,8 @@ Flower run made minutes later can be off by more than the overhead being measure
 table (first round with start-up, mean middle round, last round with evaluation, results)
 shows which part of the job the extra time is in.
 
-The ServerApp trains the disclosure harness's reference attacker in a background thread from
-its start (it is needed at the first evaluation, and the engine's start-up leaves the CPU
-mostly idle); the plain loop trains the same model at its first evaluation. Same work, same
-model; only where it sits in time differs.
+Both sides train the disclosure harness's reference attacker at the first evaluation, while
+the clients are idle.
 
 Writes benchmarks/results/overhead.json (or --json PATH).
 """
@@ -98,6 +96,8 @@ class PlainResult:
     train_seconds: float
     eval_seconds: float
     round_ends: list[float]  # seconds from the start to the end of each round (evaluation included)
+    client_seconds: list[float]  # per round: client training + upload, summed over clients
+    server_seconds: list[float]  # per round: server training
 
 
 def plain_collafuse(cfg: RunConfig, num_clients: int, out_dir: Path) -> PlainResult:
@@ -135,9 +135,12 @@ def plain_collafuse(cfg: RunConfig, num_clients: int, out_dir: Path) -> PlainRes
     images: dict[int, np.ndarray] = {}
     per_client_fid: list[float] = []
     round_ends: list[float] = []
+    client_s: list[float] = []
+    server_s: list[float] = []
     for rnd in range(1, cfg.num_server_rounds + 1):
         # -- clients train their share and upload x_tc (client_app.train) --------------------------
         n_up = cfg.uploads_per_round if server_share else 0
+        tc = time.perf_counter()
         for pid, data in enumerate(datas):
             gen = _client_generator(cfg, pid, rnd, 0)
             model, opt = clients[pid], client_opts[pid]
@@ -152,11 +155,14 @@ def plain_collafuse(cfg: RunConfig, num_clients: int, out_dir: Path) -> PlainRes
                 buffer_labels.append(torch.full((x.shape[0],), pid, dtype=torch.long))
                 np.add.at(counts[pid], idx.numpy(), 1)
                 last_idx[pid], last_upload[pid] = idx.numpy(), x
+        client_s.append(time.perf_counter() - tc)
         # -- server trains on all uploads so far (CollaFuse.aggregate_train) -------------------------
+        ts = time.perf_counter()
         if server_share and buffer and cfg.server_steps > 0:
             train_steps(server, server_opt, server_share_loss(server, sched, t_c, cfg.server_target, server_gen),
                         torch.cat(buffer), cfg.server_steps, cfg.batch_size, server_gen, device,
                         labels=torch.cat(buffer_labels))
+        server_s.append(time.perf_counter() - ts)
         if not cfg.is_eval_round(rnd):
             round_ends.append(time.perf_counter() - t0)
             continue
@@ -222,7 +228,7 @@ def plain_collafuse(cfg: RunConfig, num_clients: int, out_dir: Path) -> PlainRes
     write_json(out_dir / "results.json", {"status": "ok", "fid": fid, "fid_pooled": fid_pooled})
     eval_s += time.perf_counter() - te
     total = time.perf_counter() - t0
-    return PlainResult(total, fid, fid_pooled, total - eval_s, eval_s, round_ends)
+    return PlainResult(total, fid, fid_pooled, total - eval_s, eval_s, round_ends, client_s, server_s)
 
 
 def flower_collafuse(overrides: dict[str, Any], num_clients: int, out_dir: Path, timeout: float) -> dict[str, Any]:
@@ -238,24 +244,40 @@ def flower_collafuse(overrides: dict[str, Any], num_clients: int, out_dir: Path,
     r = json.loads((res.output_dir / "results.json").read_text())
     f = r["final"]
     with open(res.output_dir / "metrics.csv", newline="") as fh:
-        round_ends = [float(row["elapsed-s"]) for row in csv.DictReader(fh)]
+        rows = list(csv.DictReader(fh))
+    num = lambda row, k: float(row[k]) if row.get(k) not in (None, "") else float("nan")  # noqa: E731
     return {"call_seconds": call_s, "wall_seconds": float(r["wall_seconds"]), "fid": f.get("fid"),
-            "fid_pooled": f.get("fid_pooled"), "run_id": res.run_id, "round_ends": round_ends}
+            "fid_pooled": f.get("fid_pooled"), "run_id": res.run_id,
+            "round_ends": [num(row, "elapsed-s") for row in rows],
+            # the ClientApps' and the strategy's own clocks, as the plain loop measures its own
+            "client_seconds": [num(row, "train-seconds-total") for row in rows],
+            "server_seconds": [num(row, "server-train-seconds") for row in rows]}
 
 
-def phases(round_ends: list[float], total: float) -> dict[str, float]:
+def phases(round_ends: list[float], total: float, client_seconds: list[float],
+           server_seconds: list[float]) -> dict[str, float]:
     """Where the time went: start-up + round 1, the mean middle round, the last round, the tail.
 
     Comparing these between the two sides separates Flower's fixed start-up cost from its
-    per-round cost.
+    per-round cost; a middle round is split further into client training (summed over clients,
+    by the clients' own clocks), server training and the rest (messaging, dispatch, waiting).
     """
+    nan = float("nan")
     if not round_ends:
-        return {"first round (with start-up)": float("nan"), "middle round (mean)": float("nan"),
-                "last round (with evaluation)": float("nan"), "results": total}
+        return {"first round (with start-up)": nan, "middle round (mean)": nan, "  client training": nan,
+                "  server training": nan, "  the rest": nan, "last round (with evaluation)": nan,
+                "results": total}
     mids = np.diff(round_ends[:-1]) if len(round_ends) > 2 else np.array([])
+    mid_round = float(mids.mean()) if mids.size else nan
+    inner = slice(1, len(round_ends) - 1)  # the middle rounds
+    mean = lambda xs: float(np.mean(xs)) if len(xs) else nan  # noqa: E731
+    client, server = mean(client_seconds[inner]), mean(server_seconds[inner])
     return {
         "first round (with start-up)": round_ends[0],
-        "middle round (mean)": float(mids.mean()) if mids.size else float("nan"),
+        "middle round (mean)": mid_round,
+        "  client training": client,
+        "  server training": server,
+        "  the rest": mid_round - client - server,
         "last round (with evaluation)": round_ends[-1] - round_ends[-2] if len(round_ends) > 1 else round_ends[0],
         "results": total - round_ends[-1],
     }
@@ -321,8 +343,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"Flower, whole call    {fmt_seconds(call_s):>8}   ratio {r_total:.3f}  (target <= {TARGET})  "
           f"{verdict(ok_total)}{spread(call_ratios)}  [includes ~{call_s - wall_s:.0f}s SuperLink/Ray start-up "
           f"and shutdown]")
-    plain_ph = [phases(r.round_ends, r.seconds) for r in plain]
-    flower_ph = [phases(f["round_ends"], f["wall_seconds"]) for f in flower]
+    plain_ph = [phases(r.round_ends, r.seconds, r.client_seconds, r.server_seconds) for r in plain]
+    flower_ph = [phases(f["round_ends"], f["wall_seconds"], f["client_seconds"], f["server_seconds"])
+                 for f in flower]
     print("\nwhere the time goes (seconds, median over repeats; Flower counted inside the ServerApp)")
     print(f"{'phase':<30}{'plain':>9}{'Flower':>9}{'extra':>9}")
     phase_table = {}
@@ -340,9 +363,13 @@ def main(argv: list[str] | None = None) -> int:
         "plain_seconds": [r.seconds for r in plain], "plain_train_seconds": [r.train_seconds for r in plain],
         "plain_eval_seconds": [r.eval_seconds for r in plain], "plain_fid": [r.fid for r in plain],
         "plain_round_ends": [r.round_ends for r in plain],
+        "plain_client_seconds": [r.client_seconds for r in plain],
+        "plain_server_seconds": [r.server_seconds for r in plain],
         "flower_wall_seconds": [r["wall_seconds"] for r in flower],
         "flower_call_seconds": [r["call_seconds"] for r in flower], "flower_fid": [r["fid"] for r in flower],
         "flower_round_ends": [r["round_ends"] for r in flower],
+        "flower_client_seconds": [r["client_seconds"] for r in flower],
+        "flower_server_seconds": [r["server_seconds"] for r in flower],
         "ratios_serverapp": app_ratios, "ratios_total": call_ratios, "phases": phase_table,
         "ratio_serverapp": r_app, "ratio_total": r_total, "target": TARGET,
         "pass_serverapp": ok_app, "pass_total": ok_total, "machine": machine_info(),
