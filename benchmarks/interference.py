@@ -1,6 +1,6 @@
 """How much light background CPU load slows the 2-thread training the engine runs.
 
-    python -m benchmarks.interference              # 3 alternations, ~5 min on 2 cores
+    python -m benchmarks.interference              # 3 alternations, ~9 min on 2 cores
     python -m benchmarks.interference --load 0.05  # 5 % of one core per poller
 
 Why it exists: a hypothesis about benchmarks/overhead.py. During a Flower simulation the
@@ -16,6 +16,13 @@ alone and next to `--pollers` processes that each wake every `--period` seconds 
 nice 15 with the load, as the Ray worker runs; and next to an idle Ray cluster (its daemons and
 one idle actor, started as Flower's Ray backend starts it), the engine's own background.
 
+The last setting is the decisive one: the same block in its own process while a whole Flower
+simulation is up (SuperLink, SuperExec, the simulation process with its dispatcher and
+ServerApp, Ray's daemons and the ClientApp worker), with the worker paused (SIGSTOP) so that
+everything the engine runs in the background keeps running but its compute does not. If the
+engine's background slowed training, this setting would show it. `--no-engine` skips it (each
+alternation starts one Flower run, ~40 s).
+
 Writes benchmarks/results/interference.json (or --json PATH). No target: a diagnostic for
 what benchmarks/overhead.py measures.
 """
@@ -24,9 +31,11 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -121,6 +130,52 @@ def _next_to_idle_ray(blocks: int) -> list[float]:
             proc.wait()
 
 
+def _worker_pids() -> list[int]:
+    """Flower's Ray workers (their process title is `ray::ClientAppActor...`)."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                if b"ClientAppActor" in (proc / "cmdline").read_bytes():
+                    pids.append(int(proc.name))
+            except OSError:
+                pass
+    return pids
+
+
+def _inside_paused_engine(blocks: int, start_timeout: float = 180.0) -> list[float]:
+    """The training block while a Flower simulation is up and its ClientApp worker is paused."""
+    from collafuse_flwr.launch import run_flower
+
+    # A short job: the ServerApp waits for the paused worker's reply, then finishes quickly.
+    job = {"num-server-rounds": 1, "model-size": "tiny", "local-steps": 2, "server-steps": 2,
+           "num-eval-samples": 4, "uploads-per-round": 4, "attack-reference-steps": 0, "count-flops": False}
+    outcome: list = []
+    run = threading.Thread(target=lambda: outcome.append(run_flower(job, num_clients=2, stream=False)))
+    run.start()
+    deadline = time.time() + start_timeout
+    while not (pids := _worker_pids()) and run.is_alive() and time.time() < deadline:
+        time.sleep(0.5)
+    if not pids:
+        run.join()
+        raise RuntimeError("the Flower run never started a ClientApp worker; run `python -m "
+                           "collafuse_flwr.launch` to see why, or pass --no-engine")
+    for pid in pids:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        time.sleep(2.0)  # let the ServerApp settle into waiting
+        return _train(0, blocks)
+    finally:
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
+        run.join()
+        if outcome and not outcome[0].ok:
+            print(f"  (the paused engine's own run ended {outcome[0].status})", flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.interference", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -128,8 +183,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pollers", type=int, default=2)
     p.add_argument("--period", type=float, default=0.03, help="seconds between a poller's wake-ups")
     p.add_argument("--load", type=float, default=0.05, help="share of one core each poller burns")
-    p.add_argument("--rounds", type=int, default=3, help="alternations of the three settings")
+    p.add_argument("--rounds", type=int, default=3, help="alternations of all the settings")
     p.add_argument("--blocks", type=int, default=3, help="timed training blocks per setting and round")
+    p.add_argument("--no-engine", action="store_true", help="skip the 'inside a paused Flower engine' setting")
     p.add_argument("--json", type=Path, default=RESULTS_DIR / "interference.json")
     a = p.parse_args(argv)
     if a.pollers < 1 or a.rounds < 1 or a.blocks < 1 or not 0 < a.load < 1 or a.period <= 0:
@@ -138,21 +194,30 @@ def main(argv: list[str] | None = None) -> int:
                 "with load": lambda: _with_load(a.pollers, a.period, a.load, 0, a.blocks + 1),
                 "with load, nice 15": lambda: _with_load(a.pollers, a.period, a.load, 15, a.blocks + 1),
                 "next to idle Ray": lambda: _next_to_idle_ray(a.blocks + 1)}
+    if not a.no_engine:
+        settings["inside paused Flower"] = lambda: _inside_paused_engine(a.blocks + 1)
     times: dict[str, list[float]] = {k: [] for k in settings}
+    per_alt: dict[str, list[float]] = {k: [] for k in settings}  # each alternation's median block
     background = a.pollers * a.load / (os.cpu_count() or 1)
     print(f"client training block ({'/'.join(settings)}), {a.pollers} pollers x {a.load:.0%} of a core "
           f"= {background:.1%} of the machine, {a.rounds} alternations", flush=True)
     for r in range(a.rounds):
         for name, run in settings.items():
-            times[name] += run()
+            blocks = run()
+            times[name] += blocks
+            per_alt[name].append(statistics.median(blocks))
             print(f"  [{r + 1}/{a.rounds}] {name:<20} median so far {statistics.median(times[name]):.2f} s", flush=True)
-    base = statistics.median(times["alone"])
-    print(f"\n{'setting':<22}{'median s':>10}{'slowdown':>10}")
+    # The verdict compares each setting with 'alone' inside the same alternation (a minute apart),
+    # then takes the median over alternations: this VM's speed drifts by ~2x over minutes, which a
+    # ratio of overall medians would mix into the result.
+    print(f"\n{'setting':<22}{'median s':>10}{'slowdown':>10}   per alternation")
     rows = {}
     for name, ts in times.items():
-        med = statistics.median(ts)
-        rows[name] = {"seconds": ts, "median": med, "slowdown": med / base}
-        print(f"{name:<22}{med:>10.2f}{med / base:>9.2f}x")
+        ratios = [x / b for x, b in zip(per_alt[name], per_alt["alone"])]
+        slow = statistics.median(ratios)
+        rows[name] = {"seconds": ts, "median": statistics.median(ts), "per_alternation_median": per_alt[name],
+                      "per_alternation_ratio": ratios, "slowdown": slow}
+        print(f"{name:<22}{statistics.median(ts):>10.2f}{slow:>9.2f}x   {', '.join(f'{r:.2f}' for r in ratios)}")
     result = {"benchmark": "interference", "command": command_line(), "when": time.strftime("%Y-%m-%dT%H:%M:%S"),
               "pollers": a.pollers, "period": a.period, "load": a.load, "background_share": background,
               "settings": rows, "machine": machine_info()}
