@@ -26,28 +26,19 @@ from .models import Denoiser, build_denoiser
 from .training import client_share_loss, make_optimizer, train_steps
 
 
-def _init_reference(cfg: RunConfig, num_clients: int, device: torch.device):
+def train_reference_denoiser(cfg: RunConfig, num_clients: int, device: torch.device) -> Denoiser | None:
+    """An unconditional full-chain denoiser on the pooled test splits (None when steps = 0)."""
+    if cfg.attack_reference_steps <= 0:
+        return None
     ds = dataset_for(cfg)
     idx = np.concatenate([s.test_idx for s in all_splits(cfg, num_clients)])
     data = to_model_range(ds.images[idx])
     with torch.random.fork_rng(devices=[]):  # seed the init without touching the caller's RNG
         torch.manual_seed(cfg.seed + 4242)
         model = build_denoiser(cfg.image_size, data.shape[1], cfg.model_size).to(device)
-    return model, data
-
-
-def _train_reference(cfg: RunConfig, model: Denoiser, data: torch.Tensor, device: torch.device) -> Denoiser:
     sched = D.make_schedule(cfg.diffusion_steps, cfg.beta_schedule)
     gen = torch.Generator().manual_seed(cfg.seed + 4242)  # the only randomness of the training
     opt = make_optimizer(model, cfg.learning_rate)
     train_steps(model, opt, client_share_loss(model, sched, sched.T, gen), data,
                 cfg.attack_reference_steps, cfg.batch_size, gen, device)
     return model.eval()
-
-
-def train_reference_denoiser(cfg: RunConfig, num_clients: int, device: torch.device) -> Denoiser | None:
-    """An unconditional full-chain denoiser on the pooled test splits (None when steps = 0)."""
-    if cfg.attack_reference_steps <= 0:
-        return None
-    model, data = _init_reference(cfg, num_clients, device)
-    return _train_reference(cfg, model, data, device)
