@@ -16,12 +16,12 @@ alone and next to `--pollers` processes that each wake every `--period` seconds 
 nice 15 with the load, as the Ray worker runs; and next to an idle Ray cluster (its daemons and
 one idle actor, started as Flower's Ray backend starts it), the engine's own background.
 
-The last setting is the decisive one: the same block in its own process while a whole Flower
-simulation is up (SuperLink, SuperExec, the simulation process with its dispatcher and
+The last setting tests the hypothesis most directly: the same block in its own process while a
+whole Flower simulation is up (SuperLink, SuperExec, the simulation process with its dispatcher and
 ServerApp, Ray's daemons and the ClientApp worker), with the worker paused (SIGSTOP) so that
 everything the engine runs in the background keeps running but its compute does not. If the
-engine's background slowed training, this setting would show it. `--no-engine` skips it (each
-alternation starts one Flower run, ~40 s).
+engine's background slows training, this setting shows it, as far as this VM's drift allows.
+`--no-engine` skips it (each alternation starts one Flower run, ~40 s).
 
 Writes benchmarks/results/interference.json (or --json PATH). No target: a diagnostic for
 what benchmarks/overhead.py measures.
