@@ -76,10 +76,22 @@ class HarnessMixin:
 
     # -- sampling ---------------------------------------------------------------------------
     def _sample(self, grid: Grid) -> list[int]:
-        """All connected nodes (every client takes part every round, as in the papers)."""
+        """All connected nodes (every client takes part every round, as in the papers), in
+        partition order once the nodes have said their partition (see `_partition_order`)."""
         n_all = len(list(grid.get_node_ids()))
         node_ids, _ = sample_nodes(grid, self.min_nodes, max(n_all, self.min_nodes))
-        return sorted(node_ids)
+        return self._partition_order(node_ids)
+
+    def _partition_order(self, node_ids: Iterable[int]) -> list[int]:
+        """Node ids sorted by partition id (unknown ones last, by node id).
+
+        Why: Flower draws node ids at random each run and replies arrive in whatever order the
+        engine finishes them. Anything that consumes the server's RNG per node (the server half
+        of sampling) or stacks data per node (the upload buffer, weighted sums) must follow the
+        partition order, or the same seed gives a different result each run.
+        """
+        big = float("inf")
+        return sorted(node_ids, key=lambda n: (self.node_to_partition.get(n, big), n))
 
     # -- accounting ---------------------------------------------------------------------------
     def _record(self, server_round: int, **values: float) -> None:
@@ -116,7 +128,8 @@ class HarnessMixin:
         self.failures += failed
         if failed:
             self._record(server_round, **{f"failed-{phase}": failed})
-        return ok
+        rank = {n: i for i, n in enumerate(self._partition_order(m.metadata.src_node_id for m in ok))}
+        return sorted(ok, key=lambda m: rank[m.metadata.src_node_id])  # arrival order is not reproducible
 
     @staticmethod
     def _messages(node_ids: list[int], content_for, message_type: str) -> list[Message]:

@@ -88,6 +88,38 @@ def test_collafuse_evaluate_sends_server_half_on_eval_rounds_only(tiny_config):
     assert not np.allclose(a, b)
 
 
+def _grid_of(ids):
+    g = FakeGrid(0)
+    g.ids = list(ids)
+    return g
+
+
+def test_collafuse_same_seed_same_result_whatever_node_ids_and_reply_order(tiny_config):
+    """Flower draws node ids at random per run and replies arrive in any order: neither may
+    change what the server learns or which server half each partition gets."""
+    rc = tiny_config(cut_ratio=0.5, server_steps=3, eval_every=1, num_server_rounds=1)
+    uploads = {pid: np.random.default_rng(pid).standard_normal((4, 1, 8, 8)).astype(np.float32) for pid in range(3)}
+    runs = []
+    for node_of_pid, reverse in (({0: 11, 1: 22, 2: 33}, False), ({0: 90, 1: 40, 2: 5}, True)):
+        torch.manual_seed(0)
+        cfg, s = _collafuse(rc)
+        msgs = list(s.configure_train(1, ArrayRecord(), ConfigRecord(), _grid_of(node_of_pid.values())))
+        by_node = {m.metadata.dst_node_id: m for m in msgs}
+        replies = []
+        for pid, nid in node_of_pid.items():
+            met = MetricRecord({"num-examples": 10, "partition-id": pid, "train-loss": float(pid)})
+            content = RecordDict({"upload": ArrayRecord({"x_tc": Array(uploads[pid])}), "metrics": met})
+            replies.append(_reply(by_node[nid], content, nid))
+        arrays, _ = s.aggregate_train(1, replies[::-1] if reverse else replies)
+        evals = s.configure_evaluate(1, ArrayRecord(), ConfigRecord(), _grid_of(node_of_pid.values()))
+        pid_of = {nid: pid for pid, nid in node_of_pid.items()}
+        x_by_pid = {pid_of[m.metadata.dst_node_id]: m.content["x_tc"]["x_tc"].numpy() for m in evals}
+        runs.append((arrays.to_torch_state_dict(), x_by_pid))
+    (w_a, x_a), (w_b, x_b) = runs
+    assert all(torch.equal(w_a[k], w_b[k]) for k in w_a)
+    assert all(np.array_equal(x_a[p], x_b[p]) for p in range(3))
+
+
 def test_collafuse_cut_one_asks_for_nothing_and_sends_nothing(tiny_config):
     cfg, s = _collafuse(tiny_config(cut_ratio=1.0))
     (m,) = s.configure_train(1, ArrayRecord(), ConfigRecord(), FakeGrid(1))
