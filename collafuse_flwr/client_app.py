@@ -25,7 +25,7 @@ from .config import RunConfig, parse_config
 from .data import to_uint8
 from .evaluation import client_metrics
 from .metrics.flops import FlopMeter
-from .models import build_denoiser, default_device, shared_denoiser
+from .models import build_denoiser, default_device, shared_denoiser, use_torch_threads
 from .state import remember_upload, restore_private, save_private
 from .training import client_share_loss, generate, make_optimizer, train_steps
 
@@ -39,6 +39,7 @@ def _config(items: tuple) -> RunConfig:
 
 def _setup(context: Context) -> tuple[RunConfig, ClientData, D.Schedule, torch.device, int]:
     cfg = _config(tuple(sorted(context.run_config.items())))
+    use_torch_threads(cfg.torch_threads)
     pid = int(context.node_config.get("partition-id", 0))
     num = int(context.node_config.get("num-partitions", 1))
     data = client_data(cfg, pid, num)

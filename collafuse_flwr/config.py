@@ -55,6 +55,7 @@ class RunConfig:
     count_flops: bool
     flops_every_pass: bool
     attack_reference_steps: int
+    torch_threads: int
     seed: int
     output_dir: str
 
@@ -92,7 +93,7 @@ _MIN: dict[str, float] = {
     "num_server_rounds": 1, "diffusion_steps": 2, "image_size": 4, "local_steps": 0,
     "server_steps": 0, "batch_size": 1, "uploads_per_round": 0, "eval_every": 0,
     "num_eval_samples": 2, "sampling_steps": 0, "max_samples": 0, "seed": 0,
-    "attack_reference_steps": 0,
+    "attack_reference_steps": 0, "torch_threads": 0,
 }
 # Keys that only one method reads: setting them away from the default elsewhere is a mistake
 # worth a warning, never a silent no-op.

@@ -116,6 +116,18 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def use_torch_threads(n: int) -> None:
+    """Pin torch's CPU thread count for this process; 0 leaves torch's default.
+
+    Why a knob: on a small machine the ServerApp, each ClientApp worker and the engine's own
+    daemons share the cores, and a matched thread count is what makes a Flower run comparable
+    with a plain loop (benchmarks/overhead.py). Ray already sets a simulated ClientApp's default
+    from `client-resources-num-cpus`.
+    """
+    if n > 0 and torch.get_num_threads() != n:
+        torch.set_num_threads(n)
+
+
 def default_device() -> torch.device:
     """CUDA when present (the apps must use a GPU where there is one), else CPU."""
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -14,7 +14,7 @@ from flwr.supercore import log
 
 from .config import RunConfig, parse_config, run_dir
 from .grid import PollingGrid
-from .models import default_device, shared_denoiser
+from .models import default_device, shared_denoiser, use_torch_threads
 from .outputs import MetricsCsv, write_json
 from .report_run import finalize
 
@@ -70,6 +70,7 @@ def main(grid: Grid, context: Context) -> None:
     header = {"status": "running", "run_id": context.run_id, "config": cfg.to_flwr()}
     write_json(out / "results.json", header)
     try:
+        use_torch_threads(cfg.torch_threads)
         torch.manual_seed(cfg.seed)
         num_nodes = _wait_for_nodes(grid)
         device = default_device()

@@ -176,3 +176,18 @@ def test_private_model_initialisation_is_seeded_per_client(tiny_config):
     key = next(iter(states[0].keys()))
     np.testing.assert_array_equal(states[0][key].numpy(), states[1][key].numpy())
     assert not np.array_equal(states[0][key].numpy(), states[2][key].numpy())
+
+
+def test_torch_threads_pins_the_workers_thread_count(tiny_config):
+    before = torch.get_num_threads()
+    want = 1 if before != 1 else 2
+    try:
+        rc = tiny_config(cut_ratio=0.5, torch_threads=want)
+        _train(rc, _context(rc))
+        assert torch.get_num_threads() == want
+        torch.set_num_threads(before)
+        rc = tiny_config(cut_ratio=0.5, torch_threads=0)
+        _train(rc, _context(rc))
+        assert torch.get_num_threads() == before  # 0 leaves the process's setting alone
+    finally:
+        torch.set_num_threads(before)

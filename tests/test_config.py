@@ -25,6 +25,7 @@ def test_pyproject_defaults_are_valid():
     ({"count-flops": "maybe"}, "count-flops must be true or false"),
     ({"test-fraction": 1.0}, "test-fraction"),
     ({"model-size": "huge"}, "model-size"),
+    ({"torch-threads": -1}, "torch-threads must be >= 0"),
     ({"no-such-key": 1}, r"unknown run-config key\(s\) \['no-such-key'\]"),
 ])
 def test_bad_values_name_key_and_fix(override, match):
