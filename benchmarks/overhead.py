@@ -2,6 +2,7 @@
 
     python -m benchmarks.overhead               # c=0.2, 5 clients, 8 rounds (the main job, FLOPs off)
     python -m benchmarks.overhead --repeats 2   # two back-to-back pairs, median ratio
+    python -m benchmarks.overhead --threads 2   # both sides on 2 torch threads (all of this machine's cores)
     python -m benchmarks.overhead --rounds 16   # a longer job: the fixed start-up amortizes
     python -m benchmarks.overhead --quick       # tiny smoke check; its ratio means little
 
@@ -31,6 +32,16 @@ shows which part of the job the extra time is in.
 
 Both sides train the disclosure harness's reference attacker at the first evaluation, while
 the clients are idle.
+
+Threads: both sides use `--threads` torch threads per process (the Flower side through the
+app's `torch-threads` key, in the ServerApp and in the ClientApp worker), and the engine runs one
+client at a time (2 CPUs per ClientApp), as the plain loop does. The default, 1, leaves this
+2-core machine's second core to what Flower runs beside the training (SuperLink, dispatcher,
+Ray's daemons), as any machine with a core to spare would: the ratio then measures the
+framework's own cost. With `--threads 2` every core trains, the engine's ~6 extra processes
+take their wake-ups from the training threads, and the ratio adds that contention (1.24 here
+against 1.14 with 1 thread; benchmarks/README.md). The same seed now gives the same images on
+both sides, so the two FIDs are printed side by side as a check that the work is the same.
 
 Writes benchmarks/results/overhead.json (or --json PATH).
 """
@@ -121,7 +132,11 @@ def plain_collafuse(cfg: RunConfig, num_clients: int, out_dir: Path) -> PlainRes
     server = shared_denoiser(cfg.image_size, shape[0], cfg.model_size, cfg.conditioning, num_clients).to(device)
     server_opt = make_optimizer(server, cfg.learning_rate)
     server_gen = torch.Generator().manual_seed(cfg.seed + 7919)
-    clients = [build_denoiser(cfg.image_size, shape[0], cfg.model_size).to(device) for _ in range(num_clients)]
+    clients = []
+    for pid in range(num_clients):  # as client_app._private_model: seeded per (seed, client)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.seed * 1_000_003 + pid)
+            clients.append(build_denoiser(cfg.image_size, shape[0], cfg.model_size).to(device))
     client_opts = [make_optimizer(m, cfg.learning_rate) for m in clients]
     counts = [np.zeros(d.train.shape[0], dtype=np.int64) for d in datas]
     last_idx: list[np.ndarray | None] = [None] * num_clients
@@ -291,8 +306,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--clients", type=int, default=5)
     p.add_argument("--cut-ratio", type=float, default=0.2)
     p.add_argument("--repeats", type=int, default=1, help="plain/Flower pairs, run back to back; the verdict is the median pair ratio")
-    p.add_argument("--threads", type=int, default=2,
-                   help="torch threads of the plain loop (run_flower gives each ClientApp 2 CPUs)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads per process on both sides (Flower: run-config torch-threads)")
     p.add_argument("--extra", default="", help="run-config overrides for both sides")
     p.add_argument("--quick", action="store_true", help="tiny model, 2 rounds: checks the code, not the ratio")
     p.add_argument("--timeout", type=float, default=3600)
@@ -301,15 +316,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         overrides: dict[str, Any] = app_keys({**(QUICK if a.quick else {}), **parse_overrides(a.extra),
                                               "method": "collafuse", "cut-ratio": a.cut_ratio,
-                                              "count-flops": False})
+                                              "count-flops": False, "torch-threads": a.threads})
         if a.rounds is not None or a.quick:
             overrides["num-server-rounds"] = a.rounds if a.rounds is not None else 2
         cfg = validate_overrides(overrides)
-        if a.repeats < 1 or a.clients < 1:
-            raise BenchmarkError("--repeats and --clients must be >= 1")
-        torch.set_num_threads(max(1, a.threads))
+        if a.repeats < 1 or a.clients < 1 or a.threads < 1:
+            raise BenchmarkError("--repeats, --clients and --threads must be >= 1")
+        torch.set_num_threads(a.threads)
         print(f"overhead: collafuse c={cfg.cut_ratio}, {a.clients} clients, {cfg.num_server_rounds} rounds, "
-              f"model {cfg.model_size}, T={cfg.diffusion_steps}, count-flops false, {a.repeats} repeat(s)", flush=True)
+              f"model {cfg.model_size}, T={cfg.diffusion_steps}, count-flops false, {a.threads} torch thread(s) "
+              f"per process, {a.repeats} repeat(s)", flush=True)
         plain, flower = [], []
         with tempfile.TemporaryDirectory(prefix="overhead-out-") as tmp:
             for i in range(a.repeats):
@@ -354,12 +370,17 @@ def main(argv: list[str] | None = None) -> int:
         b_s = statistics.median(f_[k] for f_ in flower_ph)
         phase_table[k] = {"plain": a_s, "flower": b_s}
         print(f"{k:<30}{a_s:>9.1f}{b_s:>9.1f}{b_s - a_s:>+9.1f}")
+    same = all(f["fid"] is not None and abs(f["fid"] - pr.fid) <= 1e-6 * max(1.0, abs(pr.fid))
+               for pr, f in zip(plain, flower))
+    fids = lambda xs: ", ".join("n/a" if x is None else f"{x:.4f}" for x in xs)  # noqa: E731
+    print(f"\nsame work? per-client FID plain {fids(r.fid for r in plain)} / Flower {fids(f['fid'] for f in flower)}: "
+          f"{'identical' if same else 'DIFFERENT - the plain loop no longer mirrors the app'}")
     if a.quick:
         print("note: --quick is a code check; the fixed costs dominate such a short job")
     result = {
         "benchmark": "overhead", "command": command_line(), "when": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "config": {**cfg.to_flwr(), "output-dir": None}, "num_clients": a.clients, "repeats": a.repeats,
-        "plain_threads": a.threads, "quick": a.quick,
+        "threads": a.threads, "quick": a.quick, "same_fid": same,
         "plain_seconds": [r.seconds for r in plain], "plain_train_seconds": [r.train_seconds for r in plain],
         "plain_eval_seconds": [r.eval_seconds for r in plain], "plain_fid": [r.fid for r in plain],
         "plain_round_ends": [r.round_ends for r in plain],
