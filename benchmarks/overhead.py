@@ -40,7 +40,7 @@ client at a time (2 CPUs per ClientApp), as the plain loop does. The default, 1,
 Ray's daemons), as any machine with a core to spare would: the ratio then measures the
 framework's own cost. With `--threads 2` every core trains, the engine's ~6 extra processes
 take their wake-ups from the training threads, and the ratio adds that contention (1.24 here
-against 1.14 with 1 thread; benchmarks/README.md). The same seed now gives the same images on
+against 1.04 with 1 thread; benchmarks/README.md). The same seed now gives the same images on
 both sides, so the two FIDs are printed side by side as a check that the work is the same.
 
 Writes benchmarks/results/overhead.json (or --json PATH).
@@ -66,12 +66,13 @@ from collafuse_flwr import diffusion as D
 from collafuse_flwr.client_data import all_splits, client_data, dataset_for
 from collafuse_flwr.config import RunConfig
 from collafuse_flwr.data import to_uint8
+from collafuse_flwr.client_app import init_private_denoiser
 from collafuse_flwr.launch import run_flower
 from collafuse_flwr.metrics.disclosure import psnr_ssim, reconstruct, reidentification_rate, upload_fid
 from collafuse_flwr.metrics.features import resolve_backbone
 from collafuse_flwr.metrics.fid import compute_fid_kid
 from collafuse_flwr.metrics.privacy import gaussian_upload_epsilon
-from collafuse_flwr.models import build_denoiser, default_device, shared_denoiser
+from collafuse_flwr.models import default_device, shared_denoiser
 from collafuse_flwr.outputs import save_samples, write_json
 from collafuse_flwr.training import client_share_loss, make_optimizer, server_share_loss, train_steps
 
@@ -132,11 +133,7 @@ def plain_collafuse(cfg: RunConfig, num_clients: int, out_dir: Path) -> PlainRes
     server = shared_denoiser(cfg.image_size, shape[0], cfg.model_size, cfg.conditioning, num_clients).to(device)
     server_opt = make_optimizer(server, cfg.learning_rate)
     server_gen = torch.Generator().manual_seed(cfg.seed + 7919)
-    clients = []
-    for pid in range(num_clients):  # as client_app._private_model: seeded per (seed, client)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(cfg.seed * 1_000_003 + pid)
-            clients.append(build_denoiser(cfg.image_size, shape[0], cfg.model_size).to(device))
+    clients = [init_private_denoiser(cfg, pid, shape[0], device) for pid in range(num_clients)]
     client_opts = [make_optimizer(m, cfg.learning_rate) for m in clients]
     counts = [np.zeros(d.train.shape[0], dtype=np.int64) for d in datas]
     last_idx: list[np.ndarray | None] = [None] * num_clients

@@ -58,11 +58,17 @@ def _global_model(cfg: RunConfig, data: ClientData, num: int, msg: Message, devi
     return model.to(device).condition(data.partition_id)
 
 
+def init_private_denoiser(cfg: RunConfig, pid: int, channels: int, device: torch.device):
+    """A client's denoiser before its first round, seeded by (seed, client) alone: the actor's
+    global RNG is shared between nodes, and benchmarks/overhead.py must draw the same init."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed * 1_000_003 + pid)
+        return build_denoiser(cfg.image_size, channels, cfg.model_size).to(device)
+
+
 def _private_model(cfg: RunConfig, data: ClientData, context: Context, device: torch.device):
     """The node's denoiser: restored from context.state, or initialised from (seed, client)."""
-    with torch.random.fork_rng(devices=[]):  # the actor's global RNG is shared between nodes
-        torch.manual_seed(cfg.seed * 1_000_003 + data.partition_id)
-        model = build_denoiser(cfg.image_size, data.image_shape[0], cfg.model_size).to(device)
+    model = init_private_denoiser(cfg, data.partition_id, data.image_shape[0], device)
     opt = make_optimizer(model, cfg.learning_rate)
     restore_private(context.state, model, opt)
     return model, opt

@@ -90,8 +90,10 @@ class HarnessMixin:
         of sampling) or stacks data per node (the upload buffer, weighted sums) must follow the
         partition order, or the same seed gives a different result each run.
         """
-        big = float("inf")
-        return sorted(node_ids, key=lambda n: (self.node_to_partition.get(n, big), n))
+        return sorted(node_ids, key=self._partition_key)
+
+    def _partition_key(self, node_id: int) -> tuple[float, int]:
+        return self.node_to_partition.get(node_id, float("inf")), node_id
 
     # -- accounting ---------------------------------------------------------------------------
     def _record(self, server_round: int, **values: float) -> None:
@@ -128,8 +130,7 @@ class HarnessMixin:
         self.failures += failed
         if failed:
             self._record(server_round, **{f"failed-{phase}": failed})
-        rank = {n: i for i, n in enumerate(self._partition_order(m.metadata.src_node_id for m in ok))}
-        return sorted(ok, key=lambda m: rank[m.metadata.src_node_id])  # arrival order is not reproducible
+        return sorted(ok, key=lambda m: self._partition_key(m.metadata.src_node_id))  # arrival order varies
 
     @staticmethod
     def _messages(node_ids: list[int], content_for, message_type: str) -> list[Message]:

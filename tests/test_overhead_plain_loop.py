@@ -16,9 +16,8 @@ from collafuse_flwr.server_app import build_strategy
 from inprocess import InProcessGrid
 
 
-@pytest.mark.parametrize("cut_ratio", [0.3])
-def test_plain_loop_reproduces_the_apps_fid(tiny_config, tmp_path, cut_ratio):
-    rc = tiny_config(cut_ratio=cut_ratio, num_server_rounds=2, count_flops=False)
+def test_plain_loop_reproduces_the_apps_fid(tiny_config, tmp_path):
+    rc = tiny_config(cut_ratio=0.3, num_server_rounds=2, count_flops=False)
     cfg = parse_config(rc)
     nodes = 2
     torch.manual_seed(cfg.seed)
