@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 METHODS = ("collafuse", "fedavg", "local", "centralized")
-DATASETS = ("digits", "mnist", "fashion-mnist", "cifar10", "celeba", "awa2", "imagefolder")
+DATASETS = ("digits", "mnist5k", "mnist", "fashion-mnist", "cifar10", "celeba", "awa2", "imagefolder")  # or "hf:<id or path>"
 PARTITIONINGS = ("iid", "dirichlet", "by-class", "by-attribute")
 PYPROJECT = Path(__file__).resolve().parent.parent / "pyproject.toml"
 
@@ -32,6 +32,9 @@ class RunConfig:
     num_server_rounds: int
     dataset: str
     data_dir: str
+    download: bool
+    image_column: str
+    label_column: str
     partitioning: str
     dirichlet_alpha: float
     client_groups: str
@@ -52,6 +55,7 @@ class RunConfig:
     sampling_steps: int
     fid_backbone: str
     fid_weights: str
+    fid_download: bool
     count_flops: bool
     flops_every_pass: bool
     attack_reference_steps: int
@@ -148,7 +152,7 @@ def parse_config(run_config: dict[str, Any], *, defaults: dict[str, Any] | None 
         raise ConfigError(f"run-config lacks {missing}; they belong in [tool.flwr.app.config]")
     values = {k: _coerce(k, merged[k.replace("_", "-")], t) for k, t in _TYPES.items()}
     for k, choices in _CHOICES.items():
-        if values[k] not in choices:
+        if values[k] not in choices and not (k == "dataset" and values[k].startswith("hf:") and len(values[k]) > 3):
             raise ConfigError(f"{k.replace('_', '-')}={values[k]!r} is not one of {list(choices)}")
     for k, lo in _MIN.items():
         if values[k] < lo:
@@ -162,9 +166,9 @@ def parse_config(run_config: dict[str, Any], *, defaults: dict[str, Any] | None 
         raise ConfigError(f"learning-rate must be > 0, got {values['learning_rate']}")
     if values["dirichlet_alpha"] <= 0:
         raise ConfigError(f"dirichlet-alpha must be > 0, got {values['dirichlet_alpha']}")
-    if values["dataset"] != "digits" and not values["data_dir"]:
-        raise ConfigError(f"dataset={values['dataset']!r} reads local files: set data-dir to the "
-                          f"absolute folder that holds them (nothing is downloaded)")
+    if values["dataset"] not in ("digits", "mnist5k") and not values["dataset"].startswith("hf:") and not values["data_dir"]:
+        raise ConfigError(f"dataset={values['dataset']!r} reads local files: set data-dir to the absolute folder "
+                          f"that holds them (or that download=true fills)")
     for key in ("data_dir", "output_dir", "fid_weights"):
         if values[key] and not os.path.isabs(os.path.expanduser(values[key])):
             raise ConfigError(f"{key.replace('_', '-')} must be an absolute path (Flower resolves "

@@ -1,4 +1,5 @@
-"""Loaders read real on-disk formats, written here into tmp_path; nothing is downloaded."""
+"""Loaders read real on-disk formats, written here into tmp_path, through torchvision's dataset
+classes; nothing is downloaded unless download=True, and offline that fails with one clear line."""
 
 from __future__ import annotations
 
@@ -103,7 +104,7 @@ def test_bad_arguments(kwargs, match):
 
 
 def test_missing_data_dir_explains_layout(tmp_path):
-    with pytest.raises(ValueError, match="train-images-idx3-ubyte.*never downloads"):
+    with pytest.raises(ValueError, match="train-images-idx3-ubyte.*download=true"):
         load_dataset("mnist")
     with pytest.raises(FileNotFoundError, match="MNIST/raw"):
         load_dataset("mnist", data_dir=str(tmp_path / "nope"))
@@ -191,15 +192,15 @@ def test_cifar10_pixel_layout(tmp_path):
         data = np.zeros((2, 3072), dtype=np.uint8)
         data[:, 0] = i  # red plane, pixel (0, 0): batch number
         with open(folder / f"data_batch_{i}", "wb") as f:
-            pickle.dump({b"data": data, b"labels": [i, i + 1]}, f)
+            pickle.dump({"data": data, "labels": [i, i + 1]}, f, protocol=2)
     test = np.zeros((3, 3072), dtype=np.uint8)
     # green plane (offset 1024), row 2, column 5 -> 1024 + 2 * 32 + 5
     test[1, 1024 + 2 * 32 + 5] = 200
     with open(folder / "test_batch", "wb") as f:
-        pickle.dump({b"data": test, b"labels": [3, 4, 5]}, f)
-    names = [b"airplane", b"automobile", b"bird", b"cat", b"deer", b"dog", b"frog", b"horse", b"ship", b"truck"]
-    with open(folder / "batches.meta", "wb") as f:
-        pickle.dump({b"label_names": names}, f)
+        pickle.dump({"data": test, "labels": [3, 4, 5]}, f, protocol=2)
+    names = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+    with open(folder / "batches.meta", "wb") as f:  # the real files are Python 2 pickles: str keys
+        pickle.dump({"label_names": names}, f, protocol=2)
 
     train = load_dataset("cifar10", data_dir=str(tmp_path))
     assert train.images.shape == (10, 3, 32, 32)
@@ -236,6 +237,12 @@ def _write_celeba(root: Path) -> None:
     lines += [f"{i:06d}.jpg " + "".join(f"{v:>3d}" for v in row) for i, row in enumerate(rows, start=1)]
     (root / "list_attr_celeba.txt").write_text("\n".join(lines) + "\n")
     (root / "list_eval_partition.txt").write_text("".join(f"{i:06d}.jpg {s}\n" for i, s in zip(range(1, 7), [0, 0, 0, 1, 2, 2])))
+    # The rest of the official release, as torchvision reads it (identities, boxes, landmarks).
+    (root / "identity_CelebA.txt").write_text("".join(f"{i:06d}.jpg {i % 3}\n" for i in range(1, 7)))
+    (root / "list_bbox_celeba.txt").write_text("6\nimage_id x_1 y_1 width height\n"
+                                               + "".join(f"{i:06d}.jpg 1 2 3 4\n" for i in range(1, 7)))
+    (root / "list_landmarks_align_celeba.txt").write_text(
+        "6\n" + " ".join(f"p{k}" for k in range(10)) + "\n" + "".join(f"{i:06d}.jpg" + " 5" * 10 + "\n" for i in range(1, 7)))
 
 
 def test_celeba_attributes_split_crop(tmp_path):
@@ -254,12 +261,11 @@ def test_celeba_attributes_split_crop(tmp_path):
     assert len(load_dataset("celeba", data_dir=str(tmp_path), split="all", max_samples=5, image_size=8)) == 5
 
 
-def test_celeba_missing_partition_file(tmp_path):
+def test_celeba_missing_list_file_names_it(tmp_path):
     _write_celeba(tmp_path)
     (tmp_path / "list_eval_partition.txt").unlink()
-    assert len(load_dataset("celeba", data_dir=str(tmp_path), image_size=8)) == 6
-    with pytest.raises(FileNotFoundError, match="list_eval_partition"):
-        load_dataset("celeba", data_dir=str(tmp_path), split="test")
+    with pytest.raises(FileNotFoundError, match="list_eval_partition.txt.*download=true"):
+        load_dataset("celeba", data_dir=str(tmp_path), image_size=8)
 
 
 # ----------------------------------------------------------------------------------------

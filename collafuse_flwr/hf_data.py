@@ -1,0 +1,144 @@
+"""`dataset = "hf:<name or path>"`: a Hugging Face dataset, loaded through flwr-datasets.
+
+A Flower user names a dataset the way Flower's own examples do (`uoft-cs/cifar10`,
+`ylecun/mnist`, `zalando-datasets/fashion_mnist`, `flwrlabs/celeba`). `FederatedDataset`
+loads the split (from the Hub into Hugging Face's cache, or from that cache when
+HF_HUB_OFFLINE=1); the project's flwr-datasets partitioners (`partition.py`) then split it
+among the clients exactly as they split every other dataset, so the memoised index sets and
+each client's train/test split work the same for all routes.
+
+The same route reads a local copy, so it works with no network at all:
+- a folder written by `datasets.save_to_disk` (a `DatasetDict` or a single `Dataset`),
+- a folder or file that `datasets.load_dataset` understands (parquet, csv, or image files
+  in class sub-folders).
+
+Columns: `image_column` / `label_column` ("" = detect): the image column is the first with
+the `datasets.Image` feature, the label column is "label" or the first `ClassLabel` column
+(none: every image gets label 0). Boolean columns become per-image attributes (CelebA's 40),
+which by-attribute partitioning uses.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .data import DEFAULT_JPEG_SIZE, HF_PREFIX, ImageDataset
+
+_LOCAL_HINT = ("a local copy: dataset='hf:/abs/path' to a folder written by datasets.save_to_disk, "
+               "or to parquet/csv/image files")
+
+
+def _is_local(source: str) -> bool:
+    return source.startswith(("/", ".", "~")) or os.path.exists(source)
+
+
+def _source(source: str) -> dict[str, Any]:
+    """FederatedDataset's `dataset` and `data_files` for a Hub id or a local path."""
+    if not _is_local(source):
+        return {"dataset": source}
+    path = Path(source).expanduser().resolve()
+    if not path.exists():
+        raise FileNotFoundError(f"dataset='{HF_PREFIX}{source}': {path} does not exist; give {_LOCAL_HINT}, "
+                                f"or a Hugging Face Hub id such as 'hf:ylecun/mnist'")
+    if path.is_file():
+        builder = {".parquet": "parquet", ".csv": "csv", ".json": "json", ".jsonl": "json",
+                   ".arrow": "arrow"}.get(path.suffix.lower())
+        if builder is None:
+            raise ValueError(f"dataset='{HF_PREFIX}{source}': cannot read a {path.suffix!r} file; give {_LOCAL_HINT}")
+        return {"dataset": builder, "data_files": {"train": str(path)}}
+    if (path / "dataset_dict.json").is_file():  # save_to_disk of a DatasetDict: one folder per split
+        splits = [d.name for d in sorted(path.iterdir()) if (d / "state.json").is_file()]
+        return {"dataset": "arrow", "data_files": {s: sorted(glob.glob(str(path / s / "*.arrow"))) for s in splits}}
+    if (path / "state.json").is_file():  # save_to_disk of one Dataset
+        return {"dataset": "arrow", "data_files": {"train": sorted(glob.glob(str(path / "*.arrow")))}}
+    return {"dataset": str(path)}
+
+
+def _load_split(source: str, split: str):
+    from flwr_datasets import FederatedDataset
+    from flwr_datasets.partitioner import IidPartitioner
+
+    kwargs = _source(source)
+    # One partition: partitioning happens later on the index table (partition.py), where the
+    # same partitioners serve every dataset route and their result is memoised.
+    fds = FederatedDataset(partitioners={split: IidPartitioner(num_partitions=1)}, shuffle=False, **kwargs)
+    try:
+        return fds.load_split(split)
+    except ConnectionError as exc:
+        offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
+        state = "HF_HUB_OFFLINE is set and it is not in the local cache" if offline else \
+            "the Hugging Face Hub cannot be reached and it is not in the local cache"
+        raise ConnectionError(f"dataset='{HF_PREFIX}{source}': {state} ({exc}). Go online once to cache it "
+                              f"(later runs work with HF_HUB_OFFLINE=1), or use {_LOCAL_HINT}") from exc
+    except ValueError as exc:
+        if "split" in str(exc).lower():
+            raise ValueError(f"dataset='{HF_PREFIX}{source}' has no split {split!r} ({exc})") from exc
+        raise
+    except FileNotFoundError as exc:
+        raise FileNotFoundError(f"dataset='{HF_PREFIX}{source}' was not found ({exc}); check the Hub id, "
+                                f"or use {_LOCAL_HINT}") from exc
+
+
+def _columns(table, image_column: str, label_column: str, source: str) -> tuple[str, str | None]:
+    import datasets
+
+    feats = table.features
+    where = f"dataset='{HF_PREFIX}{source}' (columns: {', '.join(feats)})"
+    if image_column:
+        if image_column not in feats:
+            raise ValueError(f"image-column={image_column!r} is not a column of {where}")
+    else:
+        images = [c for c, f in feats.items() if isinstance(f, datasets.Image)]
+        if not images:
+            raise ValueError(f"no column with the datasets.Image feature in {where}; set image-column")
+        image_column = images[0]
+    if label_column:
+        if label_column not in feats:
+            raise ValueError(f"label-column={label_column!r} is not a column of {where}")
+        return image_column, label_column
+    if "label" in feats:
+        return image_column, "label"
+    labels = [c for c, f in feats.items() if isinstance(f, datasets.ClassLabel)]
+    return image_column, labels[0] if labels else None
+
+
+def load_hf(source: str, split: str, limit: int | None, image_size: int | None, channels: int | None,
+            image_column: str = "", label_column: str = "") -> ImageDataset:
+    """The first `limit` rows of `split`, decoded to uint8 squares (see the module docstring)."""
+    import datasets
+
+    from .vision_data import square_uint8
+
+    table = _load_split(source, split)
+    image_column, label_column = _columns(table, image_column, label_column, source)
+    if limit is not None:
+        table = table.select(range(min(limit, table.num_rows)))
+    if table.num_rows == 0:
+        raise ValueError(f"dataset='{HF_PREFIX}{source}' split {split!r} has no rows")
+    pil = table[image_column]
+    if channels is None:
+        channels = 1 if pil[0].mode in ("1", "L", "I", "I;16", "F") else 3
+    size = image_size or (pil[0].size[0] if pil[0].size[0] == pil[0].size[1] else DEFAULT_JPEG_SIZE)
+    mode = "L" if channels == 1 else "RGB"
+    images = torch.from_numpy(np.stack([square_uint8(im, size, mode) for im in pil]))
+
+    if label_column is None:
+        labels, class_names = np.zeros(table.num_rows, dtype=np.int64), ["all"]
+    elif isinstance(table.features[label_column], datasets.ClassLabel):
+        labels, class_names = np.asarray(table[label_column], dtype=np.int64), table.features[label_column].names
+    else:  # plain values: classes are the sorted distinct values
+        values = np.asarray(table[label_column])
+        uniq, labels = np.unique(values, return_inverse=True)
+        class_names = [str(v) for v in uniq]
+    flags = [c for c, f in table.features.items()
+             if isinstance(f, datasets.Value) and f.dtype == "bool" and c != label_column]
+    attributes = torch.from_numpy(np.stack([np.asarray(table[c], dtype=np.int8) for c in flags], 1)) if flags else None
+    return ImageDataset(images=images, labels=torch.as_tensor(labels, dtype=torch.int64),
+                        name=f"{HF_PREFIX}{source}", class_names=list(class_names),
+                        attributes=attributes, attribute_names=flags or None)

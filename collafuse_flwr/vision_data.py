@@ -1,0 +1,309 @@
+"""On-disk image datasets read by torchvision's own dataset classes, plus AwA2.
+
+MNIST, Fashion-MNIST, CIFAR-10, CelebA and ImageFolder are torchvision's classes; this module
+points them at the user's folder and turns their samples into uint8 tensors. With
+`download=True` torchvision fetches the files its usual way (its mirrors, checksums and
+extraction) into data_dir; otherwise nothing is fetched.
+
+Three adaptations, each so that layouts the project accepted before keep working:
+- IDX files may sit directly in data_dir (not only in <data_dir>/MNIST/raw) and may be gzipped
+  only; torchvision reads plain files, so gzipped ones are extracted beside themselves with
+  torchvision's `extract_archive`, the step its own download performs.
+- torchvision checks each CIFAR-10 / CelebA file's MD5 at every load, which rejects any copy
+  that was re-packed or cut down; here a file only has to exist. Files fetched with
+  `download=True` are checked by torchvision's download.
+- The dataset folder may be data_dir itself or torchvision's sub-folder of it.
+
+AwA2 keeps a hand reader because torchvision has no AwA2 class; it still lists its images with
+torchvision's `make_dataset`, in the class order of AwA2's classes.txt.
+"""
+
+from __future__ import annotations
+
+import urllib.error
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+
+from .data import ImageDataset
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp")
+_TV_NAMES = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST"}
+
+LAYOUTS = {
+    "mnist": ("MNIST expects train-images-idx3-ubyte[.gz], train-labels-idx1-ubyte[.gz], "
+              "t10k-images-idx3-ubyte[.gz] and t10k-labels-idx1-ubyte[.gz] in {d}/MNIST/raw "
+              "(torchvision's layout) or in {d} itself"),
+    "fashion-mnist": ("Fashion-MNIST expects train-images-idx3-ubyte[.gz], train-labels-idx1-ubyte[.gz], "
+                      "t10k-images-idx3-ubyte[.gz] and t10k-labels-idx1-ubyte[.gz] in "
+                      "{d}/FashionMNIST/raw (torchvision's layout) or in {d} itself"),
+    "cifar10": ("CIFAR-10 expects the python version: {d}/cifar-10-batches-py/ (or {d} itself) holding "
+                "data_batch_1 .. data_batch_5, test_batch and batches.meta (the extracted "
+                "cifar-10-python.tar.gz)"),
+    "celeba": ("CelebA expects torchvision's layout: {d}/celeba/ (or {d} itself) holding img_align_celeba/*.jpg, "
+               "list_attr_celeba.txt, list_eval_partition.txt, identity_CelebA.txt, list_bbox_celeba.txt "
+               "and list_landmarks_align_celeba.txt"),
+    "awa2": ("AwA2 expects {d}/JPEGImages/<class>/*.jpg, optionally {d}/classes.txt and, for "
+             "attributes, {d}/predicates.txt with {d}/predicate-matrix-binary.txt "
+             "(the same under {d}/Animals_with_Attributes2/ is accepted)"),
+    "imagefolder": "imagefolder expects {d}/<class name>/<image>.png|jpg|jpeg|bmp, one sub-folder per class",
+}
+_DOWNLOADABLE = ("mnist", "fashion-mnist", "cifar10", "celeba")
+
+
+def missing(key: str, root: Path | str, what: str) -> FileNotFoundError:
+    hint = ("; or set download=true to let torchvision fetch it" if key in _DOWNLOADABLE
+            else "; this dataset is not downloadable, put the files there yourself")
+    return FileNotFoundError(f"{what}. {LAYOUTS[key].format(d=root)}{hint}")
+
+
+def _fetch(key: str, root: Path, make: Callable[[], object]) -> None:
+    """torchvision's download; offline (or any failed fetch) becomes one line saying what to do."""
+    if key not in _DOWNLOADABLE:
+        raise ValueError(f"download=true works for {', '.join(_DOWNLOADABLE)} (torchvision downloads "
+                         f"them), not {key!r}; set download=false and put the files in data-dir")
+    try:
+        make()
+    except (OSError, RuntimeError, ImportError, urllib.error.URLError) as exc:
+        raise ConnectionError(
+            f"download=true could not fetch {key} into {root} ({type(exc).__name__}: {exc}); go online, "
+            f"or put the files there yourself and set download=false. {LAYOUTS[key].format(d=root)}") from exc
+
+
+def square_uint8(img: Image.Image, size: int, mode: str) -> np.ndarray:
+    """C x H x W uint8 of a center square crop (CelebA's 178x218 -> 178x178, as is customary)
+    resized with bicubic filtering, through torchvision's functional transforms."""
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms import functional as TF
+
+    img = img.convert(mode)
+    side = min(img.size)
+    if img.size != (side, side):
+        img = TF.center_crop(img, [side, side])
+    if side != size:
+        img = TF.resize(img, [size, size], interpolation=InterpolationMode.BICUBIC)
+    return TF.pil_to_tensor(img).numpy()
+
+
+def load_images(paths: Sequence[str | Path], size: int, mode: str) -> Tensor:
+    out = np.empty((len(paths), 1 if mode == "L" else 3, size, size), dtype=np.uint8)
+    for i, path in enumerate(paths):
+        try:
+            with Image.open(path) as img:
+                out[i] = square_uint8(img, size, mode)
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"cannot read image {path}: {exc}") from exc
+    return torch.from_numpy(out)
+
+
+def round_robin(samples: Sequence[tuple[str, int]], limit: int | None) -> list[tuple[str, int]]:
+    """(path, label) samples in class-major order; with a cap, taken round-robin over classes so
+    that no class vanishes."""
+    if limit is None:
+        return sorted(samples, key=lambda s: (s[1], s[0]))
+    by_class: dict[int, list[tuple[str, int]]] = {}
+    for s in samples:
+        by_class.setdefault(s[1], []).append(s)
+    queues = [by_class[c] for c in sorted(by_class)]
+    chosen: list[tuple[str, int]] = []
+    depth = 0
+    while len(chosen) < limit and any(depth < len(q) for q in queues):
+        chosen += [q[depth] for q in queues if depth < len(q)][: limit - len(chosen)]
+        depth += 1
+    return sorted(chosen, key=lambda s: (s[1], s[0]))
+
+
+# ----------------------------------------------------------------------------------------
+# MNIST / Fashion-MNIST
+# ----------------------------------------------------------------------------------------
+
+
+def _idx_magic(path: Path) -> int:
+    with open(path, "rb") as f:
+        return int.from_bytes(f.read(4), "big")
+
+
+def load_mnist_like(key: str, root: Path, split: str, limit: int | None, download: bool) -> ImageDataset:
+    from torchvision import datasets as tvd
+    from torchvision.datasets.utils import extract_archive
+
+    base = getattr(tvd, _TV_NAMES[key])
+    if download:
+        _fetch(key, root, lambda: base(str(root), train=split == "train", download=True))
+    names = [Path(url).stem for url, _ in base.resources]  # train-images-idx3-ubyte, ...
+    candidates = (root / base.__name__ / "raw", root)
+    raw = next((d for d in candidates if all((d / n).is_file() or (d / f"{n}.gz").is_file() for n in names)), None)
+    if raw is None:
+        raise missing(key, root, f"{' / '.join(names)} not all found in {candidates[0]} or {root}")
+    for n in names:
+        if not (raw / n).is_file():  # gzipped only: extract as torchvision's download would
+            try:
+                extract_archive(str(raw / f"{n}.gz"), str(raw))
+            except (OSError, EOFError) as exc:
+                raise ValueError(f"cannot extract {raw / n}.gz into {raw} ({exc}); re-download it "
+                                 f"or extract it yourself") from exc
+    at_raw = type(base.__name__, (base,), {"raw_folder": str(raw)})
+    try:
+        tv = at_raw(str(root), train=split == "train")
+    except (AssertionError, ValueError, TypeError, KeyError, IndexError, RuntimeError) as exc:
+        prefix = "train" if split == "train" else "t10k"
+        for kind, magic in (("images", 0x803), ("labels", 0x801)):
+            path = raw / f"{prefix}-{kind}-idx{3 if kind == 'images' else 1}-ubyte"
+            if _idx_magic(path) != magic:
+                raise ValueError(f"{path} has IDX magic 0x{_idx_magic(path):08x}, expected 0x{magic:08x} "
+                                 f"for uint8 {kind}; the file is corrupt or not an MNIST-style IDX file, "
+                                 f"re-download it") from exc
+        raise ValueError(f"torchvision cannot read the {key} {split} files in {raw} ({exc!r}); re-download them") from exc
+    if len(tv.data) != len(tv.targets):
+        raise ValueError(f"{raw} holds {len(tv.data)} {split} images but {len(tv.targets)} labels; re-download it")
+    return ImageDataset(images=tv.data[:limit].unsqueeze(1).contiguous(),
+                        labels=tv.targets[:limit].to(torch.int64), name=key,
+                        class_names=[c.split(" - ")[0] for c in tv.classes])  # MNIST's "0 - zero" -> "0"
+
+
+# ----------------------------------------------------------------------------------------
+# CIFAR-10
+# ----------------------------------------------------------------------------------------
+
+
+def load_cifar10(root: Path, split: str, limit: int | None, download: bool) -> ImageDataset:
+    from torchvision.datasets import CIFAR10
+
+    if download:
+        _fetch("cifar10", root, lambda: CIFAR10(str(root), train=split == "train", download=True))
+    folder = root / CIFAR10.base_folder if (root / CIFAR10.base_folder).is_dir() else root
+    files = [n for n, _ in CIFAR10.train_list + CIFAR10.test_list] + [CIFAR10.meta["filename"]]
+    absent = [n for n in files if not (folder / n).is_file()]
+    if absent:
+        raise missing("cifar10", root, f"missing {', '.join(absent)} in {folder}")
+    unchecked = type("CIFAR10", (CIFAR10,), {
+        "base_folder": folder.name,
+        "train_list": [[n, None] for n, _ in CIFAR10.train_list],
+        "test_list": [[n, None] for n, _ in CIFAR10.test_list],
+        "meta": {**CIFAR10.meta, "md5": None},
+    })
+    # The official format is a pickle: only load CIFAR files you trust.
+    try:
+        tv = unchecked(str(folder.parent), train=split == "train")
+    except (KeyError, ValueError, EOFError, OSError) as exc:
+        raise ValueError(f"{folder} does not hold CIFAR-10 python batches torchvision can read ({exc!r}); "
+                         f"re-download cifar-10-python.tar.gz") from exc
+    images = torch.from_numpy(np.ascontiguousarray(tv.data[:limit].transpose(0, 3, 1, 2)))
+    return ImageDataset(images=images, labels=torch.as_tensor(tv.targets[:limit], dtype=torch.int64),
+                        name="cifar10", class_names=list(tv.classes))
+
+
+# ----------------------------------------------------------------------------------------
+# CelebA
+# ----------------------------------------------------------------------------------------
+
+
+def load_celeba(root: Path, split: str, limit: int | None, size: int, mode: str, download: bool) -> ImageDataset:
+    from torchvision.datasets import CelebA
+
+    if download:
+        _fetch("celeba", root, lambda: CelebA(str(root), split=split, download=True))
+    folder = root if (root / "list_attr_celeba.txt").is_file() else root / CelebA.base_folder
+    needed = [fn for _, _, fn in CelebA.file_list if not fn.endswith(".zip")]
+    absent = [fn for fn in needed if not (folder / fn).is_file()]
+    if not (folder / "img_align_celeba").is_dir():
+        absent.insert(0, "img_align_celeba/")
+    if absent:
+        raise missing("celeba", root, f"missing {', '.join(absent)} in {folder}")
+    unchecked = type("CelebA", (CelebA,), {
+        "base_folder": folder.name, "file_list": [(i, None, fn) for i, _, fn in CelebA.file_list]})
+    try:
+        tv = unchecked(str(folder.parent), split=split, target_type="attr")
+    except (ValueError, IndexError, RuntimeError) as exc:
+        raise ValueError(f"torchvision cannot parse the CelebA lists in {folder} ({exc!r}); re-download them") from exc
+    n = len(tv.filename) if limit is None else min(limit, len(tv.filename))
+    paths = [folder / "img_align_celeba" / fn for fn in tv.filename[:n]]
+    absent_images = [p for p in paths if not p.is_file()]
+    if absent_images:
+        raise missing("celeba", root, f"{len(absent_images)} listed images are missing, e.g. {absent_images[0]}")
+    return ImageDataset(images=load_images(paths, size, mode), labels=torch.zeros(n, dtype=torch.int64),
+                        name="celeba", class_names=["face"], attributes=tv.attr[:n].to(torch.int8),
+                        attribute_names=[a for a in tv.attr_names if a])  # a trailing space gives ''
+
+
+# ----------------------------------------------------------------------------------------
+# ImageFolder and AwA2
+# ----------------------------------------------------------------------------------------
+
+
+def _from_samples(name: str, samples: list[tuple[str, int]], class_names: list[str], limit: int | None,
+                  size: int, mode: str) -> tuple[ImageDataset, np.ndarray]:
+    chosen = round_robin(samples, limit)
+    labels = np.array([c for _, c in chosen], dtype=np.int64)
+    ds = ImageDataset(images=load_images([p for p, _ in chosen], size, mode), labels=torch.from_numpy(labels),
+                      name=name, class_names=class_names)
+    return ds, labels
+
+
+def load_imagefolder(root: Path, limit: int | None, size: int, mode: str) -> ImageDataset:
+    from torchvision.datasets import ImageFolder
+
+    try:
+        tv = ImageFolder(str(root), allow_empty=True)
+    except FileNotFoundError as exc:
+        raise missing("imagefolder", root, f"no class sub-folder found in {root} ({exc})") from exc
+    # Empty class folders are dropped: a class without images would leave a client empty.
+    used = sorted({c for _, c in tv.samples})
+    if not used:
+        raise missing("imagefolder", root, f"no class sub-folder with images found in {root}")
+    remap = {old: new for new, old in enumerate(used)}
+    samples = [(p, remap[c]) for p, c in tv.samples]
+    return _from_samples("imagefolder", samples, [tv.classes[c] for c in used], limit, size, mode)[0]
+
+
+def _read_indexed_names(path: Path) -> list[str]:
+    """Lines like '1\tantelope' -> ['antelope', ...] in file order."""
+    names = []
+    for lineno, line in enumerate(path.read_text().splitlines(), start=1):
+        parts = line.split()
+        if parts and len(parts) != 2:
+            raise ValueError(f"{path} line {lineno}: expected '<number> <name>', got {line.strip()!r}")
+        names += parts[1:]
+    return names
+
+
+def load_awa2(root: Path, limit: int | None, size: int, mode: str) -> ImageDataset:
+    from torchvision.datasets.folder import make_dataset
+
+    base = root
+    if not (base / "JPEGImages").is_dir() and (root / "Animals_with_Attributes2" / "JPEGImages").is_dir():
+        base = root / "Animals_with_Attributes2"
+    img_root = base / "JPEGImages"
+    if not img_root.is_dir():
+        raise missing("awa2", root, f"JPEGImages folder not found under {root}")
+    dirs = sorted(p.name for p in img_root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    classes_txt = base / "classes.txt"
+    class_names = _read_indexed_names(classes_txt) if classes_txt.is_file() else dirs
+    unknown = sorted(set(dirs) - set(class_names))
+    if unknown:
+        raise ValueError(f"JPEGImages folders {unknown} are not listed in {classes_txt}; add them or remove the folders")
+
+    matrix = attr_names = None
+    matrix_path, pred_path = base / "predicate-matrix-binary.txt", base / "predicates.txt"
+    if matrix_path.is_file() or pred_path.is_file():
+        if not (matrix_path.is_file() and pred_path.is_file() and classes_txt.is_file()):
+            raise missing("awa2", root, "per-class attributes need classes.txt, predicates.txt and "
+                          "predicate-matrix-binary.txt together")
+        attr_names = _read_indexed_names(pred_path)
+        matrix = np.loadtxt(matrix_path, dtype=np.int64, ndmin=2)
+        if matrix.shape != (len(class_names), len(attr_names)) or not np.isin(matrix, (0, 1)).all():
+            raise ValueError(f"{matrix_path} must be a {len(class_names)} x {len(attr_names)} matrix of 0/1 "
+                             f"(classes x predicates), got shape {matrix.shape}")
+
+    samples = make_dataset(str(img_root), {c: i for i, c in enumerate(class_names)},
+                           extensions=IMAGE_EXTENSIONS, allow_empty=True)
+    if not samples:
+        raise missing("awa2", root, f"no images found in {img_root}")
+    ds, labels = _from_samples("awa2", samples, list(class_names), limit, size, mode)
+    if matrix is not None:
+        ds.attributes, ds.attribute_names = torch.from_numpy(matrix[labels].astype(np.int8)), attr_names
+    return ds
