@@ -43,7 +43,8 @@ class RunOutcome:
         return self.returncode == 0 and self.status.endswith("completed")
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -93,11 +94,15 @@ def _descendants(pid: int) -> list[int]:
     return out
 
 
-def stop_superlink(port: int, grace: float = 10.0) -> list[int]:
-    """Stop the SuperLink listening on `port` and its process tree; returns the pids stopped."""
-    roots = _pids_listening_on(port)
-    pids = [p for r in roots for p in [r, *_descendants(r)]]
-    for sig in (signal.SIGTERM, signal.SIGKILL):
+def tree(pid: int) -> list[int]:
+    """`pid` and all its descendants (read from /proc, Linux)."""
+    return [pid, *_descendants(pid)]
+
+
+def stop_pids(pids: list[int], grace: float = 10.0,
+              signals: tuple[signal.Signals, ...] = (signal.SIGTERM, signal.SIGKILL)) -> list[int]:
+    """Send each signal in turn to `pids`, waiting up to `grace` s for them to go; returns `pids`."""
+    for sig in signals:
         for p in pids:
             try:
                 os.kill(p, sig)
@@ -108,6 +113,11 @@ def stop_superlink(port: int, grace: float = 10.0) -> list[int]:
                                              "Z" not in _state(p) for p in pids):
             time.sleep(0.2)
     return pids
+
+
+def stop_superlink(port: int, grace: float = 10.0) -> list[int]:
+    """Stop the SuperLink listening on `port` and its process tree; returns the pids stopped."""
+    return stop_pids([p for r in _pids_listening_on(port) for p in tree(r)], grace)
 
 
 def _state(pid: int) -> str:
@@ -134,7 +144,8 @@ def _flwr_env(flwr_home: Path, http_port: int, control_port: int) -> dict[str, s
     return env
 
 
-def _flwr_bin() -> str:
+def flwr_bin() -> str:
+    """The `flwr` next to this interpreter (venv activated or not)."""
     exe = Path(sys.executable).with_name("flwr")
     return str(exe) if exe.exists() else "flwr"
 
@@ -166,12 +177,12 @@ def run_flower(
     own_home = flwr_home is None
     home = Path(tempfile.mkdtemp(prefix="collafuse-flwr-home-")) if own_home else Path(flwr_home)
     home.mkdir(parents=True, exist_ok=True)
-    http_port, control_port = _free_port(), _free_port()
+    http_port, control_port = free_port(), free_port()
     env = _flwr_env(home, http_port, control_port)
     fed = f"num-supernodes={num_clients} client-resources-num-cpus={client_cpus}"
     if client_gpus > 0:  # Ray hides GPUs from actors that ask for none
         fed += f" client-resources-num-gpus={client_gpus}"
-    cmd = [_flwr_bin(), "run", str(app_dir), "--federation-config", fed]
+    cmd = [flwr_bin(), "run", str(app_dir), "--federation-config", fed]
     if run_config:
         cmd += ["--run-config", run_config]
     cmd.append("--stream")  # flwr run then returns when the run ends; `stream` only echoes it
@@ -206,7 +217,7 @@ def run_flower(
 def _run_status(env: dict[str, str], app_dir: Path) -> tuple[int | None, str]:
     """The latest run's real status (`flwr run --stream` can exit 0 on a failed run)."""
     for _ in range(20):
-        res = subprocess.run([_flwr_bin(), "list", "--format", "json"], env=env, capture_output=True,
+        res = subprocess.run([flwr_bin(), "list", "--format", "json"], env=env, capture_output=True,
                              text=True, cwd=str(app_dir))
         try:
             runs = json.loads(res.stdout).get("runs", [])

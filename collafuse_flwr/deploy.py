@@ -1,0 +1,384 @@
+"""`collafuse-deploy`: a real Flower deployment on 127.0.0.1, one job, everything stopped after.
+
+Why: `flwr run` on the simulation engine never exercises what a deployment needs: TLS, SuperNode
+authentication, a `[superlink.NAME]` federation entry, per-node `node_config`, processes that
+die. This helper starts a SuperLink and N SuperNodes as subprocesses with free ports and a
+private FLWR_HOME, generates a CA + server certificate and one authentication key per SuperNode,
+registers the keys, submits one job with `flwr run <app> NAME --stream`, reads the run's real
+status with `flwr list --format json` (`--stream` can exit 0 on a failed run), prints where
+the outputs are, and stops every process it started by pid (also on Ctrl-C and on failure).
+
+    collafuse-deploy --num-nodes 3 --run-config "num-server-rounds=2 method='fedavg'"
+
+The commands it runs are printed as it runs them; they are the ones `examples/README.md` shows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .deploy_keys import TlsFiles, make_node_key, make_tls
+from .launch import APP_DIR, flwr_bin, free_port, stop_pids, tree
+
+FEDERATION = "collafuse-local"
+ISOLATIONS = ("subprocess", "warm")
+
+
+@dataclass
+class DeployOutcome:
+    """What one job in the local deployment did."""
+
+    run_id: int | None
+    status: str
+    returncode: int
+    output_dir: Path | None
+    log: str
+    killed_node: int | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.returncode == 0 and self.status.endswith("completed")
+
+
+@dataclass
+class LocalDeployment:
+    """A SuperLink and `num_nodes` SuperNodes on 127.0.0.1, as a context manager.
+
+    node_configs: one `--node-config` string per SuperNode; default `partition-id=K
+    num-partitions=N`. isolation: `subprocess` (Flower's default: one fresh `flwr-clientapp`
+    process per message) or `warm` (`--isolation process` plus one long-lived
+    `collafuse_flwr.warm_clientapp` worker per SuperNode, which keeps torch and the node's data
+    loaded between messages).
+    """
+
+    workdir: Path
+    num_nodes: int = 3
+    node_configs: list[str] | None = None
+    tls: bool = True
+    auth: bool = True
+    isolation: str = "subprocess"
+    federation: str = FEDERATION
+    database: str | None = None
+    quiet: bool = False
+    superlink_port: int = 0
+    node_ports: list[int] = field(default_factory=list)
+    procs: dict[str, subprocess.Popen] = field(default_factory=dict)
+    tls_files: TlsFiles | None = None
+
+    def __post_init__(self) -> None:
+        if self.num_nodes < 1:
+            raise ValueError(f"num_nodes must be >= 1, got {self.num_nodes}")
+        if self.isolation not in ISOLATIONS:
+            raise ValueError(f"isolation must be one of {ISOLATIONS}, got {self.isolation!r}")
+        if self.auth and not self.tls:
+            raise ValueError("SuperNode authentication needs TLS (Flower refuses it over --insecure); "
+                             "set tls=True or auth=False")
+        if self.node_configs is not None and len(self.node_configs) != self.num_nodes:
+            raise ValueError(f"{len(self.node_configs)} node configs for {self.num_nodes} nodes; "
+                             "give one per node")
+        self.workdir = Path(self.workdir).resolve()
+        self.flwr_home = self.workdir / "flwr-home"
+        self.logs = self.workdir / "logs"
+
+    # ---------------------------------------------------------------- environment
+    def env(self) -> dict[str, str]:
+        """The environment of every process: private FLWR_HOME, no per-run `uv sync`."""
+        env = dict(os.environ)
+        env.update({
+            "FLWR_HOME": str(self.flwr_home),
+            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+            "FLWR_DISABLE_UPDATE_CHECK": "1",
+            "PYTHONUNBUFFERED": "1",
+        })
+        # Flower starts flower-superexec / flwr-clientapp / flwr-serverapp from PATH
+        env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+        return env
+
+    def _say(self, cmd: list[str]) -> None:
+        if not self.quiet:
+            print("$", " ".join(shlex.quote(c) for c in cmd), flush=True)
+
+    def _spawn(self, name: str, cmd: list[str]) -> subprocess.Popen:
+        self._say(cmd)
+        self.logs.mkdir(parents=True, exist_ok=True)
+        out = open(self.logs / f"{name}.log", "ab")  # noqa: SIM115 - owned by the process
+        proc = subprocess.Popen(cmd, env=self.env(), stdout=out, stderr=subprocess.STDOUT, cwd=str(self.workdir))
+        out.close()
+        self.procs[name] = proc
+        return proc
+
+    def _flwr(self, *args: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess:
+        cmd = [flwr_bin(), *args]
+        self._say(cmd)
+        res = subprocess.run(cmd, env=self.env(), capture_output=True, text=True, timeout=timeout,
+                             cwd=str(self.workdir))
+        if check and res.returncode != 0:
+            raise RuntimeError(f"`{' '.join(cmd)}` failed (rc {res.returncode}):\n{res.stdout}\n{res.stderr}")
+        return res
+
+    # ---------------------------------------------------------------- start
+    def start(self, wait: float = 120.0) -> LocalDeployment:
+        """Certificates, keys, SuperLink, federation entry, registered SuperNodes, all online."""
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.flwr_home.mkdir(parents=True, exist_ok=True)
+        self.superlink_port = self.superlink_port or free_port()
+        if self.tls:
+            self.tls_files = make_tls(self.workdir / "certificates")
+        self._start_superlink()
+        self.write_federation_entry()
+        self._wait_for(lambda: self._flwr("list", self.federation, "--format", "json", check=False).returncode == 0,
+                       wait, "the SuperLink to answer `flwr list`", "superlink")
+        for k in range(self.num_nodes):
+            self._start_supernode(k)
+        self._wait_for(lambda: self.online_nodes() >= self.num_nodes, wait,
+                       f"{self.num_nodes} SuperNodes to be online", None)
+        return self
+
+    def _start_superlink(self) -> None:
+        cmd = ["flower-superlink", "--host", "127.0.0.1", "--port", str(self.superlink_port),
+               "--disable-runtime-dependency-installation"]
+        if self.tls_files:
+            t = self.tls_files
+            cmd += ["--ssl-ca-certfile", str(t.ca_cert), "--ssl-certfile", str(t.server_cert),
+                    "--ssl-keyfile", str(t.server_key)]
+        else:
+            cmd += ["--insecure"]
+        if self.auth:
+            cmd += ["--enable-supernode-auth"]
+        if self.database:
+            cmd += ["--database", str(self.database)]
+        self._spawn("superlink", cmd)
+
+    def write_federation_entry(self) -> Path:
+        """`[superlink.NAME]` in $FLWR_HOME/config.toml: the address and how to trust it."""
+        lines = ["[superlink]", f'default = "{self.federation}"', "",
+                 f"[superlink.{self.federation}]", f'address = "127.0.0.1:{self.superlink_port}"']
+        if self.tls_files:
+            lines.append(f'root-certificates = "{self.tls_files.ca_cert}"')
+        else:
+            lines.append("insecure = true")
+        path = self.flwr_home / "config.toml"
+        path.write_text("\n".join(lines) + "\n")
+        return path
+
+    def _start_supernode(self, k: int) -> None:
+        port = free_port()
+        self.node_ports.append(port)
+        node_config = (self.node_configs[k] if self.node_configs
+                       else f"partition-id={k} num-partitions={self.num_nodes}")
+        cmd = ["flower-supernode", "--superlink", f"127.0.0.1:{self.superlink_port}",
+               "--host", "127.0.0.1", "--port", str(port), "--node-config", node_config]
+        cmd += ["--root-certificates", str(self.tls_files.ca_cert)] if self.tls_files else ["--insecure"]
+        if self.auth:
+            priv, pub = make_node_key(self.workdir / "keys", k)
+            self._flwr("supernode", "register", str(pub), self.federation)
+            cmd += ["--auth-supernode-private-key", str(priv)]
+        if self.isolation == "warm":
+            cmd += ["--isolation", "process"]
+        node = self._spawn(f"supernode-{k}", cmd)
+        if self.isolation == "warm":
+            worker = [sys.executable, "-m", "collafuse_flwr.warm_clientapp",
+                      "--runtime-api-address", f"127.0.0.1:{port}", "--insecure", "--parent-pid", str(node.pid)]
+            self._spawn(f"warm-clientapp-{k}", worker)
+
+    def online_nodes(self) -> int:
+        res = self._flwr("supernode", "ls", self.federation, "--format", "json", check=False)
+        try:
+            nodes = json.loads(res.stdout).get("nodes", [])
+        except json.JSONDecodeError:
+            return 0
+        return sum(1 for n in nodes if n.get("status") == "online")
+
+    def _wait_for(self, ready, timeout: float, what: str, proc_name: str | None) -> None:
+        t0 = time.time()
+        while time.time() - t0 < timeout:
+            if ready():
+                return
+            dead = [n for n, p in self.procs.items() if p.poll() is not None]
+            if dead:
+                raise RuntimeError(f"{', '.join(dead)} exited while waiting for {what}; "
+                                   f"see {self.logs}/<name>.log")
+            time.sleep(0.5)
+        raise TimeoutError(f"waited {timeout:.0f}s for {what}; see the logs in {self.logs}")
+
+    # ---------------------------------------------------------------- run
+    def run(self, app: Path = APP_DIR, run_config: str = "", timeout: float = 1800,
+            kill_node_after_round: int | None = None, stream: bool = True) -> DeployOutcome:
+        """Submit one job and wait for it; optionally SIGKILL the last SuperNode after round k."""
+        if "output-dir" not in run_config:
+            run_config = f"{run_config} output-dir='{self.workdir / 'outputs'}'".strip()
+        output_root = _output_root(run_config)
+        cmd = [flwr_bin(), "run", str(app), self.federation, "--run-config", run_config, "--stream"]
+        self._say(cmd)
+        lines: list[str] = []
+        proc = subprocess.Popen(cmd, env=self.env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True, cwd=str(app))
+        self.procs["flwr-run"] = proc
+
+        def pump() -> None:
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                lines.append(line)
+                if stream:
+                    sys.stdout.write(line)
+                    sys.stdout.flush()
+
+        reader = threading.Thread(target=pump, daemon=True)
+        reader.start()
+        killed, t0 = None, time.time()
+        while proc.poll() is None:
+            if time.time() - t0 > timeout:
+                lines.append(f"collafuse-deploy: timed out after {timeout:.0f}s\n")
+                stop_pids([proc.pid])
+                break
+            if (kill_node_after_round is not None and killed is None and output_root
+                    and _rounds_done(output_root) >= kill_node_after_round):
+                killed = self.num_nodes - 1
+                self.kill_node(killed)
+                lines.append(f"collafuse-deploy: killed SuperNode {killed} after round {kill_node_after_round}\n")
+            time.sleep(0.2)
+        reader.join(timeout=10)
+        rc = proc.wait()
+        (self.logs / "flwr-run.log").write_text("".join(lines))
+        run_id, status = self.run_status()
+        log = "".join(lines)
+        return DeployOutcome(run_id, status, rc, _output_dir(log, output_root), log, killed)
+
+    def kill_node(self, k: int) -> list[int]:
+        """SIGKILL SuperNode k and everything under it (and its warm worker): a crashed node."""
+        pids = []
+        for name in (f"supernode-{k}", f"warm-clientapp-{k}"):
+            if name in self.procs:
+                pids += tree(self.procs[name].pid)
+        return stop_pids(pids, signals=(signal.SIGKILL,))
+
+    def run_status(self) -> tuple[int | None, str]:
+        """The latest run's real status from `flwr list --format json`."""
+        for _ in range(30):
+            res = self._flwr("list", self.federation, "--format", "json", check=False)
+            try:
+                runs = json.loads(res.stdout).get("runs", [])
+            except json.JSONDecodeError:
+                runs = []
+            if runs:
+                latest = max(runs, key=lambda r: int(r.get("run-id", 0)))
+                status = str(latest.get("status", "unknown"))
+                if not status.startswith(("pending", "starting", "running")):
+                    return int(latest.get("run-id", 0)), status
+            time.sleep(1.0)
+        return None, "unknown"
+
+    # ---------------------------------------------------------------- stop
+    def stop(self) -> list[int]:
+        """Stop every process this deployment started, and their children, by pid."""
+        pids = [p for proc in self.procs.values() for p in tree(proc.pid)]
+        stopped = stop_pids(pids)
+        for proc in self.procs.values():
+            try:
+                proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                pass
+        return stopped
+
+    def __enter__(self) -> LocalDeployment:
+        try:
+            return self.start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def _output_root(run_config: str) -> Path | None:
+    for part in shlex.split(run_config):
+        if part.startswith("output-dir="):
+            value = part.split("=", 1)[1].strip("'\"")
+            return Path(value) if value else None
+    return None
+
+
+def _rounds_done(output_root: Path) -> int:
+    """Rows in the newest metrics.csv under output_root (one per finished round)."""
+    csvs = sorted(output_root.glob("*/metrics.csv"), key=lambda p: p.stat().st_mtime)
+    if not csvs:
+        return 0
+    try:
+        return max(0, len(csvs[-1].read_text().strip().splitlines()) - 1)
+    except OSError:
+        return 0
+
+
+def _output_dir(log: str, output_root: Path | None) -> Path | None:
+    for line in reversed(log.splitlines()):
+        if "collafuse-flwr: results in " in line:
+            return Path(line.split("collafuse-flwr: results in ", 1)[1].strip())
+    if output_root:
+        runs = sorted(output_root.glob("*/results.json"), key=lambda p: p.stat().st_mtime)
+        return runs[-1].parent if runs else None
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="collafuse-deploy", description=__doc__.split("\n\n")[0])
+    p.add_argument("--num-nodes", type=int, default=3, help="SuperNodes to start (default 3)")
+    p.add_argument("--run-config", default="", help='overrides, e.g. "num-server-rounds=2 method=\'fedavg\'"')
+    p.add_argument("--app", type=Path, default=APP_DIR, help="Flower app folder (has pyproject.toml)")
+    p.add_argument("--workdir", type=Path, default=None,
+                   help="folder for FLWR_HOME, certificates, keys, logs and outputs (default: a new temp dir, kept)")
+    p.add_argument("--node-config", action="append", default=None,
+                   help="one per node, in order (default: partition-id=K num-partitions=N)")
+    p.add_argument("--per-node-data", action="store_true",
+                   help="write each node its own digits image folder and start it with "
+                        "--node-config \"data-dir='<its folder>' dataset='imagefolder'\"")
+    p.add_argument("--isolation", choices=ISOLATIONS, default="subprocess",
+                   help="subprocess: a fresh ClientApp process per message (Flower's default); "
+                        "warm: one long-lived ClientApp worker per SuperNode (faster rounds)")
+    p.add_argument("--insecure", action="store_true", help="no TLS and no SuperNode authentication")
+    p.add_argument("--no-auth", action="store_true", help="TLS but no SuperNode authentication")
+    p.add_argument("--database", default=None, help="SuperLink --database file (default: in memory)")
+    p.add_argument("--kill-node-after-round", type=int, default=None,
+                   help="SIGKILL the last SuperNode once this many rounds are in metrics.csv")
+    p.add_argument("--timeout", type=float, default=1800)
+    p.add_argument("--quiet", action="store_true", help="do not stream the run's log")
+    a = p.parse_args(argv)
+    if not (a.app / "pyproject.toml").is_file():
+        p.error(f"--app {a.app} has no pyproject.toml; point it at a Flower app folder")
+    workdir = (a.workdir or Path(tempfile.mkdtemp(prefix="collafuse-deploy-"))).resolve()
+    node_configs = a.node_config
+    if a.per_node_data:
+        from .node_data import write_node_folders
+        folders = write_node_folders(workdir / "node-data", a.num_nodes)
+        node_configs = [f"data-dir='{f}' dataset='imagefolder'" for f in folders]
+    dep = LocalDeployment(workdir, a.num_nodes, node_configs, tls=not a.insecure,
+                          auth=not (a.insecure or a.no_auth), isolation=a.isolation, database=a.database,
+                          quiet=a.quiet)
+    previous = signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    try:
+        with dep:
+            out = dep.run(a.app, a.run_config, a.timeout, a.kill_node_after_round, stream=not a.quiet)
+    except KeyboardInterrupt:
+        print("\ncollafuse-deploy: interrupted; every process it started is stopped", file=sys.stderr)
+        return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    print(f"\nrun {out.run_id}: {out.status}")
+    print(f"outputs: {out.output_dir}")
+    print(f"logs, certificates, keys, FLWR_HOME: {workdir}")
+    return 0 if out.ok else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
