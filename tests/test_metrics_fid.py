@@ -1,5 +1,6 @@
-"""FID/KID: the digits-cnn backbone ranks real, noisy and blurred digits sensibly; Inception
-is used only from weights on disk, and a missing file is a clear error, never a download."""
+"""FID/KID/precision/recall: the digits-cnn backbone ranks real, noisy and blurred digits
+sensibly; Inception is used from weights on disk, fetched by torch-fidelity only with
+fid-download, and a missing file (or a failed fetch) is a clear error."""
 
 import urllib.request
 from pathlib import Path
@@ -121,7 +122,7 @@ def test_resolve_backbone_without_inception_weights(empty_hub, no_network):
     with pytest.raises(FileNotFoundError, match="fid-weights=/abs/path") as err:
         resolve_backbone("auto", "cifar10", None)
     assert str(empty_hub / "checkpoints" / WEIGHTS) in str(err.value)
-    with pytest.raises(FileNotFoundError, match="never downloads"):
+    with pytest.raises(FileNotFoundError, match="fid-download=true"):
         resolve_backbone("inception", "digits", None)
     with pytest.raises(ValueError, match="digit images"):
         resolve_backbone("digits-cnn", "cifar10", None)
@@ -209,3 +210,59 @@ def test_assets_path_is_inside_package():
     assert ASSET_PATH.parent == Path(feat.__file__).resolve().parent.parent / "assets"
     # Flower's FAB only packs *.py/*.toml/*.md/*.json/*.yaml, so the shipped weights are JSON.
     assert ASSET_PATH.suffix == ".json" and ASSET_PATH.is_file()
+
+
+def test_precision_recall_beside_fid(digits16):
+    train, test = digits16
+    g = torch.Generator().manual_seed(1)
+    noise = ((torch.randn(train.shape, generator=g) + 1) * 127.5).clamp(0, 255).round().to(torch.uint8)
+    real = compute_fid_kid(test, train, "digits-cnn")
+    fake = compute_fid_kid(test, noise, "digits-cnn")
+    assert 0.0 <= real["precision"] <= 1.0 and 0.0 <= real["recall"] <= 1.0
+    # Real digits lie on the real manifold and cover it; noise does neither.
+    assert real["precision"] > 0.5 and real["recall"] > 0.5
+    assert fake["precision"] < 0.1 * real["precision"] and fake["recall"] < 0.1 * real["recall"]
+
+
+class _Offline:
+    """torch hub's downloader with no network: records where it was asked to write."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, url, dst, *args, **kwargs):
+        import urllib.error
+
+        self.calls.append((url, Path(dst)))
+        raise urllib.error.URLError("offline (test)")
+
+
+@pytest.mark.skipif(not feat.torch_fidelity_available(), reason="torch-fidelity not installed")
+def test_fid_download_goes_through_torch_fidelity_and_fails_clearly_offline(monkeypatch, empty_hub):
+    from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
+
+    offline = _Offline()
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    with pytest.raises(FileNotFoundError, match="fid-download=true"):  # not asked: nothing fetched
+        feat.prepare_backbone("inception", "cifar10", None, download=False)
+    assert offline.calls == []
+    with pytest.raises(ConnectionError, match="fid-download=true could not fetch.*go online"):
+        feat.prepare_backbone("inception", "cifar10", None, download=True)
+    # torch-fidelity's own URL, into torch hub's checkpoint cache, where find_inception_weights looks
+    assert offline.calls[0][0] == URL_INCEPTION_V3
+    assert offline.calls[0][1].parent == empty_hub / "checkpoints"
+    assert offline.calls[0][1].name.startswith("weights-inception-2015-12-05-6726825d")
+    # only auto falls back, and only where a fallback means something
+    with pytest.warns(UserWarning, match="falling back"):
+        assert feat.prepare_backbone("auto", "mnist5k", None, download=True) == "digits-cnn"
+    with pytest.warns(UserWarning, match="falling back"), pytest.raises(FileNotFoundError, match="not a digit"):
+        feat.prepare_backbone("auto", "cifar10", None, download=True)
+
+
+def test_prepare_backbone_uses_weights_on_disk_without_fetching(monkeypatch, empty_hub, no_network):
+    cached = empty_hub / "checkpoints" / WEIGHTS
+    cached.parent.mkdir(parents=True)
+    cached.write_bytes(b"x")
+    monkeypatch.setattr(feat, "torch_fidelity_available", lambda: True)
+    assert feat.prepare_backbone("inception", "cifar10", None, download=True) == "inception"
+    assert feat.prepare_backbone("none", "cifar10", None, download=True) == "none"

@@ -1,21 +1,27 @@
-"""Which feature network FID/KID use, and building it without ever touching the network.
+"""Which feature network FID/KID use, and getting its weights the library's way.
 
 Two backbones:
 
 * ``inception``: torchmetrics' standard FID Inception-v3 (the TF 2015-12-05 graph ported by
-  pytorch-fid / torch-fidelity). Used only when its weights file is already on disk, either
-  at a path the user gives (run-config ``fid-weights``) or in torch hub's checkpoint cache.
-  We always hand torchmetrics an explicit path, because given none it would download.
+  pytorch-fid / torch-fidelity), loaded from a weights file: one the user names (run-config
+  ``fid-weights``) or the one in torch hub's checkpoint cache. When neither exists and the user
+  allows it (``fid-download = true``), :func:`prepare_backbone` lets torch-fidelity fetch it the
+  way it always does (``torch.hub.load_state_dict_from_url`` into that cache), once, at the start
+  of a run. Nothing is fetched otherwise: torchmetrics is always handed an explicit path.
 * ``digits-cnn``: the offline substitute in :mod:`.digits_cnn`, honest only for digit images
   (scikit-learn digits, MNIST). Its distances are not Inception FID and are labelled so.
 
 ``none`` (a valid ``fid-backbone`` in the run config) means: compute no FID at all.
+``auto`` means Inception when its weights are (or can be made) available, else digits-cnn for
+digit datasets, and is the only choice that falls back.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import os
+import urllib.error
+import warnings
 from pathlib import Path
 
 import torch
@@ -23,7 +29,7 @@ from torch import Tensor, nn
 
 BACKBONES = ("auto", "inception", "digits-cnn", "none")
 #: Datasets whose images are handwritten digits, where digits-cnn features mean something.
-DIGIT_DATASETS = ("digits", "mnist")
+DIGIT_DATASETS = ("digits", "mnist", "mnist5k", "hf:ylecun/mnist", "hf:mnist")
 #: pytorch-fid's name for the FID Inception weights, then torch-fidelity's name for the same
 #: file (same SHA-256 prefix 6726825d); torch hub caches downloads under these names.
 INCEPTION_WEIGHT_NAMES = ("pt_inception-2015-12-05-6726825d.pth",
@@ -47,9 +53,9 @@ def hub_inception_paths() -> list[Path]:
 def _missing_weights_message(given: str | None) -> str:
     where = f"no file at {given}" if given else "no Inception FID weights found at " + " or ".join(
         str(p) for p in hub_inception_paths())
-    return (f"{where}. This project never downloads; put pt_inception-2015-12-05-6726825d.pth "
-            f"(pytorch-fid / torch-fidelity's FID Inception weights) there, or pass "
-            f"fid-weights=/abs/path/to/pt_inception-2015-12-05-6726825d.pth, "
+    return (f"{where}. Set fid-download=true to let torch-fidelity fetch them into that cache, put "
+            f"pt_inception-2015-12-05-6726825d.pth (pytorch-fid / torch-fidelity's FID Inception weights) "
+            f"there, or pass fid-weights=/abs/path/to/pt_inception-2015-12-05-6726825d.pth, "
             f"or choose fid-backbone=digits-cnn (digit datasets) or fid-backbone=none")
 
 
@@ -114,6 +120,51 @@ def resolve_backbone(name: str, dataset: str, weights_path: str | None) -> str:
         _need_torch_fidelity()
     raise FileNotFoundError(_missing_weights_message(None) + f" (dataset={dataset!r} is not a digit "
                             f"dataset, so digits-cnn does not apply)")
+
+
+def fetch_inception_weights() -> Path:
+    """torch-fidelity's own download of the FID Inception weights into torch hub's cache.
+
+    Building torch-fidelity's extractor without a weights path is how that library fetches
+    them (``load_state_dict_from_url``, checked against the hash in the file name); later
+    loads find the file in the cache. Offline this fails with one line saying what to do.
+    """
+    _need_torch_fidelity()
+    from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3, FeatureExtractorInceptionV3
+
+    try:
+        FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
+    except (OSError, urllib.error.URLError, RuntimeError) as exc:
+        raise ConnectionError(f"fid-download=true could not fetch the FID Inception weights from {URL_INCEPTION_V3} "
+                              f"into {hub_inception_paths()[1].parent} ({type(exc).__name__}: {exc}); go online, "
+                              f"or put {INCEPTION_WEIGHT_NAMES[0]} there or at fid-weights=/abs/path, or choose "
+                              f"fid-backbone=auto (falls back for digit datasets), digits-cnn or none") from exc
+    found = find_inception_weights(None)
+    if found is None:
+        raise FileNotFoundError(f"torch-fidelity reported no error but no weights are in {hub_inception_paths()[1].parent}")
+    return found
+
+
+def prepare_backbone(name: str, dataset: str, weights_path: str | None = None, download: bool = False) -> str:
+    """Call once at the start of a run: the backbone FID will use, its weights ready.
+
+    With ``download`` and no weights on disk, Inception's are fetched now (see
+    :func:`fetch_inception_weights`), so a run that cannot have them fails at start, not at
+    its first evaluation. A failed fetch is an error for ``inception``; for ``auto`` it warns
+    and falls back as :func:`resolve_backbone` does. Later calls of :func:`resolve_backbone`
+    (without ``download``) then return the same answer, because the weights are cached.
+    """
+    if name not in BACKBONES:
+        raise ValueError(f"fid-backbone must be one of {BACKBONES}, got {name!r}")
+    wants_inception = name == "inception" or (name == "auto" and torch_fidelity_available())
+    if download and wants_inception and find_inception_weights(weights_path) is None:
+        try:
+            fetch_inception_weights()
+        except (ConnectionError, FileNotFoundError) as exc:
+            if name == "inception":
+                raise
+            warnings.warn(f"fid-backbone=auto: {exc}; falling back", stacklevel=2)
+    return resolve_backbone(name, dataset, weights_path)
 
 
 class InceptionFeatures(nn.Module):

@@ -1,4 +1,10 @@
-"""FID and KID between two uint8 image sets, computed by torchmetrics on one feature pass.
+"""FID, KID, precision and recall between two uint8 image sets, on one feature pass.
+
+FID and KID are torchmetrics'; precision and recall (Kynkaenniemi et al. 2019, k = 3 nearest
+neighbours, the fidelity/diversity pair Flower's federated diffusion example reports beside FID)
+are torch-fidelity's, computed on the same features. Result keys: ``fid``, ``kid``,
+``kid_std``, ``precision``, ``recall`` (the last two only when torch-fidelity is installed and
+each set has more than k images).
 
 Why features are extracted here and handed to torchmetrics through an identity module: FID
 and KID need the same features, and running the backbone once instead of twice halves the
@@ -28,6 +34,7 @@ DEFAULT_KID_SUBSET_SIZE = 50
 KID_SUBSETS = 100
 KID_SEED = 0
 SINGLE_THREAD_MAX_DIM = 256
+PRC_NEIGHBORHOOD = 3  # torch-fidelity's default k for precision/recall
 
 
 @contextmanager
@@ -76,7 +83,22 @@ def fid_kid_from_features(real: Tensor, fake: Tensor, kid_subset_size: int | Non
     # Small matrices (digits-cnn's 64-d) run fastest on one thread; Inception's 2048-d ones gain
     # from the pool.
     with _one_thread() if real.shape[1] <= SINGLE_THREAD_MAX_DIM else nullcontext():
-        return _fid_kid(real.double(), fake.double(), kid_subset_size)
+        return {**_fid_kid(real.double(), fake.double(), kid_subset_size), **precision_recall(real, fake)}
+
+
+def precision_recall(real: Tensor, fake: Tensor, neighborhood: int = PRC_NEIGHBORHOOD) -> dict[str, float]:
+    """torch-fidelity's k-NN precision (share of fakes inside the real manifold) and recall
+    (share of reals inside the fake manifold); {} when it cannot be computed (too few rows,
+    or torch-fidelity missing), so callers report FID alone rather than fail."""
+    if min(real.shape[0], fake.shape[0]) <= neighborhood:
+        return {}
+    try:
+        from torch_fidelity.metric_prc import prc_features_to_metric
+    except ImportError:
+        return {}
+    out = prc_features_to_metric(fake.double(), real.double(), prc_neighborhood=neighborhood,
+                                 prc_batch_size=10000, save_cpu_ram=False, verbose=False)
+    return {"precision": float(out["precision"]), "recall": float(out["recall"])}
 
 
 def _fid_kid(real: Tensor, fake: Tensor, kid_subset_size: int) -> dict[str, float]:
