@@ -57,9 +57,10 @@ class LocalDeployment:
 
     node_configs: one `--node-config` string per SuperNode; default `partition-id=K
     num-partitions=N`. isolation: `subprocess` (Flower's default: one fresh `flwr-clientapp`
-    process per message) or `warm` (`--isolation process` plus one long-lived
-    `collafuse_flwr.warm_clientapp` worker per SuperNode, which keeps torch and the node's data
-    loaded between messages).
+    process per message, stock `flower-supernode`) or `warm` (`--isolation process` plus one
+    long-lived `collafuse_flwr.warm_clientapp` worker per SuperNode, which keeps torch and the
+    node's data loaded between messages, and SuperNodes started through
+    `collafuse_flwr.fast_supernode`, which poll the SuperLink every `node_poll` s instead of 3 s).
     """
 
     workdir: Path
@@ -70,6 +71,7 @@ class LocalDeployment:
     isolation: str = "subprocess"
     federation: str = FEDERATION
     database: str | None = None
+    node_poll: float = 0.5
     quiet: bool = False
     superlink_port: int = 0
     node_ports: list[int] = field(default_factory=list)
@@ -100,6 +102,8 @@ class LocalDeployment:
             "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
             "FLWR_DISABLE_UPDATE_CHECK": "1",
             "PYTHONUNBUFFERED": "1",
+            # SuperExec asks the SuperNode for a new ClientApp task every 1 s by default
+            "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": os.environ.get("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", "0.1"),
         })
         # Flower starts flower-superexec / flwr-clientapp / flwr-serverapp from PATH
         env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
@@ -177,7 +181,9 @@ class LocalDeployment:
         self.node_ports.append(port)
         node_config = (self.node_configs[k] if self.node_configs
                        else f"partition-id={k} num-partitions={self.num_nodes}")
-        cmd = ["flower-supernode", "--superlink", f"127.0.0.1:{self.superlink_port}",
+        exe = (["flower-supernode"] if self.isolation == "subprocess" else
+               [sys.executable, "-m", "collafuse_flwr.fast_supernode", "--poll", str(self.node_poll), "--"])
+        cmd = [*exe, "--superlink", f"127.0.0.1:{self.superlink_port}",
                "--host", "127.0.0.1", "--port", str(port), "--node-config", node_config]
         cmd += ["--root-certificates", str(self.tls_files.ca_cert)] if self.tls_files else ["--insecure"]
         if self.auth:
@@ -352,7 +358,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--kill-node-after-round", type=int, default=None,
                    help="SIGKILL the last SuperNode once this many rounds are in metrics.csv")
     p.add_argument("--timeout", type=float, default=1800)
-    p.add_argument("--quiet", action="store_true", help="do not stream the run's log")
+    p.add_argument("--quiet", action="store_true",
+                   help="do not stream the run's log (the commands are still printed; the log is in logs/flwr-run.log)")
     a = p.parse_args(argv)
     if not (a.app / "pyproject.toml").is_file():
         p.error(f"--app {a.app} has no pyproject.toml; point it at a Flower app folder")
@@ -363,8 +370,7 @@ def main(argv: list[str] | None = None) -> int:
         folders = write_node_folders(workdir / "node-data", a.num_nodes)
         node_configs = [f"data-dir='{f}' dataset='imagefolder'" for f in folders]
     dep = LocalDeployment(workdir, a.num_nodes, node_configs, tls=not a.insecure,
-                          auth=not (a.insecure or a.no_auth), isolation=a.isolation, database=a.database,
-                          quiet=a.quiet)
+                          auth=not (a.insecure or a.no_auth), isolation=a.isolation, database=a.database)
     previous = signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     try:
         with dep:

@@ -37,6 +37,6 @@ def write_node_folders(root: Path, num_nodes: int, max_per_class: int = 0) -> li
                 idx = idx[:max_per_class]
             (node / str(c)).mkdir(parents=True, exist_ok=True)
             for i in idx:
-                Image.fromarray(images[i], mode="L").save(node / str(c) / f"{i:04d}.png")
+                Image.fromarray(images[i]).save(node / str(c) / f"{i:04d}.png")
         folders.append(node)
     return folders

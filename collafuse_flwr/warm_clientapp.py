@@ -110,6 +110,8 @@ def _client(address: str, insecure: bool, certificates: bytes | None, token: str
 
 def run_task(address: str, token: str, insecure: bool, certificates: bytes | None, cache: AppCache) -> str:
     """One ClientApp task, as `flwr-clientapp` runs it, minus the process start; returns its status."""
+    t0 = time.perf_counter()
+    marks: dict[str, float] = {}
     client = _client(address, insecure, certificates, token)
     heartbeat = HeartbeatSender(make_task_heartbeat_fn_http(client))
     message = reply = context = None
@@ -117,8 +119,11 @@ def run_task(address: str, token: str, insecure: bool, certificates: bytes | Non
     try:
         heartbeat.start()
         message, context, run, fab = pull_task_input(client)
+        marks["pull"] = time.perf_counter()
         app = cache.get(run.fab_id, run.fab_version, fab.hash_str, fab.content)
+        marks["load"] = time.perf_counter()
         reply = app(message=message, context=context)
+        marks["app"] = time.perf_counter()
         sub_status, details = SubStatus.COMPLETED, ""
     except Exception as ex:  # the same error reply flwr-clientapp sends  # noqa: BLE001
         code = ErrorCode.LOAD_CLIENT_APP_EXCEPTION if isinstance(ex, LoadClientAppError) \
@@ -138,6 +143,8 @@ def run_task(address: str, token: str, insecure: bool, certificates: bytes | Non
         if heartbeat.is_running:
             heartbeat.stop()
         client.close()
+        marks["push"] = time.perf_counter()
+        log(INFO, "warm ClientApp: %s", " ".join(f"{k} {v - t0:.2f}s" for k, v in marks.items()))
     return sub_status
 
 

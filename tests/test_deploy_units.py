@@ -1,0 +1,127 @@
+"""The deployment helpers' parts, without starting Flower: keys, node folders, README commands."""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import sys
+import types
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import load_ssh_private_key, load_ssh_public_key
+
+from collafuse_flwr.deploy import LocalDeployment, _rounds_done
+from collafuse_flwr.deploy_keys import make_node_key, make_tls
+from collafuse_flwr.node_data import class_blocks, write_node_folders
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_server_certificate_is_signed_by_the_ca_for_localhost(tmp_path):
+    files = make_tls(tmp_path)
+    ca = x509.load_pem_x509_certificate(files.ca_cert.read_bytes())
+    cert = x509.load_pem_x509_certificate(files.server_cert.read_bytes())
+    cert.verify_directly_issued_by(ca)  # raises if the CA did not sign it
+    sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert ipaddress.ip_address("127.0.0.1") in sans.get_values_for_type(x509.IPAddress)
+    assert "localhost" in sans.get_values_for_type(x509.DNSName)
+    assert files.server_key.stat().st_mode & 0o077 == 0  # private key not readable by others
+
+
+def test_node_key_is_what_flower_accepts(tmp_path):
+    from flwr.supercore.primitives.asymmetric import uses_nist_ec_curve
+
+    priv, pub = make_node_key(tmp_path, 0)
+    key = load_ssh_private_key(priv.read_bytes(), None)  # what flower-supernode does
+    public = load_ssh_public_key(pub.read_bytes())       # what `flwr supernode register` does
+    assert isinstance(key, ec.EllipticCurvePrivateKey) and uses_nist_ec_curve(public)
+    assert key.public_key().public_numbers() == public.public_numbers()
+    assert make_node_key(tmp_path, 1)[1].read_bytes() != pub.read_bytes()
+
+
+def test_node_folders_hold_disjoint_classes_in_imagefolder_layout(tmp_path):
+    assert class_blocks(3) == [[0, 1, 2, 3], [4, 5, 6], [7, 8, 9]]
+    with pytest.raises(ValueError, match="num_nodes must be in 1..10"):
+        class_blocks(11)
+    folders = write_node_folders(tmp_path, 3, max_per_class=5)
+    classes = [sorted(int(p.name) for p in f.iterdir()) for f in folders]
+    assert classes == class_blocks(3)
+    assert all(len(list((f / str(c)).glob("*.png"))) == 5 for f, cs in zip(folders, classes) for c in cs)
+    from PIL import Image
+    img = Image.open(next((folders[0] / "0").glob("*.png")))
+    import numpy as np
+    assert img.size == (8, 8) and img.mode == "L" and np.asarray(img).max() > 100
+
+
+def test_rounds_done_counts_metrics_rows(tmp_path):
+    assert _rounds_done(tmp_path) == 0
+    run = tmp_path / "20260101-000000-collafuse-1"
+    run.mkdir()
+    (run / "metrics.csv").write_text("round,elapsed-s\n1,3.0\n2,5.0\n")
+    assert _rounds_done(tmp_path) == 2
+
+
+@pytest.mark.parametrize("kwargs, match", [({"num_nodes": 0}, "num_nodes must be >= 1"),
+                                           ({"isolation": "thread"}, "isolation must be one of"),
+                                           ({"tls": False}, "needs TLS"),
+                                           ({"node_configs": ["a=1"]}, "1 node configs for 3 nodes")])
+def test_bad_deployment_settings_are_refused_with_the_fix(tmp_path, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        LocalDeployment(tmp_path, **{"num_nodes": 3, **kwargs})
+
+
+def test_federation_entry_names_address_and_trust(tmp_path):
+    dep = LocalDeployment(tmp_path, num_nodes=1, tls=False, auth=False)
+    dep.flwr_home.mkdir(parents=True)
+    dep.superlink_port = 12345
+    text = dep.write_federation_entry().read_text()
+    import tomllib
+    entry = tomllib.loads(text)["superlink"]
+    assert entry["default"] == "collafuse-local"
+    assert entry["collafuse-local"] == {"address": "127.0.0.1:12345", "insecure": True}
+
+
+def test_fast_supernode_caps_only_the_loop_sleeps(monkeypatch):
+    import time
+
+    import flwr.supernode.start_client_internal as loop
+    from collafuse_flwr.fast_supernode import patch_poll_interval
+
+    monkeypatch.setattr(loop, "time", time)
+    patch_poll_interval(0.01)
+    t0 = time.perf_counter()
+    loop.time.sleep(3)  # Flower's idle poll
+    assert time.perf_counter() - t0 < 1.0
+    assert loop.time.time() > 0 and time.sleep is not loop.time.sleep  # the real module is untouched
+    with pytest.raises(ValueError, match="poll interval must be in"):
+        patch_poll_interval(0)
+
+
+def test_warm_worker_drops_shadowing_copies_of_the_apps_packages(tmp_path, monkeypatch):
+    from collafuse_flwr.warm_clientapp import _unload_shadowing
+
+    app = tmp_path / "app"
+    (app / "mypkg").mkdir(parents=True)
+    (app / "mypkg" / "__init__.py").write_text("")
+    stale = types.ModuleType("mypkg")
+    stale.__file__ = str(tmp_path / "elsewhere" / "mypkg" / "__init__.py")
+    own = types.ModuleType("mypkg.sub")
+    own.__file__ = str(app / "mypkg" / "sub.py")
+    monkeypatch.setitem(sys.modules, "mypkg", stale)
+    monkeypatch.setitem(sys.modules, "mypkg.sub", own)
+    assert _unload_shadowing(app) == ["mypkg"]
+    assert "mypkg" not in sys.modules and sys.modules["mypkg.sub"] is own
+
+
+def test_readme_by_hand_commands_are_the_scripts():
+    """examples/README.md's "By hand" block is copied verbatim into by_hand.sh (which was run)."""
+    readme = (REPO / "examples" / "README.md").read_text()
+    block = re.search(r"### By hand.*?```bash\n(.*?)```", readme, re.S).group(1)
+    script = (REPO / "examples" / "local_deployment" / "by_hand.sh").read_text()
+    lines = [ln for ln in block.splitlines() if ln.strip()]
+    assert len(lines) > 20
+    missing = [ln for ln in lines if ln not in script.splitlines()]
+    assert not missing, f"README lines not in by_hand.sh: {missing}"

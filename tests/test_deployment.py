@@ -1,0 +1,139 @@
+"""A real Flower deployment on 127.0.0.1: SuperLink + 3 SuperNodes, TLS, SuperNode authentication.
+
+Every certificate and key is generated in the test (`collafuse_flwr.deploy_keys`), every
+process is started by `collafuse_flwr.deploy.LocalDeployment` and stopped by pid in its
+`__exit__`, which runs when an assertion fails too; each test then checks that none of the
+pids it saw is still alive. Run status comes from `flwr list --format json`, never from the
+exit code of `flwr run`.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from collafuse_flwr.config import load_defaults
+from collafuse_flwr.deploy import LocalDeployment
+from collafuse_flwr.launch import APP_DIR, tree
+
+pytestmark = pytest.mark.e2e
+
+TINY = ("num-server-rounds=2 model-size='tiny' image-size=8 diffusion-steps=20 local-steps=2 "
+        "server-steps=2 uploads-per-round=8 num-eval-samples=4 batch-size=16 attack-reference-steps=5 "
+        "torch-threads=1")
+NODES = 3
+
+
+def _alive(pids: list[int]) -> list[int]:
+    out = []
+    for p in pids:
+        try:
+            state = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if state != "Z":
+            out.append(p)
+    return out
+
+
+def _all_pids(dep: LocalDeployment) -> list[int]:
+    return [p for proc in dep.procs.values() for p in tree(proc.pid)]
+
+
+def _flwr_list(dep: LocalDeployment) -> dict[int, str]:
+    res = dep._flwr("list", dep.federation, "--format", "json")
+    return {int(r["run-id"]): r["status"] for r in json.loads(res.stdout)["runs"]}
+
+
+def _check_outputs(out, output_root: Path, method: str, num_clients: int) -> dict:
+    """Outputs are where the docs say: <output-dir>/<time>-<method>-...-<run-id>/."""
+    assert out.output_dir is not None and out.output_dir.parent == output_root
+    assert out.output_dir.name.endswith(str(out.run_id)) and f"-{method}" in out.output_dir.name
+    res = json.loads((out.output_dir / "results.json").read_text())
+    assert res["method"] == method and res["num_clients"] == num_clients
+    assert [r["round"] for r in csv.DictReader(open(out.output_dir / "metrics.csv"))] == ["1", "2"]
+    assert (out.output_dir / "samples.png").stat().st_size > 500
+    return res
+
+
+def test_collafuse_and_fedavg_in_a_tls_authenticated_deployment(tmp_path):
+    """Flower's stock SuperNodes (`--isolation subprocess`), TLS + SuperNode auth, two jobs."""
+    dep = LocalDeployment(tmp_path / "dep", num_nodes=NODES, tls=True, auth=True, quiet=True)
+    seen: list[int] = []
+    try:
+        with dep:
+            # TLS really is on and the nodes really are registered by key
+            cfg = (dep.flwr_home / "config.toml").read_text()
+            assert f'address = "127.0.0.1:{dep.superlink_port}"' in cfg and "root-certificates" in cfg
+            assert len(list((tmp_path / "dep" / "keys").glob("*.pub"))) == NODES
+            assert dep.online_nodes() == NODES
+            outs = {}
+            for method in ("collafuse", "fedavg"):
+                root = tmp_path / f"out-{method}"
+                outs[method] = dep.run(run_config=f"{TINY} method='{method}' output-dir='{root}'",
+                                       stream=False, timeout=900)
+                seen += _all_pids(dep)
+                assert outs[method].ok, f"{method}: {outs[method].status}\n{outs[method].log[-3000:]}"
+                _check_outputs(outs[method], root, method, NODES)
+            statuses = _flwr_list(dep)
+            assert statuses[outs["collafuse"].run_id] == "finished:completed"
+            assert statuses[outs["fedavg"].run_id] == "finished:completed"
+            seen += _all_pids(dep)
+    finally:
+        seen += _all_pids(dep)
+    assert not _alive(seen), f"processes left running: {_alive(seen)}"
+
+
+def test_the_cli_recipe_runs_and_says_where_outputs_are(tmp_path):
+    """The local deployment recipe (examples/local_deployment/run.sh -> collafuse-deploy), warm workers."""
+    script = APP_DIR / "examples" / "local_deployment" / "run.sh"
+    env = {**os.environ, "WORKDIR": str(tmp_path / "w"), "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+           "EXTRA_RUN_CONFIG": "attack-reference-steps=5 torch-threads=1"}
+    proc = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=900)
+    text = proc.stdout + proc.stderr
+    assert proc.returncode == 0, text[-4000:]
+    assert ": finished:completed" in text
+    outputs = Path(next(line for line in text.splitlines() if line.startswith("outputs: ")).split(": ", 1)[1])
+    assert outputs.is_absolute() and (outputs / "results.json").is_file()
+    assert outputs.parent == (tmp_path / "w" / "outputs").resolve()
+    pids = subprocess.run(["pgrep", "-f", str(tmp_path / "w")], capture_output=True, text=True).stdout.split()
+    assert not _alive([int(p) for p in pids]), f"processes left running: {pids}"
+
+
+_DEFAULTS = load_defaults()
+
+
+@pytest.mark.skipif("round-timeout" not in _DEFAULTS or "min-available-fraction" not in _DEFAULTS,
+                    reason="needs run-config round-timeout / min-available-fraction (issue 12)")
+def test_nodes_with_their_own_folders_and_one_killed_after_round_1(tmp_path):
+    """Each node reads only its own image folder; node 2 is SIGKILLed after round 1; the run finishes."""
+    from collafuse_flwr.node_data import write_node_folders
+
+    folders = write_node_folders(tmp_path / "data", NODES, max_per_class=40)
+    for k, f in enumerate(folders):  # disjoint: no node holds another node's classes
+        assert not set(p.name for p in f.iterdir()) & set(p.name for g in folders[k + 1:] for p in g.iterdir())
+    configs = [f"data-dir='{f}' dataset='imagefolder'" for f in folders]
+    dep = LocalDeployment(tmp_path / "dep", num_nodes=NODES, node_configs=configs, isolation="warm", quiet=True)
+    seen: list[int] = []
+    try:
+        with dep:
+            root = tmp_path / "out"
+            out = dep.run(run_config=f"{TINY} round-timeout=20.0 min-available-fraction=0.5 output-dir='{root}'",
+                          kill_node_after_round=1, stream=False, timeout=900)
+            seen += _all_pids(dep)
+            assert out.killed_node == NODES - 1
+            assert out.ok, f"{out.status}\n{out.log[-3000:]}"
+            assert _flwr_list(dep)[out.run_id] == "finished:completed"
+            res = json.loads((out.output_dir / "results.json").read_text())
+            assert res["status"] == "ok"
+            rows = list(csv.DictReader(open(out.output_dir / "metrics.csv")))
+            assert [r["round"] for r in rows] == ["1", "2"]
+    finally:
+        seen += _all_pids(dep)
+    assert not _alive(seen), f"processes left running: {_alive(seen)}"
