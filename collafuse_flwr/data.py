@@ -46,6 +46,7 @@ _SPLITS: dict[str, tuple[str, ...]] = {
 }
 _SPLIT_ALIASES = {"val": "valid", "validation": "valid"}
 _EMBEDDED = ("digits", "mnist5k")
+_DOWNLOADABLE = ("mnist", "fashion-mnist", "cifar10", "celeba")  # torchvision can fetch these
 # Used only to size JPEG datasets whose size the user did not give: 64 px is the usual
 # working size for CelebA/AwA2 diffusion and keeps memory modest.
 DEFAULT_JPEG_SIZE = 64
@@ -179,9 +180,9 @@ def load_dataset(
         raise ValueError(f"max_samples must be a non-negative integer (0 or None = all), got {max_samples!r}")
     if channels not in (None, 1, 3):
         raise ValueError(f"channels must be 1, 3 or None (keep the dataset's own), got {channels!r}")
-    if download and (hf or key in _EMBEDDED):
-        raise ValueError(f"download=true is for the torchvision datasets (mnist, fashion-mnist, cifar10, "
-                         f"celeba); {key!r} needs no download switch, set download=false")
+    if download and key not in _DOWNLOADABLE:
+        raise ValueError(f"download=true is for the torchvision datasets ({', '.join(_DOWNLOADABLE)}), not "
+                         f"{key!r}; set download=false (hf: fetches from the Hub by itself, the others are local)")
     limit = max_samples or None
     size, mode = image_size or DEFAULT_JPEG_SIZE, "L" if channels == 1 else "RGB"
 

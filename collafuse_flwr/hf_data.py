@@ -74,7 +74,7 @@ def _load_split(source: str, split: str):
         offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
         state = "HF_HUB_OFFLINE is set and it is not in the local cache" if offline else \
             "the Hugging Face Hub cannot be reached and it is not in the local cache"
-        raise ConnectionError(f"dataset='{HF_PREFIX}{source}': {state} ({exc}). Go online once to cache it "
+        raise ConnectionError(f"dataset='{HF_PREFIX}{source}': {state} ({' '.join(str(exc).split())}). Go online once to cache it "
                               f"(later runs work with HF_HUB_OFFLINE=1), or use {_LOCAL_HINT}") from exc
     except ValueError as exc:
         if "split" in str(exc).lower():

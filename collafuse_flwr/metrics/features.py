@@ -136,7 +136,7 @@ def fetch_inception_weights() -> Path:
         FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
     except (OSError, urllib.error.URLError, RuntimeError) as exc:
         raise ConnectionError(f"fid-download=true could not fetch the FID Inception weights from {URL_INCEPTION_V3} "
-                              f"into {hub_inception_paths()[1].parent} ({type(exc).__name__}: {exc}); go online, "
+                              f"into {hub_inception_paths()[1].parent} ({type(exc).__name__}: {' '.join(str(exc).split())}); go online, "
                               f"or put {INCEPTION_WEIGHT_NAMES[0]} there or at fid-weights=/abs/path, or choose "
                               f"fid-backbone=auto (falls back for digit datasets), digits-cnn or none") from exc
     found = find_inception_weights(None)
