@@ -48,6 +48,13 @@ CELEBA_PAPER_GROUPS: list[list[str]] = [
 class GroupPartitioner(Partitioner):
     """Partition k takes the rows its group claims; flwr-datasets has no explicit-group scheme.
 
+    Why not flwr-datasets' `PathologicalPartitioner`: it gives partition k a window of classes
+    (k, k+1, ... with "first-deterministic"/"deterministic", or random ones) and cannot take the
+    groups a user names ('0,1;2,3', class names, CelebA attributes); its windows overlap and
+    leave classes out (measured, 5 partitions x 2 of 10 classes: "deterministic" gives
+    {0,1},{1,2},{2,3},{3,4},{4,5} and drops 6..9) where CollaFuse's setting needs client k to
+    own {2k, 2k+1}. Nor can it claim rows by boolean attribute columns.
+
     With `partition_by` set, a group lists values of that column (by-class: label indices).
     Without it, a group lists 0/1 columns and claims rows where any of them is 1
     (by-attribute). A row claimed by several groups goes to one of them, drawn uniformly
