@@ -66,7 +66,7 @@ from collafuse_flwr import diffusion as D
 from collafuse_flwr.client_data import all_splits, client_data, dataset_for
 from collafuse_flwr.config import RunConfig
 from collafuse_flwr.data import to_uint8
-from collafuse_flwr.client_app import init_private_denoiser
+from collafuse_flwr.client_app import init_private_denoiser, node_generator, node_settings
 from collafuse_flwr.launch import run_flower
 from collafuse_flwr.metrics.disclosure import psnr_ssim, reconstruct, reidentification_rate, upload_fid
 from collafuse_flwr.metrics.features import resolve_backbone
@@ -95,9 +95,9 @@ QUICK = {"model-size": "tiny", "image-size": 8, "diffusion-steps": 20, "local-st
 
 
 def _client_generator(cfg: RunConfig, pid: int, server_round: int, salt: int) -> torch.Generator:
-    """The ClientApp's per-(client, round, phase) seed formula (client_app._generator), so both
-    sides draw minibatches, timesteps and noise the same way."""
-    return torch.Generator().manual_seed(cfg.seed * 1_000_003 + pid * 10_007 + server_round * 101 + salt)
+    """The ClientApp's per-(client, round, phase) generator, keyed by this machine's node secret
+    (client_app.node_generator), so both sides draw minibatches, timesteps and noise the same way."""
+    return node_generator(cfg, node_settings(cfg, {}).state_dir, pid, server_round, salt)
 
 
 @dataclass
@@ -138,8 +138,7 @@ def plain_collafuse(cfg: RunConfig, num_clients: int, out_dir: Path) -> PlainRes
     counts = [np.zeros(d.train.shape[0], dtype=np.int64) for d in datas]
     last_idx: list[np.ndarray | None] = [None] * num_clients
     last_upload: list[np.ndarray | None] = [None] * num_clients
-    buffer: list[torch.Tensor] = []
-    buffer_labels: list[torch.Tensor] = []
+    buffer: dict[int, list[torch.Tensor]] = {}  # client -> its uploads, oldest first (CollaFuse.buffer)
     server_share = t_c < sched.T
     backbone = resolve_backbone(cfg.fid_backbone, cfg.dataset, cfg.fid_weights or None)
     eval_s = 0.0
@@ -163,17 +162,17 @@ def plain_collafuse(cfg: RunConfig, num_clients: int, out_dir: Path) -> PlainRes
                 idx = torch.randperm(data.train.shape[0], generator=gen)[:n_up]
                 x_tc = D.upload(sched, data.train[idx], t_c, torch.randn(data.train[idx].shape, generator=gen))
                 x = x_tc.float().numpy()
-                buffer.append(torch.from_numpy(x))
-                buffer_labels.append(torch.full((x.shape[0],), pid, dtype=torch.long))
+                buffer.setdefault(pid, []).append(torch.from_numpy(x))
                 np.add.at(counts[pid], idx.numpy(), 1)
                 last_idx[pid], last_upload[pid] = idx.numpy(), x
         client_s.append(time.perf_counter() - tc)
         # -- server trains on all uploads so far (CollaFuse.aggregate_train) -------------------------
         ts = time.perf_counter()
         if server_share and buffer and cfg.server_steps > 0:
+            parts = [(c, t) for c in sorted(buffer) for t in buffer[c]]  # client-major, as CollaFuse.buffer_tensors
             train_steps(server, server_opt, server_share_loss(server, sched, t_c, cfg.server_target, server_gen),
-                        torch.cat(buffer), cfg.server_steps, cfg.batch_size, server_gen, device,
-                        labels=torch.cat(buffer_labels))
+                        torch.cat([t for _, t in parts]), cfg.server_steps, cfg.batch_size, server_gen, device,
+                        labels=torch.cat([torch.full((t.shape[0],), c, dtype=torch.long) for c, t in parts]))
         server_s.append(time.perf_counter() - ts)
         if not cfg.is_eval_round(rnd):
             round_ends.append(time.perf_counter() - t0)

@@ -1,7 +1,12 @@
 """A node's own data: its partition of the configured dataset, train and held-out test.
 
-Every node loads and partitions the same dataset with the same seed, then keeps only its own
-partition. Results are cached per process, because Ray actors serve many virtual nodes, and
+Two ways a node gets its data (`node_data` picks by the node's `node_config`):
+- its own folder: `data-dir` (and optionally `dataset`) in node_config. The node reads only the
+  images there and uses all of them as its partition, with its own train/test split; nobody
+  else's files are needed. This is how a real deployment's data owners take part.
+- a shared dataset: `partition-id`/`num-partitions` (the simulation engine sets them). Every
+  node loads and partitions the same dataset with the same seed, then keeps only its own
+  partition. Results are cached per process, because Ray actors serve many virtual nodes, and
 the index sets are memoised on disk (`splits.py`) so a worker start need not recompute them.
 """
 
@@ -57,6 +62,40 @@ def dataset_for(cfg: RunConfig) -> ImageDataset:
 
 def all_splits(cfg: RunConfig, num_partitions: int) -> tuple[ClientSplit, ...]:
     return _splits(cfg, num_partitions)
+
+
+def node_data(cfg: RunConfig, node_config: dict) -> ClientData:
+    """This node's data from its node_config: its own folder, or its partition of a shared dataset."""
+    folder = str(node_config.get("data-dir", "") or "")
+    if folder:
+        return own_folder_data(cfg, folder, str(node_config.get("dataset", "") or cfg.dataset),
+                               int(node_config.get("partition-id", -1)))
+    pid = int(node_config.get("partition-id", 0))
+    num = int(node_config.get("num-partitions", 1))
+    return client_data(cfg, pid, num)
+
+
+@lru_cache(maxsize=4)
+def own_folder_data(cfg: RunConfig, folder: str, dataset: str, partition_id: int = -1) -> ClientData:
+    """All images in the node's own folder, split train/test by `test-fraction` (seeded).
+
+    partition_id: the operator's claim (-1 = none; the server then assigns the client index).
+    """
+    import os
+
+    import torch
+
+    if not os.path.isabs(folder):
+        raise ValueError(f"node_config data-dir must be an absolute path, got {folder!r}")
+    ds = _dataset(dataset, folder, cfg.image_size, cfg.max_samples)
+    n = ds.images.shape[0]
+    if n < 2:
+        raise ValueError(f"node_config data-dir={folder!r} holds {n} image(s); a node needs at least 2 "
+                         f"(one to train on, one to test against)")
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed))
+    n_test = min(n - 1, max(1, int(round(cfg.test_fraction * n))))
+    train, test = ds.images[perm[n_test:]], ds.images[perm[:n_test]]
+    return ClientData(partition_id, train, test, to_model_range(train))
 
 
 def client_data(cfg: RunConfig, partition_id: int, num_partitions: int) -> ClientData:

@@ -62,6 +62,11 @@ class RunConfig:
     torch_threads: int
     seed: int
     output_dir: str
+    min_nodes: int
+    min_available_fraction: float
+    round_timeout: float
+    server_buffer_size: int
+    harness: str
 
     @property
     def cut_step(self) -> int:
@@ -92,17 +97,18 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "model_size": ("tiny", "small", "base"),
     "conditioning": ("client", "none"),
     "fid_backbone": ("auto", "inception", "digits-cnn", "none"),
+    "harness": ("auto", "on", "off"),
 }
 _MIN: dict[str, float] = {
     "num_server_rounds": 1, "diffusion_steps": 2, "image_size": 4, "local_steps": 0,
     "server_steps": 0, "batch_size": 1, "uploads_per_round": 0, "eval_every": 0,
     "num_eval_samples": 2, "sampling_steps": 0, "max_samples": 0, "seed": 0,
-    "attack_reference_steps": 0, "torch_threads": 0,
+    "attack_reference_steps": 0, "torch_threads": 0, "min_nodes": 1, "server_buffer_size": 0,
 }
 # Keys that only one method reads: setting them away from the default elsewhere is a mistake
 # worth a warning, never a silent no-op.
 _ONLY_FOR = {"cut_ratio": "collafuse", "server_target": "collafuse", "server_steps": "collafuse",
-             "uploads_per_round": "collafuse"}
+             "uploads_per_round": "collafuse", "server_buffer_size": "collafuse"}
 
 
 class ConfigError(ValueError):
@@ -162,6 +168,11 @@ def parse_config(run_config: dict[str, Any], *, defaults: dict[str, Any] | None 
                           f"got {values['cut_ratio']}")
     if not 0.0 < values["test_fraction"] < 1.0:
         raise ConfigError(f"test-fraction must be in (0, 1), got {values['test_fraction']}")
+    if not 0.0 < values["min_available_fraction"] <= 1.0:
+        raise ConfigError(f"min-available-fraction must be in (0, 1] (the share of nodes whose replies "
+                          f"let a round go on), got {values['min_available_fraction']}")
+    if values["round_timeout"] <= 0:
+        raise ConfigError(f"round-timeout must be > 0 seconds, got {values['round_timeout']}")
     if values["learning_rate"] <= 0:
         raise ConfigError(f"learning-rate must be > 0, got {values['learning_rate']}")
     if values["dirichlet_alpha"] <= 0:

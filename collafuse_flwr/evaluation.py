@@ -16,6 +16,7 @@ from flwr.app import RecordDict
 from .client_data import ClientData
 from .config import RunConfig
 from .diffusion import make_schedule
+from .node import Refused
 from .state import LAST_UPLOAD_KEY, upload_counts
 
 
@@ -30,14 +31,20 @@ def _quality(cfg: RunConfig, gen_uint8: torch.Tensor, data: ClientData) -> dict[
     return {"fid": r["fid"], "kid": r["kid"], "kid-std": r["kid_std"]}
 
 
-def _disclosure(cfg: RunConfig, data: ClientData, content: RecordDict, state: RecordDict) -> dict[str, float]:
+#: The only arrays a node scores: the server's reconstructions of the node's own last upload.
+#: A fixed, small set of names and the upload's exact shape, so the scores cannot be turned into
+#: an oracle (the server sending ~1,000 crafted arrays and solving for the images from the PSNRs).
+RECON_NAMES = ("recon-server", "recon-scaled", "recon-reference")
+
+
+def _disclosure(cfg: RunConfig, data: ClientData, content: RecordDict, state: RecordDict,
+                t_c: int) -> dict[str, float]:
     from .metrics.disclosure import psnr_ssim, reidentification_rate, upload_fid
     from .metrics.features import resolve_backbone
     from .metrics.privacy import gaussian_upload_epsilon
 
     out: dict[str, float] = {}
     sched = make_schedule(cfg.diffusion_steps, cfg.beta_schedule)
-    t_c = cfg.cut_step
     if cfg.method == "collafuse" and LAST_UPLOAD_KEY in state.array_records:
         counts = upload_counts(state, data.train.shape[0])
         d = int(np.prod(data.image_shape))
@@ -48,7 +55,11 @@ def _disclosure(cfg: RunConfig, data: ClientData, content: RecordDict, state: Re
         h = content["harness"]
         idx = state.array_records[LAST_UPLOAD_KEY]["indices"].numpy()
         x0 = data.train[idx]
-        for name in [k for k in h.keys() if k.startswith("recon-")]:
+        unexpected = sorted(set(h.keys()) - set(RECON_NAMES) - {"uploads"})
+        if unexpected or any(tuple(h[k].shape) != tuple(x0.shape) for k in h.keys()):
+            raise Refused(f"disclosure harness: refusing to score {unexpected or 'arrays'} - only "
+                             f"{list(RECON_NAMES)} of the last upload's shape {tuple(x0.shape)} are scored")
+        for name in [k for k in RECON_NAMES if k in h.keys()]:
             x_hat = torch.from_numpy(h[name].numpy())
             ps = psnr_ssim(x_hat, x0)
             key = name.removeprefix("recon-")
@@ -70,9 +81,13 @@ def _disclosure(cfg: RunConfig, data: ClientData, content: RecordDict, state: Re
 
 
 def client_metrics(cfg: RunConfig, gen_uint8: torch.Tensor, data: ClientData, content: RecordDict,
-                   state: RecordDict) -> dict[str, Any]:
+                   state: RecordDict, t_c: int) -> dict[str, Any]:
+    """Research measurements on the node's private data (sent only under its sharing policy).
+
+    t_c: the node's own cut step (its uploads were made at it, whatever the server says).
+    """
     out: dict[str, Any] = {}
     out.update(_quality(cfg, gen_uint8, data))
-    out.update(_disclosure(cfg, data, content, state))
+    out.update(_disclosure(cfg, data, content, state, t_c))
     return out
 

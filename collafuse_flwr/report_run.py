@@ -52,20 +52,40 @@ def pooled_quality(cfg: RunConfig, images: dict[int, np.ndarray], num_nodes: int
         return {}
 
 
-def finalize(cfg: RunConfig, strategy, out: Path, run_id: int, num_nodes: int, started: float,
-             params: int) -> dict[str, Any]:
+def run_status(rec, num_nodes: int, per_client: dict[int, dict[str, float]], evaluated: bool) -> tuple[str, list[str]]:
+    """"ok" only when the run finished and every client produced finite samples; else "degraded"."""
+    reasons = []
+    if rec.failures:
+        reasons.append(f"{rec.failures} failed or missing replies (rounds {sorted(rec.missing) or 'n/a'})")
+    if rec.rejected:
+        reasons.append(f"rejected replies: {dict(rec.rejected)}")
+    if evaluated and len(per_client) < num_nodes:
+        reasons.append(f"only {len(per_client)} of {num_nodes} clients returned their final evaluation")
+    bad = [c for c, m in per_client.items() if "checksum" in m and not math.isfinite(m["checksum"])]
+    if bad:
+        reasons.append(f"non-finite samples from clients {bad}")
+    return ("degraded" if reasons else "ok"), reasons
+
+
+def finalize(cfg: RunConfig, strategy, result, out: Path, run_id: int, num_nodes: int, started: float,
+             params: int, harness: bool = True) -> dict[str, Any]:
     """Write results.json and the sample grid.
 
+    result: Flower's `Result` of `strategy.start()` (per-round client metrics come from it).
     started: time.time() when the ServerApp began; `wall_seconds` runs until the outputs are
     written, pooled FID included, so it covers the same work as the plain loop of
     benchmarks/overhead.py.
+    harness: whether the ServerApp may reload client data (pooled FID): simulation only.
     """
-    rounds = strategy.rounds
-    evals = strategy.evals
+    rec = strategy.recorder
+    rounds = rec.rounds
+    evals = rec.evals
     last = evals[max(evals)] if evals else None
     per_client = last.metrics if last else {}
     totals = {k: float(sum(r.values.get(k, 0.0) or 0.0 for r in rounds.values())) for k in SUM_KEYS}
-    b = strategy.bytes
+    totals["client-train-flops"] = float(sum(float(m.get("client-train-flops", 0.0))
+                                             for m in result.train_metrics_clientapp.values()))
+    b = rec.bytes
     n_rounds = max(1, cfg.num_server_rounds)
     bytes_up = b.get("up-train", 0.0)
     bytes_down = b.get("down-train", 0.0) + b.get("down-eval", 0.0)
@@ -86,21 +106,25 @@ def finalize(cfg: RunConfig, strategy, out: Path, run_id: int, num_nodes: int, s
         "bytes_down": bytes_down,
         "bytes_up_per_round": bytes_up / n_rounds,
         "bytes_down_per_round": bytes_down / n_rounds,
-        "bytes_per_client": {str(strategy.node_to_partition.get(n, n)): dict(v)
-                             for n, v in strategy.bytes_by_node.items()},
+        "bytes_per_client": {str(c): dict(v) for c, v in sorted(rec.bytes_by_client.items())},
         "bytes_harness": {"down": b.get("down-harness", 0.0), "up_eval": b.get("up-eval", 0.0)},
-        "failed_replies": strategy.failures,
+        "failed_replies": rec.failures,
+        "rejected_replies": dict(rec.rejected),
+        "missing_clients_by_round": {str(k): v for k, v in sorted(rec.missing.items())},
         "infer_seconds_per_client": _mean(m.get("infer-seconds") for m in per_client.values()),
     }
-    final.update(pooled_quality(cfg, last.images if last else {}, num_nodes))
+    if harness:
+        final.update(pooled_quality(cfg, last.images if last else {}, num_nodes))
     if final["fid_backbone"] is None and per_client:
         from .metrics.features import resolve_backbone
 
         final["fid_backbone"] = resolve_backbone(cfg.fid_backbone, cfg.dataset, cfg.fid_weights or None)
     image_dim = int(np.prod(last.images[min(last.images)].shape[1:])) if last and last.images else 0
     final["disclosure"] = _disclosure(cfg, per_client, image_dim)
+    status, reasons = run_status(rec, num_nodes, per_client, bool(evals))
     results = {
-        "status": "ok",
+        "status": status,
+        "status_reasons": reasons,
         "method": cfg.method,
         "cut_ratio": cfg.cut_ratio if cfg.method == "collafuse" else None,
         "cut_step": cfg.cut_step if cfg.method == "collafuse" else None,
@@ -137,7 +161,9 @@ def _disclosure(cfg: RunConfig, per_client: dict[int, dict[str, float]], image_d
 
         k = int(max((m.get("max-uploads-per-image", 0) for m in per_client.values()), default=0))
         abar_c = float(make_schedule(cfg.diffusion_steps, cfg.beta_schedule).alpha_bars[cfg.cut_step])
-        d["epsilon"] = max(eps) if eps else (0.0 if cfg.cut_step == cfg.diffusion_steps else None)
+        # raw uploads (t_c = 0) have no finite epsilon, and replies carry only finite metrics
+        d["epsilon"] = (float("inf") if cfg.cut_step == 0 else max(eps) if eps
+                        else 0.0 if cfg.cut_step == cfg.diffusion_steps else None)
         d["delta"] = 1e-5
         d["max_uploads_per_image"] = k
         d["epsilon_assumption"] = sensitivity_note(abar_c, k, image_dim)

@@ -1,10 +1,15 @@
-"""The ServerApp: validate the config once, pick the method's strategy, run it, write outputs."""
+"""The ServerApp: this project's thin wiring of config, strategy and research harness.
+
+Validate the run-config once, wait for the nodes, build the method's strategy from it
+(`<Strategy>.from_run_config`), switch the research harness on only where it may run (the
+simulation engine, or `harness = "on"`), run Flower's loop and write the outputs.
+"""
 
 from __future__ import annotations
 
 import time
 import traceback
-from logging import INFO
+from logging import INFO, WARNING
 from pathlib import Path
 
 import torch
@@ -23,48 +28,69 @@ app = ServerApp()
 CHANNELS = {"digits": 1, "mnist": 1, "fashion-mnist": 1, "cifar10": 3, "celeba": 3, "awa2": 3, "imagefolder": 3}
 
 
-def build_strategy(cfg: RunConfig, num_nodes: int, device: torch.device, on_round_end=None):
-    """The method's strategy and its initial global ArrayRecord."""
-    from strategies import CollaFuse, Centralized, FedAvgDiffusion, LocalOnly
+def image_channels(cfg: RunConfig) -> int:
+    return CHANNELS.get(cfg.dataset, 1 if "mnist" in cfg.dataset else 3)
 
-    shape = (CHANNELS[cfg.dataset], cfg.image_size, cfg.image_size)
+
+def in_simulation(grid: Grid) -> bool:
+    """The simulation engine runs the ServerApp beside the nodes with an in-memory grid."""
+    from flwr.superlink.grid import InMemoryGrid
+
+    inner = grid.inner if isinstance(grid, PollingGrid) else grid
+    return isinstance(inner, InMemoryGrid)
+
+
+def harness_enabled(cfg: RunConfig, simulation: bool) -> bool:
+    """Pooled FID, the reference attacker and the disclosure probe reload client data in the
+    ServerApp: only a simulation can (and may) do that, or an explicit `harness = "on"`."""
+    return cfg.harness == "on" or (cfg.harness == "auto" and simulation)
+
+
+def build_strategy(cfg: RunConfig, num_clients: int, device: torch.device, on_round_end=None,
+                   harness: bool = True):
+    """The method's strategy and its initial global ArrayRecord."""
+    from strategies import Centralized, CollaFuse, FedAvgDiffusion, LocalOnly
+
+    shape = (image_channels(cfg), cfg.image_size, cfg.image_size)
+    common = {"on_round_end": on_round_end}
     if cfg.method == "local":
-        return LocalOnly(cfg, num_nodes, on_round_end), ArrayRecord()
+        return LocalOnly.from_run_config(cfg, capacity=num_clients, **common), ArrayRecord()
     torch.manual_seed(cfg.seed)
-    model = shared_denoiser(cfg.image_size, shape[0], cfg.model_size, cfg.conditioning, num_nodes)
+    model = shared_denoiser(cfg.image_size, shape[0], cfg.model_size, cfg.conditioning, num_clients)
     arrays = ArrayRecord(model.state_dict())
     if cfg.method == "collafuse":
-        return CollaFuse(cfg, model, shape, device, num_nodes, on_round_end), arrays
+        probe = None
+        if harness:
+            from .disclosure_probe import DisclosureProbe
+
+            probe = DisclosureProbe(cfg, num_clients, device)
+        return CollaFuse.from_run_config(cfg, model, shape, device=device, harness_payload=probe,
+                                         capacity=num_clients, **common), arrays
     if cfg.method == "fedavg":
-        return FedAvgDiffusion(cfg, num_nodes, on_round_end), arrays
-    return Centralized(cfg, model, shape, device, num_nodes, on_round_end), arrays
+        return FedAvgDiffusion.from_run_config(cfg, capacity=num_clients, **common), arrays
+    return Centralized.from_run_config(cfg, model, shape, device=device, capacity=num_clients, **common), arrays
 
 
-def _wait_for_nodes(grid: Grid, timeout: float = 120.0, settle: float = 0.5) -> int:
-    """The number of connected nodes, once it has held still for `settle` seconds.
-
-    A simulation registers every node before the ServerApp starts, so this returns after one
-    settle period; a real deployment's SuperNodes may still be connecting.
-    """
+def wait_for_nodes(grid: Grid, min_nodes: int, timeout: float) -> int:
+    """Connected nodes once at least `min_nodes` are there (a simulation has them all at start)."""
     t0 = time.time()
-    last, since = 0, time.time()
-    while time.time() - t0 < timeout:
+    while True:
         n = len(list(grid.get_node_ids()))
-        if n != last:
-            last, since = n, time.time()
-        elif n and time.time() - since >= settle:
+        if n >= min_nodes:
             return n
-        time.sleep(0.1)
-    if last:
-        return last
-    raise RuntimeError(f"no client node connected within {timeout:.0f}s")
+        if time.time() - t0 > timeout:
+            raise RuntimeError(f"only {n} client node(s) connected within {timeout:.0f}s, min-nodes={min_nodes}; "
+                               f"start the SuperNodes or lower min-nodes")
+        log(INFO, "waiting for nodes: %d connected, min-nodes=%d", n, min_nodes)
+        time.sleep(1.0)
 
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     cfg = parse_config(context.run_config)
     out = run_dir(cfg, context.run_id)
-    log(INFO, "collafuse-flwr: method=%s dataset=%s output=%s", cfg.method, cfg.dataset, out)
+    log(INFO, "collafuse-flwr: method=%s dataset=%s; outputs go to %s (on the machine that runs the "
+        "ServerApp; set run-config output-dir to choose)", cfg.method, cfg.dataset, out)
     started = time.time()
     csv = MetricsCsv(out / "metrics.csv")
     header = {"status": "running", "run_id": context.run_id, "config": cfg.to_flwr()}
@@ -72,24 +98,32 @@ def main(grid: Grid, context: Context) -> None:
     try:
         use_torch_threads(cfg.torch_threads)
         torch.manual_seed(cfg.seed)
-        num_nodes = _wait_for_nodes(grid)
+        simulation = in_simulation(grid)
+        harness = harness_enabled(cfg, simulation)
+        if cfg.harness == "auto" and not simulation:
+            log(WARNING, "not a simulation: the research harness (pooled FID, reference attacker, disclosure "
+                "probe) is off, so the ServerApp reads no client data; nodes report only what their "
+                "share-harness policy allows")
+        num_nodes = wait_for_nodes(grid, cfg.min_nodes, cfg.round_timeout)
         device = default_device()
 
         def on_round_end(strategy, server_round: int) -> None:
-            rec = strategy.rounds.get(server_round)
+            rec = strategy.recorder.rounds.get(server_round)
             csv.append({"round": server_round, "elapsed-s": round(time.time() - started, 2),
                         **dict(rec.values if rec else {}),
-                        **{f"bytes-total-{k}": v for k, v in strategy.bytes.items()}})
+                        **{f"bytes-total-{k}": v for k, v in strategy.recorder.bytes.items()}})
 
-        strategy, arrays = build_strategy(cfg, num_nodes, device, on_round_end)
+        strategy, arrays = build_strategy(cfg, num_nodes, device, on_round_end, harness)
         params = 0 if not len(arrays) else sum(a.numpy().size for a in arrays.values())
-        log(INFO, "%d client nodes; denoiser parameters: %d", num_nodes, params)
+        log(INFO, "%d client nodes; denoiser parameters: %d; research harness %s", num_nodes, params,
+            "on" if harness else "off")
         # Flower's grid re-polls for replies only every 3 s; PollingGrid polls every 0.05 s
-        strategy.start(grid=PollingGrid(grid), initial_arrays=arrays, num_rounds=cfg.num_server_rounds,
-                       timeout=3600)
-        finalize(cfg, strategy, out, context.run_id, num_nodes, started, params)
-    except Exception as exc:  # keep what was measured, say why it stopped, then fail the run
-        write_json(out / "results.json", {**header, "status": "failed", "error": repr(exc),
+        result = strategy.start(grid=PollingGrid(grid), initial_arrays=arrays, num_rounds=cfg.num_server_rounds,
+                                timeout=cfg.round_timeout)
+        finalize(cfg, strategy, result, out, context.run_id, num_nodes, started, params, harness)
+    except BaseException as exc:  # keep what was measured, say why it stopped, then fail the run
+        status = "stopped" if isinstance(exc, (KeyboardInterrupt, SystemExit)) else "failed"
+        write_json(out / "results.json", {**header, "status": status, "error": repr(exc),
                                           "traceback": traceback.format_exc()})
         raise
     log(INFO, "collafuse-flwr: results in %s", Path(out))

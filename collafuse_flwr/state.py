@@ -1,14 +1,21 @@
-"""Per-client private state kept in Flower's `context.state`.
+"""Per-client private state: Flower's `context.state`, and a node-local file that outlives it.
 
 The client denoiser and its optimizer must survive between rounds yet never leave the node.
 Flower keeps `context.state` per node across rounds (Ray actors are shared between virtual
 nodes, so module globals are not safe); weights go in as an ArrayRecord, the optimizer's nested
 state as torch-serialized bytes in a ConfigRecord.
+
+`context.state` dies with the SuperNode process. A restarted node would silently start from a
+fresh denoiser and forget how often each image was uploaded (so its epsilon would be wrong).
+`persist`/`recover` keep the same records in a file under the node's own state folder, written
+atomically after every round, and load it when `context.state` is empty.
 """
 
 from __future__ import annotations
 
 import io
+import os
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -58,3 +65,28 @@ def last_upload(state: RecordDict) -> np.ndarray | None:
     if LAST_UPLOAD_KEY not in state.array_records:
         return None
     return state.array_records[LAST_UPLOAD_KEY]["indices"].numpy()
+
+
+def persist(state: RecordDict, path: Path) -> None:
+    """Write the node's private records to `path` atomically (tmp file + rename)."""
+    records = {k: v for k, v in state.items() if k in (MODEL_KEY, OPTIM_KEY, LAST_UPLOAD_KEY)}
+    blob = {
+        "arrays": {k: {n: a.numpy() for n, a in v.items()} for k, v in records.items() if isinstance(v, ArrayRecord)},
+        "configs": {k: dict(v) for k, v in records.items() if isinstance(v, ConfigRecord)},
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    torch.save(blob, tmp)
+    os.replace(tmp, path)
+
+
+def recover(state: RecordDict, path: Path) -> bool:
+    """Fill an empty `context.state` from `path` (after a node restart); False if nothing to load."""
+    if MODEL_KEY in state.array_records or not path.is_file():
+        return False
+    blob = torch.load(path, weights_only=False)
+    for k, arrays in blob["arrays"].items():
+        state[k] = ArrayRecord({n: Array(np.ascontiguousarray(a)) for n, a in arrays.items()})
+    for k, conf in blob["configs"].items():
+        state[k] = ConfigRecord(conf)
+    return True

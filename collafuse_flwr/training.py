@@ -46,15 +46,20 @@ def train_steps(
     flops: FlopMeter | None = None,
     flops_key: str = "train",
     labels: Tensor | None = None,
+    guard: bool = False,
+    stats: dict[str, int] | None = None,
 ) -> float:
     """Run `steps` Adam steps of loss_fn(batch) on `data` (already in model range); mean loss.
 
     labels: per-row class labels bound to a conditional `Denoiser` for each minibatch.
+    guard: skip a step whose loss or gradients are not finite, leaving the model and the
+    optimizer's moments as they were (a shared model must not be destroyed by one bad batch);
+    `stats["skipped"]` counts them. The mean is over the steps taken (NaN when none were).
     """
     if steps <= 0 or data.shape[0] == 0:
         return float("nan")
     model.train()
-    total = 0.0
+    total, taken = 0.0, 0
     for idx in minibatch_indices(data.shape[0], batch_size, steps, generator):
         batch = data[idx].to(device)
         if labels is not None:
@@ -65,9 +70,22 @@ def train_steps(
             loss = loss_fn(batch)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+        if guard and not _finite_step(model, loss):
+            optimizer.zero_grad(set_to_none=True)
+            if stats is not None:
+                stats["skipped"] = stats.get("skipped", 0) + 1
+            continue
         optimizer.step()
         total += float(loss.detach())
-    return total / steps
+        taken += 1
+    return total / taken if taken else float("nan")
+
+
+def _finite_step(model: nn.Module, loss: Tensor) -> bool:
+    if not torch.isfinite(loss):
+        return False
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    return bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()) if grads else True
 
 
 def client_share_loss(model: nn.Module, sched: D.Schedule, t_max: int, generator: torch.Generator):

@@ -1,8 +1,16 @@
-"""Flower Message-API strategies: CollaFuse and the baselines it is compared against."""
+"""Flower Message-API strategies: CollaFuse and the baselines it is compared against.
 
+Plain constructor arguments in the style of `flwr.serverapp.strategy.FedAvg`; each also has a
+`from_run_config` for this project's validated run-config.
+"""
+
+from .base import DiffusionStrategy, RecordKeys, RoundFailed
 from .centralized import Centralized
 from .collafuse import CollaFuse
 from .fedavg import FedAvgDiffusion
 from .local_only import LocalOnly
+from .recorder import Recorder
+from .registry import NodeRegistry
 
-__all__ = ["Centralized", "CollaFuse", "FedAvgDiffusion", "LocalOnly"]
+__all__ = ["Centralized", "CollaFuse", "DiffusionStrategy", "FedAvgDiffusion", "LocalOnly", "NodeRegistry",
+           "Recorder", "RecordKeys", "RoundFailed"]

@@ -1,203 +1,343 @@
-"""What every method's strategy shares: node sampling, failure counting, byte accounting,
-per-round records and the evaluation harness.
+"""What every method's strategy shares: first contact and identity, who takes part in a round,
+validating replies before they touch state, dropouts, metric averaging and the record keys.
 
 Each method only decides what goes into its train/evaluate messages and what the server does
-with the replies; the bookkeeping that makes methods comparable lives here once.
+with the (already validated) replies. The conventions are those of
+`flwr.serverapp.strategy.FedAvg`: plain constructor arguments, the `config` passed to
+`configure_*` is forwarded to the nodes, `start()` returns Flower's `Result` and takes an
+`evaluate_fn` for server-side measures.
 """
 
 from __future__ import annotations
 
+import math
 import time
-from collections import defaultdict
-from collections.abc import Iterable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from logging import INFO, WARNING
 from typing import Any
 
 import numpy as np
-import torch
-from flwr.app import ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy.strategy_utils import sample_nodes
+from flwr.serverapp.strategy import Result, Strategy
 from flwr.supercore import log
 
-from collafuse_flwr import diffusion as D
-from collafuse_flwr.config import RunConfig
-from collafuse_flwr.metrics.flops import FlopMeter
-from collafuse_flwr.training import make_optimizer
-from collafuse_flwr.metrics.comm import message_nbytes, recorddict_nbytes
-
+from .recorder import EvalResult, Recorder
+from .registry import NodeRegistry
 
 # Totals across nodes rather than example-weighted means.
 SUM_KEYS = ("num-examples", "num-uploaded", "client-train-flops")
 
 
-@dataclass
-class EvalResult:
-    """Everything the nodes returned from one evaluation round."""
+@dataclass(frozen=True)
+class RecordKeys:
+    """Names of the records in every message; change them to fit a ClientApp of your own.
 
-    server_round: int
-    images: dict[int, np.ndarray] = field(default_factory=dict)  # partition-id -> N x C x H x W uint8
-    metrics: dict[int, dict[str, float]] = field(default_factory=dict)
+    The node-side functions in `collafuse_flwr.node` take the same object.
+    """
+
+    config: str = "config"
+    metrics: str = "metrics"
+    arrays: str = "arrays"  # FedAvg's global / local model
+    upload: str = "upload"  # what a node uploads in training
+    x_tc: str = "x_tc"  # CollaFuse: array name of the cut images (train upload and eval hand-off)
+    x0: str = "x0"  # centralized reference: raw images
+    samples: str = "samples"  # generated images returned at evaluation (research harness only)
+    images: str = "images"
+    generated: str = "generated"  # centralized: images the server generated for the node
+    harness: str = "harness"  # disclosure harness payload (measurement only)
 
 
-@dataclass
-class RoundRecord:
-    server_round: int
-    values: dict[str, float] = field(default_factory=dict)
+class RoundFailed(RuntimeError):
+    """Too few nodes replied (or were connected) for the round to mean anything."""
 
 
-class HarnessMixin:
-    """Bookkeeping shared by all strategies. Call `_init_harness` in __init__."""
+class DiffusionStrategy(Strategy):
+    """Base of the CollaFuse, FedAvg, local-only and centralized strategies.
 
-    cfg: RunConfig
+    Parameters
+    ----------
+    min_available_nodes : int
+        Nodes that must be connected (and admitted) before a round starts; waits up to
+        `connect_timeout` seconds for them, then fails clearly instead of waiting forever.
+    min_available_fraction : float
+        A round goes on when at least this share of the nodes it addressed replied validly
+        within the round's timeout; below it the run fails with the missing clients named.
+    capacity : int | None
+        Number of client slots (a conditional shared model's classes); None = unbounded.
+    num_eval_samples, eval_every, sampling_steps
+        Generated images per node at evaluation; evaluate every k rounds (0 = last round only);
+        0 = ancestral DDPM sampling, n = n DDIM steps.
+    keys : RecordKeys
+        Record names used in the messages.
+    recorder : Recorder | None
+        Bytes, per-round figures and evaluation returns (a fresh one when None).
+    on_round_end : callable(strategy, round) | None
+        Called after each round's evaluation step (the app appends metrics.csv there).
+    """
 
-    def _init_harness(self, cfg: RunConfig, min_nodes: int, on_round_end=None) -> None:
-        self.cfg = cfg
-        self.min_nodes = min_nodes
-        self.bytes: dict[str, float] = defaultdict(float)  # totals by direction and phase
-        self.bytes_by_node: dict[int, dict[str, float]] = defaultdict(lambda: defaultdict(float))
-        self.rounds: dict[int, RoundRecord] = {}
-        self.evals: dict[int, EvalResult] = {}
-        self.failures = 0
-        self._t0 = time.perf_counter()
+    method = "diffusion"
+
+    def __init__(self, *, min_available_nodes: int = 1, min_available_fraction: float = 0.5,
+                 capacity: int | None = None, num_eval_samples: int = 64, eval_every: int = 0,
+                 sampling_steps: int = 0, connect_timeout: float = 300.0,
+                 keys: RecordKeys | None = None, recorder: Recorder | None = None,
+                 on_round_end: Callable[[Any, int], None] | None = None) -> None:
+        if min_available_nodes < 1:
+            raise ValueError(f"min_available_nodes must be >= 1, got {min_available_nodes}")
+        if not 0.0 < min_available_fraction <= 1.0:
+            raise ValueError(f"min_available_fraction must be in (0, 1], got {min_available_fraction}")
+        if num_eval_samples < 1 or eval_every < 0 or sampling_steps < 0:
+            raise ValueError(f"num_eval_samples >= 1, eval_every >= 0 and sampling_steps >= 0 required, got "
+                             f"{num_eval_samples}, {eval_every}, {sampling_steps}")
+        self.min_available_nodes = min_available_nodes
+        self.min_available_fraction = min_available_fraction
+        self.num_eval_samples = num_eval_samples
+        self.eval_every = eval_every
+        self.sampling_steps = sampling_steps
+        self.connect_timeout = connect_timeout
+        self.keys = keys or RecordKeys()
+        self.recorder = recorder or Recorder()
+        self.registry = NodeRegistry(capacity)
+        self.num_rounds: int | None = None
+        self.round_timeout: float | None = None
         self._on_round_end = on_round_end
-        self.node_to_partition: dict[int, int] = {}
+        self._addressed: dict[str, list[int]] = {}  # phase -> nodes the last messages went to
+        self._t0 = time.perf_counter()
 
-    def _init_server_model(self, model, image_shape: tuple[int, int, int], device) -> None:
-        """For strategies that train a denoiser on the server (CollaFuse, centralized)."""
-        self.model = model.to(device)
-        self.device = device
-        self.image_shape = image_shape
-        self.sched = D.make_schedule(self.cfg.diffusion_steps, self.cfg.beta_schedule)
-        self.optimizer = make_optimizer(self.model, self.cfg.learning_rate)
-        self.meter = FlopMeter(every_pass=self.cfg.flops_every_pass) if self.cfg.count_flops else None
-        self.gen = torch.Generator().manual_seed(self.cfg.seed + 7919)
+    # -- the run ------------------------------------------------------------------------------
+    def start(self, grid: Grid, initial_arrays: ArrayRecord, num_rounds: int = 3, timeout: float = 3600,
+              train_config: ConfigRecord | None = None, evaluate_config: ConfigRecord | None = None,
+              evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None) -> Result:
+        """Flower's `Strategy.start`; remembers the round count (for the last-round evaluation)
+        and the reply timeout (for first contact), then runs Flower's loop unchanged."""
+        self.num_rounds = num_rounds
+        self.round_timeout = timeout
+        self._t0 = time.perf_counter()
+        return super().start(grid, initial_arrays, num_rounds, timeout, train_config, evaluate_config, evaluate_fn)
 
-    # -- sampling ---------------------------------------------------------------------------
-    def _sample(self, grid: Grid) -> list[int]:
-        """All connected nodes (every client takes part every round, as in the papers), in
-        partition order once the nodes have said their partition (see `_partition_order`)."""
-        n_all = len(list(grid.get_node_ids()))
-        node_ids, _ = sample_nodes(grid, self.min_nodes, max(n_all, self.min_nodes))
-        return self._partition_order(node_ids)
+    def is_eval_round(self, server_round: int) -> bool:
+        last = self.num_rounds is None or server_round == self.num_rounds
+        return last or (self.eval_every > 0 and server_round % self.eval_every == 0)
 
-    def _partition_order(self, node_ids: Iterable[int]) -> list[int]:
-        """Node ids sorted by partition id (unknown ones last, by node id).
+    def client_of(self, node_id: int) -> int:
+        """The server-assigned client index of an admitted node."""
+        return self.registry.index[node_id]
 
-        Why: Flower draws node ids at random each run and replies arrive in whatever order the
-        engine finishes them. Anything that consumes the server's RNG per node (the server half
-        of sampling) or stacks data per node (the upload buffer, weighted sums) must follow the
-        partition order, or the same seed gives a different result each run.
-        """
-        return sorted(node_ids, key=self._partition_key)
+    # -- first contact and participants ----------------------------------------------------------
+    def hello_config(self) -> dict[str, Any]:
+        """What the server tells a node at first contact (methods add their settings)."""
+        return {"method": self.method}
 
-    def _partition_key(self, node_id: int) -> tuple[float, int]:
-        return self.node_to_partition.get(node_id, float("inf")), node_id
+    def accept_hello(self, node_id: int, info: dict[str, Any]) -> str:
+        """Method-specific admission check on a node's hello reply: '' to admit, else why not."""
+        return ""
 
-    # -- accounting ---------------------------------------------------------------------------
-    def _record(self, server_round: int, **values: float) -> None:
-        rec = self.rounds.setdefault(server_round, RoundRecord(server_round))
-        rec.values.update(values)
-
-    def _count_down(self, messages: list[Message], phase: str, harness: Iterable[str] = ()) -> list[Message]:
-        """Count bytes server -> client; `harness` keys are measurement-only and counted apart."""
-        for m in messages:
-            n_harness = sum(recorddict_nbytes(RecordDict({k: m.content[k]})) for k in harness if k in m.content)
-            n = message_nbytes(m)
-            node = m.metadata.dst_node_id
-            self.bytes[f"down-{phase}"] += n - n_harness
-            self.bytes["down-harness"] += n_harness
-            self.bytes_by_node[node][f"down-{phase}"] += n - n_harness
-        return messages
-
-    def _split_replies(self, server_round: int, replies: Iterable[Message], phase: str) -> list[Message]:
-        """Count bytes client -> server and drop failed replies (counted, not fatal)."""
-        ok, failed = [], 0
+    def _contact_new_nodes(self, grid: Grid) -> None:
+        """Send the `hello` query to connected nodes the server has not seen, admit or refuse them."""
+        new = [n for n in grid.get_node_ids() if not self.registry.known(n)]
+        if not new:
+            return
+        conf = ConfigRecord({"hello": 1, **self.hello_config()})
+        msgs = [Message(content=RecordDict({self.keys.config: conf}), message_type=MessageType.QUERY,
+                        dst_node_id=n) for n in sorted(new)]
+        replies = list(grid.send_and_receive(msgs, timeout=self.round_timeout or self.connect_timeout))
+        answers = []
         for m in replies:
+            nid = m.metadata.src_node_id
+            if m.has_error():
+                log(WARNING, "node %d did not answer hello: %s", nid, m.error.reason)
+                continue
+            info = _metrics_dict(m, self.keys.metrics)
+            if info is None:
+                log(WARNING, "node %d: hello reply without finite metrics; not admitted", nid)
+                continue
+            answers.append((nid, info))
+        # claims first, by claimed index, so the same claims give the same map whatever the ids
+        answers.sort(key=lambda a: (a[1].get("partition-id", -1) < 0, a[1].get("partition-id", -1), a[0]))
+        for nid, info in answers:
+            reason = self.accept_hello(nid, info)
+            claimed = int(info["partition-id"]) if "partition-id" in info else None
+            idx, why = (None, reason) if reason else self.registry.admit(nid, claimed, info)
+            if idx is None:
+                self.registry.refused[nid] = reason or why
+                log(WARNING, "node %d refused: %s", nid, reason or why)
+            else:
+                log(INFO, "node %d admitted as client %d", nid, idx)
+
+    def _participants(self, grid: Grid) -> list[int]:
+        """Admitted, connected nodes in client order; waits for `min_available_nodes` of them."""
+        deadline = time.time() + self.connect_timeout
+        while True:
+            self._contact_new_nodes(grid)
+            nodes = self.registry.ordered(grid.get_node_ids())
+            if len(nodes) >= self.min_available_nodes:
+                return nodes
+            if time.time() > deadline:
+                raise RoundFailed(f"only {len(nodes)} admitted client node(s) connected after "
+                                  f"{self.connect_timeout:.0f}s, {self.min_available_nodes} required "
+                                  f"(refused: {self.registry.refused or 'none'})")
+            log(INFO, "waiting for client nodes: %d admitted, %d required", len(nodes), self.min_available_nodes)
+            time.sleep(1.0)
+
+    # -- messages out -----------------------------------------------------------------------------
+    def _config(self, config: ConfigRecord | None, server_round: int, node_id: int, **extra: Any) -> ConfigRecord:
+        """The user's `config` from `start()`, plus the round, the node's client index and `extra`."""
+        return ConfigRecord({**(dict(config) if config else {}), "server-round": server_round,
+                             "client-index": self.client_of(node_id), "num-clients": self.registry.capacity or 0,
+                             **extra})
+
+    def _send(self, node_ids: list[int], content_for: Callable[[int], RecordDict], message_type: str,
+              phase: str, harness: Iterable[str] = ()) -> list[Message]:
+        msgs = [Message(content=content_for(n), message_type=message_type, dst_node_id=n) for n in node_ids]
+        self.recorder.down(msgs, phase, self.client_of, harness)
+        self._addressed[phase] = [m.metadata.dst_node_id for m in msgs]
+        return msgs
+
+    # -- replies in -------------------------------------------------------------------------------
+    def validate_reply(self, phase: str, client: int, msg: Message) -> str:
+        """Method-specific payload checks: '' when the reply may be used, else why not."""
+        return ""
+
+    def _accept(self, server_round: int, replies: Iterable[Message], phase: str) -> list[Message]:
+        """Validated replies in client order. Error replies and silent nodes are counted and logged
+        by client; an invalid reply is dropped whole (one WARNING naming node, client and reason).
+        Fails the run when fewer than `min_available_fraction` of the addressed nodes are usable."""
+        addressed = self._addressed.pop(phase, [])
+        ok: list[Message] = []
+        answered: set[int] = set()
+        failed = 0
+        for m in replies:
+            nid = m.metadata.src_node_id
+            answered.add(nid)
+            if nid not in self.registry.index:
+                log(WARNING, "round %d %s: reply from unknown node %d ignored", server_round, phase, nid)
+                continue
+            client = self.client_of(nid)
             if m.has_error():
                 failed += 1
-                log(WARNING, "round %d %s: node %d failed: %s", server_round, phase,
-                    m.metadata.src_node_id, m.error.reason)
+                log(WARNING, "round %d %s: client %d (node %d) failed: %s", server_round, phase, client, nid,
+                    m.error.reason)
                 continue
-            n = message_nbytes(m)
-            key = "up-eval" if phase == "evaluate" else "up-train"
-            self.bytes[key] += n
-            self.bytes_by_node[m.metadata.src_node_id][key] += n
-            if "metrics" in m.content.metric_records and "partition-id" in m.content["metrics"]:
-                self.node_to_partition[m.metadata.src_node_id] = int(m.content["metrics"]["partition-id"])
+            self.recorder.up(m, "eval" if phase == "evaluate" else phase, client)
+            reason = self._check_metrics(m) or self.validate_reply(phase, client, m)
+            if reason:
+                log(WARNING, "round %d %s: reply of client %d (node %d) rejected: %s", server_round, phase,
+                    client, nid, reason)
+                self.recorder.reject(server_round, reason.split(":")[0])
+                continue
             ok.append(m)
-        self.failures += failed
+        silent = [n for n in addressed if n not in answered]
+        if silent:
+            clients = [self.client_of(n) for n in silent]
+            log(WARNING, "round %d %s: no reply within %ss from client(s) %s", server_round, phase,
+                self.round_timeout, clients)
+            self.recorder.missing[server_round] = sorted(self.recorder.missing.get(server_round, []) + clients)
+        failed += len(silent)
+        self.recorder.failures += failed
         if failed:
-            self._record(server_round, **{f"failed-{phase}": failed})
-        return sorted(ok, key=lambda m: self._partition_key(m.metadata.src_node_id))  # arrival order varies
+            self.recorder.record(server_round, **{f"failed-{phase}": failed})
+        if addressed and len(ok) < math.ceil(self.min_available_fraction * len(addressed)):
+            raise RoundFailed(f"round {server_round} {phase}: only {len(ok)} of {len(addressed)} clients "
+                              f"replied validly (min-available-fraction={self.min_available_fraction}); see the "
+                              f"warnings above for who failed and why")
+        return sorted(ok, key=lambda m: self.client_of(m.metadata.src_node_id))
 
-    @staticmethod
-    def _messages(node_ids: list[int], content_for, message_type: str) -> list[Message]:
-        return [Message(content=content_for(nid), message_type=message_type, dst_node_id=nid)
-                for nid in node_ids]
-
-    def _base_config(self, server_round: int, **extra: Any) -> ConfigRecord:
-        return ConfigRecord({"server-round": server_round, **extra})
+    def _check_metrics(self, m: Message) -> str:
+        if self.keys.metrics not in m.content.metric_records:
+            return f"metrics: no '{self.keys.metrics}' metric record"
+        if _metrics_dict(m, self.keys.metrics) is None:
+            return "metrics: a metric is not a finite number"
+        return ""
 
     # -- aggregation of metrics -------------------------------------------------------------------
-    def _mean_metrics(self, replies: list[Message], weight_key: str = "num-examples") -> MetricRecord:
-        """Example-weighted mean of every numeric metric the replies share (Flower's convention)."""
-        recs = [m.content["metrics"] for m in replies if "metrics" in m.content.metric_records]
+    def mean_metrics(self, replies: list[Message], weight_key: str = "num-examples") -> MetricRecord:
+        """Example-weighted mean of every numeric metric the replies share; totals for SUM_KEYS.
+
+        Not Flower's `aggregate_metricrecords`: that one has no totals, and a metric a node could
+        not compute (NaN) must drop out of the mean with its weight renormalised, not pull the
+        mean toward 0.
+        """
+        recs = [dict(m.content[self.keys.metrics]) for m in replies]
         if not recs:
             return MetricRecord()
-        keys = set.intersection(*(set(r.keys()) for r in recs)) - {"partition-id"}
-        w = np.array([float(r.get(weight_key, 1.0)) for r in recs])
-        w = w / w.sum() if w.sum() > 0 else np.full(len(recs), 1 / len(recs))
-        out = {}
+        keys = set.intersection(*(set(r) for r in recs)) - {"partition-id", "client-index"}
+        w = np.array([max(float(r.get(weight_key, 1.0)), 0.0) for r in recs])
+        out: dict[str, float] = {}
         for k in sorted(keys):
             vals = [r[k] for r in recs]
-            if all(isinstance(v, (int, float)) for v in vals):
-                arr = np.array(vals, dtype=float)
-                out[k] = float(arr.sum()) if k in SUM_KEYS else float(np.nansum(arr * w))
-                if k.endswith("-seconds"):  # the round's busy time on all nodes, next to the mean
-                    out[f"{k}-total"] = float(np.nansum(arr))
+            if not all(isinstance(v, (int, float)) for v in vals):
+                continue
+            arr = np.array(vals, dtype=float)
+            if k in SUM_KEYS:
+                out[k] = float(np.nansum(arr))
+                continue
+            ok = ~np.isnan(arr)
+            ww = w[ok] if w[ok].sum() > 0 else np.ones(ok.sum())
+            out[k] = float(np.sum(arr[ok] * ww) / ww.sum()) if ok.any() else float("nan")
+            if k.endswith("-seconds"):  # the round's busy time on all nodes, next to the mean
+                out[f"{k}-total"] = float(np.nansum(arr))
         return MetricRecord(out)
 
-    def _collect_eval(self, server_round: int, replies: list[Message]) -> MetricRecord | None:
-        res = EvalResult(server_round)
-        for m in replies:
-            met = dict(m.content["metrics"])
-            pid = int(met["partition-id"])
-            res.metrics[pid] = met
-            res.images[pid] = m.content["samples"]["images"].numpy()
-        self.evals[server_round] = res
-        agg = self._mean_metrics(replies) if replies else None
-        if agg is not None:
-            self._record(server_round, **{f"eval-{k}": v for k, v in agg.items()})
+    # -- evaluation, shared by methods whose node generates -----------------------------------------
+    def _eval_messages(self, server_round: int, grid: Grid, config: ConfigRecord | None,
+                       content_for: Callable[[int, ConfigRecord], RecordDict],
+                       harness: Iterable[str] = (), **extra: Any) -> list[Message]:
+        if not self.is_eval_round(server_round):
+            return []
+        nodes = self._participants(grid)
+        extra = {"num-samples": self.num_eval_samples, **extra}
+        return self._send(nodes, lambda n: content_for(n, self._config(config, server_round, n, **extra)),
+                          MessageType.EVALUATE, "evaluate", harness)
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        """Collect what the nodes returned; also where a round ends (for `on_round_end`)."""
+        agg = None
+        if self.is_eval_round(server_round):
+            ok = self._accept(server_round, replies, "evaluate")
+            res = EvalResult(server_round)
+            for m in ok:
+                client = self.client_of(m.metadata.src_node_id)
+                res.metrics[client] = dict(m.content[self.keys.metrics])
+                if self.keys.samples in m.content.array_records:
+                    res.images[client] = m.content[self.keys.samples][self.keys.images].numpy()
+            self.recorder.evals[server_round] = res
+            agg = self.mean_metrics(ok) if ok else None
+            if agg is not None:
+                self.recorder.record(server_round, **{f"eval-{k}": v for k, v in agg.items()})
+            self._progress(server_round, "evaluate", **{k: float(v) for k, v in (agg or {}).items()
+                                                        if k in ("fid", "kid", "infer-seconds")})
+        if self._on_round_end is not None:
+            self._on_round_end(self, server_round)
         return agg
 
     def _progress(self, server_round: int, phase: str, **figures: float) -> None:
         elapsed = time.perf_counter() - self._t0
         shown = "  ".join(f"{k}={v:.4g}" for k, v in figures.items() if v == v)
-        log(INFO, "[%s] round %d/%d %s  %s  (elapsed %.1fs)", self.cfg.method, server_round,
-            self.cfg.num_server_rounds, phase, shown, elapsed)
+        log(INFO, "[%s] round %d/%s %s  %s  (elapsed %.1fs)", self.method, server_round,
+            self.num_rounds or "?", phase, shown, elapsed)
 
     def summary(self) -> None:
-        log(INFO, "\t├──> method=%s rounds=%d min-nodes=%d", self.cfg.method,
-            self.cfg.num_server_rounds, self.min_nodes)
+        log(INFO, "\t├──> %s: min-available-nodes=%d min-available-fraction=%g eval-every=%d samples=%d",
+            type(self).__name__, self.min_available_nodes, self.min_available_fraction, self.eval_every,
+            self.num_eval_samples)
 
-    # -- shared evaluation for methods whose client generates alone ------------------------------
-    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        """Flower calls this every round; it is also where a round ends (for metrics.csv)."""
-        agg = None
-        if self.cfg.is_eval_round(server_round):
-            ok = self._split_replies(server_round, replies, "evaluate")
-            agg = self._collect_eval(server_round, ok)
-            figs = {k: float(v) for k, v in (agg or {}).items() if k in ("fid", "kid", "infer-seconds")}
-            self._progress(server_round, "evaluate", **figs)
-        if self._on_round_end is not None:
-            self._on_round_end(self, server_round)
-        return agg
 
-    def _evaluate_messages(self, server_round: int, grid: Grid, content_for,
-                           harness: Iterable[str] = ()) -> list[Message]:
-        if not self.cfg.is_eval_round(server_round):
-            return []
-        msgs = self._messages(self._sample(grid), content_for, MessageType.EVALUATE)
-        return self._count_down(msgs, "eval", harness)
+def common_args(cfg: Any) -> dict[str, Any]:
+    """`DiffusionStrategy` arguments from this project's validated run-config (`RunConfig`)."""
+    return dict(min_available_nodes=cfg.min_nodes, min_available_fraction=cfg.min_available_fraction,
+                num_eval_samples=cfg.num_eval_samples, eval_every=cfg.eval_every,
+                sampling_steps=cfg.sampling_steps, connect_timeout=cfg.round_timeout)
+
+
+def _metrics_dict(m: Message, key: str) -> dict[str, Any] | None:
+    """The reply's metrics as a dict, or None when absent or any value is not finite."""
+    if key not in m.content.metric_records:
+        return None
+    d = dict(m.content[key])
+    for v in d.values():
+        vals = v if isinstance(v, list) else [v]
+        if any(not isinstance(x, (int, float)) or not math.isfinite(float(x)) for x in vals):
+            return None
+    return d

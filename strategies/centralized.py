@@ -3,7 +3,7 @@ denoiser. This SHARES RAW DATA: it is the privacy worst case and the quality upp
 a private method.
 
 Round 1 collects the images; every round the server takes as many optimizer steps as all
-nodes together take in FedAvg or local-only (nodes x local-steps), so total optimizer steps
+nodes together take in FedAvg or local-only (nodes x local_steps), so total optimizer steps
 match. At evaluation the server generates each node's samples and sends them to the node, which
 scores them against its own held-out test split.
 """
@@ -13,70 +13,116 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable
 from logging import WARNING
+from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, Message, MessageType, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import Strategy
 from flwr.supercore import log
+from torch import nn
 
-from collafuse_flwr.config import RunConfig
+from collafuse_flwr import diffusion as D
 from collafuse_flwr.data import to_uint8
-from collafuse_flwr.models import Denoiser
-from collafuse_flwr.training import client_share_loss, generate, train_steps
+from collafuse_flwr.metrics.flops import FlopMeter
+from collafuse_flwr.training import client_share_loss, generate, make_optimizer, train_steps
 
-from .base import HarnessMixin
+from .base import DiffusionStrategy, common_args
+
+if TYPE_CHECKING:
+    from collafuse_flwr.config import RunConfig
 
 
-class Centralized(HarnessMixin, Strategy):
-    def __init__(self, cfg: RunConfig, model: Denoiser, image_shape: tuple[int, int, int],
-                 device: torch.device, min_nodes: int = 1, on_round_end=None) -> None:
-        self._init_harness(cfg, min_nodes, on_round_end)
-        self._init_server_model(model, image_shape, device)
+class Centralized(DiffusionStrategy):
+    """The pooled-data reference. `local_steps`: per node per round (the server takes
+    nodes x local_steps); the rest as in `CollaFuse`."""
+
+    method = "centralized"
+
+    def __init__(self, model: nn.Module, image_shape: tuple[int, int, int], *, diffusion_steps: int = 1000,
+                 beta_schedule: str = "cosine", local_steps: int = 40, batch_size: int = 32,
+                 learning_rate: float = 2e-3, seed: int = 0, device: torch.device | str | None = None,
+                 count_flops: bool = False, flops_every_pass: bool = False, **common: Any) -> None:
+        common.setdefault("capacity", getattr(model, "num_classes", 0) or None)
+        super().__init__(**common)
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self.model = model.to(self.device)
+        self.image_shape = tuple(image_shape)
+        self.sched = D.make_schedule(diffusion_steps, beta_schedule)  # type: ignore[arg-type]
+        self.local_steps, self.batch_size = local_steps, batch_size
+        self.optimizer = make_optimizer(self.model, learning_rate)
+        self.meter = FlopMeter(every_pass=flops_every_pass) if count_flops else None
+        self.gen = torch.Generator().manual_seed(seed + 7919)
         self.pool: torch.Tensor | None = None
         self.pool_labels: torch.Tensor | None = None  # which client each image came from
-        self.num_nodes = 0
+        self.num_contributors = 0
         log(WARNING, "method=centralized is a REFERENCE that pools the clients' raw training images "
             "on the server (no privacy); use it as the quality upper bound only")
 
-    def configure_train(self, server_round: int, arrays: ArrayRecord, config, grid: Grid) -> Iterable[Message]:
+    @classmethod
+    def from_run_config(cls, cfg: RunConfig, model: nn.Module, image_shape: tuple[int, int, int],
+                        **kwargs: Any) -> Centralized:
+        args = dict(diffusion_steps=cfg.diffusion_steps, beta_schedule=cfg.beta_schedule,
+                    local_steps=cfg.local_steps, batch_size=cfg.batch_size, learning_rate=cfg.learning_rate,
+                    seed=cfg.seed, count_flops=cfg.count_flops, flops_every_pass=cfg.flops_every_pass,
+                    **common_args(cfg))
+        return cls(model, image_shape, **{**args, **kwargs})
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
         if self.pool is not None:
             return []  # the raw data was collected once
-        conf = self._base_config(server_round)
-        msgs = self._messages(self._sample(grid), lambda _: RecordDict({"config": conf}), MessageType.TRAIN)
-        return self._count_down(msgs, "train")
+        return self._send(self._participants(grid),
+                          lambda n: RecordDict({self.keys.config: self._config(config, server_round, n)}),
+                          MessageType.TRAIN, "train")
 
-    def aggregate_train(self, server_round: int, replies: Iterable[Message]):
-        ok = self._split_replies(server_round, replies, "train")
+    def validate_reply(self, phase: str, client: int, msg: Message) -> str:
+        if phase != "train":
+            return ""
+        if self.keys.upload not in msg.content.array_records or self.keys.x0 not in msg.content[self.keys.upload]:
+            return f"upload: no '{self.keys.upload}/{self.keys.x0}' array"
+        a = msg.content[self.keys.upload][self.keys.x0]
+        if a.dtype != "float32" or len(a.shape) != 4 or tuple(a.shape[1:]) != self.image_shape:
+            return f"upload: expected float32 (n, {self.image_shape}), got {a.dtype}{tuple(a.shape)}"
+        x = a.numpy()
+        if not np.isfinite(x).all() or (x.size and float(np.abs(x).max()) > 1.0):
+            return "upload values: raw images must be finite and within [-1, 1]"
+        return ""
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         if self.pool is None:
-            parts = [torch.from_numpy(m.content["upload"]["x0"].numpy()) for m in ok]
+            ok = self._accept(server_round, replies, "train")
+            parts = [(self.client_of(m.metadata.src_node_id),
+                      torch.from_numpy(m.content[self.keys.upload][self.keys.x0].numpy())) for m in ok]
             if not parts:
                 log(WARNING, "round %d: no node sent data; nothing to train on yet", server_round)
                 return None, None
-            self.pool = torch.cat(parts)
-            self.pool_labels = torch.cat([torch.full((p.shape[0],), self.node_to_partition[m.metadata.src_node_id])
-                                          for p, m in zip(parts, ok)])
-            self.num_nodes = len(parts)
-        steps = self.cfg.local_steps * self.num_nodes
+            self.pool = torch.cat([p for _, p in parts])
+            self.pool_labels = torch.cat([torch.full((p.shape[0],), c) for c, p in parts])
+            self.num_contributors = len(parts)
+        steps = self.local_steps * self.num_contributors
         t0 = time.perf_counter()
         loss = train_steps(self.model, self.optimizer, client_share_loss(self.model, self.sched, self.sched.T, self.gen),
-                           self.pool, steps, self.cfg.batch_size, self.gen, self.device, self.meter, "server-train",
-                           labels=self.pool_labels)
-        metrics = {"server-train-loss": loss, "server-train-seconds": time.perf_counter() - t0,
-                   "num-examples": int(self.pool.shape[0])}
+                           self.pool, steps, self.batch_size, self.gen, self.device, self.meter, "server-train",
+                           labels=self.pool_labels, guard=True)
+        metrics: dict[str, float] = {"server-train-seconds": time.perf_counter() - t0,
+                                     "num-examples": int(self.pool.shape[0])}
+        if loss == loss:
+            metrics["server-train-loss"] = loss
         if self.meter is not None:
             metrics["server-train-flops"] = float(self.meter.totals.pop("server-train", 0))
-        self._record(server_round, **metrics)
+        self.recorder.record(server_round, **metrics)
         self._progress(server_round, "train", **{"server-train-loss": loss})
-        return ArrayRecord(self.model.state_dict()), None
+        return ArrayRecord(self.model.state_dict()), MetricRecord(metrics)
 
-    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config, grid: Grid) -> Iterable[Message]:
-        n = self.cfg.num_eval_samples
-        conf = self._base_config(server_round, **{"num-samples": n})
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                           grid: Grid) -> Iterable[Message]:
+        n = self.num_eval_samples
 
-        def content(node_id: int) -> RecordDict:
-            imgs = generate(self.model, self.sched, n, self.image_shape, self.cfg.sampling_steps or None,
-                            self.gen, self.device, self.meter, label=self.node_to_partition.get(node_id, 0))
-            return RecordDict({"config": conf, "generated": ArrayRecord({"images": Array(to_uint8(imgs).numpy())})})
+        def content(node_id: int, conf: ConfigRecord) -> RecordDict:
+            imgs = generate(self.model, self.sched, n, self.image_shape, self.sampling_steps or None,
+                            self.gen, self.device, self.meter, label=self.client_of(node_id))
+            return RecordDict({self.keys.config: conf,
+                               self.keys.generated: ArrayRecord({self.keys.images: Array(to_uint8(imgs).numpy())})})
 
-        return self._evaluate_messages(server_round, grid, content, harness=("generated",))
+        return self._eval_messages(server_round, grid, config, content, harness=(self.keys.generated,))

@@ -1,156 +1,276 @@
-"""The CollaFuse strategy (Message API): clients train their low-noise share and upload x_{t_c};
-the server trains the shared high-noise denoiser on those uploads.
+"""The CollaFuse strategy (Flower Message API): clients train their low-noise share and upload
+x_{t_c}; the server trains the shared high-noise denoiser on those uploads.
 
 Round r:
 1. configure_train: every node gets the cut step t_c, local steps, batch size and how many
-   x_{t_c} to upload. No weights go down: the server model is never shared.
-2. aggregate_train: uploads join the server's buffer and the server denoiser (the strategy's
-   global ArrayRecord) trains `server-steps` steps on t > t_c.
-3. configure_evaluate (every `eval-every` rounds and at the end): the server runs x_T -> x_{t_c}
+   x_{t_c} to upload. No weights go down: the server model is never shared. The node checks
+   these against its own settings and refuses a request that would lower its privacy.
+2. aggregate_train: each upload is validated (shape, dtype, finite, within the range an x_{t_c}
+   can take, within the node's budget) before it joins the server's bounded buffer; the server
+   denoiser (the strategy's global ArrayRecord) trains `server_steps` steps on t > t_c.
+3. configure_evaluate (every `eval_every` rounds and at the end): the server runs x_T -> x_{t_c}
    once per node and sends those x_{t_c}; the node finishes x_{t_c} -> x_0 privately.
+
+Use it in any ServerApp::
+
+    strategy = CollaFuse(server_model, diffusion_steps=1000, cut_ratio=0.2, server_steps=200)
+    result = strategy.start(grid=grid, initial_arrays=ArrayRecord(server_model.state_dict()),
+                            num_rounds=10)
 """
 
 from __future__ import annotations
 
+import math
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from logging import WARNING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import Strategy
 from flwr.supercore import log
+from torch import nn
 
 from collafuse_flwr import diffusion as D
-from collafuse_flwr.config import RunConfig
-from collafuse_flwr.models import Denoiser
-from collafuse_flwr.training import server_share_loss, train_steps
+from collafuse_flwr.metrics.flops import FlopMeter
+from collafuse_flwr.training import make_optimizer, server_share_loss, train_steps
 
-from .base import HarnessMixin
+from .base import DiffusionStrategy, common_args
+
+if TYPE_CHECKING:
+    from collafuse_flwr.config import RunConfig
+
+#: |x_tc| <= sqrt(abar_c) + UPLOAD_Z sqrt(1 - abar_c) for data in [-1, 1]; a Gaussian pixel
+#: passes 6 sigma with probability 1 - 2e-9, so honest uploads are never refused.
+UPLOAD_Z = 6.0
+
+HarnessPayload = Callable[["CollaFuse", int, np.ndarray], ArrayRecord | None]
 
 
-class CollaFuse(HarnessMixin, Strategy):
-    def __init__(self, cfg: RunConfig, server_model: Denoiser, image_shape: tuple[int, int, int],
-                 device: torch.device, min_nodes: int = 1, on_round_end=None) -> None:
-        self._init_harness(cfg, min_nodes, on_round_end)
-        self._init_server_model(server_model, image_shape, device)
-        self.t_c = D.cut_step(cfg.cut_ratio, cfg.diffusion_steps)
-        self.t_start = D.client_start_step(cfg.cut_ratio, cfg.diffusion_steps, cfg.server_target)
-        self.buffer: list[torch.Tensor] = []
-        self.buffer_labels: list[torch.Tensor] = []  # which client each upload came from
-        self.uploads_by_node: dict[int, np.ndarray] = {}  # last upload of each node (disclosure harness)
-        self.server_share = self.t_c < self.sched.T
+class CollaFuse(DiffusionStrategy):
+    """CollaFuse's server side.
+
+    Parameters
+    ----------
+    server_model : nn.Module
+        The shared denoiser eps(x_t, t[, client]); a `collafuse_flwr.models.Denoiser` with
+        `num_classes` = number of client slots is conditioned on the client index.
+    image_shape : (C, H, W)
+        Shape of one image; uploads of any other shape are refused.
+    diffusion_steps, beta_schedule
+        T and the noise schedule, the same on every node.
+    cut_ratio / cut_step
+        c (t_c = round(c T)) or t_c itself; exactly one of them.
+    server_target : "exact" | "renoise"
+        Exact sub-diffusion from x_{t_c}, or the authors' re-noising (ablation).
+    server_steps, batch_size, learning_rate
+        Server optimizer steps per round on the upload buffer, minibatch, Adam's learning rate.
+    uploads_per_round : int
+        x_{t_c} images each node uploads per round (its budget: more are refused).
+    buffer_size : int | None
+        Most uploads the server keeps (oldest of the client with the most go first); None = all.
+    harness_payload : callable(strategy, client, last_upload) -> ArrayRecord | None
+        Research harness hook: extra measurement-only record sent at evaluation (disclosure).
+    seed, device, count_flops, flops_every_pass
+        Server RNG, where the server model runs, FLOP counting of server passes.
+    **common
+        `DiffusionStrategy` arguments (min_available_nodes, min_available_fraction, eval_every, ...).
+    """
+
+    method = "collafuse"
+
+    def __init__(self, server_model: nn.Module, image_shape: tuple[int, int, int], *,
+                 diffusion_steps: int = 1000, beta_schedule: str = "cosine",
+                 cut_ratio: float | None = None, cut_step: int | None = None, server_target: str = "exact",
+                 server_steps: int = 40, batch_size: int = 32, learning_rate: float = 2e-3,
+                 uploads_per_round: int = 64, buffer_size: int | None = None,
+                 harness_payload: HarnessPayload | None = None, seed: int = 0,
+                 device: torch.device | str | None = None, count_flops: bool = False,
+                 flops_every_pass: bool = False, **common: Any) -> None:
+        if (cut_ratio is None) == (cut_step is None):
+            raise ValueError("give exactly one of cut_ratio (c in [0, 1]) or cut_step (t_c in 0..T)")
+        common.setdefault("capacity", getattr(server_model, "num_classes", 0) or None)
+        super().__init__(**common)
+        self.sched = D.make_schedule(diffusion_steps, beta_schedule)  # type: ignore[arg-type]
+        T = self.sched.T
+        self.t_c = D.cut_step(cut_ratio, T) if cut_ratio is not None else int(cut_step)  # type: ignore[arg-type]
+        if not 0 <= self.t_c <= T:
+            raise ValueError(f"cut_step must be in 0..{T}, got {self.t_c}")
+        self.t_start = D.client_start_step(self.t_c / T, T, server_target)  # type: ignore[arg-type]
+        self.server_target = server_target
+        self.image_shape = tuple(image_shape)
+        self.server_steps, self.batch_size = server_steps, batch_size
+        self.uploads_per_round = uploads_per_round
+        self.buffer_size = buffer_size
+        self.harness_payload = harness_payload
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self.model = server_model.to(self.device)
+        self.optimizer = make_optimizer(self.model, learning_rate)
+        self.meter = FlopMeter(every_pass=flops_every_pass) if count_flops else None
+        self.gen = torch.Generator().manual_seed(seed + 7919)
+        self.buffer: dict[int, list[torch.Tensor]] = {}  # client -> its uploads, oldest first
+        self.last_upload: dict[int, np.ndarray] = {}  # client -> its last upload (harness only)
+        self.server_share = self.t_c < T
+        self.upload_bound = D.anchor_bound(self.sched, self.t_c, UPLOAD_Z)
+        self.skipped_steps = 0
         self._served = 0  # images whose server half ran since the last evaluation
-        self.reference: torch.nn.Module | None = None  # the disclosure harness's attacker model
-        # Scored only on uploads, so not at c=0 (raw uploads) nor at c=1 (none). Trained at the
-        # first evaluation, in this thread, while the clients are idle: trained beside them (as a
-        # background thread from the start once was) it took ~1 core for ~30 s of round 1 and
-        # slowed the clients' 2 OpenMP threads more than it saved (benchmarks/overhead.py).
-        self.needs_reference = 0 < self.t_c < self.sched.T and cfg.attack_reference_steps > 0
         if self.t_c == 0:
             log(WARNING, "cut-ratio=0: clients upload their RAW training images (x_0) - this is the "
                 "server-only extreme and discloses the data completely")
-        if self.t_c == self.sched.T:
+        if self.t_c == T:
             log(WARNING, "cut-ratio=1: clients train alone and upload nothing (local-only extreme)")
 
-    # -- training ---------------------------------------------------------------------------
-    def configure_train(self, server_round: int, arrays: ArrayRecord, config, grid: Grid) -> Iterable[Message]:
-        uploads = self.cfg.uploads_per_round if self.server_share else 0
-        conf = self._base_config(server_round, **{"cut-step": self.t_c, "client-max-step": self.t_start,
-                                                  "uploads": uploads})
-        msgs = self._messages(self._sample(grid), lambda _: RecordDict({"config": conf}), MessageType.TRAIN)
-        return self._count_down(msgs, "train")
+    @classmethod
+    def from_run_config(cls, cfg: RunConfig, server_model: nn.Module, image_shape: tuple[int, int, int],
+                        **kwargs: Any) -> CollaFuse:
+        """This project's validated run-config -> constructor arguments (`kwargs` win)."""
+        args = dict(diffusion_steps=cfg.diffusion_steps, beta_schedule=cfg.beta_schedule, cut_ratio=cfg.cut_ratio,
+                    server_target=cfg.server_target, server_steps=cfg.server_steps, batch_size=cfg.batch_size,
+                    learning_rate=cfg.learning_rate, uploads_per_round=cfg.uploads_per_round,
+                    buffer_size=cfg.server_buffer_size or None, seed=cfg.seed, count_flops=cfg.count_flops,
+                    flops_every_pass=cfg.flops_every_pass, **common_args(cfg))
+        return cls(server_model, image_shape, **{**args, **kwargs})
 
-    def aggregate_train(self, server_round: int, replies: Iterable[Message]):
-        ok = self._split_replies(server_round, replies, "train")
+    # -- first contact ------------------------------------------------------------------------
+    def hello_config(self) -> dict[str, Any]:
+        return {**super().hello_config(), "cut-step": self.t_c, "diffusion-steps": self.sched.T}
+
+    def accept_hello(self, node_id: int, info: dict[str, Any]) -> str:
+        node_cut = info.get("cut-step")
+        if node_cut is not None and int(node_cut) != self.t_c:
+            return (f"the node's own cut step is {int(node_cut)}, the server's is {self.t_c}: the data owner "
+                    f"sets c (run-config cut-ratio or node_config cut-ratio); start both with the same c")
+        return ""
+
+    # -- training ---------------------------------------------------------------------------
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        uploads = self.uploads_per_round if self.server_share else 0
+        extra = {"cut-step": self.t_c, "client-max-step": self.t_start, "uploads": uploads}
+        return self._send(self._participants(grid),
+                          lambda n: RecordDict({self.keys.config: self._config(config, server_round, n, **extra)}),
+                          MessageType.TRAIN, "train")
+
+    def validate_reply(self, phase: str, client: int, msg: Message) -> str:
+        if phase != "train" or self.keys.upload not in msg.content.array_records:
+            return ""
+        rec = msg.content[self.keys.upload]
+        if list(rec.keys()) != [self.keys.x_tc]:
+            return f"upload: expected exactly the array '{self.keys.x_tc}', got {list(rec.keys())}"
+        arr = rec[self.keys.x_tc]
+        if arr.dtype != "float32":
+            return f"upload dtype: expected float32, got {arr.dtype}"
+        if tuple(arr.shape[1:]) != self.image_shape or len(arr.shape) != 4:
+            return f"upload shape: expected (n, {', '.join(map(str, self.image_shape))}), got {tuple(arr.shape)}"
+        if not self.server_share or arr.shape[0] > self.uploads_per_round:
+            return f"upload budget: {arr.shape[0]} images, at most {self.uploads_per_round if self.server_share else 0}"
+        x = arr.numpy()
+        if not np.isfinite(x).all():
+            return "upload values: not all finite (NaN or Inf)"
+        peak = float(np.abs(x).max()) if x.size else 0.0
+        if peak > self.upload_bound:
+            return (f"upload range: |x| reaches {peak:.3g}, an x_tc at t_c={self.t_c} stays within "
+                    f"{self.upload_bound:.3g}")
+        return ""
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord, MetricRecord]:
+        ok = self._accept(server_round, replies, "train")
         n_new = 0
         for m in ok:
-            if "upload" in m.content.array_records:
-                x = m.content["upload"]["x_tc"].numpy()
-                self.buffer.append(torch.from_numpy(x))
-                pid = self.node_to_partition[m.metadata.src_node_id]
-                self.buffer_labels.append(torch.full((x.shape[0],), pid, dtype=torch.long))
-                self.uploads_by_node[m.metadata.src_node_id] = x
+            if self.keys.upload in m.content.array_records:
+                x = m.content[self.keys.upload][self.keys.x_tc].numpy()
+                client = self.client_of(m.metadata.src_node_id)
+                self.buffer.setdefault(client, []).append(torch.from_numpy(x.copy()))
+                self.last_upload[client] = x
                 n_new += x.shape[0]
+        self._trim_buffer()
         loss = float("nan")
         t0 = time.perf_counter()
-        if self.server_share and self.buffer and self.cfg.server_steps > 0:
-            data = torch.cat(self.buffer)
+        skipped_before = self.skipped_steps
+        if self.server_share and self.buffer and self.server_steps > 0:
+            data, labels = self.buffer_tensors()
+            stats: dict[str, int] = {}
             loss = train_steps(self.model, self.optimizer,
-                               server_share_loss(self.model, self.sched, self.t_c, self.cfg.server_target, self.gen),
-                               data, self.cfg.server_steps, self.cfg.batch_size, self.gen, self.device,
-                               self.meter, "server-train", labels=torch.cat(self.buffer_labels))
-        metrics = self._mean_metrics(ok)
-        metrics["server-train-loss"] = loss
+                               server_share_loss(self.model, self.sched, self.t_c, self.server_target, self.gen),  # type: ignore[arg-type]
+                               data, self.server_steps, self.batch_size, self.gen, self.device,
+                               self.meter, "server-train", labels=labels, guard=True, stats=stats)
+            self.skipped_steps += stats.get("skipped", 0)
+        metrics = self.mean_metrics(ok)
+        if not math.isnan(loss):
+            metrics["server-train-loss"] = loss
         metrics["server-train-seconds"] = time.perf_counter() - t0
         metrics["uploads-received"] = n_new
+        metrics["server-buffer-size"] = sum(t.shape[0] for ts in self.buffer.values() for t in ts)
+        if self.skipped_steps > skipped_before:
+            metrics["server-steps-skipped"] = self.skipped_steps - skipped_before
+            log(WARNING, "round %d: %d server step(s) skipped (non-finite loss or gradients); the model and "
+                "optimizer were left as they were", server_round, self.skipped_steps - skipped_before)
         if self.meter is not None:
             metrics["server-train-flops"] = float(self.meter.totals.pop("server-train", 0))
-        self._record(server_round, **dict(metrics))
+        self.recorder.record(server_round, **dict(metrics))
         self._progress(server_round, "train", **{k: float(v) for k, v in metrics.items()
                                                  if k in ("train-loss", "server-train-loss", "uploads-received")})
         return ArrayRecord(self.model.state_dict()), metrics
 
+    def buffer_tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The buffer as one tensor, with each row's client index (in client order)."""
+        parts = [(c, t) for c in sorted(self.buffer) for t in self.buffer[c]]
+        data = torch.cat([t for _, t in parts])
+        labels = torch.cat([torch.full((t.shape[0],), c, dtype=torch.long) for c, t in parts])
+        return data, labels
+
+    def _trim_buffer(self) -> None:
+        """Keep at most `buffer_size` uploads: drop the oldest rows of whichever client holds the
+        most, so a client that uploads more cannot push the others out."""
+        if self.buffer_size is None:
+            return
+        sizes = {c: sum(t.shape[0] for t in ts) for c, ts in self.buffer.items()}
+        while sum(sizes.values()) > self.buffer_size:
+            c = max(sorted(sizes), key=sizes.__getitem__)
+            excess = min(sum(sizes.values()) - self.buffer_size, self.buffer[c][0].shape[0])
+            head = self.buffer[c][0][excess:]
+            self.buffer[c] = ([head] if head.shape[0] else []) + self.buffer[c][1:]
+            sizes[c] -= excess
+
     # -- evaluation ---------------------------------------------------------------------------
     def server_half(self, n: int, client: int) -> torch.Tensor:
         """x_T -> x_{t_c} with the shared model for one client (what that node receives)."""
-        s_srv, _ = D.split_step_budget(self.cfg.sampling_steps, self.sched.T, self.t_c)
+        s_srv, _ = D.split_step_budget(self.sampling_steps, self.sched.T, self.t_c)
         self._served += n
         self.model.eval()
-        self.model.condition(client)
+        if hasattr(self.model, "condition"):
+            self.model.condition(client)
         eps_model = self.meter.wrap(self.model, "server-infer") if self.meter is not None else self.model
         with torch.no_grad():
-            x = D.server_sample(eps_model, self.sched, (n, *self.image_shape), self.t_c,
-                                self.cfg.server_target, s_srv, self.gen, self.device)
+            x = D.server_sample(eps_model, self.sched, (n, *self.image_shape), self.t_c,  # type: ignore[arg-type]
+                                self.server_target, s_srv, self.gen, self.device)  # type: ignore[arg-type]
         return x.cpu()
 
-    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config, grid: Grid) -> Iterable[Message]:
-        n = self.cfg.num_eval_samples
-        _, s_cli = D.split_step_budget(self.cfg.sampling_steps, self.sched.T, self.t_c)
-        conf = self._base_config(server_round, **{"num-samples": n, "client-start-step": self.t_start,
-                                                  "client-sampling-steps": s_cli or 0})
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                           grid: Grid) -> Iterable[Message]:
+        n = self.num_eval_samples
+        _, s_cli = D.split_step_budget(self.sampling_steps, self.sched.T, self.t_c)
 
-        def content(node_id: int) -> RecordDict:
-            rd = RecordDict({"config": conf})
-            if self.t_c < self.sched.T:
-                pid = self.node_to_partition.get(node_id, 0)
-                rd["x_tc"] = ArrayRecord({"x_tc": Array(self.server_half(n, pid).float().numpy())})
-            if node_id in self.uploads_by_node:  # measurement only: what the server can infer
-                rd["harness"] = self.disclosure_payload(self.uploads_by_node[node_id],
-                                                        self.node_to_partition.get(node_id, 0))
+        def content(node_id: int, conf: ConfigRecord) -> RecordDict:
+            client = self.client_of(node_id)
+            rd = RecordDict({self.keys.config: conf})
+            if self.server_share:
+                rd[self.keys.x_tc] = ArrayRecord({self.keys.x_tc: Array(self.server_half(n, client).float().numpy())})
+            if self.harness_payload is not None and client in self.last_upload:
+                payload = self.harness_payload(self, client, self.last_upload[client])
+                if payload is not None:
+                    rd[self.keys.harness] = payload
             return rd
 
-        return self._evaluate_messages(server_round, grid, content, harness=("harness",))
-
-    def disclosure_payload(self, uploads: np.ndarray, pid: int) -> ArrayRecord:
-        """The server's reconstructions of a node's last upload, sent back for scoring only."""
-        from collafuse_flwr.metrics.disclosure import reconstruct
-
-        if self.reference is None and self.needs_reference:
-            from collafuse_flwr.attack import train_reference_denoiser
-
-            self.reference = train_reference_denoiser(self.cfg, self.min_nodes, self.device)
-        x = torch.from_numpy(uploads)
-        self.model.eval()
-        with torch.no_grad():
-            # The server model only learned t > t_c; read at t_c as an ordinary DDPM, its Tweedie
-            # output is the best x_0 guess it can make with what it owns.
-            self.model.condition(pid)
-            own = reconstruct(x, self.sched, self.t_c, self.model if self.t_c > 0 else None)
-            scaled = reconstruct(x, self.sched, self.t_c, None)
-            recon = {"recon-server": own, "recon-scaled": scaled}
-            if self.reference is not None:
-                recon["recon-reference"] = reconstruct(x, self.sched, self.t_c, self.reference)
-            elif self.t_c == 0:
-                recon["recon-reference"] = own  # raw images: every attacker recovers them exactly
-        return ArrayRecord({"uploads": Array(uploads.astype(np.float32)),
-                            **{k: Array(v.float().numpy()) for k, v in recon.items()}})
+        return self._eval_messages(server_round, grid, config, content, harness=(self.keys.harness,),
+                                   **{"client-start-step": self.t_start, "client-sampling-steps": s_cli or 0})
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         if self.meter is not None and self._served:
             flops = float(self.meter.totals.pop("server-infer", 0))
-            self._record(server_round, **{"server-infer-flops-per-image": flops / self._served})
+            self.recorder.record(server_round, **{"server-infer-flops-per-image": flops / self._served})
         self._served = 0
         return super().aggregate_evaluate(server_round, replies)
+

@@ -1,51 +1,82 @@
 """FedAvg for diffusion: every node trains the whole denoiser (all T steps) for the same local
-steps; Flower's Message-API `FedAvg` averages the weights, weighted by examples.
+steps and the server averages the weights, weighted by examples (Flower's
+`aggregate_arrayrecords`, the same arithmetic as `flwr.serverapp.strategy.FedAvg`).
 
-Only evaluation is added: on evaluation rounds each node receives the global model and samples
-x_T -> x_0 entirely on its own device.
+Every reply is checked against the global model before it is averaged in: the same array
+names, shapes and dtypes, all finite, and a positive example count. On evaluation rounds each
+node receives the global model and samples x_T -> x_0 on its own device.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
 
-from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
-from collafuse_flwr.config import RunConfig
+from .base import DiffusionStrategy, common_args
 
-from .base import HarnessMixin
+if TYPE_CHECKING:
+    from collafuse_flwr.config import RunConfig
 
 
-class FedAvgDiffusion(HarnessMixin, FedAvg):
-    def __init__(self, cfg: RunConfig, min_nodes: int = 1, on_round_end=None) -> None:
-        FedAvg.__init__(self, fraction_train=1.0, fraction_evaluate=1.0, min_train_nodes=min_nodes,
-                        min_evaluate_nodes=min_nodes, min_available_nodes=min_nodes)
-        self._init_harness(cfg, min_nodes, on_round_end)
+class FedAvgDiffusion(DiffusionStrategy):
+    """FedAvg over a diffusion denoiser. `**common`: `DiffusionStrategy` arguments."""
 
-    def configure_train(self, server_round: int, arrays: ArrayRecord, config, grid: Grid) -> Iterable[Message]:
-        conf = self._base_config(server_round)
-        msgs = self._messages(self._sample(grid), lambda _: RecordDict({"arrays": arrays, "config": conf}),
-                              "train")
-        return self._count_down(msgs, "train")
+    method = "fedavg"
 
-    def aggregate_train(self, server_round: int, replies: Iterable[Message]):
-        ok = self._split_replies(server_round, replies, "train")
-        arrays, _ = FedAvg.aggregate_train(self, server_round, ok)  # weighted by num-examples
-        metrics = self._mean_metrics(ok)
-        self._record(server_round, **dict(metrics))
+    def __init__(self, **common: Any) -> None:
+        super().__init__(**common)
+        self._global: dict[str, tuple[tuple[int, ...], str]] = {}  # name -> (shape, dtype)
+
+    @classmethod
+    def from_run_config(cls, cfg: RunConfig, capacity: int | None = None, **kwargs: Any) -> FedAvgDiffusion:
+        return cls(**{**common_args(cfg), "capacity": capacity, **kwargs})
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        self._global = {k: (tuple(a.shape), a.dtype) for k, a in arrays.items()}
+        return self._send(self._participants(grid),
+                          lambda n: RecordDict({self.keys.arrays: arrays,
+                                                self.keys.config: self._config(config, server_round, n)}),
+                          MessageType.TRAIN, "train")
+
+    def validate_reply(self, phase: str, client: int, msg: Message) -> str:
+        if phase != "train":
+            return ""
+        if self.keys.arrays not in msg.content.array_records:
+            return f"weights: no '{self.keys.arrays}' array record"
+        rec = msg.content[self.keys.arrays]
+        if set(rec.keys()) != set(self._global):
+            return f"weights: array names differ from the global model's ({sorted(set(rec) ^ set(self._global))[:3]} ...)"
+        for k, a in rec.items():
+            if (tuple(a.shape), a.dtype) != self._global[k]:
+                return f"weights: '{k}' is {a.dtype}{tuple(a.shape)}, the global model's is {self._global[k][1]}{self._global[k][0]}"
+            if not np.isfinite(a.numpy()).all():
+                return f"weights: '{k}' has non-finite values"
+        n = msg.content[self.keys.metrics].get("num-examples", 0)
+        if not n > 0:
+            return f"num-examples: must be > 0, got {n}"
+        return ""
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord]:
+        ok = self._accept(server_round, replies, "train")
+        arrays = None
+        if ok:
+            records = [RecordDict({"a": m.content[self.keys.arrays],
+                                   "m": MetricRecord({"num-examples": m.content[self.keys.metrics]["num-examples"]})})
+                       for m in ok]
+            arrays = aggregate_arrayrecords(records, "num-examples")
+        metrics = self.mean_metrics(ok)
+        self.recorder.record(server_round, **dict(metrics))
         self._progress(server_round, "train", **{k: float(v) for k, v in metrics.items() if k == "train-loss"})
         return arrays, metrics
 
-    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config, grid: Grid) -> Iterable[Message]:
-        conf = self._base_config(server_round, **{"num-samples": self.cfg.num_eval_samples,
-                                                  "client-sampling-steps": self.cfg.sampling_steps})
-        return self._evaluate_messages(server_round, grid,
-                                       lambda _: RecordDict({"arrays": arrays, "config": conf}))
-
-    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        return HarnessMixin.aggregate_evaluate(self, server_round, replies)
-
-    def summary(self) -> None:
-        HarnessMixin.summary(self)
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                           grid: Grid) -> Iterable[Message]:
+        return self._eval_messages(server_round, grid, config,
+                                   lambda n, conf: RecordDict({self.keys.arrays: arrays, self.keys.config: conf}),
+                                   **{"client-sampling-steps": self.sampling_steps})

@@ -5,35 +5,46 @@ crosses the network. Run through Flower like the others so the accounting is ide
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
 
-from flwr.app import ArrayRecord, Message, MessageType, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import Strategy
 
-from collafuse_flwr.config import RunConfig
+from .base import DiffusionStrategy, common_args
 
-from .base import HarnessMixin
+if TYPE_CHECKING:
+    from collafuse_flwr.config import RunConfig
 
 
-class LocalOnly(HarnessMixin, Strategy):
-    def __init__(self, cfg: RunConfig, min_nodes: int = 1, on_round_end=None) -> None:
-        self._init_harness(cfg, min_nodes, on_round_end)
+class LocalOnly(DiffusionStrategy):
+    """Local-only training. `diffusion_steps`: T (the node starts sampling there)."""
 
-    def configure_train(self, server_round: int, arrays: ArrayRecord, config, grid: Grid) -> Iterable[Message]:
-        conf = self._base_config(server_round)
-        msgs = self._messages(self._sample(grid), lambda _: RecordDict({"config": conf}), MessageType.TRAIN)
-        return self._count_down(msgs, "train")
+    method = "local"
 
-    def aggregate_train(self, server_round: int, replies: Iterable[Message]):
-        ok = self._split_replies(server_round, replies, "train")
-        metrics = self._mean_metrics(ok)
-        self._record(server_round, **dict(metrics))
+    def __init__(self, *, diffusion_steps: int = 1000, **common: Any) -> None:
+        super().__init__(**common)
+        self.diffusion_steps = diffusion_steps
+
+    @classmethod
+    def from_run_config(cls, cfg: RunConfig, **kwargs: Any) -> LocalOnly:
+        return cls(**{"diffusion_steps": cfg.diffusion_steps, **common_args(cfg), **kwargs})
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        return self._send(self._participants(grid),
+                          lambda n: RecordDict({self.keys.config: self._config(config, server_round, n)}),
+                          MessageType.TRAIN, "train")
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[None, MetricRecord]:
+        ok = self._accept(server_round, replies, "train")
+        metrics = self.mean_metrics(ok)
+        self.recorder.record(server_round, **dict(metrics))
         self._progress(server_round, "train", **{k: float(v) for k, v in metrics.items() if k == "train-loss"})
         return None, metrics
 
-    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config, grid: Grid) -> Iterable[Message]:
-        T = self.cfg.diffusion_steps
-        conf = self._base_config(server_round, **{"num-samples": self.cfg.num_eval_samples,
-                                                  "client-start-step": T,
-                                                  "client-sampling-steps": self.cfg.sampling_steps})
-        return self._evaluate_messages(server_round, grid, lambda _: RecordDict({"config": conf}))
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                           grid: Grid) -> Iterable[Message]:
+        return self._eval_messages(server_round, grid, config,
+                                   lambda n, conf: RecordDict({self.keys.config: conf}),
+                                   **{"client-start-step": self.diffusion_steps,
+                                      "client-sampling-steps": self.sampling_steps})

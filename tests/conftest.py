@@ -32,3 +32,10 @@ def tiny_config():
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
+def _node_state(tmp_path, monkeypatch):
+    """Each test's nodes keep their secret and private state in the test's own folder, so no
+    test recovers another's private model (the state files outlive a Context, by design)."""
+    monkeypatch.setenv("COLLAFUSE_FLWR_CACHE", str(tmp_path / "cache"))

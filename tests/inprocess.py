@@ -6,6 +6,7 @@ Lets tests drive strategies and the ClientApp with real Flower messages without 
 from __future__ import annotations
 
 import itertools
+import time
 from collections.abc import Iterable
 
 from flwr.app import Context, Message, RecordDict
@@ -14,16 +15,23 @@ from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
 
 _ids = itertools.count(1)
+_runs = itertools.count(int(time.time() * 1000) % 10**9)  # a fresh run id per grid: node state files are per run
 
 
 class InProcessGrid(Grid):
-    def __init__(self, client_app, run_config: dict, num_nodes: int, fail_nodes: Iterable[int] = ()) -> None:
+    def __init__(self, client_app, run_config: dict, num_nodes: int, fail_nodes: Iterable[int] = (),
+                 node_config: dict | None = None) -> None:
+        """fail_nodes: these nodes answer their train and evaluate messages with an Error (they
+        pass first contact, then fail, like a node that dies after joining)."""
         self.client_app = client_app
         # Message() stamps the run/task identity that a real SuperLink process would set
         TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
         self.node_ids = [1000 + i for i in range(num_nodes)]
+        self.run_id = next(_runs)
         self.contexts = {
-            nid: Context(run_id=1, node_id=nid, node_config={"partition-id": i, "num-partitions": num_nodes},
+            nid: Context(run_id=self.run_id, node_id=nid,
+                         node_config={"partition-id": i, "num-partitions": num_nodes, "share-harness": "true",
+                                      **(node_config or {})},
                          state=RecordDict(), run_config=dict(run_config))
             for i, nid in enumerate(self.node_ids)
         }
@@ -58,7 +66,7 @@ class InProcessGrid(Grid):
             m.metadata.__dict__["_src_node_id"] = 0
             self.sent.append(m)
             nid = m.metadata.dst_node_id
-            if nid in self.fail_nodes:
+            if nid in self.fail_nodes and m.metadata.message_type in ("train", "evaluate"):
                 reply = Message(Error(code=0, reason="simulated node failure"), reply_to=m)
             else:
                 reply = self.client_app(m, self.contexts[nid])

@@ -1,5 +1,7 @@
 """The ClientApp driven with real Flower messages: what leaves a node, and what stays."""
 
+import itertools
+
 import numpy as np
 import pytest
 import torch
@@ -13,10 +15,15 @@ from collafuse_flwr.models import build_denoiser
 from collafuse_flwr.state import MODEL_KEY
 
 NUM_NODES = 3
+_RUN_IDS = itertools.count(1)  # each context is a new run: node state files are per run
 
 
-def _context(rc, pid=0):
-    return Context(run_id=1, node_id=100 + pid, node_config={"partition-id": pid, "num-partitions": NUM_NODES},
+def _context(rc, pid=0, **node_config):
+    """A node that shares research measurements (as in the simulation); see test_privacy_attacks
+    for the deployment default."""
+    return Context(run_id=next(_RUN_IDS), node_id=100 + pid,
+                   node_config={"partition-id": pid, "num-partitions": NUM_NODES, "share-harness": "true",
+                                **node_config},
                    state=RecordDict(), run_config=rc)
 
 
@@ -27,10 +34,11 @@ def _message(content: RecordDict, mtype=MessageType.TRAIN) -> Message:
     return m
 
 
-def _train(rc, ctx, rnd=1, cut=None, uploads=16):
+def _train(rc, ctx, rnd=1, cut=None, uploads=None):
     cfg = parse_config(rc)
     t_c = cfg.cut_step if cut is None else cut
-    conf = ConfigRecord({"server-round": rnd, "cut-step": t_c, "client-max-step": t_c, "uploads": uploads})
+    uploads = cfg.uploads_per_round if uploads is None else uploads
+    conf = ConfigRecord({"server-round": rnd, "cut-step": t_c, "uploads": uploads})
     return app(_message(RecordDict({"config": conf})), ctx)
 
 
@@ -58,7 +66,7 @@ def test_collafuse_reply_holds_no_training_image_and_no_weights(tiny_config, cut
     arrays = _all_arrays(reply)
     assert list(arrays) == ["upload/x_tc"]
     x_tc = arrays["upload/x_tc"]
-    assert x_tc.shape == (16, 1, 8, 8)
+    assert x_tc.shape == (8, 1, 8, 8)  # the tiny config's uploads-per-round
     data = client_data(parse_config(rc), 0, NUM_NODES)
     # every uploaded image is far from every training image (RMS per pixel, images in [-1, 1])
     assert _min_rms_distance(x_tc, data.train.numpy()) > 0.1
@@ -145,7 +153,7 @@ def test_client_inference_flops_are_cut_share_of_fedavgs(tiny_config):
     rf = tiny_config(method="fedavg", image_size=8)
     cfg = parse_config(rf)
     glob = shared_denoiser(8, 1, cfg.model_size, cfg.conditioning, NUM_NODES)
-    conf = ConfigRecord({"server-round": 2, "num-samples": 4, "client-sampling-steps": 0})
+    conf = ConfigRecord({"server-round": 2, "num-samples": 4, "client-sampling-steps": 0, "num-clients": NUM_NODES})
     fedavg = app(_message(RecordDict({"config": conf, "arrays": ArrayRecord(glob.state_dict())}),
                           MessageType.EVALUATE), _context(rf))
     a = collafuse.content["metrics"]["client-infer-flops-per-image"]

@@ -17,8 +17,8 @@ def _run(rc, tmp_path, nodes=2):
     cfg = parse_config(rc)
     grid = InProcessGrid(client_app, rc, nodes)
     strategy, arrays = build_strategy(cfg, nodes, torch.device("cpu"))
-    strategy.start(grid=grid, initial_arrays=arrays, num_rounds=cfg.num_server_rounds)
-    return finalize(cfg, strategy, tmp_path, 1, nodes, time.time(), 0), grid
+    result = strategy.start(grid=grid, initial_arrays=arrays, num_rounds=cfg.num_server_rounds)
+    return finalize(cfg, strategy, result, tmp_path, 1, nodes, time.time(), 0), grid
 
 
 def test_cut_zero_is_full_disclosure(tiny_config, tmp_path):
@@ -42,8 +42,8 @@ def test_failed_node_is_counted_and_skipped(tiny_config, tmp_path):
     cfg = parse_config(rc)
     grid = InProcessGrid(client_app, rc, 3, fail_nodes=[1001])
     strategy, arrays = build_strategy(cfg, 3, torch.device("cpu"))
-    strategy.start(grid=grid, initial_arrays=arrays, num_rounds=1)
-    res = finalize(cfg, strategy, tmp_path, 1, 3, time.time(), 0)
+    result = strategy.start(grid=grid, initial_arrays=arrays, num_rounds=1)
+    res = finalize(cfg, strategy, result, tmp_path, 1, 3, time.time(), 0)
     assert res["final"]["failed_replies"] == 2  # its train and its evaluate reply
     assert len(res["final"]["fid_per_client"]) == 2
 
@@ -72,8 +72,16 @@ def test_reference_attacker_is_seeded_and_leaves_the_rng_alone(tiny_config):
 def test_reference_attacker_trains_only_where_uploads_are_scored_with_it(tiny_config, cut, expected):
     # c=0 scores the raw uploads directly; c=1 uploads nothing
     strategy, _ = build_strategy(parse_config(tiny_config(cut_ratio=cut)), 3, torch.device("cpu"))
-    assert strategy.needs_reference is expected
-    assert strategy.reference is None  # not before the first evaluation: the clients train first
+    probe = strategy.harness_payload
+    assert probe.reference is None  # not before the first evaluation: the clients train first
+    if cut < 1.0:
+        probe(strategy, 0, np.zeros((2, 1, 8, 8), dtype=np.float32))
+    assert (probe.reference is not None) is expected
     if expected:
-        strategy.disclosure_payload(np.zeros((2, 1, 8, 8), dtype=np.float32), 0)
-        assert strategy.reference is not None and not strategy.reference.training
+        assert not probe.reference.training
+
+
+def test_no_harness_no_probe(tiny_config):
+    """Outside the simulation the strategy gets no disclosure probe: the ServerApp reads no client data."""
+    strategy, _ = build_strategy(parse_config(tiny_config(cut_ratio=0.3)), 3, torch.device("cpu"), harness=False)
+    assert strategy.harness_payload is None

@@ -22,10 +22,10 @@ def test_plain_loop_reproduces_the_apps_fid(tiny_config, tmp_path):
     nodes = 2
     torch.manual_seed(cfg.seed)
     strategy, arrays = build_strategy(cfg, nodes, torch.device("cpu"))
-    strategy.start(grid=InProcessGrid(client_app, rc, nodes), initial_arrays=arrays,
+    result = strategy.start(grid=InProcessGrid(client_app, rc, nodes), initial_arrays=arrays,
                    num_rounds=cfg.num_server_rounds)
     (tmp_path / "app").mkdir()
-    app = finalize(cfg, strategy, tmp_path / "app", 1, nodes, time.time(), 0)["final"]
+    app = finalize(cfg, strategy, result, tmp_path / "app", 1, nodes, time.time(), 0)["final"]
     plain = plain_collafuse(cfg, nodes, tmp_path / "plain")
     assert app["fid"] == pytest.approx(plain.fid, rel=1e-6)
     assert app["fid_pooled"] == pytest.approx(plain.fid_pooled, rel=1e-6)

@@ -1,4 +1,5 @@
-"""Strategies' configure/aggregate steps against a fake Grid (no SuperLink, no Ray)."""
+"""Strategies' configure/aggregate steps against a fake Grid (no SuperLink, no Ray), including
+replies a faulty or hostile node could send: each must be refused before it touches state."""
 
 import numpy as np
 import pytest
@@ -9,18 +10,8 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from collafuse_flwr.config import parse_config
 from collafuse_flwr.metrics.comm import message_nbytes
-from collafuse_flwr.models import build_denoiser
-from strategies import CollaFuse, FedAvgDiffusion, LocalOnly
-
-
-class FakeGrid:
-    """Just what strategies ask of a Grid: the connected node ids."""
-
-    def __init__(self, n):
-        self.ids = list(range(1, n + 1))
-
-    def get_node_ids(self):
-        return list(self.ids)
+from collafuse_flwr.models import build_denoiser, shared_denoiser
+from strategies import CollaFuse, FedAvgDiffusion, LocalOnly, RoundFailed
 
 
 def _reply(to: Message, content: RecordDict, src: int) -> Message:
@@ -30,90 +21,223 @@ def _reply(to: Message, content: RecordDict, src: int) -> Message:
     return r
 
 
+class FakeGrid:
+    """What strategies ask of a Grid: node ids, and answers to the first-contact `hello` query.
+
+    claims: node id -> the partition-id it claims at hello (absent: no claim).
+    """
+
+    def __init__(self, ids, claims=None):
+        self.ids = list(ids)
+        self.claims = dict(claims or {})
+
+    def get_node_ids(self):
+        return list(self.ids)
+
+    def send_and_receive(self, messages, *, timeout=None):
+        out = []
+        for m in messages:
+            assert m.metadata.message_type == MessageType.QUERY
+            nid = m.metadata.dst_node_id
+            met = {"num-examples": 10}
+            if nid in self.claims:
+                met["partition-id"] = self.claims[nid]
+            out.append(_reply(m, RecordDict({"metrics": MetricRecord(met)}), nid))
+        return out
+
+
+def grid_of(n=0, ids=None, claims="index"):
+    ids = list(ids) if ids is not None else list(range(1, n + 1))
+    if claims == "index":
+        claims = {nid: i for i, nid in enumerate(ids)}
+    return FakeGrid(ids, claims)
+
+
 @pytest.fixture(autouse=True)
 def _identity():
     TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
 
 
-def _collafuse(rc):
+def _collafuse(rc, clients=3, **kw):
     cfg = parse_config(rc)
-    model = build_denoiser(cfg.image_size, 1, cfg.model_size)
-    return cfg, CollaFuse(cfg, model, (1, 8, 8), torch.device("cpu"), min_nodes=1)
+    model = shared_denoiser(cfg.image_size, 1, cfg.model_size, "client", clients)
+    s = CollaFuse.from_run_config(cfg, model, (1, 8, 8), **kw)
+    s.num_rounds = cfg.num_server_rounds
+    return cfg, s
+
+
+def _train_replies(s, msgs, uploads, metrics=None):
+    """One reply per message: uploads[i] (array or None) with standard metrics."""
+    out = []
+    for m, up in zip(msgs, uploads):
+        met = MetricRecord({"num-examples": 10, "train-loss": 1.0, **(metrics or {})})
+        rd = RecordDict({"metrics": met})
+        if up is not None:
+            rd["upload"] = ArrayRecord({"x_tc": Array(up)})
+        out.append(_reply(m, rd, m.metadata.dst_node_id))
+    return out
+
+
+def _x(n=5, scale=0.5, dtype=np.float32, shape=(1, 8, 8)):
+    return (np.random.default_rng(n).standard_normal((n, *shape)) * scale).astype(dtype)
 
 
 def test_collafuse_configure_train_sends_config_only(tiny_config):
     cfg, s = _collafuse(tiny_config(cut_ratio=0.3))
-    msgs = list(s.configure_train(1, ArrayRecord(), ConfigRecord(), FakeGrid(3)))
+    msgs = list(s.configure_train(1, ArrayRecord(), ConfigRecord({"user-key": 7}), grid_of(3)))
     assert [m.metadata.dst_node_id for m in msgs] == [1, 2, 3]
-    for m in msgs:
+    for i, m in enumerate(msgs):
         assert m.metadata.message_type == MessageType.TRAIN
         assert not m.content.array_records  # the server model is never sent
         conf = m.content["config"]
         assert conf["cut-step"] == 6 and conf["uploads"] == cfg.uploads_per_round and conf["server-round"] == 1
-    assert s.bytes["down-train"] == sum(message_nbytes(m) for m in msgs)
+        assert conf["client-index"] == i and conf["user-key"] == 7  # the caller's config is forwarded
+    assert s.recorder.bytes["down-train"] == sum(message_nbytes(m) for m in msgs)
 
 
 def test_collafuse_aggregate_trains_server_on_uploads_and_skips_failures(tiny_config):
     cfg, s = _collafuse(tiny_config(cut_ratio=0.3, server_steps=3))
-    msgs = list(s.configure_train(1, ArrayRecord(), ConfigRecord(), FakeGrid(3)))
+    msgs = list(s.configure_train(1, ArrayRecord(), ConfigRecord(), grid_of(3)))
     before = {k: v.clone() for k, v in s.model.state_dict().items()}
-    replies = []
-    for m in msgs[:2]:
-        up = ArrayRecord({"x_tc": Array(np.random.randn(5, 1, 8, 8).astype(np.float32))})
-        met = MetricRecord({"num-examples": 10, "partition-id": m.metadata.dst_node_id - 1, "train-loss": 1.0})
-        replies.append(_reply(m, RecordDict({"upload": up, "metrics": met}), m.metadata.dst_node_id))
-    failed = Message(Error(code=1, reason="boom"), reply_to=msgs[2])
-    replies.append(failed)
+    replies = _train_replies(s, msgs[:2], [_x(), _x()])
+    replies.append(Message(Error(code=1, reason="boom"), reply_to=msgs[2]))
+    replies[-1].metadata.__dict__["_src_node_id"] = 3
     arrays, metrics = s.aggregate_train(1, replies)
-    assert s.failures == 1
-    assert sum(b.shape[0] for b in s.buffer) == 10
-    assert metrics["uploads-received"] == 10
-    assert metrics["num-examples"] == 20
+    assert s.recorder.failures == 1
+    assert sum(t.shape[0] for ts in s.buffer.values() for t in ts) == 10
+    assert metrics["uploads-received"] == 10 and metrics["num-examples"] == 20
     after = arrays.to_torch_state_dict()
     assert any(not torch.equal(before[k], after[k]) for k in before)
-    assert s.bytes["up-train"] == sum(message_nbytes(r) for r in replies[:2])
+    assert s.recorder.bytes["up-train"] == sum(message_nbytes(r) for r in replies[:2])
+
+
+BAD_UPLOADS = {
+    "nan": lambda: np.where(np.arange(5 * 64).reshape(5, 1, 8, 8) == 7, np.nan, _x()).astype(np.float32),
+    "inf": lambda: np.where(np.arange(5 * 64).reshape(5, 1, 8, 8) == 7, np.inf, _x()).astype(np.float32),
+    "huge": lambda: np.where(np.arange(5 * 64).reshape(5, 1, 8, 8) == 7, 1e30, _x()).astype(np.float32),
+    "wrong-shape": lambda: _x(shape=(1, 9, 9)),
+    "wrong-channels": lambda: _x(shape=(3, 8, 8)),
+    "float64": lambda: _x(dtype=np.float64),
+    "over-budget": lambda: _x(n=500),
+}
+
+
+@pytest.mark.parametrize("bad", sorted(BAD_UPLOADS))
+def test_a_poisoned_or_malformed_upload_is_refused_and_the_others_are_used(tiny_config, bad):
+    """Naively, one NaN/Inf/1e30 pixel makes the shared model NaN for good, and a wrong shape or
+    dtype crashes the ServerApp in every later round (it stays in the buffer)."""
+    cfg, s = _collafuse(tiny_config(cut_ratio=0.3, server_steps=3, uploads_per_round=8))
+    msgs = list(s.configure_train(1, ArrayRecord(), ConfigRecord(), grid_of(3)))
+    replies = _train_replies(s, msgs, [_x(), BAD_UPLOADS[bad](), _x()])
+    arrays, metrics = s.aggregate_train(1, replies)
+    assert metrics["uploads-received"] == 10  # the two good replies
+    assert sorted(s.buffer) == [0, 2]
+    assert sum(s.recorder.rejected.values()) == 1 and s.recorder.rounds[1].values["rejected-replies"] == 1
+    assert all(torch.isfinite(v).all() for v in arrays.to_torch_state_dict().values())
+    # later rounds still train (nothing bad stayed behind)
+    msgs = list(s.configure_train(2, ArrayRecord(), ConfigRecord(), grid_of(3)))
+    arrays, _ = s.aggregate_train(2, _train_replies(s, msgs, [_x(), _x(), _x()]))
+    assert all(torch.isfinite(v).all() for v in arrays.to_torch_state_dict().values())
+
+
+def test_non_finite_metrics_reject_the_reply(tiny_config):
+    cfg, s = _collafuse(tiny_config(cut_ratio=0.3))
+    msgs = list(s.configure_train(1, ArrayRecord(), ConfigRecord(), grid_of(2)))
+    replies = _train_replies(s, msgs, [_x(), _x()])
+    replies[1].content["metrics"]["train-loss"] = float("nan")
+    _, metrics = s.aggregate_train(1, replies)
+    assert metrics["uploads-received"] == 5 and sum(s.recorder.rejected.values()) == 1
+
+
+def test_identity_is_the_servers_not_the_replys(tiny_config):
+    """A reply saying it is another partition does not move its uploads to that client's label."""
+    cfg, s = _collafuse(tiny_config(cut_ratio=0.3))
+    msgs = list(s.configure_train(1, ArrayRecord(), ConfigRecord(), grid_of(2)))
+    s.aggregate_train(1, _train_replies(s, msgs, [_x(), _x()], metrics={"partition-id": 0}))
+    assert sorted(s.buffer) == [0, 1]
+
+
+def test_duplicate_and_out_of_range_partition_claims_are_refused(tiny_config):
+    cfg, s = _collafuse(tiny_config(cut_ratio=0.3), clients=3)
+    grid = FakeGrid([11, 22, 33, 44], claims={11: 0, 22: 0, 33: 99, 44: -1})
+    msgs = list(s.configure_train(1, ArrayRecord(), ConfigRecord(), grid))
+    assert [m.metadata.dst_node_id for m in msgs] == [11, 44]  # 44 (no claim) got the lowest free slot
+    assert s.registry.index == {11: 0, 44: 1}
+    assert "already held" in s.registry.refused[22] and "outside 0..2" in s.registry.refused[33]
+
+
+def test_a_late_node_takes_a_free_slot_or_is_ignored(tiny_config):
+    cfg, s = _collafuse(tiny_config(cut_ratio=0.3), clients=2)
+    assert len(list(s.configure_train(1, ArrayRecord(), ConfigRecord(), FakeGrid([1], {1: 0})))) == 1
+    late = FakeGrid([1, 2, 3], {1: 0})  # 2 and 3 join later without a claim; one slot is left
+    msgs = list(s.configure_train(2, ArrayRecord(), ConfigRecord(), late))
+    assert [m.metadata.dst_node_id for m in msgs] == [1, 2]
+    assert "no free client slot" in s.registry.refused[3]
+
+
+def test_too_few_replies_fail_the_round_clearly(tiny_config):
+    cfg, s = _collafuse(tiny_config(cut_ratio=0.3, min_available_fraction=0.75), clients=4)
+    msgs = list(s.configure_train(1, ArrayRecord(), ConfigRecord(), grid_of(4)))
+    with pytest.raises(RoundFailed, match="only 2 of 4"):
+        s.aggregate_train(1, _train_replies(s, msgs[:2], [_x(), _x()]))
+    cfg, s = _collafuse(tiny_config(cut_ratio=0.3, min_available_fraction=0.5), clients=4)
+    msgs = list(s.configure_train(1, ArrayRecord(), ConfigRecord(), grid_of(4)))
+    _, metrics = s.aggregate_train(1, _train_replies(s, msgs[:2], [_x(), _x()]))  # half is enough
+    assert s.recorder.missing[1] == [2, 3] and metrics["uploads-received"] == 10
+
+
+def test_a_non_finite_server_step_is_skipped_and_the_model_kept(tiny_config):
+    cfg, s = _collafuse(tiny_config(cut_ratio=0.3, server_steps=2))
+    msgs = list(s.configure_train(1, ArrayRecord(), ConfigRecord(), grid_of(1)))
+    s.aggregate_train(1, _train_replies(s, msgs, [_x()]))
+    before = {k: v.clone() for k, v in s.model.state_dict().items()}
+    opt_before = {k: v["exp_avg"].clone() for k, v in s.optimizer.state_dict()["state"].items()}
+    s.buffer[0] = [torch.full((5, 1, 8, 8), float("nan"))]  # whatever got in: the step must not apply
+    msgs = list(s.configure_train(2, ArrayRecord(), ConfigRecord(), grid_of(1)))
+    _, metrics = s.aggregate_train(2, _train_replies(s, msgs, [None]))
+    assert metrics["server-steps-skipped"] == 2
+    assert all(torch.equal(before[k], v) for k, v in s.model.state_dict().items())
+    assert all(torch.equal(opt_before[k], v["exp_avg"]) for k, v in s.optimizer.state_dict()["state"].items())
+
+
+def test_the_upload_buffer_is_capped_fairly(tiny_config):
+    cfg, s = _collafuse(tiny_config(cut_ratio=0.3, server_steps=1, server_buffer_size=12, uploads_per_round=8))
+    for rnd in range(1, 4):
+        msgs = list(s.configure_train(rnd, ArrayRecord(), ConfigRecord(), grid_of(2)))
+        s.aggregate_train(rnd, _train_replies(s, msgs, [_x(n=8), _x(n=2)]))
+    sizes = {c: sum(t.shape[0] for t in ts) for c, ts in s.buffer.items()}
+    assert sum(sizes.values()) == 12 and sizes == {0: 6, 1: 6}  # the heavy uploader gave way
 
 
 def test_collafuse_evaluate_sends_server_half_on_eval_rounds_only(tiny_config):
     cfg, s = _collafuse(tiny_config(cut_ratio=0.5, eval_every=0, num_server_rounds=3))
-    assert list(s.configure_evaluate(1, ArrayRecord(), ConfigRecord(), FakeGrid(2))) == []
-    msgs = list(s.configure_evaluate(3, ArrayRecord(), ConfigRecord(), FakeGrid(2)))
+    assert list(s.configure_evaluate(1, ArrayRecord(), ConfigRecord(), grid_of(2))) == []
+    msgs = list(s.configure_evaluate(3, ArrayRecord(), ConfigRecord(), grid_of(2)))
     assert len(msgs) == 2
     for m in msgs:
-        x = m.content["x_tc"]["x_tc"].numpy()
-        assert x.shape == (cfg.num_eval_samples, 1, 8, 8)
+        assert m.content["x_tc"]["x_tc"].numpy().shape == (cfg.num_eval_samples, 1, 8, 8)
         assert m.content["config"]["client-start-step"] == 10
-    # each node gets its own draw, not one shared batch
     a, b = (m.content["x_tc"]["x_tc"].numpy() for m in msgs)
-    assert not np.allclose(a, b)
-
-
-def _grid_of(ids):
-    g = FakeGrid(0)
-    g.ids = list(ids)
-    return g
+    assert not np.allclose(a, b)  # each node gets its own draw, not one shared batch
 
 
 def test_collafuse_same_seed_same_result_whatever_node_ids_and_reply_order(tiny_config):
     """Flower draws node ids at random per run and replies arrive in any order: neither may
     change what the server learns or which server half each partition gets."""
     rc = tiny_config(cut_ratio=0.5, server_steps=3, eval_every=1, num_server_rounds=1)
-    uploads = {pid: np.random.default_rng(pid).standard_normal((4, 1, 8, 8)).astype(np.float32) for pid in range(3)}
+    uploads = {pid: np.random.default_rng(pid).standard_normal((4, 1, 8, 8)).astype(np.float32) * 0.5
+               for pid in range(3)}
     runs = []
     for node_of_pid, reverse in (({0: 11, 1: 22, 2: 33}, False), ({0: 90, 1: 40, 2: 5}, True)):
         torch.manual_seed(0)
         cfg, s = _collafuse(rc)
-        msgs = list(s.configure_train(1, ArrayRecord(), ConfigRecord(), _grid_of(node_of_pid.values())))
-        by_node = {m.metadata.dst_node_id: m for m in msgs}
-        replies = []
-        for pid, nid in node_of_pid.items():
-            met = MetricRecord({"num-examples": 10, "partition-id": pid, "train-loss": float(pid)})
-            content = RecordDict({"upload": ArrayRecord({"x_tc": Array(uploads[pid])}), "metrics": met})
-            replies.append(_reply(by_node[nid], content, nid))
+        grid = FakeGrid(node_of_pid.values(), {nid: pid for pid, nid in node_of_pid.items()})
+        by_node = {m.metadata.dst_node_id: m for m in s.configure_train(1, ArrayRecord(), ConfigRecord(), grid)}
+        replies = [_train_replies(s, [by_node[nid]], [uploads[pid]])[0] for pid, nid in node_of_pid.items()]
         arrays, _ = s.aggregate_train(1, replies[::-1] if reverse else replies)
-        evals = s.configure_evaluate(1, ArrayRecord(), ConfigRecord(), _grid_of(node_of_pid.values()))
         pid_of = {nid: pid for pid, nid in node_of_pid.items()}
-        x_by_pid = {pid_of[m.metadata.dst_node_id]: m.content["x_tc"]["x_tc"].numpy() for m in evals}
+        x_by_pid = {pid_of[m.metadata.dst_node_id]: m.content["x_tc"]["x_tc"].numpy()
+                    for m in s.configure_evaluate(1, ArrayRecord(), ConfigRecord(), grid)}
         runs.append((arrays.to_torch_state_dict(), x_by_pid))
     (w_a, x_a), (w_b, x_b) = runs
     assert all(torch.equal(w_a[k], w_b[k]) for k in w_a)
@@ -122,41 +246,88 @@ def test_collafuse_same_seed_same_result_whatever_node_ids_and_reply_order(tiny_
 
 def test_collafuse_cut_one_asks_for_nothing_and_sends_nothing(tiny_config):
     cfg, s = _collafuse(tiny_config(cut_ratio=1.0))
-    (m,) = s.configure_train(1, ArrayRecord(), ConfigRecord(), FakeGrid(1))
+    (m,) = s.configure_train(1, ArrayRecord(), ConfigRecord(), grid_of(1))
     assert m.content["config"]["uploads"] == 0
-    (e,) = s.configure_evaluate(cfg.num_server_rounds, ArrayRecord(), ConfigRecord(), FakeGrid(1))
+    (e,) = s.configure_evaluate(cfg.num_server_rounds, ArrayRecord(), ConfigRecord(), grid_of(1))
     assert "x_tc" not in e.content.array_records
     assert e.content["config"]["client-start-step"] == cfg.diffusion_steps
 
 
+def test_a_node_with_another_cut_is_not_admitted(tiny_config):
+    cfg, s = _collafuse(tiny_config(cut_ratio=0.3))
+    assert "own cut step is 10" in s.accept_hello(5, {"cut-step": 10})
+    assert s.accept_hello(5, {"cut-step": 6}) == ""
+
+
+def _fedavg_replies(msgs, weights, examples):
+    return [_reply(m, RecordDict({"arrays": ArrayRecord({"w": Array(w)}),
+                                  "metrics": MetricRecord({"num-examples": n, "train-seconds": 2.0 * (i + 1)})}),
+                   m.metadata.dst_node_id)
+            for i, (m, w, n) in enumerate(zip(msgs, weights, examples))]
+
+
+def _fedavg(tiny_config, n=2):
+    s = FedAvgDiffusion.from_run_config(parse_config(tiny_config(method="fedavg")), capacity=n)
+    s.num_rounds = 2
+    msgs = list(s.configure_train(1, ArrayRecord({"w": Array(np.zeros(3, np.float32))}), ConfigRecord(), grid_of(n)))
+    return s, msgs
+
+
 def test_fedavg_weights_by_examples(tiny_config):
-    cfg = parse_config(tiny_config(method="fedavg"))
-    s = FedAvgDiffusion(cfg, min_nodes=1)
-    msgs = list(s.configure_train(1, ArrayRecord({"w": Array(np.zeros(3, np.float32))}), ConfigRecord(), FakeGrid(2)))
+    s, msgs = _fedavg(tiny_config)
     assert all("arrays" in m.content.array_records for m in msgs)
-    replies = [
-        _reply(msgs[0], RecordDict({"arrays": ArrayRecord({"w": Array(np.zeros(3, np.float32))}),
-                                    "metrics": MetricRecord({"num-examples": 1, "partition-id": 0,
-                                                             "train-seconds": 2.0})}), 1),
-        _reply(msgs[1], RecordDict({"arrays": ArrayRecord({"w": Array(np.full(3, 4.0, np.float32))}),
-                                    "metrics": MetricRecord({"num-examples": 3, "partition-id": 1,
-                                                             "train-seconds": 6.0})}), 2),
-    ]
+    replies = _fedavg_replies(msgs, [np.zeros(3, np.float32), np.full(3, 4.0, np.float32)], [1, 3])
     arrays, metrics = s.aggregate_train(1, replies)
     np.testing.assert_allclose(arrays["w"].numpy(), np.full(3, 3.0))  # (0*1 + 4*3) / 4
     assert metrics["num-examples"] == 4
     # timings: the example-weighted mean as for every metric, and the round's total beside it
-    assert metrics["train-seconds"] == pytest.approx((2 * 1 + 6 * 3) / 4)
-    assert metrics["train-seconds-total"] == pytest.approx(8.0)
+    assert metrics["train-seconds"] == pytest.approx((2 * 1 + 4 * 3) / 4)
+    assert metrics["train-seconds-total"] == pytest.approx(6.0)
     assert "num-examples-total" not in metrics
+
+
+@pytest.mark.parametrize("bad_w, n, reason", [
+    (np.array([0, np.nan, 0], np.float32), 3, "non-finite"),
+    (np.array([0, 1e30, np.inf], np.float32), 3, "non-finite"),
+    (np.zeros(4, np.float32), 3, "is float32(4,)"),
+    (np.zeros(3, np.float64), 3, "is float64"),
+    (np.zeros(3, np.float32), 0, "num-examples"),
+])
+def test_fedavg_refuses_bad_weights_and_averages_the_rest(tiny_config, bad_w, n, reason):
+    """Naively FedAvg averages a NaN or 1e30 tensor in, broadcasts a wrong shape into the global
+    model, or divides by a zero example count."""
+    s, msgs = _fedavg(tiny_config, n=3)
+    replies = _fedavg_replies(msgs, [np.full(3, 2.0, np.float32), bad_w, np.full(3, 4.0, np.float32)], [1, n, 1])
+    arrays, _ = s.aggregate_train(1, replies)
+    np.testing.assert_allclose(arrays["w"].numpy(), np.full(3, 3.0))
+    assert sum(s.recorder.rejected.values()) == 1
+
+
+def test_mean_of_metrics_drops_nan_with_its_weight(tiny_config):
+    s, msgs = _fedavg(tiny_config, n=3)
+    recs = [RecordDict({"metrics": MetricRecord({"num-examples": 1, "fid": v})}) for v in (2.0, float("nan"), 4.0)]
+    out = s.mean_metrics([_reply(m, r, m.metadata.dst_node_id) for m, r in zip(msgs, recs)])
+    assert out["fid"] == pytest.approx(3.0)  # not (2 + 0 + 4) / 3
 
 
 def test_local_only_messages_carry_no_arrays(tiny_config):
     cfg = parse_config(tiny_config(method="local"))
-    s = LocalOnly(cfg, min_nodes=1)
-    msgs = list(s.configure_train(1, ArrayRecord(), ConfigRecord(), FakeGrid(2)))
+    s = LocalOnly.from_run_config(cfg)
+    s.num_rounds = cfg.num_server_rounds
+    msgs = list(s.configure_train(1, ArrayRecord(), ConfigRecord(), grid_of(2)))
     assert all(not m.content.array_records for m in msgs)
-    ev = list(s.configure_evaluate(cfg.num_server_rounds, ArrayRecord(), ConfigRecord(), FakeGrid(2)))
+    ev = list(s.configure_evaluate(cfg.num_server_rounds, ArrayRecord(), ConfigRecord(), grid_of(2)))
     assert all(not m.content.array_records for m in ev)
-    arrays, _ = s.aggregate_train(1, [])
+    replies = [_reply(m, RecordDict({"metrics": MetricRecord({"num-examples": 3})}), m.metadata.dst_node_id)
+               for m in msgs]
+    arrays, _ = s.aggregate_train(1, replies)
     assert arrays is None
+
+
+def test_strategy_takes_plain_arguments_without_the_project_config():
+    """A Flower user builds it from a model and numbers; no RunConfig involved."""
+    model = build_denoiser(8, 1, "tiny")
+    s = CollaFuse(model, (1, 8, 8), diffusion_steps=50, cut_step=10, server_steps=1, uploads_per_round=4)
+    assert s.t_c == 10 and s.registry.capacity is None
+    with pytest.raises(ValueError, match="exactly one of"):
+        CollaFuse(model, (1, 8, 8), diffusion_steps=50, cut_step=10, cut_ratio=0.2)

@@ -1,0 +1,58 @@
+"""Research harness: what an honest-but-curious server can reconstruct from a node's uploads.
+
+At evaluation the server reconstructs each node's last upload three ways and sends the
+reconstructions back (measurement-only bytes) for the node to score against the true x0,
+which only the node holds:
+- `recon-server`: one Tweedie step with the server's own model (it only learned t > t_c, so
+  this is its extrapolation);
+- `recon-reference`: the same with a reference full-chain denoiser trained on data of the same
+  kind (the pooled held-out test splits, disjoint from the targets; `attack.py`);
+- `recon-scaled`: model-free scaling x_tc / sqrt(abar_c).
+A node scores only these names, in the upload's shape (`evaluation.RECON_NAMES`), and only
+where its operator allows research measurements. The reference attacker reloads data in the
+ServerApp, so this probe runs only with the simulation harness switched on.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord
+
+from .config import RunConfig
+
+
+class DisclosureProbe:
+    """A `CollaFuse(harness_payload=...)` hook."""
+
+    def __init__(self, cfg: RunConfig, num_clients: int, device: torch.device) -> None:
+        self.cfg, self.num_clients, self.device = cfg, num_clients, device
+        self.reference: torch.nn.Module | None = None
+        # Trained at the first evaluation, in the strategy's thread, while the clients are idle:
+        # trained beside them (as a background thread from the start once was) it took ~1 core
+        # for ~30 s of round 1 and slowed the clients more than it saved (benchmarks/overhead.py).
+        self._trained = False
+
+    def __call__(self, strategy, client: int, uploads: np.ndarray) -> ArrayRecord:
+        from .metrics.disclosure import reconstruct
+
+        t_c, T = strategy.t_c, strategy.sched.T
+        if not self._trained and 0 < t_c < T:
+            from .attack import train_reference_denoiser
+
+            self.reference = train_reference_denoiser(self.cfg, self.num_clients, self.device)
+            self._trained = True
+        x = torch.from_numpy(uploads)
+        model = strategy.model
+        model.eval()
+        with torch.no_grad():
+            if hasattr(model, "condition"):
+                model.condition(client)
+            own = reconstruct(x, strategy.sched, t_c, model if t_c > 0 else None)
+            recon = {"recon-server": own, "recon-scaled": reconstruct(x, strategy.sched, t_c, None)}
+            if self.reference is not None:
+                recon["recon-reference"] = reconstruct(x, strategy.sched, t_c, self.reference)
+            elif t_c == 0:
+                recon["recon-reference"] = own  # raw images: every attacker recovers them exactly
+        return ArrayRecord({"uploads": Array(uploads.astype(np.float32)),
+                            **{k: Array(v.float().numpy()) for k, v in recon.items()}})

@@ -1,0 +1,157 @@
+"""CollaFuse's node-side protocol, as functions a Flower user's own ClientApp can call.
+
+No project config, no harness: each function takes the tensors, models and the node's own
+privacy settings it needs. The node is the data owner, so it checks every server request
+against its own settings (`check_train_request`, `check_handoff`) and refuses, with a reason,
+what would lower its privacy; a refused request becomes an Error reply (`refusal`).
+
+A minimal CollaFuse ClientApp::
+
+    @app.train()
+    def train(msg, context):
+        conf = msg.content["config"]
+        n_up = check_train_request(conf, cut_step=MY_CUT, upload_budget=MY_BUDGET)
+        gen = secret_generator(MY_SECRET, int(conf["server-round"]))
+        loss = train_share(model, opt, images, sched, MY_CUT, steps, batch, gen, device)
+        idx, x_tc = make_upload(images, sched, MY_CUT, n_up, gen)
+        return Message(RecordDict({"upload": ArrayRecord({"x_tc": Array(x_tc.numpy())}),
+                                   "metrics": MetricRecord({"num-examples": len(images)})}), reply_to=msg)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import ConfigRecord, Message
+from flwr.app.error import Error
+from torch import Tensor, nn
+
+from . import diffusion as D
+from .metrics.flops import FlopMeter
+from .training import client_share_loss, train_steps
+
+#: Error code of a refused request (Flower leaves codes >= 100 to apps).
+REFUSED = 403
+
+
+class Refused(Exception):
+    """The node will not do what the server asked; the message says what and why."""
+
+
+def refusal(msg: Message, exc: Refused) -> Message:
+    """The Error reply to a refused request."""
+    return Message(Error(code=REFUSED, reason=f"refused: {exc}"), reply_to=msg)
+
+
+# -- the node's own randomness -------------------------------------------------------------------
+def node_secret(folder: str | os.PathLike) -> bytes:
+    """32 random bytes kept in `<folder>/node-secret` (created from OS entropy on first use).
+
+    Every draw that touches data (minibatches, training noise, which images are uploaded and
+    their noise) is keyed by this secret. Seeds derived from the run-config and the round alone
+    let a server replay the generator and subtract the noise from x_tc, recovering x0 exactly.
+    """
+    path = Path(folder) / "node-secret"
+    try:
+        data = path.read_bytes()
+        if len(data) == 32:
+            return data
+    except FileNotFoundError:
+        pass
+    path.parent.mkdir(parents=True, exist_ok=True)
+    secret = os.urandom(32)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(secret)
+    try:
+        os.link(tmp, path)  # atomic, and the first writer wins if two start at once
+    except FileExistsError:
+        pass
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path.read_bytes()
+
+
+def secret_generator(secret: bytes, *parts: Any) -> torch.Generator:
+    """A torch generator seeded by SHA-256(secret, parts): reproducible for whoever holds the
+    secret (same machine, same seed -> same draws), unpredictable for anyone else."""
+    h = hashlib.sha256(secret + repr(parts).encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(h[:8], "little") & ((1 << 63) - 1))
+
+
+# -- checking the server's requests ----------------------------------------------------------------
+def check_train_request(conf: ConfigRecord, *, cut_step: int, upload_budget: int) -> int:
+    """How many x_tc this node will upload, after checking the server asks for its own cut.
+
+    Raises Refused when the server's cut step differs from the node's (a smaller t_c means
+    less noise on the uploads; 0 means raw images) or it asks for more uploads than the
+    node's per-round budget.
+    """
+    asked_cut = int(conf.get("cut-step", cut_step))
+    if asked_cut != cut_step:
+        raise Refused(f"the server asked for cut step {asked_cut}, this node's is {cut_step} "
+                      f"(set by its cut-ratio); nothing was uploaded")
+    asked = int(conf.get("uploads", 0))
+    if asked < 0 or asked > upload_budget:
+        raise Refused(f"the server asked for {asked} uploads, this node's budget is {upload_budget} "
+                      f"per round; nothing was uploaded")
+    return asked
+
+
+def check_handoff(x_tc: np.ndarray, *, image_shape: tuple[int, ...], max_samples: int) -> Tensor:
+    """The server's x_{t_c} for inference, checked: shape, count and finite values."""
+    if x_tc.ndim != 4 or tuple(x_tc.shape[1:]) != tuple(image_shape):
+        raise Refused(f"hand-off shape {tuple(x_tc.shape)} is not (n, {image_shape})")
+    if not 0 < x_tc.shape[0] <= max_samples:
+        raise Refused(f"hand-off of {x_tc.shape[0]} images; this node generates at most {max_samples}")
+    if not np.isfinite(x_tc).all():
+        raise Refused("hand-off has non-finite values")
+    return torch.from_numpy(np.ascontiguousarray(x_tc, dtype=np.float32))
+
+
+# -- the node's work ---------------------------------------------------------------------------------
+def train_share(model: nn.Module, optimizer: torch.optim.Optimizer, images: Tensor, sched: D.Schedule,
+                t_max: int, steps: int, batch_size: int, generator: torch.Generator,
+                device: torch.device, meter: FlopMeter | None = None) -> float:
+    """`steps` optimizer steps of the private denoiser on t ~ U{1..t_max} (images in [-1, 1])."""
+    if t_max <= 0:
+        return float("nan")
+    return train_steps(model, optimizer, client_share_loss(model, sched, t_max, generator), images,
+                       steps, batch_size, generator, device, meter)
+
+
+def make_upload(images: Tensor, sched: D.Schedule, cut_step: int, n: int,
+                generator: torch.Generator) -> tuple[np.ndarray, Tensor]:
+    """Pick n training images and diffuse them to x_{t_c} with fresh secret noise.
+
+    Returns (indices, x_tc). Only x_tc leaves the node: never x0, never the noise.
+    """
+    if n <= 0 or cut_step >= sched.T:
+        return np.zeros(0, dtype=np.int64), torch.zeros((0, *images.shape[1:]))
+    idx = torch.randperm(images.shape[0], generator=generator)[:n]
+    x0 = images[idx]
+    x_tc = D.upload(sched, x0, cut_step, torch.randn(x0.shape, generator=generator))
+    return idx.numpy(), x_tc.float()
+
+
+def finish(model: nn.Module, sched: D.Schedule, x_start: Tensor, t_start: int, num_steps: int | None,
+           generator: torch.Generator, device: torch.device, meter: FlopMeter | None = None) -> Tensor:
+    """x_{t_start} -> x_0 with the private denoiser; returns uint8 images N x C x H x W."""
+    from .data import to_uint8
+
+    model.eval()
+    eps_model = meter.wrap(model, "infer") if meter is not None else model
+    return to_uint8(D.client_finish(eps_model, sched, x_start.to(device), t_start, num_steps, generator).cpu())
+
+
+def finite_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
+    """Drop metrics that are not finite numbers (the server refuses replies that carry them)."""
+    return {k: v for k, v in metrics.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))}

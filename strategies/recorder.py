@@ -1,0 +1,72 @@
+"""What a strategy measured, round by round: bytes on the wire, per-round figures, failures and
+rejected replies, and what each node returned at evaluation.
+
+Kept apart from the protocol so the same strategy runs with or without it: a deployment gets
+the counts for free, the research harness (report_run.py) reads the rest after the run.
+"""
+
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import numpy as np
+from flwr.app import Message, RecordDict
+
+from collafuse_flwr.metrics.comm import message_nbytes, recorddict_nbytes
+
+
+@dataclass
+class EvalResult:
+    """Everything the nodes returned from one evaluation round, by client index."""
+
+    server_round: int
+    images: dict[int, np.ndarray] = field(default_factory=dict)  # N x C x H x W uint8
+    metrics: dict[int, dict[str, float]] = field(default_factory=dict)
+
+
+@dataclass
+class RoundRecord:
+    server_round: int
+    values: dict[str, float] = field(default_factory=dict)
+
+
+class Recorder:
+    def __init__(self, count_bytes: bool = True) -> None:
+        self.count_bytes = count_bytes
+        self.bytes: dict[str, float] = defaultdict(float)  # totals by direction and phase
+        self.bytes_by_client: dict[int, dict[str, float]] = defaultdict(lambda: defaultdict(float))
+        self.rounds: dict[int, RoundRecord] = {}
+        self.evals: dict[int, EvalResult] = {}
+        self.failures = 0  # error replies and nodes that did not reply in time
+        self.rejected: Counter[str] = Counter()  # replies dropped by validation, by reason
+        self.missing: dict[int, list[int]] = {}  # round -> client indices that did not reply
+
+    def record(self, server_round: int, **values: float) -> None:
+        rec = self.rounds.setdefault(server_round, RoundRecord(server_round))
+        rec.values.update(values)
+
+    def down(self, messages: list[Message], phase: str, client_of, harness: Iterable[str] = ()) -> None:
+        """Bytes server -> client; `harness` keys are measurement-only and counted apart."""
+        if not self.count_bytes:
+            return
+        for m in messages:
+            n_harness = sum(recorddict_nbytes(RecordDict({k: m.content[k]})) for k in harness if k in m.content)
+            n = message_nbytes(m)
+            self.bytes[f"down-{phase}"] += n - n_harness
+            self.bytes["down-harness"] += n_harness
+            self.bytes_by_client[client_of(m.metadata.dst_node_id)][f"down-{phase}"] += n - n_harness
+
+    def up(self, message: Message, phase: str, client: int) -> None:
+        if not self.count_bytes:
+            return
+        n = message_nbytes(message)
+        key = f"up-{phase}"
+        self.bytes[key] += n
+        self.bytes_by_client[client][key] += n
+
+    def reject(self, server_round: int, reason: str) -> None:
+        self.rejected[reason] += 1
+        rec = self.rounds.setdefault(server_round, RoundRecord(server_round))
+        rec.values["rejected-replies"] = rec.values.get("rejected-replies", 0) + 1
