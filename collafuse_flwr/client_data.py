@@ -36,13 +36,21 @@ class ClientData:
 
 
 @lru_cache(maxsize=4)
-def _dataset(name: str, data_dir: str, image_size: int, max_samples: int) -> ImageDataset:
-    return load_dataset(name, data_dir or None, image_size=image_size, max_samples=max_samples or None)
+def _load(name: str, data_dir: str, image_size: int, max_samples: int, channels: int, download: bool,
+          image_column: str, label_column: str) -> ImageDataset:
+    return load_dataset(name, data_dir or None, image_size=image_size, max_samples=max_samples or None,
+                        channels=channels, download=download, image_column=image_column, label_column=label_column)
+
+
+def _dataset(cfg: RunConfig, name: str | None = None, data_dir: str | None = None) -> ImageDataset:
+    """The dataset as the run-config asks for it, with the channel count the server's model has."""
+    return _load(name or cfg.dataset, cfg.data_dir if data_dir is None else data_dir, cfg.image_size,
+                 cfg.max_samples, cfg.image_channels, cfg.download, cfg.image_column, cfg.label_column)
 
 
 @lru_cache(maxsize=4)
 def _splits(cfg: RunConfig, num_partitions: int) -> tuple[ClientSplit, ...]:
-    ds = _dataset(cfg.dataset, cfg.data_dir, cfg.image_size, cfg.max_samples)
+    ds = _dataset(cfg)
     # one dict is both the memo key and the partitioner's arguments, so they cannot drift apart
     params = {"scheme": cfg.partitioning, "seed": cfg.seed, "alpha": cfg.dirichlet_alpha,
               "test_fraction": cfg.test_fraction, "groups": cfg.client_groups}
@@ -57,7 +65,7 @@ def _splits(cfg: RunConfig, num_partitions: int) -> tuple[ClientSplit, ...]:
 
 
 def dataset_for(cfg: RunConfig) -> ImageDataset:
-    return _dataset(cfg.dataset, cfg.data_dir, cfg.image_size, cfg.max_samples)
+    return _dataset(cfg)
 
 
 def all_splits(cfg: RunConfig, num_partitions: int) -> tuple[ClientSplit, ...]:
@@ -87,7 +95,7 @@ def own_folder_data(cfg: RunConfig, folder: str, dataset: str, partition_id: int
 
     if not os.path.isabs(folder):
         raise ValueError(f"node_config data-dir must be an absolute path, got {folder!r}")
-    ds = _dataset(dataset, folder, cfg.image_size, cfg.max_samples)
+    ds = _dataset(cfg, dataset, folder)
     n = ds.images.shape[0]
     if n < 2:
         raise ValueError(f"node_config data-dir={folder!r} holds {n} image(s); a node needs at least 2 "

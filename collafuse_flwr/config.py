@@ -75,6 +75,13 @@ class RunConfig:
         return cut_step(self.cut_ratio, self.diffusion_steps)
 
     @property
+    def image_channels(self) -> int:
+        """Channels of the images every model sees: 1 for the digit datasets, else 3 (a node's
+        images are converted to it, so the server can build its model without seeing data)."""
+        name = self.dataset.lower()
+        return 1 if name in ("digits", "mnist5k", "mnist", "fashion-mnist") or "mnist" in name else 3
+
+    @property
     def uses_cut(self) -> bool:
         return self.method == "collafuse"
 

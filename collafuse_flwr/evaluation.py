@@ -67,7 +67,7 @@ def _disclosure(cfg: RunConfig, data: ClientData, content: RecordDict, state: Re
             out[f"disclosure-ssim-{key}"] = ps["ssim"]
             out[f"disclosure-reid-{key}"] = reidentification_rate(x_hat, torch.from_numpy(idx), data.train)
         backbone = resolve_backbone(cfg.fid_backbone, cfg.dataset, cfg.fid_weights or None)
-        if backbone != "none":
+        if backbone != "none" and "uploads" in h:
             uploads = torch.from_numpy(h["uploads"].numpy())
             r = upload_fid(uploads, data.train_uint8, backbone, cfg.fid_weights or None)
             out["disclosure-upload-fid"] = r["fid"]

@@ -25,13 +25,6 @@ from .report_run import finalize
 
 app = ServerApp()
 
-CHANNELS = {"digits": 1, "mnist": 1, "fashion-mnist": 1, "cifar10": 3, "celeba": 3, "awa2": 3, "imagefolder": 3}
-
-
-def image_channels(cfg: RunConfig) -> int:
-    return CHANNELS.get(cfg.dataset, 1 if "mnist" in cfg.dataset else 3)
-
-
 def in_simulation(grid: Grid) -> bool:
     """The simulation engine runs the ServerApp beside the nodes with an in-memory grid."""
     from flwr.superlink.grid import InMemoryGrid
@@ -51,7 +44,7 @@ def build_strategy(cfg: RunConfig, num_clients: int, device: torch.device, on_ro
     """The method's strategy and its initial global ArrayRecord."""
     from strategies import Centralized, CollaFuse, FedAvgDiffusion, LocalOnly
 
-    shape = (image_channels(cfg), cfg.image_size, cfg.image_size)
+    shape = (cfg.image_channels, cfg.image_size, cfg.image_size)
     common = {"on_round_end": on_round_end}
     if cfg.method == "local":
         return LocalOnly.from_run_config(cfg, capacity=num_clients, **common), ArrayRecord()
