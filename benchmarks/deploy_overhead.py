@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import csv
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -38,7 +39,7 @@ def round_overheads(metrics_csv: Path) -> list[dict[str, float]]:
     """Per middle round: wall, client and server compute, and wall minus compute (seconds)."""
     rows = list(csv.DictReader(open(metrics_csv)))
     out = []
-    for prev, row in zip(rows[1:-2], rows[2:-1]):  # rounds 2 .. R-1 (prev is the round before)
+    for prev, row in zip(rows[:-2], rows[1:-1]):  # rounds 2 .. R-1 (prev is the round before)
         wall = float(row["elapsed-s"]) - float(prev["elapsed-s"])
         client = float(row.get("train-seconds") or 0.0)
         server = float(row.get("server-train-seconds") or 0.0)
@@ -90,15 +91,17 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     if a.rounds < 4:
         p.error(f"--rounds {a.rounds}: need >= 4 (round 1 has the start-up, the last the evaluation)")
-    result: dict[str, object] = {"machine": machine_info(), "nodes": a.nodes, "rounds": a.rounds,
+    result: dict[str, object] = {"machine": machine_info(), "app": str(a.app.resolve()), "nodes": a.nodes,
+                                 "rounds": a.rounds, "measured_rounds": f"2..{a.rounds - 1}",
                                  "run_config": TINY, "target_overhead_s": TARGET_S,
                                  "import": import_time(), "modes": {}}
-    with tempfile.TemporaryDirectory(prefix="deploy-overhead-") as tmp:
-        for mode in a.modes:
-            result["modes"][mode] = measure(mode, a.rounds, a.nodes, Path(tmp), a.app)  # type: ignore[index]
-            m = result["modes"][mode]  # type: ignore[index]
-            print(f"{mode}: median overhead {m['median_overhead_s']:.2f} s per round "
-                  f"(median round {m['median_round_s']:.2f} s)", flush=True)
+    tmp = Path(tempfile.mkdtemp(prefix="deploy-overhead-"))  # kept when a run fails: its logs are there
+    for mode in a.modes:
+        result["modes"][mode] = measure(mode, a.rounds, a.nodes, tmp, a.app)  # type: ignore[index]
+        m = result["modes"][mode]  # type: ignore[index]
+        print(f"{mode}: median overhead {m['median_overhead_s']:.2f} s per round "
+              f"(median round {m['median_round_s']:.2f} s)", flush=True)
+    shutil.rmtree(tmp, ignore_errors=True)
     best = min(m["median_overhead_s"] for m in result["modes"].values())  # type: ignore[union-attr]
     result["pass"] = best <= TARGET_S
     write_result(a.out, result)

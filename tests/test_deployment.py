@@ -28,6 +28,8 @@ TINY = ("num-server-rounds=2 model-size='tiny' image-size=8 diffusion-steps=20 l
         "server-steps=2 uploads-per-round=8 num-eval-samples=4 batch-size=16 attack-reference-steps=5 "
         "torch-threads=1")
 NODES = 3
+#: the app the jobs run (default: this checkout); point it at another checkout to test that one
+APP = Path(os.environ.get("COLLAFUSE_DEPLOY_TEST_APP", str(APP_DIR)))
 
 
 def _alive(pids: list[int]) -> list[int]:
@@ -63,8 +65,9 @@ def _check_outputs(out, output_root: Path, method: str, num_clients: int) -> dic
 
 
 def test_collafuse_and_fedavg_in_a_tls_authenticated_deployment(tmp_path):
-    """Flower's stock SuperNodes (`--isolation subprocess`), TLS + SuperNode auth, two jobs."""
-    dep = LocalDeployment(tmp_path / "dep", num_nodes=NODES, tls=True, auth=True, quiet=True)
+    """TLS + SuperNode auth, two jobs on one SuperLink; warm ClientApp workers (the stock
+    `--isolation subprocess` SuperNodes run in the recipe test below)."""
+    dep = LocalDeployment(tmp_path / "dep", num_nodes=NODES, tls=True, auth=True, isolation="warm", quiet=True)
     seen: list[int] = []
     try:
         with dep:
@@ -76,7 +79,7 @@ def test_collafuse_and_fedavg_in_a_tls_authenticated_deployment(tmp_path):
             outs = {}
             for method in ("collafuse", "fedavg"):
                 root = tmp_path / f"out-{method}"
-                outs[method] = dep.run(run_config=f"{TINY} method='{method}' output-dir='{root}'",
+                outs[method] = dep.run(APP, run_config=f"{TINY} method='{method}' output-dir='{root}'",
                                        stream=False, timeout=900)
                 seen += _all_pids(dep)
                 assert outs[method].ok, f"{method}: {outs[method].status}\n{outs[method].log[-3000:]}"
@@ -91,10 +94,11 @@ def test_collafuse_and_fedavg_in_a_tls_authenticated_deployment(tmp_path):
 
 
 def test_the_cli_recipe_runs_and_says_where_outputs_are(tmp_path):
-    """The local deployment recipe (examples/local_deployment/run.sh -> collafuse-deploy), warm workers."""
+    """The local deployment recipe (examples/local_deployment/run.sh -> collafuse-deploy) with
+    Flower's stock SuperNodes: a fresh ClientApp process per message."""
     script = APP_DIR / "examples" / "local_deployment" / "run.sh"
     env = {**os.environ, "WORKDIR": str(tmp_path / "w"), "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
-           "EXTRA_RUN_CONFIG": "attack-reference-steps=5 torch-threads=1"}
+           "EXTRA_RUN_CONFIG": "attack-reference-steps=5 torch-threads=1", "APP": str(APP), "ISOLATION": "subprocess"}
     proc = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=900)
     text = proc.stdout + proc.stderr
     assert proc.returncode == 0, text[-4000:]
@@ -124,7 +128,7 @@ def test_nodes_with_their_own_folders_and_one_killed_after_round_1(tmp_path):
     try:
         with dep:
             root = tmp_path / "out"
-            out = dep.run(run_config=f"{TINY} round-timeout=20.0 min-available-fraction=0.5 output-dir='{root}'",
+            out = dep.run(APP, run_config=f"{TINY} round-timeout=20.0 min-available-fraction=0.5 output-dir='{root}'",
                           kill_node_after_round=1, stream=False, timeout=900)
             seen += _all_pids(dep)
             assert out.killed_node == NODES - 1

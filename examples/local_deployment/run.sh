@@ -7,6 +7,7 @@
 #   bash examples/local_deployment/run.sh                 # from the repository root, venv on PATH
 #   WORKDIR=/tmp/my-deploy ISOLATION=subprocess bash examples/local_deployment/run.sh
 #
+# APP: the Flower app folder (default: this checkout).
 # WORKDIR keeps FLWR_HOME, certificates/, keys/, logs/ and outputs/ (default: a new temp dir).
 # ISOLATION: warm (default; one long-lived ClientApp worker per SuperNode) or subprocess
 # (Flower's stock SuperNode: a fresh ClientApp process per message).
@@ -15,5 +16,5 @@ cd "$(dirname "$0")/../.."
 WORKDIR="${WORKDIR:-$(mktemp -d -t collafuse-deploy-XXXXXX)}"
 RUN_CONFIG="num-server-rounds=2 model-size='tiny' diffusion-steps=20 local-steps=2 server-steps=2 \
 uploads-per-round=8 num-eval-samples=4 batch-size=16 ${EXTRA_RUN_CONFIG:-}"
-exec collafuse-deploy --num-nodes 3 --isolation "${ISOLATION:-warm}" --workdir "$WORKDIR" \
+exec collafuse-deploy --num-nodes 3 --isolation "${ISOLATION:-warm}" --workdir "$WORKDIR" --app "${APP:-.}" \
   --run-config "$RUN_CONFIG" --quiet
