@@ -56,7 +56,8 @@ class LocalDeployment:
     """A SuperLink and `num_nodes` SuperNodes on 127.0.0.1, as a context manager.
 
     node_configs: one `--node-config` string per SuperNode; default `partition-id=K
-    num-partitions=N`. isolation: `subprocess` (Flower's default: one fresh `flwr-clientapp`
+    num-partitions=N`. Each node also gets its own `state-dir` (its secret key and private state)
+    under `workdir/node-state/`, unless its node config names one. isolation: `subprocess` (Flower's default: one fresh `flwr-clientapp`
     process per message, stock `flower-supernode`) or `warm` (`--isolation process` plus one
     long-lived `collafuse_flwr.warm_clientapp` worker per SuperNode, which keeps torch and the
     node's data loaded between messages, and SuperNodes started through
@@ -181,6 +182,8 @@ class LocalDeployment:
         self.node_ports.append(port)
         node_config = (self.node_configs[k] if self.node_configs
                        else f"partition-id={k} num-partitions={self.num_nodes}")
+        if "state-dir" not in node_config:  # nodes sharing a host must not share their secret and state
+            node_config += f" state-dir='{self.workdir / 'node-state' / f'node-{k}'}'"
         exe = (["flower-supernode"] if self.isolation == "subprocess" else
                [sys.executable, "-m", "collafuse_flwr.fast_supernode", "--poll", str(self.node_poll), "--"])
         cmd = [*exe, "--superlink", f"127.0.0.1:{self.superlink_port}",

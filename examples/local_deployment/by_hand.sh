@@ -45,7 +45,7 @@ done
 for k in 0 1 2; do
   flower-supernode --superlink 127.0.0.1:9093 --root-certificates $DEPLOY/certificates/ca.crt \
     --auth-supernode-private-key $DEPLOY/keys/supernode-$k --host 127.0.0.1 --port $((9094 + k)) \
-    --node-config "partition-id=$k num-partitions=3" &
+    --node-config "partition-id=$k num-partitions=3 state-dir='$DEPLOY/node-state/$k'" &
   PIDS+=($!)
 done
 flwr supernode ls my-deployment            # wait until all three are `online`
