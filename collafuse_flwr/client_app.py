@@ -18,9 +18,9 @@ The node, not the server, owns its privacy settings (node_config overrides the r
   share-harness       true/false: return research measurements (default: true only inside
                       the simulation engine, false in a deployment)
   state-dir           folder for its secret key and its private state, written after every
-                      round so a restarted node continues (default: the cache folder,
-                      $COLLAFUSE_FLWR_CACHE or ~/.cache/collafuse-flwr, /node-state; inside the
-                      simulation the private state stays in memory unless state-dir is set)
+                      round so a restarted node (or a resumed run) continues; the state file is
+                      removed after the run's final evaluation (default: the cache folder,
+                      $COLLAFUSE_FLWR_CACHE or ~/.cache/collafuse-flwr, /node-state)
   data-dir, dataset   its own images (see client_data.py); partition-id, num-partitions
 """
 
@@ -67,7 +67,7 @@ class NodeSettings:
     upload_budget: int
     share_harness: bool
     state_dir: Path
-    persist: bool  # keep the private state in a file too (outside the simulation, or when state-dir is set)
+    persist: bool = True  # keep the private state in a file too, so a restarted node or a resumed run goes on
 
 
 def node_settings(cfg: RunConfig, node_config: dict) -> NodeSettings:
@@ -80,8 +80,7 @@ def node_settings(cfg: RunConfig, node_config: dict) -> NodeSettings:
     share_harness = in_simulation() if share is None else str(share).lower() in ("1", "true", "yes")
     default_dir = (cache_dir() or Path.home() / ".cache" / "collafuse-flwr") / "node-state"
     state_dir = Path(str(node_config.get("state-dir", "") or default_dir)).expanduser()
-    persist = bool(node_config.get("state-dir")) or not in_simulation()
-    return NodeSettings(cut, budget, share_harness, state_dir, persist)
+    return NodeSettings(cut, budget, share_harness, state_dir)
 
 
 def _setup(context: Context) -> tuple[RunConfig, ClientData, D.Schedule, torch.device, NodeSettings]:
@@ -105,12 +104,17 @@ def node_generator(cfg: RunConfig, state_dir: Path, client: int, server_round: i
     return N.secret_generator(N.node_secret(state_dir), cfg.seed, client, server_round, salt)
 
 
-def _state_file(settings: NodeSettings, context: Context, client: int) -> Path:
-    """Per run, client and run-config: a restarted node finds its own state and nothing else."""
+def _state_file(settings: NodeSettings, context: Context, client: int, run_key: int = 0) -> Path:
+    """Per run, client and run-config: a restarted node finds its own state and nothing else.
+
+    run_key: the run whose state to continue (a resumed run is a new Flower run that carries
+    the first run's id); 0 = this run. `resume-from` is not part of the key, for the same reason.
+    """
     import hashlib
 
-    key = hashlib.sha256(repr(sorted(context.run_config.items())).encode()).hexdigest()[:12]
-    return settings.state_dir / f"run-{context.run_id}-{key}" / f"client-{client}.pt"
+    items = sorted((k, v) for k, v in context.run_config.items() if k != "resume-from")
+    key = hashlib.sha256(repr(items).encode()).hexdigest()[:12]
+    return settings.state_dir / f"run-{run_key or context.run_id}-{key}" / f"client-{client}.pt"
 
 
 def _global_model(cfg: RunConfig, data: ClientData, msg: Message, device: torch.device, client: int):
@@ -135,14 +139,14 @@ def init_private_denoiser(cfg: RunConfig, client: int, channels: int, device: to
 
 
 def _private_model(cfg: RunConfig, data: ClientData, context: Context, settings: NodeSettings,
-                   client: int, device: torch.device):
+                   client: int, device: torch.device, run_key: int = 0):
     """The node's denoiser: from context.state, else from its state file (after a restart),
     else initialised from (seed, client)."""
     from .training import make_optimizer
 
     model = init_private_denoiser(cfg, client, data.image_shape[0], device)
     opt = make_optimizer(model, cfg.learning_rate)
-    recover(context.state, _state_file(settings, context, client))
+    recover(context.state, _state_file(settings, context, client, run_key))
     restore_private(context.state, model, opt)
     return model, opt
 
@@ -193,7 +197,8 @@ def train(msg: Message, context: Context) -> Message:
             # renoise starts the client's chain above t_c (the authors' patch), so it trains up there too
             t_max = D.client_start_step(t_c / sched.T, sched.T, cfg.server_target) if collafuse else t_c
             gen = node_generator(cfg, settings.state_dir, client, rnd, 0)
-            model, opt = _private_model(cfg, data, context, settings, client, device)
+            run_key = int(conf.get("run-key", 0))
+            model, opt = _private_model(cfg, data, context, settings, client, device, run_key)
             if t_max > 0:
                 metrics["train-loss"] = N.train_share(model, opt, data.train, sched, t_max, cfg.local_steps,
                                                       cfg.batch_size, gen, device, meter)
@@ -204,7 +209,7 @@ def train(msg: Message, context: Context) -> Message:
                 remember_upload(context.state, idx, data.train.shape[0])
                 metrics["num-uploaded"] = int(idx.size)
             if settings.persist:
-                persist(context.state, _state_file(settings, context, client))
+                persist(context.state, _state_file(settings, context, client, run_key))
     except N.Refused as exc:
         return N.refusal(msg, exc)
 
@@ -235,7 +240,7 @@ def evaluate(msg: Message, context: Context) -> Message:
             model = _global_model(cfg, data, msg, device, client)
             gen_uint8 = to_uint8(generate(model, sched, n, data.image_shape, num_steps, gen, device, meter))
         else:
-            model, _ = _private_model(cfg, data, context, settings, client, device)
+            model, _ = _private_model(cfg, data, context, settings, client, device, int(conf.get("run-key", 0)))
             t_start = settings.cut_step if cfg.method == "collafuse" else sched.T
             if cfg.method == "collafuse":
                 t_start = D.client_start_step(t_start / sched.T, sched.T, cfg.server_target)
@@ -261,4 +266,7 @@ def evaluate(msg: Message, context: Context) -> Message:
             records["samples"] = ArrayRecord({"images": Array(gen_uint8.numpy().astype(np.uint8))})
     except N.Refused as exc:
         return N.refusal(msg, exc)
+    if int(conf.get("final-round", 0)) and cfg.method in ("collafuse", "local"):
+        # the run is over for this node: its private state file has served its purpose
+        _state_file(settings, context, client, int(conf.get("run-key", 0))).unlink(missing_ok=True)
     return _reply(msg, metrics, **records)

@@ -67,6 +67,7 @@ class RunConfig:
     round_timeout: float
     server_buffer_size: int
     harness: str
+    resume_from: str
 
     @property
     def cut_step(self) -> int:
@@ -187,7 +188,7 @@ def parse_config(run_config: dict[str, Any], *, defaults: dict[str, Any] | None 
     if values["dataset"] not in ("digits", "mnist5k") and not values["dataset"].startswith("hf:") and not values["data_dir"]:
         raise ConfigError(f"dataset={values['dataset']!r} reads local files: set data-dir to the absolute folder "
                           f"that holds them (or that download=true fills)")
-    for key in ("data_dir", "output_dir", "fid_weights"):
+    for key in ("data_dir", "output_dir", "fid_weights", "resume_from"):
         if values[key] and not os.path.isabs(os.path.expanduser(values[key])):
             raise ConfigError(f"{key.replace('_', '-')} must be an absolute path (Flower resolves "
                               f"relative paths against the SuperLink's start folder), got {values[key]!r}")

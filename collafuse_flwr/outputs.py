@@ -42,9 +42,13 @@ def write_json(path: Path, obj: dict[str, Any]) -> None:
 class MetricsCsv:
     """Appends one row per round; new columns extend the header by rewriting the file."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, keep_rounds_upto: int = 0) -> None:
+        """keep_rounds_upto: a resumed run keeps the rows of the rounds its checkpoint covers."""
         self.path = path
         self.rows: list[dict[str, Any]] = []
+        if keep_rounds_upto and path.is_file():
+            with open(path, newline="") as f:
+                self.rows = [r for r in csv.DictReader(f) if int(r["round"]) <= keep_rounds_upto]
 
     def append(self, row: dict[str, Any]) -> None:
         self.rows.append(row)

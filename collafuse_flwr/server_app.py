@@ -78,15 +78,48 @@ def wait_for_nodes(grid: Grid, min_nodes: int, timeout: float) -> int:
         time.sleep(1.0)
 
 
+def _resume_point(cfg: RunConfig, context: Context):
+    """(run folder, checkpoint or None): a fresh folder, or the killed run's with its checkpoint."""
+    if not cfg.resume_from:
+        return run_dir(cfg, context.run_id), None
+    from .checkpoint import load_checkpoint
+
+    ckpt = load_checkpoint(Path(cfg.resume_from))
+    now = {k: v for k, v in cfg.to_flwr().items() if k != "resume-from"}
+    then = {k: v for k, v in ckpt["config"].items() if k != "resume-from"}
+    changed = sorted(k for k in set(now) | set(then) if now.get(k) != then.get(k))
+    if changed:
+        raise RuntimeError(f"resume-from: the run-config differs from the checkpoint's in {changed}; resume with "
+                           f"the same settings (only resume-from may differ)")
+    if ckpt["round"] >= cfg.num_server_rounds:
+        raise RuntimeError(f"resume-from: {cfg.resume_from} already finished all {cfg.num_server_rounds} rounds")
+    return Path(cfg.resume_from), ckpt
+
+
+def _stop_on_sigterm() -> None:
+    """`flwr stop` / a killed SuperLink sends SIGTERM: turn it into SystemExit so results.json
+    says "stopped" instead of staying at "running". Only the main thread may set handlers (the
+    simulation runs the ServerApp in a thread; there the engine stops it)."""
+    import signal
+    import sys
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     cfg = parse_config(context.run_config)
-    out = run_dir(cfg, context.run_id)
+    out, ckpt = _resume_point(cfg, context)
     log(INFO, "collafuse-flwr: method=%s dataset=%s; outputs go to %s (on the machine that runs the "
-        "ServerApp; set run-config output-dir to choose)", cfg.method, cfg.dataset, out)
+        "ServerApp; set run-config output-dir to choose)%s", cfg.method, cfg.dataset, out,
+        f"; resuming after round {ckpt['round']}" if ckpt else "")
+    _stop_on_sigterm()
     started = time.time()
-    csv = MetricsCsv(out / "metrics.csv")
-    header = {"status": "running", "run_id": context.run_id, "config": cfg.to_flwr()}
+    csv = MetricsCsv(out / "metrics.csv", keep_rounds_upto=ckpt["round"] if ckpt else 0)
+    run_key = ckpt["run_key"] if ckpt else context.run_id
+    header = {"status": "running", "run_id": run_key, "config": cfg.to_flwr()}
     write_json(out / "results.json", header)
     try:
         use_torch_threads(cfg.torch_threads)
@@ -106,14 +139,28 @@ def main(grid: Grid, context: Context) -> None:
                         **dict(rec.values if rec else {}),
                         **{f"bytes-total-{k}": v for k, v in strategy.recorder.bytes.items()}})
 
+        if ckpt:  # the same client slots as before, whoever is connected now
+            num_nodes = ckpt["strategy"]["registry"][0] or num_nodes
         strategy, arrays = build_strategy(cfg, num_nodes, device, on_round_end, harness)
+        strategy.run_key = run_key
         params = 0 if not len(arrays) else sum(a.numpy().size for a in arrays.values())
         log(INFO, "%d client nodes; denoiser parameters: %d; research harness %s", num_nodes, params,
             "on" if harness else "off")
+        resume = {}
+        if ckpt:
+            strategy.load_state_dict(ckpt["strategy"])
+            arrays = ckpt["arrays"] if len(ckpt["arrays"]) else arrays
+            resume = {"start_round": ckpt["round"] + 1, "result": ckpt["result"]}
+
+        def checkpoint(server_round: int, arrays_now: ArrayRecord, result) -> None:
+            from .checkpoint import save_checkpoint
+
+            save_checkpoint(out, strategy, server_round, arrays_now, result, cfg.to_flwr(), run_key)
+
         # Flower's grid re-polls for replies only every 3 s; PollingGrid polls every 0.05 s
         result = strategy.start(grid=PollingGrid(grid), initial_arrays=arrays, num_rounds=cfg.num_server_rounds,
-                                timeout=cfg.round_timeout)
-        finalize(cfg, strategy, result, out, context.run_id, num_nodes, started, params, harness)
+                                timeout=cfg.round_timeout, checkpoint_fn=checkpoint, **resume)
+        finalize(cfg, strategy, result, out, run_key, num_nodes, started, params, harness)
     except BaseException as exc:  # keep what was measured, say why it stopped, then fail the run
         status = "stopped" if isinstance(exc, (KeyboardInterrupt, SystemExit)) else "failed"
         write_json(out / "results.json", {**header, "status": status, "error": repr(exc),

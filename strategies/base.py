@@ -18,6 +18,7 @@ from logging import INFO, WARNING
 from typing import Any
 
 import numpy as np
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
@@ -101,6 +102,7 @@ class DiffusionStrategy(Strategy):
         self.recorder = recorder or Recorder()
         self.registry = NodeRegistry(capacity)
         self.num_rounds: int | None = None
+        self.run_key = 0  # which run's private state nodes continue (a resumed run keeps the first id)
         self.round_timeout: float | None = None
         self._on_round_end = on_round_end
         self._addressed: dict[str, list[int]] = {}  # phase -> nodes the last messages went to
@@ -109,13 +111,64 @@ class DiffusionStrategy(Strategy):
     # -- the run ------------------------------------------------------------------------------
     def start(self, grid: Grid, initial_arrays: ArrayRecord, num_rounds: int = 3, timeout: float = 3600,
               train_config: ConfigRecord | None = None, evaluate_config: ConfigRecord | None = None,
-              evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None) -> Result:
-        """Flower's `Strategy.start`; remembers the round count (for the last-round evaluation)
-        and the reply timeout (for first contact), then runs Flower's loop unchanged."""
+              evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None,
+              *, start_round: int = 1, result: Result | None = None,
+              checkpoint_fn: Callable[[int, ArrayRecord, Result], None] | None = None) -> Result:
+        """Flower's `Strategy.start` loop (train, evaluate, `evaluate_fn`, per round), plus:
+
+        start_round / result: continue a run from a checkpoint (rounds before `start_round`
+        are done; `result` holds their history).
+        checkpoint_fn(round, arrays, result): called after every round, so a killed run can be
+        resumed from its last finished round.
+        """
         self.num_rounds = num_rounds
         self.round_timeout = timeout
         self._t0 = time.perf_counter()
-        return super().start(grid, initial_arrays, num_rounds, timeout, train_config, evaluate_config, evaluate_fn)
+        log(INFO, "Starting %s strategy (rounds %d..%d):", type(self).__name__, start_round, num_rounds)
+        self.summary()
+        train_config = ConfigRecord() if train_config is None else train_config
+        evaluate_config = ConfigRecord() if evaluate_config is None else evaluate_config
+        result = result if result is not None else Result()
+        arrays = initial_arrays
+        if evaluate_fn and start_round == 1:
+            res = evaluate_fn(0, arrays)
+            if res is not None:
+                result.evaluate_metrics_serverapp[0] = res
+        for rnd in range(start_round, num_rounds + 1):
+            log(INFO, "[ROUND %d/%d]", rnd, num_rounds)
+            replies = grid.send_and_receive(self.configure_train(rnd, arrays, train_config, grid), timeout=timeout)
+            new_arrays, train_metrics = self.aggregate_train(rnd, replies)
+            if new_arrays is not None:
+                result.arrays = arrays = new_arrays
+            if train_metrics is not None:
+                result.train_metrics_clientapp[rnd] = train_metrics
+            replies = grid.send_and_receive(self.configure_evaluate(rnd, arrays, evaluate_config, grid),
+                                            timeout=timeout)
+            eval_metrics = self.aggregate_evaluate(rnd, replies)
+            if eval_metrics is not None:
+                result.evaluate_metrics_clientapp[rnd] = eval_metrics
+            if evaluate_fn:
+                res = evaluate_fn(rnd, arrays)
+                if res is not None:
+                    result.evaluate_metrics_serverapp[rnd] = res
+            if checkpoint_fn is not None:
+                checkpoint_fn(rnd, arrays, result)
+        if result.arrays is None or not len(result.arrays):
+            result.arrays = arrays
+        return result
+
+    # -- checkpoint state: everything a resumed run needs to continue exactly -------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """The strategy's state for a checkpoint (methods add their models and buffers)."""
+        return {"registry": (self.registry.capacity, dict(self.registry.index), dict(self.registry.info),
+                             dict(self.registry.refused)),
+                "recorder": self.recorder.state_dict(), "torch_rng": torch.get_rng_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        cap, index, info, refused = state["registry"]
+        self.registry = NodeRegistry(cap, dict(index), dict(info), dict(refused))
+        self.recorder.load_state_dict(state["recorder"])
+        torch.set_rng_state(state["torch_rng"])
 
     def is_eval_round(self, server_round: int) -> bool:
         last = self.num_rounds is None or server_round == self.num_rounds
@@ -186,7 +239,7 @@ class DiffusionStrategy(Strategy):
         """The user's `config` from `start()`, plus the round, the node's client index and `extra`."""
         return ConfigRecord({**(dict(config) if config else {}), "server-round": server_round,
                              "client-index": self.client_of(node_id), "num-clients": self.registry.capacity or 0,
-                             **extra})
+                             "run-key": self.run_key, **extra})
 
     def _send(self, node_ids: list[int], content_for: Callable[[int], RecordDict], message_type: str,
               phase: str, harness: Iterable[str] = ()) -> list[Message]:
@@ -287,7 +340,7 @@ class DiffusionStrategy(Strategy):
         if not self.is_eval_round(server_round):
             return []
         nodes = self._participants(grid)
-        extra = {"num-samples": self.num_eval_samples, **extra}
+        extra = {"num-samples": self.num_eval_samples, "final-round": int(server_round == self.num_rounds), **extra}
         return self._send(nodes, lambda n: content_for(n, self._config(config, server_round, n, **extra)),
                           MessageType.EVALUATE, "evaluate", harness)
 

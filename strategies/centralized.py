@@ -68,6 +68,19 @@ class Centralized(DiffusionStrategy):
                     **common_args(cfg))
         return cls(model, image_shape, **{**args, **kwargs})
 
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "gen": self.gen.get_state(), "pool": self.pool, "pool_labels": self.pool_labels,
+                "num_contributors": self.num_contributors}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.gen.set_state(state["gen"])
+        self.pool, self.pool_labels = state["pool"], state["pool_labels"]
+        self.num_contributors = state["num_contributors"]
+
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
         if self.pool is not None:

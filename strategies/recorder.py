@@ -70,3 +70,21 @@ class Recorder:
         self.rejected[reason] += 1
         rec = self.rounds.setdefault(server_round, RoundRecord(server_round))
         rec.values["rejected-replies"] = rec.values.get("rejected-replies", 0) + 1
+
+    # -- checkpoint ----------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {"bytes": dict(self.bytes), "bytes_by_client": {c: dict(v) for c, v in self.bytes_by_client.items()},
+                "rounds": {r: dict(v.values) for r, v in self.rounds.items()},
+                "evals": {r: (dict(e.images), {c: dict(m) for c, m in e.metrics.items()}) for r, e in self.evals.items()},
+                "failures": self.failures, "rejected": dict(self.rejected), "missing": dict(self.missing)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.bytes = defaultdict(float, state["bytes"])
+        self.bytes_by_client = defaultdict(lambda: defaultdict(float))
+        for c, v in state["bytes_by_client"].items():
+            self.bytes_by_client[c].update(v)
+        self.rounds = {r: RoundRecord(r, dict(v)) for r, v in state["rounds"].items()}
+        self.evals = {r: EvalResult(r, dict(im), dict(me)) for r, (im, me) in state["evals"].items()}
+        self.failures = state["failures"]
+        self.rejected = Counter(state["rejected"])
+        self.missing = dict(state["missing"])

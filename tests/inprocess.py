@@ -53,11 +53,16 @@ class InProcessGrid(Grid):
     def get_node_ids(self) -> list[int]:
         return list(self.node_ids)
 
-    def push_messages(self, messages):  # pragma: no cover
-        raise NotImplementedError
+    def push_messages(self, messages) -> list[str]:
+        """Run the ClientApp at once and keep the replies for `pull_messages` (for PollingGrid)."""
+        replies = self.send_and_receive(messages)
+        self._pending = getattr(self, "_pending", {})
+        for r in replies:
+            self._pending[r.metadata.reply_to_message_id] = r
+        return [r.metadata.reply_to_message_id for r in replies]
 
-    def pull_messages(self, message_ids):  # pragma: no cover
-        raise NotImplementedError
+    def pull_messages(self, message_ids) -> list[Message]:
+        return [self._pending.pop(i) for i in list(message_ids) if i in self._pending]
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
         out = []

@@ -1,0 +1,110 @@
+"""Nothing is lost on failure: a killed run resumes from its last round's checkpoint and ends as
+the uninterrupted run does; a restarted node keeps its private model."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+
+from collafuse_flwr import server_app
+from collafuse_flwr.client_app import app as client_app
+from collafuse_flwr.config import parse_config
+from collafuse_flwr.state import MODEL_KEY
+from inprocess import InProcessGrid
+
+
+class KilledAfter(Exception):
+    pass
+
+
+def _run(rc, out, grid, run_id, kill_after=None, monkeypatch=None):
+    """The real ServerApp main on an in-process grid; optionally 'killed' after a round's checkpoint."""
+    if kill_after is not None:
+        from collafuse_flwr import checkpoint as ck
+
+        real = ck.save_checkpoint
+
+        def save_then_die(run_dir, strategy, server_round, *a, **k):
+            real(run_dir, strategy, server_round, *a, **k)
+            if server_round == kill_after:
+                raise KilledAfter(server_round)
+
+        monkeypatch.setattr(ck, "save_checkpoint", save_then_die)
+    ctx = Context(run_id=run_id, node_id=0, node_config={}, state=RecordDict(), run_config=dict(rc))
+    server_app.main(grid, ctx)
+
+
+def _results(folder):
+    return json.loads((folder / "results.json").read_text())
+
+
+def test_a_killed_run_resumes_and_ends_as_the_uninterrupted_one(tiny_config, tmp_path, monkeypatch):
+    rc = tiny_config(cut_ratio=0.5, num_server_rounds=3, eval_every=1, harness="on")
+    # uninterrupted
+    (tmp_path / "a").mkdir()
+    rc_a = {**rc, "output-dir": str(tmp_path / "a")}
+    _run(rc_a, tmp_path / "a", InProcessGrid(client_app, rc_a, 2), run_id=11)
+    (run_a,) = (tmp_path / "a").iterdir()
+    # killed after round 2 (nodes lose their in-memory state too), then resumed on fresh nodes
+    (tmp_path / "b").mkdir()
+    rc_b = {**rc, "output-dir": str(tmp_path / "b")}
+    with monkeypatch.context() as mp, pytest.raises(KilledAfter):
+        _run(rc_b, tmp_path / "b", InProcessGrid(client_app, rc_b, 2), run_id=11, kill_after=2, monkeypatch=mp)
+    (run_b,) = (tmp_path / "b").iterdir()
+    assert _results(run_b)["status"] == "failed"  # said so, not left at "running"
+    rc_resume = {**rc_b, "resume-from": str(run_b)}
+    _run(rc_resume, run_b, InProcessGrid(client_app, rc_resume, 2), run_id=99)
+    a, b = _results(run_a), _results(run_b)
+    assert b["status"] == "ok"
+    for key in ("fid", "fid_pooled", "kid", "client_train_flops", "server_train_flops"):
+        assert a["final"][key] == pytest.approx(b["final"][key], rel=1e-9), key
+    # bytes count whole messages, metadata included: the in-process grid numbers message ids with a
+    # process-wide counter ("m99" vs "m100"), so the resumed run's ids are a few characters longer
+    for key in ("bytes_up", "bytes_down"):
+        assert abs(a["final"][key] - b["final"][key]) <= 2 * 3 * 2 * 2, key  # <= 2 chars x 3 rounds x 2 nodes x 2
+    assert a["final"]["disclosure"]["epsilon"] == b["final"]["disclosure"]["epsilon"]
+    np.testing.assert_array_equal(np.load(run_a / "samples.npz")["images"], np.load(run_b / "samples.npz")["images"])
+    assert [r.split(",")[0] for r in (run_b / "metrics.csv").read_text().splitlines()[1:]] == ["1", "2", "3"]
+
+
+def test_resume_refuses_other_settings(tiny_config, tmp_path, monkeypatch):
+    (tmp_path / "out").mkdir()
+    rc = {**tiny_config(cut_ratio=0.5, num_server_rounds=2), "output-dir": str(tmp_path / "out")}
+    with monkeypatch.context() as mp, pytest.raises(KilledAfter):
+        _run(rc, tmp_path, InProcessGrid(client_app, rc, 2), run_id=5, kill_after=1, monkeypatch=mp)
+    (run,) = (tmp_path / "out").iterdir()
+    other = {**rc, "cut-ratio": 0.3, "resume-from": str(run)}
+    with pytest.raises(RuntimeError, match=r"differs from the checkpoint's in \['cut-ratio'\]"):
+        _run(other, run, InProcessGrid(client_app, other, 2), run_id=6)
+
+
+def test_a_restarted_node_keeps_its_private_model(tiny_config, tmp_path):
+    """Naively a restarted SuperNode starts from a fresh denoiser: context.state died with it."""
+    rc = tiny_config(cut_ratio=0.5)
+    cfg = parse_config(rc)
+    node_config = {"partition-id": 0, "num-partitions": 2, "state-dir": str(tmp_path / "node")}
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
+
+    def train(ctx, rnd):
+        conf = ConfigRecord({"server-round": rnd, "cut-step": cfg.cut_step, "uploads": cfg.uploads_per_round,
+                             "client-index": 0})
+        m = Message(content=RecordDict({"config": conf}), message_type=MessageType.TRAIN, dst_node_id=1)
+        m.metadata.__dict__["_message_id"] = f"m{rnd}"
+        return client_app(m, ctx)
+
+    before = Context(run_id=7, node_id=1, node_config=node_config, state=RecordDict(), run_config=dict(rc))
+    train(before, 1)
+    weights = {k: v.numpy().copy() for k, v in before.state.array_records[MODEL_KEY].items()}
+    after = Context(run_id=7, node_id=1, node_config=node_config, state=RecordDict(), run_config=dict(rc))
+    from collafuse_flwr.client_app import _private_model, node_settings
+    from collafuse_flwr.client_data import node_data
+
+    model, _ = _private_model(cfg, node_data(cfg, node_config), after, node_settings(cfg, node_config), 0,
+                              torch.device("cpu"))
+    for k, v in model.state_dict().items():
+        np.testing.assert_array_equal(v.numpy(), weights[k])
+    counts = after.state.array_records["last-upload"]["counts"].numpy()
+    assert counts.sum() == cfg.uploads_per_round  # its upload history (and so its epsilon) survived too
