@@ -39,6 +39,21 @@ def harness_enabled(cfg: RunConfig, simulation: bool) -> bool:
     return cfg.harness == "on" or (cfg.harness == "auto" and simulation)
 
 
+def harness_data_readable(cfg: RunConfig) -> bool:
+    """Check at start that the ServerApp can read the data its harness needs, so a harness that
+    cannot run is skipped now, with one line, instead of failing the run after training."""
+    try:
+        from .client_data import dataset_for
+
+        dataset_for(cfg)
+        return True
+    except Exception as exc:  # noqa: BLE001 - any reason to be unable to read is a reason to skip
+        log(WARNING, "research harness skipped: the ServerApp cannot read dataset=%r (%s); pooled FID and "
+            "the reference attacker need the clients' data, which only a simulation has", cfg.dataset,
+            str(exc).splitlines()[0][:200])
+        return False
+
+
 def build_strategy(cfg: RunConfig, num_clients: int, device: torch.device, on_round_end=None,
                    harness: bool = True):
     """The method's strategy and its initial global ArrayRecord."""
@@ -130,6 +145,8 @@ def main(grid: Grid, context: Context) -> None:
             log(WARNING, "not a simulation: the research harness (pooled FID, reference attacker, disclosure "
                 "probe) is off, so the ServerApp reads no client data; nodes report only what their "
                 "share-harness policy allows")
+        if harness:
+            harness = harness_data_readable(cfg)
         num_nodes = wait_for_nodes(grid, cfg.min_nodes, cfg.round_timeout)
         device = default_device()
 

@@ -158,17 +158,33 @@ class DiffusionStrategy(Strategy):
         return result
 
     # -- checkpoint state: everything a resumed run needs to continue exactly -------------------------
+    #: plain attributes a checkpoint keeps as they are (each method lists its buffers and counters)
+    checkpoint_attrs: tuple[str, ...] = ()
+
     def state_dict(self) -> dict[str, Any]:
-        """The strategy's state for a checkpoint (methods add their models and buffers)."""
-        return {"registry": (self.registry.capacity, dict(self.registry.index), dict(self.registry.info),
-                             dict(self.registry.refused)),
-                "recorder": self.recorder.state_dict(), "torch_rng": torch.get_rng_state()}
+        """The strategy's state for a checkpoint: identity, records, RNGs, a server model and its
+        optimizer where the method has one, and `checkpoint_attrs`."""
+        state: dict[str, Any] = {
+            "registry": (self.registry.capacity, dict(self.registry.index), dict(self.registry.info),
+                         dict(self.registry.refused)),
+            "recorder": self.recorder.state_dict(), "torch_rng": torch.get_rng_state(),
+            "attrs": {a: getattr(self, a) for a in self.checkpoint_attrs}}
+        if hasattr(self, "model"):
+            state.update(model=self.model.state_dict(), optimizer=self.optimizer.state_dict(),
+                         gen=self.gen.get_state())
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         cap, index, info, refused = state["registry"]
         self.registry = NodeRegistry(cap, dict(index), dict(info), dict(refused))
         self.recorder.load_state_dict(state["recorder"])
         torch.set_rng_state(state["torch_rng"])
+        if "model" in state:
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.gen.set_state(state["gen"])
+        for a, v in state["attrs"].items():
+            setattr(self, a, v)
 
     def is_eval_round(self, server_round: int) -> bool:
         last = self.num_rounds is None or server_round == self.num_rounds

@@ -38,6 +38,7 @@ class Centralized(DiffusionStrategy):
     nodes x local_steps); the rest as in `CollaFuse`."""
 
     method = "centralized"
+    checkpoint_attrs = ("pool", "pool_labels", "num_contributors")
 
     def __init__(self, model: nn.Module, image_shape: tuple[int, int, int], *, diffusion_steps: int = 1000,
                  beta_schedule: str = "cosine", local_steps: int = 40, batch_size: int = 32,
@@ -67,19 +68,6 @@ class Centralized(DiffusionStrategy):
                     seed=cfg.seed, count_flops=cfg.count_flops, flops_every_pass=cfg.flops_every_pass,
                     **common_args(cfg))
         return cls(model, image_shape, **{**args, **kwargs})
-
-    def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "gen": self.gen.get_state(), "pool": self.pool, "pool_labels": self.pool_labels,
-                "num_contributors": self.num_contributors}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        super().load_state_dict(state)
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.gen.set_state(state["gen"])
-        self.pool, self.pool_labels = state["pool"], state["pool_labels"]
-        self.num_contributors = state["num_contributors"]
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:

@@ -80,6 +80,7 @@ class CollaFuse(DiffusionStrategy):
     """
 
     method = "collafuse"
+    checkpoint_attrs = ("buffer", "last_upload", "skipped_steps")
 
     def __init__(self, server_model: nn.Module, image_shape: tuple[int, int, int], *,
                  diffusion_steps: int = 1000, beta_schedule: str = "cosine",
@@ -132,20 +133,6 @@ class CollaFuse(DiffusionStrategy):
                     buffer_size=cfg.server_buffer_size or None, seed=cfg.seed, count_flops=cfg.count_flops,
                     flops_every_pass=cfg.flops_every_pass, **common_args(cfg))
         return cls(server_model, image_shape, **{**args, **kwargs})
-
-    # -- checkpoint ----------------------------------------------------------------------------------
-    def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "gen": self.gen.get_state(), "buffer": self.buffer, "last_upload": self.last_upload,
-                "skipped_steps": self.skipped_steps}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        super().load_state_dict(state)
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.gen.set_state(state["gen"])
-        self.buffer, self.last_upload = state["buffer"], state["last_upload"]
-        self.skipped_steps = state["skipped_steps"]
 
     # -- first contact ------------------------------------------------------------------------
     def hello_config(self) -> dict[str, Any]:

@@ -79,3 +79,11 @@ class InProcessGrid(Grid):
             self.replies.append(reply)
             out.append(reply)
         return out
+
+
+def message_to_node(content: RecordDict, message_type: str = "train", dst: int = 100) -> Message:
+    """A server message as a ClientApp receives it (ids stamped as a SuperLink would)."""
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
+    m = Message(content=content, message_type=message_type, dst_node_id=dst)
+    m.metadata.__dict__["_message_id"] = f"m{next(_ids)}"
+    return m

@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import torch
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 
 from collafuse_flwr.client_app import app
 from collafuse_flwr.client_data import client_data
 from collafuse_flwr.config import parse_config
+from inprocess import message_to_node
 from collafuse_flwr.models import build_denoiser
 from collafuse_flwr.state import MODEL_KEY
 
@@ -28,10 +28,7 @@ def _context(rc, pid=0, **node_config):
 
 
 def _message(content: RecordDict, mtype=MessageType.TRAIN) -> Message:
-    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
-    m = Message(content=content, message_type=mtype, dst_node_id=100)
-    m.metadata.__dict__["_message_id"] = "m1"
-    return m
+    return message_to_node(content, mtype)
 
 
 def _train(rc, ctx, rnd=1, cut=None, uploads=None):

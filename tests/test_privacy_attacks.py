@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 
 from collafuse_flwr import diffusion as D
 from collafuse_flwr.client_app import app
 from collafuse_flwr.client_data import client_data
 from collafuse_flwr.config import parse_config
+from inprocess import message_to_node
 from collafuse_flwr.node import REFUSED
 
 NUM_NODES = 3
@@ -28,10 +28,7 @@ def _context(rc, pid=0, **node_config):
 
 
 def _message(content: RecordDict, mtype=MessageType.TRAIN) -> Message:
-    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
-    m = Message(content=content, message_type=mtype, dst_node_id=100)
-    m.metadata.__dict__["_message_id"] = "m1"
-    return m
+    return message_to_node(content, mtype)
 
 
 def _train(rc, ctx, rnd=1, **conf):
@@ -170,3 +167,19 @@ def test_the_serverapp_loads_no_client_data_outside_the_simulation(tiny_config, 
     result = strategy.start(grid=grid, initial_arrays=arrays, num_rounds=1)
     res = finalize(cfg, strategy, result, tmp_path, 1, 2, time.time(), 0, harness=False)
     assert "fid_pooled" not in res["final"] and res["status"] == "ok"
+
+
+def test_a_harness_that_cannot_read_the_data_is_skipped_at_start(tiny_config, monkeypatch, caplog):
+    """harness=on where the ServerApp cannot see the clients' files: one line at start, not a
+    FileNotFoundError after all the training."""
+    from collafuse_flwr import client_data as cd
+    from collafuse_flwr.server_app import harness_data_readable
+
+    cfg = parse_config(tiny_config(harness="on"))
+    assert harness_data_readable(cfg)
+
+    def unreadable(_cfg):
+        raise FileNotFoundError("/data/mnist: no such folder")
+
+    monkeypatch.setattr(cd, "dataset_for", unreadable)
+    assert not harness_data_readable(cfg)
