@@ -119,7 +119,7 @@ def finalize(cfg: RunConfig, strategy, result, out: Path, run_id: int, num_nodes
         from .metrics.features import resolve_backbone
 
         final["fid_backbone"] = resolve_backbone(cfg.fid_backbone, cfg.dataset, cfg.fid_weights or None)
-    image_dim = int(np.prod(last.images[min(last.images)].shape[1:])) if last and last.images else 0
+    image_dim = cfg.image_channels * cfg.image_size ** 2  # also when no node shared images (a deployment)
     final["disclosure"] = _disclosure(cfg, per_client, image_dim)
     status, reasons = run_status(rec, num_nodes, per_client, bool(evals))
     results = {
