@@ -212,6 +212,10 @@ class DiffusionStrategy(Strategy):
         msgs = [Message(content=RecordDict({self.keys.config: conf}), message_type=MessageType.QUERY,
                         dst_node_id=n) for n in sorted(new)]
         replies = list(grid.send_and_receive(msgs, timeout=self.round_timeout or self.connect_timeout))
+        for nid in set(new) - {m.metadata.src_node_id for m in replies}:
+            # not asked again every round: a dead node would cost a whole timeout each time
+            self.registry.refused[nid] = "no answer to the first-contact query in time"
+            log(WARNING, "node %d did not answer the first-contact query in time; it is not admitted", nid)
         answers = []
         for m in replies:
             nid = m.metadata.src_node_id
@@ -290,7 +294,10 @@ class DiffusionStrategy(Strategy):
                     m.error.reason)
                 continue
             self.recorder.up(m, "eval" if phase == "evaluate" else phase, client)
-            reason = self._check_metrics(m) or self.validate_reply(phase, client, m)
+            try:
+                reason = self._check_metrics(m) or self.validate_reply(phase, client, m)
+            except Exception as exc:  # noqa: BLE001 - a reply that breaks a check is malformed, not fatal
+                reason = f"malformed: {type(exc).__name__}: {str(exc)[:120]}"
             if reason:
                 log(WARNING, "round %d %s: reply of client %d (node %d) rejected: %s", server_round, phase,
                     client, nid, reason)

@@ -27,9 +27,11 @@ class FakeGrid:
     claims: node id -> the partition-id it claims at hello (absent: no claim).
     """
 
-    def __init__(self, ids, claims=None):
+    def __init__(self, ids, claims=None, silent=()):
         self.ids = list(ids)
         self.claims = dict(claims or {})
+        self.silent = set(silent)  # these never answer
+        self.asked: list[int] = []
 
     def get_node_ids(self):
         return list(self.ids)
@@ -39,6 +41,9 @@ class FakeGrid:
         for m in messages:
             assert m.metadata.message_type == MessageType.QUERY
             nid = m.metadata.dst_node_id
+            self.asked.append(nid)
+            if nid in self.silent:
+                continue
             met = {"num-examples": 10}
             if nid in self.claims:
                 met["partition-id"] = self.claims[nid]
@@ -331,3 +336,22 @@ def test_strategy_takes_plain_arguments_without_the_project_config():
     assert s.t_c == 10 and s.registry.capacity is None
     with pytest.raises(ValueError, match="exactly one of"):
         CollaFuse(model, (1, 8, 8), diffusion_steps=50, cut_step=10, cut_ratio=0.2)
+
+
+def test_a_silent_node_is_not_admitted_nor_asked_again_every_round(tiny_config):
+    cfg, s = _collafuse(tiny_config(cut_ratio=0.3), clients=3)
+    grid = FakeGrid([1, 2], claims={1: 0, 2: 1}, silent=[2])
+    assert [m.metadata.dst_node_id for m in s.configure_train(1, ArrayRecord(), ConfigRecord(), grid)] == [1]
+    s._addressed.clear()
+    s.configure_train(2, ArrayRecord(), ConfigRecord(), grid)
+    assert grid.asked == [1, 2]  # one first-contact query each, not one per round
+    assert "no answer" in s.registry.refused[2]
+
+
+def test_a_reply_that_breaks_a_check_is_rejected_not_fatal(tiny_config):
+    cfg, s = _collafuse(tiny_config(cut_ratio=0.3))
+    msgs = list(s.configure_train(1, ArrayRecord(), ConfigRecord(), grid_of(2)))
+    replies = _train_replies(s, msgs, [_x(), _x()])
+    replies[1].content["upload"]["x_tc"].data = b"not an array"  # undecodable bytes
+    _, metrics = s.aggregate_train(1, replies)
+    assert metrics["uploads-received"] == 5 and sum(s.recorder.rejected.values()) == 1
