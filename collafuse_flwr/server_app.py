@@ -140,6 +140,10 @@ def main(grid: Grid, context: Context) -> None:
         use_torch_threads(cfg.torch_threads)
         torch.manual_seed(cfg.seed)
         simulation = in_simulation(grid)
+        if simulation:  # the nodes share this machine's data and network: stop now if they cannot load it
+            from .data import check_dataset
+
+            check_dataset(cfg.dataset)
         harness = harness_enabled(cfg, simulation)
         if cfg.harness == "auto" and not simulation:
             log(WARNING, "not a simulation: the research harness (pooled FID, reference attacker, disclosure "
