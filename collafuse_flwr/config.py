@@ -194,6 +194,10 @@ def parse_config(run_config: dict[str, Any], *, defaults: dict[str, Any] | None 
                               f"relative paths against the SuperLink's start folder), got {values[key]!r}")
         values[key] = os.path.expanduser(values[key]) if values[key] else ""
     cfg = RunConfig(**values)
+    if cfg.uses_cut:  # cut_step and split_step_budget raise here, at start, naming the fix
+        from .diffusion import split_step_budget
+
+        split_step_budget(cfg.sampling_steps, cfg.diffusion_steps, cfg.cut_step)
     if cfg.uses_cut and cfg.cut_step not in (0, cfg.diffusion_steps) and cfg.local_steps == 0:
         raise ConfigError("collafuse with 0 < cut-ratio < 1 needs local-steps >= 1 to train the client models")
     _warn_ignored(cfg, base)
