@@ -216,7 +216,8 @@ def run_dir(cfg: RunConfig, run_id: int | str | None = None) -> Path:
     """This run's own folder under output-dir (absolute; default ~/collafuse-runs)."""
     root = Path(cfg.output_dir) if cfg.output_dir else Path.home() / "collafuse-runs"
     tag = f"c{cfg.cut_ratio:g}-" if cfg.method == "collafuse" else ""
-    name = f"{time.strftime('%Y%m%d-%H%M%S')}-{cfg.method}-{tag}{cfg.dataset}-s{cfg.seed}"
+    data = "hf-" + Path(cfg.dataset[3:]).name if cfg.dataset.startswith("hf:") else cfg.dataset  # no '/' or ':'
+    name = f"{time.strftime('%Y%m%d-%H%M%S')}-{cfg.method}-{tag}{data}-s{cfg.seed}"
     if run_id is not None:
         name += f"-{run_id}"
     path = root / name
