@@ -216,6 +216,20 @@ def load_dataset(
     return ds
 
 
+def check_dataset(name: str) -> None:
+    """Cheap start-of-run check for what can fail before any file is read: an unknown name, or an
+    `hf:` dataset that is neither reachable nor cached (one-line error saying what to do).
+    Loading itself checks everything else, with the same messages."""
+    key = canonical_name(name)
+    if key.startswith(HF_PREFIX):
+        from .hf_data import check_hf_source
+
+        check_hf_source(key[len(HF_PREFIX):])
+    elif key not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}, "
+                         f"or {HF_PREFIX}<Hugging Face id or local path>")
+
+
 def _resolve_data_dir(key: str, data_dir: str | None, download: bool) -> Path:
     from .vision_data import LAYOUTS, missing
 

@@ -60,6 +60,38 @@ def _source(source: str) -> dict[str, Any]:
     return {"dataset": str(path)}
 
 
+def _unreachable(source: str, exc: Exception) -> ConnectionError:
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
+    state = "HF_HUB_OFFLINE is set and it is not in the local cache" if offline else \
+        "the Hugging Face Hub cannot be reached and it is not in the local cache"
+    return ConnectionError(f"dataset='{HF_PREFIX}{source}': {state} ({' '.join(str(exc).split())}). Go online once "
+                           f"to cache it (later runs work with HF_HUB_OFFLINE=1), or use {_LOCAL_HINT}")
+
+
+def _not_found(source: str, exc: Exception) -> FileNotFoundError:
+    return FileNotFoundError(f"dataset='{HF_PREFIX}{source}' was not found ({' '.join(str(exc).split())}); check "
+                             f"the Hub id, or use {_LOCAL_HINT}")
+
+
+def check_hf_source(source: str) -> None:
+    """Start-of-run check that an hf: dataset can be had, raising the one-line errors of loading.
+
+    Reads only the dataset's metadata (`datasets.load_dataset_builder`), so a ServerApp can call
+    it at start and stop a run that no node could load data for, before any round is sent.
+    """
+    kwargs = _source(source)  # a local path: checked for existence here
+    if "data_files" in kwargs or Path(kwargs["dataset"]).exists():
+        return
+    import datasets
+
+    try:
+        datasets.load_dataset_builder(kwargs["dataset"])
+    except ConnectionError as exc:
+        raise _unreachable(source, exc) from exc
+    except FileNotFoundError as exc:
+        raise _not_found(source, exc) from exc
+
+
 def _load_split(source: str, split: str):
     from flwr_datasets import FederatedDataset
     from flwr_datasets.partitioner import IidPartitioner
@@ -71,18 +103,13 @@ def _load_split(source: str, split: str):
     try:
         return fds.load_split(split)
     except ConnectionError as exc:
-        offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
-        state = "HF_HUB_OFFLINE is set and it is not in the local cache" if offline else \
-            "the Hugging Face Hub cannot be reached and it is not in the local cache"
-        raise ConnectionError(f"dataset='{HF_PREFIX}{source}': {state} ({' '.join(str(exc).split())}). Go online once to cache it "
-                              f"(later runs work with HF_HUB_OFFLINE=1), or use {_LOCAL_HINT}") from exc
+        raise _unreachable(source, exc) from exc
     except ValueError as exc:
         if "split" in str(exc).lower():
             raise ValueError(f"dataset='{HF_PREFIX}{source}' has no split {split!r} ({exc})") from exc
         raise
     except FileNotFoundError as exc:
-        raise FileNotFoundError(f"dataset='{HF_PREFIX}{source}' was not found ({exc}); check the Hub id, "
-                                f"or use {_LOCAL_HINT}") from exc
+        raise _not_found(source, exc) from exc
 
 
 def _columns(table, image_column: str, label_column: str, source: str) -> tuple[str, str | None]:
