@@ -66,18 +66,18 @@ class ArrivingNodes:
         return list(range(min(self.total, self.calls // self.every)))
 
 
-def test_wait_for_nodes_waits_until_the_count_settles():
-    from collafuse_flwr.server_app import _wait_for_nodes
+def test_wait_for_nodes_waits_for_min_nodes_not_a_settle_time():
+    from collafuse_flwr.server_app import wait_for_nodes
 
-    grid = ArrivingNodes(total=4, every=2)  # one more node every 0.2 s
-    assert _wait_for_nodes(grid, timeout=10, settle=0.5) == 4
+    grid = ArrivingNodes(total=4, every=1)  # one more node at each look (once a second)
+    assert wait_for_nodes(grid, min_nodes=3, timeout=10) == 3 and grid.calls == 3
 
 
-def test_wait_for_nodes_returns_soon_when_all_are_there_and_fails_when_none_come():
-    from collafuse_flwr.server_app import _wait_for_nodes
+def test_wait_for_nodes_returns_at_once_when_all_are_there_and_fails_clearly_when_too_few_come():
+    from collafuse_flwr.server_app import wait_for_nodes
 
     t0 = time.time()
-    assert _wait_for_nodes(ArrivingNodes(total=5, every=0.001), timeout=10, settle=0.3) == 5
+    assert wait_for_nodes(ArrivingNodes(total=5, every=0.001), min_nodes=1, timeout=10) >= 1
     assert time.time() - t0 < 2
-    with pytest.raises(RuntimeError, match="no client node connected"):
-        _wait_for_nodes(ArrivingNodes(total=0, every=1), timeout=0.3)
+    with pytest.raises(RuntimeError, match="only 0 client node.*min-nodes=2"):
+        wait_for_nodes(ArrivingNodes(total=0, every=1), min_nodes=2, timeout=0.3)
