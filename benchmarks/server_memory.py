@@ -30,6 +30,7 @@ def one(rounds: int, cap: int) -> dict:
     from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
     from flwr.supercore.task_identity import TaskIdentity
 
+    from collafuse_flwr import diffusion as D
     from collafuse_flwr.models import build_denoiser
     from strategies import CollaFuse
 
@@ -57,12 +58,15 @@ def one(rounds: int, cap: int) -> dict:
     rng = np.random.default_rng(0)
     for rnd in range(1, rounds + 1):
         msgs = list(s.configure_train(rnd, ArrayRecord(), ConfigRecord(), Grid()))
-        replies = [_reply(m, RecordDict({
-            "upload": ArrayRecord({"x_tc": Array((rng.standard_normal((UPLOADS, 3, SIZE, SIZE)) * 0.5).astype(np.float32))}),
-            "metrics": MetricRecord({"num-examples": 1000})})) for m in msgs]
+        def x_tc():  # what an honest node uploads: images in [-1, 1] diffused to t_c
+            x0 = torch.from_numpy(rng.uniform(-1, 1, (UPLOADS, 3, SIZE, SIZE)).astype(np.float32))
+            return D.upload(s.sched, x0, s.t_c).numpy().astype(np.float32)
+
+        replies = [_reply(m, RecordDict({"upload": ArrayRecord({"x_tc": Array(x_tc())}),
+                                         "metrics": MetricRecord({"num-examples": 1000})})) for m in msgs]
         s.aggregate_train(rnd, replies)
     buffered = sum(t.shape[0] for ts in s.buffer.values() for t in ts)
-    return {"rounds": rounds, "cap": cap, "buffered_uploads": buffered,
+    return {"rounds": rounds, "cap": cap, "buffered_uploads": buffered, "rejected": dict(s.recorder.rejected),
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 

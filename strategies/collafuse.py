@@ -42,9 +42,10 @@ from .base import DiffusionStrategy, common_args
 if TYPE_CHECKING:
     from collafuse_flwr.config import RunConfig
 
-#: |x_tc| <= sqrt(abar_c) + UPLOAD_Z sqrt(1 - abar_c) for data in [-1, 1]; a Gaussian pixel
-#: passes 6 sigma with probability 1 - 2e-9, so honest uploads are never refused.
-UPLOAD_Z = 6.0
+#: |x_tc| <= sqrt(abar_c) + UPLOAD_Z sqrt(1 - abar_c) for data in [-1, 1]. A Gaussian pixel
+#: passes 8 sigma but with probability 1e-15, so an honest upload (even 64 x 3 x 64 x 64 pixels
+#: a round for years) is never refused, while a 1e30 or 100-sigma poisoned pixel always is.
+UPLOAD_Z = 8.0
 
 HarnessPayload = Callable[["CollaFuse", int, np.ndarray], ArrayRecord | None]
 
