@@ -142,8 +142,7 @@ class LocalDeployment:
             self.tls_files = make_tls(self.workdir / "certificates")
         self._start_superlink()
         self.write_federation_entry()
-        self._wait_for(lambda: self._flwr("list", self.federation, "--format", "json", check=False).returncode == 0,
-                       wait, "the SuperLink to answer `flwr list`", "superlink")
+        self._wait_for(lambda: self.list_runs() is not None, wait, "the SuperLink to answer `flwr list`", "superlink")
         for k in range(self.num_nodes):
             self._start_supernode(k)
         self._wait_for(lambda: self.online_nodes() >= self.num_nodes, wait,
@@ -228,6 +227,7 @@ class LocalDeployment:
         if "output-dir" not in run_config:
             run_config = f"{run_config} output-dir='{self.workdir / 'outputs'}'".strip()
         output_root = _output_root(run_config)
+        before = set(self.list_runs() or {})
         cmd = [flwr_bin(), "run", str(app), self.federation, "--run-config", run_config, "--stream"]
         self._say(cmd)
         lines: list[str] = []
@@ -260,7 +260,7 @@ class LocalDeployment:
         reader.join(timeout=10)
         rc = proc.wait()
         (self.logs / "flwr-run.log").write_text("".join(lines))
-        run_id, status = self.run_status()
+        run_id, status = self.run_status(before)
         log = "".join(lines)
         return DeployOutcome(run_id, status, rc, _output_dir(log, output_root), log, killed)
 
@@ -272,19 +272,23 @@ class LocalDeployment:
                 pids += tree(self.procs[name].pid)
         return stop_pids(pids, signals=(signal.SIGKILL,))
 
-    def run_status(self) -> tuple[int | None, str]:
-        """The latest run's real status from `flwr list --format json`."""
+    def list_runs(self) -> dict[int, str] | None:
+        """run id -> status from `flwr list --format json`; None when the SuperLink does not answer."""
+        res = self._flwr("list", self.federation, "--format", "json", check=False)
+        try:
+            runs = json.loads(res.stdout)["runs"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            return None
+        return {int(r["run-id"]): str(r.get("status", "unknown")) for r in runs}
+
+    def run_status(self, before: set[int] = frozenset()) -> tuple[int | None, str]:
+        """The real status of the run submitted after `before` (run ids are random, not ordered)."""
         for _ in range(30):
-            res = self._flwr("list", self.federation, "--format", "json", check=False)
-            try:
-                runs = json.loads(res.stdout).get("runs", [])
-            except json.JSONDecodeError:
-                runs = []
-            if runs:
-                latest = max(runs, key=lambda r: int(r.get("run-id", 0)))
-                status = str(latest.get("status", "unknown"))
+            new = {k: v for k, v in (self.list_runs() or {}).items() if k not in before}
+            if len(new) == 1:
+                (run_id, status), = new.items()
                 if not status.startswith(("pending", "starting", "running")):
-                    return int(latest.get("run-id", 0)), status
+                    return run_id, status
             time.sleep(1.0)
         return None, "unknown"
 

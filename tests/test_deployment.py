@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -49,8 +50,9 @@ def _all_pids(dep: LocalDeployment) -> list[int]:
 
 
 def _flwr_list(dep: LocalDeployment) -> dict[int, str]:
-    res = dep._flwr("list", dep.federation, "--format", "json")
-    return {int(r["run-id"]): r["status"] for r in json.loads(res.stdout)["runs"]}
+    runs = dep.list_runs()
+    assert runs is not None, "flwr list --format json did not answer"
+    return runs
 
 
 def _check_outputs(out, output_root: Path, method: str, num_clients: int) -> dict:
@@ -110,6 +112,18 @@ def test_the_cli_recipe_runs_and_says_where_outputs_are(tmp_path):
     assert not _alive([int(p) for p in pids]), f"processes left running: {pids}"
 
 
+def test_a_failed_start_says_why_and_stops_what_it_started(tmp_path):
+    """The SuperLink cannot bind its port: the start fails naming it, and nothing is left running."""
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        dep = LocalDeployment(tmp_path, num_nodes=1, quiet=True, superlink_port=busy.getsockname()[1])
+        with pytest.raises(RuntimeError, match="superlink exited while waiting for the SuperLink"):
+            with dep:
+                pass
+    assert "superlink" in dep.procs and not _alive([p.pid for p in dep.procs.values()])
+
+
 _DEFAULTS = load_defaults()
 
 
@@ -135,7 +149,10 @@ def test_nodes_with_their_own_folders_and_one_killed_after_round_1(tmp_path):
             assert out.ok, f"{out.status}\n{out.log[-3000:]}"
             assert _flwr_list(dep)[out.run_id] == "finished:completed"
             res = json.loads((out.output_dir / "results.json").read_text())
-            assert res["status"] == "ok"
+            # the run says honestly that a client went missing, and the two others finished
+            assert res["status"] == "degraded" and res["num_clients"] == NODES
+            assert any("missing" in r for r in res["status_reasons"]), res["status_reasons"]
+            assert len(res["per_client"]) == NODES - 1
             rows = list(csv.DictReader(open(out.output_dir / "metrics.csv")))
             assert [r["round"] for r in rows] == ["1", "2"]
     finally:
