@@ -142,8 +142,10 @@ def main(grid: Grid, context: Context) -> None:
         simulation = in_simulation(grid)
         if simulation:  # the nodes share this machine's data and network: stop now if they cannot load it
             from .data import check_dataset
+            from .metrics.features import prepare_backbone
 
             check_dataset(cfg.dataset)
+            prepare_backbone(cfg.fid_backbone, cfg.dataset, cfg.fid_weights or None, cfg.fid_download)  # fetch once
         harness = harness_enabled(cfg, simulation)
         if cfg.harness == "auto" and not simulation:
             log(WARNING, "not a simulation: the research harness (pooled FID, reference attacker, disclosure "
