@@ -169,7 +169,7 @@ def test_the_serverapp_loads_no_client_data_outside_the_simulation(tiny_config, 
     assert "fid_pooled" not in res["final"] and res["status"] == "ok"
 
 
-def test_a_harness_that_cannot_read_the_data_is_skipped_at_start(tiny_config, monkeypatch, caplog):
+def test_a_harness_that_cannot_read_the_data_is_skipped_at_start(tiny_config, monkeypatch):
     """harness=on where the ServerApp cannot see the clients' files: one line at start, not a
     FileNotFoundError after all the training."""
     from collafuse_flwr import client_data as cd
