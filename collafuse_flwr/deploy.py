@@ -252,7 +252,7 @@ class LocalDeployment:
                 stop_pids([proc.pid])
                 break
             if (kill_node_after_round is not None and killed is None and output_root
-                    and _rounds_done(output_root) >= kill_node_after_round):
+                    and _rounds_done(output_root, since=t0) >= kill_node_after_round):
                 killed = self.num_nodes - 1
                 self.kill_node(killed)
                 lines.append(f"collafuse-deploy: killed SuperNode {killed} after round {kill_node_after_round}\n")
@@ -323,9 +323,10 @@ def _output_root(run_config: str) -> Path | None:
     return None
 
 
-def _rounds_done(output_root: Path) -> int:
-    """Rows in the newest metrics.csv under output_root (one per finished round)."""
-    csvs = sorted(output_root.glob("*/metrics.csv"), key=lambda p: p.stat().st_mtime)
+def _rounds_done(output_root: Path, since: float = 0.0) -> int:
+    """Rows in the newest metrics.csv under output_root written after `since` (one per finished round)."""
+    csvs = sorted((p for p in output_root.glob("*/metrics.csv") if p.stat().st_mtime >= since),
+                  key=lambda p: p.stat().st_mtime)
     if not csvs:
         return 0
     try:

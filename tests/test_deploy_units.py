@@ -5,6 +5,7 @@ from __future__ import annotations
 import ipaddress
 import re
 import sys
+import time
 import types
 from pathlib import Path
 
@@ -62,6 +63,7 @@ def test_rounds_done_counts_metrics_rows(tmp_path):
     run.mkdir()
     (run / "metrics.csv").write_text("round,elapsed-s\n1,3.0\n2,5.0\n")
     assert _rounds_done(tmp_path) == 2
+    assert _rounds_done(tmp_path, since=time.time() + 60) == 0  # an older run's file does not count
 
 
 @pytest.mark.parametrize("kwargs, match", [({"num_nodes": 0}, "num_nodes must be >= 1"),
