@@ -23,6 +23,7 @@ def _run(tmp_path: Path, extra: str) -> tuple[Path, dict]:
     out = run_flower(f"{TINY} {extra} output-dir='{tmp_path / 'runs'}'", num_clients=NUM_CLIENTS,
                      flwr_home=tmp_path / "flwr-home", timeout=600, stream=False)
     assert out.ok, f"run failed: status={out.status} rc={out.returncode}\n{out.log[-4000:]}"
+    assert out.output_dir.parent == tmp_path / "runs"  # an hf: path or id makes no nested folders
     return out.output_dir, json.loads((out.output_dir / "results.json").read_text())
 
 
@@ -54,3 +55,21 @@ def test_mnist5k_through_flwr_run(tmp_path):
     assert final["fid_backbone"] == "digits-cnn"
     assert len(final["fid_per_client"]) == NUM_CLIENTS and all(v > 0 for v in final["fid_per_client"].values())
     assert np.load(run_dir / "samples.npz")["images"].shape == (NUM_CLIENTS * 4, 8, 8, 1)
+
+
+def test_hub_dataset_offline_stops_the_run_at_start(tmp_path, monkeypatch):
+    """The real Hub path, offline and uncached: the ServerApp's start check fails the run before
+    any round, with the loader's one-line message in the log."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
+    monkeypatch.delenv("HF_DATASETS_CACHE", raising=False)
+    out = run_flower(f"{TINY} dataset='hf:ylecun/mnist' output-dir='{tmp_path / 'runs'}'", num_clients=NUM_CLIENTS,
+                     flwr_home=tmp_path / "flwr-home", timeout=300, stream=False)
+    assert not out.ok
+    assert "dataset='hf:ylecun/mnist': HF_HUB_OFFLINE is set and it is not in the local cache" in out.log
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    assert run_dir.name.split("-collafuse-c0.3-")[1].startswith("hf-mnist-s0")
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["status"] == "failed" and "Go online once" in results["error"]
+    metrics = run_dir / "metrics.csv"
+    assert not metrics.exists() or len(metrics.read_text().splitlines()) <= 1  # no round ran
