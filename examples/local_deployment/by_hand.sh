@@ -33,7 +33,7 @@ default = "my-deployment"
 address = "127.0.0.1:9093"
 root-certificates = "$DEPLOY/certificates/ca.crt"
 TOML
-until flwr list my-deployment --format json >/dev/null 2>&1; do sleep 1; done
+until flwr list my-deployment --format json 2>/dev/null | grep -q '"runs"'; do sleep 1; done   # rc 0 even when unreachable
 
 # 4. One key pair per SuperNode (EC P-384 in OpenSSH format), registered with the SuperLink
 for k in 0 1 2; do
