@@ -10,7 +10,8 @@ the outputs are, and stops every process it started by pid (also on Ctrl-C and o
 
     collafuse-deploy --num-nodes 3 --run-config "num-server-rounds=2 method='fedavg'"
 
-The commands it runs are printed as it runs them; they are the ones `examples/README.md` shows.
+It prints each Flower command as it runs it: the ones `examples/README.md` shows by hand (there
+the node keys come from `ssh-keygen`, here from `collafuse_flwr.deploy_keys`).
 """
 
 from __future__ import annotations
