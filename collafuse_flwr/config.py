@@ -104,7 +104,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "beta_schedule": ("linear", "cosine"),
     "model_size": ("tiny", "small", "base"),
     "conditioning": ("client", "none"),
-    "fid_backbone": ("auto", "inception", "digits-cnn", "none"),
+    "fid_backbone": ("auto", "inception", "digits-cnn", "mnist-cnn", "none"),
     "harness": ("auto", "on", "off"),
 }
 _MIN: dict[str, float] = {

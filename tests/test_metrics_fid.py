@@ -254,7 +254,7 @@ def test_fid_download_goes_through_torch_fidelity_and_fails_clearly_offline(monk
     assert offline.calls[0][1].name.startswith("weights-inception-2015-12-05-6726825d")
     # only auto falls back, and only where a fallback means something
     with pytest.warns(UserWarning, match="falling back"):
-        assert feat.prepare_backbone("auto", "mnist5k", None, download=True) == "digits-cnn"
+        assert feat.prepare_backbone("auto", "mnist5k", None, download=True) == "mnist-cnn"
     with pytest.warns(UserWarning, match="falling back"), pytest.raises(FileNotFoundError, match="not a digit"):
         feat.prepare_backbone("auto", "cifar10", None, download=True)
 

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-BACKBONES = ("auto", "inception", "digits-cnn", "none")
+BACKBONES = ("auto", "inception", "digits-cnn", "mnist-cnn", "none")
 #: Datasets whose images are handwritten digits, where digits-cnn features mean something.
 DIGIT_DATASETS = ("digits", "mnist", "mnist5k", "hf:ylecun/mnist", "hf:mnist")
 #: pytorch-fid's name for the FID Inception weights, then torch-fidelity's name for the same
@@ -110,12 +110,16 @@ def resolve_backbone(name: str, dataset: str, weights_path: str | None) -> str:
                              f"{DIGIT_DATASETS}, got dataset={dataset!r}; use fid-backbone=inception "
                              f"with fid-weights=/abs/path/to/{INCEPTION_WEIGHT_NAMES[0]}")
         return "digits-cnn"
+    if name == "mnist-cnn":  # trained on mnist_5k rows 4000..4999, disjoint from mnist5k's clients
+        if dataset != "mnist5k":
+            raise ValueError(f"fid-backbone=mnist-cnn is for dataset=mnist5k, got {dataset!r}; use digits-cnn")
+        return "mnist-cnn"
     # auto
     found = find_inception_weights(weights_path)
     if found is not None and torch_fidelity_available():
         return "inception"
     if dataset in DIGIT_DATASETS:
-        return "digits-cnn"
+        return "mnist-cnn" if dataset == "mnist5k" else "digits-cnn"
     if found is not None:
         _need_torch_fidelity()
     raise FileNotFoundError(_missing_weights_message(None) + f" (dataset={dataset!r} is not a digit "
@@ -205,6 +209,10 @@ def feature_extractor(backbone: str, weights_path: str | None = None) -> nn.Modu
         from .digits_cnn import DigitsCNNFeatures, load_digits_cnn
 
         return DigitsCNNFeatures(load_digits_cnn())
+    if backbone == "mnist-cnn":
+        from .digits_cnn import DigitsCNNFeatures, load_mnist_cnn
+
+        return DigitsCNNFeatures(load_mnist_cnn())
     raise ValueError(f"backbone must be 'inception' or 'digits-cnn' (resolve 'auto' first with "
                      f"resolve_backbone), got {backbone!r}")
 
