@@ -60,7 +60,7 @@ def test_digits_cnn_fd_ranks_real_noise_blur(digits16):
     fd_noise = compute_fid_kid(test, noise, "digits-cnn")
     fd_blur = compute_fid_kid(test, blur, "digits-cnn")
     fd_same = compute_fid_kid(test, test.clone(), "digits-cnn")
-    # Measured: real 0.26, noise 23.0, blur 19.3, identical 0.
+    # Measured: real 0.020, noise 22.3, blur 6.96, identical 0 (format 1 digits-cnn: 0.26, 23.0, 19.3).
     assert fd_noise["fid"] > 20 * fd_real["fid"]
     assert fd_blur["fid"] > 20 * fd_real["fid"]
     assert fd_same["fid"] < 1e-3 * fd_real["fid"]
