@@ -21,7 +21,11 @@ from typing import Any
 METHODS = ("collafuse", "fedavg", "local", "centralized")
 DATASETS = ("digits", "mnist5k", "mnist", "fashion-mnist", "cifar10", "celeba", "awa2", "imagefolder")  # or "hf:<id or path>"
 PARTITIONINGS = ("iid", "dirichlet", "by-class", "by-attribute")
-PYPROJECT = Path(__file__).resolve().parent.parent / "pyproject.toml"
+# The source tree's pyproject.toml; a wheel carries the same file inside the package (hatch
+# force-include), so an installed ClientApp used by someone else's app still has every default.
+_HERE = Path(__file__).resolve().parent
+PYPROJECT = next((p for p in (_HERE.parent / "pyproject.toml", _HERE / "pyproject.toml") if p.is_file()),
+                 _HERE.parent / "pyproject.toml")
 
 
 @dataclass(frozen=True)

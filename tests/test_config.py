@@ -49,3 +49,23 @@ def test_run_dir_is_absolute_and_unique(tmp_path):
     a, b = run_dir(cfg, 1), run_dir(cfg, 2)
     assert a.is_absolute() and a.parent == tmp_path and a != b
     assert "collafuse-c0.2-digits" in a.name
+
+
+def test_an_installed_wheel_carries_the_run_config_defaults(tmp_path):
+    """Someone else's app that uses this ClientApp from an installed wheel (no source tree, so no
+    pyproject.toml beside the package) still gets every default, not 'run-config lacks [...]'."""
+    import subprocess
+    import sys
+    import zipfile
+
+    from collafuse_flwr.config import PYPROJECT, load_defaults
+
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w",
+                    str(tmp_path), str(PYPROJECT.parent)], check=True, capture_output=True)
+    (wheel,) = tmp_path.glob("*.whl")
+    zipfile.ZipFile(wheel).extractall(tmp_path / "site")
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); import collafuse_flwr.config as c; "
+            "print(c.PYPROJECT.parent.name, len(c.load_defaults()))")
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "site")], cwd=tmp_path, check=True,
+                         capture_output=True, text=True).stdout.split()
+    assert out == ["collafuse_flwr", str(len(load_defaults()))]
