@@ -34,14 +34,14 @@ def no_network(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError(f"a download was attempted: {args!r}")
 
-    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", refuse)
-    monkeypatch.setattr(torch.hub, "download_url_to_file", refuse)
-    monkeypatch.setattr(urllib.request, "urlopen", refuse)
-    try:
+    try:  # imported first: it binds torch.hub's function at import, which must be the real one
         import torch_fidelity.feature_extractor_inceptionv3 as tf_inc
         monkeypatch.setattr(tf_inc, "load_state_dict_from_url", refuse)
     except ImportError:
         pass
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", refuse)
+    monkeypatch.setattr(torch.hub, "download_url_to_file", refuse)
+    monkeypatch.setattr(urllib.request, "urlopen", refuse)
 
 
 @pytest.fixture
