@@ -52,7 +52,9 @@ def test_mnist5k_through_flwr_run(tmp_path):
     run_dir, res = _run(tmp_path, "dataset='mnist5k' max-samples=64 client-groups='0,1,2,3;4,5,6,7'")
     assert res["status"] == "ok" and res["config"]["dataset"] == "mnist5k"
     final = res["final"]
-    assert final["fid_backbone"] == "digits-cnn"
+    from collafuse_flwr.metrics.features import resolve_backbone
+
+    assert final["fid_backbone"] == resolve_backbone("auto", "mnist5k", None)  # a digit net, offline
     assert len(final["fid_per_client"]) == NUM_CLIENTS and all(v > 0 for v in final["fid_per_client"].values())
     assert np.load(run_dir / "samples.npz")["images"].shape == (NUM_CLIENTS * 4, 8, 8, 1)
 
