@@ -108,3 +108,28 @@ def test_a_restarted_node_keeps_its_private_model(tiny_config, tmp_path):
         np.testing.assert_array_equal(v.numpy(), weights[k])
     counts = after.state.array_records["last-upload"]["counts"].numpy()
     assert counts.sum() == cfg.uploads_per_round  # its upload history (and so its epsilon) survived too
+
+
+def test_a_stopped_run_says_stopped(tiny_config, tmp_path):
+    """`flwr stop` (SIGTERM to the ServerApp process) used to leave results.json at "running"."""
+    import os
+    import signal
+
+    (tmp_path / "out").mkdir()
+    rc = {**tiny_config(cut_ratio=0.5, num_server_rounds=2), "output-dir": str(tmp_path / "out")}
+
+    class StoppedGrid(InProcessGrid):
+        def send_and_receive(self, messages, *, timeout=None):
+            messages = list(messages)
+            if any(m.metadata.message_type == "train" for m in messages):
+                os.kill(os.getpid(), signal.SIGTERM)  # what `flwr stop` does to the ServerApp
+            return super().send_and_receive(messages, timeout=timeout)
+
+    before = signal.getsignal(signal.SIGTERM)
+    try:
+        with pytest.raises(SystemExit):
+            _run(rc, None, StoppedGrid(client_app, rc, 2), run_id=3)
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    (run,) = (tmp_path / "out").iterdir()
+    assert _results(run)["status"] == "stopped"
