@@ -28,7 +28,9 @@ def _quality(cfg: RunConfig, gen_uint8: torch.Tensor, data: ClientData) -> dict[
     if backbone == "none":
         return {}
     r = compute_fid_kid(data.test_uint8, gen_uint8, backbone, cfg.fid_weights or None)
-    return {"fid": r["fid"], "kid": r["kid"], "kid-std": r["kid_std"]}
+    out = {"fid": r["fid"], "kid": r["kid"], "kid-std": r["kid_std"]}
+    out.update({k: r[k] for k in ("precision", "recall") if k in r})  # k-NN precision/recall, same features
+    return out
 
 
 #: The only arrays a node scores: the server's reconstructions of the node's own last upload.

@@ -94,6 +94,8 @@ def finalize(cfg: RunConfig, strategy, result, out: Path, run_id: int, num_nodes
         "fid_per_client": _per_client(per_client, "fid"),
         "kid": _mean(m.get("kid") for m in per_client.values()),
         "kid_per_client": _per_client(per_client, "kid"),
+        "precision": _mean(m.get("precision") for m in per_client.values()),
+        "recall": _mean(m.get("recall") for m in per_client.values()),
         "fid_backbone": None,
         "client_train_flops": totals["client-train-flops"],
         "client_train_flops_per_round": totals["client-train-flops"] / n_rounds,

@@ -33,6 +33,7 @@ def test_cut_one_discloses_nothing(tiny_config, tmp_path):
     res, grid = _run(tiny_config(cut_ratio=1.0, num_server_rounds=1), tmp_path)
     f = res["final"]
     assert f["disclosure"]["epsilon"] == 0.0
+    assert 0.0 <= f["precision"] <= 1.0 and 0.0 <= f["recall"] <= 1.0  # beside FID, on the same features
     assert not any("upload" in r.content.array_records for r in grid.replies)
     assert f["server_train_flops"] == 0
 
