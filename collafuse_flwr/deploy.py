@@ -31,6 +31,7 @@ from pathlib import Path
 
 from .deploy_keys import TlsFiles, make_node_key, make_tls
 from .launch import APP_DIR, flwr_bin, free_port, stop_pids, tree
+from .launch import _output_dir as _said_output_dir
 
 FEDERATION = "collafuse-local"
 ISOLATIONS = ("subprocess", "warm")
@@ -337,9 +338,10 @@ def _rounds_done(output_root: Path, since: float = 0.0) -> int:
 
 
 def _output_dir(log: str, output_root: Path | None) -> Path | None:
-    for line in reversed(log.splitlines()):
-        if "collafuse-flwr: results in " in line:
-            return Path(line.split("collafuse-flwr: results in ", 1)[1].strip())
+    """Where the ServerApp said it wrote its results, else the newest run folder under output_root."""
+    said = _said_output_dir(log)
+    if said is not None:
+        return said
     if output_root:
         runs = sorted(output_root.glob("*/results.json"), key=lambda p: p.stat().st_mtime)
         return runs[-1].parent if runs else None
