@@ -42,17 +42,17 @@ def _results(folder):
 
 
 def test_a_killed_run_resumes_and_ends_as_the_uninterrupted_one(tiny_config, tmp_path, monkeypatch):
-    rc = tiny_config(cut_ratio=0.5, num_server_rounds=3, eval_every=1, harness="on")
+    rc = tiny_config(cut_ratio=0.5, num_server_rounds=2, eval_every=1, harness="on")
     # uninterrupted
     (tmp_path / "a").mkdir()
     rc_a = {**rc, "output-dir": str(tmp_path / "a")}
     _run(rc_a, tmp_path / "a", InProcessGrid(client_app, rc_a, 2), run_id=11)
     (run_a,) = (tmp_path / "a").iterdir()
-    # killed after round 2 (nodes lose their in-memory state too), then resumed on fresh nodes
+    # killed after round 1 (nodes lose their in-memory state too), then resumed on fresh nodes
     (tmp_path / "b").mkdir()
     rc_b = {**rc, "output-dir": str(tmp_path / "b")}
     with monkeypatch.context() as mp, pytest.raises(KilledAfter):
-        _run(rc_b, tmp_path / "b", InProcessGrid(client_app, rc_b, 2), run_id=11, kill_after=2, monkeypatch=mp)
+        _run(rc_b, tmp_path / "b", InProcessGrid(client_app, rc_b, 2), run_id=11, kill_after=1, monkeypatch=mp)
     (run_b,) = (tmp_path / "b").iterdir()
     assert _results(run_b)["status"] == "failed"  # said so, not left at "running"
     rc_resume = {**rc_b, "resume-from": str(run_b)}
@@ -64,10 +64,10 @@ def test_a_killed_run_resumes_and_ends_as_the_uninterrupted_one(tiny_config, tmp
     # bytes count whole messages, metadata included: the in-process grid numbers message ids with a
     # process-wide counter ("m99" vs "m100"), so the resumed run's ids are a few characters longer
     for key in ("bytes_up", "bytes_down"):
-        assert abs(a["final"][key] - b["final"][key]) <= 2 * 3 * 2 * 2, key  # <= 2 chars x 3 rounds x 2 nodes x 2
+        assert abs(a["final"][key] - b["final"][key]) <= 2 * 2 * 2 * 2, key  # <= 2 chars x 2 rounds x 2 nodes x 2
     assert a["final"]["disclosure"]["epsilon"] == b["final"]["disclosure"]["epsilon"]
     np.testing.assert_array_equal(np.load(run_a / "samples.npz")["images"], np.load(run_b / "samples.npz")["images"])
-    assert [r.split(",")[0] for r in (run_b / "metrics.csv").read_text().splitlines()[1:]] == ["1", "2", "3"]
+    assert [r.split(",")[0] for r in (run_b / "metrics.csv").read_text().splitlines()[1:]] == ["1", "2"]
 
 
 def test_resume_refuses_other_settings(tiny_config, tmp_path, monkeypatch):
