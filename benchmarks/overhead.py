@@ -168,10 +168,11 @@ def plain_collafuse(cfg: RunConfig, num_clients: int, out_dir: Path) -> PlainRes
         client_s.append(time.perf_counter() - tc)
         # -- server trains on all uploads so far (CollaFuse.aggregate_train) -------------------------
         ts = time.perf_counter()
-        if server_share and buffer and cfg.server_steps > 0:
+        steps = cfg.server_steps if isinstance(cfg.server_steps, int) else cfg.local_steps * len(buffer)
+        if server_share and buffer and steps > 0:  # the Flower run is told server-overlap=false
             parts = [(c, t) for c in sorted(buffer) for t in buffer[c]]  # client-major, as CollaFuse.buffer_tensors
             train_steps(server, server_opt, server_share_loss(server, sched, t_c, cfg.server_target, server_gen),
-                        torch.cat([t for _, t in parts]), cfg.server_steps, cfg.batch_size, server_gen, device,
+                        torch.cat([t for _, t in parts]), steps, cfg.batch_size, server_gen, device,
                         labels=torch.cat([torch.full((t.shape[0],), c, dtype=torch.long) for c, t in parts]))
         server_s.append(time.perf_counter() - ts)
         if not cfg.is_eval_round(rnd):
@@ -312,7 +313,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         overrides: dict[str, Any] = app_keys({**(QUICK if a.quick else {}), **parse_overrides(a.extra),
                                               "method": "collafuse", "cut-ratio": a.cut_ratio,
-                                              "count-flops": False, "torch-threads": a.threads})
+                                              "count-flops": False, "torch-threads": a.threads,
+                                              "server-overlap": False})  # the plain loop is serial
         if a.rounds is not None or a.quick:
             overrides["num-server-rounds"] = a.rounds if a.rounds is not None else 2
         cfg = validate_overrides(overrides)

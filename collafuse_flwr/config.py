@@ -48,9 +48,11 @@ class RunConfig:
     diffusion_steps: int
     beta_schedule: str
     model_size: str
+    client_model_size: str  # "" = model_size; "half"; or a preset (models.client_preset)
     conditioning: str
     local_steps: int
-    server_steps: int
+    server_steps: int | str  # "auto" or a fixed count
+    server_overlap: bool
     batch_size: int
     learning_rate: float
     uploads_per_round: int
@@ -113,14 +115,16 @@ _CHOICES: dict[str, tuple[str, ...]] = {
 }
 _MIN: dict[str, float] = {
     "num_server_rounds": 1, "diffusion_steps": 2, "image_size": 4, "local_steps": 0,
-    "server_steps": 0, "batch_size": 1, "uploads_per_round": 0, "eval_every": 0,
+    "batch_size": 1, "uploads_per_round": 0, "eval_every": 0,
     "num_eval_samples": 2, "sampling_steps": 0, "max_samples": 0, "seed": 0,
     "attack_reference_steps": 0, "torch_threads": 0, "min_nodes": 1, "server_buffer_size": 0,
 }
 # Keys that only one method reads: setting them away from the default elsewhere is a mistake
 # worth a warning, never a silent no-op.
 _ONLY_FOR = {"cut_ratio": "collafuse", "server_target": "collafuse", "server_steps": "collafuse",
-             "uploads_per_round": "collafuse", "server_buffer_size": "collafuse"}
+             "server_overlap": "collafuse",
+             "uploads_per_round": "collafuse", "server_buffer_size": "collafuse",
+             "client_model_size": "collafuse"}
 
 
 class ConfigError(ValueError):
@@ -157,6 +161,16 @@ def _coerce(key: str, value: Any, typ: Any) -> Any:
     return value
 
 
+def _server_steps(value: Any) -> int | str:
+    """server-steps: "auto" (clients x local-steps per round, the fair budget) or a fixed count >= 0."""
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return "auto"
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or float(value) != int(value) or value < 0:
+        raise ConfigError(f"server-steps must be \"auto\" (clients x local-steps per round, the fair budget) "
+                          f"or an integer >= 0 (a fixed budget, for the ablation), got {value!r}")
+    return int(value)
+
+
 def parse_config(run_config: dict[str, Any], *, defaults: dict[str, Any] | None = None) -> RunConfig:
     """Validate Flower's run_config (dash-separated keys) into a RunConfig."""
     base = load_defaults() if defaults is None else dict(defaults)
@@ -168,7 +182,8 @@ def parse_config(run_config: dict[str, Any], *, defaults: dict[str, Any] | None 
     missing = sorted(k.replace("_", "-") for k in _TYPES if k.replace("_", "-") not in merged)
     if missing:
         raise ConfigError(f"run-config lacks {missing}; they belong in [tool.flwr.app.config]")
-    values = {k: _coerce(k, merged[k.replace("_", "-")], t) for k, t in _TYPES.items()}
+    values = {k: _coerce(k, merged[k.replace("_", "-")], t) for k, t in _TYPES.items() if k != "server_steps"}
+    values["server_steps"] = _server_steps(merged["server-steps"])
     for k, choices in _CHOICES.items():
         if values[k] not in choices and not (k == "dataset" and values[k].startswith("hf:") and len(values[k]) > 3):
             raise ConfigError(f"{k.replace('_', '-')}={values[k]!r} is not one of {list(choices)}")
@@ -197,6 +212,7 @@ def parse_config(run_config: dict[str, Any], *, defaults: dict[str, Any] | None 
             raise ConfigError(f"{key.replace('_', '-')} must be an absolute path (Flower resolves "
                               f"relative paths against the SuperLink's start folder), got {values[key]!r}")
         values[key] = os.path.expanduser(values[key]) if values[key] else ""
+    _check_client_model_size(values)
     cfg = RunConfig(**values)
     if cfg.uses_cut:  # cut_step and split_step_budget raise here, at start, naming the fix
         from .diffusion import split_step_budget
@@ -208,10 +224,30 @@ def parse_config(run_config: dict[str, Any], *, defaults: dict[str, Any] | None 
     return cfg
 
 
+def _check_client_model_size(values: dict[str, Any]) -> None:
+    """client-model-size: "" (the server's preset), "half" (model-size at half the widths) or a
+    preset name, whose UNet must fit image-size; checked here so no node fails at round 1."""
+    name = values["client_model_size"]
+    if not name:
+        return
+    from .models import PRESETS, client_preset
+
+    if name != "half" and name not in PRESETS:
+        raise ConfigError(f"client-model-size={name!r} is not a preset: use '' (same as model-size), "
+                          f"'half' (model-size's UNet at half the channel widths) or one of {list(PRESETS)}")
+    preset = client_preset(values["model_size"], name)
+    step = 2 ** (len(PRESETS[preset].block_out_channels) - 1)
+    if values["image_size"] % step:
+        raise ConfigError(f"client-model-size={name!r} ({preset}) needs image-size to be a multiple of {step}, "
+                          f"got {values['image_size']}; pick a smaller preset or resize (image-size={step * 4})")
+
+
 def _warn_ignored(cfg: RunConfig, base: dict[str, Any]) -> None:
     for key, method in _ONLY_FOR.items():
         dash = key.replace("_", "-")
-        if cfg.method != method and dash in base and getattr(cfg, key) != _coerce(key, base[dash], _TYPES[key]):
+        default = _server_steps(base[dash]) if key == "server_steps" and dash in base else (
+            _coerce(key, base[dash], _TYPES[key]) if dash in base else None)
+        if cfg.method != method and dash in base and getattr(cfg, key) != default:
             warnings.warn(f"{dash}={getattr(cfg, key)} is ignored by method={cfg.method!r} "
                           f"(only {method} reads it)", stacklevel=3)
 

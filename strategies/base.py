@@ -136,7 +136,8 @@ class DiffusionStrategy(Strategy):
                 result.evaluate_metrics_serverapp[0] = res
         for rnd in range(start_round, num_rounds + 1):
             log(INFO, "[ROUND %d/%d]", rnd, num_rounds)
-            replies = grid.send_and_receive(self.configure_train(rnd, arrays, train_config, grid), timeout=timeout)
+            replies = self.exchange(grid, self.configure_train(rnd, arrays, train_config, grid), timeout,
+                                    during=lambda: self.while_nodes_train(rnd))
             new_arrays, train_metrics = self.aggregate_train(rnd, replies)
             if new_arrays is not None:
                 result.arrays = arrays = new_arrays
@@ -156,6 +157,34 @@ class DiffusionStrategy(Strategy):
         if result.arrays is None or not len(result.arrays):
             result.arrays = arrays
         return result
+
+    @staticmethod
+    def exchange(grid: Grid, messages: Iterable[Message], timeout: float | None,
+                 during: Callable[[], None] | None = None, interval: float = 0.05) -> list[Message]:
+        """`grid.send_and_receive`, with `during()` run after the messages are out and before the
+        replies are collected: server work that overlaps the nodes' work. The timeout counts from
+        the push, as in Flower's grid; replies that arrive while `during()` runs are kept."""
+        messages = list(messages)
+        if not messages:
+            if during is not None:
+                during()
+            return []
+        pending = set(grid.push_messages(messages))
+        deadline = None if timeout is None else time.time() + timeout
+        if during is not None:
+            during()
+        replies: list[Message] = []
+        while pending:
+            got = list(grid.pull_messages(pending))
+            replies.extend(got)
+            pending.difference_update(m.metadata.reply_to_message_id for m in got)
+            if not pending or (deadline is not None and time.time() >= deadline):
+                break
+            time.sleep(interval)
+        return replies
+
+    def while_nodes_train(self, server_round: int) -> None:
+        """Server work that may run while round `server_round`'s train messages are out (none here)."""
 
     # -- checkpoint state: everything a resumed run needs to continue exactly -------------------------
     #: plain attributes a checkpoint keeps as they are (each method lists its buffers and counters)

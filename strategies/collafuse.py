@@ -7,13 +7,16 @@ Round r:
    these against its own settings and refuses a request that would lower its privacy.
 2. aggregate_train: each upload is validated (shape, dtype, finite, within the range an x_{t_c}
    can take, within the node's budget) before it joins the server's bounded buffer; the server
-   denoiser (the strategy's global ArrayRecord) trains `server_steps` steps on t > t_c.
+   denoiser (the strategy's global ArrayRecord) owes `server_steps` steps on t > t_c ("auto":
+   local_steps per node whose upload was accepted, the same total as centralized training).
+   With `overlap` those steps run while the nodes train round r + 1 (see `while_nodes_train`);
+   before an evaluation, and in the last round, they run at once.
 3. configure_evaluate (every `eval_every` rounds and at the end): the server runs x_T -> x_{t_c}
    once per node and sends those x_{t_c}; the node finishes x_{t_c} -> x_0 privately.
 
 Use it in any ServerApp::
 
-    strategy = CollaFuse(server_model, diffusion_steps=1000, cut_ratio=0.2, server_steps=200)
+    strategy = CollaFuse(server_model, (1, 28, 28), diffusion_steps=1000, cut_ratio=0.2, local_steps=200)
     result = strategy.start(grid=grid, initial_arrays=ArrayRecord(server_model.state_dict()),
                             num_rounds=10)
 """
@@ -66,8 +69,23 @@ class CollaFuse(DiffusionStrategy):
         c (t_c = round(c T)) or t_c itself; exactly one of them.
     server_target : "exact" | "renoise"
         Exact sub-diffusion from x_{t_c}, or the authors' re-noising (ablation).
-    server_steps, batch_size, learning_rate
-        Server optimizer steps per round on the upload buffer, minibatch, Adam's learning rate.
+    server_steps : "auto" | int
+        Server optimizer steps per round on the upload buffer. "auto" (default) = `local_steps`
+        x the nodes whose upload was accepted this round: the server, the compute-rich party,
+        serves every node and gets the budget centralized training would have. An int is a
+        fixed budget whatever the number of nodes (the ablation; it starves the server as the
+        federation grows).
+    local_steps : int
+        Optimizer steps each node takes per round (its own setting; only read by "auto").
+    overlap : bool
+        Run the steps a round owes while the next round's train messages are out, so the server
+        trains while the nodes train instead of while they wait. Which uploads a step may use:
+        a step owed by round r runs during round r + 1 on the buffer as it was after round r
+        (every upload from rounds <= r, validated; never a round r + 1 upload, which has not
+        arrived). Steps owed before an evaluation round, and by the last round, run at once,
+        so the evaluated model has taken exactly the budget of every round.
+    batch_size, learning_rate
+        Server minibatch and Adam's learning rate.
     uploads_per_round : int
         x_{t_c} images each node uploads per round (its budget: more are refused).
     buffer_size : int | None
@@ -81,12 +99,13 @@ class CollaFuse(DiffusionStrategy):
     """
 
     method = "collafuse"
-    checkpoint_attrs = ("buffer", "last_upload", "skipped_steps")
+    checkpoint_attrs = ("buffer", "last_upload", "skipped_steps", "owed_steps")
 
     def __init__(self, server_model: nn.Module, image_shape: tuple[int, int, int], *,
                  diffusion_steps: int = 1000, beta_schedule: str = "cosine",
                  cut_ratio: float | None = None, cut_step: int | None = None, server_target: str = "exact",
-                 server_steps: int = 40, batch_size: int = 32, learning_rate: float = 2e-3,
+                 server_steps: int | str = "auto", local_steps: int = 40, overlap: bool = True,
+                 batch_size: int = 32, learning_rate: float = 2e-3,
                  uploads_per_round: int = 64, buffer_size: int | None = None,
                  harness_payload: HarnessPayload | None = None, seed: int = 0,
                  device: torch.device | str | None = None, count_flops: bool = False,
@@ -103,7 +122,15 @@ class CollaFuse(DiffusionStrategy):
         self.t_start = D.client_start_step(self.t_c / T, T, server_target)  # type: ignore[arg-type]
         self.server_target = server_target
         self.image_shape = tuple(image_shape)
-        self.server_steps, self.batch_size = server_steps, batch_size
+        if server_steps != "auto" and (isinstance(server_steps, bool) or not isinstance(server_steps, int)
+                                       or server_steps < 0):
+            raise ValueError(f'server_steps must be "auto" or an int >= 0, got {server_steps!r}')
+        if local_steps < 0:
+            raise ValueError(f"local_steps must be >= 0, got {local_steps}")
+        self.server_steps, self.local_steps, self.overlap = server_steps, local_steps, overlap
+        self.batch_size = batch_size
+        self.owed_steps = 0  # server steps earned by finished rounds and not yet taken (overlap)
+        self._overlap_metrics: dict[str, float] = {}
         self.uploads_per_round = uploads_per_round
         self.buffer_size = buffer_size
         self.harness_payload = harness_payload
@@ -129,7 +156,8 @@ class CollaFuse(DiffusionStrategy):
                         **kwargs: Any) -> CollaFuse:
         """This project's validated run-config -> constructor arguments (`kwargs` win)."""
         args = dict(diffusion_steps=cfg.diffusion_steps, beta_schedule=cfg.beta_schedule, cut_ratio=cfg.cut_ratio,
-                    server_target=cfg.server_target, server_steps=cfg.server_steps, batch_size=cfg.batch_size,
+                    server_target=cfg.server_target, server_steps=cfg.server_steps, local_steps=cfg.local_steps,
+                    overlap=cfg.server_overlap, batch_size=cfg.batch_size,
                     learning_rate=cfg.learning_rate, uploads_per_round=cfg.uploads_per_round,
                     buffer_size=cfg.server_buffer_size or None, seed=cfg.seed, count_flops=cfg.count_flops,
                     flops_every_pass=cfg.flops_every_pass, **common_args(cfg))
@@ -177,9 +205,45 @@ class CollaFuse(DiffusionStrategy):
                     f"{self.upload_bound:.3g}")
         return ""
 
+    def steps_for(self, contributors: int) -> int:
+        """The server steps one round earns: fixed, or local_steps x the nodes it served."""
+        return self.server_steps if isinstance(self.server_steps, int) else self.local_steps * contributors
+
+    def while_nodes_train(self, server_round: int) -> None:
+        """Take the steps earlier rounds earned while this round's nodes train (overlap)."""
+        if self.owed_steps:
+            self._overlap_metrics = self._train_server(self.owed_steps, server_round)
+            self._overlap_metrics["server-train-overlapped-seconds"] = self._overlap_metrics.pop("server-train-seconds")
+            self.owed_steps = 0
+
+    def _train_server(self, steps: int, server_round: int) -> dict[str, float]:
+        """`steps` guarded Adam steps on the whole (validated) buffer; what they cost."""
+        out: dict[str, float] = {"server-steps": 0}
+        if not (self.server_share and self.buffer and steps > 0):
+            return out
+        t0 = time.perf_counter()
+        data, labels = self.buffer_tensors()
+        stats: dict[str, int] = {}
+        loss = train_steps(self.model, self.optimizer,
+                           server_share_loss(self.model, self.sched, self.t_c, self.server_target, self.gen),  # type: ignore[arg-type]
+                           data, steps, self.batch_size, self.gen, self.device,
+                           self.meter, "server-train", labels=labels, guard=True, stats=stats)
+        skipped = stats.get("skipped", 0)
+        self.skipped_steps += skipped
+        out.update({"server-steps": steps, "server-train-seconds": time.perf_counter() - t0})
+        if not math.isnan(loss):
+            out["server-train-loss"] = loss
+        if skipped:
+            out["server-steps-skipped"] = skipped
+            log(WARNING, "round %d: %d server step(s) skipped (non-finite loss or gradients); the model and "
+                "optimizer were left as they were", server_round, skipped)
+        if self.meter is not None:
+            out["server-train-flops"] = float(self.meter.totals.pop("server-train", 0))
+        return out
+
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord, MetricRecord]:
         ok = self._accept(server_round, replies, "train")
-        n_new = 0
+        n_new, contributors = 0, 0
         for m in ok:
             if self.keys.upload in m.content.array_records:
                 x = m.content[self.keys.upload][self.keys.x_tc].numpy()
@@ -187,30 +251,27 @@ class CollaFuse(DiffusionStrategy):
                 self.buffer.setdefault(client, []).append(torch.from_numpy(x.copy()))
                 self.last_upload[client] = x
                 n_new += x.shape[0]
+                contributors += x.shape[0] > 0
         self._trim_buffer()
-        loss = float("nan")
-        t0 = time.perf_counter()
-        skipped_before = self.skipped_steps
-        if self.server_share and self.buffer and self.server_steps > 0:
-            data, labels = self.buffer_tensors()
-            stats: dict[str, int] = {}
-            loss = train_steps(self.model, self.optimizer,
-                               server_share_loss(self.model, self.sched, self.t_c, self.server_target, self.gen),  # type: ignore[arg-type]
-                               data, self.server_steps, self.batch_size, self.gen, self.device,
-                               self.meter, "server-train", labels=labels, guard=True, stats=stats)
-            self.skipped_steps += stats.get("skipped", 0)
+        self.owed_steps += self.steps_for(contributors) if self.server_share else 0
         metrics = self.mean_metrics(ok)
-        if not math.isnan(loss):
-            metrics["server-train-loss"] = loss
-        metrics["server-train-seconds"] = time.perf_counter() - t0
+        ran = self._overlap_metrics
+        self._overlap_metrics = {}
+        last = self.num_rounds is not None and server_round >= self.num_rounds
+        if not self.overlap or last or self.is_eval_round(server_round):
+            now = self._train_server(self.owed_steps, server_round)
+            self.owed_steps = 0
+            if ran:  # steps taken in both places this round: one record of each, summed where additive
+                for k in ("server-steps", "server-train-flops", "server-steps-skipped"):
+                    if k in ran or k in now:
+                        now[k] = ran.get(k, 0) + now.get(k, 0)
+                ran = {k: v for k, v in ran.items() if k not in now}
+            ran = {**ran, **now}
+        for k, v in ran.items():
+            metrics[k] = v
+        metrics["server-steps-owed"] = self.owed_steps
         metrics["uploads-received"] = n_new
         metrics["server-buffer-size"] = sum(t.shape[0] for ts in self.buffer.values() for t in ts)
-        if self.skipped_steps > skipped_before:
-            metrics["server-steps-skipped"] = self.skipped_steps - skipped_before
-            log(WARNING, "round %d: %d server step(s) skipped (non-finite loss or gradients); the model and "
-                "optimizer were left as they were", server_round, self.skipped_steps - skipped_before)
-        if self.meter is not None:
-            metrics["server-train-flops"] = float(self.meter.totals.pop("server-train", 0))
         self.recorder.record(server_round, **dict(metrics))
         self._progress(server_round, "train", **{k: float(v) for k, v in metrics.items()
                                                  if k in ("train-loss", "server-train-loss", "uploads-received")})

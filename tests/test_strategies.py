@@ -64,6 +64,8 @@ def _identity():
 
 
 def _collafuse(rc, clients=3, **kw):
+    """A CollaFuse on the tiny config; it trains within aggregate_train (overlap has its own tests)."""
+    kw.setdefault("overlap", False)
     cfg = parse_config(rc)
     model = shared_denoiser(cfg.image_size, 1, cfg.model_size, "client", clients)
     s = CollaFuse.from_run_config(cfg, model, (1, 8, 8), **kw)
