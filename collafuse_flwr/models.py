@@ -1,8 +1,15 @@
 """Denoiser factory: a small diffusers `UNet2DModel` sized by image size, channels and a preset.
 
-Client and server hold the same architecture (as in the CollaFuse papers); the split is by
-timestep, not by layers. Presets are sized for CPU: `tiny` for tests, `small` for the default
-digits run, `base` for 28-64 px on a GPU.
+By default client and server hold the same architecture (as in the CollaFuse papers); the
+split is by timestep, not by layers. Presets are sized for CPU: `tiny` for tests, `small` for
+the default digits run, `base` for 28-64 px on a GPU.
+
+Each preset also has a `<name>-half` twin with every channel width halved (same depth, same
+attention levels): a convolution's cost grows with in x out channels, so half the widths costs
+about a quarter of the FLOPs and parameters. That is what `client-model-size = "half"` gives a
+CollaFuse client: its private denoiser only learns the short, low-noise end of the chain
+(t <= t_c), which needs less capacity than the server's high-noise share, and a weak device
+then runs ~c/4 of FedAvg's inference FLOPs per image instead of c (benchmarks/client_compute.py).
 """
 
 from __future__ import annotations
@@ -22,11 +29,35 @@ class UNetPreset:
     norm_num_groups: int
 
 
-PRESETS: dict[str, UNetPreset] = {
+BASE_PRESETS: dict[str, UNetPreset] = {
     "tiny": UNetPreset((16, 32), 1, (False, False), 8),
     "small": UNetPreset((32, 64), 1, (False, True), 8),
     "base": UNetPreset((64, 128, 128), 2, (False, True, True), 32),
 }
+
+
+def half_width(p: UNetPreset) -> UNetPreset:
+    """The same UNet with every channel width halved (GroupNorm groups kept where they divide)."""
+    widths = tuple(max(1, w // 2) for w in p.block_out_channels)
+    groups = p.norm_num_groups
+    while groups > 1 and any(w % groups for w in widths):
+        groups //= 2
+    return UNetPreset(widths, p.layers_per_block, p.attention, groups)
+
+
+PRESETS: dict[str, UNetPreset] = {**BASE_PRESETS, **{f"{k}-half": half_width(v) for k, v in BASE_PRESETS.items()}}
+
+
+def client_preset(model_size: str, client_model_size: str = "") -> str:
+    """The preset name of a CollaFuse client's private denoiser.
+
+    "" = the server's `model_size`; "half" = `<model_size>-half`; else a preset name as is.
+    """
+    if not client_model_size:
+        return model_size
+    if client_model_size == "half":
+        return f"{model_size}-half"
+    return client_model_size
 
 
 class Denoiser(nn.Module):
