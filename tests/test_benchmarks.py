@@ -162,11 +162,14 @@ def test_plan_is_seed_major_and_guards_its_own_keys():
 
 
 def test_presets_are_valid_and_sized():
-    assert [c.tag for c in [collafuse(c) for c in PRESETS["cpu"].cut_ratios]][-1] == "collafuse-c1"
-    assert PRESETS["cpu"].run_config["num-server-rounds"] == 5
-    assert PRESETS["cpu"].estimate(5, 5) * 10 <= 30 * 60  # the default sweep's budget
+    cpu = PRESETS["cpu"]
+    assert 0.2 in cpu.cut_ratios and set(cpu.baselines) == {"fedavg", "local", "centralized"}
+    assert cpu.run_config["num-server-rounds"] == 5 and len(cpu.seeds) == 3
+    runs = (len(cpu.cut_ratios) + len(cpu.baselines)) * len(cpu.seeds)
+    assert cpu.estimate(5, 5) * runs <= 65 * 60  # the default sweep's budget, 3 seeds
     assert PRESETS["quick"].estimate(2, 5) * 4 <= 5 * 60
-    for name in ("cpu", "quick"):
+    assert PRESETS["mnist5k"].run_config["dataset"] == "mnist5k"
+    for name in ("cpu", "quick", "mnist5k"):
         for spec in plan([collafuse(0.2), baseline("fedavg")], [0], app_keys(PRESETS[name].run_config), 5):
             from benchmarks.common import validate_overrides
 
