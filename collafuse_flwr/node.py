@@ -33,6 +33,7 @@ from flwr.app.error import Error
 from torch import Tensor, nn
 
 from . import diffusion as D
+from .dp import DPPlan, UploadLedger, dp_upload
 from .metrics.flops import FlopMeter
 from .training import client_share_loss, train_steps
 
@@ -128,15 +129,38 @@ def train_share(model: nn.Module, optimizer: torch.optim.Optimizer, images: Tens
 
 
 def make_upload(images: Tensor, sched: D.Schedule, cut_step: int, n: int,
-                generator: torch.Generator) -> tuple[np.ndarray, Tensor]:
+                generator: torch.Generator, *, ledger: UploadLedger | None = None,
+                plan: DPPlan | None = None) -> tuple[np.ndarray, Tensor]:
     """Pick n training images and diffuse them to x_{t_c} with fresh secret noise.
 
     Returns (indices, x_tc). Only x_tc leaves the node: never x0, never the noise.
+
+    ledger: pick only images uploaded fewer than its cap K times (uniformly among them) and count
+    them; fewer than n come back once few are left, never more than K per image over the run.
+    plan (needs a ledger whose cap is <= plan.max_uploads_per_image, and plan.t_cut == cut_step):
+    per-image DP uploads (`dp.dp_upload`): clipped, at the plan's step t_upload >= cut_step, so
+    the tensor returned is x_{t_upload}. Without either, the old behaviour (same draws).
     """
+    if plan is not None:
+        if ledger is None or ledger.max_uploads_per_image > plan.max_uploads_per_image:
+            raise ValueError("a DP plan needs an UploadLedger whose cap is at most the plan's "
+                             f"max_uploads_per_image={plan.max_uploads_per_image}: the guarantee "
+                             "counts on it")
+        if plan.t_cut != cut_step:
+            raise ValueError(f"the DP plan is for cut step {plan.t_cut}, not {cut_step}")
     if n <= 0 or cut_step >= sched.T:
         return np.zeros(0, dtype=np.int64), torch.zeros((0, *images.shape[1:]))
-    idx = torch.randperm(images.shape[0], generator=generator)[:n]
+    if ledger is not None:
+        if ledger.num_images != images.shape[0]:
+            raise ValueError(f"the ledger counts {ledger.num_images} images, the node has {images.shape[0]}")
+        idx = torch.from_numpy(ledger.choose(n, generator))
+    else:
+        idx = torch.randperm(images.shape[0], generator=generator)[:n]
+    if idx.numel() == 0:
+        return np.zeros(0, dtype=np.int64), torch.zeros((0, *images.shape[1:]))
     x0 = images[idx]
+    if plan is not None:
+        return idx.numpy(), dp_upload(x0, sched, plan, generator)
     x_tc = D.upload(sched, x0, cut_step, torch.randn(x0.shape, generator=generator))
     return idx.numpy(), x_tc.float()
 
