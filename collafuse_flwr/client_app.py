@@ -42,7 +42,7 @@ from . import node as N
 from .client_data import ClientData, node_data
 from .config import ConfigError, RunConfig, parse_config
 from .metrics.flops import FlopMeter
-from .models import build_denoiser, default_device, shared_denoiser, use_torch_threads
+from .models import build_denoiser, client_preset, count_parameters, default_device, shared_denoiser, use_torch_threads
 from .state import persist, recover, remember_upload, restore_private, save_private
 
 app = ClientApp()
@@ -73,7 +73,10 @@ class NodeSettings:
 def node_settings(cfg: RunConfig, node_config: dict) -> NodeSettings:
     from .splits import cache_dir
 
-    c = float(node_config.get("cut-ratio", cfg.cut_ratio))
+    # the data owner's c: node_config cut-ratio (a deployment), else this client's entry of
+    # client-cut-ratios (a simulation's per-client choice), else the run's cut-ratio
+    c = float(node_config["cut-ratio"]) if "cut-ratio" in node_config else \
+        cfg.cut_ratio_for(int(node_config.get("partition-id", -1)))
     cut = D.cut_step(c, cfg.diffusion_steps) if cfg.method == "collafuse" else cfg.diffusion_steps
     budget = int(node_config.get("uploads-per-round", cfg.uploads_per_round))
     share = node_config.get("share-harness", None)
@@ -129,13 +132,25 @@ def _global_model(cfg: RunConfig, data: ClientData, msg: Message, device: torch.
     return model.to(device).condition(client)
 
 
+def private_model_size(cfg: RunConfig) -> str:
+    """The preset of this node's private denoiser: `client-model-size` for CollaFuse (its short,
+    low-noise share needs less capacity than the server's), else `model-size`."""
+    return client_preset(cfg.model_size, cfg.client_model_size) if cfg.method == "collafuse" else cfg.model_size
+
+
+@lru_cache(maxsize=8)
+def private_param_count(cfg: RunConfig, channels: int) -> int:
+    """Parameters of the private denoiser (what the node's device must hold), without data."""
+    return count_parameters(build_denoiser(cfg.image_size, channels, private_model_size(cfg)))
+
+
 def init_private_denoiser(cfg: RunConfig, client: int, channels: int, device: torch.device):
     """A client's denoiser before its first round, seeded by (seed, client) alone: the actor's
     global RNG is shared between nodes, and benchmarks/overhead.py must draw the same init.
     (Initial weights touch no data, so they need no secret.)"""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed * 1_000_003 + client)
-        return build_denoiser(cfg.image_size, channels, cfg.model_size).to(device)
+        return build_denoiser(cfg.image_size, channels, private_model_size(cfg)).to(device)
 
 
 def _private_model(cfg: RunConfig, data: ClientData, context: Context, settings: NodeSettings,
@@ -163,7 +178,9 @@ def hello(msg: Message, context: Context) -> Message:
     cfg, data, _, _, settings = _setup(context)
     return _reply(msg, {"partition-id": data.partition_id, "num-examples": int(data.train.shape[0]),
                         "cut-step": settings.cut_step if cfg.method == "collafuse" else -1,
-                        "upload-budget": settings.upload_budget, "share-harness": int(settings.share_harness)})
+                        "upload-budget": settings.upload_budget, "share-harness": int(settings.share_harness),
+                        "client-params": private_param_count(cfg, data.image_shape[0])
+                        if cfg.method in ("collafuse", "local") else 0})
 
 
 @app.train()
@@ -255,6 +272,10 @@ def evaluate(msg: Message, context: Context) -> Message:
             gen_uint8 = N.finish(model, sched, x, t_start, num_steps, gen, device, meter)
         seconds = time.perf_counter() - t0
         metrics: dict[str, float | int] = {"num-examples": int(gen_uint8.shape[0]), "infer-seconds": seconds}
+        if cfg.method != "centralized":  # the model this node ran (private, or FedAvg's global)
+            metrics["client-params"] = count_parameters(model)
+        if cfg.method == "collafuse":  # the node's own cut (it may differ from the server's default)
+            metrics["cut-step"] = settings.cut_step
         if meter is not None:
             metrics["client-infer-flops-per-image"] = float(meter.totals.get("infer", 0.0)) / max(1, gen_uint8.shape[0])
         records: dict = {}

@@ -51,6 +51,7 @@ class RunConfig:
     client_model_size: str  # "" = model_size; "half"; or a preset (models.client_preset)
     conditioning: str
     local_steps: int
+    client_cut_ratios: str  # "" or "c0,c1,...": each client's own cut ratio (collafuse)
     server_steps: int | str  # "auto" or a fixed count
     server_overlap: bool
     batch_size: int
@@ -80,6 +81,21 @@ class RunConfig:
         from .diffusion import cut_step
 
         return cut_step(self.cut_ratio, self.diffusion_steps)
+
+    @property
+    def cut_ratios(self) -> tuple[float, ...]:
+        """client-cut-ratios as numbers (empty: every client runs at cut-ratio)."""
+        return tuple(float(c) for c in self.client_cut_ratios.split(",")) if self.client_cut_ratios.strip() else ()
+
+    def cut_ratio_for(self, client: int) -> float:
+        """Client k's cut ratio: its entry of client-cut-ratios, else cut-ratio."""
+        ratios = self.cut_ratios
+        if not ratios or client < 0:
+            return self.cut_ratio
+        if client >= len(ratios):
+            raise ConfigError(f"client-cut-ratios has {len(ratios)} entries but client {client} needs one: give "
+                              f"one cut ratio per client (as many as num-supernodes)")
+        return ratios[client]
 
     @property
     def image_channels(self) -> int:
@@ -122,6 +138,7 @@ _MIN: dict[str, float] = {
 # Keys that only one method reads: setting them away from the default elsewhere is a mistake
 # worth a warning, never a silent no-op.
 _ONLY_FOR = {"cut_ratio": "collafuse", "server_target": "collafuse", "server_steps": "collafuse",
+             "client_cut_ratios": "collafuse",
              "server_overlap": "collafuse",
              "uploads_per_round": "collafuse", "server_buffer_size": "collafuse",
              "client_model_size": "collafuse"}
@@ -193,6 +210,19 @@ def parse_config(run_config: dict[str, Any], *, defaults: dict[str, Any] | None 
     if not 0.0 <= values["cut_ratio"] <= 1.0:
         raise ConfigError(f"cut-ratio must be in [0, 1] (0 = server-only, 1 = local-only), "
                           f"got {values['cut_ratio']}")
+    if values["client_cut_ratios"].strip():
+        try:
+            ratios = [float(c) for c in values["client_cut_ratios"].split(",")]
+        except ValueError:
+            raise ConfigError(f"client-cut-ratios must be comma-separated numbers in [0, 1], one per client "
+                              f"(e.g. \"0.2,0.2,0.4,0.6,0.8\"), got {values['client_cut_ratios']!r}") from None
+        bad = [c for c in ratios if not 0.0 <= c <= 1.0]
+        if bad:
+            raise ConfigError(f"client-cut-ratios entries must be in [0, 1], got {bad}")
+        from .diffusion import cut_step
+
+        for c in ratios:
+            cut_step(c, values["diffusion_steps"])  # a c that rounds to t_c = 0 while c > 0 fails here
     if not 0.0 < values["test_fraction"] < 1.0:
         raise ConfigError(f"test-fraction must be in (0, 1), got {values['test_fraction']}")
     if not 0.0 < values["min_available_fraction"] <= 1.0:

@@ -239,17 +239,26 @@ def server_loss(
     eps_model: EpsModel,
     sched: Schedule,
     x_tc: Tensor,
-    t_c: int,
+    t_c: int | Tensor,
     target: ServerTarget = "exact",
     generator: torch.Generator | None = None,
 ) -> Tensor:
     """Epsilon loss on the server's steps t ~ U{t_c+1..T}, from uploads x_{t_c} alone.
 
-    The target is the fresh noise eps' of `sub_diffuse`, never the client's noise.
+    The target is the fresh noise eps' of `sub_diffuse`, never the client's noise. t_c may be a
+    per-row tensor (nodes that chose their own cuts): row i then draws t ~ U{t_c[i]+1..T} and is
+    noised from its own anchor.
     """
-    t = sample_timesteps(x_tc.shape[0], t_c + 1, sched.T, generator).to(x_tc.device)
+    if isinstance(t_c, Tensor):
+        t_c = t_c.long().cpu()
+        if bool((t_c >= sched.T).any()) or bool((t_c < 0).any()):
+            raise ValueError(f"per-row cut steps must be in 0..{sched.T - 1}")
+        u = torch.rand(x_tc.shape[0], generator=generator)
+        t = (t_c + 1 + (u * (sched.T - t_c)).long().clamp(max=sched.T - 1 - t_c)).to(x_tc.device)
+    else:
+        t = sample_timesteps(x_tc.shape[0], t_c + 1, sched.T, generator).to(x_tc.device)
     noise = torch.randn(x_tc.shape, generator=generator).to(x_tc)
-    x_t = sub_diffuse(sched, x_tc, t_c, t, noise, target)
+    x_t = sub_diffuse(sched, x_tc, t_c, t, noise, target)  # type: ignore[arg-type]  # a per-row anchor broadcasts
     return torch.nn.functional.mse_loss(eps_model(x_t, t), noise)
 
 

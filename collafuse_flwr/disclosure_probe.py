@@ -36,7 +36,7 @@ class DisclosureProbe:
     def __call__(self, strategy, client: int, uploads: np.ndarray) -> ArrayRecord:
         from .metrics.disclosure import reconstruct
 
-        t_c, T = strategy.t_c, strategy.sched.T
+        t_c, T = strategy.cut_for(client), strategy.sched.T  # the cut this client's uploads were made at
         if not self._trained and 0 < t_c < T:
             from .attack import train_reference_denoiser
 

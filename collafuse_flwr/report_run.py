@@ -101,6 +101,11 @@ def finalize(cfg: RunConfig, strategy, result, out: Path, run_id: int, num_nodes
         "client_train_flops_per_round": totals["client-train-flops"] / n_rounds,
         "client_train_flops_per_client_round": totals["client-train-flops"] / n_rounds / max(1, num_nodes),
         "client_infer_flops_per_image": _mean(m.get("client-infer-flops-per-image") for m in per_client.values()),
+        "client_infer_flops_per_image_per_client": _per_client(per_client, "client-infer-flops-per-image"),
+        "client_parameters_per_client": _per_client(per_client, "client-params"),
+        "client_train_flops_per_client": {str(c): v.get("client-train-flops", 0.0)
+                                          for c, v in sorted(rec.train_totals.items())},
+        "uploads_per_client": {str(c): int(v.get("num-uploaded", 0)) for c, v in sorted(rec.train_totals.items())},
         "server_train_flops": totals["server-train-flops"],
         "server_infer_flops_per_image": _mean([r.values.get("server-infer-flops-per-image")
                                                for r in rounds.values()]),
@@ -130,6 +135,11 @@ def finalize(cfg: RunConfig, strategy, result, out: Path, run_id: int, num_nodes
         "method": cfg.method,
         "cut_ratio": cfg.cut_ratio if cfg.method == "collafuse" else None,
         "cut_step": cfg.cut_step if cfg.method == "collafuse" else None,
+        # each node's own cut (client-cut-ratios / node_config cut-ratio), as the server ran it
+        "cut_step_per_client": ({str(c): t for c, t in sorted(strategy.client_cut.items())}
+                                if cfg.method == "collafuse" else None),
+        "cut_ratio_per_client": ({str(c): t / cfg.diffusion_steps for c, t in sorted(strategy.client_cut.items())}
+                                 if cfg.method == "collafuse" else None),
         "server_target": cfg.server_target if cfg.method == "collafuse" else None,
         "dataset": cfg.dataset,
         "num_clients": num_nodes,
@@ -137,6 +147,7 @@ def finalize(cfg: RunConfig, strategy, result, out: Path, run_id: int, num_nodes
         "seed": cfg.seed,
         "diffusion_steps": cfg.diffusion_steps,
         "denoiser_parameters": params,
+        "client_model_size": _client_model_size(cfg),
         "wall_seconds": None,  # set last, once everything else is done
         "run_id": run_id,
         "config": cfg.to_flwr(),
@@ -150,6 +161,15 @@ def finalize(cfg: RunConfig, strategy, result, out: Path, run_id: int, num_nodes
     log(INFO, "\n%s", summary_table(_summary_rows(results)))
     log(INFO, "outputs: %s", out)
     return results
+
+
+def _client_model_size(cfg: RunConfig) -> str | None:
+    """The preset each client ran: its private denoiser's (collafuse, local), FedAvg's global."""
+    from .models import client_preset
+
+    if cfg.method == "centralized":
+        return None
+    return client_preset(cfg.model_size, cfg.client_model_size) if cfg.method == "collafuse" else cfg.model_size
 
 
 def _disclosure(cfg: RunConfig, per_client: dict[int, dict[str, float]], image_dim: int) -> dict[str, Any]:
@@ -192,6 +212,8 @@ def _summary_rows(r: dict[str, Any]) -> list[tuple[str, Any]]:
         ("KID mean per client", f["kid"]),
         ("client train FLOPs (total)", f["client_train_flops"]),
         ("client infer FLOPs / image", f["client_infer_flops_per_image"]),
+        (f"client model ({r.get('client_model_size')}) parameters",
+         _mean(f.get("client_parameters_per_client", {}).values())),
         ("server train FLOPs (total)", f["server_train_flops"]),
         ("bytes up / round", f["bytes_up_per_round"]),
         ("bytes down / round", f["bytes_down_per_round"]),

@@ -55,8 +55,11 @@ def harness_data_readable(cfg: RunConfig) -> bool:
 
 
 def build_strategy(cfg: RunConfig, num_clients: int, device: torch.device, on_round_end=None,
-                   harness: bool = True):
-    """The method's strategy and its initial global ArrayRecord."""
+                   harness: bool = True, simulation: bool = False):
+    """The method's strategy and its initial global ArrayRecord.
+
+    simulation: the nodes train on this machine's cores, so CollaFuse's overlapped server steps
+    run on one thread (unless torch-threads says otherwise) beside the one-thread clients."""
     from strategies import Centralized, CollaFuse, FedAvgDiffusion, LocalOnly
 
     shape = (cfg.image_channels, cfg.image_size, cfg.image_size)
@@ -72,8 +75,10 @@ def build_strategy(cfg: RunConfig, num_clients: int, device: torch.device, on_ro
             from .disclosure_probe import DisclosureProbe
 
             probe = DisclosureProbe(cfg, num_clients, device)
+        shared_cores = simulation and device.type == "cpu" and cfg.torch_threads == 0
         return CollaFuse.from_run_config(cfg, model, shape, device=device, harness_payload=probe,
-                                         capacity=num_clients, **common), arrays
+                                         capacity=num_clients, overlap_threads=1 if shared_cores else None,
+                                         **common), arrays
     if cfg.method == "fedavg":
         return FedAvgDiffusion.from_run_config(cfg, capacity=num_clients, **common), arrays
     return Centralized.from_run_config(cfg, model, shape, device=device, capacity=num_clients, **common), arrays
@@ -164,7 +169,7 @@ def main(grid: Grid, context: Context) -> None:
 
         if ckpt:  # the same client slots as before, whoever is connected now
             num_nodes = ckpt["strategy"]["registry"][0] or num_nodes
-        strategy, arrays = build_strategy(cfg, num_nodes, device, on_round_end, harness)
+        strategy, arrays = build_strategy(cfg, num_nodes, device, on_round_end, harness, simulation)
         strategy.run_key = run_key
         params = 0 if not len(arrays) else sum(a.numpy().size for a in arrays.values())
         log(INFO, "%d client nodes; denoiser parameters: %d; research harness %s", num_nodes, params,

@@ -48,10 +48,13 @@ def train_steps(
     labels: Tensor | None = None,
     guard: bool = False,
     stats: dict[str, int] | None = None,
+    row_args: Tensor | None = None,
 ) -> float:
     """Run `steps` Adam steps of loss_fn(batch) on `data` (already in model range); mean loss.
 
     labels: per-row class labels bound to a conditional `Denoiser` for each minibatch.
+    row_args: a per-row value the loss needs besides the images (each row's cut step when nodes
+    chose different cuts): loss_fn(batch, row_args[minibatch]) is called then.
     guard: skip a step whose loss or gradients are not finite, leaving the model and the
     optimizer's moments as they were (a shared model must not be destroyed by one bad batch);
     `stats["skipped"]` counts them. The mean is over the steps taken (NaN when none were).
@@ -67,7 +70,7 @@ def train_steps(
         ctx = (flops.count(flops_key, shape=(tuple(batch.shape), str(device))) if flops is not None
                else contextlib.nullcontext())
         with ctx:
-            loss = loss_fn(batch)
+            loss = loss_fn(batch) if row_args is None else loss_fn(batch, row_args[idx])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
         if guard and not _finite_step(model, loss):

@@ -232,6 +232,9 @@ class DiffusionStrategy(Strategy):
         """Method-specific admission check on a node's hello reply: '' to admit, else why not."""
         return ""
 
+    def on_admit(self, node_id: int, client: int, info: dict[str, Any]) -> None:
+        """Called once a node is admitted as `client` (methods keep what its hello declared)."""
+
     def _contact_new_nodes(self, grid: Grid) -> None:
         """Send the `hello` query to connected nodes the server has not seen, admit or refuse them."""
         new = [n for n in grid.get_node_ids() if not self.registry.known(n)]
@@ -266,6 +269,7 @@ class DiffusionStrategy(Strategy):
                 self.registry.refused[nid] = reason or why
                 log(WARNING, "node %d refused: %s", nid, reason or why)
             else:
+                self.on_admit(nid, idx, info)
                 log(INFO, "node %d admitted as client %d", nid, idx)
 
     def _participants(self, grid: Grid) -> list[int]:
@@ -332,6 +336,8 @@ class DiffusionStrategy(Strategy):
                     client, nid, reason)
                 self.recorder.reject(server_round, reason.split(":")[0])
                 continue
+            if phase == "train":
+                self.recorder.train_reply(client, dict(m.content[self.keys.metrics]))
             ok.append(m)
         silent = [n for n in addressed if n not in answered]
         if silent:

@@ -67,6 +67,12 @@ class CollaFuse(DiffusionStrategy):
         T and the noise schedule, the same on every node.
     cut_ratio / cut_step
         c (t_c = round(c T)) or t_c itself; exactly one of them.
+    node_cuts : bool
+        Let each data owner choose its own cut: a node runs at the cut step its first-contact
+        reply declares (node_config `cut-ratio`, or its entry of run-config `client-cut-ratios`),
+        and the server trains its shared model on t > t_c,k for that node's uploads and hands
+        it x_{t_c,k} at inference. False (the paper): every node must run at `cut_ratio`, and a
+        node that declares another cut is not admitted. Nodes that declare none use `cut_ratio`.
     server_target : "exact" | "renoise"
         Exact sub-diffusion from x_{t_c}, or the authors' re-noising (ablation).
     server_steps : "auto" | int
@@ -84,6 +90,11 @@ class CollaFuse(DiffusionStrategy):
         (every upload from rounds <= r, validated; never a round r + 1 upload, which has not
         arrived). Steps owed before an evaluation round, and by the last round, run at once,
         so the evaluated model has taken exactly the budget of every round.
+    overlap_threads : int | None
+        torch CPU threads for the overlapped steps (None: unchanged). Where the nodes train on
+        the server's own cores (a simulation), give the server what they leave free: two
+        multi-thread teams on the same cores spin against each other (measured on a 2-core VM:
+        0.69 s per step each instead of 0.07-0.09 s; one thread each, no slowdown).
     batch_size, learning_rate
         Server minibatch and Adam's learning rate.
     uploads_per_round : int
@@ -99,12 +110,14 @@ class CollaFuse(DiffusionStrategy):
     """
 
     method = "collafuse"
-    checkpoint_attrs = ("buffer", "last_upload", "skipped_steps", "owed_steps")
+    checkpoint_attrs = ("buffer", "last_upload", "skipped_steps", "owed_steps", "client_cut")
 
     def __init__(self, server_model: nn.Module, image_shape: tuple[int, int, int], *,
                  diffusion_steps: int = 1000, beta_schedule: str = "cosine",
-                 cut_ratio: float | None = None, cut_step: int | None = None, server_target: str = "exact",
+                 cut_ratio: float | None = None, cut_step: int | None = None, node_cuts: bool = False,
+                 server_target: str = "exact",
                  server_steps: int | str = "auto", local_steps: int = 40, overlap: bool = True,
+                 overlap_threads: int | None = None,
                  batch_size: int = 32, learning_rate: float = 2e-3,
                  uploads_per_round: int = 64, buffer_size: int | None = None,
                  harness_payload: HarnessPayload | None = None, seed: int = 0,
@@ -128,6 +141,7 @@ class CollaFuse(DiffusionStrategy):
         if local_steps < 0:
             raise ValueError(f"local_steps must be >= 0, got {local_steps}")
         self.server_steps, self.local_steps, self.overlap = server_steps, local_steps, overlap
+        self.overlap_threads = overlap_threads
         self.batch_size = batch_size
         self.owed_steps = 0  # server steps earned by finished rounds and not yet taken (overlap)
         self._overlap_metrics: dict[str, float] = {}
@@ -141,14 +155,14 @@ class CollaFuse(DiffusionStrategy):
         self.gen = torch.Generator().manual_seed(seed + 7919)
         self.buffer: dict[int, list[torch.Tensor]] = {}  # client -> its uploads, oldest first
         self.last_upload: dict[int, np.ndarray] = {}  # client -> its last upload (harness only)
-        self.server_share = self.t_c < T
-        self.upload_bound = D.anchor_bound(self.sched, self.t_c, UPLOAD_Z)
+        self.node_cuts = node_cuts
+        self.client_cut: dict[int, int] = {}  # client -> the cut step its node declared (node_cuts)
         self.skipped_steps = 0
         self._served = 0  # images whose server half ran since the last evaluation
-        if self.t_c == 0:
+        if self.t_c == 0 and not node_cuts:
             log(WARNING, "cut-ratio=0: clients upload their RAW training images (x_0) - this is the "
                 "server-only extreme and discloses the data completely")
-        if self.t_c == T:
+        if self.t_c == T and not node_cuts:
             log(WARNING, "cut-ratio=1: clients train alone and upload nothing (local-only extreme)")
 
     @classmethod
@@ -156,6 +170,7 @@ class CollaFuse(DiffusionStrategy):
                         **kwargs: Any) -> CollaFuse:
         """This project's validated run-config -> constructor arguments (`kwargs` win)."""
         args = dict(diffusion_steps=cfg.diffusion_steps, beta_schedule=cfg.beta_schedule, cut_ratio=cfg.cut_ratio,
+                    node_cuts=bool(cfg.client_cut_ratios),
                     server_target=cfg.server_target, server_steps=cfg.server_steps, local_steps=cfg.local_steps,
                     overlap=cfg.server_overlap, batch_size=cfg.batch_size,
                     learning_rate=cfg.learning_rate, uploads_per_round=cfg.uploads_per_round,
@@ -163,25 +178,57 @@ class CollaFuse(DiffusionStrategy):
                     flops_every_pass=cfg.flops_every_pass, **common_args(cfg))
         return cls(server_model, image_shape, **{**args, **kwargs})
 
-    # -- first contact ------------------------------------------------------------------------
+    # -- first contact and each node's cut ----------------------------------------------------
     def hello_config(self) -> dict[str, Any]:
-        return {**super().hello_config(), "cut-step": self.t_c, "diffusion-steps": self.sched.T}
+        return {**super().hello_config(), "cut-step": self.t_c, "diffusion-steps": self.sched.T,
+                "node-cuts": int(self.node_cuts)}
 
     def accept_hello(self, node_id: int, info: dict[str, Any]) -> str:
         node_cut = info.get("cut-step")
-        if node_cut is not None and int(node_cut) != self.t_c:
+        if node_cut is None or int(node_cut) == self.t_c:
+            return ""
+        if not self.node_cuts:
             return (f"the node's own cut step is {int(node_cut)}, the server's is {self.t_c}: the data owner "
-                    f"sets c (run-config cut-ratio or node_config cut-ratio); start both with the same c")
+                    f"sets c (run-config cut-ratio or node_config cut-ratio); start both with the same c, or "
+                    f"let each node choose (run-config client-cut-ratios / CollaFuse(node_cuts=True))")
+        if int(node_cut) != node_cut or not 0 <= int(node_cut) <= self.sched.T:
+            return f"the node's cut step {node_cut} is outside 0..{self.sched.T}"
         return ""
+
+    def on_admit(self, node_id: int, client: int, info: dict[str, Any]) -> None:
+        self.client_cut[client] = int(info["cut-step"]) if self.node_cuts and "cut-step" in info else self.t_c
+
+    def cut_for(self, client: int) -> int:
+        """The cut step t_c,k of a client's node (the server's own when the node declared none)."""
+        return self.client_cut.get(client, self.t_c)
+
+    def serves(self, client: int) -> bool:
+        """Whether the server runs a share of this client's chain (t_c,k < T)."""
+        return self.cut_for(client) < self.sched.T
+
+    @property
+    def server_share(self) -> bool:
+        """The server has a share of some admitted (or the default) client's chain."""
+        return any(t < self.sched.T for t in (*self.client_cut.values(), self.t_c))
+
+    def upload_bound(self, client: int) -> float:
+        return D.anchor_bound(self.sched, self.cut_for(client), UPLOAD_Z)
 
     # -- training ---------------------------------------------------------------------------
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
-        uploads = self.uploads_per_round if self.server_share else 0
-        extra = {"cut-step": self.t_c, "client-max-step": self.t_start, "uploads": uploads}
+        def extra(node_id: int) -> dict[str, int]:
+            client = self.client_of(node_id)
+            t_c = self.cut_for(client)
+            return {"cut-step": t_c, "client-max-step": self._client_start(t_c),
+                    "uploads": self.uploads_per_round if self.serves(client) else 0}
+
         return self._send(self._participants(grid),
-                          lambda n: RecordDict({self.keys.config: self._config(config, server_round, n, **extra)}),
+                          lambda n: RecordDict({self.keys.config: self._config(config, server_round, n, **extra(n))}),
                           MessageType.TRAIN, "train")
+
+    def _client_start(self, t_c: int) -> int:
+        return D.client_start_step(t_c / self.sched.T, self.sched.T, self.server_target)  # type: ignore[arg-type]
 
     def validate_reply(self, phase: str, client: int, msg: Message) -> str:
         if phase != "train" or self.keys.upload not in msg.content.array_records:
@@ -194,15 +241,16 @@ class CollaFuse(DiffusionStrategy):
             return f"upload dtype: expected float32, got {arr.dtype}"
         if tuple(arr.shape[1:]) != self.image_shape or len(arr.shape) != 4:
             return f"upload shape: expected (n, {', '.join(map(str, self.image_shape))}), got {tuple(arr.shape)}"
-        if not self.server_share or arr.shape[0] > self.uploads_per_round:
-            return f"upload budget: {arr.shape[0]} images, at most {self.uploads_per_round if self.server_share else 0}"
+        if not self.serves(client) or arr.shape[0] > self.uploads_per_round:
+            return f"upload budget: {arr.shape[0]} images, at most {self.uploads_per_round if self.serves(client) else 0}"
         x = arr.numpy()
         if not np.isfinite(x).all():
             return "upload values: not all finite (NaN or Inf)"
         peak = float(np.abs(x).max()) if x.size else 0.0
-        if peak > self.upload_bound:
-            return (f"upload range: |x| reaches {peak:.3g}, an x_tc at t_c={self.t_c} stays within "
-                    f"{self.upload_bound:.3g}")
+        bound = self.upload_bound(client)
+        if peak > bound:
+            return (f"upload range: |x| reaches {peak:.3g}, an x_tc at t_c={self.cut_for(client)} stays within "
+                    f"{bound:.3g}")
         return ""
 
     def steps_for(self, contributors: int) -> int:
@@ -212,7 +260,13 @@ class CollaFuse(DiffusionStrategy):
     def while_nodes_train(self, server_round: int) -> None:
         """Take the steps earlier rounds earned while this round's nodes train (overlap)."""
         if self.owed_steps:
-            self._overlap_metrics = self._train_server(self.owed_steps, server_round)
+            threads = torch.get_num_threads()
+            if self.overlap_threads:
+                torch.set_num_threads(self.overlap_threads)
+            try:
+                self._overlap_metrics = self._train_server(self.owed_steps, server_round)
+            finally:
+                torch.set_num_threads(threads)
             self._overlap_metrics["server-train-overlapped-seconds"] = self._overlap_metrics.pop("server-train-seconds")
             self.owed_steps = 0
 
@@ -223,11 +277,17 @@ class CollaFuse(DiffusionStrategy):
             return out
         t0 = time.perf_counter()
         data, labels = self.buffer_tensors()
+        cuts = {self.cut_for(int(c)) for c in labels.unique()}
+        row_cuts = None
+        if len(cuts) == 1:  # one cut for all (the paper's setting)
+            t_c: int | torch.Tensor = cuts.pop()
+        else:  # nodes chose their cuts: each row trains on t > its own node's cut
+            row_cuts = torch.tensor([self.cut_for(c) for c in range(int(labels.max()) + 1)])[labels]
         stats: dict[str, int] = {}
-        loss = train_steps(self.model, self.optimizer,
-                           server_share_loss(self.model, self.sched, self.t_c, self.server_target, self.gen),  # type: ignore[arg-type]
-                           data, steps, self.batch_size, self.gen, self.device,
-                           self.meter, "server-train", labels=labels, guard=True, stats=stats)
+        loss_fn = (server_share_loss(self.model, self.sched, t_c, self.server_target, self.gen) if row_cuts is None  # type: ignore[arg-type]
+                   else lambda x_tc, c: D.server_loss(self.model, self.sched, x_tc, c, self.server_target, self.gen))  # type: ignore[arg-type]
+        loss = train_steps(self.model, self.optimizer, loss_fn, data, steps, self.batch_size, self.gen, self.device,
+                           self.meter, "server-train", labels=labels, guard=True, stats=stats, row_args=row_cuts)
         skipped = stats.get("skipped", 0)
         self.skipped_steps += skipped
         out.update({"server-steps": steps, "server-train-seconds": time.perf_counter() - t0})
@@ -253,7 +313,7 @@ class CollaFuse(DiffusionStrategy):
                 n_new += x.shape[0]
                 contributors += x.shape[0] > 0
         self._trim_buffer()
-        self.owed_steps += self.steps_for(contributors) if self.server_share else 0
+        self.owed_steps += self.steps_for(contributors)  # nodes the server serves are the ones that upload
         metrics = self.mean_metrics(ok)
         ran = self._overlap_metrics
         self._overlap_metrics = {}
@@ -299,27 +359,30 @@ class CollaFuse(DiffusionStrategy):
 
     # -- evaluation ---------------------------------------------------------------------------
     def server_half(self, n: int, client: int) -> torch.Tensor:
-        """x_T -> x_{t_c} with the shared model for one client (what that node receives)."""
-        s_srv, _ = D.split_step_budget(self.sampling_steps, self.sched.T, self.t_c)
+        """x_T -> x_{t_c,k} with the shared model for one client (what that node receives)."""
+        t_c = self.cut_for(client)
+        s_srv, _ = D.split_step_budget(self.sampling_steps, self.sched.T, t_c)
         self._served += n
         self.model.eval()
         if hasattr(self.model, "condition"):
             self.model.condition(client)
         eps_model = self.meter.wrap(self.model, "server-infer") if self.meter is not None else self.model
         with torch.no_grad():
-            x = D.server_sample(eps_model, self.sched, (n, *self.image_shape), self.t_c,  # type: ignore[arg-type]
+            x = D.server_sample(eps_model, self.sched, (n, *self.image_shape), t_c,  # type: ignore[arg-type]
                                 self.server_target, s_srv, self.gen, self.device)  # type: ignore[arg-type]
         return x.cpu()
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
         n = self.num_eval_samples
-        _, s_cli = D.split_step_budget(self.sampling_steps, self.sched.T, self.t_c)
 
         def content(node_id: int, conf: ConfigRecord) -> RecordDict:
             client = self.client_of(node_id)
+            t_c = self.cut_for(client)
+            _, s_cli = D.split_step_budget(self.sampling_steps, self.sched.T, t_c)
+            conf["client-start-step"], conf["client-sampling-steps"] = self._client_start(t_c), s_cli or 0
             rd = RecordDict({self.keys.config: conf})
-            if self.server_share:
+            if self.serves(client):
                 rd[self.keys.x_tc] = ArrayRecord({self.keys.x_tc: Array(self.server_half(n, client).float().numpy())})
             if self.harness_payload is not None and client in self.last_upload:
                 payload = self.harness_payload(self, client, self.last_upload[client])
@@ -327,8 +390,7 @@ class CollaFuse(DiffusionStrategy):
                     rd[self.keys.harness] = payload
             return rd
 
-        return self._eval_messages(server_round, grid, config, content, harness=(self.keys.harness,),
-                                   **{"client-start-step": self.t_start, "client-sampling-steps": s_cli or 0})
+        return self._eval_messages(server_round, grid, config, content, harness=(self.keys.harness,))
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         if self.meter is not None and self._served:
@@ -336,4 +398,5 @@ class CollaFuse(DiffusionStrategy):
             self.recorder.record(server_round, **{"server-infer-flops-per-image": flops / self._served})
         self._served = 0
         return super().aggregate_evaluate(server_round, replies)
+
 

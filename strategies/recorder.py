@@ -17,6 +17,10 @@ from flwr.app import Message, RecordDict
 from collafuse_flwr.metrics.comm import message_nbytes, recorddict_nbytes
 
 
+#: train-reply metrics summed per client over the run
+TRAIN_TOTALS = ("client-train-flops", "num-uploaded", "train-seconds")
+
+
 @dataclass
 class EvalResult:
     """Everything the nodes returned from one evaluation round, by client index."""
@@ -42,6 +46,8 @@ class Recorder:
         self.failures = 0  # error replies and nodes that did not reply in time
         self.rejected: Counter[str] = Counter()  # replies dropped by validation, by reason
         self.missing: dict[int, list[int]] = {}  # round -> client indices that did not reply
+        # per client, summed over its accepted train replies (what each data owner spent and sent)
+        self.train_totals: dict[int, dict[str, float]] = defaultdict(lambda: defaultdict(float))
 
     def record(self, server_round: int, **values: float) -> None:
         rec = self.rounds.setdefault(server_round, RoundRecord(server_round))
@@ -66,6 +72,13 @@ class Recorder:
         self.bytes[key] += n
         self.bytes_by_client[client][key] += n
 
+    def train_reply(self, client: int, metrics: dict) -> None:
+        """Add an accepted train reply's `TRAIN_TOTALS` to the client's totals."""
+        for k in TRAIN_TOTALS:
+            v = metrics.get(k)
+            if isinstance(v, (int, float)):
+                self.train_totals[client][k] += float(v)
+
     def reject(self, server_round: int, reason: str) -> None:
         self.rejected[reason] += 1
         rec = self.rounds.setdefault(server_round, RoundRecord(server_round))
@@ -76,7 +89,8 @@ class Recorder:
         return {"bytes": dict(self.bytes), "bytes_by_client": {c: dict(v) for c, v in self.bytes_by_client.items()},
                 "rounds": {r: dict(v.values) for r, v in self.rounds.items()},
                 "evals": {r: (dict(e.images), {c: dict(m) for c, m in e.metrics.items()}) for r, e in self.evals.items()},
-                "failures": self.failures, "rejected": dict(self.rejected), "missing": dict(self.missing)}
+                "failures": self.failures, "rejected": dict(self.rejected), "missing": dict(self.missing),
+                "train_totals": {c: dict(v) for c, v in self.train_totals.items()}}
 
     def load_state_dict(self, state: dict) -> None:
         self.bytes = defaultdict(float, state["bytes"])
@@ -88,3 +102,6 @@ class Recorder:
         self.failures = state["failures"]
         self.rejected = Counter(state["rejected"])
         self.missing = dict(state["missing"])
+        self.train_totals = defaultdict(lambda: defaultdict(float))
+        for c, v in state.get("train_totals", {}).items():
+            self.train_totals[c].update(v)
