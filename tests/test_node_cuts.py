@@ -1,0 +1,161 @@
+"""Per-client cut ratios: each data owner runs at its own t_c,k; the server trains t > t_c,k on
+that node's uploads, validates them against that node's cut and hands it x_{t_c,k}."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+
+from collafuse_flwr import diffusion as D
+from collafuse_flwr.client_app import node_settings
+from collafuse_flwr.config import ConfigError, parse_config
+from collafuse_flwr.models import shared_denoiser
+from strategies import CollaFuse
+from test_strategies import FakeGrid, _reply, _train_replies
+
+CUTS = {1: 2, 2: 10, 3: 18}  # node -> the cut step it declares (T = 20)
+
+
+class CutGrid(FakeGrid):
+    """Nodes that declare their own cut at first contact."""
+
+    def send_and_receive(self, messages, *, timeout=None):
+        out = []
+        for m in messages:
+            nid = m.metadata.dst_node_id
+            met = {"num-examples": 10, "partition-id": nid - 1, "cut-step": CUTS[nid]}
+            out.append(_reply(m, RecordDict({"metrics": MetricRecord(met)}), nid))
+        return out
+
+
+@pytest.fixture(autouse=True)
+def _identity():
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
+
+
+def _strategy(tiny_config, **kw):
+    cfg = parse_config(tiny_config(cut_ratio=0.3, client_cut_ratios="0.1,0.5,0.9"))
+    model = shared_denoiser(8, 1, "tiny", "client", 3)
+    s = CollaFuse.from_run_config(cfg, model, (1, 8, 8), overlap=False, **kw)
+    s.num_rounds = 2
+    return s
+
+
+def _upload(t_c, n=4, seed=0):
+    sched = D.make_schedule(20, "cosine")
+    x0 = torch.rand((n, 1, 8, 8), generator=torch.Generator().manual_seed(seed)) * 2 - 1
+    return D.upload(sched, x0, t_c, torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed + 1))).numpy()
+
+
+def test_each_node_is_asked_to_train_and_upload_at_its_own_cut(tiny_config):
+    s = _strategy(tiny_config)
+    assert s.node_cuts
+    msgs = list(s.configure_train(1, ArrayRecord(), ConfigRecord(), CutGrid(CUTS)))
+    assert {m.metadata.dst_node_id: m.content["config"]["cut-step"] for m in msgs} == CUTS
+    assert s.client_cut == {0: 2, 1: 10, 2: 18}
+
+
+def test_an_upload_is_judged_against_its_own_nodes_cut(tiny_config):
+    """A high-noise upload is a valid x_tc for the node at t_c = 18; the same pixels from the node
+    at t_c = 2 would be a poisoned upload (far outside what an x_2 can be) and are refused."""
+    s = _strategy(tiny_config)
+    msgs = list(s.configure_train(1, ArrayRecord(), ConfigRecord(), CutGrid(CUTS)))
+    noisy = (np.random.default_rng(0).standard_normal((4, 1, 8, 8)) * 2.5).astype(np.float32)
+    assert np.abs(noisy).max() > D.anchor_bound(s.sched, 2, 8.0)
+    assert np.abs(noisy).max() < D.anchor_bound(s.sched, 18, 8.0)
+    replies = _train_replies(s, msgs, [noisy, _upload(10), noisy])
+    s.aggregate_train(1, replies)
+    assert set(s.buffer) == {1, 2}  # client 0's (t_c = 2) was refused
+    assert s.recorder.rejected and "upload range" in next(iter(s.recorder.rejected))
+
+
+def test_the_server_trains_each_row_above_its_own_cut(tiny_config, monkeypatch):
+    s = _strategy(tiny_config)
+    msgs = list(s.configure_train(1, ArrayRecord(), ConfigRecord(), CutGrid(CUTS)))
+    seen = []
+    real = s.model.forward
+
+    def spy(x, t, class_labels=None):
+        seen.append((t.clone(), s.model._labels.clone() if hasattr(s.model, "_labels") else None))
+        return real(x, t, class_labels)
+
+    monkeypatch.setattr(s.model, "forward", spy)
+    s.aggregate_train(1, _train_replies(s, msgs, [_upload(2), _upload(10), _upload(18)]))
+    ts = torch.cat([t for t, _ in seen])
+    assert ts.min() >= 3 and ts.max() <= 20
+    # rows of the t_c = 18 client only ever see t in {19, 20}; those of the t_c = 2 client reach low t
+    data, labels = s.buffer_tensors()
+    row_cuts = torch.tensor([s.cut_for(int(c)) for c in labels])
+    g = torch.Generator().manual_seed(0)
+    t_rows = []
+    model = lambda x, t: (t_rows.append(t), torch.zeros_like(x))[1]  # noqa: E731
+    D.server_loss(model, s.sched, data, row_cuts, "exact", g)
+    assert bool((t_rows[0] > row_cuts).all()) and bool((t_rows[0] <= 20).all())
+    assert t_rows[0][row_cuts == 2].min() < 10
+
+
+def test_each_node_gets_its_own_hand_off(tiny_config):
+    s = _strategy(tiny_config)
+    list(s.configure_train(1, ArrayRecord(), ConfigRecord(), CutGrid(CUTS)))
+    calls = []
+    real = D.server_sample
+
+    def spy(model, sched, shape, t_c, *a, **k):
+        calls.append(t_c)
+        return real(model, sched, shape, t_c, *a, **k)
+
+    import strategies.collafuse as C
+
+    C.D.server_sample = spy
+    try:
+        msgs = list(s.configure_evaluate(2, ArrayRecord(), ConfigRecord(), CutGrid(CUTS)))
+    finally:
+        C.D.server_sample = real
+    assert sorted(calls) == [2, 10, 18]
+    starts = {m.metadata.dst_node_id: m.content["config"]["client-start-step"] for m in msgs}
+    assert starts == CUTS
+
+
+def test_without_node_cuts_a_node_with_another_cut_is_refused(tiny_config):
+    cfg = parse_config(tiny_config(cut_ratio=0.5))
+    s = CollaFuse.from_run_config(cfg, shared_denoiser(8, 1, "tiny", "client", 3), (1, 8, 8))
+    assert "client-cut-ratios" in s.accept_hello(1, {"cut-step": 2})
+
+
+def test_the_node_takes_its_entry_and_node_config_wins(tiny_config):
+    cfg = parse_config(tiny_config(cut_ratio=0.3, client_cut_ratios="0.1,0.5,0.9"))
+    assert [node_settings(cfg, {"partition-id": i}).cut_step for i in range(3)] == [2, 10, 18]
+    assert node_settings(cfg, {"partition-id": 1, "cut-ratio": 0.2}).cut_step == 4
+    with pytest.raises(ConfigError, match="one cut ratio per client"):
+        node_settings(cfg, {"partition-id": 3})
+
+
+@pytest.mark.parametrize("bad, match", [("0.2,x", "comma-separated"), ("0.2,1.5", r"in \[0, 1\]"),
+                                        ("0.001,0.2", "cut")])
+def test_bad_client_cut_ratios_are_refused_at_start(tiny_config, bad, match):
+    with pytest.raises((ConfigError, ValueError), match=match):
+        parse_config(tiny_config(client_cut_ratios=bad))
+
+
+@pytest.mark.e2e
+def test_a_mixed_cut_federation_runs_through_flwr(tmp_path):
+    from collafuse_flwr.launch import run_flower
+
+    tiny = ("num-server-rounds=2 model-size='tiny' image-size=8 diffusion-steps=20 local-steps=2 "
+            "uploads-per-round=8 num-eval-samples=6 batch-size=16 attack-reference-steps=5")
+    out = run_flower(f"{tiny} method='collafuse' client-cut-ratios='0.2,0.6' output-dir='{tmp_path}'",
+                     num_clients=2, flwr_home=tmp_path / "flwr-home", timeout=600, stream=False)
+    assert out.ok, out.log[-4000:]
+    res = json.loads((Path(out.output_dir) / "results.json").read_text())
+    assert res["status"] == "ok"
+    assert res["cut_step_per_client"] == {"0": 4, "1": 12}
+    f = res["final"]
+    flops = f["client_train_flops_per_client"]
+    assert set(flops) == {"0", "1"} and all(v > 0 for v in flops.values())
+    infer = f["client_infer_flops_per_image_per_client"]
+    assert infer["1"] > infer["0"] * 2  # 12 client steps vs 4
+    assert set(f["bytes_per_client"]) == {"0", "1"}
