@@ -26,6 +26,8 @@ The node, not the server, owns its privacy settings (node_config overrides the r
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import sys
 import time
 from dataclasses import dataclass
@@ -43,7 +45,8 @@ from .client_data import ClientData, node_data
 from .config import ConfigError, RunConfig, parse_config
 from .metrics.flops import FlopMeter
 from .models import build_denoiser, client_preset, count_parameters, default_device, shared_denoiser, use_torch_threads
-from .state import persist, recover, remember_upload, restore_private, save_private
+from .dp import DPPlan, UploadLedger, plan_uploads
+from .state import persist, recover, remember_upload, restore_private, save_private, upload_counts
 
 app = ClientApp()
 
@@ -68,6 +71,7 @@ class NodeSettings:
     share_harness: bool
     state_dir: Path
     persist: bool = True  # keep the private state in a file too, so a restarted node or a resumed run goes on
+    dp: DPPlan | None = None  # upload-epsilon's plan; cut_step is then its upload step t_u >= the chosen t_c
 
 
 def node_settings(cfg: RunConfig, node_config: dict) -> NodeSettings:
@@ -86,6 +90,35 @@ def node_settings(cfg: RunConfig, node_config: dict) -> NodeSettings:
     return NodeSettings(cut, budget, share_harness, state_dir)
 
 
+def dp_settings(cfg: RunConfig, node_config: dict, settings: NodeSettings, data: ClientData,
+                sched: D.Schedule) -> NodeSettings:
+    """The data owner's DP choice (run-config upload-epsilon; node_config upload-epsilon wins).
+
+    Where the diffusion noise at t_c is not enough for (epsilon, delta) over the K uploads an
+    image may have, the node diffuses its uploads further, to t_u (`dp.plan_uploads`): t_u
+    becomes the node's effective cut, declared at first contact, so the server trains t > t_u
+    on its uploads and hands it x_{t_u}, and its private model covers t <= t_u.
+    """
+    eps = float(node_config.get("upload-epsilon", cfg.upload_epsilon))
+    if cfg.method != "collafuse" or eps <= 0 or settings.cut_step >= sched.T:
+        return settings
+    n = max(int(data.train.shape[0]), 1)
+    k = cfg.max_uploads_per_image or max(1, math.ceil(cfg.num_server_rounds * settings.upload_budget / n))
+    plan = _dp_plan(cfg.diffusion_steps, cfg.beta_schedule, settings.cut_step, eps, cfg.upload_delta, k,
+                    int(np.prod(data.image_shape)), cfg.upload_clip)
+    return dataclasses.replace(settings, cut_step=plan.t_upload, dp=plan)
+
+
+@lru_cache(maxsize=32)
+def _dp_plan(T: int, schedule: str, t_c: int, eps: float, delta: float, k: int, d: int,  # noqa: N803
+             clip: float) -> DPPlan:
+    try:
+        return plan_uploads(D.make_schedule(T, schedule), t_c, eps, delta,  # type: ignore[arg-type]
+                            max_uploads_per_image=k, image_dim=d, clip=clip or None)
+    except ValueError as exc:
+        raise ConfigError(f"upload-epsilon={eps}: {exc}") from exc
+
+
 def _setup(context: Context) -> tuple[RunConfig, ClientData, D.Schedule, torch.device, NodeSettings]:
     try:
         cfg = _config(tuple(sorted(context.run_config.items())))
@@ -93,8 +126,9 @@ def _setup(context: Context) -> tuple[RunConfig, ClientData, D.Schedule, torch.d
         raise ConfigError(f"this node cannot accept the run-config: {exc}") from exc
     use_torch_threads(cfg.torch_threads)
     data = node_data(cfg, dict(context.node_config))
-    settings = node_settings(cfg, dict(context.node_config))
-    return cfg, data, D.make_schedule(cfg.diffusion_steps, cfg.beta_schedule), default_device(), settings
+    sched = D.make_schedule(cfg.diffusion_steps, cfg.beta_schedule)
+    settings = dp_settings(cfg, dict(context.node_config), node_settings(cfg, dict(context.node_config)), data, sched)
+    return cfg, data, sched, default_device(), settings
 
 
 def _client_index(msg: Message, data: ClientData) -> int:
@@ -180,7 +214,8 @@ def hello(msg: Message, context: Context) -> Message:
                         "cut-step": settings.cut_step if cfg.method == "collafuse" else -1,
                         "upload-budget": settings.upload_budget, "share-harness": int(settings.share_harness),
                         "client-params": private_param_count(cfg, data.image_shape[0])
-                        if cfg.method in ("collafuse", "local") else 0})
+                        if cfg.method in ("collafuse", "local") else 0,
+                        **(settings.dp.metrics() if settings.dp else {})})
 
 
 @app.train()
@@ -220,7 +255,18 @@ def train(msg: Message, context: Context) -> Message:
                 metrics["train-loss"] = N.train_share(model, opt, data.train, sched, t_max, cfg.local_steps,
                                                       cfg.batch_size, gen, device, meter)
                 save_private(context.state, model, opt)
-            idx, x_tc = N.make_upload(data.train, sched, t_c, n_up, gen)
+            if settings.dp is not None:  # capped, clipped, diffused to t_u: (epsilon, delta) per image
+                n_train = int(data.train.shape[0])
+                ledger = UploadLedger(n_train, settings.dp.max_uploads_per_image,
+                                      counts=upload_counts(context.state, n_train))
+                # keyed by a count that only grows: a replayed round never redraws the same noise
+                gen_up = N.secret_generator(N.node_secret(settings.state_dir), cfg.seed, client, "dp-upload",
+                                            ledger.total_uploads)
+                idx, x_tc = N.make_upload(data.train, sched, settings.dp.t_cut, n_up, gen_up, ledger=ledger,
+                                          plan=settings.dp)
+                metrics.update(settings.dp.metrics())
+            else:
+                idx, x_tc = N.make_upload(data.train, sched, t_c, n_up, gen)
             if idx.size:
                 records["upload"] = ArrayRecord({"x_tc": Array(x_tc.numpy())})
                 remember_upload(context.state, idx, data.train.shape[0])

@@ -52,6 +52,10 @@ class RunConfig:
     conditioning: str
     local_steps: int
     client_cut_ratios: str  # "" or "c0,c1,...": each client's own cut ratio (collafuse)
+    upload_epsilon: float  # per-image (epsilon, upload-delta)-DP of a node's uploads; 0 = off
+    upload_delta: float
+    max_uploads_per_image: int  # K, the node's cap; 0 = ceil(rounds x uploads-per-round / its images)
+    upload_clip: float  # L2 clip of each image before upload; 0 = sqrt(d) (no distortion)
     server_steps: int | str  # "auto" or a fixed count
     server_overlap: bool
     batch_size: int
@@ -134,11 +138,12 @@ _MIN: dict[str, float] = {
     "batch_size": 1, "uploads_per_round": 0, "eval_every": 0,
     "num_eval_samples": 2, "sampling_steps": 0, "max_samples": 0, "seed": 0,
     "attack_reference_steps": 0, "torch_threads": 0, "min_nodes": 1, "server_buffer_size": 0,
+    "max_uploads_per_image": 0,
 }
 # Keys that only one method reads: setting them away from the default elsewhere is a mistake
 # worth a warning, never a silent no-op.
 _ONLY_FOR = {"cut_ratio": "collafuse", "server_target": "collafuse", "server_steps": "collafuse",
-             "client_cut_ratios": "collafuse",
+             "client_cut_ratios": "collafuse", "upload_epsilon": "collafuse",
              "server_overlap": "collafuse",
              "uploads_per_round": "collafuse", "server_buffer_size": "collafuse",
              "client_model_size": "collafuse"}
@@ -223,6 +228,13 @@ def parse_config(run_config: dict[str, Any], *, defaults: dict[str, Any] | None 
 
         for c in ratios:
             cut_step(c, values["diffusion_steps"])  # a c that rounds to t_c = 0 while c > 0 fails here
+    if values["upload_epsilon"] < 0 or not 0.0 < values["upload_delta"] < 1.0 or values["upload_clip"] < 0:
+        raise ConfigError(f"upload-epsilon must be >= 0 (0 = off), upload-delta in (0, 1) and upload-clip >= 0 "
+                          f"(0 = sqrt(pixels)), got {values['upload_epsilon']}, {values['upload_delta']}, "
+                          f"{values['upload_clip']}")
+    if values["upload_epsilon"] > 0 and values["server_target"] == "renoise":
+        raise ConfigError("upload-epsilon needs server-target='exact': DP moves a node's upload step to t_u, "
+                          "and the renoise ablation derives the client's chain from c instead")
     if not 0.0 < values["test_fraction"] < 1.0:
         raise ConfigError(f"test-fraction must be in (0, 1), got {values['test_fraction']}")
     if not 0.0 < values["min_available_fraction"] <= 1.0:

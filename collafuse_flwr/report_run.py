@@ -128,6 +128,10 @@ def finalize(cfg: RunConfig, strategy, result, out: Path, run_id: int, num_nodes
         final["fid_backbone"] = resolve_backbone(cfg.fid_backbone, cfg.dataset, cfg.fid_weights or None)
     image_dim = cfg.image_channels * cfg.image_size ** 2  # also when no node shared images (a deployment)
     final["disclosure"] = _disclosure(cfg, per_client, image_dim)
+    dp = _dp_per_client(strategy)
+    if dp:  # each node's DP plan as it declared it, beside the epsilon its actual uploads realised
+        final["disclosure"]["dp_per_client"] = {
+            c: {**plan, "epsilon_realised": per_client.get(int(c), {}).get("epsilon")} for c, plan in dp.items()}
     status, reasons = run_status(rec, num_nodes, per_client, bool(evals))
     results = {
         "status": status,
@@ -161,6 +165,15 @@ def finalize(cfg: RunConfig, strategy, result, out: Path, run_id: int, num_nodes
     log(INFO, "\n%s", summary_table(_summary_rows(results)))
     log(INFO, "outputs: %s", out)
     return results
+
+
+def _dp_per_client(strategy) -> dict[str, dict[str, float]]:
+    """dp-* figures from each admitted node's first-contact reply (upload-epsilon's plan)."""
+    reg = strategy.registry
+    return {str(reg.index[n]): {k.removeprefix("dp-").replace("-", "_"): v for k, v in info.items()
+                                if k.startswith("dp-")}
+            for n, info in sorted(reg.info.items(), key=lambda kv: reg.index.get(kv[0], -1))
+            if n in reg.index and any(k.startswith("dp-") for k in info)}
 
 
 def _client_model_size(cfg: RunConfig) -> str | None:

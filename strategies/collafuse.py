@@ -170,7 +170,7 @@ class CollaFuse(DiffusionStrategy):
                         **kwargs: Any) -> CollaFuse:
         """This project's validated run-config -> constructor arguments (`kwargs` win)."""
         args = dict(diffusion_steps=cfg.diffusion_steps, beta_schedule=cfg.beta_schedule, cut_ratio=cfg.cut_ratio,
-                    node_cuts=bool(cfg.client_cut_ratios),
+                    node_cuts=bool(cfg.client_cut_ratios) or cfg.upload_epsilon > 0,  # DP moves a node's cut
                     server_target=cfg.server_target, server_steps=cfg.server_steps, local_steps=cfg.local_steps,
                     overlap=cfg.server_overlap, batch_size=cfg.batch_size,
                     learning_rate=cfg.learning_rate, uploads_per_round=cfg.uploads_per_round,
