@@ -1,0 +1,230 @@
+"""Client inference FLOPs per image: CollaFuse with a full-size or a smaller private net vs FedAvg.
+
+    python -m benchmarks.client_compute                  # FLOPs only (seconds): 8 px small T=200 and 28 px base T=1000
+    python -m benchmarks.client_compute --fid            # + the FID cost: two `flwr run`s (~10 min on 2 cores)
+    python -m benchmarks.client_compute --fid --rounds 4 --extra "local-steps=20"
+
+A CollaFuse client receives x_{t_c} and runs only the last t_c of the T denoising steps with its
+private denoiser; with `client-model-size = "half"` that denoiser is the server's preset at half
+the channel widths (collafuse_flwr/models.py), which costs about a quarter of the FLOPs per pass.
+A FedAvg client runs all T steps with the full (client-conditioned) global model.
+
+FLOPs are measured with the app's FlopMeter (torch.utils.flop_counter on real passes):
+- at the app's defaults (digits 8x8, `small`, T=200, c=0.2) by running `diffusion.client_finish`
+  for real, exactly as the ClientApp does;
+- at 28x28 / `base` / T=1000 (MNIST-sized, the GPU preset) as FLOPs of one measured pass x the
+  number of denoiser calls `client_finish` makes (counted with a free stand-in model), which the
+  8 px case checks is the same as measuring every call.
+Target: FLOPs ratio CollaFuse(c=0.2, half-size client net) / FedAvg <= 0.1 at both settings.
+
+--fid adds the quality cost: one CollaFuse run through `flwr run` (collafuse_flwr.launch.run_flower)
+with `client-model-size=''` and one with `'half'`, same seed and otherwise the app's defaults
+(`--rounds`, `--extra` to change them); their per-client FID, pooled FID and the client infer
+FLOPs per image the ClientApps measured are recorded. (The FID difference is reported, not judged.)
+
+Prints PASS/FAIL and writes benchmarks/results/client_compute.json (or --json PATH).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from collafuse_flwr import diffusion as D
+from collafuse_flwr.metrics.flops import FlopMeter
+from collafuse_flwr.models import build_denoiser, client_preset, count_parameters, shared_denoiser
+
+from .common import (
+    RESULTS_DIR,
+    BenchmarkError,
+    command_line,
+    format_overrides,
+    machine_info,
+    parse_overrides,
+    validate_overrides,
+    verdict,
+    write_result,
+)
+
+TARGET = 0.1
+NUM_CLIENTS = 5
+#: (name, run-config overrides, measure every call for real?)
+SETTINGS = (
+    ("digits-8px-small-T200", {}, True),
+    ("mnist-28px-base-T1000", {"image-size": 28, "model-size": "base", "diffusion-steps": 1000,
+                               "dataset": "mnist5k"}, False),
+)
+
+
+def count_calls(sched: D.Schedule, t_start: int, num_steps: int | None) -> int:
+    """How many denoiser calls `client_finish` makes from t_start (with a free stand-in model)."""
+    calls = 0
+
+    def zero(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        nonlocal calls
+        calls += 1
+        return torch.zeros_like(x)
+
+    D.client_finish(zero, sched, torch.zeros(1, 1, 2, 2), t_start, num_steps, torch.Generator().manual_seed(0))
+    return calls
+
+
+def pass_flops(model: torch.nn.Module, shape: tuple[int, ...]) -> int:
+    """Measured FLOPs of one denoiser pass on one image."""
+    meter = FlopMeter()
+    with torch.no_grad(), meter.count("pass"):
+        model(torch.randn(1, *shape), torch.tensor([1]))
+    return meter.totals["pass"]
+
+
+def measured_flops_per_image(model: torch.nn.Module, sched: D.Schedule, shape: tuple[int, ...], t_start: int,
+                             num_steps: int | None, batch: int = 2) -> float:
+    """FLOPs per image of a real `client_finish` call, as the ClientApp bills them."""
+    meter = FlopMeter()
+    x = torch.randn((batch, *shape), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        D.client_finish(meter.wrap(model, "infer"), sched, x, t_start, num_steps, torch.Generator().manual_seed(0))
+    return meter.totals.get("infer", 0) / batch
+
+
+def compute_setting(name: str, overrides: dict[str, Any], real: bool, cut_ratio: float) -> dict[str, Any]:
+    cfg = validate_overrides({**overrides, "method": "collafuse", "cut-ratio": cut_ratio})
+    T = cfg.diffusion_steps  # noqa: N806 - the paper's name
+    sched = D.make_schedule(T, cfg.beta_schedule)
+    t_c = D.cut_step(cfg.cut_ratio, T)
+    t_start = D.client_start_step(cfg.cut_ratio, T, cfg.server_target)
+    _, s_cli = D.split_step_budget(cfg.sampling_steps, T, t_c)
+    full_steps = cfg.sampling_steps or None
+    shape = (cfg.image_channels, cfg.image_size, cfg.image_size)
+    torch.manual_seed(cfg.seed)
+    fedavg = shared_denoiser(cfg.image_size, shape[0], cfg.model_size, cfg.conditioning, NUM_CLIENTS).eval()
+    fedavg.condition(0)
+    nets = {"full": cfg.model_size, "half": client_preset(cfg.model_size, "half")}
+    models = {k: build_denoiser(cfg.image_size, shape[0], v).eval() for k, v in nets.items()}
+    calls = {"collafuse": count_calls(sched, t_start, s_cli), "fedavg": count_calls(sched, T, full_steps)}
+    per_pass = {"fedavg": pass_flops(fedavg, shape), **{k: pass_flops(m, shape) for k, m in models.items()}}
+    flops = {"fedavg": per_pass["fedavg"] * calls["fedavg"],
+             **{f"collafuse_{k}": per_pass[k] * calls["collafuse"] for k in models}}
+    row: dict[str, Any] = {
+        "setting": name, "image_size": cfg.image_size, "channels": shape[0], "diffusion_steps": T,
+        "cut_ratio": cfg.cut_ratio, "t_start": t_start, "sampling_steps": cfg.sampling_steps,
+        "server_model_size": cfg.model_size, "client_model_sizes": nets,
+        "parameters": {"fedavg": count_parameters(fedavg), **{k: count_parameters(m) for k, m in models.items()}},
+        "denoiser_calls": calls, "flops_per_pass": per_pass, "flops_per_image": flops,
+        "ratio_full": flops["collafuse_full"] / flops["fedavg"],
+        "ratio_half": flops["collafuse_half"] / flops["fedavg"],
+        "method": "measured every call" if real else "one measured pass x denoiser calls",
+    }
+    if real:  # the ClientApp's own way: FlopMeter around every call of a real client_finish
+        measured = {"fedavg": measured_flops_per_image(fedavg, sched, shape, T, full_steps),
+                    **{f"collafuse_{k}": measured_flops_per_image(m, sched, shape, t_start, s_cli)
+                       for k, m in models.items()}}
+        row["measured_flops_per_image"] = measured
+        row["pass_x_calls_matches_measured"] = all(abs(measured[k] - flops[k]) <= 1e-9 * flops[k] for k in flops)
+    return row
+
+
+def fid_cost(rounds: int | None, extra: dict[str, Any], cut_ratio: float, timeout: float) -> dict[str, Any]:
+    """Two CollaFuse runs through `flwr run`: full-size vs half-size client net."""
+    from collafuse_flwr.launch import run_flower
+
+    out: dict[str, Any] = {}
+    base = {**extra, "method": "collafuse", "cut-ratio": cut_ratio}
+    if rounds:
+        base["num-server-rounds"] = rounds
+    validate_overrides(base)
+    root = Path(tempfile.mkdtemp(prefix="client-compute-runs-"))
+    for label, size in (("full", ""), ("half", "half")):
+        cfg = {**base, "client-model-size": size, "output-dir": str(root / label)}
+        (root / label).mkdir()
+        t0 = time.time()
+        with tempfile.TemporaryDirectory(prefix="client-compute-flwr-home-") as home:
+            o = run_flower(cfg, num_clients=NUM_CLIENTS, flwr_home=Path(home), timeout=timeout, stream=False)
+        rec: dict[str, Any] = {"run_config": format_overrides({k: v for k, v in cfg.items() if k != "output-dir"}),
+                               "flower_status": o.status, "returncode": o.returncode,
+                               "seconds": time.time() - t0, "output_dir": str(o.output_dir)}
+        res_path = o.output_dir / "results.json" if o.output_dir else None
+        if res_path and res_path.is_file():
+            res = json.loads(res_path.read_text())
+            f = res["final"]
+            rec.update({"status": res["status"], "client_model_size": res.get("client_model_size"),
+                        "fid": f["fid"], "fid_per_client": f["fid_per_client"], "fid_pooled": f.get("fid_pooled"),
+                        "kid": f["kid"], "fid_backbone": f["fid_backbone"],
+                        "client_parameters_per_client": f.get("client_parameters_per_client"),
+                        "client_infer_flops_per_image": f["client_infer_flops_per_image"],
+                        "client_train_flops_per_client_round": f["client_train_flops_per_client_round"],
+                        "wall_seconds": res["wall_seconds"]})
+        else:
+            rec["status"] = "failed"
+            rec["log_tail"] = o.log[-3000:]
+        print(f"  {label}: status {rec['status']}, FID {rec.get('fid')}, pooled {rec.get('fid_pooled')}, "
+              f"client infer FLOPs/image {rec.get('client_infer_flops_per_image')}", flush=True)
+        out[label] = rec
+    if all(out[k].get("status") == "ok" for k in out):
+        out["fid_delta"] = out["half"]["fid"] - out["full"]["fid"]
+        out["fid_ratio"] = out["half"]["fid"] / out["full"]["fid"]
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.client_compute", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="\n\n".join(__doc__.split("\n\n")[1:]))
+    p.add_argument("--cut-ratio", type=float, default=0.2)
+    p.add_argument("--fid", action="store_true", help="also run full vs half client net through flwr run")
+    p.add_argument("--rounds", type=int, default=None, help="num-server-rounds of the --fid runs (default: the app's)")
+    p.add_argument("--extra", default="", help="run-config overrides of the --fid runs")
+    p.add_argument("--timeout", type=float, default=1800, help="seconds per --fid run")
+    p.add_argument("--json", type=Path, default=RESULTS_DIR / "client_compute.json")
+    a = p.parse_args(argv)
+    try:
+        extra = parse_overrides(a.extra)
+        if a.fid:
+            validate_overrides({**extra, "method": "collafuse", "cut-ratio": a.cut_ratio})
+    except BenchmarkError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+    rows = []
+    for name, overrides, real in SETTINGS:
+        r = compute_setting(name, overrides, real, a.cut_ratio)
+        rows.append(r)
+        f = r["flops_per_image"]
+        print(f"{name}: c={r['cut_ratio']} (client starts at t={r['t_start']} of {r['diffusion_steps']}); "
+              f"params FedAvg {r['parameters']['fedavg']:,}, client full {r['parameters']['full']:,}, "
+              f"half {r['parameters']['half']:,} ({r['client_model_sizes']['half']})")
+        print(f"  client infer FLOPs/image: FedAvg {f['fedavg']:.4g}, CollaFuse full net {f['collafuse_full']:.4g} "
+              f"(ratio {r['ratio_full']:.4f}), half net {f['collafuse_half']:.4g} (ratio {r['ratio_half']:.4f})")
+        if real:
+            print(f"  one pass x calls == every call measured: {r['pass_x_calls_matches_measured']}")
+    ok = all(r["ratio_half"] <= TARGET for r in rows) and all(r.get("pass_x_calls_matches_measured", True)
+                                                               for r in rows)
+    result: dict[str, Any] = {"benchmark": "client_compute", "command": command_line(),
+                              "when": time.strftime("%Y-%m-%dT%H:%M:%S"), "target": TARGET, "settings": rows}
+    if a.fid:
+        print("FID cost: CollaFuse through flwr run, full-size vs half-size client net", flush=True)
+        result["fid_cost"] = fid_cost(a.rounds, extra, a.cut_ratio, a.timeout)
+        fc = result["fid_cost"]
+        if "fid_delta" in fc:
+            print(f"  FID ({fc['full']['fid_backbone']}) full {fc['full']['fid']:.4g} -> half {fc['half']['fid']:.4g} "
+                  f"(delta {fc['fid_delta']:+.4g}); pooled {fc['full'].get('fid_pooled')} -> {fc['half'].get('fid_pooled')}")
+        else:
+            ok = False
+            print("  a --fid run failed; see the JSON")
+    result["pass"] = ok
+    result["machine"] = machine_info()
+    print(f"client infer FLOPs ratio CollaFuse(c={a.cut_ratio}, half-size client net) / FedAvg: "
+          + ", ".join(f"{r['setting']} {r['ratio_half']:.4f}" for r in rows) + f" (target <= {TARGET})  {verdict(ok)}")
+    write_result(a.json, result)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
