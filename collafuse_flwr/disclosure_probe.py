@@ -42,7 +42,7 @@ class DisclosureProbe:
 
             self.reference = train_reference_denoiser(self.cfg, self.num_clients, self.device)
             self._trained = True
-        x = torch.from_numpy(uploads)
+        x = torch.from_numpy(uploads).to(self.device)  # where the server model is (a GPU: found on an H100)
         model = strategy.model
         model.eval()
         with torch.no_grad():
@@ -55,4 +55,4 @@ class DisclosureProbe:
             elif t_c == 0:
                 recon["recon-reference"] = own  # raw images: every attacker recovers them exactly
         return ArrayRecord({"uploads": Array(uploads.astype(np.float32)),
-                            **{k: Array(v.float().numpy()) for k, v in recon.items()}})
+                            **{k: Array(v.float().cpu().numpy()) for k, v in recon.items()}})

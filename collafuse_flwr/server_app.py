@@ -27,8 +27,10 @@ app = ServerApp()
 
 def in_simulation(grid: Grid) -> bool:
     """The simulation engine runs the ServerApp beside the nodes with an in-memory grid."""
-    from flwr.superlink.grid import InMemoryGrid
-
+    try:
+        from flwr.superlink.grid import InMemoryGrid
+    except ImportError:  # Flower's server stack (fastapi, ...) absent: run by benchmarks.inprocess on a bare box
+        return False
     inner = grid.inner if isinstance(grid, PollingGrid) else grid
     return isinstance(inner, InMemoryGrid)
 
