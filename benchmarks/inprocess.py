@@ -171,8 +171,10 @@ def run_inprocess_dir(run_config: dict[str, Any], num_clients: int, out_dir: Pat
     try:
         server_app.main(grid, context)  # @app.main() returns the function unchanged
     finally:
+        # the run's own folder: the new one holding results.json (a node may add others beside it)
         new = sorted(p for p in out_dir.iterdir() if p.is_dir() and p not in before)
-        folder = new[-1] if new else None
+        runs = [p for p in new if (p / "results.json").is_file()]
+        folder = runs[-1] if runs else (new[-1] if new else None)
         run_inprocess_dir.last_folder = folder  # type: ignore[attr-defined]  # for callers that catch
     if folder is None or not (folder / "results.json").is_file():
         raise RuntimeError(f"the ServerApp wrote no results.json under {out_dir}")

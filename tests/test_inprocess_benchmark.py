@@ -1,0 +1,33 @@
+"""benchmarks.inprocess: the real ServerApp main + ClientApp in one process (the GPU box's path,
+which has no Ray), recorded so that benchmarks.report reads it like a sweep."""
+
+import json
+
+from benchmarks.inprocess import ENGINE, SMOKE, run_inprocess, run_sequence
+from benchmarks.report import write_report
+from benchmarks.sweep import collafuse
+
+
+def test_run_inprocess_has_the_harness_and_per_client_fid(tiny_config, tmp_path):
+    rc = {k: v for k, v in tiny_config(num_server_rounds=1).items()
+          if k not in ("method", "cut-ratio", "seed", "output-dir", "harness")}
+    meta = run_sequence([collafuse(0.2)], tmp_path / "out", preset=SMOKE, run_config=rc, seeds=[0], num_clients=2,
+                        report=False)
+    assert meta["ran"] == ["collafuse-c0.2-s0"] and meta["engine"] == ENGINE
+    run = tmp_path / "out" / "runs" / "collafuse-c0.2-s0"
+    res = json.loads((run / "results.json").read_text())
+    assert res["status"] == "ok" and res["config"]["harness"] == "on"
+    assert set(res["final"]["fid_per_client"]) == {"0", "1"}
+    assert res["final"]["fid_pooled"] is not None  # the harness ran, as in a simulation
+    assert (run / "metrics.csv").is_file() and json.loads((run / "sweep.json").read_text())["status"] == "ok"
+    paths = write_report(tmp_path / "out")
+    assert "| CollaFuse" in paths["report"].read_text()
+    # recorded with the same settings: a second call skips it
+    again = run_sequence([collafuse(0.2)], tmp_path / "out", preset=SMOKE, run_config=rc, seeds=[0], num_clients=2,
+                         report=False)
+    assert again["skipped"] == ["collafuse-c0.2-s0"] and not again["ran"]
+
+
+def test_run_inprocess_returns_results(tiny_config, tmp_path):
+    res = run_inprocess({**tiny_config(num_server_rounds=1, method="local")}, 2, tmp_path)
+    assert res["status"] == "ok" and res["num_clients"] == 2
