@@ -107,6 +107,7 @@ class DiffusionStrategy(Strategy):
         self._on_round_end = on_round_end
         self._addressed: dict[str, list[int]] = {}  # phase -> nodes the last messages went to
         self._t0 = time.perf_counter()
+        self.measured_every_round = False
 
     # -- the run ------------------------------------------------------------------------------
     def start(self, grid: Grid, initial_arrays: ArrayRecord, num_rounds: int = 3, timeout: float = 3600,
@@ -123,6 +124,8 @@ class DiffusionStrategy(Strategy):
         """
         self.num_rounds = num_rounds
         self.round_timeout = timeout
+        # an evaluate_fn measures the model after every round: no server work may be left owed then
+        self.measured_every_round = evaluate_fn is not None
         self._t0 = time.perf_counter()
         log(INFO, "Starting %s strategy (rounds %d..%d):", type(self).__name__, start_round, num_rounds)
         self.summary()

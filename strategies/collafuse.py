@@ -89,7 +89,9 @@ class CollaFuse(DiffusionStrategy):
         a step owed by round r runs during round r + 1 on the buffer as it was after round r
         (every upload from rounds <= r, validated; never a round r + 1 upload, which has not
         arrived). Steps owed before an evaluation round, and by the last round, run at once,
-        so the evaluated model has taken exactly the budget of every round.
+        so the evaluated model has taken exactly the budget of every round. With an
+        `evaluate_fn` (which sees the model after every round) every round runs its steps at
+        once: overlap is then off.
     overlap_threads : int | None
         torch CPU threads for the overlapped steps (None: unchanged). Where the nodes train on
         the server's own cores (a simulation), give the server what they leave free: two
@@ -318,7 +320,7 @@ class CollaFuse(DiffusionStrategy):
         ran = self._overlap_metrics
         self._overlap_metrics = {}
         last = self.num_rounds is not None and server_round >= self.num_rounds
-        if not self.overlap or last or self.is_eval_round(server_round):
+        if not self.overlap or last or self.is_eval_round(server_round) or self.measured_every_round:
             now = self._train_server(self.owed_steps, server_round)
             self.owed_steps = 0
             if ran:  # steps taken in both places this round: one record of each, summed where additive

@@ -137,7 +137,8 @@ def test_a_deployment_node_returns_no_images_and_no_private_scores(tiny_config):
                       harness=ArrayRecord({"recon-server": Array(np.zeros((8, 1, 8, 8), np.float32))}))
     assert not reply.content.array_records
     keys = set(reply.content["metrics"].keys())
-    assert keys <= {"num-examples", "infer-seconds", "client-infer-flops-per-image"}, keys
+    # the node's model size and its own cut are public (it declared both at first contact)
+    assert keys <= {"num-examples", "infer-seconds", "client-infer-flops-per-image", "client-params", "cut-step"}, keys
     # opted in, the same node returns the research measurements
     ctx = _context(rc, **{"share-harness": "true"})
     _train(rc, ctx)

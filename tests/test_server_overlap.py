@@ -22,7 +22,7 @@ from inprocess import InProcessGrid
 UPLOADS = 8  # tiny config: uploads-per-round
 
 
-def _run(rc, num_nodes=3, fail_nodes=(), grid_cls=InProcessGrid):
+def _run(rc, num_nodes=3, fail_nodes=(), grid_cls=InProcessGrid, evaluate_fn=None):
     """Run the strategy through the real ClientApp; log every server training call."""
     rc = {**rc, "count-flops": False}
     cfg = parse_config(rc)
@@ -47,7 +47,7 @@ def _run(rc, num_nodes=3, fail_nodes=(), grid_cls=InProcessGrid):
     strategy._train_server = logged_train
     strategy.while_nodes_train = logged_during
     grid = grid_cls(ca.app, rc, num_nodes, fail_nodes=fail_nodes)
-    strategy.start(grid=grid, initial_arrays=arrays, num_rounds=cfg.num_server_rounds)
+    strategy.start(grid=grid, initial_arrays=arrays, num_rounds=cfg.num_server_rounds, evaluate_fn=evaluate_fn)
     return strategy, [c for c in calls if c["steps"]], grid
 
 
@@ -73,6 +73,20 @@ def test_an_evaluation_round_flushes_the_owed_steps_first(tiny_config):
     assert [(c["round"], c["phase"]) for c in before_eval] == [(2, "during"), (2, "aggregate")]
     assert sum(c["steps"] for c in before_eval) == 2 * 2 * 3  # rounds 1 and 2, both taken before round 2's eval
     assert before_eval[-1]["buffer"] == 2 * 3 * UPLOADS
+
+
+def test_a_users_evaluate_fn_sees_every_rounds_server_steps(tiny_config):
+    """Naively, with overlap the arrays after round r lack round r's server steps, so a user's
+    evaluate_fn (Flower's per-round hook) measures a model one round stale; round 1 unchanged."""
+    rc = tiny_config(cut_ratio=0.5, num_server_rounds=2, local_steps=2, server_steps="auto")
+    seen: dict[int, float] = {}
+
+    def norm(rnd, arrays):
+        seen[rnd] = sum(float((a.numpy().astype("float64") ** 2).sum()) for a in arrays.values())
+
+    _, calls, _ = _run(rc, evaluate_fn=norm)
+    assert [(c["round"], c["phase"]) for c in calls] == [(1, "aggregate"), (2, "aggregate")]
+    assert len(set(seen.values())) == 3, seen  # initial, after round 1, after round 2: all differ
 
 
 def test_without_overlap_each_round_trains_at_once_on_its_own_uploads(tiny_config):
