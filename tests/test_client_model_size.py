@@ -5,7 +5,6 @@ net (parameters and measured inference FLOPs), and one run through `flwr run`.
 """
 
 import itertools
-import json
 import warnings
 
 import pytest
@@ -109,14 +108,10 @@ def test_client_reports_its_smaller_net_and_spends_fewer_flops(tiny_config):
 # -- through flwr run ---------------------------------------------------------------------------------
 @pytest.mark.e2e
 def test_flwr_run_with_a_half_size_client_net(tmp_path):
-    from collafuse_flwr.launch import run_flower
+    from flwr_runs import run_tiny
 
-    rc = ("num-server-rounds=2 model-size='small' client-model-size='half' image-size=8 diffusion-steps=20 "
-          "cut-ratio=0.3 local-steps=2 server-steps=2 uploads-per-round=8 num-eval-samples=6 batch-size=16 "
-          f"attack-reference-steps=5 output-dir='{tmp_path}'")
-    out = run_flower(rc, num_clients=2, flwr_home=tmp_path / "flwr-home", timeout=600, stream=False)
-    assert out.ok, f"run failed: status={out.status} rc={out.returncode}\n{out.log[-4000:]}"
-    res = json.loads((out.output_dir / "results.json").read_text())
+    _, res = run_tiny(tmp_path, "model-size='small' client-model-size='half' diffusion-steps=20 cut-ratio=0.3 "
+                      "server-steps=2")
     assert res["status"] == "ok" and res["config"]["client-model-size"] == "half"
     assert res["client_model_size"] == "small-half"
     f = res["final"]

@@ -2,8 +2,6 @@
 at its plan's step t_u, declares it, never uploads an image more than K times, and the server
 trains and hands off at t_u for that node."""
 
-import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -74,15 +72,9 @@ def test_an_impossible_target_stops_the_node_with_the_fix(tiny_config):
 
 @pytest.mark.e2e
 def test_upload_epsilon_4_runs_through_flwr(tmp_path):
-    from collafuse_flwr.launch import run_flower
+    from flwr_runs import run_tiny
 
-    tiny = ("num-server-rounds=2 model-size='tiny' image-size=8 local-steps=2 uploads-per-round=8 "
-            "num-eval-samples=6 batch-size=16 attack-reference-steps=5 sampling-steps=20")
-    out = run_flower(f"{tiny} method='collafuse' upload-epsilon=4.0 output-dir='{tmp_path}'",
-                     num_clients=2, flwr_home=tmp_path / "flwr-home", timeout=600, stream=False)
-    assert out.ok, out.log[-4000:]
-    res = json.loads((Path(out.output_dir) / "results.json").read_text())
-    assert res["status"] == "ok"
+    _, res = run_tiny(tmp_path, "sampling-steps=20 method='collafuse' upload-epsilon=4.0")
     dp = res["final"]["disclosure"]["dp_per_client"]
     assert set(dp) == {"0", "1"}
     for c, plan in dp.items():

@@ -5,28 +5,23 @@ started; the test then checks that nothing it started is left listening.
 """
 
 import csv
-import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from collafuse_flwr.launch import _pids_listening_on, run_flower
+import flwr_runs
+
+from collafuse_flwr.launch import run_flower
 
 pytestmark = pytest.mark.e2e
 
-TINY = ("num-server-rounds=2 model-size='tiny' image-size=8 diffusion-steps=20 local-steps=2 "
-        "server-steps=2 uploads-per-round=8 num-eval-samples=6 batch-size=16 attack-reference-steps=5")
+TINY = f"{flwr_runs.TINY} diffusion-steps=20 server-steps=2"
 NUM_CLIENTS = 3
 
 
 def _run(tmp_path: Path, extra: str):
-    out = run_flower(f"{TINY} {extra} output-dir='{tmp_path}'", num_clients=NUM_CLIENTS,
-                     flwr_home=tmp_path / "flwr-home", timeout=600, stream=False)
-    assert out.ok, f"run failed: status={out.status} rc={out.returncode}\n{out.log[-4000:]}"
-    assert out.output_dir is not None and out.output_dir.parent == tmp_path
-    assert not _pids_listening_on(out.control_port) and not _pids_listening_on(out.http_port)
-    return out.output_dir, json.loads((out.output_dir / "results.json").read_text())
+    return flwr_runs.run_tiny(tmp_path, f"diffusion-steps=20 server-steps=2 {extra}", NUM_CLIENTS)
 
 
 def _check_common(run_dir: Path, res: dict, method: str):
