@@ -194,7 +194,7 @@ class CollaFuse(DiffusionStrategy):
                     f"sets c (run-config cut-ratio or node_config cut-ratio); start both with the same c, or "
                     f"let each node choose (run-config client-cut-ratios / CollaFuse(node_cuts=True))")
         if int(node_cut) != node_cut or not 0 <= int(node_cut) <= self.sched.T:
-            return f"the node's cut step {node_cut} is outside 0..{self.sched.T}"
+            return f"the node's cut step {node_cut} is not a whole step in 0..{self.sched.T}"
         return ""
 
     def on_admit(self, node_id: int, client: int, info: dict[str, Any]) -> None:

@@ -1,8 +1,6 @@
 """Per-client cut ratios: each data owner runs at its own t_c,k; the server trains t > t_c,k on
 that node's uploads, validates them against that node's cut and hands it x_{t_c,k}."""
 
-import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -23,11 +21,13 @@ CUTS = {1: 2, 2: 10, 3: 18}  # node -> the cut step it declares (T = 20)
 class CutGrid(FakeGrid):
     """Nodes that declare their own cut at first contact."""
 
+    declared = CUTS
+
     def send_and_receive(self, messages, *, timeout=None):
         out = []
         for m in messages:
             nid = m.metadata.dst_node_id
-            met = {"num-examples": 10, "partition-id": nid - 1, "cut-step": CUTS[nid]}
+            met = {"num-examples": 10, "partition-id": nid - 1, "cut-step": self.declared[nid]}
             out.append(_reply(m, RecordDict({"metrics": MetricRecord(met)}), nid))
         return out
 
@@ -120,6 +120,19 @@ def test_each_node_gets_its_own_hand_off(tiny_config):
     assert starts == CUTS
 
 
+@pytest.mark.parametrize("bad", [21, -1, 2.5, 10**9])
+def test_a_node_declaring_an_impossible_cut_is_refused_and_the_others_run(tiny_config, bad):
+    """Naively the server trusts the declared cut: 21 > T makes it train no step of the node's
+    chain and hand back x at t > T; -1 or 2.5 index the schedule out of range or off the grid."""
+    s = _strategy(tiny_config)
+    grid = CutGrid(CUTS)
+    grid.declared = {**CUTS, 2: bad}
+    msgs = list(s.configure_train(1, ArrayRecord(), ConfigRecord(), grid))
+    assert sorted(m.metadata.dst_node_id for m in msgs) == [1, 3]
+    assert f"cut step {bad} is not a whole step in 0..20" in s.registry.refused[2]
+    assert s.client_cut == {0: 2, 2: 18}
+
+
 def test_without_node_cuts_a_node_with_another_cut_is_refused(tiny_config):
     cfg = parse_config(tiny_config(cut_ratio=0.5))
     s = CollaFuse.from_run_config(cfg, shared_denoiser(8, 1, "tiny", "client", 3), (1, 8, 8))
@@ -143,15 +156,9 @@ def test_bad_client_cut_ratios_are_refused_at_start(tiny_config, bad, match):
 
 @pytest.mark.e2e
 def test_a_mixed_cut_federation_runs_through_flwr(tmp_path):
-    from collafuse_flwr.launch import run_flower
+    from flwr_runs import run_tiny
 
-    tiny = ("num-server-rounds=2 model-size='tiny' image-size=8 diffusion-steps=20 local-steps=2 "
-            "uploads-per-round=8 num-eval-samples=6 batch-size=16 attack-reference-steps=5")
-    out = run_flower(f"{tiny} method='collafuse' client-cut-ratios='0.2,0.6' output-dir='{tmp_path}'",
-                     num_clients=2, flwr_home=tmp_path / "flwr-home", timeout=600, stream=False)
-    assert out.ok, out.log[-4000:]
-    res = json.loads((Path(out.output_dir) / "results.json").read_text())
-    assert res["status"] == "ok"
+    _, res = run_tiny(tmp_path, "diffusion-steps=20 method='collafuse' client-cut-ratios='0.2,0.6'")
     assert res["cut_step_per_client"] == {"0": 4, "1": 12}
     f = res["final"]
     flops = f["client_train_flops_per_client"]
