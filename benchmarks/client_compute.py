@@ -44,6 +44,7 @@ from collafuse_flwr.models import build_denoiser, client_preset, count_parameter
 from .common import (
     RESULTS_DIR,
     BenchmarkError,
+    client_chain,
     command_line,
     format_overrides,
     machine_info,
@@ -97,11 +98,8 @@ def measured_flops_per_image(model: torch.nn.Module, sched: D.Schedule, shape: t
 def compute_setting(name: str, overrides: dict[str, Any], real: bool, cut_ratio: float) -> dict[str, Any]:
     cfg = validate_overrides({**overrides, "method": "collafuse", "cut-ratio": cut_ratio})
     T = cfg.diffusion_steps  # noqa: N806 - the paper's name
-    sched = D.make_schedule(T, cfg.beta_schedule)
-    t_c = D.cut_step(cfg.cut_ratio, T)
-    t_start = D.client_start_step(cfg.cut_ratio, T, cfg.server_target)
-    _, s_cli = D.split_step_budget(cfg.sampling_steps, T, t_c)
-    full_steps = cfg.sampling_steps or None
+    chain = client_chain(cfg)
+    sched, t_start, s_cli, full_steps = chain.sched, chain.t_start, chain.client_steps, chain.full_steps
     shape = (cfg.image_channels, cfg.image_size, cfg.image_size)
     torch.manual_seed(cfg.seed)
     fedavg = shared_denoiser(cfg.image_size, shape[0], cfg.model_size, cfg.conditioning, NUM_CLIENTS).eval()

@@ -94,6 +94,30 @@ def validate_overrides(overrides: dict[str, Any]):
 
 
 # -- machine facts -------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ClientChain:
+    """The steps a CollaFuse client runs at inference, as the ClientApp plans them: it restarts
+    at t_start (the authors' client_start_step) and takes `client_steps` of the sampling budget;
+    FedAvg's client runs the whole chain in `full_steps` (None: every step)."""
+
+    sched: Any
+    t_c: int
+    t_start: int
+    client_steps: int | None
+    full_steps: int | None
+
+
+def client_chain(cfg: Any) -> ClientChain:
+    """The client's inference chain for a validated run-config (`validate_overrides`)."""
+    from collafuse_flwr import diffusion as D  # noqa: N812 - the project's name for it
+
+    T = cfg.diffusion_steps  # noqa: N806 - the paper's name
+    t_c = D.cut_step(cfg.cut_ratio, T)
+    _, s_cli = D.split_step_budget(cfg.sampling_steps, T, t_c)
+    return ClientChain(D.make_schedule(T, cfg.beta_schedule), t_c,
+                       D.client_start_step(cfg.cut_ratio, T, cfg.server_target), s_cli, cfg.sampling_steps or None)
+
+
 def machine_info() -> dict[str, Any]:
     """What a reader needs to compare timings: OS, CPUs usable by this process, library versions."""
     info: dict[str, Any] = {

@@ -32,6 +32,7 @@ from collafuse_flwr.models import build_denoiser, count_parameters, default_devi
 from .common import (
     RESULTS_DIR,
     BenchmarkError,
+    client_chain,
     command_line,
     machine_info,
     parse_overrides,
@@ -96,11 +97,8 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(a.threads)
     torch.manual_seed(cfg.seed)
     T = cfg.diffusion_steps  # noqa: N806 - the paper's name
-    sched = D.make_schedule(T, cfg.beta_schedule)
-    t_c = D.cut_step(cfg.cut_ratio, T)
-    t_start = D.client_start_step(cfg.cut_ratio, T, cfg.server_target)
-    _, s_cli = D.split_step_budget(cfg.sampling_steps, T, t_c)
-    full_steps = cfg.sampling_steps or None
+    chain = client_chain(cfg)
+    sched, t_start, s_cli, full_steps = chain.sched, chain.t_start, chain.client_steps, chain.full_steps
     channels = CHANNELS.get(cfg.dataset, 3)
     device = torch.device(a.device) if a.device else default_device()
     model = build_denoiser(cfg.image_size, channels, cfg.model_size).eval().to(device)
