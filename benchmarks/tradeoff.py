@@ -7,7 +7,7 @@
 Runs, on digits at the comparison sweep's settings (app defaults, 5 rounds: c = 0.2, 5 clients,
 non-IID by class, fair server budget), each through `flwr run` with the sweep's bookkeeping
 (`benchmarks.sweep.run_sweep`: one folder per run and seed, finished runs skipped on a re-run,
-so a sweep-cpu folder's `collafuse-c0.2` runs can be copied in and are not run again):
+so an interrupted report resumes where it stopped):
 - `collafuse-c0.2` (no DP), `eps10`, `eps4`, `eps1`: upload-epsilon with every image uploaded at
   most once (max-uploads-per-image = 1; at K = 2 epsilon = 1 cannot be met at all on 8x8 digits);
 - `mixed`: client-cut-ratios = 0.1,0.1,0.2,0.3,0.3, the same mean cut (so the same mean client
@@ -42,7 +42,7 @@ RUNS: dict[str, dict[str, Any]] = {  # in order of importance: a run cut off at 
     "eps10": {"upload-epsilon": 10.0, "max-uploads-per-image": 1},
     "eps1": {"upload-epsilon": 1.0, "max-uploads-per-image": 1},
 }
-#: the comparison sweep's CPU settings, so `collafuse-c0.2` here is the sweep's run
+#: the comparison sweep's CPU settings (its collafuse-c0.2 runs are the same setting, under older code)
 SETTINGS: dict[str, Any] = {"num-server-rounds": 5}
 
 
