@@ -50,6 +50,13 @@ class RecordKeys:
     harness: str = "harness"  # disclosure harness payload (measurement only)
 
 
+def _last_line(text: str, limit: int = 400) -> str:
+    """The message of a remote traceback: its last non-empty line, shortened."""
+    lines = [ln.strip() for ln in str(text).splitlines() if ln.strip()]
+    last = lines[-1].rstrip("'>") if lines else ""
+    return last.split("Message: ", 1)[-1][:limit]  # Flower's "Exception ... occurred. Message: <it>"
+
+
 class RoundFailed(RuntimeError):
     """Too few nodes replied (or were connected) for the round to mean anything."""
 
@@ -254,11 +261,13 @@ class DiffusionStrategy(Strategy):
         answers = []
         for m in replies:
             nid = m.metadata.src_node_id
-            if m.has_error():
+            if m.has_error():  # its ClientApp raised (no data, bad node_config, ...): asking again won't help
+                self.registry.refused[nid] = f"its first-contact reply was an error: {_last_line(m.error.reason)}"
                 log(WARNING, "node %d did not answer hello: %s", nid, m.error.reason)
                 continue
             info = _metrics_dict(m, self.keys.metrics)
             if info is None:
+                self.registry.refused[nid] = "its first-contact reply had no finite metrics"
                 log(WARNING, "node %d: hello reply without finite metrics; not admitted", nid)
                 continue
             answers.append((nid, info))
@@ -280,9 +289,18 @@ class DiffusionStrategy(Strategy):
         deadline = time.time() + self.connect_timeout
         while True:
             self._contact_new_nodes(grid)
-            nodes = self.registry.ordered(grid.get_node_ids())
+            connected = list(grid.get_node_ids())
+            nodes = self.registry.ordered(connected)
             if len(nodes) >= self.min_available_nodes:
                 return nodes
+            if len(connected) >= self.min_available_nodes and all(n in self.registry.refused for n in connected):
+                # as many nodes as the run needs are there and every one was refused: waiting
+                # connect_timeout for them to change their answer only hides why the run cannot start
+                reasons: dict[str, list[int]] = {}
+                for n in sorted(connected):
+                    reasons.setdefault(self.registry.refused[n], []).append(n)
+                why = "; ".join(f"node(s) {', '.join(map(str, ns))}: {r}" for r, ns in reasons.items())
+                raise RoundFailed(f"all {len(connected)} connected node(s) were refused ({why})")
             if time.time() > deadline:
                 raise RoundFailed(f"only {len(nodes)} admitted client node(s) connected after "
                                   f"{self.connect_timeout:.0f}s, {self.min_available_nodes} required "

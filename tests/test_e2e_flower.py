@@ -5,6 +5,7 @@ started; the test then checks that nothing it started is left listening.
 """
 
 import csv
+import json
 from pathlib import Path
 
 import numpy as np
@@ -64,11 +65,15 @@ def test_baselines_end_to_end(tmp_path, method):
 
 
 def test_failed_run_is_reported_as_failed(tmp_path):
-    """A run that breaks must not look like a success (flwr run --stream can exit 0)."""
+    """A run that breaks must not look like a success (flwr run --stream can exit 0), and must
+    stop as soon as it cannot go on, saying why (naively: every node's first contact fails,
+    the server waits its 300-s connect timeout and the launcher's timeout ends it)."""
     out = run_flower(f"{TINY} dataset='mnist' data-dir='{tmp_path}/nothing-here' output-dir='{tmp_path}'",
-                     num_clients=2, flwr_home=tmp_path / "flwr-home", timeout=300, stream=False)
-    assert not out.ok
-    assert "failed" in out.status or out.returncode != 0
+                     num_clients=2, flwr_home=tmp_path / "flwr-home", timeout=200, stream=False)
+    assert not out.ok and out.status == "finished:failed", out.status
+    (res,) = [json.loads(p.read_text()) for p in tmp_path.glob("*/results.json")]
+    assert res["status"] == "failed"
+    assert "all 2 connected node(s) were refused" in res["error"] and "nothing-here does not exist" in res["error"]
 
 
 @pytest.mark.parametrize("kwargs, match", [({"num_clients": 0}, "num-clients"),

@@ -1,6 +1,8 @@
 """Strategies' configure/aggregate steps against a fake Grid (no SuperLink, no Ray), including
 replies a faulty or hostile node could send: each must be refused before it touches state."""
 
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -16,7 +18,7 @@ from strategies import CollaFuse, FedAvgDiffusion, LocalOnly, RoundFailed
 
 def _reply(to: Message, content: RecordDict, src: int) -> Message:
     to.metadata.__dict__["_message_id"] = f"m{src}"
-    r = Message(content=content, reply_to=to)
+    r = Message(error=content, reply_to=to) if isinstance(content, Error) else Message(content=content, reply_to=to)
     r.metadata.__dict__["_src_node_id"] = src
     return r
 
@@ -27,10 +29,11 @@ class FakeGrid:
     claims: node id -> the partition-id it claims at hello (absent: no claim).
     """
 
-    def __init__(self, ids, claims=None, silent=()):
+    def __init__(self, ids, claims=None, silent=(), broken=()):
         self.ids = list(ids)
         self.claims = dict(claims or {})
         self.silent = set(silent)  # these never answer
+        self.broken = set(broken)  # their ClientApp raises at first contact
         self.asked: list[int] = []
 
     def get_node_ids(self):
@@ -43,6 +46,10 @@ class FakeGrid:
             nid = m.metadata.dst_node_id
             self.asked.append(nid)
             if nid in self.silent:
+                continue
+            if nid in self.broken:
+                err = Error(code=0, reason="Traceback ...\nFileNotFoundError: data_dir /x does not exist'>")
+                out.append(_reply(m, err, nid))
                 continue
             met = {"num-examples": 10}
             if nid in self.claims:
@@ -348,6 +355,25 @@ def test_a_silent_node_is_not_admitted_nor_asked_again_every_round(tiny_config):
     s.configure_train(2, ArrayRecord(), ConfigRecord(), grid)
     assert grid.asked == [1, 2]  # one first-contact query each, not one per round
     assert "no answer" in s.registry.refused[2]
+
+
+def test_when_every_connected_node_fails_first_contact_the_run_stops_at_once_saying_why(tiny_config):
+    """Naively a node whose ClientApp raises at hello is asked again every second until
+    connect_timeout (300 s), and the run then fails without the nodes' reason."""
+    cfg, s = _collafuse(tiny_config(cut_ratio=0.3), clients=2)
+    s.connect_timeout = 60
+    grid = FakeGrid([1, 2], broken=[1, 2])
+    t0 = time.time()
+    with pytest.raises(RoundFailed, match=r"all 2 connected node\(s\) were refused .*data_dir /x does not exist"):
+        s.configure_train(1, ArrayRecord(), ConfigRecord(), grid)
+    assert time.time() - t0 < 5 and grid.asked == [1, 2]
+
+
+def test_a_broken_node_is_refused_and_the_healthy_one_runs(tiny_config):
+    cfg, s = _collafuse(tiny_config(cut_ratio=0.3), clients=2)
+    grid = FakeGrid([1, 2], claims={1: 0}, broken=[2])
+    assert [m.metadata.dst_node_id for m in s.configure_train(1, ArrayRecord(), ConfigRecord(), grid)] == [1]
+    assert "error: FileNotFoundError: data_dir /x" in s.registry.refused[2]
 
 
 def test_a_reply_that_breaks_a_check_is_rejected_not_fatal(tiny_config):
