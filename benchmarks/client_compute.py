@@ -1,8 +1,6 @@
 """Client inference FLOPs per image: CollaFuse with a full-size or a smaller private net vs FedAvg.
 
-    python -m benchmarks.client_compute                  # FLOPs only (seconds): 8 px small T=200 and 28 px base T=1000
-    python -m benchmarks.client_compute --fid            # + the FID cost: two `flwr run`s (~10 min on 2 cores)
-    python -m benchmarks.client_compute --fid --rounds 4 --extra "local-steps=20"
+    python -m benchmarks.client_compute    # seconds: 8 px small T=200 and 28 px base T=1000
 
 A CollaFuse client receives x_{t_c} and runs only the last t_c of the T denoising steps with its
 private denoiser; with `client-model-size = "half"` that denoiser is the server's preset at half
@@ -17,10 +15,7 @@ FLOPs are measured with the app's FlopMeter (torch.utils.flop_counter on real pa
   8 px case checks is the same as measuring every call.
 Target: FLOPs ratio CollaFuse(c=0.2, half-size client net) / FedAvg <= 0.1 at both settings.
 
---fid adds the quality cost: one CollaFuse run through `flwr run` (collafuse_flwr.launch.run_flower)
-with `client-model-size=''` and one with `'half'`, same seed and otherwise the app's defaults
-(`--rounds`, `--extra` to change them); their per-client FID, pooled FID and the client infer
-FLOPs per image the ClientApps measured are recorded. (The FID difference is reported, not judged.)
+The quality cost of the half net is the `half` row of `python -m benchmarks.tradeoff`.
 
 Prints PASS/FAIL and writes benchmarks/results/client_compute.json (or --json PATH).
 """
@@ -28,9 +23,6 @@ Prints PASS/FAIL and writes benchmarks/results/client_compute.json (or --json PA
 from __future__ import annotations
 
 import argparse
-import json
-import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -43,12 +35,9 @@ from collafuse_flwr.models import build_denoiser, client_preset, count_parameter
 
 from .common import (
     RESULTS_DIR,
-    BenchmarkError,
     client_chain,
     command_line,
-    format_overrides,
     machine_info,
-    parse_overrides,
     validate_overrides,
     verdict,
     write_result,
@@ -129,66 +118,13 @@ def compute_setting(name: str, overrides: dict[str, Any], real: bool, cut_ratio:
     return row
 
 
-def fid_cost(rounds: int | None, extra: dict[str, Any], cut_ratio: float, timeout: float) -> dict[str, Any]:
-    """Two CollaFuse runs through `flwr run`: full-size vs half-size client net."""
-    from collafuse_flwr.launch import run_flower
-
-    out: dict[str, Any] = {}
-    base = {**extra, "method": "collafuse", "cut-ratio": cut_ratio}
-    if rounds:
-        base["num-server-rounds"] = rounds
-    validate_overrides(base)
-    root = Path(tempfile.mkdtemp(prefix="client-compute-runs-"))
-    for label, size in (("full", ""), ("half", "half")):
-        cfg = {**base, "client-model-size": size, "output-dir": str(root / label)}
-        (root / label).mkdir()
-        t0 = time.time()
-        with tempfile.TemporaryDirectory(prefix="client-compute-flwr-home-") as home:
-            o = run_flower(cfg, num_clients=NUM_CLIENTS, flwr_home=Path(home), timeout=timeout, stream=False)
-        rec: dict[str, Any] = {"run_config": format_overrides({k: v for k, v in cfg.items() if k != "output-dir"}),
-                               "flower_status": o.status, "returncode": o.returncode,
-                               "seconds": time.time() - t0, "output_dir": str(o.output_dir)}
-        res_path = o.output_dir / "results.json" if o.output_dir else None
-        if res_path and res_path.is_file():
-            res = json.loads(res_path.read_text())
-            f = res["final"]
-            rec.update({"status": res["status"], "client_model_size": res.get("client_model_size"),
-                        "fid": f["fid"], "fid_per_client": f["fid_per_client"], "fid_pooled": f.get("fid_pooled"),
-                        "kid": f["kid"], "fid_backbone": f["fid_backbone"],
-                        "client_parameters_per_client": f.get("client_parameters_per_client"),
-                        "client_infer_flops_per_image": f["client_infer_flops_per_image"],
-                        "client_train_flops_per_client_round": f["client_train_flops_per_client_round"],
-                        "wall_seconds": res["wall_seconds"]})
-        else:
-            rec["status"] = "failed"
-            rec["log_tail"] = o.log[-3000:]
-        print(f"  {label}: status {rec['status']}, FID {rec.get('fid')}, pooled {rec.get('fid_pooled')}, "
-              f"client infer FLOPs/image {rec.get('client_infer_flops_per_image')}", flush=True)
-        out[label] = rec
-    if all(out[k].get("status") == "ok" for k in out):
-        out["fid_delta"] = out["half"]["fid"] - out["full"]["fid"]
-        out["fid_ratio"] = out["half"]["fid"] / out["full"]["fid"]
-    return out
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.client_compute", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="\n\n".join(__doc__.split("\n\n")[1:]))
     p.add_argument("--cut-ratio", type=float, default=0.2)
-    p.add_argument("--fid", action="store_true", help="also run full vs half client net through flwr run")
-    p.add_argument("--rounds", type=int, default=None, help="num-server-rounds of the --fid runs (default: the app's)")
-    p.add_argument("--extra", default="", help="run-config overrides of the --fid runs")
-    p.add_argument("--timeout", type=float, default=1800, help="seconds per --fid run")
     p.add_argument("--json", type=Path, default=RESULTS_DIR / "client_compute.json")
     a = p.parse_args(argv)
-    try:
-        extra = parse_overrides(a.extra)
-        if a.fid:
-            validate_overrides({**extra, "method": "collafuse", "cut-ratio": a.cut_ratio})
-    except BenchmarkError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
     torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
     rows = []
     for name, overrides, real in SETTINGS:
@@ -206,16 +142,6 @@ def main(argv: list[str] | None = None) -> int:
                                                                for r in rows)
     result: dict[str, Any] = {"benchmark": "client_compute", "command": command_line(),
                               "when": time.strftime("%Y-%m-%dT%H:%M:%S"), "target": TARGET, "settings": rows}
-    if a.fid:
-        print("FID cost: CollaFuse through flwr run, full-size vs half-size client net", flush=True)
-        result["fid_cost"] = fid_cost(a.rounds, extra, a.cut_ratio, a.timeout)
-        fc = result["fid_cost"]
-        if "fid_delta" in fc:
-            print(f"  FID ({fc['full']['fid_backbone']}) full {fc['full']['fid']:.4g} -> half {fc['half']['fid']:.4g} "
-                  f"(delta {fc['fid_delta']:+.4g}); pooled {fc['full'].get('fid_pooled')} -> {fc['half'].get('fid_pooled')}")
-        else:
-            ok = False
-            print("  a --fid run failed; see the JSON")
     result["pass"] = ok
     result["machine"] = machine_info()
     print(f"client infer FLOPs ratio CollaFuse(c={a.cut_ratio}, half-size client net) / FedAvg: "
