@@ -131,17 +131,21 @@ def table(rows: list[dict[str, Any]]) -> str:
 
 
 def plot(rows: list[dict[str, Any]], path: Path) -> None:
+    """Quality, disclosure and the client's compute side by side: what each setting buys and costs."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(1, 2, figsize=(9, 3.4))
+    fig, ax = plt.subplots(1, 3, figsize=(12, 3.6))
     names = [r["run"] for r in rows]
     ax[0].bar(names, [r["fid"] or 0 for r in rows], yerr=[r["fid_sd"] or 0 for r in rows], color="tab:blue")
-    ax[0].set_ylabel("per-client FID (lower is better)")
+    ax[0].set_title("per-client FID (lower is better)", fontsize=10)
     ax[1].bar(names, [r["reid_reference"] or 0 for r in rows], color="tab:red")
-    ax[1].set_ylabel("re-identified uploads (reference attacker)")
+    ax[1].set_title("uploads re-identified (reference attacker)", fontsize=10)
+    ax[1].set_ylim(0, 1)
+    ax[2].bar(names, [(r["client_infer_flops_per_image"] or 0) / 1e9 for r in rows], color="tab:gray")
+    ax[2].set_title("client inference GFLOP per image", fontsize=10)
     for a in ax:
         a.tick_params(axis="x", rotation=30)
     fig.tight_layout()
