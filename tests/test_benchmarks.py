@@ -207,3 +207,18 @@ def test_memory_sampler_sees_this_process():
     with MemorySampler(interval=0.05) as mem:
         mem.sample()
     assert mem.peak_rss > 10e6 and mem.peak_procs >= 1 and mem.samples >= 1
+
+
+def test_main_jobs_local_only_comparison_is_a_run_config_flower_accepts():
+    """The local-only half of benchmarks.main_job once passed `method=local`, which Flower
+    refuses (values are TOML), so the quality target could never be judged."""
+    from flwr.common.config import parse_config_args
+
+    from benchmarks.main_job import local_only_args
+
+    for rc, n in ((None, None), ("num-server-rounds=2 model-size='tiny'", 3)):
+        args = local_only_args(rc, n)
+        parsed = parse_config_args([args[1]])
+        assert parsed["method"] == "local" and ("--num-clients" in args) == (n is not None)
+        if rc:
+            assert parsed["num-server-rounds"] == 2
