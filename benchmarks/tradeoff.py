@@ -71,9 +71,22 @@ def run_all(tags: list[str], out: Path, seeds: list[int], extra: dict[str, Any],
     for t in tags:
         for seed in seeds:
             path = runs / f"{t}-s{seed}" / "results.json"
-            if path.is_file() and (r := json.loads(path.read_text())).get("status") == "ok":
-                found[t].append(r)
+            r = json.loads(path.read_text()) if path.is_file() else {}
+            if r.get("status") != "ok":  # keep why it failed: an impossible epsilon is a finding
+                rec = runs / f"{t}-s{seed}" / "sweep.json"
+                r = {"status": "failed", "error": r.get("error") or
+                     (json.loads(rec.read_text()).get("error") if rec.is_file() else "did not run")}
+            found[t].append(r)
     return found
+
+
+def _short(error: str) -> str:
+    """The sentence that says why, out of a run's error (a node's refusal carries its fix)."""
+    for key in ("cannot be met", "refused"):
+        if key in error:
+            i = error.find("upload epsilon") if "upload epsilon" in error else error.find(key)
+            return error[max(0, i):][:160].split(";")[0]
+    return error[:160]
 
 
 def _mean_sd(values: list[float | None]) -> tuple[float | None, float | None]:
@@ -85,9 +98,13 @@ def _mean_sd(values: list[float | None]) -> tuple[float | None, float | None]:
 
 def summarize(tag: str, results: list[dict[str, Any]]) -> dict[str, Any]:
     """One row: means over the seeds that finished (FID with its spread)."""
-    row: dict[str, Any] = {"run": tag, "seeds": len(results), "changes": RUNS.get(tag, {})}
+    failed = [r for r in results if r.get("status") != "ok"]
+    results = [r for r in results if r.get("status") == "ok"]
+    row: dict[str, Any] = {"run": tag, "seeds": len(results), "changes": RUNS.get(tag, {}),
+                           "errors": [str(r.get("error"))[:400] for r in failed]}
     if not results:
-        return {**row, "fid": None, "fid_sd": None, "status": "no finished run"}
+        why = _short(row["errors"][0]) if row["errors"] else "no run"
+        return {**row, "fid": None, "fid_sd": None, "status": f"no finished run: {why}"}
 
     def disclosure(key: str) -> list[Any]:
         return [r["final"]["disclosure"].get(key) for r in results]

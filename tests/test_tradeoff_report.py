@@ -30,6 +30,15 @@ def test_without_dp_the_plain_accounting_is_shown_and_an_empty_run_says_so():
     plain = summarize("collafuse-c0.2", [_result(1.0, 0.99)])
     assert plain["epsilon_realised"] == 7100.0 and plain["fid_sd"] is None
     missing = summarize("eps1", [])
-    assert missing["status"] == "no finished run" and missing["fid"] is None
+    assert missing["status"] == "no finished run: no run" and missing["fid"] is None
     text = table([plain, missing])
-    assert "| eps1 | 0 | no finished run |" in text and "| collafuse-c0.2 | 1 | 1 |" in text
+    assert "| eps1 | 0 | no finished run: no run |" in text and "| collafuse-c0.2 | 1 | 1 |" in text
+
+
+def test_a_run_the_nodes_refused_says_why_in_the_table():
+    err = ("RoundFailed('all 5 connected node(s) were refused (node(s) 1, 2: its first-contact reply was an "
+           "error: upload epsilon=1 (delta=1e-05) cannot be met for images uploaded up to K=1 times; use ...)')")
+    row = summarize("eps1", [{"status": "failed", "error": err}, _result(1.0, 0.0, eps_realised=0.9)])
+    assert row["seeds"] == 1 and row["errors"] and row["status"] == "ok"  # the seed that finished counts
+    row = summarize("eps1", [{"status": "failed", "error": err}])
+    assert row["status"].startswith("no finished run: upload epsilon=1 (delta=1e-05) cannot be met")
