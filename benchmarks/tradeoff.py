@@ -48,7 +48,7 @@ SETTINGS: dict[str, Any] = {"num-server-rounds": 5}
 
 def run_all(tags: list[str], out: Path, seeds: list[int], extra: dict[str, Any], clients: int,
             engine: str) -> dict[str, list[dict[str, Any]]]:
-    """results.json of every (run, seed) that finished ok, by run tag."""
+    """Run what is not recorded yet (finished runs are skipped), then `collect` them all."""
     from .sweep import SweepConfig, run_sweep
 
     configs = [SweepConfig(t, {**BASE, **RUNS[t]}) for t in tags]
@@ -65,15 +65,24 @@ def run_all(tags: list[str], out: Path, seeds: list[int], extra: dict[str, Any],
                 try:
                     res = run_inprocess(rc, clients, runs / f"{c.tag}-s{seed}")
                 except Exception as exc:  # noqa: BLE001 - record and go on: the others still answer
-                    res = {"status": f"failed: {str(exc)[:300]}"}
+                    res = {"status": "failed", "error": str(exc)[:300]}
                 write_json(runs / f"{c.tag}-s{seed}" / "results.json", res)
+    return collect(tags, out, seeds)
+
+
+def collect(tags: list[str], out: Path, seeds: list[int]) -> dict[str, list[dict[str, Any]]]:
+    """Each (run, seed)'s results.json, or why it has none (its own error where the app wrote one)."""
+    runs = out / "runs"
     found: dict[str, list[dict[str, Any]]] = {t: [] for t in tags}
     for t in tags:
         for seed in seeds:
-            path = runs / f"{t}-s{seed}" / "results.json"
-            r = json.loads(path.read_text()) if path.is_file() else {}
+            d = runs / f"{t}-s{seed}"
+            # a failed run's results.json stays in the app's own folder under flower/
+            path = next((p for p in [d / "results.json", *sorted(d.glob("flower/*/results.json"))] if p.is_file()),
+                        None)
+            r = json.loads(path.read_text()) if path is not None else {}
             if r.get("status") != "ok":  # keep why it failed: an impossible epsilon is a finding
-                rec = runs / f"{t}-s{seed}" / "sweep.json"
+                rec = d / "sweep.json"
                 r = {"status": "failed", "error": r.get("error") or
                      (json.loads(rec.read_text()).get("error") if rec.is_file() else "did not run")}
             found[t].append(r)
@@ -85,8 +94,8 @@ def _short(error: str) -> str:
     for key in ("cannot be met", "refused"):
         if key in error:
             i = error.find("upload epsilon") if "upload epsilon" in error else error.find(key)
-            return error[max(0, i):][:160].split(";")[0]
-    return error[:160]
+            return error[max(0, i):].split(";")[0][:240]
+    return error[:240]
 
 
 def _mean_sd(values: list[float | None]) -> tuple[float | None, float | None]:
@@ -101,7 +110,7 @@ def summarize(tag: str, results: list[dict[str, Any]]) -> dict[str, Any]:
     failed = [r for r in results if r.get("status") != "ok"]
     results = [r for r in results if r.get("status") == "ok"]
     row: dict[str, Any] = {"run": tag, "seeds": len(results), "changes": RUNS.get(tag, {}),
-                           "errors": [str(r.get("error"))[:400] for r in failed]}
+                           "errors": [str(r.get("error"))[:1500] for r in failed]}
     if not results:
         why = _short(row["errors"][0]) if row["errors"] else "no run"
         return {**row, "fid": None, "fid_sd": None, "status": f"no finished run: {why}"}
@@ -177,11 +186,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", nargs="+", type=int, default=[0])
     p.add_argument("--clients", type=int, default=5)
     p.add_argument("--extra", default="", help="run-config overrides for every run")
+    p.add_argument("--report-only", action="store_true", help="rebuild the table and plot from the recorded runs")
     a = p.parse_args(argv)
     a.out = a.out.resolve()
     a.out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    found = run_all(a.only, a.out, a.seeds, parse_overrides(a.extra), a.clients, a.engine)
+    found = (collect(a.only, a.out, a.seeds) if a.report_only
+             else run_all(a.only, a.out, a.seeds, parse_overrides(a.extra), a.clients, a.engine))
     rows = [summarize(t, found[t]) for t in a.only]
     write_json(a.out / "tradeoff.json", {"command": command_line(), "engine": a.engine, "seeds": a.seeds,
                                          "settings": {**SETTINGS, **parse_overrides(a.extra)}, "rows": rows,
