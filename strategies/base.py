@@ -293,9 +293,11 @@ class DiffusionStrategy(Strategy):
             nodes = self.registry.ordered(connected)
             if len(nodes) >= self.min_available_nodes:
                 return nodes
-            if len(connected) >= self.min_available_nodes and all(n in self.registry.refused for n in connected):
-                # as many nodes as the run needs are there and every one was refused: waiting
-                # connect_timeout for them to change their answer only hides why the run cannot start
+            if (not self.registry.index and len(connected) >= self.min_available_nodes
+                    and all(n in self.registry.refused for n in connected)):
+                # nobody admitted yet, as many nodes as the run needs are there and every one was
+                # refused: waiting connect_timeout for them to change their answer only hides why
+                # the run cannot start (once nodes were admitted, their return is worth waiting for)
                 reasons: dict[str, list[int]] = {}
                 for n in sorted(connected):
                     reasons.setdefault(self.registry.refused[n], []).append(n)

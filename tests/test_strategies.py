@@ -376,6 +376,16 @@ def test_a_broken_node_is_refused_and_the_healthy_one_runs(tiny_config):
     assert "error: FileNotFoundError: data_dir /x" in s.registry.refused[2]
 
 
+def test_once_a_node_was_admitted_its_return_is_waited_for_even_if_only_refused_nodes_remain(tiny_config):
+    cfg, s = _collafuse(tiny_config(cut_ratio=0.3), clients=2)
+    s.connect_timeout = 1.0
+    grid = FakeGrid([1, 2], claims={1: 0}, broken=[2])
+    s.configure_train(1, ArrayRecord(), ConfigRecord(), grid)
+    grid.ids = [2]  # the admitted node is gone for now; only the refused one is connected
+    with pytest.raises(RoundFailed, match="admitted client node"):  # the connect timeout, not "all refused"
+        s.configure_train(2, ArrayRecord(), ConfigRecord(), grid)
+
+
 def test_a_reply_that_breaks_a_check_is_rejected_not_fatal(tiny_config):
     cfg, s = _collafuse(tiny_config(cut_ratio=0.3))
     msgs = list(s.configure_train(1, ArrayRecord(), ConfigRecord(), grid_of(2)))
