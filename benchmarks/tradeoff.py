@@ -71,16 +71,14 @@ def run_all(tags: list[str], out: Path, seeds: list[int], extra: dict[str, Any],
 
 
 def collect(tags: list[str], out: Path, seeds: list[int]) -> dict[str, list[dict[str, Any]]]:
-    """Each (run, seed)'s results.json, or why it has none (its own error where the app wrote one)."""
+    """Each (run, seed)'s results.json, or why it has none."""
     runs = out / "runs"
     found: dict[str, list[dict[str, Any]]] = {t: [] for t in tags}
     for t in tags:
         for seed in seeds:
             d = runs / f"{t}-s{seed}"
-            # a failed run's results.json stays in the app's own folder under flower/
-            path = next((p for p in [d / "results.json", *sorted(d.glob("flower/*/results.json"))] if p.is_file()),
-                        None)
-            r = json.loads(path.read_text()) if path is not None else {}
+            path = d / "results.json"  # the sweep copies a failed run's too, with the app's own error
+            r = json.loads(path.read_text()) if path.is_file() else {}
             if r.get("status") != "ok":  # keep why it failed: an impossible epsilon is a finding
                 rec = d / "sweep.json"
                 r = {"status": "failed", "error": r.get("error") or

@@ -195,5 +195,6 @@ def main(grid: Grid, context: Context) -> None:
         status = "stopped" if isinstance(exc, (KeyboardInterrupt, SystemExit)) else "failed"
         write_json(out / "results.json", {**header, "status": status, "error": repr(exc),
                                           "traceback": traceback.format_exc()})
+        log(INFO, "collafuse-flwr: results in %s", Path(out))  # the launcher finds a failed run's folder too
         raise
     log(INFO, "collafuse-flwr: results in %s", Path(out))

@@ -71,7 +71,8 @@ def test_failed_run_is_reported_as_failed(tmp_path):
     out = run_flower(f"{TINY} dataset='mnist' data-dir='{tmp_path}/nothing-here' output-dir='{tmp_path}'",
                      num_clients=2, flwr_home=tmp_path / "flwr-home", timeout=200, stream=False)
     assert not out.ok and out.status == "finished:failed", out.status
-    (res,) = [json.loads(p.read_text()) for p in tmp_path.glob("*/results.json")]
+    assert out.output_dir is not None and out.output_dir.parent == tmp_path  # a failed run's folder is named
+    res = json.loads((out.output_dir / "results.json").read_text())
     assert res["status"] == "failed"
     assert "all 2 connected node(s) were refused" in res["error"] and "nothing-here does not exist" in res["error"]
 
