@@ -229,6 +229,11 @@ class DiffusionStrategy(Strategy):
         last = self.num_rounds is None or server_round == self.num_rounds
         return last or (self.eval_every > 0 and server_round % self.eval_every == 0)
 
+    def model_measured_after(self, server_round: int) -> bool:
+        """Whether anything looks at the model once this round ends: the nodes' evaluation, the
+        last round, or a user's `evaluate_fn` (every round); no server work may be owed then."""
+        return self.measured_every_round or self.is_eval_round(server_round)
+
     def client_of(self, node_id: int) -> int:
         """The server-assigned client index of an admitted node."""
         return self.registry.index[node_id]

@@ -319,8 +319,7 @@ class CollaFuse(DiffusionStrategy):
         metrics = self.mean_metrics(ok)
         ran = self._overlap_metrics
         self._overlap_metrics = {}
-        last = self.num_rounds is not None and server_round >= self.num_rounds
-        if not self.overlap or last or self.is_eval_round(server_round) or self.measured_every_round:
+        if not self.overlap or self.model_measured_after(server_round):
             now = self._train_server(self.owed_steps, server_round)
             self.owed_steps = 0
             if ran:  # steps taken in both places this round: one record of each, summed where additive
