@@ -101,7 +101,6 @@ class ClientChain:
     FedAvg's client runs the whole chain in `full_steps` (None: every step)."""
 
     sched: Any
-    t_c: int
     t_start: int
     client_steps: int | None
     full_steps: int | None
@@ -112,10 +111,8 @@ def client_chain(cfg: Any) -> ClientChain:
     from collafuse_flwr import diffusion as D  # noqa: N812 - the project's name for it
 
     T = cfg.diffusion_steps  # noqa: N806 - the paper's name
-    t_c = D.cut_step(cfg.cut_ratio, T)
-    _, s_cli = D.split_step_budget(cfg.sampling_steps, T, t_c)
-    return ClientChain(D.make_schedule(T, cfg.beta_schedule), t_c,
-                       D.client_start_step(cfg.cut_ratio, T, cfg.server_target), s_cli, cfg.sampling_steps or None)
+    _, s_cli = D.split_step_budget(cfg.sampling_steps, T, D.cut_step(cfg.cut_ratio, T))
+    return ClientChain(D.make_schedule(T, cfg.beta_schedule), D.client_start_step(cfg.cut_ratio, T, cfg.server_target), s_cli, cfg.sampling_steps or None)
 
 
 def machine_info() -> dict[str, Any]:

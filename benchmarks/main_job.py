@@ -102,11 +102,11 @@ def main(argv: list[str] | None = None) -> int:
     if not a.no_local and ok_run:
         local_extra = local_only_args(a.run_config, a.num_clients)
         print("\nthe same settings with method=local, for the quality target:", flush=True)
-        local = run_main_job(local_extra, log_path=a.json.with_name(a.json.stem + "-local.log"), quiet=True)
+        local_log = a.json.with_name(a.json.stem + "-local.log")
+        local = run_main_job(local_extra, log_path=local_log, quiet=True)
         if local["status"] != "ok" or not local["fid"] or not r["fid"]:
             gain_ok = False  # the main job's figures are still written below
-            print(f"local-only run FAILED (rc {local['returncode']}, status {local['status']}; "
-                  f"log {a.json.with_name(a.json.stem + '-local.log')})")
+            print(f"local-only run FAILED (rc {local['returncode']}, status {local['status']}; log {local_log})")
         else:
             local["fid_gain"] = local["fid"] / r["fid"]
             gain_ok = local["fid_gain"] >= TARGET_FID_GAIN
