@@ -16,7 +16,7 @@ os.environ["COLLAFUSE_FLWR_CACHE"] = tempfile.mkdtemp(prefix="collafuse-test-cac
 
 #: A run-config small enough for unit tests: tiny UNet on 8x8 digits, short chain.
 TINY = {
-    "num-server-rounds": 2, "model-size": "tiny", "image-size": 8, "diffusion-steps": 20,
+    "dataset": "digits", "num-server-rounds": 2, "model-size": "tiny", "image-size": 8, "diffusion-steps": 20,
     "local-steps": 2, "server-steps": 2, "uploads-per-round": 8, "num-eval-samples": 4,
     "batch-size": 16, "attack-reference-steps": 5,
 }

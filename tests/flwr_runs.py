@@ -10,7 +10,7 @@ from pathlib import Path
 from collafuse_flwr.launch import _pids_listening_on, run_flower
 
 #: the end-to-end tests' run-config: tiny UNet on 8x8 digits, two short rounds
-TINY = ("num-server-rounds=2 model-size='tiny' image-size=8 local-steps=2 uploads-per-round=8 "
+TINY = ("dataset='digits' num-server-rounds=2 model-size='tiny' image-size=8 local-steps=2 uploads-per-round=8 "
         "num-eval-samples=6 batch-size=16 attack-reference-steps=5")
 
 
