@@ -7,7 +7,7 @@ from collafuse_flwr.config import ConfigError, load_defaults, parse_config, run_
 
 def test_pyproject_defaults_are_valid():
     cfg = parse_config({})
-    assert cfg.method == "collafuse" and cfg.dataset == "digits"
+    assert cfg.method == "collafuse" and cfg.dataset == "mnist5k"
     assert cfg.cut_step == round(cfg.cut_ratio * cfg.diffusion_steps)
     assert set(load_defaults()) == {k for k in cfg.to_flwr()}
 
@@ -48,7 +48,7 @@ def test_run_dir_is_absolute_and_unique(tmp_path):
     cfg = parse_config({"output-dir": str(tmp_path)})
     a, b = run_dir(cfg, 1), run_dir(cfg, 2)
     assert a.is_absolute() and a.parent == tmp_path and a != b
-    assert "collafuse-c0.2-digits" in a.name
+    assert "collafuse-c0.2-mnist5k" in a.name
 
 
 def test_an_installed_wheel_carries_the_run_config_defaults(tmp_path):

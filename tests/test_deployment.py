@@ -25,7 +25,7 @@ from collafuse_flwr.launch import APP_DIR, tree
 
 pytestmark = pytest.mark.e2e
 
-TINY = ("num-server-rounds=2 model-size='tiny' image-size=8 diffusion-steps=20 local-steps=2 "
+TINY = ("dataset='digits' num-server-rounds=2 model-size='tiny' image-size=8 diffusion-steps=20 local-steps=2 "
         "server-steps=2 uploads-per-round=8 num-eval-samples=4 batch-size=16 attack-reference-steps=5 "
         "torch-threads=1")
 NODES = 3
