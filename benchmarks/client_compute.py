@@ -47,7 +47,7 @@ TARGET = 0.1
 NUM_CLIENTS = 5
 #: (name, run-config overrides, measure every call for real?)
 SETTINGS = (
-    ("digits-8px-small-T200", {}, True),
+    ("digits-8px-small-T200", {"dataset": "digits"}, True),
     ("mnist-28px-base-T1000", {"image-size": 28, "model-size": "base", "diffusion-steps": 1000,
                                "dataset": "mnist5k"}, False),
 )

@@ -30,7 +30,7 @@ from benchmarks.common import RESULTS_DIR, machine_info, write_result
 from collafuse_flwr.deploy import ISOLATIONS, LocalDeployment
 from collafuse_flwr.launch import APP_DIR
 
-TINY = ("model-size='tiny' image-size=8 diffusion-steps=20 local-steps=2 server-steps=2 "
+TINY = ("dataset='digits' model-size='tiny' image-size=8 diffusion-steps=20 local-steps=2 server-steps=2 "
         "uploads-per-round=8 num-eval-samples=4 batch-size=16 attack-reference-steps=5 torch-threads=1")
 TARGET_S = 3.0
 

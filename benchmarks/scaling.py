@@ -48,7 +48,7 @@ from .common import (
 )
 
 SCALING_CONFIG: dict[str, Any] = {
-    "method": "collafuse", "cut-ratio": 0.2, "num-server-rounds": 1, "partitioning": "iid",
+    "method": "collafuse", "cut-ratio": 0.2, "dataset": "digits", "num-server-rounds": 1, "partitioning": "iid",
     "model-size": "tiny", "image-size": 8, "diffusion-steps": 20, "local-steps": 2, "server-steps": 2,
     "batch-size": 16, "uploads-per-round": 4, "num-eval-samples": 4, "count-flops": False,
     "attack-reference-steps": 10,

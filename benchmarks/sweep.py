@@ -137,9 +137,9 @@ CUT_RATIOS = (0.0, 0.2, 0.4, 0.8)
 
 PRESETS: dict[str, Preset] = {
     # 7 runs x 3 seeds x (40 s startup + 5 rounds x ~20 s + ~30 s evaluation) ~ 60 min on 2 CPU cores.
-    "cpu": Preset("cpu", "c in {0, 0.2, 0.4, 0.8} + FedAvg, local-only, centralized at the app defaults (digits "
-                  "8x8, small UNet, T=200, fair server budget), 5 rounds, seeds 0 1 2",
-                  CUT_RATIOS, BASELINES, {"num-server-rounds": 5}, seeds=(0, 1, 2), est_round_s=20.0,
+    "cpu": Preset("cpu", "c in {0, 0.2, 0.4, 0.8} + FedAvg, local-only, centralized on scikit-learn's digits "
+                  "(8x8, small UNet, T=200, fair server budget), 5 rounds, seeds 0 1 2",
+                  CUT_RATIOS, BASELINES, {"dataset": "digits", "num-server-rounds": 5}, seeds=(0, 1, 2), est_round_s=20.0,
                   est_eval_s=30.0),
     # Real 28 px digits downsampled to 16 px (4x the pixels of digits): 4 runs x ~5 min.
     "mnist5k": Preset("mnist5k", "embedded MNIST-5k at 16 px, c = 0.2 + FedAvg, local-only, centralized, "
@@ -150,7 +150,7 @@ PRESETS: dict[str, Preset] = {
     # 4 runs x (40 s + 2 x ~4 s + ~10 s) ~ 4 min on 2 CPU cores.
     "quick": Preset("quick", "c in {0, 0.2, 1} + FedAvg, tiny UNet, T=50, 2 rounds; a <= 5 min smoke sweep",
                     (0.0, 0.2, 1.0), ("fedavg",),
-                    {"num-server-rounds": 2, "model-size": "tiny", "diffusion-steps": 50,
+                    {"dataset": "digits", "num-server-rounds": 2, "model-size": "tiny", "diffusion-steps": 50,
                      "local-steps": 10, "uploads-per-round": 32,
                      "num-eval-samples": 32, "attack-reference-steps": 50},
                     est_round_s=4.0, est_eval_s=10.0),

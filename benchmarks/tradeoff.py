@@ -43,7 +43,7 @@ RUNS: dict[str, dict[str, Any]] = {  # in order of importance: a run cut off at 
     "eps1": {"upload-epsilon": 1.0, "max-uploads-per-image": 1},
 }
 #: the comparison sweep's CPU settings (its collafuse-c0.2 runs are the same setting, under older code)
-SETTINGS: dict[str, Any] = {"num-server-rounds": 5}
+SETTINGS: dict[str, Any] = {"dataset": "digits", "num-server-rounds": 5}
 
 
 def run_all(tags: list[str], out: Path, seeds: list[int], extra: dict[str, Any], clients: int,

@@ -2,7 +2,7 @@
 
 By default client and server hold the same architecture (as in the CollaFuse papers); the
 split is by timestep, not by layers. Presets are sized for CPU: `tiny` for tests, `small` for
-the default digits run, `base` for 28-64 px on a GPU.
+the default 8 px runs, `base` for 28-64 px on a GPU.
 
 Each preset also has a `<name>-half` twin with every channel width halved (same depth, same
 attention levels): a convolution's cost grows with in x out channels, so half the widths costs

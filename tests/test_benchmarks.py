@@ -222,3 +222,20 @@ def test_main_jobs_local_only_comparison_is_a_run_config_flower_accepts():
         assert parsed["method"] == "local" and ("--num-clients" in args) == (n is not None)
         if rc:
             assert parsed["num-server-rounds"] == 2
+
+
+def test_digits_benchmarks_keep_measuring_digits_after_the_default_moved():
+    """The app's default dataset moved to MNIST-5k; the committed digits reports (sweep-cpu,
+    tradeoff-cpu, overhead, main_job_variants) must still re-run on digits from their commands,
+    or a resumed sweep would silently mix datasets."""
+    from benchmarks.common import validate_overrides
+    from benchmarks.main_job_variants import QUIET, VARIANTS
+    from benchmarks.tradeoff import SETTINGS
+
+    assert validate_overrides({}).dataset == "mnist5k"  # what the pins guard against
+    for rc in (PRESETS["cpu"].run_config, PRESETS["quick"].run_config, SETTINGS):
+        assert validate_overrides(app_keys(rc)).dataset == "digits"
+    for name, overrides in VARIANTS.items():
+        cfg = validate_overrides({**QUIET, **overrides})
+        assert cfg.dataset == ("digits" if name.startswith("digits") else "mnist5k")
+        assert cfg.num_server_rounds == 8 and cfg.attack_reference_steps == 0 and not cfg.count_flops
