@@ -3,6 +3,8 @@ which has no Ray), recorded so that benchmarks.report reads it like a sweep."""
 
 import json
 
+import pytest
+
 from benchmarks.inprocess import ENGINE, SMOKE, run_inprocess, run_sequence
 from benchmarks.report import write_report
 from benchmarks.sweep import collafuse
@@ -31,3 +33,15 @@ def test_run_inprocess_has_the_harness_and_per_client_fid(tiny_config, tmp_path)
 def test_run_inprocess_returns_results(tiny_config, tmp_path):
     res = run_inprocess({**tiny_config(num_server_rounds=1, method="local")}, 2, tmp_path)
     assert res["status"] == "ok" and res["num_clients"] == 2
+
+
+def test_main_job_variants_compare_collafuse_with_local_only_on_the_same_settings(tiny_config):
+    """run_pair runs both methods with the variant's settings and reports local / CollaFuse."""
+    from benchmarks.main_job_variants import run_pair
+
+    overrides = {k: v for k, v in tiny_config(num_server_rounds=1).items() if k != "method"}
+    r = run_pair(overrides, 2, seed=3)
+    for m in ("collafuse", "local"):
+        assert set(r[m]["per_client"]) == {"0", "1"} and all(v > 0 for v in r[m]["per_client"].values())
+    assert r["gain"] == pytest.approx(r["local"]["fid"] / r["collafuse"]["fid"])
+    assert r["collafuse"]["fid"] != r["local"]["fid"]  # two different runs, not one reported twice
