@@ -8,7 +8,7 @@ the channel widths (collafuse_flwr/models.py), which costs about a quarter of th
 A FedAvg client runs all T steps with the full (client-conditioned) global model.
 
 FLOPs are measured with the app's FlopMeter (torch.utils.flop_counter on real passes):
-- at the app's defaults (digits 8x8, `small`, T=200, c=0.2) by running `diffusion.client_finish`
+- at digits 8x8 (pinned), `small`, T=200, c=0.2 by running `diffusion.client_finish`
   for real, exactly as the ClientApp does;
 - at 28x28 / `base` / T=1000 (MNIST-sized, the GPU preset) as FLOPs of one measured pass x the
   number of denoiser calls `client_finish` makes (counted with a free stand-in model), which the

@@ -42,7 +42,6 @@ from .common import (
 )
 
 TARGET = 0.25
-CHANNELS = {"digits": 1, "mnist": 1, "fashion-mnist": 1}  # every other dataset is RGB
 
 
 def finish_seconds(model: torch.nn.Module, sched: D.Schedule, x: torch.Tensor, t_start: int,
@@ -99,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     T = cfg.diffusion_steps  # noqa: N806 - the paper's name
     chain = client_chain(cfg)
     sched, t_start, s_cli, full_steps = chain.sched, chain.t_start, chain.client_steps, chain.full_steps
-    channels = CHANNELS.get(cfg.dataset, 3)
+    channels = cfg.image_channels
     device = torch.device(a.device) if a.device else default_device()
     model = build_denoiser(cfg.image_size, channels, cfg.model_size).eval().to(device)
     x = torch.randn((batch, channels, cfg.image_size, cfg.image_size),

@@ -1,7 +1,7 @@
 """Which settings give CollaFuse its quality gain over local-only training: the main job's
 comparison (per-client FID, CollaFuse c = 0.2 against local-only, same settings) for variants.
 
-    python -m benchmarks.main_job_variants                       # the table in the README (~25 min)
+    python -m benchmarks.main_job_variants                       # the table in the README (~35 min)
     python -m benchmarks.main_job_variants --only mnist5k-8px    # one variant (~8 min)
 
 Why a separate tool from `benchmarks.main_job`: that one times the unmodified command through
@@ -11,8 +11,8 @@ messages, no engine) with the reference attacker and FLOP counting off, which on
 In-process runs reproduce the flwr runs' figures where no thread overlaps another (local-only:
 per-client FID 0.783 both ways on the old digits defaults); CollaFuse's overlapped server steps
 see the same buffer but run in another order against the clients, so its figures differ
-slightly (0.957 in-process, 1.04 through flwr). Seed 0, 5 clients; writes
-benchmarks/results/main_job_variants.json (or --json PATH) after every run.
+slightly (0.957 in-process, 1.04 through flwr). Seed 0, 5 clients; each pair is merged into
+benchmarks/results/main_job_variants.json (or --json PATH) as it ends, keeping the variants not run.
 """
 
 from __future__ import annotations
@@ -49,9 +49,11 @@ def run_pair(overrides: dict[str, Any], num_clients: int, seed: int) -> dict[str
         t0 = time.perf_counter()
         with tempfile.TemporaryDirectory() as tmp:
             res = run_inprocess({**QUIET, **overrides, "method": method, "seed": seed}, num_clients, Path(tmp))
+        if res.get("status") != "ok":  # a degraded run's FID is not the method's
+            raise RuntimeError(f"{method} run ended {res.get('status')!r}: {res.get('status_reasons') or res.get('error')}")
         out[method] = {"fid": res["final"]["fid"], "fid_pooled": res["final"].get("fid_pooled"),
                        "per_client": {k: v.get("fid") for k, v in sorted(res["per_client"].items())},
-                       "seconds": time.perf_counter() - t0}
+                       "seconds": time.perf_counter() - t0, "config": res["config"]}
     out["gain"] = out["local"]["fid"] / out["collafuse"]["fid"]
     return out
 
@@ -65,11 +67,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--clients", type=int, default=5)
     p.add_argument("--json", type=Path, default=RESULTS_DIR / "main_job_variants.json")
     a = p.parse_args(argv)
+    previous = json.loads(a.json.read_text()) if a.json.is_file() else {}
+    if previous and (previous.get("seed"), previous.get("num_clients")) != (a.seed, a.clients):
+        previous = {}  # another seed or federation: do not mix them in one table
     results: dict[str, Any] = {"benchmark": "main_job_variants", "invoked_as": command_line(), "seed": a.seed,
-                               "num_clients": a.clients, "variants": {}, "machine": machine_info()}
+                               "num_clients": a.clients, "variants": previous.get("variants", {}),
+                               "machine": machine_info()}
+    a.json.parent.mkdir(parents=True, exist_ok=True)
     for name in a.only or list(VARIANTS):
         r = run_pair(VARIANTS[name], a.clients, a.seed)
-        results["variants"][name] = r
+        results["variants"][name] = {**r, "invoked_as": command_line()}
         write_json(a.json, results)
         print(f"{name:28s} CollaFuse {r['collafuse']['fid']:.3f}  local-only {r['local']['fid']:.3f}  "
               f"gain {r['gain']:.2f}x", flush=True)

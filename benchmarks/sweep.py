@@ -3,8 +3,8 @@
 Every configuration runs through the real Flower app (`collafuse_flwr.launch.run_flower`, one
 isolated `flwr run` on the simulation engine each), with the same clients, partitions, seeds and
 training budget, so differences in the report come from the method alone. Defaults are the
-app's own (`[tool.flwr.app.config]` in pyproject.toml: digits, 5 clients, non-IID by class);
-a preset only changes what it names.
+app's own (`[tool.flwr.app.config]` in pyproject.toml: 5 clients, non-IID by class); a preset
+only changes what it names (`cpu` and `quick` pin scikit-learn's digits).
 
     python -m benchmarks.sweep                 # 7 configurations x seeds 0 1 2, ~60 min on 2 CPU cores
     python -m benchmarks.sweep --config mnist5k  # real MNIST digits (embedded), 4 configurations, 1 seed

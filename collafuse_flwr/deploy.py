@@ -380,6 +380,8 @@ def main(argv: list[str] | None = None) -> int:
         from .node_data import write_node_folders
         folders = write_node_folders(workdir / "node-data", a.num_nodes)
         node_configs = [f"data-dir='{f}' dataset='imagefolder'" for f in folders]
+        if "dataset=" not in a.run_config:  # the folders hold scikit-learn digits: score them as digits
+            a.run_config = f"dataset='digits' {a.run_config}".strip()
     dep = LocalDeployment(workdir, a.num_nodes, node_configs, tls=not a.insecure,
                           auth=not (a.insecure or a.no_auth), isolation=a.isolation, database=a.database)
     previous = signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))

@@ -35,13 +35,19 @@ def test_run_inprocess_returns_results(tiny_config, tmp_path):
     assert res["status"] == "ok" and res["num_clients"] == 2
 
 
-def test_main_job_variants_compare_collafuse_with_local_only_on_the_same_settings(tiny_config):
-    """run_pair runs both methods with the variant's settings and reports local / CollaFuse."""
-    from benchmarks.main_job_variants import run_pair
+def test_main_job_variants_compare_collafuse_with_local_only_on_the_same_settings(tmp_path):
+    """run_pair runs both methods with the variant's settings (attacker and FLOP counting off)
+    and reports local / CollaFuse."""
+    from conftest import TINY
 
-    overrides = {k: v for k, v in tiny_config(num_server_rounds=1).items() if k != "method"}
-    r = run_pair(overrides, 2, seed=3)
+    from benchmarks.main_job_variants import QUIET, run_pair
+
+    overrides = {k: v for k, v in TINY.items() if k not in QUIET}
+    r = run_pair({**overrides, "num-server-rounds": 1}, 2, seed=3)
     for m in ("collafuse", "local"):
         assert set(r[m]["per_client"]) == {"0", "1"} and all(v > 0 for v in r[m]["per_client"].values())
     assert r["gain"] == pytest.approx(r["local"]["fid"] / r["collafuse"]["fid"])
     assert r["collafuse"]["fid"] != r["local"]["fid"]  # two different runs, not one reported twice
+    a, b = r["collafuse"]["config"], r["local"]["config"]
+    assert {k for k in a if a[k] != b[k]} <= {"method", "output-dir"}  # the same settings otherwise
+    assert not a["count-flops"] and a["attack-reference-steps"] == 0 and a["seed"] == 3
