@@ -24,6 +24,9 @@ from collafuse_flwr.outputs import write_json
 
 REPO = APP_DIR
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
+#: the main job's settings before its defaults moved to MNIST-5k and 5 rounds: what overhead.json
+#: and main_job_variants' digits rows were measured on
+OLD_MAIN_JOB: dict[str, Any] = {"dataset": "digits", "num-server-rounds": 8}
 
 
 class BenchmarkError(RuntimeError):

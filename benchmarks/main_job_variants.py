@@ -24,17 +24,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from collafuse_flwr.outputs import write_json
-
-from .common import RESULTS_DIR, command_line, machine_info
+from .common import OLD_MAIN_JOB, RESULTS_DIR, command_line, machine_info, write_result
 from .inprocess import run_inprocess
 
-#: name -> run-config overrides; "digits" pins the defaults the main job had before this table.
-OLD_DIGITS = {"dataset": "digits", "num-server-rounds": 8}
+#: name -> run-config overrides; "digits" is the main job as it was before this table.
 VARIANTS: dict[str, dict[str, Any]] = {
-    "digits": OLD_DIGITS,
-    "digits-uploads256": {**OLD_DIGITS, "uploads-per-round": 256},
-    "digits-local-steps20": {**OLD_DIGITS, "local-steps": 20},
+    "digits": OLD_MAIN_JOB,
+    "digits-uploads256": {**OLD_MAIN_JOB, "uploads-per-round": 256},
+    "digits-local-steps20": {**OLD_MAIN_JOB, "local-steps": 20},
     "mnist5k-8px": {"dataset": "mnist5k", "image-size": 8, "num-server-rounds": 8},
     "mnist5k-8px-local-steps20": {"dataset": "mnist5k", "image-size": 8, "num-server-rounds": 8, "local-steps": 20},
 }
@@ -73,14 +70,12 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, Any] = {"benchmark": "main_job_variants", "invoked_as": command_line(), "seed": a.seed,
                                "num_clients": a.clients, "variants": previous.get("variants", {}),
                                "machine": machine_info()}
-    a.json.parent.mkdir(parents=True, exist_ok=True)
     for name in a.only or list(VARIANTS):
         r = run_pair(VARIANTS[name], a.clients, a.seed)
         results["variants"][name] = {**r, "invoked_as": command_line()}
-        write_json(a.json, results)
+        write_result(a.json, results)
         print(f"{name:28s} CollaFuse {r['collafuse']['fid']:.3f}  local-only {r['local']['fid']:.3f}  "
               f"gain {r['gain']:.2f}x", flush=True)
-    print(f"wrote {a.json}")
     return 0
 
 

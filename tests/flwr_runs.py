@@ -14,10 +14,15 @@ TINY = ("dataset='digits' num-server-rounds=2 model-size='tiny' image-size=8 loc
         "num-eval-samples=6 batch-size=16 attack-reference-steps=5")
 
 
+def tiny_run_config(extra: str) -> str:
+    """TINY with `extra`'s keys added or replaced (a key given twice is a TOML error to Flower)."""
+    keys = dict(kv.split("=", 1) for kv in f"{TINY} {extra}".split())  # values hold no spaces here
+    return " ".join(f"{k}={v}" for k, v in keys.items())
+
+
 def run_tiny(tmp_path: Path, extra: str, num_clients: int = 2) -> tuple[Path, dict]:
     """`flwr run` TINY with `extra`'s keys added or replaced; (run folder, results.json)."""
-    keys = dict(kv.split("=", 1) for kv in f"{TINY} {extra}".split())  # values hold no spaces here
-    run_config = " ".join(f"{k}={v}" for k, v in keys.items())
+    run_config = tiny_run_config(extra)
     out = run_flower(f"{run_config} output-dir='{tmp_path}'", num_clients=num_clients,
                      flwr_home=tmp_path / "flwr-home", timeout=600, stream=False)
     assert out.ok, f"run failed: status={out.status} rc={out.returncode}\n{out.log[-4000:]}"

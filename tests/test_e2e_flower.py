@@ -17,12 +17,12 @@ from collafuse_flwr.launch import run_flower
 
 pytestmark = pytest.mark.e2e
 
-TINY = f"{flwr_runs.TINY} diffusion-steps=20 server-steps=2"
+SHORT_CHAIN = "diffusion-steps=20 server-steps=2"  # over flwr_runs.TINY
 NUM_CLIENTS = 3
 
 
 def _run(tmp_path: Path, extra: str):
-    return flwr_runs.run_tiny(tmp_path, f"diffusion-steps=20 server-steps=2 {extra}", NUM_CLIENTS)
+    return flwr_runs.run_tiny(tmp_path, f"{SHORT_CHAIN} {extra}", NUM_CLIENTS)
 
 
 def _check_common(run_dir: Path, res: dict, method: str):
@@ -68,8 +68,8 @@ def test_failed_run_is_reported_as_failed(tmp_path):
     """A run that breaks must not look like a success (flwr run --stream can exit 0), and must
     stop as soon as it cannot go on, saying why (naively: every node's first contact fails,
     the server waits its 300-s connect timeout and the launcher's timeout ends it)."""
-    tiny = TINY.replace("dataset='digits' ", "")  # a key given twice is a TOML error, not this failure
-    out = run_flower(f"{tiny} dataset='mnist' data-dir='{tmp_path}/nothing-here' output-dir='{tmp_path}'",
+    rc = flwr_runs.tiny_run_config(f"{SHORT_CHAIN} dataset='mnist' data-dir='{tmp_path}/nothing-here'")
+    out = run_flower(f"{rc} output-dir='{tmp_path}'",
                      num_clients=2, flwr_home=tmp_path / "flwr-home", timeout=200, stream=False)
     assert not out.ok and out.status == "finished:failed", out.status
     assert out.output_dir is not None and out.output_dir.parent == tmp_path  # a failed run's folder is named
