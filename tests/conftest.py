@@ -1,4 +1,6 @@
+import atexit
 import os
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -13,6 +15,7 @@ from collafuse_flwr.config import load_defaults  # noqa: E402
 # Keep the suite's memoised partitions (collafuse_flwr/splits.py) out of the user's cache; set
 # before any test runs so the Flower subprocesses of the end-to-end tests inherit it too.
 os.environ["COLLAFUSE_FLWR_CACHE"] = tempfile.mkdtemp(prefix="collafuse-test-cache-")
+atexit.register(shutil.rmtree, os.environ["COLLAFUSE_FLWR_CACHE"], ignore_errors=True)
 
 #: A run-config small enough for unit tests: tiny UNet on 8x8 digits, short chain.
 TINY = {
