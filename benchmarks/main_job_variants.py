@@ -27,13 +27,15 @@ from typing import Any
 from .common import OLD_MAIN_JOB, RESULTS_DIR, command_line, machine_info, write_result
 from .inprocess import run_inprocess
 
+#: the old main job with only the dataset swapped for MNIST-5k (8 px, the app's image-size default)
+_MNIST5K_8PX: dict[str, Any] = {**OLD_MAIN_JOB, "dataset": "mnist5k", "image-size": 8}
 #: name -> run-config overrides; "digits" is the main job as it was before this table.
 VARIANTS: dict[str, dict[str, Any]] = {
     "digits": OLD_MAIN_JOB,
     "digits-uploads256": {**OLD_MAIN_JOB, "uploads-per-round": 256},
     "digits-local-steps20": {**OLD_MAIN_JOB, "local-steps": 20},
-    "mnist5k-8px": {"dataset": "mnist5k", "image-size": 8, "num-server-rounds": 8},
-    "mnist5k-8px-local-steps20": {"dataset": "mnist5k", "image-size": 8, "num-server-rounds": 8, "local-steps": 20},
+    "mnist5k-8px": _MNIST5K_8PX,
+    "mnist5k-8px-local-steps20": {**_MNIST5K_8PX, "local-steps": 20},
 }
 #: what only costs time here: the reference attacker and FLOP counting
 QUIET = {"attack-reference-steps": 0, "count-flops": False}
