@@ -2,7 +2,6 @@
 
 - sweep: every method at one budget (CollaFuse over cut ratios, FedAvg, local-only, centralized),
   resumable, followed by `report` (CSV, Markdown table, plots).
-- overhead: Flower simulation engine vs a plain in-process loop doing the same CollaFuse work.
 - scaling: wall time and peak memory at 10 / 30 / 100 virtual clients.
 - infer_time: client inference time at c = 0.2 vs FedAvg's full chain.
 - main_job: the default `collafuse-run` command, timed end to end.

@@ -1,35 +1,31 @@
-"""The ClientApp: this project's wiring of one node's side of every method.
+"""The ClientApp: one function per protocol action, wiring the node's policy, data and work.
 
-The protocol steps live in `node.py` (usable from any ClientApp); this file adds the project's
-run-config, the node's data (`client_data.node_data`), its private state and its own settings.
+Which method a node runs comes from the message's action (`train.collafuse`, ...), and whether
+it runs it at all from its operator's policy (`node/policy.py`), never from the server's
+run-config. The run-config supplies the hyperparameters that do not touch privacy (model
+size, T, learning rate, ...) and, only where the node trusts it (the simulation), the privacy
+keys its operator left unset.
 
-What a node sends back, per method (the tests check it):
-- collafuse: x_{t_c} of some of its training images (fresh secret noise) and metrics; never
-  x_0, never the noise, never its private denoiser.
-- fedavg: its locally trained copy of the global denoiser and metrics.
-- local: metrics only.
-- centralized (a reference, not a private method): its raw training images, once.
-At evaluation a node returns counts, timings and FLOPs; generated images, FID/KID against its
-private test split and disclosure scores only where its sharing policy allows (`NodeSettings`).
-
-The node, not the server, owns its privacy settings (node_config overrides the run-config):
-  cut-ratio           its c; a server asking for another cut step is refused
-  uploads-per-round   its upload budget per round; more is refused
-  share-harness       true/false: return research measurements (default: true only inside
-                      the simulation engine, false in a deployment)
-  state-dir           folder for its secret key and its private state, written after every
-                      round so a restarted node (or a resumed run) continues; the state file is
-                      removed after the run's final evaluation (default: the cache folder,
-                      $COLLAFUSE_FLWR_CACHE or ~/.cache/collafuse-flwr, /node-state)
-  data-dir, dataset   its own images (see client_data.py); partition-id, num-partitions
+What a node sends back, per action (tests/test_client_app.py and test_privacy_attacks.py check it):
+- train.collafuse: x_{t_c} of some training images, with fresh secret noise at least as strong
+  as the node's floor, each image at most K times over the node's life; never x0, the noise or
+  its private denoiser.
+- train.fedavg: its locally trained copy of the global denoiser (only if its policy serves fedavg).
+- train.local: metrics only.
+- train.centralized: its raw training images, once (only if its policy serves centralized: a
+  deployed node refuses by default).
+- evaluate.*: counts, timings and FLOPs; generated images, FID/KID against its private test
+  split and disclosure scores only where its policy shares research measurements.
+Every failure becomes an Error reply without local paths (`node.refusal`).
 """
 
 from __future__ import annotations
 
-import dataclasses
+import functools
+import logging
 import math
-import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -40,15 +36,23 @@ from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordD
 from flwr.clientapp import ClientApp
 
 from . import diffusion as D
-from . import node as N
-from .client_data import ClientData, node_data
-from .config import ConfigError, RunConfig, parse_config
+from . import protocol as P
+from .client_data import ClientData, client_data, own_folder_data
+from .config import BOOKKEEPING_KEYS, ConfigError, RunConfig, parse_config
+from .data import to_uint8
+from .dp import DPPlan, UploadLedger, plan_uploads
 from .metrics.flops import FlopMeter
 from .models import build_denoiser, client_preset, count_parameters, default_device, shared_denoiser, use_torch_threads
-from .dp import DPPlan, UploadLedger, plan_uploads
-from .state import persist, recover, remember_upload, restore_private, save_private, upload_counts
+from .node import ledger, randomness, scoring, state
+from .node import steps as N
+from .node.files import private_dir
+from .node.policy import NodePolicy, node_policy
+from .training import generate, make_optimizer
 
 app = ClientApp()
+_LOG = logging.getLogger("collafuse_flwr.node")
+#: phases of the node's keyed draws (a trusting node's reproducible streams)
+_TRAIN, _UPLOAD, _EVAL = "draws-train", "draws-upload", "draws-evaluate"
 
 
 @lru_cache(maxsize=4)
@@ -56,57 +60,63 @@ def _config(items: tuple) -> RunConfig:
     return parse_config(dict(items))
 
 
-def in_simulation() -> bool:
-    """True inside Flower's simulation engine (its ClientApps run in Ray workers)."""
-    ray = sys.modules.get("ray")
-    return bool(ray is not None and getattr(ray, "is_initialized", lambda: False)())
-
-
 @dataclass(frozen=True)
-class NodeSettings:
-    """What the data owner decides for this node, whatever the server asks."""
+class Node:
+    """One node as a message finds it: the run's settings, its operator's policy, its data."""
 
-    cut_step: int
-    upload_budget: int
-    share_harness: bool
-    state_dir: Path
-    persist: bool = True  # keep the private state in a file too, so a restarted node or a resumed run goes on
-    dp: DPPlan | None = None  # upload-epsilon's plan; cut_step is then its upload step t_u >= the chosen t_c
+    cfg: RunConfig
+    policy: NodePolicy
+    data: ClientData
+    sched: D.Schedule
+    device: torch.device
+    context: Context
+    fingerprint: str
+
+    @property
+    def num_train(self) -> int:
+        return int(self.data.train.shape[0])
+
+    def cut_step(self) -> int:
+        return node_cut_step(self.cfg, self.policy, self.data.partition_id, self.sched)
+
+    def upload_cap(self) -> int:
+        """Uploads of one image allowed in the ledger's scope (a huge number = no cap, a trusting
+        node without max-uploads-per-image or DP)."""
+        return self.policy.max_uploads_per_image or (1 << 62)
+
+    def dp_plan(self, t_c: int) -> DPPlan | None:
+        return _dp_plan(self.cfg.diffusion_steps, self.cfg.beta_schedule, t_c, self.policy.upload_epsilon,
+                        self.policy.upload_delta, self._dp_uploads(), int(np.prod(self.data.image_shape)),
+                        self.policy.upload_clip) if self.policy.upload_epsilon > 0 and t_c < self.sched.T else None
+
+    def _dp_uploads(self) -> int:
+        """K of the DP guarantee: the node's cap, or (trusting, unset) the most the run can ask."""
+        return self.policy.max_uploads_per_image or max(1, math.ceil(
+            self.cfg.num_server_rounds * self.policy.uploads_per_round / max(self.num_train, 1)))
+
+    def upload_step(self) -> tuple[int, DPPlan | None]:
+        """(the step uploads are made at, the DP plan): the DP plan's t_u >= the cut, when on."""
+        t_c = self.cut_step()
+        plan = self.dp_plan(t_c)
+        return (plan.t_upload if plan else t_c), plan
+
+    def generator(self, client: int, server_round: int, phase: str, counter: int = 0) -> torch.Generator:
+        """Fresh OS entropy, or (a trusting node) keyed by secret, run, client, round, phase, counter."""
+        if not self.policy.reproducible:
+            return randomness.fresh_generator()
+        secret = randomness.node_secret(private_dir(self.policy.state_dir))
+        return randomness.keyed_generator(secret, self.fingerprint, client, server_round, phase, counter)
+
+    def run_dir(self, run_key: int) -> Path:
+        """This run's private files: per run (a resumed run names the first) and run-config."""
+        return self.policy.state_dir / f"run-{run_key or self.context.run_id}-{self.fingerprint}"
 
 
-def node_settings(cfg: RunConfig, node_config: dict) -> NodeSettings:
-    from .splits import cache_dir
-
-    # the data owner's c: node_config cut-ratio (a deployment), else this client's entry of
-    # client-cut-ratios (a simulation's per-client choice), else the run's cut-ratio
-    c = float(node_config["cut-ratio"]) if "cut-ratio" in node_config else \
-        cfg.cut_ratio_for(int(node_config.get("partition-id", -1)))
-    cut = D.cut_step(c, cfg.diffusion_steps) if cfg.method == "collafuse" else cfg.diffusion_steps
-    budget = int(node_config.get("uploads-per-round", cfg.uploads_per_round))
-    share = node_config.get("share-harness", None)
-    share_harness = in_simulation() if share is None else str(share).lower() in ("1", "true", "yes")
-    default_dir = (cache_dir() or Path.home() / ".cache" / "collafuse-flwr") / "node-state"
-    state_dir = Path(str(node_config.get("state-dir", "") or default_dir)).expanduser()
-    return NodeSettings(cut, budget, share_harness, state_dir)
-
-
-def dp_settings(cfg: RunConfig, node_config: dict, settings: NodeSettings, data: ClientData,
-                sched: D.Schedule) -> NodeSettings:
-    """The data owner's DP choice (run-config upload-epsilon; node_config upload-epsilon wins).
-
-    Where the diffusion noise at t_c is not enough for (epsilon, delta) over the K uploads an
-    image may have, the node diffuses its uploads further, to t_u (`dp.plan_uploads`): t_u
-    becomes the node's effective cut, declared at first contact, so the server trains t > t_u
-    on its uploads and hands it x_{t_u}, and its private model covers t <= t_u.
-    """
-    eps = float(node_config.get("upload-epsilon", cfg.upload_epsilon))
-    if cfg.method != "collafuse" or eps <= 0 or settings.cut_step >= sched.T:
-        return settings
-    n = max(int(data.train.shape[0]), 1)
-    k = cfg.max_uploads_per_image or max(1, math.ceil(cfg.num_server_rounds * settings.upload_budget / n))
-    plan = _dp_plan(cfg.diffusion_steps, cfg.beta_schedule, settings.cut_step, eps, cfg.upload_delta, k,
-                    int(np.prod(data.image_shape)), cfg.upload_clip)
-    return dataclasses.replace(settings, cut_step=plan.t_upload, dp=plan)
+def node_cut_step(cfg: RunConfig, policy: NodePolicy, partition_id: int, sched: D.Schedule | None = None) -> int:
+    """Where a node cuts (before DP): the first step of the run's schedule noisy enough for its
+    floor, or the run-config's own c for this node (its client-cut-ratios entry) where noisier."""
+    sched = sched or D.make_schedule(cfg.diffusion_steps, cfg.beta_schedule)
+    return policy.cut_step(sched, D.cut_step(cfg.cut_ratio_for(partition_id), sched.T))
 
 
 @lru_cache(maxsize=32)
@@ -119,221 +129,351 @@ def _dp_plan(T: int, schedule: str, t_c: int, eps: float, delta: float, k: int, 
         raise ConfigError(f"upload-epsilon={eps}: {exc}") from exc
 
 
-def _setup(context: Context) -> tuple[RunConfig, ClientData, D.Schedule, torch.device, NodeSettings]:
+def _node(context: Context) -> Node:
     try:
         cfg = _config(tuple(sorted(context.run_config.items())))
     except ConfigError as exc:
         raise ConfigError(f"this node cannot accept the run-config: {exc}") from exc
     use_torch_threads(cfg.torch_threads)
-    data = node_data(cfg, dict(context.node_config))
-    sched = D.make_schedule(cfg.diffusion_steps, cfg.beta_schedule)
-    settings = dp_settings(cfg, dict(context.node_config), node_settings(cfg, dict(context.node_config)), data, sched)
-    return cfg, data, sched, default_device(), settings
+    nc = dict(context.node_config)
+    policy = node_policy(nc, cfg, int(nc.get(P.NODE_PARTITION_ID, -1)))
+    data = node_data(policy.data_config(cfg), nc)
+    private_dir(policy.state_dir)
+    return Node(cfg, policy, data, D.make_schedule(cfg.diffusion_steps, cfg.beta_schedule), default_device(),
+                context, randomness.run_fingerprint(dict(context.run_config), ignore=BOOKKEEPING_KEYS))
 
 
-def _client_index(msg: Message, data: ClientData) -> int:
-    return int(msg.content["config"].get("client-index", max(data.partition_id, 0)))
+def node_data(cfg: RunConfig, nc: dict) -> ClientData:
+    """The node's data from its node_config: its own folder, or its partition of a shared dataset."""
+    folder = str(nc.get(P.NODE_DATA_DIR, "") or "")
+    pid = int(nc.get(P.NODE_PARTITION_ID, -1))
+    if folder:
+        return own_folder_data(cfg, folder, str(nc.get(P.NODE_DATASET, "") or cfg.dataset), pid)
+    return client_data(cfg, max(pid, 0), int(nc.get(P.NODE_NUM_PARTITIONS, 1)))
 
 
-def node_generator(cfg: RunConfig, state_dir: Path, client: int, server_round: int, salt: int) -> torch.Generator:
-    """The node's draws for one (round, phase): keyed by its secret, so the server cannot replay
-    them; the same seed on the same node (same secret) draws the same again."""
-    return N.secret_generator(N.node_secret(state_dir), cfg.seed, client, server_round, salt)
+def action(category: str, method: str) -> Callable:
+    """Register `fn(node, msg) -> (metrics, records)` for `<category>.<method>` with every check a
+    message needs where it enters: records it may carry, the node's policy, and an Error reply
+    (no local paths; the full error stays in the node's own log) for whatever goes wrong."""
+
+    def wrap(fn: Callable[[Node, Message], tuple[dict, dict]]) -> Callable[[Message, Context], Message]:
+        @functools.wraps(fn)
+        def handler(msg: Message, context: Context) -> Message:
+            try:
+                extra = P.unexpected_records(msg, "down", category, method)
+                if extra:
+                    raise N.Refused(f"{category}.{method} carries records {extra} this node did not ask for")
+                node = _node(context)
+                if category != P.QUERY and not node.policy.serves(method):
+                    raise N.Refused(f"this node serves only {sorted(node.policy.methods)} (its operator's "
+                                    f"node_config '{P.NODE_METHODS}'), not method={method!r}")
+                metrics, records = fn(node, msg)
+            except Exception as exc:  # noqa: BLE001 - every failure becomes a clear Error reply
+                if not isinstance(exc, N.Refused):
+                    _LOG.exception("%s.%s failed", category, method)
+                return N.refusal(msg, exc)
+            content = RecordDict(records)
+            content[P.METRICS] = MetricRecord(N.finite_metrics(metrics))
+            return Message(content=content, reply_to=msg)
+
+        return handler
+
+    return wrap
 
 
-def _state_file(settings: NodeSettings, context: Context, client: int, run_key: int = 0) -> Path:
-    """Per run, client and run-config: a restarted node finds its own state and nothing else.
-
-    run_key: the run whose state to continue (a resumed run is a new Flower run that carries
-    the first run's id); 0 = this run. `resume-from` is not part of the key, for the same reason.
-    """
-    import hashlib
-
-    items = sorted((k, v) for k, v in context.run_config.items() if k != "resume-from")
-    key = hashlib.sha256(repr(items).encode()).hexdigest()[:12]
-    return settings.state_dir / f"run-{run_key or context.run_id}-{key}" / f"client-{client}.pt"
-
-
-def _global_model(cfg: RunConfig, data: ClientData, msg: Message, device: torch.device, client: int):
-    """FedAvg's global model from the message, conditioned on this client's index."""
-    num = int(msg.content["config"].get("num-clients", 0)) or max(client + 1, 1)
-    model = shared_denoiser(cfg.image_size, data.image_shape[0], cfg.model_size, cfg.conditioning, num)
+def _conf(node: Node, msg: Message) -> tuple[int, int, int]:
+    """(server round, client index, run key) from the server's config, each checked."""
+    conf = msg.content[P.CONFIG]
     try:
-        model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
-    except RuntimeError as exc:
-        raise N.Refused(f"the global model does not fit this node's settings (num-clients={num}, "
-                        f"model-size={cfg.model_size!r}): {str(exc)[:200]}") from exc
-    return model.to(device).condition(client)
+        rnd = P.read_int(conf, P.SERVER_ROUND, 1, node.cfg.num_server_rounds)
+        num = P.read_int(conf, P.NUM_CLIENTS, 0, 1 << 20, default=0)
+        client = P.read_int(conf, P.CLIENT_INDEX, 0, max(num - 1, 0) if num else 1 << 20,
+                            default=max(node.data.partition_id, 0))
+        run_key = P.read_int(conf, P.RUN_KEY, 0, (1 << 63) - 1, default=0)
+    except P.ProtocolError as exc:
+        raise N.Refused(str(exc)) from None
+    return rnd, client, run_key
 
 
-def private_model_size(cfg: RunConfig) -> str:
-    """The preset of this node's private denoiser: `client-model-size` for CollaFuse (its short,
+# -- first contact --------------------------------------------------------------------------------
+def private_model_size(cfg: RunConfig, method: str) -> str:
+    """The preset of the node's own denoiser: `client-model-size` for CollaFuse (its short,
     low-noise share needs less capacity than the server's), else `model-size`."""
-    return client_preset(cfg.model_size, cfg.client_model_size) if cfg.method == "collafuse" else cfg.model_size
+    return client_preset(cfg.model_size, cfg.client_model_size) if method == P.COLLAFUSE else cfg.model_size
 
 
 @lru_cache(maxsize=8)
-def private_param_count(cfg: RunConfig, channels: int) -> int:
+def private_param_count(cfg: RunConfig, channels: int, method: str) -> int:
     """Parameters of the private denoiser (what the node's device must hold), without data."""
-    return count_parameters(build_denoiser(cfg.image_size, channels, private_model_size(cfg)))
+    return count_parameters(build_denoiser(cfg.image_size, channels, private_model_size(cfg, method)))
 
 
-def init_private_denoiser(cfg: RunConfig, client: int, channels: int, device: torch.device):
+@app.query(P.HELLO)
+def hello(msg: Message, context: Context) -> Message:
+    """First contact: whether this node serves the server's method, and what it will do."""
+    conf = msg.content[P.CONFIG] if P.CONFIG in msg.content.config_records else {}
+    method = str(conf.get(P.METHOD, ""))
+    if method not in P.METHODS:
+        return N.refusal(msg, N.Refused(f"unknown method {method!r}; this protocol knows {list(P.METHODS)}"))
+    return action(P.QUERY, P.HELLO)(lambda node, m: (_hello(node, method), {}))(msg, context)
+
+
+def _hello(node: Node, method: str) -> dict:
+    if not node.policy.serves(method):
+        raise N.Refused(f"this node serves only {sorted(node.policy.methods)} (its operator's node_config "
+                        f"'{P.NODE_METHODS}'), not method={method!r}")
+    info: dict = {P.PARTITION_ID: node.data.partition_id, P.NUM_EXAMPLES: node.num_train,
+                  P.SHARE_HARNESS: int(node.policy.share_harness)}
+    if method in (P.COLLAFUSE, P.LOCAL):
+        info[P.CLIENT_PARAMS] = private_param_count(node.cfg, node.data.image_shape[0], method)
+    if method == P.COLLAFUSE:
+        t_u, plan = node.upload_step()
+        info.update({P.CUT_STEP: t_u, P.UPLOAD_BUDGET: node.policy.uploads_per_round, **(plan.metrics(P.DP_PREFIX) if plan else {})})
+        if node.policy.lifetime_ledger:
+            used = ledger.lifetime_counts(node.policy.state_dir, ledger.image_keys(node.data.train_uint8))
+            info[P.UPLOADS_LEFT] = int(np.clip(node.upload_cap() - used, 0, None).sum())
+    return info
+
+
+# -- the node's private model ---------------------------------------------------------------------------
+def init_private_denoiser(cfg: RunConfig, client: int, channels: int, device: torch.device,
+                          method: str = P.COLLAFUSE) -> torch.nn.Module:
     """A client's denoiser before its first round, seeded by (seed, client) alone: the actor's
-    global RNG is shared between nodes, and benchmarks/overhead.py must draw the same init.
-    (Initial weights touch no data, so they need no secret.)"""
+    global RNG is shared between nodes. (Initial weights touch no data, so they need no secret.)"""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed * 1_000_003 + client)
-        return build_denoiser(cfg.image_size, channels, private_model_size(cfg)).to(device)
+        return build_denoiser(cfg.image_size, channels, private_model_size(cfg, method)).to(device)
 
 
-def _private_model(cfg: RunConfig, data: ClientData, context: Context, settings: NodeSettings,
-                   client: int, device: torch.device, run_key: int = 0):
-    """The node's denoiser: from context.state, else from its state file (after a restart),
-    else initialised from (seed, client)."""
-    from .training import make_optimizer
-
-    model = init_private_denoiser(cfg, client, data.image_shape[0], device)
-    opt = make_optimizer(model, cfg.learning_rate)
-    recover(context.state, _state_file(settings, context, client, run_key))
-    restore_private(context.state, model, opt)
+def _private_model(node: Node, method: str, client: int, server_round: int, run_key: int):
+    """The node's denoiser and optimizer as they were after round `server_round - 1`."""
+    model = init_private_denoiser(node.cfg, client, node.data.image_shape[0], node.device, method)
+    opt = make_optimizer(model, node.cfg.learning_rate)
+    state.recover(node.context.state, _state_file(node, client, run_key), server_round)
+    state.restore_private(node.context.state, model, opt)
     return model, opt
 
 
-def _reply(msg: Message, metrics: dict, **records) -> Message:
-    content = RecordDict({k: v for k, v in records.items()})
-    content["metrics"] = MetricRecord(N.finite_metrics(metrics))
-    return Message(content=content, reply_to=msg)
+def _state_file(node: Node, client: int, run_key: int) -> Path:
+    return node.run_dir(run_key) / f"client-{client}.pt"
 
 
-@app.query()
-def hello(msg: Message, context: Context) -> Message:
-    """First contact: what the server needs to admit this node (no data, no images)."""
-    cfg, data, _, _, settings = _setup(context)
-    return _reply(msg, {"partition-id": data.partition_id, "num-examples": int(data.train.shape[0]),
-                        "cut-step": settings.cut_step if cfg.method == "collafuse" else -1,
-                        "upload-budget": settings.upload_budget, "share-harness": int(settings.share_harness),
-                        "client-params": private_param_count(cfg, data.image_shape[0])
-                        if cfg.method in ("collafuse", "local") else 0,
-                        **(settings.dp.metrics() if settings.dp else {})})
+def _finished(node: Node, client: int, run_key: int) -> Path:
+    """The marker a node leaves after its final evaluation: no state is written for that run again."""
+    return node.run_dir(run_key) / f"client-{client}.finished"
 
 
-@app.train()
-def train(msg: Message, context: Context) -> Message:
-    cfg, data, sched, device, settings = _setup(context)
-    conf = msg.content["config"]
-    rnd = int(conf["server-round"])
-    client = _client_index(msg, data)
-    meter = FlopMeter(every_pass=cfg.flops_every_pass) if cfg.count_flops else None
-    metrics: dict[str, float | int] = {"num-examples": int(data.train.shape[0])}
-    records: dict = {}
-    t0 = time.perf_counter()
-    try:
-        if cfg.method == "centralized":
-            # The reference that shares raw data: send the training images once.
-            records["upload"] = ArrayRecord({"x0": Array(data.train.numpy())})
-        elif cfg.method == "fedavg":
-            from .training import make_optimizer
+def _check_open(node: Node, client: int, run_key: int) -> None:
+    if _finished(node, client, run_key).exists():
+        raise N.Refused("this run's final evaluation is done on this node; it trains no more for it")
 
-            gen = node_generator(cfg, settings.state_dir, client, rnd, 0)
-            model = _global_model(cfg, data, msg, device, client)
-            opt = make_optimizer(model, cfg.learning_rate)
-            metrics["train-loss"] = N.train_share(model, opt, data.train, sched, sched.T, cfg.local_steps,
-                                                  cfg.batch_size, gen, device, meter)
-            records["arrays"] = ArrayRecord(model.state_dict())
-        else:  # collafuse and local train a private model on their share of the chain
-            collafuse = cfg.method == "collafuse"
-            n_up = N.check_train_request(conf, cut_step=settings.cut_step, upload_budget=settings.upload_budget) \
-                if collafuse else 0
-            t_c = settings.cut_step if collafuse else sched.T
-            # renoise starts the client's chain above t_c (the authors' patch), so it trains up there too
-            t_max = D.client_start_step(t_c / sched.T, sched.T, cfg.server_target) if collafuse else t_c
-            gen = node_generator(cfg, settings.state_dir, client, rnd, 0)
-            run_key = int(conf.get("run-key", 0))
-            model, opt = _private_model(cfg, data, context, settings, client, device, run_key)
-            if t_max > 0:
-                metrics["train-loss"] = N.train_share(model, opt, data.train, sched, t_max, cfg.local_steps,
-                                                      cfg.batch_size, gen, device, meter)
-                save_private(context.state, model, opt)
-            if settings.dp is not None:  # capped, clipped, diffused to t_u: (epsilon, delta) per image
-                n_train = int(data.train.shape[0])
-                ledger = UploadLedger(n_train, settings.dp.max_uploads_per_image,
-                                      counts=upload_counts(context.state, n_train))
-                # keyed by a count that only grows: a replayed round never redraws the same noise
-                gen_up = N.secret_generator(N.node_secret(settings.state_dir), cfg.seed, client, "dp-upload",
-                                            ledger.total_uploads)
-                idx, x_tc = N.make_upload(data.train, sched, settings.dp.t_cut, n_up, gen_up, ledger=ledger,
-                                          plan=settings.dp)
-                metrics.update(settings.dp.metrics())
-            else:
-                idx, x_tc = N.make_upload(data.train, sched, t_c, n_up, gen)
-            if idx.size:
-                records["upload"] = ArrayRecord({"x_tc": Array(x_tc.numpy())})
-                remember_upload(context.state, idx, data.train.shape[0])
-                metrics["num-uploaded"] = int(idx.size)
-            if settings.persist:
-                persist(context.state, _state_file(settings, context, client, run_key))
-    except N.Refused as exc:
-        return N.refusal(msg, exc)
 
-    metrics["train-seconds"] = time.perf_counter() - t0
+# -- train ---------------------------------------------------------------------------------------------
+def _train_private(node: Node, msg: Message, method: str, t_max: int, metrics: dict):
+    """Steps of the private denoiser on t in 1..t_max; the model, optimizer, round, client, key."""
+    rnd, client, run_key = _conf(node, msg)
+    _check_open(node, client, run_key)
+    model, opt = _private_model(node, method, client, rnd, run_key)
+    meter = FlopMeter(every_pass=node.cfg.flops_every_pass) if node.cfg.count_flops else None
+    if t_max > 0:
+        loss = N.train_share(model, opt, node.data.train, node.sched, t_max, node.cfg.local_steps,
+                             node.cfg.batch_size, node.generator(client, rnd, _TRAIN), node.device, meter)
+        if node.policy.share_harness:  # a loss is data-dependent (membership inference): harness only
+            metrics[P.TRAIN_LOSS] = loss
+    state.save_private(node.context.state, model, opt, rnd)
     if meter is not None:
-        metrics["client-train-flops"] = float(meter.totals.get("train", 0.0))
-    return _reply(msg, metrics, **records)
+        metrics[P.CLIENT_TRAIN_FLOPS] = float(meter.totals.get("train", 0.0))
+    return rnd, client, run_key
 
 
-@app.evaluate()
-def evaluate(msg: Message, context: Context) -> Message:
-    cfg, data, sched, device, settings = _setup(context)
-    conf = msg.content["config"]
-    rnd = int(conf["server-round"])
-    client = _client_index(msg, data)
-    n = min(int(conf["num-samples"]), max(cfg.num_eval_samples, 1))
-    num_steps = int(conf.get("client-sampling-steps", 0)) or None
-    meter = FlopMeter(every_pass=cfg.flops_every_pass) if cfg.count_flops else None
-    gen = node_generator(cfg, settings.state_dir, client, rnd, 1)
+@app.train(P.COLLAFUSE)
+@action(P.TRAIN, P.COLLAFUSE)
+def train_collafuse(node: Node, msg: Message) -> tuple[dict, dict]:
     t0 = time.perf_counter()
+    t_u, plan = node.upload_step()
+    n_up = N.check_train_request(msg.content[P.CONFIG], cut_step=t_u, upload_budget=node.policy.uploads_per_round)
+    metrics: dict = {P.NUM_EXAMPLES: node.num_train}
+    # renoise starts the client's chain above t_c (the authors' patch), so it trains up there too
+    t_max = D.client_start_step(t_u / node.sched.T, node.sched.T, node.cfg.server_target)
+    rnd, client, run_key = _train_private(node, msg, P.COLLAFUSE, t_max, metrics)
+    records = {}
+    idx, x_tc = _upload(node, client, rnd, t_u, plan, n_up)
+    if idx.size:
+        records[P.UPLOAD] = ArrayRecord({P.X_TC: Array(x_tc.numpy())})
+        metrics[P.NUM_UPLOADED] = int(idx.size)
+    if plan is not None:
+        metrics.update(plan.metrics(P.DP_PREFIX))
+    state.persist(node.context.state, _state_file(node, client, run_key))
+    metrics[P.TRAIN_SECONDS] = time.perf_counter() - t0
+    return metrics, records
+
+
+def _upload(node: Node, client: int, rnd: int, t_u: int, plan: DPPlan | None, n: int):
+    """Choose at most n images under the cap (counted before they leave), diffuse them to t_u."""
+    if n <= 0 or t_u >= node.sched.T:
+        return np.zeros(0, dtype=np.int64), torch.zeros(0)
+    st = node.context.state
+    counts = state.upload_counts(st, node.num_train)
+    gen = node.generator(client, rnd, _UPLOAD, int(counts.sum()))  # the run's upload count only grows
+    cap = plan.max_uploads_per_image if plan is not None else node.upload_cap()
+    if node.policy.lifetime_ledger:
+        idx = ledger.reserve(node.policy.state_dir, ledger.image_keys(node.data.train_uint8), cap, n, gen)
+    else:
+        idx = UploadLedger(node.num_train, cap, counts).choose(n, gen)
+    if idx.size == 0:
+        _LOG.warning("client %d: every image reached its upload cap (%d); nothing uploaded", client, cap)
+        return idx, torch.zeros(0)
+    state.remember_upload(st, idx, node.num_train)
+    return idx, N.diffuse_upload(node.data.train[torch.from_numpy(idx)], node.sched, t_u, gen, plan)
+
+
+@app.train(P.LOCAL)
+@action(P.TRAIN, P.LOCAL)
+def train_local(node: Node, msg: Message) -> tuple[dict, dict]:
+    t0 = time.perf_counter()
+    metrics: dict = {P.NUM_EXAMPLES: node.num_train}
+    _, client, run_key = _train_private(node, msg, P.LOCAL, node.sched.T, metrics)
+    state.persist(node.context.state, _state_file(node, client, run_key))
+    metrics[P.TRAIN_SECONDS] = time.perf_counter() - t0
+    return metrics, {}
+
+
+def _global_model(node: Node, msg: Message, client: int) -> torch.nn.Module:
+    """FedAvg's global model from the message, conditioned on this client's index."""
+    num = P.read_int(msg.content[P.CONFIG], P.NUM_CLIENTS, 0, 1 << 20, default=0) or client + 1
+    model = shared_denoiser(node.cfg.image_size, node.data.image_shape[0], node.cfg.model_size,
+                            node.cfg.conditioning, num)
+    if P.ARRAYS not in msg.content.array_records:
+        raise N.Refused(f"no '{P.ARRAYS}' record: FedAvg sends the global model")
     try:
-        if cfg.method == "centralized":  # the server generated them; they arrive as uint8 already
-            gen_uint8 = torch.from_numpy(msg.content["generated"]["images"].numpy())
-        elif cfg.method == "fedavg":
-            from .data import to_uint8
-            from .training import generate
+        model.load_state_dict(msg.content[P.ARRAYS].to_torch_state_dict())
+    except (RuntimeError, KeyError, ValueError, TypeError) as exc:
+        raise N.Refused(f"the global model does not fit this node's settings (num-clients={num}, "
+                        f"model-size={node.cfg.model_size!r}): {str(exc)[:200]}") from None
+    if not all(torch.isfinite(p).all() for p in model.parameters()):
+        raise N.Refused("the global model has non-finite weights")
+    return model.to(node.device).condition(client)
 
-            model = _global_model(cfg, data, msg, device, client)
-            gen_uint8 = to_uint8(generate(model, sched, n, data.image_shape, num_steps, gen, device, meter))
-        else:
-            model, _ = _private_model(cfg, data, context, settings, client, device, int(conf.get("run-key", 0)))
-            t_start = settings.cut_step if cfg.method == "collafuse" else sched.T
-            if cfg.method == "collafuse":
-                t_start = D.client_start_step(t_start / sched.T, sched.T, cfg.server_target)
-                asked = int(conf.get("client-start-step", t_start))
-                if asked != t_start:
-                    raise N.Refused(f"the server asked to start sampling at step {asked}, this node's is {t_start}")
-            if "x_tc" in msg.content.array_records:
-                x = N.check_handoff(msg.content["x_tc"]["x_tc"].numpy(), image_shape=data.image_shape,
-                                    max_samples=n)
-            else:  # local-only or c = 1: the client starts from pure noise
-                x = torch.randn((n, *data.image_shape), generator=gen)
-            gen_uint8 = N.finish(model, sched, x, t_start, num_steps, gen, device, meter)
-        seconds = time.perf_counter() - t0
-        metrics: dict[str, float | int] = {"num-examples": int(gen_uint8.shape[0]), "infer-seconds": seconds}
-        if cfg.method != "centralized":  # the model this node ran (private, or FedAvg's global)
-            metrics["client-params"] = count_parameters(model)
-        if cfg.method == "collafuse":  # the node's own cut (it may differ from the server's default)
-            metrics["cut-step"] = settings.cut_step
-        if meter is not None:
-            metrics["client-infer-flops-per-image"] = float(meter.totals.get("infer", 0.0)) / max(1, gen_uint8.shape[0])
-        records: dict = {}
-        if settings.share_harness:  # research measurements, only where the node operator allows them
-            from .evaluation import client_metrics
 
-            metrics["checksum"] = float(gen_uint8.double().mean())
-            metrics.update(client_metrics(cfg, gen_uint8, data, msg.content, context.state, settings.cut_step))
-            records["samples"] = ArrayRecord({"images": Array(gen_uint8.numpy().astype(np.uint8))})
-    except N.Refused as exc:
-        return N.refusal(msg, exc)
-    if int(conf.get("final-round", 0)) and cfg.method in ("collafuse", "local"):
-        # the run is over for this node: its private state file has served its purpose
-        _state_file(settings, context, client, int(conf.get("run-key", 0))).unlink(missing_ok=True)
-    return _reply(msg, metrics, **records)
+@app.train(P.FEDAVG)
+@action(P.TRAIN, P.FEDAVG)
+def train_fedavg(node: Node, msg: Message) -> tuple[dict, dict]:
+    t0 = time.perf_counter()
+    rnd, client, _ = _conf(node, msg)
+    model = _global_model(node, msg, client)
+    meter = FlopMeter(every_pass=node.cfg.flops_every_pass) if node.cfg.count_flops else None
+    loss = N.train_share(model, make_optimizer(model, node.cfg.learning_rate), node.data.train, node.sched,
+                         node.sched.T, node.cfg.local_steps, node.cfg.batch_size,
+                         node.generator(client, rnd, _TRAIN), node.device, meter)
+    metrics: dict = {P.NUM_EXAMPLES: node.num_train, P.TRAIN_SECONDS: time.perf_counter() - t0}
+    if node.policy.share_harness:
+        metrics[P.TRAIN_LOSS] = loss
+    if meter is not None:
+        metrics[P.CLIENT_TRAIN_FLOPS] = float(meter.totals.get("train", 0.0))
+    return metrics, {P.ARRAYS: ArrayRecord(model.state_dict())}
+
+
+@app.train(P.CENTRALIZED)
+@action(P.TRAIN, P.CENTRALIZED)
+def train_centralized(node: Node, msg: Message) -> tuple[dict, dict]:
+    """The reference that pools raw data: the training images themselves, once."""
+    _conf(node, msg)
+    return {P.NUM_EXAMPLES: node.num_train}, {P.UPLOAD: ArrayRecord({P.X0: Array(node.data.train.numpy())})}
+
+
+# -- evaluate ---------------------------------------------------------------------------------------------
+def _eval_request(node: Node, msg: Message) -> tuple[int, int, int, int, int | None]:
+    """(round, client, run key, images to generate, DDIM steps or None), each checked."""
+    rnd, client, run_key = _conf(node, msg)
+    conf = msg.content[P.CONFIG]
+    try:
+        n = min(P.read_int(conf, P.NUM_SAMPLES, 1, 1 << 20), max(node.cfg.num_eval_samples, 1))
+        steps = P.read_int(conf, P.CLIENT_SAMPLING_STEPS, 0, node.sched.T, default=0) or None
+    except P.ProtocolError as exc:
+        raise N.Refused(str(exc)) from None
+    return rnd, client, run_key, n, steps
+
+
+def _evaluated(node: Node, msg: Message, method: str, images: torch.Tensor, seconds: float, client: int,
+               run_key: int, meter: FlopMeter | None, model: torch.nn.Module | None,
+               t_c: int) -> tuple[dict, dict]:
+    """The evaluation reply: counts and costs always; samples and scores only under the policy.
+    After the run's final evaluation the node drops that run's private state and trains no more."""
+    metrics: dict = {P.NUM_EXAMPLES: int(images.shape[0]), P.INFER_SECONDS: seconds}
+    if model is not None:
+        metrics[P.CLIENT_PARAMS] = count_parameters(model)
+    if method == P.COLLAFUSE:
+        metrics[P.CUT_STEP] = t_c
+    if meter is not None:
+        metrics[P.CLIENT_INFER_FLOPS_PER_IMAGE] = float(meter.totals.get("infer", 0.0)) / max(1, images.shape[0])
+    records: dict = {}
+    if node.policy.share_harness:  # research measurements, only where the node's operator allows them
+        metrics[P.CHECKSUM] = float(images.double().mean())
+        metrics.update(scoring.client_metrics(node.cfg, images, node.data, msg.content, node.context.state,
+                                              t_c if method == P.COLLAFUSE else None))
+        records[P.SAMPLES] = ArrayRecord({P.IMAGES: Array(images.numpy().astype(np.uint8))})
+    if msg.content[P.CONFIG].get(P.FINAL_ROUND, 0) == 1 and method in (P.COLLAFUSE, P.LOCAL):
+        state.discard(_state_file(node, client, run_key))
+        _finished(node, client, run_key).touch(mode=0o600)
+    return metrics, records
+
+
+@app.evaluate(P.COLLAFUSE)
+@action(P.EVALUATE, P.COLLAFUSE)
+def evaluate_collafuse(node: Node, msg: Message) -> tuple[dict, dict]:
+    rnd, client, run_key, n, steps = _eval_request(node, msg)
+    t_u, _ = node.upload_step()
+    t_start = D.client_start_step(t_u / node.sched.T, node.sched.T, node.cfg.server_target)
+    asked = msg.content[P.CONFIG].get(P.CLIENT_START_STEP, t_start)
+    if asked != t_start:
+        raise N.Refused(f"the server asked to start sampling at step {asked}, this node's is {t_start}")
+    return _evaluate_private(node, msg, P.COLLAFUSE, rnd, client, run_key, n, steps, t_start, t_u)
+
+
+@app.evaluate(P.LOCAL)
+@action(P.EVALUATE, P.LOCAL)
+def evaluate_local(node: Node, msg: Message) -> tuple[dict, dict]:
+    rnd, client, run_key, n, steps = _eval_request(node, msg)
+    return _evaluate_private(node, msg, P.LOCAL, rnd, client, run_key, n, steps, node.sched.T, node.sched.T)
+
+
+def _evaluate_private(node: Node, msg: Message, method: str, rnd: int, client: int, run_key: int, n: int,
+                      steps: int | None, t_start: int, t_c: int) -> tuple[dict, dict]:
+    t0 = time.perf_counter()
+    model, _ = _private_model(node, method, client, rnd + 1, run_key)  # as it was after this round
+    gen = node.generator(client, rnd, _EVAL)
+    if P.HANDOFF in msg.content.array_records and P.X_TC in msg.content[P.HANDOFF]:
+        x = N.check_handoff(msg.content[P.HANDOFF][P.X_TC].numpy(), image_shape=node.data.image_shape, max_samples=n)
+    elif t_start < node.sched.T:
+        raise N.Refused(f"no '{P.HANDOFF}' record: this node starts at step {t_start}, below T={node.sched.T}")
+    else:  # local-only or c = 1: the client starts from pure noise
+        x = torch.randn((n, *node.data.image_shape), generator=gen)
+    meter = FlopMeter(every_pass=node.cfg.flops_every_pass) if node.cfg.count_flops else None
+    images = N.finish(model, node.sched, x, t_start, steps, gen, node.device, meter)
+    return _evaluated(node, msg, method, images, time.perf_counter() - t0, client, run_key, meter, model, t_c)
+
+
+@app.evaluate(P.FEDAVG)
+@action(P.EVALUATE, P.FEDAVG)
+def evaluate_fedavg(node: Node, msg: Message) -> tuple[dict, dict]:
+    rnd, client, run_key, n, steps = _eval_request(node, msg)
+    t0 = time.perf_counter()
+    model = _global_model(node, msg, client)
+    meter = FlopMeter(every_pass=node.cfg.flops_every_pass) if node.cfg.count_flops else None
+    images = to_uint8(generate(model, node.sched, n, node.data.image_shape, steps, node.generator(client, rnd, _EVAL),
+                               node.device, meter))
+    return _evaluated(node, msg, P.FEDAVG, images, time.perf_counter() - t0, client, run_key, meter, model, 0)
+
+
+@app.evaluate(P.CENTRALIZED)
+@action(P.EVALUATE, P.CENTRALIZED)
+def evaluate_centralized(node: Node, msg: Message) -> tuple[dict, dict]:
+    """The server generated this node's images; the node only scores them (under its policy)."""
+    _, client, run_key, n, _ = _eval_request(node, msg)
+    if P.GENERATED not in msg.content.array_records or P.IMAGES not in msg.content[P.GENERATED]:
+        raise N.Refused(f"no '{P.GENERATED}/{P.IMAGES}' array: centralized sends the generated images")
+    arr = msg.content[P.GENERATED][P.IMAGES].numpy()
+    if arr.dtype != np.uint8 or arr.ndim != 4 or tuple(arr.shape[1:]) != node.data.image_shape or not 0 < len(arr) <= n:
+        raise N.Refused(f"generated images must be uint8 (1..{n}, {node.data.image_shape}), got {arr.dtype}{arr.shape}")
+    return _evaluated(node, msg, P.CENTRALIZED, torch.from_numpy(arr.copy()), 0.0, client, run_key, None, None, 0)

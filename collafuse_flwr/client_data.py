@@ -1,6 +1,6 @@
 """A node's own data: its partition of the configured dataset, train and held-out test.
 
-Two ways a node gets its data (`node_data` picks by the node's `node_config`):
+Two ways a node gets its data (the ClientApp picks by the node's `node_config`):
 - its own folder: `data-dir` (and optionally `dataset`) in node_config. The node reads only the
   images there and uses all of them as its partition, with its own train/test split; nobody
   else's files are needed. This is how a real deployment's data owners take part.
@@ -70,17 +70,6 @@ def dataset_for(cfg: RunConfig) -> ImageDataset:
 
 def all_splits(cfg: RunConfig, num_partitions: int) -> tuple[ClientSplit, ...]:
     return _splits(cfg, num_partitions)
-
-
-def node_data(cfg: RunConfig, node_config: dict) -> ClientData:
-    """This node's data from its node_config: its own folder, or its partition of a shared dataset."""
-    folder = str(node_config.get("data-dir", "") or "")
-    if folder:
-        return own_folder_data(cfg, folder, str(node_config.get("dataset", "") or cfg.dataset),
-                               int(node_config.get("partition-id", -1)))
-    pid = int(node_config.get("partition-id", 0))
-    num = int(node_config.get("num-partitions", 1))
-    return client_data(cfg, pid, num)
 
 
 @lru_cache(maxsize=4)

@@ -149,6 +149,14 @@ _ONLY_FOR = {"cut_ratio": "collafuse", "server_target": "collafuse", "server_ste
              "client_model_size": "collafuse"}
 
 
+#: Keys that change neither a node's data nor anything that leaves it (where outputs go, how long
+#: to wait, what to measure and print). Runs that differ only in these are the same experiment:
+#: a node's keyed draws and its private state ignore them (client_app.Node.fingerprint).
+BOOKKEEPING_KEYS = ("output-dir", "resume-from", "round-timeout", "min-nodes", "min-available-fraction",
+                    "torch-threads", "count-flops", "flops-every-pass", "harness", "fid-backbone", "fid-weights",
+                    "fid-download", "attack-reference-steps")
+
+
 class ConfigError(ValueError):
     """A run-config key has a bad value; the message names the key and the fix."""
 

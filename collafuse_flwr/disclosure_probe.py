@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord
 
+from . import protocol as P
 from .config import RunConfig
 
 
@@ -49,10 +50,10 @@ class DisclosureProbe:
             if hasattr(model, "condition"):
                 model.condition(client)
             own = reconstruct(x, strategy.sched, t_c, model if t_c > 0 else None)
-            recon = {"recon-server": own, "recon-scaled": reconstruct(x, strategy.sched, t_c, None)}
+            recon = {P.RECON_SERVER: own, P.RECON_SCALED: reconstruct(x, strategy.sched, t_c, None)}
             if self.reference is not None:
-                recon["recon-reference"] = reconstruct(x, strategy.sched, t_c, self.reference)
+                recon[P.RECON_REFERENCE] = reconstruct(x, strategy.sched, t_c, self.reference)
             elif t_c == 0:
-                recon["recon-reference"] = own  # raw images: every attacker recovers them exactly
-        return ArrayRecord({"uploads": Array(uploads.astype(np.float32)),
+                recon[P.RECON_REFERENCE] = own  # raw images: every attacker recovers them exactly
+        return ArrayRecord({P.UPLOADS: Array(uploads.astype(np.float32)),
                             **{k: Array(v.float().cpu().numpy()) for k, v in recon.items()}})

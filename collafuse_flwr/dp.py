@@ -111,7 +111,7 @@ class DPPlan:
         s2 = self.extra_noise_std**2
         return math.inf if s2 >= 1.0 else math.sqrt(s2 / (1.0 - s2))
 
-    def metrics(self, prefix: str = "dp-") -> dict[str, float | int]:
+    def metrics(self, prefix: str) -> dict[str, float | int]:
         """Finite numbers for a MetricRecord / results.json (inf values are left out)."""
         out = {f"{prefix}{k.replace('_', '-')}": v for k, v in asdict(self).items()}
         out[f"{prefix}extra-noise-std-at-cut"] = self.extra_noise_std_at_cut

@@ -11,10 +11,11 @@ from typing import Any
 import numpy as np
 from flwr.supercore import log
 
+from . import protocol as P
 from .config import RunConfig
 from .outputs import save_samples, summary_table, write_json
 
-SUM_KEYS = ("client-train-flops", "server-train-flops")
+SUM_KEYS = ("server-train-flops",)
 
 
 def _per_client(metrics: dict[int, dict[str, float]], key: str) -> dict[str, float]:
@@ -61,7 +62,7 @@ def run_status(rec, num_nodes: int, per_client: dict[int, dict[str, float]], eva
         reasons.append(f"rejected replies: {dict(rec.rejected)}")
     if evaluated and len(per_client) < num_nodes:
         reasons.append(f"only {len(per_client)} of {num_nodes} clients returned their final evaluation")
-    bad = [c for c, m in per_client.items() if "checksum" in m and not math.isfinite(m["checksum"])]
+    bad = [c for c, m in per_client.items() if P.CHECKSUM in m and not math.isfinite(m[P.CHECKSUM])]
     if bad:
         reasons.append(f"non-finite samples from clients {bad}")
     return ("degraded" if reasons else "ok"), reasons
@@ -83,29 +84,29 @@ def finalize(cfg: RunConfig, strategy, result, out: Path, run_id: int, num_nodes
     last = evals[max(evals)] if evals else None
     per_client = last.metrics if last else {}
     totals = {k: float(sum(r.values.get(k, 0.0) or 0.0 for r in rounds.values())) for k in SUM_KEYS}
-    totals["client-train-flops"] = float(sum(float(m.get("client-train-flops", 0.0))
+    totals[P.CLIENT_TRAIN_FLOPS] = float(sum(float(m.get(P.CLIENT_TRAIN_FLOPS, 0.0))
                                              for m in result.train_metrics_clientapp.values()))
     b = rec.bytes
     n_rounds = max(1, cfg.num_server_rounds)
     bytes_up = b.get("up-train", 0.0)
     bytes_down = b.get("down-train", 0.0) + b.get("down-eval", 0.0)
     final: dict[str, Any] = {
-        "fid": _mean(m.get("fid") for m in per_client.values()),
-        "fid_per_client": _per_client(per_client, "fid"),
-        "kid": _mean(m.get("kid") for m in per_client.values()),
-        "kid_per_client": _per_client(per_client, "kid"),
+        "fid": _mean(m.get(P.FID) for m in per_client.values()),
+        "fid_per_client": _per_client(per_client, P.FID),
+        "kid": _mean(m.get(P.KID) for m in per_client.values()),
+        "kid_per_client": _per_client(per_client, P.KID),
         "precision": _mean(m.get("precision") for m in per_client.values()),
         "recall": _mean(m.get("recall") for m in per_client.values()),
         "fid_backbone": None,
-        "client_train_flops": totals["client-train-flops"],
-        "client_train_flops_per_round": totals["client-train-flops"] / n_rounds,
-        "client_train_flops_per_client_round": totals["client-train-flops"] / n_rounds / max(1, num_nodes),
-        "client_infer_flops_per_image": _mean(m.get("client-infer-flops-per-image") for m in per_client.values()),
-        "client_infer_flops_per_image_per_client": _per_client(per_client, "client-infer-flops-per-image"),
-        "client_parameters_per_client": _per_client(per_client, "client-params"),
-        "client_train_flops_per_client": {str(c): v.get("client-train-flops", 0.0)
+        "client_train_flops": totals[P.CLIENT_TRAIN_FLOPS],
+        "client_train_flops_per_round": totals[P.CLIENT_TRAIN_FLOPS] / n_rounds,
+        "client_train_flops_per_client_round": totals[P.CLIENT_TRAIN_FLOPS] / n_rounds / max(1, num_nodes),
+        "client_infer_flops_per_image": _mean(m.get(P.CLIENT_INFER_FLOPS_PER_IMAGE) for m in per_client.values()),
+        "client_infer_flops_per_image_per_client": _per_client(per_client, P.CLIENT_INFER_FLOPS_PER_IMAGE),
+        "client_parameters_per_client": _per_client(per_client, P.CLIENT_PARAMS),
+        "client_train_flops_per_client": {str(c): v.get(P.CLIENT_TRAIN_FLOPS, 0.0)
                                           for c, v in sorted(rec.train_totals.items())},
-        "uploads_per_client": {str(c): int(v.get("num-uploaded", 0)) for c, v in sorted(rec.train_totals.items())},
+        "uploads_per_client": {str(c): int(v.get(P.NUM_UPLOADED, 0)) for c, v in sorted(rec.train_totals.items())},
         "server_train_flops": totals["server-train-flops"],
         "server_infer_flops_per_image": _mean([r.values.get("server-infer-flops-per-image")
                                                for r in rounds.values()]),
@@ -118,7 +119,7 @@ def finalize(cfg: RunConfig, strategy, result, out: Path, run_id: int, num_nodes
         "failed_replies": rec.failures,
         "rejected_replies": dict(rec.rejected),
         "missing_clients_by_round": {str(k): v for k, v in sorted(rec.missing.items())},
-        "infer_seconds_per_client": _mean(m.get("infer-seconds") for m in per_client.values()),
+        "infer_seconds_per_client": _mean(m.get(P.INFER_SECONDS) for m in per_client.values()),
     }
     if harness:
         final.update(pooled_quality(cfg, last.images if last else {}, num_nodes))
@@ -131,7 +132,7 @@ def finalize(cfg: RunConfig, strategy, result, out: Path, run_id: int, num_nodes
     dp = _dp_per_client(strategy)
     if dp:  # each node's DP plan as it declared it, beside the epsilon its actual uploads realised
         final["disclosure"]["dp_per_client"] = {
-            c: {**plan, "epsilon_realised": per_client.get(int(c), {}).get("epsilon")} for c, plan in dp.items()}
+            c: {**plan, "epsilon_realised": per_client.get(int(c), {}).get(P.EPSILON)} for c, plan in dp.items()}
     status, reasons = run_status(rec, num_nodes, per_client, bool(evals))
     results = {
         "status": status,
@@ -170,10 +171,10 @@ def finalize(cfg: RunConfig, strategy, result, out: Path, run_id: int, num_nodes
 def _dp_per_client(strategy) -> dict[str, dict[str, float]]:
     """dp-* figures from each admitted node's first-contact reply (upload-epsilon's plan)."""
     reg = strategy.registry
-    return {str(reg.index[n]): {k.removeprefix("dp-").replace("-", "_"): v for k, v in info.items()
-                                if k.startswith("dp-")}
+    return {str(reg.index[n]): {k.removeprefix(P.DP_PREFIX).replace("-", "_"): v for k, v in info.items()
+                                if k.startswith(P.DP_PREFIX)}
             for n, info in sorted(reg.info.items(), key=lambda kv: reg.index.get(kv[0], -1))
-            if n in reg.index and any(k.startswith("dp-") for k in info)}
+            if n in reg.index and any(k.startswith(P.DP_PREFIX) for k in info)}
 
 
 def _client_model_size(cfg: RunConfig) -> str | None:
@@ -186,15 +187,15 @@ def _client_model_size(cfg: RunConfig) -> str | None:
 
 
 def _disclosure(cfg: RunConfig, per_client: dict[int, dict[str, float]], image_dim: int) -> dict[str, Any]:
-    keys = sorted({k for m in per_client.values() for k in m if k.startswith("disclosure-")})
-    d: dict[str, Any] = {k.removeprefix("disclosure-").replace("-", "_"): _mean(m.get(k) for m in per_client.values())
+    keys = sorted({k for m in per_client.values() for k in m if k.startswith(P.DISCLOSURE_PREFIX)})
+    d: dict[str, Any] = {k.removeprefix(P.DISCLOSURE_PREFIX).replace("-", "_"): _mean(m.get(k) for m in per_client.values())
                          for k in keys}
-    eps = [m["epsilon"] for m in per_client.values() if "epsilon" in m]
+    eps = [m[P.EPSILON] for m in per_client.values() if P.EPSILON in m]
     if cfg.method == "collafuse":
         from .diffusion import make_schedule
         from .metrics.privacy import sensitivity_note
 
-        k = int(max((m.get("max-uploads-per-image", 0) for m in per_client.values()), default=0))
+        k = int(max((m.get(P.MAX_UPLOADS_PER_IMAGE, 0) for m in per_client.values()), default=0))
         abar_c = float(make_schedule(cfg.diffusion_steps, cfg.beta_schedule).alpha_bars[cfg.cut_step])
         # raw uploads (t_c = 0) have no finite epsilon, and replies carry only finite metrics
         d["epsilon"] = (float("inf") if cfg.cut_step == 0 else max(eps) if eps

@@ -4,7 +4,7 @@ Plain constructor arguments in the style of `flwr.serverapp.strategy.FedAvg`; ea
 `from_run_config` for this project's validated run-config.
 """
 
-from .base import DiffusionStrategy, RecordKeys, RoundFailed
+from .base import DiffusionStrategy, RoundFailed
 from .centralized import Centralized
 from .collafuse import CollaFuse
 from .fedavg import FedAvgDiffusion
@@ -13,4 +13,4 @@ from .recorder import Recorder
 from .registry import NodeRegistry
 
 __all__ = ["Centralized", "CollaFuse", "DiffusionStrategy", "FedAvgDiffusion", "LocalOnly", "NodeRegistry",
-           "Recorder", "RecordKeys", "RoundFailed"]
+           "Recorder", "RoundFailed"]

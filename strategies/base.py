@@ -1,5 +1,5 @@
 """What every method's strategy shares: first contact and identity, who takes part in a round,
-validating replies before they touch state, dropouts, metric averaging and the record keys.
+validating replies before they touch state, dropouts and metric averaging. Every name in a message comes from `collafuse_flwr.protocol`.
 
 Each method only decides what goes into its train/evaluate messages and what the server does
 with the (already validated) replies. The conventions are those of
@@ -19,8 +19,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
+
+from collafuse_flwr import protocol as P
 from flwr.serverapp.strategy import Result, Strategy
 from flwr.supercore import log
 
@@ -28,26 +30,7 @@ from .recorder import EvalResult, Recorder
 from .registry import NodeRegistry
 
 # Totals across nodes rather than example-weighted means.
-SUM_KEYS = ("num-examples", "num-uploaded", "client-train-flops")
-
-
-@dataclass(frozen=True)
-class RecordKeys:
-    """Names of the records in every message; change them to fit a ClientApp of your own.
-
-    The node-side functions in `collafuse_flwr.node` take the same object.
-    """
-
-    config: str = "config"
-    metrics: str = "metrics"
-    arrays: str = "arrays"  # FedAvg's global / local model
-    upload: str = "upload"  # what a node uploads in training
-    x_tc: str = "x_tc"  # CollaFuse: array name of the cut images (train upload and eval hand-off)
-    x0: str = "x0"  # centralized reference: raw images
-    samples: str = "samples"  # generated images returned at evaluation (research harness only)
-    images: str = "images"
-    generated: str = "generated"  # centralized: images the server generated for the node
-    harness: str = "harness"  # disclosure harness payload (measurement only)
+SUM_KEYS = (P.NUM_EXAMPLES, P.NUM_UPLOADED, P.CLIENT_TRAIN_FLOPS)
 
 
 def _last_line(text: str, limit: int = 400) -> str:
@@ -77,8 +60,6 @@ class DiffusionStrategy(Strategy):
     num_eval_samples, eval_every, sampling_steps
         Generated images per node at evaluation; evaluate every k rounds (0 = last round only);
         0 = ancestral DDPM sampling, n = n DDIM steps.
-    keys : RecordKeys
-        Record names used in the messages.
     recorder : Recorder | None
         Bytes, per-round figures and evaluation returns (a fresh one when None).
     on_round_end : callable(strategy, round) | None
@@ -90,7 +71,7 @@ class DiffusionStrategy(Strategy):
     def __init__(self, *, min_available_nodes: int = 1, min_available_fraction: float = 0.5,
                  capacity: int | None = None, num_eval_samples: int = 64, eval_every: int = 0,
                  sampling_steps: int = 0, connect_timeout: float = 300.0,
-                 keys: RecordKeys | None = None, recorder: Recorder | None = None,
+                 recorder: Recorder | None = None,
                  on_round_end: Callable[[Any, int], None] | None = None) -> None:
         if min_available_nodes < 1:
             raise ValueError(f"min_available_nodes must be >= 1, got {min_available_nodes}")
@@ -105,7 +86,6 @@ class DiffusionStrategy(Strategy):
         self.eval_every = eval_every
         self.sampling_steps = sampling_steps
         self.connect_timeout = connect_timeout
-        self.keys = keys or RecordKeys()
         self.recorder = recorder or Recorder()
         self.registry = NodeRegistry(capacity)
         self.num_rounds: int | None = None
@@ -241,7 +221,7 @@ class DiffusionStrategy(Strategy):
     # -- first contact and participants ----------------------------------------------------------
     def hello_config(self) -> dict[str, Any]:
         """What the server tells a node at first contact (methods add their settings)."""
-        return {"method": self.method}
+        return {P.METHOD: self.method}
 
     def accept_hello(self, node_id: int, info: dict[str, Any]) -> str:
         """Method-specific admission check on a node's hello reply: '' to admit, else why not."""
@@ -255,8 +235,8 @@ class DiffusionStrategy(Strategy):
         new = [n for n in grid.get_node_ids() if not self.registry.known(n)]
         if not new:
             return
-        conf = ConfigRecord({"hello": 1, **self.hello_config()})
-        msgs = [Message(content=RecordDict({self.keys.config: conf}), message_type=MessageType.QUERY,
+        conf = ConfigRecord(self.hello_config())
+        msgs = [Message(content=RecordDict({P.CONFIG: conf}), message_type=P.message_type(P.QUERY, P.HELLO),
                         dst_node_id=n) for n in sorted(new)]
         replies = list(grid.send_and_receive(msgs, timeout=self.round_timeout or self.connect_timeout))
         for nid in set(new) - {m.metadata.src_node_id for m in replies}:
@@ -270,17 +250,22 @@ class DiffusionStrategy(Strategy):
                 self.registry.refused[nid] = f"its first-contact reply was an error: {_last_line(m.error.reason)}"
                 log(WARNING, "node %d did not answer hello: %s", nid, m.error.reason)
                 continue
-            info = _metrics_dict(m, self.keys.metrics)
-            if info is None:
-                self.registry.refused[nid] = "its first-contact reply had no finite metrics"
-                log(WARNING, "node %d: hello reply without finite metrics; not admitted", nid)
+            info = _metrics_dict(m, P.METRICS)
+            why = ("it carried records nobody asked for" if P.unexpected_records(m, "up", P.QUERY, P.HELLO) else
+                   "it had no finite metrics" if info is None else
+                   f"its {P.PARTITION_ID} claim {info[P.PARTITION_ID]!r} is not a whole number >= -1"
+                   if P.PARTITION_ID in info and not (float(info[P.PARTITION_ID]).is_integer()
+                                                      and info[P.PARTITION_ID] >= -1) else "")
+            if why or info is None:
+                self.registry.refused[nid] = f"its first-contact reply was malformed: {why}"
+                log(WARNING, "node %d: first-contact reply malformed (%s); not admitted", nid, why)
                 continue
             answers.append((nid, info))
         # claims first, by claimed index, so the same claims give the same map whatever the ids
-        answers.sort(key=lambda a: (a[1].get("partition-id", -1) < 0, a[1].get("partition-id", -1), a[0]))
+        answers.sort(key=lambda a: (a[1].get(P.PARTITION_ID, -1) < 0, a[1].get(P.PARTITION_ID, -1), a[0]))
         for nid, info in answers:
             reason = self.accept_hello(nid, info)
-            claimed = int(info["partition-id"]) if "partition-id" in info else None
+            claimed = int(info[P.PARTITION_ID]) if P.PARTITION_ID in info else None
             idx, why = (None, reason) if reason else self.registry.admit(nid, claimed, info)
             if idx is None:
                 self.registry.refused[nid] = reason or why
@@ -318,13 +303,15 @@ class DiffusionStrategy(Strategy):
     # -- messages out -----------------------------------------------------------------------------
     def _config(self, config: ConfigRecord | None, server_round: int, node_id: int, **extra: Any) -> ConfigRecord:
         """The user's `config` from `start()`, plus the round, the node's client index and `extra`."""
-        return ConfigRecord({**(dict(config) if config else {}), "server-round": server_round,
-                             "client-index": self.client_of(node_id), "num-clients": self.registry.capacity or 0,
-                             "run-key": self.run_key, **extra})
+        return ConfigRecord({**(dict(config) if config else {}), P.SERVER_ROUND: server_round,
+                             P.CLIENT_INDEX: self.client_of(node_id), P.NUM_CLIENTS: self.registry.capacity or 0,
+                             P.RUN_KEY: self.run_key, **extra})
 
-    def _send(self, node_ids: list[int], content_for: Callable[[int], RecordDict], message_type: str,
-              phase: str, harness: Iterable[str] = ()) -> list[Message]:
-        msgs = [Message(content=content_for(n), message_type=message_type, dst_node_id=n) for n in node_ids]
+    def _send(self, node_ids: list[int], content_for: Callable[[int], RecordDict], phase: str,
+              harness: Iterable[str] = ()) -> list[Message]:
+        """This method's `<phase>.<method>` message to each node (Flower's action routing)."""
+        mtype = P.message_type(P.TRAIN if phase == "train" else P.EVALUATE, self.method)
+        msgs = [Message(content=content_for(n), message_type=mtype, dst_node_id=n) for n in node_ids]
         self.recorder.down(msgs, phase, self.client_of, harness)
         self._addressed[phase] = [m.metadata.dst_node_id for m in msgs]
         return msgs
@@ -356,7 +343,7 @@ class DiffusionStrategy(Strategy):
                 continue
             self.recorder.up(m, "eval" if phase == "evaluate" else phase, client)
             try:
-                reason = self._check_metrics(m) or self.validate_reply(phase, client, m)
+                reason = self._check_metrics(m, phase) or self.validate_reply(phase, client, m)
             except Exception as exc:  # noqa: BLE001 - a reply that breaks a check is malformed, not fatal
                 reason = f"malformed: {type(exc).__name__}: {str(exc)[:120]}"
             if reason:
@@ -365,7 +352,7 @@ class DiffusionStrategy(Strategy):
                 self.recorder.reject(server_round, reason.split(":")[0])
                 continue
             if phase == "train":
-                self.recorder.train_reply(client, dict(m.content[self.keys.metrics]))
+                self.recorder.train_reply(client, dict(m.content[P.METRICS]))
             ok.append(m)
         silent = [n for n in addressed if n not in answered]
         if silent:
@@ -383,25 +370,29 @@ class DiffusionStrategy(Strategy):
                               f"warnings above for who failed and why")
         return sorted(ok, key=lambda m: self.client_of(m.metadata.src_node_id))
 
-    def _check_metrics(self, m: Message) -> str:
-        if self.keys.metrics not in m.content.metric_records:
-            return f"metrics: no '{self.keys.metrics}' metric record"
-        if _metrics_dict(m, self.keys.metrics) is None:
+    def _check_metrics(self, m: Message, phase: str = "train") -> str:
+        extra = P.unexpected_records(m, "up", P.TRAIN if phase == "train" else P.EVALUATE, self.method)
+        if extra:
+            return f"records: {extra} were not asked for (a {phase} reply of {self.method} carries only " \
+                   f"{sorted(P.ALLOWED_RECORDS[('up', P.TRAIN if phase == 'train' else P.EVALUATE, self.method)])})"
+        if P.METRICS not in m.content.metric_records:
+            return f"metrics: no '{P.METRICS}' metric record"
+        if _metrics_dict(m, P.METRICS) is None:
             return "metrics: a metric is not a finite number"
         return ""
 
     # -- aggregation of metrics -------------------------------------------------------------------
-    def mean_metrics(self, replies: list[Message], weight_key: str = "num-examples") -> MetricRecord:
+    def mean_metrics(self, replies: list[Message], weight_key: str = P.NUM_EXAMPLES) -> MetricRecord:
         """Example-weighted mean of every numeric metric the replies share; totals for SUM_KEYS.
 
         Not Flower's `aggregate_metricrecords`: that one has no totals, and a metric a node could
         not compute (NaN) must drop out of the mean with its weight renormalised, not pull the
         mean toward 0.
         """
-        recs = [dict(m.content[self.keys.metrics]) for m in replies]
+        recs = [dict(m.content[P.METRICS]) for m in replies]
         if not recs:
             return MetricRecord()
-        keys = set.intersection(*(set(r) for r in recs)) - {"partition-id", "client-index"}
+        keys = set.intersection(*(set(r) for r in recs)) - {P.PARTITION_ID, P.CLIENT_INDEX}
         w = np.array([max(float(r.get(weight_key, 1.0)), 0.0) for r in recs])
         out: dict[str, float] = {}
         for k in sorted(keys):
@@ -426,9 +417,9 @@ class DiffusionStrategy(Strategy):
         if not self.is_eval_round(server_round):
             return []
         nodes = self._participants(grid)
-        extra = {"num-samples": self.num_eval_samples, "final-round": int(server_round == self.num_rounds), **extra}
+        extra = {P.NUM_SAMPLES: self.num_eval_samples, P.FINAL_ROUND: int(server_round == self.num_rounds), **extra}
         return self._send(nodes, lambda n: content_for(n, self._config(config, server_round, n, **extra)),
-                          MessageType.EVALUATE, "evaluate", harness)
+                          "evaluate", harness)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         """Collect what the nodes returned; also where a round ends (for `on_round_end`)."""
@@ -438,15 +429,15 @@ class DiffusionStrategy(Strategy):
             res = EvalResult(server_round)
             for m in ok:
                 client = self.client_of(m.metadata.src_node_id)
-                res.metrics[client] = dict(m.content[self.keys.metrics])
-                if self.keys.samples in m.content.array_records:
-                    res.images[client] = m.content[self.keys.samples][self.keys.images].numpy()
+                res.metrics[client] = dict(m.content[P.METRICS])
+                if P.SAMPLES in m.content.array_records:
+                    res.images[client] = m.content[P.SAMPLES][P.IMAGES].numpy()
             self.recorder.evals[server_round] = res
             agg = self.mean_metrics(ok) if ok else None
             if agg is not None:
                 self.recorder.record(server_round, **{f"eval-{k}": v for k, v in agg.items()})
             self._progress(server_round, "evaluate", **{k: float(v) for k, v in (agg or {}).items()
-                                                        if k in ("fid", "kid", "infer-seconds")})
+                                                        if k in (P.FID, P.KID, P.INFER_SECONDS)})
         if self._on_round_end is not None:
             self._on_round_end(self, server_round)
         return agg

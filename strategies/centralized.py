@@ -17,8 +17,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
+
+from collafuse_flwr import protocol as P
 from flwr.supercore import log
 from torch import nn
 
@@ -37,7 +39,7 @@ class Centralized(DiffusionStrategy):
     """The pooled-data reference. `local_steps`: per node per round (the server takes
     nodes x local_steps); the rest as in `CollaFuse`."""
 
-    method = "centralized"
+    method = P.CENTRALIZED
     checkpoint_attrs = ("pool", "pool_labels", "num_contributors")
 
     def __init__(self, model: nn.Module, image_shape: tuple[int, int, int], *, diffusion_steps: int = 1000,
@@ -74,15 +76,15 @@ class Centralized(DiffusionStrategy):
         if self.pool is not None:
             return []  # the raw data was collected once
         return self._send(self._participants(grid),
-                          lambda n: RecordDict({self.keys.config: self._config(config, server_round, n)}),
-                          MessageType.TRAIN, "train")
+                          lambda n: RecordDict({P.CONFIG: self._config(config, server_round, n)}),
+                          "train")
 
     def validate_reply(self, phase: str, client: int, msg: Message) -> str:
         if phase != "train":
             return ""
-        if self.keys.upload not in msg.content.array_records or self.keys.x0 not in msg.content[self.keys.upload]:
-            return f"upload: no '{self.keys.upload}/{self.keys.x0}' array"
-        a = msg.content[self.keys.upload][self.keys.x0]
+        if P.UPLOAD not in msg.content.array_records or P.X0 not in msg.content[P.UPLOAD]:
+            return f"upload: no '{P.UPLOAD}/{P.X0}' array"
+        a = msg.content[P.UPLOAD][P.X0]
         if a.dtype != "float32" or len(a.shape) != 4 or tuple(a.shape[1:]) != self.image_shape:
             return f"upload: expected float32 (n, {self.image_shape}), got {a.dtype}{tuple(a.shape)}"
         x = a.numpy()
@@ -94,7 +96,7 @@ class Centralized(DiffusionStrategy):
         if self.pool is None:
             ok = self._accept(server_round, replies, "train")
             parts = [(self.client_of(m.metadata.src_node_id),
-                      torch.from_numpy(m.content[self.keys.upload][self.keys.x0].numpy())) for m in ok]
+                      torch.from_numpy(m.content[P.UPLOAD][P.X0].numpy())) for m in ok]
             if not parts:
                 log(WARNING, "round %d: no node sent data; nothing to train on yet", server_round)
                 return None, None
@@ -107,7 +109,7 @@ class Centralized(DiffusionStrategy):
                            self.pool, steps, self.batch_size, self.gen, self.device, self.meter, "server-train",
                            labels=self.pool_labels, guard=True)
         metrics: dict[str, float] = {"server-train-seconds": time.perf_counter() - t0,
-                                     "num-examples": int(self.pool.shape[0])}
+                                     P.NUM_EXAMPLES: int(self.pool.shape[0])}
         if loss == loss:
             metrics["server-train-loss"] = loss
         if self.meter is not None:
@@ -123,7 +125,7 @@ class Centralized(DiffusionStrategy):
         def content(node_id: int, conf: ConfigRecord) -> RecordDict:
             imgs = generate(self.model, self.sched, n, self.image_shape, self.sampling_steps or None,
                             self.gen, self.device, self.meter, label=self.client_of(node_id))
-            return RecordDict({self.keys.config: conf,
-                               self.keys.generated: ArrayRecord({self.keys.images: Array(to_uint8(imgs).numpy())})})
+            return RecordDict({P.CONFIG: conf,
+                               P.GENERATED: ArrayRecord({P.IMAGES: Array(to_uint8(imgs).numpy())})})
 
-        return self._eval_messages(server_round, grid, config, content, harness=(self.keys.generated,))
+        return self._eval_messages(server_round, grid, config, content, harness=(P.GENERATED,))

@@ -31,8 +31,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
+
+from collafuse_flwr import protocol as P
 from flwr.supercore import log
 from torch import nn
 
@@ -111,7 +113,7 @@ class CollaFuse(DiffusionStrategy):
         `DiffusionStrategy` arguments (min_available_nodes, min_available_fraction, eval_every, ...).
     """
 
-    method = "collafuse"
+    method = P.COLLAFUSE
     checkpoint_attrs = ("buffer", "last_upload", "skipped_steps", "owed_steps", "client_cut")
 
     def __init__(self, server_model: nn.Module, image_shape: tuple[int, int, int], *,
@@ -181,12 +183,8 @@ class CollaFuse(DiffusionStrategy):
         return cls(server_model, image_shape, **{**args, **kwargs})
 
     # -- first contact and each node's cut ----------------------------------------------------
-    def hello_config(self) -> dict[str, Any]:
-        return {**super().hello_config(), "cut-step": self.t_c, "diffusion-steps": self.sched.T,
-                "node-cuts": int(self.node_cuts)}
-
     def accept_hello(self, node_id: int, info: dict[str, Any]) -> str:
-        node_cut = info.get("cut-step")
+        node_cut = info.get(P.CUT_STEP)
         if node_cut is None or int(node_cut) == self.t_c:
             return ""
         if not self.node_cuts:
@@ -198,7 +196,7 @@ class CollaFuse(DiffusionStrategy):
         return ""
 
     def on_admit(self, node_id: int, client: int, info: dict[str, Any]) -> None:
-        self.client_cut[client] = int(info["cut-step"]) if self.node_cuts and "cut-step" in info else self.t_c
+        self.client_cut[client] = int(info[P.CUT_STEP]) if self.node_cuts and P.CUT_STEP in info else self.t_c
 
     def cut_for(self, client: int) -> int:
         """The cut step t_c,k of a client's node (the server's own when the node declared none)."""
@@ -222,23 +220,22 @@ class CollaFuse(DiffusionStrategy):
         def extra(node_id: int) -> dict[str, int]:
             client = self.client_of(node_id)
             t_c = self.cut_for(client)
-            return {"cut-step": t_c, "client-max-step": self._client_start(t_c),
-                    "uploads": self.uploads_per_round if self.serves(client) else 0}
+            return {P.CUT_STEP: t_c, P.UPLOADS_ASKED: self.uploads_per_round if self.serves(client) else 0}
 
         return self._send(self._participants(grid),
-                          lambda n: RecordDict({self.keys.config: self._config(config, server_round, n, **extra(n))}),
-                          MessageType.TRAIN, "train")
+                          lambda n: RecordDict({P.CONFIG: self._config(config, server_round, n, **extra(n))}),
+                          "train")
 
     def _client_start(self, t_c: int) -> int:
         return D.client_start_step(t_c / self.sched.T, self.sched.T, self.server_target)  # type: ignore[arg-type]
 
     def validate_reply(self, phase: str, client: int, msg: Message) -> str:
-        if phase != "train" or self.keys.upload not in msg.content.array_records:
+        if phase != "train" or P.UPLOAD not in msg.content.array_records:
             return ""
-        rec = msg.content[self.keys.upload]
-        if list(rec.keys()) != [self.keys.x_tc]:
-            return f"upload: expected exactly the array '{self.keys.x_tc}', got {list(rec.keys())}"
-        arr = rec[self.keys.x_tc]
+        rec = msg.content[P.UPLOAD]
+        if list(rec.keys()) != [P.X_TC]:
+            return f"upload: expected exactly the array '{P.X_TC}', got {list(rec.keys())}"
+        arr = rec[P.X_TC]
         if arr.dtype != "float32":
             return f"upload dtype: expected float32, got {arr.dtype}"
         if tuple(arr.shape[1:]) != self.image_shape or len(arr.shape) != 4:
@@ -307,8 +304,8 @@ class CollaFuse(DiffusionStrategy):
         ok = self._accept(server_round, replies, "train")
         n_new, contributors = 0, 0
         for m in ok:
-            if self.keys.upload in m.content.array_records:
-                x = m.content[self.keys.upload][self.keys.x_tc].numpy()
+            if P.UPLOAD in m.content.array_records:
+                x = m.content[P.UPLOAD][P.X_TC].numpy()
                 client = self.client_of(m.metadata.src_node_id)
                 self.buffer.setdefault(client, []).append(torch.from_numpy(x.copy()))
                 self.last_upload[client] = x
@@ -335,7 +332,7 @@ class CollaFuse(DiffusionStrategy):
         metrics["server-buffer-size"] = sum(t.shape[0] for ts in self.buffer.values() for t in ts)
         self.recorder.record(server_round, **dict(metrics))
         self._progress(server_round, "train", **{k: float(v) for k, v in metrics.items()
-                                                 if k in ("train-loss", "server-train-loss", "uploads-received")})
+                                                 if k in (P.TRAIN_LOSS, "server-train-loss", "uploads-received")})
         return ArrayRecord(self.model.state_dict()), metrics
 
     def buffer_tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -381,17 +378,17 @@ class CollaFuse(DiffusionStrategy):
             client = self.client_of(node_id)
             t_c = self.cut_for(client)
             _, s_cli = D.split_step_budget(self.sampling_steps, self.sched.T, t_c)
-            conf["client-start-step"], conf["client-sampling-steps"] = self._client_start(t_c), s_cli or 0
-            rd = RecordDict({self.keys.config: conf})
+            conf[P.CLIENT_START_STEP], conf[P.CLIENT_SAMPLING_STEPS] = self._client_start(t_c), s_cli or 0
+            rd = RecordDict({P.CONFIG: conf})
             if self.serves(client):
-                rd[self.keys.x_tc] = ArrayRecord({self.keys.x_tc: Array(self.server_half(n, client).float().numpy())})
+                rd[P.HANDOFF] = ArrayRecord({P.X_TC: Array(self.server_half(n, client).float().numpy())})
             if self.harness_payload is not None and client in self.last_upload:
                 payload = self.harness_payload(self, client, self.last_upload[client])
                 if payload is not None:
-                    rd[self.keys.harness] = payload
+                    rd[P.HARNESS] = payload
             return rd
 
-        return self._eval_messages(server_round, grid, config, content, harness=(self.keys.harness,))
+        return self._eval_messages(server_round, grid, config, content, harness=(P.HARNESS,))
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         if self.meter is not None and self._served:

@@ -13,8 +13,10 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
+
+from collafuse_flwr import protocol as P
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
 from .base import DiffusionStrategy, common_args
@@ -26,7 +28,7 @@ if TYPE_CHECKING:
 class FedAvgDiffusion(DiffusionStrategy):
     """FedAvg over a diffusion denoiser. `**common`: `DiffusionStrategy` arguments."""
 
-    method = "fedavg"
+    method = P.FEDAVG
 
     def __init__(self, **common: Any) -> None:
         super().__init__(**common)
@@ -40,16 +42,16 @@ class FedAvgDiffusion(DiffusionStrategy):
                         grid: Grid) -> Iterable[Message]:
         self._global = {k: (tuple(a.shape), a.dtype) for k, a in arrays.items()}
         return self._send(self._participants(grid),
-                          lambda n: RecordDict({self.keys.arrays: arrays,
-                                                self.keys.config: self._config(config, server_round, n)}),
-                          MessageType.TRAIN, "train")
+                          lambda n: RecordDict({P.ARRAYS: arrays,
+                                                P.CONFIG: self._config(config, server_round, n)}),
+                          "train")
 
     def validate_reply(self, phase: str, client: int, msg: Message) -> str:
         if phase != "train":
             return ""
-        if self.keys.arrays not in msg.content.array_records:
-            return f"weights: no '{self.keys.arrays}' array record"
-        rec = msg.content[self.keys.arrays]
+        if P.ARRAYS not in msg.content.array_records:
+            return f"weights: no '{P.ARRAYS}' array record"
+        rec = msg.content[P.ARRAYS]
         if set(rec.keys()) != set(self._global):
             return f"weights: array names differ from the global model's ({sorted(set(rec) ^ set(self._global))[:3]} ...)"
         for k, a in rec.items():
@@ -57,7 +59,7 @@ class FedAvgDiffusion(DiffusionStrategy):
                 return f"weights: '{k}' is {a.dtype}{tuple(a.shape)}, the global model's is {self._global[k][1]}{self._global[k][0]}"
             if not np.isfinite(a.numpy()).all():
                 return f"weights: '{k}' has non-finite values"
-        n = msg.content[self.keys.metrics].get("num-examples", 0)
+        n = msg.content[P.METRICS].get(P.NUM_EXAMPLES, 0)
         if not n > 0:
             return f"num-examples: must be > 0, got {n}"
         return ""
@@ -66,17 +68,17 @@ class FedAvgDiffusion(DiffusionStrategy):
         ok = self._accept(server_round, replies, "train")
         arrays = None
         if ok:
-            records = [RecordDict({"a": m.content[self.keys.arrays],
-                                   "m": MetricRecord({"num-examples": m.content[self.keys.metrics]["num-examples"]})})
+            records = [RecordDict({"a": m.content[P.ARRAYS],
+                                   "m": MetricRecord({P.NUM_EXAMPLES: m.content[P.METRICS][P.NUM_EXAMPLES]})})
                        for m in ok]
-            arrays = aggregate_arrayrecords(records, "num-examples")
+            arrays = aggregate_arrayrecords(records, P.NUM_EXAMPLES)
         metrics = self.mean_metrics(ok)
         self.recorder.record(server_round, **dict(metrics))
-        self._progress(server_round, "train", **{k: float(v) for k, v in metrics.items() if k == "train-loss"})
+        self._progress(server_round, "train", **{k: float(v) for k, v in metrics.items() if k == P.TRAIN_LOSS})
         return arrays, metrics
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
         return self._eval_messages(server_round, grid, config,
-                                   lambda n, conf: RecordDict({self.keys.arrays: arrays, self.keys.config: conf}),
-                                   **{"client-sampling-steps": self.sampling_steps})
+                                   lambda n, conf: RecordDict({P.ARRAYS: arrays, P.CONFIG: conf}),
+                                   **{P.CLIENT_SAMPLING_STEPS: self.sampling_steps})

@@ -7,8 +7,10 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
+
+from collafuse_flwr import protocol as P
 
 from .base import DiffusionStrategy, common_args
 
@@ -19,7 +21,7 @@ if TYPE_CHECKING:
 class LocalOnly(DiffusionStrategy):
     """Local-only training. `diffusion_steps`: T (the node starts sampling there)."""
 
-    method = "local"
+    method = P.LOCAL
 
     def __init__(self, *, diffusion_steps: int = 1000, **common: Any) -> None:
         super().__init__(**common)
@@ -32,19 +34,19 @@ class LocalOnly(DiffusionStrategy):
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
         return self._send(self._participants(grid),
-                          lambda n: RecordDict({self.keys.config: self._config(config, server_round, n)}),
-                          MessageType.TRAIN, "train")
+                          lambda n: RecordDict({P.CONFIG: self._config(config, server_round, n)}),
+                          "train")
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[None, MetricRecord]:
         ok = self._accept(server_round, replies, "train")
         metrics = self.mean_metrics(ok)
         self.recorder.record(server_round, **dict(metrics))
-        self._progress(server_round, "train", **{k: float(v) for k, v in metrics.items() if k == "train-loss"})
+        self._progress(server_round, "train", **{k: float(v) for k, v in metrics.items() if k == P.TRAIN_LOSS})
         return None, metrics
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
         return self._eval_messages(server_round, grid, config,
-                                   lambda n, conf: RecordDict({self.keys.config: conf}),
-                                   **{"client-start-step": self.diffusion_steps,
-                                      "client-sampling-steps": self.sampling_steps})
+                                   lambda n, conf: RecordDict({P.CONFIG: conf}),
+                                   **{P.CLIENT_START_STEP: self.diffusion_steps,
+                                      P.CLIENT_SAMPLING_STEPS: self.sampling_steps})

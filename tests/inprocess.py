@@ -22,7 +22,8 @@ class InProcessGrid(Grid):
     def __init__(self, client_app, run_config: dict, num_nodes: int, fail_nodes: Iterable[int] = (),
                  node_config: dict | None = None) -> None:
         """fail_nodes: these nodes answer their train and evaluate messages with an Error (they
-        pass first contact, then fail, like a node that dies after joining)."""
+        pass first contact, then fail, like a node that dies after joining). Nodes trust the
+        run-config, as simulated nodes do (node_config may say otherwise)."""
         self.client_app = client_app
         # Message() stamps the run/task identity that a real SuperLink process would set
         TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
@@ -30,7 +31,7 @@ class InProcessGrid(Grid):
         self.run_id = next(_runs)
         self.contexts = {
             nid: Context(run_id=self.run_id, node_id=nid,
-                         node_config={"partition-id": i, "num-partitions": num_nodes, "share-harness": "true",
+                         node_config={"partition-id": i, "num-partitions": num_nodes, "trust-run-config": "true",
                                       **(node_config or {})},
                          state=RecordDict(), run_config=dict(run_config))
             for i, nid in enumerate(self.node_ids)
@@ -71,7 +72,7 @@ class InProcessGrid(Grid):
             m.metadata.__dict__["_src_node_id"] = 0
             self.sent.append(m)
             nid = m.metadata.dst_node_id
-            if nid in self.fail_nodes and m.metadata.message_type in ("train", "evaluate"):
+            if nid in self.fail_nodes and m.metadata.message_type.split(".")[0] in ("train", "evaluate"):
                 reply = Message(Error(code=0, reason="simulated node failure"), reply_to=m)
             else:
                 reply = self.client_app(m, self.contexts[nid])

@@ -226,18 +226,17 @@ def test_main_jobs_local_only_comparison_is_a_run_config_flower_accepts():
 
 def test_digits_benchmarks_keep_measuring_digits_after_the_default_moved():
     """The app's default dataset moved to MNIST-5k; the committed digits reports (sweep-cpu,
-    tradeoff-cpu, overhead, scaling, client_compute, deploy_overhead, main_job_variants) must still
+    tradeoff-cpu, scaling, client_compute, deploy_overhead, main_job_variants) must still
     re-run on digits from their commands, or a resumed sweep would silently mix datasets."""
-    from benchmarks import client_compute, deploy_overhead, overhead, scaling
+    from benchmarks import client_compute, deploy_overhead, scaling
     from benchmarks.common import validate_overrides
     from benchmarks.main_job_variants import QUIET, VARIANTS
     from benchmarks.tradeoff import SETTINGS
 
     assert validate_overrides({}).dataset == "mnist5k"  # what the pins guard against
-    for rc in (PRESETS["cpu"].run_config, PRESETS["quick"].run_config, SETTINGS, overhead.MEASURED_ON,
+    for rc in (PRESETS["cpu"].run_config, PRESETS["quick"].run_config, SETTINGS,
                scaling.SCALING_CONFIG, client_compute.SETTINGS[0][1], parse_overrides(deploy_overhead.TINY)):
         assert validate_overrides(app_keys(rc)).dataset == "digits"
-    assert validate_overrides(overhead.MEASURED_ON).num_server_rounds == 8
     for name, overrides in VARIANTS.items():
         cfg = validate_overrides({**QUIET, **overrides})
         assert cfg.dataset == ("digits" if name.startswith("digits") else "mnist5k")

@@ -5,30 +5,35 @@ import itertools
 import numpy as np
 import pytest
 import torch
-from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.app import ConfigRecord, Context, Message, RecordDict
 
 from collafuse_flwr.client_app import app
 from collafuse_flwr.client_data import client_data
 from collafuse_flwr.config import parse_config
 from inprocess import message_to_node
 from collafuse_flwr.models import build_denoiser
-from collafuse_flwr.state import MODEL_KEY
+from collafuse_flwr.node.state import MODEL_KEY
 
 NUM_NODES = 3
 _RUN_IDS = itertools.count(1)  # each context is a new run: node state files are per run
 
 
 def _context(rc, pid=0, **node_config):
-    """A node that shares research measurements (as in the simulation); see test_privacy_attacks
-    for the deployment default."""
+    """A node that trusts the run-config and shares research measurements (as in the simulation);
+    see test_privacy_attacks for the deployment default."""
     return Context(run_id=next(_RUN_IDS), node_id=100 + pid,
-                   node_config={"partition-id": pid, "num-partitions": NUM_NODES, "share-harness": "true",
+                   node_config={"partition-id": pid, "num-partitions": NUM_NODES, "trust-run-config": "true",
                                 **node_config},
                    state=RecordDict(), run_config=rc)
 
 
-def _message(content: RecordDict, mtype=MessageType.TRAIN) -> Message:
+def _message(content: RecordDict, mtype: str) -> Message:
     return message_to_node(content, mtype)
+
+
+def _mt(rc, category="train"):
+    """The routed message type of the run-config's method, e.g. "train.collafuse"."""
+    return f"{category}.{parse_config(rc).method}"
 
 
 def _train(rc, ctx, rnd=1, cut=None, uploads=None):
@@ -36,7 +41,7 @@ def _train(rc, ctx, rnd=1, cut=None, uploads=None):
     t_c = cfg.cut_step if cut is None else cut
     uploads = cfg.uploads_per_round if uploads is None else uploads
     conf = ConfigRecord({"server-round": rnd, "cut-step": t_c, "uploads": uploads})
-    return app(_message(RecordDict({"config": conf})), ctx)
+    return app(_message(RecordDict({"config": conf}), _mt(rc)), ctx)
 
 
 def _all_arrays(msg: Message) -> dict[str, np.ndarray]:
@@ -109,7 +114,7 @@ def test_local_only_sends_no_arrays(tiny_config):
     assert _all_arrays(reply) == {}
     assert MODEL_KEY in ctx.state.array_records
     conf = ConfigRecord({"server-round": 2, "num-samples": 4, "client-start-step": 20, "client-sampling-steps": 0})
-    ev = app(_message(RecordDict({"config": conf}), MessageType.EVALUATE), ctx)
+    ev = app(_message(RecordDict({"config": conf}), _mt(rc, "evaluate")), ctx)
     arrays = _all_arrays(ev)
     assert list(arrays) == ["samples/images"]
     assert arrays["samples/images"].dtype == np.uint8 and arrays["samples/images"].shape == (4, 1, 8, 8)
@@ -123,8 +128,8 @@ def test_collafuse_evaluate_finishes_the_servers_images(tiny_config):
     from flwr.app import Array, ArrayRecord
 
     conf = ConfigRecord({"server-round": 2, "num-samples": 4, "client-start-step": 10, "client-sampling-steps": 0})
-    ev = app(_message(RecordDict({"config": conf, "x_tc": ArrayRecord({"x_tc": Array(x_tc)})}),
-                      MessageType.EVALUATE), ctx)
+    ev = app(_message(RecordDict({"config": conf, "handoff": ArrayRecord({"x_tc": Array(x_tc)})}),
+                      _mt(rc, "evaluate")), ctx)
     m = ev.content["metrics"]
     assert m["num-examples"] == 4 and "fid" in m and "kid" in m
     # client inference ran exactly t_c = 10 denoiser passes per image
@@ -145,14 +150,14 @@ def test_client_inference_flops_are_cut_share_of_fedavgs(tiny_config):
     _train(rc, ctx)
     conf = ConfigRecord({"server-round": 2, "num-samples": 4, "client-start-step": 6, "client-sampling-steps": 0})
     x_tc = ArrayRecord({"x_tc": Array(torch.randn(4, 1, 8, 8).numpy())})
-    collafuse = app(_message(RecordDict({"config": conf, "x_tc": x_tc}), MessageType.EVALUATE), ctx)
+    collafuse = app(_message(RecordDict({"config": conf, "handoff": x_tc}), _mt(rc, "evaluate")), ctx)
 
     rf = tiny_config(method="fedavg", image_size=8)
     cfg = parse_config(rf)
     glob = shared_denoiser(8, 1, cfg.model_size, cfg.conditioning, NUM_NODES)
     conf = ConfigRecord({"server-round": 2, "num-samples": 4, "client-sampling-steps": 0, "num-clients": NUM_NODES})
     fedavg = app(_message(RecordDict({"config": conf, "arrays": ArrayRecord(glob.state_dict())}),
-                          MessageType.EVALUATE), _context(rf))
+                          _mt(rf, "evaluate")), _context(rf))
     a = collafuse.content["metrics"]["client-infer-flops-per-image"]
     b = fedavg.content["metrics"]["client-infer-flops-per-image"]
     # same architecture family (FedAvg's has a class embedding, which costs no matmul FLOPs)
@@ -166,7 +171,7 @@ def test_centralized_client_scores_exactly_the_images_the_server_generated(tiny_
     images = np.random.default_rng(0).integers(0, 256, (4, 1, 8, 8), dtype=np.uint8)
     conf = ConfigRecord({"server-round": 2, "num-samples": 4})
     ev = app(_message(RecordDict({"config": conf, "generated": ArrayRecord({"images": Array(images)})}),
-                      MessageType.EVALUATE), _context(rc))
+                      _mt(rc, "evaluate")), _context(rc))
     np.testing.assert_array_equal(ev.content["samples"]["images"].numpy(), images)
 
 

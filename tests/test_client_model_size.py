@@ -9,7 +9,7 @@ import warnings
 
 import pytest
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, MessageType, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, RecordDict
 
 from collafuse_flwr.client_app import app, init_private_denoiser, private_model_size
 from collafuse_flwr.config import ConfigError, parse_config
@@ -28,13 +28,13 @@ def _context(rc, pid=0):
 # -- config -----------------------------------------------------------------------------------------
 def test_default_is_the_servers_preset(tiny_config):
     cfg = parse_config(tiny_config())
-    assert cfg.client_model_size == "" and private_model_size(cfg) == cfg.model_size
+    assert cfg.client_model_size == "" and private_model_size(cfg, "collafuse") == cfg.model_size
 
 
 @pytest.mark.parametrize("value, preset", [("half", "small-half"), ("tiny", "tiny"), ("base-half", "base-half")])
 def test_accepted_values(value, preset):
     cfg = parse_config({"model-size": "small", "client-model-size": value})
-    assert private_model_size(cfg) == preset == client_preset("small", value)
+    assert private_model_size(cfg, "collafuse") == preset == client_preset("small", value)
 
 
 @pytest.mark.parametrize("override, match", [
@@ -50,7 +50,7 @@ def test_bad_values_name_the_value_and_the_fix(override, match):
 def test_other_methods_warn_that_they_ignore_it():
     with pytest.warns(UserWarning, match="client-model-size=half is ignored by method='fedavg'"):
         cfg = parse_config({"method": "fedavg", "client-model-size": "half"})
-    assert private_model_size(cfg) == cfg.model_size
+    assert private_model_size(cfg, "fedavg") == cfg.model_size
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         parse_config({"method": "collafuse", "client-model-size": "half"})
@@ -80,13 +80,13 @@ def _train_and_evaluate(rc):
     """One train round and one evaluation of node 0 through the ClientApp; returns its replies."""
     cfg = parse_config(rc)
     ctx = _context(rc)
-    hello = app(message_to_node(RecordDict({"config": ConfigRecord({"hello": 1})}), MessageType.QUERY), ctx)
+    hello = app(message_to_node(RecordDict({"config": ConfigRecord({"method": "collafuse"})}), "query.hello"), ctx)
     conf = ConfigRecord({"server-round": 1, "cut-step": cfg.cut_step, "uploads": cfg.uploads_per_round})
-    train = app(message_to_node(RecordDict({"config": conf})), ctx)
+    train = app(message_to_node(RecordDict({"config": conf}), "train.collafuse"), ctx)
     conf = ConfigRecord({"server-round": 2, "num-samples": 4, "client-start-step": cfg.cut_step,
                          "client-sampling-steps": 0})
     x_tc = ArrayRecord({"x_tc": Array(torch.randn(4, 1, 8, 8).numpy())})
-    ev = app(message_to_node(RecordDict({"config": conf, "x_tc": x_tc}), MessageType.EVALUATE), ctx)
+    ev = app(message_to_node(RecordDict({"config": conf, "handoff": x_tc}), "evaluate.collafuse"), ctx)
     return hello.content["metrics"], train.content["metrics"], ev.content["metrics"]
 
 

@@ -66,9 +66,11 @@ def _check_outputs(out, output_root: Path, method: str, num_clients: int) -> dic
     return res
 
 
-def test_collafuse_and_fedavg_in_a_tls_authenticated_deployment(tmp_path):
-    """TLS + SuperNode auth, two jobs on one SuperLink; warm ClientApp workers (the stock
-    `--isolation subprocess` SuperNodes run in the recipe test below)."""
+def test_collafuse_runs_and_a_default_node_refuses_centralized_in_a_tls_deployment(tmp_path):
+    """TLS + SuperNode auth, two jobs on one SuperLink with nodes as deployed (no node_config
+    beyond their partition): CollaFuse runs; a server asking for method='centralized' (raw images)
+    is refused by every node, the run fails naming why, and not one byte of data came up.
+    Warm ClientApp workers (the stock `--isolation subprocess` SuperNodes run in the recipe test)."""
     dep = LocalDeployment(tmp_path / "dep", num_nodes=NODES, tls=True, auth=True, isolation="warm", quiet=True)
     seen: list[int] = []
     try:
@@ -78,17 +80,22 @@ def test_collafuse_and_fedavg_in_a_tls_authenticated_deployment(tmp_path):
             assert f'address = "127.0.0.1:{dep.superlink_port}"' in cfg and "root-certificates" in cfg
             assert len(list((tmp_path / "dep" / "keys").glob("*.pub"))) == NODES
             assert dep.online_nodes() == NODES
-            outs = {}
-            for method in ("collafuse", "fedavg"):
-                root = tmp_path / f"out-{method}"
-                outs[method] = dep.run(APP, run_config=f"{TINY} method='{method}' output-dir='{root}'",
-                                       stream=False, timeout=900)
-                seen += _all_pids(dep)
-                assert outs[method].ok, f"{method}: {outs[method].status}\n{outs[method].log[-3000:]}"
-                _check_outputs(outs[method], root, method, NODES)
+            root = tmp_path / "out-collafuse"
+            ok = dep.run(APP, run_config=f"{TINY} method='collafuse' output-dir='{root}'", stream=False, timeout=900)
+            seen += _all_pids(dep)
+            assert ok.ok, f"collafuse: {ok.status}\n{ok.log[-3000:]}"
+            _check_outputs(ok, root, "collafuse", NODES)
+            root = tmp_path / "out-centralized"
+            evil = dep.run(APP, run_config=f"{TINY} method='centralized' output-dir='{root}'", stream=False,
+                           timeout=900)
+            seen += _all_pids(dep)
             statuses = _flwr_list(dep)
-            assert statuses[outs["collafuse"].run_id] == "finished:completed"
-            assert statuses[outs["fedavg"].run_id] == "finished:completed"
+            assert statuses[ok.run_id] == "finished:completed"
+            assert statuses[evil.run_id] == "finished:failed"
+            res = json.loads((evil.output_dir / "results.json").read_text())
+            assert res["status"] == "failed" and "serves only" in res["error"], res.get("error")
+            assert "collafuse" in res["error"] and "centralized" in res["error"]
+            assert not list(evil.output_dir.glob("samples.*"))  # no images, generated or raw
             seen += _all_pids(dep)
     finally:
         seen += _all_pids(dep)

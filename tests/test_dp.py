@@ -138,10 +138,10 @@ def test_bad_arguments_are_named():
 
 def test_plan_metrics_and_description():
     p = plan(10, 4)
-    m = p.metrics()
+    m = p.metrics("dp-")
     assert m["dp-t-upload"] == 193 and m["dp-epsilon"] == pytest.approx(p.epsilon)
     assert all(math.isfinite(v) for v in m.values())
-    assert "dp-target-epsilon" not in plan(math.inf, 4).metrics()  # inf is left out
+    assert "dp-target-epsilon" not in plan(math.inf, 4).metrics("dp-")  # inf is left out
     text = p.describe()
     assert "t_u=193" in text and "RDP" in text and "no subsampling amplification" in text
 

@@ -9,7 +9,8 @@ from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
 from collafuse_flwr import diffusion as D
-from collafuse_flwr.client_app import node_settings
+from collafuse_flwr.client_app import node_cut_step
+from collafuse_flwr.node.policy import node_policy
 from collafuse_flwr.config import ConfigError, parse_config
 from collafuse_flwr.models import shared_denoiser
 from strategies import CollaFuse
@@ -139,12 +140,21 @@ def test_without_node_cuts_a_node_with_another_cut_is_refused(tiny_config):
     assert "client-cut-ratios" in s.accept_hello(1, {"cut-step": 2})
 
 
-def test_the_node_takes_its_entry_and_node_config_wins(tiny_config):
+def _cut(cfg, pid, **node_config):
+    return node_cut_step(cfg, node_policy({"partition-id": pid, **node_config}, cfg, pid), pid)
+
+
+def test_the_node_takes_its_entry_and_node_config_is_a_floor(tiny_config):
+    """A trusting (simulated) node runs at its client-cut-ratios entry; a node_config cut-ratio is
+    a noise floor: it raises a lower entry (0.1 -> 0.2), and a noisier entry (0.5) stands."""
     cfg = parse_config(tiny_config(cut_ratio=0.3, client_cut_ratios="0.1,0.5,0.9"))
-    assert [node_settings(cfg, {"partition-id": i}).cut_step for i in range(3)] == [2, 10, 18]
-    assert node_settings(cfg, {"partition-id": 1, "cut-ratio": 0.2}).cut_step == 4
+    trust = {"trust-run-config": "true"}
+    assert [_cut(cfg, i, **trust) for i in range(3)] == [2, 10, 18]
+    assert _cut(cfg, 0, **trust, **{"cut-ratio": 0.2}) == 4
+    assert _cut(cfg, 1, **trust, **{"cut-ratio": 0.2}) == 10
+    assert _cut(cfg, 0) == 4  # a deployed node's default floor is c = 0.2
     with pytest.raises(ConfigError, match="one cut ratio per client"):
-        node_settings(cfg, {"partition-id": 3})
+        _cut(cfg, 3, **trust)
 
 
 @pytest.mark.parametrize("bad, match", [("0.2,x", "comma-separated"), ("0.2,1.5", r"in \[0, 1\]"),

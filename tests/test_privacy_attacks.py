@@ -1,21 +1,28 @@
-"""Attacks an honest-but-curious or malicious server could mount with what it legitimately has
-(the run-config, the messages, the code). Each test shows the attack works where the defence
-is missing, then that it recovers nothing from the node as it is now."""
+"""Attacks a malicious server can mount with what it controls: the run-config and the messages.
+
+Each test first shows the attack working where the defence is missing (a naive node, or the
+node's own trusting mode that a simulation uses), then that it recovers nothing from a node as
+its operator configured it. A node here is driven with real Flower messages through the
+project's ClientApp; its node_config is what `flower-supernode --node-config` would give it.
+"""
 
 import itertools
+import json
+import math
+import stat
 import time
 
 import numpy as np
 import pytest
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
 from collafuse_flwr import diffusion as D
-from collafuse_flwr.client_app import app
-from collafuse_flwr.client_data import client_data
+from collafuse_flwr.client_app import app, node_data
 from collafuse_flwr.config import parse_config
-from inprocess import message_to_node
 from collafuse_flwr.node import REFUSED
+from collafuse_flwr.node.policy import reference_abar
+from inprocess import message_to_node
 
 NUM_NODES = 3
 _RUNS = itertools.count(int(time.time()) % 10**6)
@@ -27,96 +34,285 @@ def _context(rc, pid=0, **node_config):
                    state=RecordDict(), run_config=rc)
 
 
-def _message(content: RecordDict, mtype=MessageType.TRAIN) -> Message:
-    return message_to_node(content, mtype)
+def _send(rc, ctx, category, content, method=None):
+    return app(message_to_node(content, f"{category}.{method or parse_config(rc).method}"), ctx)
 
 
-def _train(rc, ctx, rnd=1, **conf):
+def _hello(rc, ctx, method=None):
+    method = method or parse_config(rc).method
+    return _send(rc, ctx, "query", RecordDict({"config": ConfigRecord({"method": method})}), "hello")
+
+
+def _declared_cut(rc, ctx) -> int:
+    reply = _hello(rc, ctx)
+    assert not reply.has_error(), reply.error.reason
+    return int(reply.content["metrics"]["cut-step"])
+
+
+def _train(rc, ctx, rnd=1, method=None, **conf):
     cfg = parse_config(rc)
-    c = {"server-round": rnd, "cut-step": cfg.cut_step, "uploads": cfg.uploads_per_round, "client-index": 0, **conf}
-    return app(_message(RecordDict({"config": ConfigRecord(c)})), ctx)
+    c = {"server-round": rnd, "uploads": cfg.uploads_per_round, "client-index": 0, **conf}
+    if "cut-step" not in c and (method or cfg.method) == "collafuse":
+        c["cut-step"] = _declared_cut(rc, ctx)
+    return _send(rc, ctx, "train", RecordDict({"config": ConfigRecord(c)}), method)
 
 
-def _replay_public_seed(cfg, pid, rnd, salt):
-    """The seed formula of the node before this fix: run-config seed, partition, round, salt."""
-    return torch.Generator().manual_seed(cfg.seed * 1_000_003 + pid * 10_007 + rnd * 101 + salt)
+def _uploaded(reply) -> np.ndarray:
+    assert not reply.has_error(), reply.error.reason
+    return reply.content["upload"]["x_tc"].numpy() if "upload" in reply.content.array_records else np.zeros(0)
 
 
-def _replay_attack(cfg, data, x_tc, t_c, gen):
-    """Redo the node's draws (its minibatches, then the upload's indices and noise) and invert x_tc."""
-    from collafuse_flwr.training import minibatch_indices
-
-    sched = D.make_schedule(cfg.diffusion_steps, cfg.beta_schedule)
-    for idx in minibatch_indices(data.train.shape[0], cfg.batch_size, cfg.local_steps, gen):
-        x0 = data.train[idx]
-        D.sample_timesteps(x0.shape[0], 1, t_c, gen)
-        torch.randn(x0.shape, generator=gen)
-    idx = torch.randperm(data.train.shape[0], generator=gen)[: x_tc.shape[0]]
-    eps = torch.randn((x_tc.shape[0], *data.train.shape[1:]), generator=gen)
-    ab = float(sched.alpha_bars[t_c])
-    x0_hat = (torch.from_numpy(x_tc) - (1 - ab) ** 0.5 * eps) / ab**0.5
-    return float((x0_hat - data.train[idx]).abs().max())
+def _evaluate(rc, ctx, rnd=2, **records):
+    conf = ConfigRecord({"server-round": rnd, "num-samples": 4, "client-start-step": _declared_cut(rc, ctx),
+                         "client-sampling-steps": 0, "client-index": 0})
+    records.setdefault("handoff", ArrayRecord({"x_tc": Array(np.zeros((4, 1, 8, 8), np.float32))}))
+    return _send(rc, ctx, "evaluate", RecordDict({"config": conf, **records}))
 
 
-@pytest.mark.parametrize("c", [0.2, 0.5, 0.8])
-def test_replaying_the_generator_recovers_nothing(tiny_config, c):
-    rc = tiny_config(cut_ratio=c)
+def _train_images(rc, ctx) -> torch.Tensor:
+    from collafuse_flwr.node.policy import node_policy
+
     cfg = parse_config(rc)
-    data = client_data(cfg, 0, NUM_NODES)
-    # the attack is right: against noise drawn from public inputs it recovers x0 exactly
-    gen = _replay_public_seed(cfg, 0, 1, 0)
-    from collafuse_flwr.training import client_share_loss, make_optimizer, train_steps
-    from collafuse_flwr.client_app import init_private_denoiser
-
-    model = init_private_denoiser(cfg, 0, 1, torch.device("cpu"))
-    sched = D.make_schedule(cfg.diffusion_steps, cfg.beta_schedule)
-    train_steps(model, make_optimizer(model, cfg.learning_rate), client_share_loss(model, sched, cfg.cut_step, gen),
-                data.train, cfg.local_steps, cfg.batch_size, gen, torch.device("cpu"))
-    idx = torch.randperm(data.train.shape[0], generator=gen)[: cfg.uploads_per_round]
-    naive = D.upload(sched, data.train[idx], cfg.cut_step, torch.randn(data.train[idx].shape, generator=gen)).numpy()
-    assert _replay_attack(cfg, data, naive, cfg.cut_step, _replay_public_seed(cfg, 0, 1, 0)) < 1e-4
-    # against the node: its draws are keyed by its secret, so the replay is off by the data range
-    x_tc = _train(rc, _context(rc)).content["upload"]["x_tc"].numpy()
-    assert _replay_attack(cfg, data, x_tc, cfg.cut_step, _replay_public_seed(cfg, 0, 1, 0)) > 0.5
+    return node_data(node_policy(ctx.node_config, cfg, 0).data_config(cfg), ctx.node_config).train
 
 
-def test_same_seed_on_the_same_node_reproduces_its_uploads(tiny_config, tmp_path):
-    rc = tiny_config(cut_ratio=0.5)
-    up = [_train(rc, _context(rc, **{"state-dir": str(d)})).content["upload"]["x_tc"].numpy()
-          for d in (tmp_path / "a", tmp_path / "a", tmp_path / "b")]
-    np.testing.assert_array_equal(up[0], up[1])  # same node secret, same seed
-    assert not np.allclose(up[0], up[2])  # another node's secret
-
-
-@pytest.mark.parametrize("conf, what", [({"cut-step": 0}, "cut step 0"), ({"uploads": 10**9}, "1000000000 uploads")])
-def test_the_node_refuses_privacy_parameters_it_did_not_choose(tiny_config, conf, what):
-    """Naively, cut-step=0 makes a c=0.5 node upload raw images; uploads=1e9 uploads everything."""
-    rc = tiny_config(cut_ratio=0.5)
-    reply = _train(rc, _context(rc), **conf)
+# -- the method is the operator's choice ------------------------------------------------------------
+@pytest.mark.parametrize("method", ["centralized", "fedavg"])
+def test_a_default_node_refuses_the_methods_that_send_its_data(tiny_config, method):
+    """Naively the node runs whatever `method` the run-config names: centralized uploads every raw
+    training image (shown with a node that trusts the run-config, as a simulated one does)."""
+    rc = tiny_config(method=method)
+    trusting = _context(rc, **{"trust-run-config": "true"})
+    assert not _hello(rc, trusting).has_error()
+    if method == "centralized":
+        raw = _train(rc, trusting).content["upload"]["x0"].numpy()
+        np.testing.assert_array_equal(raw, _train_images(rc, trusting).numpy())  # every image, exactly
+    ctx = _context(rc)  # a node as deployed: nothing set
+    hello = _hello(rc, ctx)
+    assert hello.has_error() and hello.error.code == REFUSED and "serves only" in hello.error.reason
+    reply = _train(rc, ctx)
     assert reply.has_error() and not reply.has_content()
-    assert reply.error.code == REFUSED and what in reply.error.reason
+    # its operator can opt in to a baseline, and only then does it run it
+    assert not _hello(rc, _context(rc, methods=f"collafuse,{method}")).has_error()
 
 
-def test_node_config_cut_ratio_overrides_the_run_config(tiny_config):
+def test_a_node_runs_no_method_its_message_type_does_not_name(tiny_config):
+    """A plain "train" message (no action) reaches no handler: Flower turns the error into an
+    Error reply; nothing falls back to the run-config's method."""
+    rc = tiny_config()
+    with pytest.raises(ValueError, match="No train function registered with name 'default'"):
+        app(message_to_node(RecordDict({"config": ConfigRecord({"server-round": 1})}), "train"), _context(rc))
+
+
+# -- noise never repeats across runs -------------------------------------------------------------------
+def _best_exact_solution(x_a, ab_a, x_b, ab_b, x0) -> float:
+    """The attack on two releases that share their noise: x = sqrt(ab) x0 + sqrt(1 - ab) eps for both,
+    so x0 = (s_b x_a - s_a x_b) / (s_b sqrt(ab_a) - s_a sqrt(ab_b)). Tried on every pair; returns the
+    smallest max-abs error to any true image (1e-6: exact; > 0.1: nothing recovered)."""
+    s_a, s_b = math.sqrt(1 - ab_a), math.sqrt(1 - ab_b)
+    a = torch.from_numpy(x_a).double().flatten(1)
+    b = torch.from_numpy(x_b).double().flatten(1)
+    hat = (s_b * a[:, None] - s_a * b[None, :]) / (s_b * math.sqrt(ab_a) - s_a * math.sqrt(ab_b))
+    err = (hat.flatten(0, 1)[:, None] - x0.double().flatten(1)[None]).abs().amax(-1)
+    return float(err.min())
+
+
+def _two_runs(rc_a, rc_b, state_dir, **node_config):
+    out = []
+    for rc in (rc_a, rc_b):
+        ctx = _context(rc, **{"state-dir": str(state_dir), **node_config})
+        x = _uploaded(_train(rc, ctx))
+        cfg = parse_config(rc)
+        sched = D.make_schedule(cfg.diffusion_steps, cfg.beta_schedule)
+        out.append((x, float(sched.alpha_bars[_declared_cut(rc, ctx)])))
+    return out
+
+
+@pytest.mark.parametrize("other", [{"cut_ratio": 0.6}, {"beta_schedule": "linear"}, {"diffusion_steps": 30},
+                                   {"max_uploads_per_image": 3}])
+@pytest.mark.parametrize("trust", ["false", "true"])
+def test_two_runs_give_no_exact_solution(tiny_config, tmp_path, other, trust):
+    """Naively the noise is keyed by (secret, seed, client, round) only: two runs that differ in c,
+    the schedule, T or K release the same images with the same noise at two noise levels, and x0
+    is solved exactly; where both land on the same noise level they release identical tensors.
+    Every image is uploaded in both runs here (10 training images, up to 16 uploads)."""
+    small = {"max_samples": 30, "uploads_per_round": 16}
+    rc_a, rc_b = tiny_config(cut_ratio=0.5, **small), tiny_config(**{"cut_ratio": 0.5, **small, **other})
+    x0 = _train_images(rc_a, _context(rc_a, **{"max-samples": 30}))
+    # the attack is right: against the naive node's shared stream it recovers x0 exactly
+    sched_a = D.make_schedule(20, "cosine")
+    cfg_b = parse_config(rc_b)
+    sched_b = D.make_schedule(cfg_b.diffusion_steps, cfg_b.beta_schedule)
+    t_b = D.cut_step(cfg_b.cut_ratio, cfg_b.diffusion_steps)
+    eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(1))
+    naive = [D.upload(sched_a, x0, 10, eps).numpy(), D.upload(sched_b, x0, t_b, eps).numpy()]
+    ab_a, ab_b = float(sched_a.alpha_bars[10]), float(sched_b.alpha_bars[t_b])
+    same_level = abs(ab_a - ab_b) < 1e-6
+    if same_level:
+        np.testing.assert_allclose(naive[0], naive[1], atol=1e-5)
+    else:
+        assert _best_exact_solution(naive[0], ab_a, naive[1], ab_b, x0) < 1e-4
+    # against the node (deployed default: fresh entropy; trusting: keyed by the whole run-config)
+    (x_a, ab_a), (x_b, ab_b) = _two_runs(rc_a, rc_b, tmp_path / "node", **{"max-samples": 30,
+                                                                          "trust-run-config": trust})
+    assert len(x_a) == len(x_b) == len(x0)
+    if same_level:  # no two released rows share their noise
+        diff = (torch.from_numpy(x_a).flatten(1)[:, None] - torch.from_numpy(x_b).flatten(1)[None]).abs().amax(-1)
+        assert float(diff.min()) > 0.1
+    else:
+        assert _best_exact_solution(x_a, ab_a, x_b, ab_b, x0) > 0.1
+
+
+def test_a_trusting_node_reproduces_a_run_and_a_deployed_node_never_repeats(tiny_config, tmp_path):
     rc = tiny_config(cut_ratio=0.5)
+    same = [_uploaded(_train(rc, _context(rc, **{"state-dir": str(tmp_path / "a"), "trust-run-config": "true"})))
+            for _ in range(2)]
+    np.testing.assert_array_equal(*same)  # same node secret, same run-config: the seed reproduces
+    fresh = [_uploaded(_train(rc, _context(rc, **{"state-dir": str(tmp_path / "b")}))) for _ in range(2)]
+    assert not np.allclose(*fresh)
+
+
+def test_replaying_a_public_seed_recovers_nothing(tiny_config):
+    """The oldest attack: noise drawn from (seed, client, round) is redrawn by the server and
+    subtracted, giving x0 exactly. The node's draws are keyed by its secret or by OS entropy."""
+    rc = tiny_config(cut_ratio=0.5, uploads_per_round=8)
+    ctx = _context(rc, **{"trust-run-config": "true"})
+    x = torch.from_numpy(_uploaded(_train(rc, ctx)))
+    x0 = _train_images(rc, ctx)
+    sched = D.make_schedule(20, "cosine")
+    ab = float(sched.alpha_bars[10])
+    for seed in range(20):  # every public formula a server might guess
+        eps = torch.randn(x.shape, generator=torch.Generator().manual_seed(seed))
+        hat = (x - math.sqrt(1 - ab) * eps) / math.sqrt(ab)
+        assert (hat.flatten(1)[:, None] - x0.flatten(1)[None]).abs().amax(-1).min() > 0.1
+
+
+# -- the noise floor is the node's, on the node's own arithmetic ----------------------------------------------
+def test_the_servers_schedule_cannot_weaken_a_pinned_noise_floor(tiny_config):
+    """Naively a node's c = 0.8 becomes t_c = round(0.8 T) on the server's T and schedule:
+    diffusion-steps=3 beta-schedule='linear' moves abar_c from 0.094 to 0.47."""
+    floor = reference_abar(0.8)
+    rc = tiny_config(diffusion_steps=3, beta_schedule="linear", cut_ratio=0.2)
+    naive_step = D.cut_step(0.8, 3)
+    sched = D.make_schedule(3, "linear")
+    assert float(sched.alpha_bars[naive_step]) > 4 * floor  # the attack is real
     ctx = _context(rc, **{"cut-ratio": 0.8})
-    assert _train(rc, ctx).has_error()  # the server asks for t_c = 10, the node's is 16
-    reply = _train(rc, ctx, **{"cut-step": 16})
-    assert reply.content["upload"]["x_tc"].numpy().shape[0] == parse_config(rc).uploads_per_round
+    t = _declared_cut(rc, ctx)
+    assert t == 3 or float(sched.alpha_bars[t]) <= floor  # noisy enough, or nothing uploaded at all
+    assert _train(rc, ctx, **{"cut-step": naive_step}).has_error()
+    # on the reference schedule itself the floor is the familiar step
+    rc = tiny_config(diffusion_steps=200, cut_ratio=0.2)
+    assert _declared_cut(rc, _context(rc, **{"cut-ratio": 0.8})) == 160
 
 
-def _evaluate(rc, ctx, **records):
-    conf = ConfigRecord({"server-round": 2, "num-samples": 4, "client-start-step": 10, "client-sampling-steps": 0,
-                         "client-index": 0})
-    return app(_message(RecordDict({"config": conf, **records}), MessageType.EVALUATE), ctx)
+def test_the_node_refuses_privacy_parameters_it_did_not_choose(tiny_config):
+    """Naively cut-step=0 makes a c=0.5 node upload raw images, uploads=1e9 everything, and a round
+    number of 1e6 is taken as it comes."""
+    rc = tiny_config(cut_ratio=0.5)
+    ctx = _context(rc)
+    for conf, what in (({"cut-step": 0}, "cut step 0"), ({"uploads": 10**9}, "1000000000 uploads"),
+                       ({"server-round": 10**6}, "server-round"), ({"server-round": 1.5}, "server-round")):
+        reply = _train(rc, ctx, **conf)
+        assert reply.has_error() and not reply.has_content(), conf
+        assert reply.error.code == REFUSED and what in reply.error.reason
 
 
+# -- a lifetime cap per image --------------------------------------------------------------------------------
+def test_no_image_leaves_more_than_k_times_however_many_runs_the_server_starts(tiny_config, tmp_path):
+    """Naively the count restarts with every run: 20 runs upload an image 20 K times, and the
+    average of many uploads cleans it. The deployed default caps each image at 4 uploads for life."""
+    rc = tiny_config(cut_ratio=0.5, max_samples=30, uploads_per_round=8)
+    node = {"state-dir": str(tmp_path / "node"), "max-samples": 30}
+    sent = [len(_uploaded(_train(rc, _context(rc, **node), rnd=1 + r % 2))) for r in range(7)]
+    n = len(_train_images(rc, _context(rc, **node)))
+    assert sum(sent) == 4 * n and sent[-1] == 0  # 4 per image, then nothing, in any run
+    counts = json.loads((tmp_path / "node" / "upload-ledger.json").read_text())["counts"]
+    assert sorted(counts.values()) == [4] * n
+    # neither a new run key nor the final evaluation resets it
+    ctx = _context(rc, **node)
+    assert len(_uploaded(_train(rc, ctx, **{"run-key": 999}))) == 0
+
+
+def test_a_servers_data_size_split_and_delta_are_not_the_nodes(tiny_config):
+    """max-samples=2 would leave the node one training image; upload-delta=0.5 would make an
+    epsilon of 4 worth 13. A deployed node keeps its own (node_config, else safe defaults)."""
+    rc = tiny_config(cut_ratio=0.5)
+    ref = _hello(rc, _context(rc)).content["metrics"]
+    evil = tiny_config(cut_ratio=0.5, max_samples=2, test_fraction=0.9, upload_delta=0.5, upload_epsilon=4.0,
+                       diffusion_steps=200)
+    got = _hello(evil, _context(evil)).content["metrics"]
+    assert got["num-examples"] == ref["num-examples"] > 100
+    assert "dp-delta" not in got  # the server's epsilon is not the node's either: DP stays as its operator set it
+    own = _hello(evil, _context(evil, **{"upload-epsilon": 4.0})).content["metrics"]
+    assert own["dp-delta"] == 1e-5 and own["dp-epsilon"] <= 4.0
+
+
+def test_the_final_evaluation_ends_the_run_on_the_node(tiny_config, tmp_path):
+    """A late train message after the final evaluation would rewrite the private state the node
+    had just dropped; the node refuses it and writes nothing."""
+    rc = tiny_config(cut_ratio=0.5)
+    ctx = _context(rc, **{"trust-run-config": "true", "state-dir": str(tmp_path / "node")})
+    _train(rc, ctx)
+    state_files = lambda: sorted(p.name for p in (tmp_path / "node").rglob("client-*.pt"))  # noqa: E731
+    assert state_files() == ["client-0.pt"]
+    conf = {"server-round": 2, "num-samples": 4, "client-start-step": 10, "client-sampling-steps": 0,
+            "client-index": 0, "final-round": 1}
+    x = ArrayRecord({"x_tc": Array(np.zeros((4, 1, 8, 8), np.float32))})
+    assert not _send(rc, ctx, "evaluate", RecordDict({"config": ConfigRecord(conf), "handoff": x})).has_error()
+    assert state_files() == []
+    late = _train(rc, ctx, rnd=2)
+    assert late.has_error() and "final evaluation" in late.error.reason
+    assert state_files() == []
+
+
+# -- the node's files and its error replies ---------------------------------------------------------------
+def test_an_empty_or_corrupt_secret_stops_the_node(tiny_config, tmp_path):
+    """Naively an empty node-secret file is used as the key: every draw becomes public."""
+    rc = tiny_config(cut_ratio=0.5)
+    folder = tmp_path / "node"
+    folder.mkdir()
+    (folder / "node-secret").write_bytes(b"")
+    reply = _train(rc, _context(rc, **{"state-dir": str(folder), "trust-run-config": "true"}), **{"cut-step": 10})
+    assert reply.has_error() and "node secret" in reply.error.reason and str(tmp_path) not in reply.error.reason
+
+
+def test_state_is_private_to_the_nodes_owner(tiny_config, tmp_path):
+    rc = tiny_config(cut_ratio=0.5)
+    folder = tmp_path / "node"
+    _train(rc, _context(rc, **{"state-dir": str(folder)}))
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o700
+    files = [p for p in folder.rglob("*") if p.is_file()]
+    assert files and all(stat.S_IMODE(p.stat().st_mode) == 0o600 for p in files), files
+    dirs = [p for p in folder.rglob("*") if p.is_dir()]
+    assert all(stat.S_IMODE(p.stat().st_mode) == 0o700 for p in dirs), dirs
+
+
+def test_an_error_reply_names_no_local_path(tiny_config, tmp_path):
+    """Naively the node's exception travels whole: 'node_config data-dir='/srv/hospital-a/...' holds 1
+    image(s)' tells the server where the data lives."""
+    folder = tmp_path / "srv" / "hospital-a" / "scans"
+    folder.mkdir(parents=True)
+    rc = tiny_config(dataset="imagefolder", data_dir=str(folder))
+    reply = _hello(rc, _context(rc, **{"data-dir": str(folder), "dataset": "imagefolder"}))
+    assert reply.has_error()
+    assert "hospital-a" not in reply.error.reason and str(tmp_path) not in reply.error.reason
+
+
+def test_a_deployed_node_reports_no_loss(tiny_config):
+    """A training loss is data-dependent: from it a server's membership test on a canary image
+    reached AUC 0.78. A deployed node sends counts and costs; a trusting one its loss too."""
+    rc = tiny_config(cut_ratio=0.5)
+    assert "train-loss" not in _train(rc, _context(rc)).content["metrics"]
+    assert "train-loss" in _train(rc, _context(rc, **{"trust-run-config": "true"})).content["metrics"]
+
+
+# -- what a node returns at evaluation ------------------------------------------------------------------------
 def test_scores_are_no_reconstruction_oracle(tiny_config):
     """Naively the node scores any number of server-chosen arrays against its x0 by PSNR: ~1,000
     crafted arrays and the server solves for every uploaded image."""
     rc = tiny_config(cut_ratio=0.5)
     ctx = _context(rc, **{"share-harness": "true"})
-    n_up = _train(rc, ctx).content["upload"]["x_tc"].numpy().shape[0]
+    n_up = len(_uploaded(_train(rc, ctx)))
     crafted = {f"recon-probe-{i}": Array(np.full((n_up, 1, 8, 8), i / 1000, np.float32)) for i in range(1000)}
     reply = _evaluate(rc, ctx, harness=ArrayRecord(crafted))
     assert reply.has_error() and "refusing to score" in reply.error.reason
@@ -128,12 +324,12 @@ def test_scores_are_no_reconstruction_oracle(tiny_config):
 
 
 def test_a_deployment_node_returns_no_images_and_no_private_scores(tiny_config):
-    """Default outside the simulation engine: counts, losses, timings and FLOPs only. A server
-    that sends a node's own uploads back as x_tc gets nothing cleaned back."""
+    """Default outside the simulation engine: counts, timings and FLOPs only. A server that sends
+    a node's own uploads back as x_tc gets nothing cleaned back."""
     rc = tiny_config(cut_ratio=0.5)
     ctx = _context(rc)  # no share-harness: the node operator did not opt in
-    x_tc = _train(rc, ctx).content["upload"]["x_tc"].numpy()[:4]
-    reply = _evaluate(rc, ctx, x_tc=ArrayRecord({"x_tc": Array(x_tc)}),
+    x_tc = _uploaded(_train(rc, ctx))[:4]
+    reply = _evaluate(rc, ctx, handoff=ArrayRecord({"x_tc": Array(x_tc)}),
                       harness=ArrayRecord({"recon-server": Array(np.zeros((8, 1, 8, 8), np.float32))}))
     assert not reply.content.array_records
     keys = set(reply.content["metrics"].keys())
@@ -142,8 +338,17 @@ def test_a_deployment_node_returns_no_images_and_no_private_scores(tiny_config):
     # opted in, the same node returns the research measurements
     ctx = _context(rc, **{"share-harness": "true"})
     _train(rc, ctx)
-    shared = _evaluate(rc, ctx, x_tc=ArrayRecord({"x_tc": Array(x_tc)}))
+    shared = _evaluate(rc, ctx, handoff=ArrayRecord({"x_tc": Array(x_tc)}))
     assert "samples" in shared.content.array_records and "fid" in shared.content["metrics"]
+
+
+def test_a_record_nobody_asked_for_is_refused(tiny_config):
+    rc = tiny_config(cut_ratio=0.5)
+    ctx = _context(rc)
+    conf = {"server-round": 1, "uploads": 8, "client-index": 0, "cut-step": _declared_cut(rc, ctx)}
+    extra = ArrayRecord({"x": Array(np.zeros((1000,), np.float32))})
+    reply = _send(rc, ctx, "train", RecordDict({"config": ConfigRecord(conf), "payload": extra}))
+    assert reply.has_error() and "payload" in reply.error.reason
 
 
 def test_the_serverapp_loads_no_client_data_outside_the_simulation(tiny_config, tmp_path, monkeypatch):

@@ -6,13 +6,13 @@ import json
 import numpy as np
 import pytest
 import torch
-from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
 from collafuse_flwr import server_app
 from collafuse_flwr.client_app import app as client_app
 from collafuse_flwr.config import parse_config
-from collafuse_flwr.state import MODEL_KEY
+from collafuse_flwr.node.state import MODEL_KEY
 from inprocess import InProcessGrid
 
 
@@ -52,7 +52,7 @@ def test_a_killed_run_resumes_and_ends_as_the_uninterrupted_one(tiny_config, tmp
     (tmp_path / "b").mkdir()
     rc_b = {**rc, "output-dir": str(tmp_path / "b")}
     with monkeypatch.context() as mp, pytest.raises(KilledAfter):
-        _run(rc_b, tmp_path / "b", InProcessGrid(client_app, rc_b, 2), run_id=11, kill_after=1, monkeypatch=mp)
+        _run(rc_b, tmp_path / "b", InProcessGrid(client_app, rc_b, 2), run_id=12, kill_after=1, monkeypatch=mp)
     (run_b,) = (tmp_path / "b").iterdir()
     assert _results(run_b)["status"] == "failed"  # said so, not left at "running"
     rc_resume = {**rc_b, "resume-from": str(run_b)}
@@ -81,33 +81,100 @@ def test_resume_refuses_other_settings(tiny_config, tmp_path, monkeypatch):
         _run(other, run, InProcessGrid(client_app, other, 2), run_id=6)
 
 
+def _train(ctx, cfg, rnd):
+    conf = ConfigRecord({"server-round": rnd, "cut-step": cfg.cut_step, "uploads": cfg.uploads_per_round,
+                         "client-index": 0})
+    m = Message(content=RecordDict({"config": conf}), message_type="train.collafuse", dst_node_id=1)
+    m.metadata.__dict__["_message_id"] = f"m{rnd}"
+    return client_app(m, ctx)
+
+
+def _weights(ctx):
+    return {k: v.numpy().copy() for k, v in ctx.state.array_records[MODEL_KEY].items()}
+
+
 def test_a_restarted_node_keeps_its_private_model(tiny_config, tmp_path):
     """Naively a restarted SuperNode starts from a fresh denoiser: context.state died with it."""
     rc = tiny_config(cut_ratio=0.5)
     cfg = parse_config(rc)
-    node_config = {"partition-id": 0, "num-partitions": 2, "state-dir": str(tmp_path / "node")}
+    node_config = {"partition-id": 0, "num-partitions": 2, "state-dir": str(tmp_path / "node"),
+                   "trust-run-config": "true"}
     TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
-
-    def train(ctx, rnd):
-        conf = ConfigRecord({"server-round": rnd, "cut-step": cfg.cut_step, "uploads": cfg.uploads_per_round,
-                             "client-index": 0})
-        m = Message(content=RecordDict({"config": conf}), message_type=MessageType.TRAIN, dst_node_id=1)
-        m.metadata.__dict__["_message_id"] = f"m{rnd}"
-        return client_app(m, ctx)
-
     before = Context(run_id=7, node_id=1, node_config=node_config, state=RecordDict(), run_config=dict(rc))
-    train(before, 1)
-    weights = {k: v.numpy().copy() for k, v in before.state.array_records[MODEL_KEY].items()}
+    _train(before, cfg, 1)
+    weights = _weights(before)
     after = Context(run_id=7, node_id=1, node_config=node_config, state=RecordDict(), run_config=dict(rc))
-    from collafuse_flwr.client_app import _private_model, node_settings
-    from collafuse_flwr.client_data import node_data
+    from collafuse_flwr.client_app import _node, _private_model
 
-    model, _ = _private_model(cfg, node_data(cfg, node_config), after, node_settings(cfg, node_config), 0,
-                              torch.device("cpu"))
+    model, _ = _private_model(_node(after), "collafuse", 0, 2, 0)
     for k, v in model.state_dict().items():
         np.testing.assert_array_equal(v.numpy(), weights[k])
-    counts = after.state.array_records["last-upload"]["counts"].numpy()
-    assert counts.sum() == cfg.uploads_per_round  # its upload history (and so its epsilon) survived too
+    counts = after.state.array_records["upload-history"]["counts"].numpy()
+    assert counts.sum() == cfg.uploads_per_round  # its upload history survived too
+
+
+def test_a_replayed_round_continues_from_the_round_before(tiny_config, tmp_path):
+    """A server resumed from its round-1 checkpoint re-sends round 2, which the node already
+    trained: it continues from its round-1 state, so the resumed run computes what the
+    uninterrupted one did (same model, same upload)."""
+    rc = tiny_config(cut_ratio=0.5)
+    cfg = parse_config(rc)
+    node_config = {"partition-id": 0, "num-partitions": 2, "state-dir": str(tmp_path / "node"),
+                   "trust-run-config": "true"}
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
+    first = Context(run_id=8, node_id=1, node_config=node_config, state=RecordDict(), run_config=dict(rc))
+    _train(first, cfg, 1)
+    up2 = _train(first, cfg, 2).content["upload"]["x_tc"].numpy()
+    w2 = _weights(first)
+    resumed = Context(run_id=8, node_id=1, node_config=node_config, state=RecordDict(), run_config=dict(rc))
+    again = _train(resumed, cfg, 2).content["upload"]["x_tc"].numpy()
+    np.testing.assert_array_equal(again, up2)
+    for k, v in _weights(resumed).items():
+        np.testing.assert_array_equal(v, w2[k])
+
+
+def test_a_corrupt_state_file_resets_that_node_instead_of_failing_every_round(tiny_config, tmp_path):
+    rc = tiny_config(cut_ratio=0.5)
+    cfg = parse_config(rc)
+    node_config = {"partition-id": 0, "num-partitions": 2, "state-dir": str(tmp_path / "node"),
+                   "trust-run-config": "true"}
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
+    ctx = Context(run_id=9, node_id=1, node_config=node_config, state=RecordDict(), run_config=dict(rc))
+    _train(ctx, cfg, 1)
+    (state_file,) = (tmp_path / "node").rglob("client-0.pt")
+    state_file.write_bytes(state_file.read_bytes()[:100])  # truncated
+    restarted = Context(run_id=9, node_id=1, node_config=node_config, state=RecordDict(), run_config=dict(rc))
+    reply = _train(restarted, cfg, 2)
+    assert not reply.has_error() and "upload" in reply.content.array_records
+    assert list((tmp_path / "node").rglob("client-0.pt.corrupt"))  # set aside, not deleted
+
+
+def test_a_crafted_state_file_runs_no_code(tiny_config, tmp_path):
+    """Naively torch.load(weights_only=False) unpickles the node's state file: a swapped file runs
+    code in the node. The node loads with weights_only=True and sets the file aside."""
+    import pickle
+
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    rc = tiny_config(cut_ratio=0.5)
+    cfg = parse_config(rc)
+    node_config = {"partition-id": 0, "num-partitions": 2, "state-dir": str(tmp_path / "node"),
+                   "trust-run-config": "true"}
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
+    ctx = Context(run_id=10, node_id=1, node_config=node_config, state=RecordDict(), run_config=dict(rc))
+    _train(ctx, cfg, 1)
+    (state_file,) = (tmp_path / "node").rglob("client-0.pt")
+    state_file.write_bytes(pickle.dumps(Evil()))
+    pickle.loads(state_file.read_bytes()).close()  # the attack is real: unpickling runs it
+    assert marker.exists()
+    marker.unlink()
+    restarted = Context(run_id=10, node_id=1, node_config=node_config, state=RecordDict(), run_config=dict(rc))
+    assert not _train(restarted, cfg, 2).has_error()
+    assert not marker.exists()
 
 
 def test_a_stopped_run_says_stopped(tiny_config, tmp_path):
@@ -121,7 +188,7 @@ def test_a_stopped_run_says_stopped(tiny_config, tmp_path):
     class StoppedGrid(InProcessGrid):
         def send_and_receive(self, messages, *, timeout=None):
             messages = list(messages)
-            if any(m.metadata.message_type == "train" for m in messages):
+            if any(m.metadata.message_type.startswith("train") for m in messages):
                 os.kill(os.getpid(), signal.SIGTERM)  # what `flwr stop` does to the ServerApp
             return super().send_and_receive(messages, timeout=timeout)
 

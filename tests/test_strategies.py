@@ -6,7 +6,7 @@ import time
 import numpy as np
 import pytest
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.app.error import Error
 from flwr.supercore.task_identity import TaskIdentity
 
@@ -42,7 +42,7 @@ class FakeGrid:
     def send_and_receive(self, messages, *, timeout=None):
         out = []
         for m in messages:
-            assert m.metadata.message_type == MessageType.QUERY
+            assert m.metadata.message_type == "query.hello"
             nid = m.metadata.dst_node_id
             self.asked.append(nid)
             if nid in self.silent:
@@ -101,7 +101,7 @@ def test_collafuse_configure_train_sends_config_only(tiny_config):
     msgs = list(s.configure_train(1, ArrayRecord(), ConfigRecord({"user-key": 7}), grid_of(3)))
     assert [m.metadata.dst_node_id for m in msgs] == [1, 2, 3]
     for i, m in enumerate(msgs):
-        assert m.metadata.message_type == MessageType.TRAIN
+        assert m.metadata.message_type == "train.collafuse"
         assert not m.content.array_records  # the server model is never sent
         conf = m.content["config"]
         assert conf["cut-step"] == 6 and conf["uploads"] == cfg.uploads_per_round and conf["server-round"] == 1
@@ -229,9 +229,9 @@ def test_collafuse_evaluate_sends_server_half_on_eval_rounds_only(tiny_config):
     msgs = list(s.configure_evaluate(3, ArrayRecord(), ConfigRecord(), grid_of(2)))
     assert len(msgs) == 2
     for m in msgs:
-        assert m.content["x_tc"]["x_tc"].numpy().shape == (cfg.num_eval_samples, 1, 8, 8)
+        assert m.content["handoff"]["x_tc"].numpy().shape == (cfg.num_eval_samples, 1, 8, 8)
         assert m.content["config"]["client-start-step"] == 10
-    a, b = (m.content["x_tc"]["x_tc"].numpy() for m in msgs)
+    a, b = (m.content["handoff"]["x_tc"].numpy() for m in msgs)
     assert not np.allclose(a, b)  # each node gets its own draw, not one shared batch
 
 
@@ -250,7 +250,7 @@ def test_collafuse_same_seed_same_result_whatever_node_ids_and_reply_order(tiny_
         replies = [_train_replies(s, [by_node[nid]], [uploads[pid]])[0] for pid, nid in node_of_pid.items()]
         arrays, _ = s.aggregate_train(1, replies[::-1] if reverse else replies)
         pid_of = {nid: pid for pid, nid in node_of_pid.items()}
-        x_by_pid = {pid_of[m.metadata.dst_node_id]: m.content["x_tc"]["x_tc"].numpy()
+        x_by_pid = {pid_of[m.metadata.dst_node_id]: m.content["handoff"]["x_tc"].numpy()
                     for m in s.configure_evaluate(1, ArrayRecord(), ConfigRecord(), grid)}
         runs.append((arrays.to_torch_state_dict(), x_by_pid))
     (w_a, x_a), (w_b, x_b) = runs
@@ -263,7 +263,7 @@ def test_collafuse_cut_one_asks_for_nothing_and_sends_nothing(tiny_config):
     (m,) = s.configure_train(1, ArrayRecord(), ConfigRecord(), grid_of(1))
     assert m.content["config"]["uploads"] == 0
     (e,) = s.configure_evaluate(cfg.num_server_rounds, ArrayRecord(), ConfigRecord(), grid_of(1))
-    assert "x_tc" not in e.content.array_records
+    assert "handoff" not in e.content.array_records
     assert e.content["config"]["client-start-step"] == cfg.diffusion_steps
 
 

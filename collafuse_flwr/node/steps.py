@@ -20,10 +20,8 @@ A minimal CollaFuse ClientApp::
 
 from __future__ import annotations
 
-import hashlib
 import math
-import os
-from pathlib import Path
+import re
 from typing import Any
 
 import numpy as np
@@ -32,59 +30,35 @@ from flwr.app import ConfigRecord, Message
 from flwr.app.error import Error
 from torch import Tensor, nn
 
-from . import diffusion as D
-from .dp import DPPlan, UploadLedger, dp_upload
-from .metrics.flops import FlopMeter
-from .training import client_share_loss, train_steps
+from .. import diffusion as D
+from .. import protocol as P
+from ..data import to_uint8
+from ..dp import DPPlan, UploadLedger, dp_upload
+from ..metrics.flops import FlopMeter
+from ..training import client_share_loss, train_steps
 
 #: Error code of a refused request (Flower leaves codes >= 100 to apps).
 REFUSED = 403
+#: Error code of a request the node failed on (its own fault, or a malformed message).
+FAILED = 500
+_PATH = re.compile(r"(?:[A-Za-z]:)?(?:/[^\s'\":,;()\[\]]+){2,}")
 
 
 class Refused(Exception):
     """The node will not do what the server asked; the message says what and why."""
 
 
-def refusal(msg: Message, exc: Refused) -> Message:
-    """The Error reply to a refused request."""
-    return Message(Error(code=REFUSED, reason=f"refused: {exc}"), reply_to=msg)
+def scrub_paths(text: str) -> str:
+    """`text` with local file paths replaced: an error reply must not tell the server where the
+    node keeps its data, state or code."""
+    return _PATH.sub("<local path>", text)
 
 
-# -- the node's own randomness -------------------------------------------------------------------
-def node_secret(folder: str | os.PathLike) -> bytes:
-    """32 random bytes kept in `<folder>/node-secret` (created from OS entropy on first use).
-
-    Every draw that touches data (minibatches, training noise, which images are uploaded and
-    their noise) is keyed by this secret. Seeds derived from the run-config and the round alone
-    let a server replay the generator and subtract the noise from x_tc, recovering x0 exactly.
-    """
-    path = Path(folder) / "node-secret"
-    try:
-        data = path.read_bytes()
-        if len(data) == 32:
-            return data
-    except FileNotFoundError:
-        pass
-    path.parent.mkdir(parents=True, exist_ok=True)
-    secret = os.urandom(32)
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(secret)
-    try:
-        os.link(tmp, path)  # atomic, and the first writer wins if two start at once
-    except FileExistsError:
-        pass
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path.read_bytes()
-
-
-def secret_generator(secret: bytes, *parts: Any) -> torch.Generator:
-    """A torch generator seeded by SHA-256(secret, parts): reproducible for whoever holds the
-    secret (same machine, same seed -> same draws), unpredictable for anyone else."""
-    h = hashlib.sha256(secret + repr(parts).encode()).digest()
-    return torch.Generator().manual_seed(int.from_bytes(h[:8], "little") & ((1 << 63) - 1))
+def refusal(msg: Message, exc: Exception) -> Message:
+    """The Error reply to a refused request (REFUSED) or a failure (FAILED), without local paths."""
+    if isinstance(exc, Refused):
+        return Message(Error(code=REFUSED, reason=scrub_paths(f"refused: {exc}")), reply_to=msg)
+    return Message(Error(code=FAILED, reason=scrub_paths(f"{type(exc).__name__}: {exc}")[:1000]), reply_to=msg)
 
 
 # -- checking the server's requests ----------------------------------------------------------------
@@ -95,15 +69,22 @@ def check_train_request(conf: ConfigRecord, *, cut_step: int, upload_budget: int
     less noise on the uploads; 0 means raw images) or it asks for more uploads than the
     node's per-round budget.
     """
-    asked_cut = int(conf.get("cut-step", cut_step))
+    asked_cut = _read(conf, P.CUT_STEP, 0, 1 << 30)
     if asked_cut != cut_step:
         raise Refused(f"the server asked for cut step {asked_cut}, this node's is {cut_step} "
                       f"(set by its cut-ratio); nothing was uploaded")
-    asked = int(conf.get("uploads", 0))
-    if asked < 0 or asked > upload_budget:
+    asked = _read(conf, P.UPLOADS_ASKED, 0, 1 << 62)
+    if asked > upload_budget:
         raise Refused(f"the server asked for {asked} uploads, this node's budget is {upload_budget} "
                       f"per round; nothing was uploaded")
     return asked
+
+
+def _read(conf: ConfigRecord, key: str, lo: int, hi: int) -> int:
+    try:
+        return P.read_int(conf, key, lo, hi)
+    except P.ProtocolError as exc:
+        raise Refused(str(exc)) from None
 
 
 def check_handoff(x_tc: np.ndarray, *, image_shape: tuple[int, ...], max_samples: int) -> Tensor:
@@ -158,18 +139,21 @@ def make_upload(images: Tensor, sched: D.Schedule, cut_step: int, n: int,
         idx = torch.randperm(images.shape[0], generator=generator)[:n]
     if idx.numel() == 0:
         return np.zeros(0, dtype=np.int64), torch.zeros((0, *images.shape[1:]))
-    x0 = images[idx]
+    return idx.numpy(), diffuse_upload(images[idx], sched, cut_step, generator, plan)
+
+
+def diffuse_upload(x0: Tensor, sched: D.Schedule, cut_step: int, generator: torch.Generator,
+                   plan: DPPlan | None = None) -> Tensor:
+    """x0 (already chosen, and counted by the node's ledger) -> what leaves the node: x_{t_c} with
+    fresh secret noise, or with a DP plan the clipped x_{t_u} (`dp.dp_upload`). float32."""
     if plan is not None:
-        return idx.numpy(), dp_upload(x0, sched, plan, generator)
-    x_tc = D.upload(sched, x0, cut_step, torch.randn(x0.shape, generator=generator))
-    return idx.numpy(), x_tc.float()
+        return dp_upload(x0, sched, plan, generator)
+    return D.upload(sched, x0, cut_step, torch.randn(x0.shape, generator=generator)).float()
 
 
 def finish(model: nn.Module, sched: D.Schedule, x_start: Tensor, t_start: int, num_steps: int | None,
            generator: torch.Generator, device: torch.device, meter: FlopMeter | None = None) -> Tensor:
     """x_{t_start} -> x_0 with the private denoiser; returns uint8 images N x C x H x W."""
-    from .data import to_uint8
-
     model.eval()
     eps_model = meter.wrap(model, "infer") if meter is not None else model
     return to_uint8(D.client_finish(eps_model, sched, x_start.to(device), t_start, num_steps, generator).cpu())

@@ -1,0 +1,207 @@
+"""What a node's operator allows: its methods, its noise floor, its upload caps, its DP, its data.
+
+The data owner decides what leaves its node, never the server. Everything here comes from the
+node's `node_config` (`flower-supernode --node-config "..."`), which only the operator sets. The
+run-config, which the server chooses, is read for two things only: hyperparameters that do not
+touch privacy (model size, learning rate, T, ...), and, where the node *trusts* it, the privacy
+keys the operator left unset.
+
+Trust (`trust-run-config`): inside Flower's simulation engine the researcher runs the server and
+every node on one machine, so a simulated node trusts the run-config by default: it serves every
+method, takes its cut, caps and DP from the run-config, shares research measurements and draws
+reproducible (keyed) randomness. Any other node trusts nothing by default: it serves CollaFuse
+and local-only only (`protocol.PRIVATE_METHODS`), uploads at least as much noise as its own
+cut-ratio gives on its own reference schedule, caps each image at `DEFAULT_MAX_UPLOADS` uploads
+over its lifetime, keeps its own delta and data split, shares no research measurements or
+losses, and draws fresh randomness. A key set in node_config always wins, trusted or not.
+
+The noise floor. A node's c is a statement about noise, not a step number: c is turned into
+abar_floor on the node's own reference schedule (`REFERENCE_SCHEDULE`), and every upload must
+have abar <= abar_floor on the schedule of the run, which the node computes itself from T and the
+schedule's name. A server that sets diffusion-steps=3 beta-schedule='linear' therefore gets a
+larger cut step (or, where no step is noisy enough, no uploads at all), not a weaker floor.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .. import protocol as P
+from ..config import RunConfig
+from ..diffusion import Schedule, cut_step, make_schedule
+
+#: The schedule a node's cut-ratio is read on: the project's default (cosine, T = 200), on which
+#: c = 0.2 is abar = 0.90 and c = 0.8 is abar = 0.095. The run's own T and schedule cannot move it.
+REFERENCE_SCHEDULE = ("cosine", 200)
+#: Lifetime uploads of one image by a node that did not set max-uploads-per-image: averaging K
+#: uploads gains 10 log10(K) dB of PSNR (6 dB at 4), however many runs the server starts.
+DEFAULT_MAX_UPLOADS = 4
+DEFAULTS: dict[str, Any] = {  # a node that trusts nothing and set nothing
+    P.NODE_CUT_RATIO: 0.2, P.NODE_UPLOADS_PER_ROUND: 64, P.NODE_MAX_UPLOADS: DEFAULT_MAX_UPLOADS,
+    P.NODE_EPSILON: 0.0, P.NODE_DELTA: 1e-5, P.NODE_CLIP: 0.0, P.NODE_MAX_SAMPLES: 0, P.NODE_TEST_FRACTION: 0.2,
+}
+
+
+class NodeConfigError(ValueError):
+    """A node_config value is unusable; the message names the key, the value and the fix."""
+
+
+def in_simulation() -> bool:
+    """True inside Flower's simulation engine (its ClientApps run in Ray workers). The server
+    cannot make a deployed node's process believe this: it does not start that process."""
+    ray = sys.modules.get("ray")
+    return bool(ray is not None and getattr(ray, "is_initialized", lambda: False)())
+
+
+@dataclass(frozen=True)
+class NodePolicy:
+    methods: frozenset[str]
+    trusts_run_config: bool
+    abar_floor: float  # every upload has abar <= this (1.0: no floor, raw images allowed)
+    uploads_per_round: int
+    max_uploads_per_image: int  # per image, over the ledger's scope (0: derived from the run, trusted only)
+    upload_epsilon: float  # 0 = DP off
+    upload_delta: float
+    upload_clip: float  # 0 = sqrt(pixels)
+    max_samples: int
+    test_fraction: float
+    share_harness: bool  # generated images, FID, disclosure scores and losses go back
+    state_dir: Path
+
+    @property
+    def reproducible(self) -> bool:
+        """Keyed randomness (same run, same draws) only where the node trusts the run-config."""
+        return self.trusts_run_config
+
+    @property
+    def lifetime_ledger(self) -> bool:
+        """Upload caps over the node's life (every run), or per run where it trusts the run-config."""
+        return not self.trusts_run_config
+
+    def serves(self, method: str) -> bool:
+        return method in self.methods
+
+    def cut_step(self, sched: Schedule, proposed: int) -> int:
+        """The node's cut on the run's schedule: the first step noisy enough for its floor, or the
+        server's `proposed` step where that is noisier still (more noise never lowers privacy).
+        sched.T (nothing uploaded) where no step of the run is noisy enough."""
+        ab = sched.alpha_bars.double()
+        ok = (ab[: sched.T + 1] <= self.abar_floor + 1e-12).nonzero()
+        floor = int(ok[0]) if len(ok) else sched.T
+        return max(floor, int(proposed))
+
+    def data_config(self, cfg: RunConfig) -> RunConfig:
+        """The run-config with the node's own data size and split."""
+        return dataclasses.replace(cfg, max_samples=self.max_samples, test_fraction=self.test_fraction)
+
+
+def node_policy(node_config: dict[str, Any], cfg: RunConfig, client: int = -1,
+                simulation: bool | None = None) -> NodePolicy:
+    """The operator's policy from node_config; `cfg` only fills unset keys of a trusting node.
+
+    client: the node's slot (its entry of client-cut-ratios, for a trusting node).
+    """
+    nc = dict(node_config)
+    unknown = sorted(set(nc) - set(P.NODE_KEYS))
+    if unknown:
+        raise NodeConfigError(f"unknown node_config key(s) {unknown}; a node understands {sorted(P.NODE_KEYS)}")
+    trust = _bool(nc, P.NODE_TRUST, in_simulation() if simulation is None else simulation)
+    run = {P.NODE_CUT_RATIO: cfg.cut_ratio_for(client), P.NODE_UPLOADS_PER_ROUND: cfg.uploads_per_round,
+           P.NODE_MAX_UPLOADS: cfg.max_uploads_per_image, P.NODE_EPSILON: cfg.upload_epsilon,
+           P.NODE_DELTA: cfg.upload_delta, P.NODE_CLIP: cfg.upload_clip, P.NODE_MAX_SAMPLES: cfg.max_samples,
+           P.NODE_TEST_FRACTION: cfg.test_fraction}
+    fallback = run if trust else DEFAULTS
+
+    def get(key: str, kind: type) -> Any:
+        if key not in nc:
+            return fallback[key]
+        return _number(nc, key, kind)
+
+    if P.NODE_UPLOAD_NOISE in nc:
+        sigma = _number(nc, P.NODE_UPLOAD_NOISE, float)
+        if not 0.0 <= sigma <= 1.0:
+            raise NodeConfigError(f"node_config {P.NODE_UPLOAD_NOISE}={sigma} must be in [0, 1]: the least std "
+                                  f"sqrt(1 - abar) of the noise in an upload (0 = raw images, 1 = pure noise)")
+        floor = 1.0 - sigma**2
+    else:
+        c = get(P.NODE_CUT_RATIO, float)
+        if not 0.0 <= c <= 1.0:
+            raise NodeConfigError(f"node_config {P.NODE_CUT_RATIO}={c} must be in [0, 1] (0 = raw images, "
+                                  f"1 = nothing uploaded)")
+        floor = reference_abar(c) if (P.NODE_CUT_RATIO in nc or not trust) else 1.0
+    methods = _methods(nc, trust)
+    pol = NodePolicy(
+        methods=methods, trusts_run_config=trust, abar_floor=floor,
+        uploads_per_round=get(P.NODE_UPLOADS_PER_ROUND, int), max_uploads_per_image=get(P.NODE_MAX_UPLOADS, int),
+        upload_epsilon=get(P.NODE_EPSILON, float), upload_delta=get(P.NODE_DELTA, float),
+        upload_clip=get(P.NODE_CLIP, float), max_samples=get(P.NODE_MAX_SAMPLES, int),
+        test_fraction=get(P.NODE_TEST_FRACTION, float), share_harness=_bool(nc, P.NODE_SHARE_HARNESS, trust),
+        state_dir=_state_dir(nc))
+    _check(pol, trust)
+    return pol
+
+
+def reference_abar(c: float) -> float:
+    """abar at cut ratio c on the node's reference schedule (1.0 at c = 0: no noise)."""
+    kind, T = REFERENCE_SCHEDULE  # noqa: N806
+    return float(make_schedule(T, kind).alpha_bars[cut_step(c, T)])  # type: ignore[arg-type]
+
+
+def _check(p: NodePolicy, trust: bool) -> None:
+    if p.uploads_per_round < 0:
+        raise NodeConfigError(f"node_config {P.NODE_UPLOADS_PER_ROUND} must be >= 0, got {p.uploads_per_round}")
+    if p.max_uploads_per_image < (0 if trust else 1):
+        raise NodeConfigError(f"node_config {P.NODE_MAX_UPLOADS} must be >= 1 (each image's uploads over the "
+                              f"node's life), got {p.max_uploads_per_image}")
+    if p.upload_epsilon < 0 or not 0.0 < p.upload_delta < 1.0 or p.upload_clip < 0:
+        raise NodeConfigError(f"node_config needs {P.NODE_EPSILON} >= 0 (0 = off), {P.NODE_DELTA} in (0, 1) and "
+                              f"{P.NODE_CLIP} >= 0, got {p.upload_epsilon}, {p.upload_delta}, {p.upload_clip}")
+    if p.max_samples < 0 or not 0.0 < p.test_fraction < 1.0:
+        raise NodeConfigError(f"node_config needs {P.NODE_MAX_SAMPLES} >= 0 and {P.NODE_TEST_FRACTION} in (0, 1), "
+                              f"got {p.max_samples}, {p.test_fraction}")
+
+
+def _methods(nc: dict[str, Any], trust: bool) -> frozenset[str]:
+    if P.NODE_METHODS not in nc:
+        return frozenset(P.METHODS if trust else P.PRIVATE_METHODS)
+    names = [m.strip() for m in str(nc[P.NODE_METHODS]).split(",") if m.strip()]
+    bad = sorted(set(names) - set(P.METHODS))
+    if bad or not names:
+        raise NodeConfigError(f"node_config {P.NODE_METHODS}={nc[P.NODE_METHODS]!r}: give a comma-separated subset "
+                              f"of {list(P.METHODS)}" + (f" ({bad} unknown)" if bad else ""))
+    return frozenset(names)
+
+
+def _number(nc: dict[str, Any], key: str, kind: type) -> Any:
+    v = nc[key]
+    try:
+        x = float(v) if not isinstance(v, bool) else math.nan
+    except (TypeError, ValueError):
+        x = math.nan
+    if not math.isfinite(x) or (kind is int and x != int(x)):
+        raise NodeConfigError(f"node_config {key}={v!r} must be {'an integer' if kind is int else 'a number'}")
+    return kind(x)
+
+
+def _bool(nc: dict[str, Any], key: str, default: bool) -> bool:
+    if key not in nc:
+        return default
+    v = str(nc[key]).strip().lower()
+    if v not in ("true", "false", "1", "0", "yes", "no"):
+        raise NodeConfigError(f"node_config {key}={nc[key]!r} must be true or false")
+    return v in ("true", "1", "yes")
+
+
+def _state_dir(nc: dict[str, Any]) -> Path:
+    from ..splits import cache_dir
+
+    given = str(nc.get(P.NODE_STATE_DIR, "") or "")
+    if given and not Path(given).expanduser().is_absolute():
+        raise NodeConfigError(f"node_config {P.NODE_STATE_DIR} must be an absolute path, got {given!r}")
+    default = (cache_dir() or Path.home() / ".cache" / "collafuse-flwr") / "node-state"
+    return Path(given).expanduser() if given else default
