@@ -275,6 +275,13 @@ def main(argv: list[str] | None = None) -> int:
     run_config = a.run_config.strip()
     if run_config.endswith(".toml") and len(run_config.split()) == 1:  # flwr reads it from the app folder
         run_config = str(Path(run_config).expanduser().resolve())
+    from .precheck import RunConfigError, check_run_config
+
+    try:
+        check_run_config(app, run_config, a.num_clients)
+    except RunConfigError as exc:
+        print(f"collafuse-run: bad run-config: {exc}", file=sys.stderr, flush=True)
+        return 2
     try:
         out = run_flower(run_config, a.num_clients, app, a.flwr_home, a.timeout, stream=not a.quiet,
                          client_cpus=a.client_cpus, client_gpus=a.client_gpus)
