@@ -282,6 +282,9 @@ def main(argv: list[str] | None = None) -> int:
     except RunConfigError as exc:
         print(f"collafuse-run: bad run-config: {exc}", file=sys.stderr, flush=True)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C while the config was being checked: nothing runs yet
+        print("\ncollafuse-run: SIGINT: stopped before anything was started", flush=True)
+        return 128 + signal.SIGINT
     try:
         out = run_flower(run_config, a.num_clients, app, a.flwr_home, a.timeout, stream=not a.quiet,
                          client_cpus=a.client_cpus, client_gpus=a.client_gpus)
