@@ -32,6 +32,7 @@ from pathlib import Path
 from . import processes
 from .processes import MARK, stop_pids, stop_superlink, tree  # noqa: F401 - re-exported (deploy, tests)
 from .processes import pids_listening_on as _pids_listening_on  # noqa: F401 - re-exported (tests)
+from .precheck import RunConfigError, check_run_config
 from .stopping import Interrupted, StopSignals, announced_dir, find_run_dir, mark_stopped, stop_engine
 
 APP_DIR = Path(__file__).resolve().parent.parent
@@ -275,8 +276,6 @@ def main(argv: list[str] | None = None) -> int:
     run_config = a.run_config.strip()
     if run_config.endswith(".toml") and len(run_config.split()) == 1:  # flwr reads it from the app folder
         run_config = str(Path(run_config).expanduser().resolve())
-    from .precheck import RunConfigError, check_run_config
-
     try:
         check_run_config(app, run_config, a.num_clients)
     except RunConfigError as exc:
