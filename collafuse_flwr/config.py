@@ -9,6 +9,7 @@ early with a message that names the key, the bad value and the fix.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import os
 import time
@@ -169,6 +170,28 @@ def load_defaults(pyproject: Path = PYPROJECT) -> dict[str, Any]:
         return dict(tomllib.load(f)["tool"]["flwr"]["app"]["config"])
 
 
+def valid_keys() -> list[str]:
+    """Every run-config key this project reads, dash-separated as in pyproject.toml."""
+    return sorted(k.replace("_", "-") for k in _TYPES)
+
+
+def unknown_keys_message(unknown: dict[str, Any], valid: list[str], where: str = "") -> str:
+    """One line naming each unknown key, its value and the closest valid key (a typo's fix);
+    the whole list of valid keys only where no key comes close."""
+    parts, lost = [], False
+    for key, value in unknown.items():
+        near = difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
+        hint = f": did you mean {near[0]!r}?" if near else ""
+        lost |= not near
+        parts.append(f"{key!r} (= {value!r}){hint}")
+    msg = f"unknown run-config key{'s' if len(parts) > 1 else ''} " + "; ".join(parts)
+    if where:
+        msg += f" ({where})"
+    if lost:
+        msg += f"; valid keys: {sorted(valid)}"
+    return msg
+
+
 def _coerce(key: str, value: Any, typ: Any) -> Any:
     dash = key.replace("_", "-")
     typ = {"int": int, "float": float, "str": str, "bool": bool}.get(typ, typ)
@@ -207,8 +230,7 @@ def parse_config(run_config: dict[str, Any], *, defaults: dict[str, Any] | None 
     merged = {**base, **run_config}
     unknown = sorted(k for k in merged if k.replace("-", "_") not in _TYPES)
     if unknown:
-        raise ConfigError(f"unknown run-config key(s) {unknown}; valid keys: "
-                          f"{sorted(k.replace('_', '-') for k in _TYPES)}")
+        raise ConfigError(unknown_keys_message({k: merged[k] for k in unknown}, valid_keys()))
     missing = sorted(k.replace("_", "-") for k in _TYPES if k.replace("_", "-") not in merged)
     if missing:
         raise ConfigError(f"run-config lacks {missing}; they belong in [tool.flwr.app.config]")

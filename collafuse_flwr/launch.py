@@ -1,10 +1,12 @@
-"""`collafuse-run`: one `flwr run` on the simulation engine, isolated and cleaned up.
+"""`collafuse-run`: one `flwr run` on the simulation engine, checked first, isolated, cleaned up.
 
 Why a wrapper: `flwr run .` starts a background SuperLink under $FLWR_HOME on fixed ports and
 leaves it running, `uv sync`s the app's dependencies on every run (slow, and impossible
-offline), and `--stream` may exit 0 when the run failed. This wrapper gives each invocation its
-own FLWR_HOME and free ports, switches the dependency sync off, checks the run's real status with
-`flwr list --format json`, and stops the SuperLink (and anything under it) by pid.
+offline), checks the run-config only after a minute of start-up, and `--stream` may exit 0 when
+the run failed. This wrapper checks the run-config first (one line, exit 2), gives each
+invocation its own FLWR_HOME and free ports, switches the dependency sync off, checks the run's
+real status with `flwr list --format json`, and stops every process the run started, also on
+Ctrl-C or SIGTERM (exit 130 or 143; results.json then says "stopped").
 
     collafuse-run --num-clients 5 --run-config "cut-ratio=0.4 num-server-rounds=3"
 """
@@ -21,9 +23,17 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
-from dataclasses import dataclass
+import uuid
+from dataclasses import dataclass, field
 from pathlib import Path
+
+from . import processes
+from .precheck import RunConfigError, check_run_config
+from .processes import MARK, stop_pids, stop_superlink, tree  # noqa: F401 - re-exported (deploy, tests)
+from .processes import pids_listening_on as _pids_listening_on  # noqa: F401 - re-exported (tests)
+from .stopping import Interrupted, StopSignals, announced_dir, find_run_dir, mark_stopped, stop_engine
 
 APP_DIR = Path(__file__).resolve().parent.parent
 
@@ -37,10 +47,25 @@ class RunOutcome:
     log: str
     http_port: int
     control_port: int
+    stopped: list[str] = field(default_factory=list)  # names of the processes stopped at the end
 
     @property
     def ok(self) -> bool:
         return self.returncode == 0 and self.status.endswith("completed")
+
+
+class RunStopped(KeyboardInterrupt):
+    """SIGINT or SIGTERM stopped the run; everything it started is stopped too.
+
+    A KeyboardInterrupt, so a sweep that calls run_flower stops as a Ctrl-C would stop it."""
+
+    def __init__(self, signum: int, outcome: RunOutcome, summary: str) -> None:
+        super().__init__(summary)
+        self.signum, self.outcome, self.summary = signum, outcome, summary
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum  # the shell's convention: 130 for SIGINT, 143 for SIGTERM
 
 
 def free_port() -> int:
@@ -50,84 +75,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _pids_listening_on(port: int) -> list[int]:
-    """pids of processes holding a listening socket on `port` (read from /proc, Linux)."""
-    inodes: set[str] = set()
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        try:
-            lines = Path(table).read_text().splitlines()[1:]
-        except OSError:
-            continue
-        for line in lines:
-            parts = line.split()
-            if parts[3] == "0A" and int(parts[1].rsplit(":", 1)[1], 16) == port:
-                inodes.add(parts[9])
-    pids = []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            for fd in (proc / "fd").iterdir():
-                link = os.readlink(fd)
-                if link.startswith("socket:[") and link[8:-1] in inodes:
-                    pids.append(int(proc.name))
-                    break
-        except OSError:
-            continue
-    return pids
-
-
-def _descendants(pid: int) -> list[int]:
-    children: dict[int, list[int]] = {}
-    for proc in Path("/proc").iterdir():
-        if proc.name.isdigit():
-            try:
-                ppid = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(proc.name))
-    out, todo = [], [pid]
-    while todo:
-        for c in children.get(todo.pop(), []):
-            out.append(c)
-            todo.append(c)
-    return out
-
-
-def tree(pid: int) -> list[int]:
-    """`pid` and all its descendants (read from /proc, Linux)."""
-    return [pid, *_descendants(pid)]
-
-
-def stop_pids(pids: list[int], grace: float = 10.0,
-              signals: tuple[signal.Signals, ...] = (signal.SIGTERM, signal.SIGKILL)) -> list[int]:
-    """Send each signal in turn to `pids`, waiting up to `grace` s for them to go; returns `pids`."""
-    for sig in signals:
-        for p in pids:
-            try:
-                os.kill(p, sig)
-            except ProcessLookupError:
-                pass
-        deadline = time.time() + grace
-        while time.time() < deadline and any(Path(f"/proc/{p}").exists() and
-                                             "Z" not in _state(p) for p in pids):
-            time.sleep(0.2)
-    return pids
-
-
-def stop_superlink(port: int, grace: float = 10.0) -> list[int]:
-    """Stop the SuperLink listening on `port` and its process tree; returns the pids stopped."""
-    return stop_pids([p for r in _pids_listening_on(port) for p in tree(r)], grace)
-
-
-def _state(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return "Z"
-
-
-def _flwr_env(flwr_home: Path, http_port: int, control_port: int) -> dict[str, str]:
+def _flwr_env(flwr_home: Path, http_port: int, control_port: int, token: str) -> dict[str, str]:
     env = dict(os.environ)
     env.update({
         "FLWR_HOME": str(flwr_home),
@@ -136,6 +84,7 @@ def _flwr_env(flwr_home: Path, http_port: int, control_port: int) -> dict[str, s
         "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
         "FLWR_DISABLE_UPDATE_CHECK": "1",
         "PYTHONUNBUFFERED": "1",
+        MARK: token,  # every process of the run inherits it: how the launcher finds them all
     })
     # the simulation imports the app from its FAB copy; make sure `strategies` resolves too
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(APP_DIR), env.get("PYTHONPATH", "")]))
@@ -148,6 +97,13 @@ def flwr_bin() -> str:
     """The `flwr` next to this interpreter (venv activated or not)."""
     exe = Path(sys.executable).with_name("flwr")
     return str(exe) if exe.exists() else "flwr"
+
+
+def _config_string(run_config: dict[str, object] | str) -> str:
+    if isinstance(run_config, str):
+        return run_config
+    return " ".join(f"{k}={json.dumps(v) if isinstance(v, str) else str(v).lower() if isinstance(v, bool) else v}"
+                    for k, v in run_config.items())
 
 
 def run_flower(
@@ -169,6 +125,10 @@ def run_flower(
     server took 0.69 s per step instead of 0.07-0.09 s; one thread each, 0.09-0.10 s (both).
 
     stream: echo the run's log to stdout as it comes (it is captured in the outcome either way).
+    app_dir: resolved against the current folder once, here (flwr runs in that folder).
+    timeout: seconds; then the run is stopped like on SIGINT and the outcome says "timed-out".
+    SIGINT/SIGTERM (main thread only): stop the run and everything it started, mark its
+    results.json "stopped", and raise RunStopped.
     """
     if num_clients < 1:
         raise ValueError(f"num-clients must be >= 1, got {num_clients}")
@@ -176,15 +136,15 @@ def run_flower(
         # Flower's federation config carries whole CPUs (uint32); "1.0" fails the run late
         raise ValueError(f"client_cpus must be a whole number of CPUs >= 1, got {client_cpus!r}")
     client_cpus = int(client_cpus)
-    if isinstance(run_config, dict):
-        parts = [f"{k}={json.dumps(v) if isinstance(v, str) else str(v).lower() if isinstance(v, bool) else v}"
-                 for k, v in run_config.items()]
-        run_config = " ".join(parts)
+    app_dir = Path(app_dir).expanduser().resolve()
+    run_config = _config_string(run_config)
     own_home = flwr_home is None
-    home = Path(tempfile.mkdtemp(prefix="collafuse-flwr-home-")) if own_home else Path(flwr_home)
+    home = Path(tempfile.mkdtemp(prefix="collafuse-flwr-home-")) if own_home else Path(flwr_home).resolve()
     home.mkdir(parents=True, exist_ok=True)
     http_port, control_port = free_port(), free_port()
-    env = _flwr_env(home, http_port, control_port)
+    ports = [http_port, control_port]  # Flower 1.42's local SuperLink serves the Control API on the HTTP port
+    token = uuid.uuid4().hex
+    env = _flwr_env(home, http_port, control_port, token)
     fed = f"num-supernodes={num_clients} client-resources-num-cpus={client_cpus}"
     if client_gpus > 0:  # Ray hides GPUs from actors that ask for none
         fed += f" client-resources-num-gpus={client_gpus}"
@@ -193,31 +153,80 @@ def run_flower(
         cmd += ["--run-config", run_config]
     cmd.append("--stream")  # flwr run then returns when the run ends; `stream` only echoes it
     print("$", " ".join(shlex.quote(c) for c in cmd), flush=True)
+    print(f"collafuse-run: FLWR_HOME={home}, SuperLink ports {http_port} (HTTP) and {control_port} (control)",
+          flush=True)
     log_lines: list[str] = []
-    rc = 1
-    try:
-        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                cwd=str(app_dir))
-        t0 = time.time()
+    rc, run_id, status, proc, halted, flwr_stopped = 1, None, "unknown", None, "", False
+    echo = threading.Event()
+    if stream:
+        echo.set()
+    with StopSignals() as signals:
+        try:
+            # its own session: a terminal's Ctrl-C reaches only the launcher, which stops the run in order
+            proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                    cwd=str(app_dir), start_new_session=True)
+            if _follow(proc, log_lines, echo, timeout):
+                rc = proc.wait()
+                run_id, status = _run_status(env, app_dir)
+            else:
+                signals.hold()
+                halted, status = "timeout", "timed-out"
+                run_id, flwr_stopped = stop_engine(flwr_bin(), env, app_dir, "".join(log_lines), ports)
+        except (Interrupted, KeyboardInterrupt) as exc:
+            signals.hold()
+            echo.clear()  # the run's shutdown noise would bury the one line that says what was stopped
+            halted, status = signal.Signals(getattr(exc, "signum", signal.SIGINT)).name, "stopped"
+            run_id, flwr_stopped = stop_engine(flwr_bin(), env, app_dir, "".join(log_lines), ports)
+        finally:
+            signals.hold()  # a signal now would cut the clean-up short
+            live = [proc.pid] if proc is not None and proc.poll() is None else []
+            marks = processes.run_marks(token, home if own_home else None)
+            names, left = processes.stop_run(marks, ports, trees=live, groups=[proc.pid] if proc is not None else [])
+            if own_home:
+                shutil.rmtree(home, ignore_errors=True)
+        log = "".join(log_lines)
+        out = RunOutcome(run_id, status, rc, _output_dir(log) or announced_dir(log), log, http_port, control_port,
+                         names)
+        if not halted:
+            return out
+        if out.output_dir is None and run_id is not None:
+            out.output_dir = find_run_dir(run_config, app_dir, run_id)
+        note = mark_stopped(out.output_dir, halted)
+        summary = (f"collafuse-run: {halted}: stopped run {run_id or '(not started yet)'}"
+                   f"{' (flwr stop)' if flwr_stopped else ''} and {len(names)} processes "
+                   f"({processes.summarize(names) or 'none running'}); "
+                   f"{'none left' if not left else f'STILL ALIVE: pids {left}'}; {note}")
+        if halted == "timeout":
+            out.log += summary + "\n"
+            print(summary, flush=True)
+            return out
+        raise RunStopped(getattr(signal.Signals, halted), out, summary)
+
+
+def _follow(proc: subprocess.Popen, log_lines: list[str], echo: threading.Event, timeout: float) -> bool:
+    """Collect the run's output (echoed while `echo` is set) until it ends (True) or `timeout` s
+    pass (False). A reader thread appends to `log_lines`, so the log is current whenever a
+    signal or the timeout stops the wait, even while the run is silent."""
+
+    def pump() -> None:
         assert proc.stdout is not None
         for line in proc.stdout:
             log_lines.append(line)
-            if stream:
+            if echo.is_set():
                 sys.stdout.write(line)
                 sys.stdout.flush()
-            if time.time() - t0 > timeout:
-                proc.kill()
-                log_lines.append(f"collafuse-run: timed out after {timeout:.0f}s\n")
-                break
-        rc = proc.wait()
-        run_id, status = _run_status(env, app_dir)
-    finally:
-        stop_superlink(control_port)
-        stop_superlink(http_port)
-        if own_home:
-            shutil.rmtree(home, ignore_errors=True)
-    log = "".join(log_lines)
-    return RunOutcome(run_id, status, rc, _output_dir(log), log, http_port, control_port)
+
+    reader = threading.Thread(target=pump, daemon=True)
+    reader.start()
+    deadline = time.time() + timeout
+    while reader.is_alive() and time.time() < deadline:
+        reader.join(timeout=0.5)
+    if not reader.is_alive():
+        return True
+    log_lines.append(f"collafuse-run: timed out after {timeout:.0f}s\n")
+    if echo.is_set():
+        print(log_lines[-1], end="", flush=True)
+    return False
 
 
 def _run_status(env: dict[str, str], app_dir: Path) -> tuple[int | None, str]:
@@ -256,10 +265,31 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--client-gpus", type=float, default=0.0, help="GPU share per virtual client (e.g. 0.2)")
     p.add_argument("--client-cpus", type=int, default=1, help="CPUs (and torch threads) per virtual client")
     a = p.parse_args(argv)
-    if not (a.app / "pyproject.toml").is_file():
-        p.error(f"--app {a.app} has no pyproject.toml; point it at the collafuse-flwr checkout")
-    out = run_flower(a.run_config, a.num_clients, a.app, a.flwr_home, a.timeout, stream=not a.quiet,
-                     client_cpus=a.client_cpus, client_gpus=a.client_gpus)
+    app = a.app.expanduser().resolve()  # once, against the folder the user typed it in
+    if not (app / "pyproject.toml").is_file():
+        p.error(f"--app {a.app} ({app}) has no pyproject.toml; point it at a Flower app folder, e.g. the "
+                f"collafuse-flwr checkout or examples/custom_serverapp")
+    if a.num_clients < 1:
+        p.error(f"--num-clients must be >= 1, got {a.num_clients}")
+    if a.client_cpus < 1:
+        p.error(f"--client-cpus must be >= 1, got {a.client_cpus}")
+    run_config = a.run_config.strip()
+    if run_config.endswith(".toml") and len(run_config.split()) == 1:  # flwr reads it from the app folder
+        run_config = str(Path(run_config).expanduser().resolve())
+    try:
+        check_run_config(app, run_config, a.num_clients)
+    except RunConfigError as exc:
+        print(f"collafuse-run: bad run-config: {exc}", file=sys.stderr, flush=True)
+        return 2
+    except KeyboardInterrupt:  # Ctrl-C while the config was being checked: nothing runs yet
+        print("\ncollafuse-run: SIGINT: stopped before anything was started", flush=True)
+        return 128 + signal.SIGINT
+    try:
+        out = run_flower(run_config, a.num_clients, app, a.flwr_home, a.timeout, stream=not a.quiet,
+                         client_cpus=a.client_cpus, client_gpus=a.client_gpus)
+    except RunStopped as stop:
+        print(f"\n{stop.summary}", flush=True)
+        return stop.exit_code
     print(f"\nrun {out.run_id}: {out.status}; outputs: {out.output_dir}")
     return 0 if out.ok else 1
 

@@ -7,6 +7,7 @@ simulation engine, or `harness = "on"`), run Flower's loop and write the outputs
 
 from __future__ import annotations
 
+import json
 import time
 import traceback
 from logging import INFO, WARNING
@@ -130,6 +131,38 @@ def _stop_on_sigterm() -> None:
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
 
+class _EngineExit:
+    """Record "stopped" when Flower's engine exits under a running ServerApp.
+
+    `flwr stop`, or SIGINT/SIGTERM to flwr-simulation, ends the simulation through flwr_exit in
+    its main thread; the ServerApp runs in another thread and never sees a signal, so
+    results.json would stay at "running". flwr_exit runs its registered exit handlers first:
+    this one writes "stopped" (if the run is still running) and remembers that the engine is
+    going, so the error the ServerApp's thread may hit next (its grid gone) is recorded as
+    "stopped" too, not "failed". Disarmed when the run ends; a no-op in a process without
+    flwr_exit (a deployment's flwr-serverapp turns SIGTERM into SystemExit instead)."""
+
+    def __init__(self, results: Path, header: dict) -> None:
+        self.results, self.header, self.armed, self.exiting = results, header, True, False
+        try:
+            from flwr.supercore.exit import add_exit_handler
+
+            add_exit_handler(self, run_before_force_exit=True)
+        except ImportError:  # a Flower without it: the launcher marks results.json instead
+            pass
+
+    def __call__(self) -> None:
+        if not self.armed:
+            return
+        self.exiting = True
+        try:
+            if json.loads(self.results.read_text()).get("status") == "running":
+                write_json(self.results, {**self.header, "status": "stopped",
+                                          "error": "stopped by Flower's engine (flwr stop, or a signal to it)"})
+        except Exception:  # noqa: BLE001 - an exit handler must not stop the engine's own clean-up
+            pass
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     cfg = parse_config(context.run_config)
@@ -143,6 +176,7 @@ def main(grid: Grid, context: Context) -> None:
     run_key = ckpt["run_key"] if ckpt else context.run_id
     header = {"status": "running", "run_id": run_key, "config": cfg.to_flwr()}
     write_json(out / "results.json", header)
+    engine_exit = _EngineExit(out / "results.json", header)
     try:
         use_torch_threads(cfg.torch_threads)
         torch.manual_seed(cfg.seed)
@@ -191,8 +225,10 @@ def main(grid: Grid, context: Context) -> None:
         result = strategy.start(grid=PollingGrid(grid), initial_arrays=arrays, num_rounds=cfg.num_server_rounds,
                                 timeout=cfg.round_timeout, checkpoint_fn=checkpoint, **resume)
         finalize(cfg, strategy, result, out, run_key, num_nodes, started, params, harness)
+        engine_exit.armed = False
     except BaseException as exc:  # keep what was measured, say why it stopped, then fail the run
-        status = "stopped" if isinstance(exc, (KeyboardInterrupt, SystemExit)) else "failed"
+        engine_exit.armed = False
+        status = "stopped" if isinstance(exc, (KeyboardInterrupt, SystemExit)) or engine_exit.exiting else "failed"
         write_json(out / "results.json", {**header, "status": status, "error": repr(exc),
                                           "traceback": traceback.format_exc()})
         log(INFO, "collafuse-flwr: results in %s", Path(out))  # the launcher finds a failed run's folder too

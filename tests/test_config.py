@@ -26,7 +26,8 @@ def test_pyproject_defaults_are_valid():
     ({"test-fraction": 1.0}, "test-fraction"),
     ({"model-size": "huge"}, "model-size"),
     ({"torch-threads": -1}, "torch-threads must be >= 0"),
-    ({"no-such-key": 1}, r"unknown run-config key\(s\) \['no-such-key'\]"),
+    ({"no-such-key": 1}, r"unknown run-config key 'no-such-key' \(= 1\); valid keys: \[.*'cut-ratio'"),
+    ({"cut-rato": 0.4}, r"unknown run-config key 'cut-rato' \(= 0.4\): did you mean 'cut-ratio'\?$"),
 ])
 def test_bad_values_name_key_and_fix(override, match):
     with pytest.raises(ConfigError, match=match):

@@ -1,0 +1,122 @@
+"""Check `collafuse-run`'s run-config before any engine starts.
+
+Why: Flower checks a run-config only after it has started a SuperLink, built the app bundle and
+launched the simulation, and then says "Invalid run configuration" (a key typo, after more than a
+minute, without naming the key) or fails inside the ServerApp with a traceback. The launcher
+reads the overrides with Flower's own parser, applies Flower's own rule (an override must name a
+key of the app's `[tool.flwr.app.config]`) and, for an app that uses this project's run-config,
+validates the merged config with `collafuse_flwr.config.parse_config`, so a mistake costs seconds
+and one line that names the key, the value and the fix.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import tomllib
+import warnings
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from .config import ConfigError, RunConfig, load_defaults, parse_config, unknown_keys_message, valid_keys
+
+#: how `flwr run` splits --run-config into pairs (flwr.common.config.parse_config_args)
+_PAIR = re.compile(r"(\S+?)=(\'[^\']*\'|\"[^\"]*\"|\S+)")
+_EXAMPLE = "e.g. --run-config \"cut-ratio=0.4 method='fedavg'\""
+
+
+class RunConfigError(ValueError):
+    """The --run-config cannot work; the message is one line naming the key, value and fix."""
+
+
+def parse_overrides(text: str) -> dict[str, Any]:
+    """The overrides exactly as `flwr run --run-config text` reads them (Flower's own parser),
+    after catching what Flower lets through silently (text that is no key=value pair) or reports
+    without naming the pair (a bad TOML value, a key given twice)."""
+    from flwr.common.config import parse_config_args
+
+    text = text.strip()
+    if not text:
+        return {}
+    if text.endswith(".toml") and len(text.split()) == 1:
+        if not Path(text).is_file():
+            raise RunConfigError(f"--run-config {text}: no such file (give a TOML file of overrides, or "
+                                 f"key=value pairs)")
+        try:
+            return parse_config_args([text])
+        except Exception as exc:  # noqa: BLE001 - tomli's or Flower's; the message says which line
+            raise RunConfigError(f"--run-config {text}: not a TOML table of overrides ({exc})") from None
+    leftover = _PAIR.sub(" ", text).split()
+    if leftover:
+        raise RunConfigError(f"--run-config: cannot read {' '.join(leftover)!r} as key=value (no spaces around "
+                             f"'='; quote strings; {_EXAMPLE})")
+    pairs = _PAIR.findall(text)
+    twice = sorted(k for k, n in Counter(k for k, _ in pairs).items() if n > 1)
+    if twice:
+        raise RunConfigError(f"--run-config gives {twice} more than once; give each key once")
+    for key, value in pairs:
+        try:
+            tomllib.loads(f"{key} = {value}")
+        except tomllib.TOMLDecodeError:
+            raise RunConfigError(f"--run-config {key}={value}: not a TOML value; quote strings "
+                                 f"({key}='{value.strip(chr(39) + chr(34))}'), numbers and true/false go bare"
+                                 ) from None
+    try:
+        return parse_config_args([text])
+    except Exception as exc:  # noqa: BLE001 - Flower's ClickException carries its own explanation
+        raise RunConfigError(f"--run-config {text!r}: {getattr(exc, 'message', exc)}") from None
+
+
+def _toml(value: Any) -> str:
+    """`value` as it would be written in pyproject.toml."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    return json.dumps(value) if isinstance(value, str) else str(value)
+
+
+def app_table(app_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(the app's flattened [tool.flwr.app.config], its [tool.flwr.app.components])."""
+    from flwr.common.config import flatten_dict
+
+    with open(app_dir / "pyproject.toml", "rb") as f:
+        app = tomllib.load(f).get("tool", {}).get("flwr", {}).get("app", {})
+    return flatten_dict(app.get("config", {})), dict(app.get("components", {}))
+
+
+def uses_collafuse_config(config: dict[str, Any], components: dict[str, Any]) -> bool:
+    """An app whose ServerApp or ClientApp is this project's and whose keys are all this
+    project's reads the run-config with `parse_config` (collafuse-flwr itself, or
+    examples/custom_serverapp); any other app has a schema the launcher cannot know."""
+    ours = any(str(c).startswith("collafuse_flwr.") for c in components.values())
+    return ours and set(config) <= set(valid_keys())
+
+
+def check_run_config(app_dir: Path, text: str, num_clients: int) -> RunConfig | None:
+    """Raise RunConfigError for a run-config that `flwr run` would reject or the app would fail
+    on; return the validated RunConfig (None for an app with a schema of its own)."""
+    overrides = parse_overrides(text)
+    config, components = app_table(app_dir)
+    where = f"{app_dir / 'pyproject.toml'} [tool.flwr.app.config]"
+    foreign = {k: v for k, v in overrides.items() if k not in config}
+    if foreign:
+        ours = sorted(set(foreign) & set(valid_keys()))
+        if ours and len(ours) == len(foreign):
+            raise RunConfigError(f"{', '.join(map(repr, ours))} {'is a key' if len(ours) == 1 else 'are keys'} of "
+                                 f"collafuse-flwr, but Flower accepts overrides only of keys the app lists: add "
+                                 f"{' and '.join(f'{k} = {_toml(foreign[k])}' for k in ours)} to {where}")
+        raise RunConfigError(unknown_keys_message(foreign, sorted(config), where=f"the keys of {where}"))
+    if not uses_collafuse_config(config, components):
+        return None
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            cfg = parse_config({**config, **overrides}, defaults=load_defaults())
+        except (ConfigError, ValueError) as exc:  # diffusion's step checks raise ValueError
+            raise RunConfigError(" ".join(str(exc).split())) from None
+    for w in caught:
+        print(f"collafuse-run: warning: {w.message}", flush=True)
+    if cfg.method == "collafuse" and 0 < len(cfg.cut_ratios) < num_clients:
+        raise RunConfigError(f"client-cut-ratios={cfg.client_cut_ratios!r} has {len(cfg.cut_ratios)} entries for "
+                             f"--num-clients {num_clients}: give one cut ratio per client")
+    return cfg

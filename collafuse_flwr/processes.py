@@ -1,0 +1,199 @@
+"""Find and stop every process a `flwr run` started (Linux: read from /proc).
+
+Why a process tree is not enough: `flwr run` starts the SuperLink in a new session, the SuperLink
+starts SuperExec in another, SuperExec starts flwr-simulation, and flwr-simulation starts Ray
+(gcs_server, raylet, dashboard, log monitor, agents, workers and actors). Each one re-parents to
+init when its parent dies first, so a tree read at the wrong moment misses some. The launcher
+therefore gives every process it starts an environment variable with a token of its own
+(inherited by all of them, Ray's workers and actors included; Ray's agents, which get a trimmed
+environment, name their raylet instead) and stops by that mark, by the SuperLink's ports and by
+process tree, then checks in /proc that none is left.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections import Counter
+from pathlib import Path
+
+#: environment variable that marks every process of one launcher run (value: a random token)
+MARK = "COLLAFUSE_RUN_TOKEN"
+
+
+def _all_pids() -> list[int]:
+    return [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit()]
+
+
+def _stat(pid: int) -> list[str]:
+    """Fields of /proc/<pid>/stat after the command name: state, ppid, pgrp, session, ..."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return []
+
+
+def alive(pid: int) -> bool:
+    """The process exists and is not a zombie (a zombie has exited; only its parent's wait is due)."""
+    fields = _stat(pid)
+    return bool(fields) and fields[0] not in ("Z", "X")
+
+
+def pids_listening_on(port: int) -> list[int]:
+    """pids of processes holding a listening socket on `port`."""
+    inodes: set[str] = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            parts = line.split()
+            if parts[3] == "0A" and int(parts[1].rsplit(":", 1)[1], 16) == port:
+                inodes.add(parts[9])
+    if not inodes:
+        return []
+    pids = []
+    for pid in _all_pids():
+        try:
+            for fd in Path(f"/proc/{pid}/fd").iterdir():
+                link = os.readlink(fd)
+                if link.startswith("socket:[") and link[8:-1] in inodes:
+                    pids.append(pid)
+                    break
+        except OSError:
+            continue
+    return pids
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below `pid` in the parent tree, as it is now."""
+    children: dict[int, list[int]] = {}
+    for p in _all_pids():
+        fields = _stat(p)
+        if len(fields) > 1:
+            children.setdefault(int(fields[1]), []).append(p)
+    out, todo = [], [pid]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            out.append(c)
+            todo.append(c)
+    return out
+
+
+def tree(pid: int) -> list[int]:
+    """`pid` and all its descendants."""
+    return [pid, *descendants(pid)]
+
+
+def in_group(pgid: int) -> list[int]:
+    """Processes in process group `pgid` (a child started with start_new_session leads its own)."""
+    return [p for p in _all_pids() if (f := _stat(p)) and len(f) > 2 and int(f[2]) == pgid]
+
+
+def marked(*marks: str) -> list[int]:
+    """Processes of this user whose environment holds any of `marks` ("KEY=value" entries;
+    other users' environments cannot be read)."""
+    needles = {m.encode() for m in marks if m}
+    out = []
+    for pid in _all_pids():
+        try:
+            if needles & set(Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")):
+                out.append(pid)
+        except OSError:
+            continue
+    return out
+
+
+def run_marks(token: str, private_home: Path | str | None = None) -> list[str]:
+    """The environment entries that mark a launcher's run: its token, which every process
+    inherits, and, when the launcher made the FLWR_HOME itself (so no other process can have
+    it), that FLWR_HOME too."""
+    return [f"{MARK}={token}"] + ([f"FLWR_HOME={private_home}"] if private_home else [])
+
+
+def name(pid: int) -> str:
+    """A short name: the script for Python processes (flower-superlink, flwr-simulation), the
+    binary otherwise (raylet, gcs_server), Ray's own title for its workers (ray::ClientAppActor)."""
+    try:
+        argv = [a for a in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0") if a]
+    except OSError:
+        return "?"
+    if not argv:
+        return "?"
+    if argv[0].startswith("ray::"):
+        return argv[0].split()[0]
+    prog = Path(argv[0]).name
+    if prog.startswith("python") and len(argv) > 1:
+        script = next((a for a in argv[1:] if not a.startswith("-")), prog)
+        return Path(script).name
+    return prog
+
+
+def summarize(names: list[str]) -> str:
+    """'flower-superlink, raylet, 3 x ray::ClientAppActor' (first seen first)."""
+    counts = Counter(names)
+    return ", ".join(n if c == 1 else f"{c} x {n}" for n, c in counts.items())
+
+
+def stop_pids(pids: list[int], grace: float = 10.0,
+              signals: tuple[signal.Signals, ...] = (signal.SIGTERM, signal.SIGKILL)) -> list[int]:
+    """Send each signal in turn to `pids`, waiting up to `grace` s for them to go; returns `pids`."""
+    for sig in signals:
+        for p in pids:
+            if alive(p):
+                try:
+                    os.kill(p, sig)
+                except ProcessLookupError:
+                    pass
+        deadline = time.time() + grace
+        while time.time() < deadline and any(alive(p) for p in pids):
+            time.sleep(0.2)
+    return pids
+
+
+def stop_superlink(port: int, grace: float = 10.0) -> list[int]:
+    """Stop the SuperLink listening on `port` and its process tree; returns the pids stopped."""
+    return stop_pids([p for r in pids_listening_on(port) for p in tree(r)], grace)
+
+
+def find_run(marks: list[str], ports: list[int], trees: list[int] = (), groups: list[int] = ()) -> list[int]:
+    """Every live process of one run: with any of `marks` in its environment (and the agents of
+    a marked raylet), listening on `ports` (and their trees), below the live processes `trees`
+    (pass only children not yet reaped: a reaped pid may be reused), and in the process groups
+    `groups` (a group's id is not reused while it has members)."""
+    found: set[int] = set(marked(*marks)) if marks else set()
+    # Ray starts its agents (ray::DashboardAgent, ray::RuntimeEnvAgent) with a trimmed
+    # environment that drops the token but names the raylet they serve
+    raylets = [p for p in found if name(p) == "raylet"]
+    if raylets:
+        found.update(marked(*(f"RAY_RAYLET_PID={p}" for p in raylets)))
+    for port in ports:
+        for p in pids_listening_on(port):
+            found.update(tree(p))
+    for r in trees:
+        found.update(tree(r))
+    for g in groups:
+        found.update(in_group(g))
+    found.discard(os.getpid())
+    return sorted(p for p in found if alive(p))
+
+
+def stop_run(marks: list[str], ports: list[int], trees: list[int] = (), groups: list[int] = (),
+             grace: float = 10.0, rounds: int = 3) -> tuple[list[str], list[int]]:
+    """SIGTERM every process of the run, SIGKILL what is left after `grace` s, and look again
+    (Ray may start a worker meanwhile), up to `rounds` times.
+
+    Returns (names of the processes stopped, pids still alive afterwards: empty unless a
+    process ignores SIGKILL, e.g. one stuck in the kernel)."""
+    names: dict[int, str] = {}
+    for _ in range(rounds):
+        pids = find_run(marks, ports, trees, groups)
+        if not pids:
+            break
+        for p in pids:
+            names.setdefault(p, name(p))
+        stop_pids(pids, grace)
+        trees = [t for t in trees if alive(t)]
+    return list(names.values()), find_run(marks, ports, trees, groups)

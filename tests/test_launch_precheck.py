@@ -1,0 +1,151 @@
+"""collafuse-run checks the run-config before any engine starts, and finds the app folder the
+user named: a bad key or value costs one line and exit 2, not a minute of start-up and a
+traceback; `--app examples/custom_serverapp` works from the checkout's root."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from collafuse_flwr import launch
+from collafuse_flwr.launch import APP_DIR, main
+from collafuse_flwr.precheck import RunConfigError, check_run_config, parse_overrides
+
+EXAMPLE = APP_DIR / "examples" / "custom_serverapp"
+
+
+def _cli(tmp_path: Path, run_config: str) -> tuple[subprocess.CompletedProcess, float]:
+    t0 = time.time()
+    res = subprocess.run([sys.executable, "-m", "collafuse_flwr.launch", "--num-clients", "2",
+                          "--flwr-home", str(tmp_path / "flwr-home"), "--run-config", run_config],
+                         capture_output=True, text=True, cwd=APP_DIR, timeout=120)
+    return res, time.time() - t0
+
+
+def test_key_typo_is_refused_at_once_naming_the_key_and_the_fix(tmp_path):
+    res, took = _cli(tmp_path, "cut-rato=0.4")
+    print(f"typo refused in {took:.2f} s")  # measured, not asserted (speed targets live in benchmarks/)
+    assert res.returncode == 2, res.stdout + res.stderr
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1, res.stderr
+    assert "'cut-rato'" in lines[0] and "0.4" in lines[0] and "did you mean 'cut-ratio'?" in lines[0]
+    assert not (tmp_path / "flwr-home").exists()  # no SuperLink was started: it would live there
+    assert "flwr run" not in res.stdout
+
+
+def test_bad_value_is_refused_naming_key_and_range(tmp_path):
+    res, took = _cli(tmp_path, "cut-ratio=2")
+    print(f"bad value refused in {took:.2f} s")
+    assert res.returncode == 2
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and "cut-ratio" in lines[0] and "[0, 1]" in lines[0] and "2.0" in lines[0]
+    assert not (tmp_path / "flwr-home").exists()
+
+
+def test_no_superlink_is_started_for_a_bad_config(monkeypatch, capsys):
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("run_flower was called for a run-config that cannot work")
+
+    monkeypatch.setattr(launch, "run_flower", must_not_run)
+    assert main(["--run-config", "method='fedavgg'"]) == 2
+    assert "method='fedavgg' is not one of" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("text, match", [
+    ("method=fedavg", r"method=fedavg: not a TOML value; quote strings \(method='fedavg'\)"),
+    ("cut-ratio 0.4", r"cannot read 'cut-ratio 0.4' as key=value"),
+    ("cut-ratio=0.2 cut-ratio=0.4", r"\['cut-ratio'\] more than once"),
+    ("/no/such/overrides.toml", "no such file"),
+])
+def test_overrides_flower_would_misread_are_named(text, match):
+    with pytest.raises(RunConfigError, match=match):
+        parse_overrides(text)
+
+
+def test_overrides_are_read_as_flower_reads_them(tmp_path):
+    assert parse_overrides("cut-ratio=0.4 method='fedavg' server-overlap=false client-groups='0,1;2,3'") == {
+        "cut-ratio": 0.4, "method": "fedavg", "server-overlap": False, "client-groups": "0,1;2,3"}
+    toml = tmp_path / "over.toml"
+    toml.write_text('cut-ratio = 0.6\nmethod = "local"\n')
+    assert parse_overrides(str(toml)) == {"cut-ratio": 0.6, "method": "local"}
+
+
+def test_valid_config_passes_and_is_validated_with_the_apps_defaults():
+    cfg = check_run_config(APP_DIR, "cut-ratio=0.4 method='fedavg'", num_clients=3)
+    assert cfg is not None and cfg.cut_ratio == 0.4 and cfg.method == "fedavg"
+
+
+def test_one_cut_ratio_per_client():
+    with pytest.raises(RunConfigError, match="2 entries for --num-clients 3"):
+        check_run_config(APP_DIR, "client-cut-ratios='0.2,0.4'", num_clients=3)
+    check_run_config(APP_DIR, "client-cut-ratios='0.2,0.4,0.6'", num_clients=3)
+
+
+def test_another_app_using_this_projects_config_is_checked_against_its_own_table():
+    cfg = check_run_config(EXAMPLE, "cut-ratio=0.5", num_clients=3)
+    assert cfg is not None and cfg.cut_ratio == 0.5 and cfg.diffusion_steps == 20  # the example's own default
+    with pytest.raises(RunConfigError, match=r"did you mean 'cut-ratio'\?"):
+        check_run_config(EXAMPLE, "cut-rato=0.5", num_clients=3)
+    with pytest.raises(RunConfigError, match=r"cut-ratio must be in \[0, 1\]"):
+        check_run_config(EXAMPLE, "cut-ratio=1.5", num_clients=3)
+    # a key of this project that the example does not list: Flower would refuse the override
+    with pytest.raises(RunConfigError, match=r"'dataset' is a key of collafuse-flwr.*add dataset = \"digits\" to"):
+        check_run_config(EXAMPLE, "dataset='digits'", num_clients=3)
+
+
+def test_an_app_with_its_own_schema_is_held_only_to_flowers_rule(tmp_path):
+    (tmp_path / "pyproject.toml").write_text(
+        '[tool.flwr.app]\npublisher = "x"\n[tool.flwr.app.components]\nserverapp = "mine:app"\n'
+        'clientapp = "mine:client"\n[tool.flwr.app.config]\nlr = 0.1\nrounds = 3\n')
+    assert check_run_config(tmp_path, "lr=5.0 rounds=-1", num_clients=2) is None  # its values are its business
+    with pytest.raises(RunConfigError, match=r"'lrr' \(= 0.2\): did you mean 'lr'\?"):
+        check_run_config(tmp_path, "lrr=0.2", num_clients=2)
+
+
+@pytest.fixture
+def captured_run(monkeypatch):
+    seen = {}
+
+    def fake_run_flower(run_config, num_clients, app_dir, *args, **kwargs):
+        seen.update(run_config=run_config, num_clients=num_clients, app_dir=app_dir)
+        return launch.RunOutcome(1, "finished:completed", 0, None, "", 0, 0)
+
+    monkeypatch.setattr(launch, "run_flower", fake_run_flower)
+    return seen
+
+
+@pytest.mark.parametrize("cwd, arg", [(".", "examples/custom_serverapp"), ("examples", "custom_serverapp"),
+                                      ("examples/custom_serverapp", ".")])
+def test_app_is_resolved_once_against_the_current_folder(monkeypatch, captured_run, cwd, arg):
+    monkeypatch.chdir(APP_DIR / cwd)
+    assert main(["--app", arg, "--num-clients", "3"]) == 0
+    assert captured_run["app_dir"] == EXAMPLE and captured_run["app_dir"].is_absolute()
+
+
+def test_a_relative_overrides_file_is_made_absolute(monkeypatch, captured_run, tmp_path):
+    (tmp_path / "over.toml").write_text("cut-ratio = 0.5\n")
+    monkeypatch.chdir(tmp_path)
+    assert main(["--run-config", "over.toml"]) == 0
+    assert captured_run["run_config"] == str(tmp_path / "over.toml")  # flwr reads it from the app folder
+
+
+def test_run_flower_runs_flwr_on_the_resolved_folder(monkeypatch, tmp_path):
+    """flwr runs in the app folder; a relative folder passed to it as well would be resolved twice."""
+    seen = {}
+
+    class Started(Exception):
+        pass
+
+    def fake_popen(cmd, cwd=None, **kwargs):
+        seen.update(cmd=cmd, cwd=cwd)
+        raise Started
+
+    monkeypatch.setattr(launch.subprocess, "Popen", fake_popen)
+    monkeypatch.chdir(APP_DIR)
+    with pytest.raises(Started):
+        launch.run_flower("", 3, Path("examples/custom_serverapp"), flwr_home=tmp_path / "home", stream=False)
+    assert seen["cmd"][1:3] == ["run", str(EXAMPLE)] and seen["cwd"] == str(EXAMPLE)
