@@ -21,33 +21,36 @@ Every failure becomes an Error reply without local paths (`node.refusal`).
 
 from __future__ import annotations
 
-import functools
-import logging
-import math
-import time
-from collections.abc import Callable
-from dataclasses import dataclass
-from functools import lru_cache
-from pathlib import Path
+from .imports import LOCK
 
-import numpy as np
-import torch
-from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
-from flwr.clientapp import ClientApp
+with LOCK:  # the ServerApp may be loading in another thread (collafuse_flwr/imports.py)
+    import functools
+    import logging
+    import math
+    import time
+    from collections.abc import Callable
+    from dataclasses import dataclass
+    from functools import lru_cache
+    from pathlib import Path
 
-from . import diffusion as D
-from . import protocol as P
-from .client_data import ClientData, client_data, own_folder_data
-from .config import BOOKKEEPING_KEYS, ConfigError, RunConfig, parse_config
-from .data import to_uint8
-from .dp import DPPlan, UploadLedger, plan_uploads
-from .metrics.flops import FlopMeter
-from .models import build_denoiser, client_preset, count_parameters, default_device, shared_denoiser, use_torch_threads
-from .node import ledger, randomness, scoring, state
-from .node import steps as N
-from .node.files import private_dir
-from .node.policy import NodePolicy, node_policy
-from .training import generate, make_optimizer
+    import numpy as np
+    import torch
+    from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
+    from flwr.clientapp import ClientApp
+
+    from . import diffusion as D
+    from . import protocol as P
+    from .client_data import ClientData, client_data, own_folder_data
+    from .config import BOOKKEEPING_KEYS, ConfigError, RunConfig, parse_config
+    from .data import to_uint8
+    from .dp import DPPlan, UploadLedger, plan_uploads
+    from .metrics.flops import FlopMeter
+    from .models import build_denoiser, client_preset, count_parameters, default_device, shared_denoiser, use_torch_threads
+    from .node import ledger, randomness, scoring, state
+    from .node import steps as N
+    from .node.files import private_dir
+    from .node.policy import NodePolicy, node_policy
+    from .training import generate, make_optimizer
 
 app = ClientApp()
 _LOG = logging.getLogger("collafuse_flwr.node")
@@ -190,7 +193,7 @@ def _conf(node: Node, msg: Message) -> tuple[int, int, int]:
         num = P.read_int(conf, P.NUM_CLIENTS, 0, 1 << 20, default=0)
         client = P.read_int(conf, P.CLIENT_INDEX, 0, max(num - 1, 0) if num else 1 << 20,
                             default=max(node.data.partition_id, 0))
-        run_key = P.read_int(conf, P.RUN_KEY, 0, (1 << 63) - 1, default=0)
+        run_key = P.read_int(conf, P.RUN_KEY, 0, (1 << 64) - 1, default=0)  # Flower run ids are uint64
     except P.ProtocolError as exc:
         raise N.Refused(str(exc)) from None
     return rnd, client, run_key

@@ -7,30 +7,51 @@ simulation engine, or `harness = "on"`), run Flower's loop and write the outputs
 
 from __future__ import annotations
 
-import json
-import time
-import traceback
-from logging import INFO, WARNING
-from pathlib import Path
+from .imports import LOCK
 
-import torch
-from flwr.app import ArrayRecord, Context
-from flwr.serverapp import Grid, ServerApp
-from flwr.supercore import log
+with LOCK:  # the ClientApp may be loading in another thread (collafuse_flwr/imports.py)
+    import json
+    import signal
+    import sys
+    import threading
+    import time
+    import traceback
+    from logging import INFO, WARNING
+    from pathlib import Path
 
-from .config import RunConfig, parse_config, run_dir
-from .grid import PollingGrid
-from .models import default_device, shared_denoiser, use_torch_threads
-from .outputs import MetricsCsv, write_json
-from .report_run import finalize
+    import torch
+    from flwr.app import ArrayRecord, Context
+    from flwr.serverapp import Grid, ServerApp
+    from flwr.supercore import log
+
+    from strategies import Centralized, CollaFuse, FedAvgDiffusion, LocalOnly
+
+    from . import checkpoint as ck
+    from . import protocol as P
+    from .client_data import dataset_for
+    from .config import RunConfig, parse_config, run_dir
+    from .data import check_dataset
+    from .disclosure_probe import DisclosureProbe
+    from .grid import PollingGrid
+    from .metrics.features import prepare_backbone
+    from .models import default_device, shared_denoiser, use_torch_threads
+    from .outputs import MetricsCsv, write_json
+    from .report_run import finalize
+
+    try:
+        from flwr.superlink.grid import InMemoryGrid
+    except ImportError:  # Flower's server stack (fastapi, ...) absent: benchmarks.inprocess on a bare box
+        InMemoryGrid = None  # noqa: N806
+    try:
+        from flwr.supercore.exit import add_exit_handler
+    except ImportError:  # a Flower without it: the launcher marks results.json instead
+        add_exit_handler = None
 
 app = ServerApp()
 
 def in_simulation(grid: Grid) -> bool:
     """The simulation engine runs the ServerApp beside the nodes with an in-memory grid."""
-    try:
-        from flwr.superlink.grid import InMemoryGrid
-    except ImportError:  # Flower's server stack (fastapi, ...) absent: run by benchmarks.inprocess on a bare box
+    if InMemoryGrid is None:
         return False
     inner = grid.inner if isinstance(grid, PollingGrid) else grid
     return isinstance(inner, InMemoryGrid)
@@ -46,8 +67,6 @@ def harness_data_readable(cfg: RunConfig) -> bool:
     """Check at start that the ServerApp can read the data its harness needs, so a harness that
     cannot run is skipped now, with one line, instead of failing the run after training."""
     try:
-        from .client_data import dataset_for
-
         dataset_for(cfg)
         return True
     except Exception as exc:  # noqa: BLE001 - any reason to be unable to read is a reason to skip
@@ -63,26 +82,22 @@ def build_strategy(cfg: RunConfig, num_clients: int, device: torch.device, on_ro
 
     simulation: the nodes train on this machine's cores, so CollaFuse's overlapped server steps
     run on one thread (unless torch-threads says otherwise) beside the one-thread clients."""
-    from strategies import Centralized, CollaFuse, FedAvgDiffusion, LocalOnly
-
     shape = (cfg.image_channels, cfg.image_size, cfg.image_size)
     common = {"on_round_end": on_round_end}
-    if cfg.method == "local":
+    if cfg.method == P.LOCAL:
         return LocalOnly.from_run_config(cfg, capacity=num_clients, **common), ArrayRecord()
     torch.manual_seed(cfg.seed)
     model = shared_denoiser(cfg.image_size, shape[0], cfg.model_size, cfg.conditioning, num_clients)
     arrays = ArrayRecord(model.state_dict())
-    if cfg.method == "collafuse":
+    if cfg.method == P.COLLAFUSE:
         probe = None
         if harness:
-            from .disclosure_probe import DisclosureProbe
-
             probe = DisclosureProbe(cfg, num_clients, device)
         shared_cores = simulation and device.type == "cpu" and cfg.torch_threads == 0
         return CollaFuse.from_run_config(cfg, model, shape, device=device, harness_payload=probe,
                                          capacity=num_clients, overlap_threads=1 if shared_cores else None,
                                          **common), arrays
-    if cfg.method == "fedavg":
+    if cfg.method == P.FEDAVG:
         return FedAvgDiffusion.from_run_config(cfg, capacity=num_clients, **common), arrays
     return Centralized.from_run_config(cfg, model, shape, device=device, capacity=num_clients, **common), arrays
 
@@ -105,9 +120,7 @@ def _resume_point(cfg: RunConfig, context: Context):
     """(run folder, checkpoint or None): a fresh folder, or the killed run's with its checkpoint."""
     if not cfg.resume_from:
         return run_dir(cfg, context.run_id), None
-    from .checkpoint import load_checkpoint
-
-    ckpt = load_checkpoint(Path(cfg.resume_from))
+    ckpt = ck.load_checkpoint(Path(cfg.resume_from))
     now = {k: v for k, v in cfg.to_flwr().items() if k != "resume-from"}
     then = {k: v for k, v in ckpt["config"].items() if k != "resume-from"}
     changed = sorted(k for k in set(now) | set(then) if now.get(k) != then.get(k))
@@ -123,10 +136,6 @@ def _stop_on_sigterm() -> None:
     """`flwr stop` / a killed SuperLink sends SIGTERM: turn it into SystemExit so results.json
     says "stopped" instead of staying at "running". Only the main thread may set handlers (the
     simulation runs the ServerApp in a thread; there the engine stops it)."""
-    import signal
-    import sys
-    import threading
-
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
@@ -144,12 +153,8 @@ class _EngineExit:
 
     def __init__(self, results: Path, header: dict) -> None:
         self.results, self.header, self.armed, self.exiting = results, header, True, False
-        try:
-            from flwr.supercore.exit import add_exit_handler
-
+        if add_exit_handler is not None:
             add_exit_handler(self, run_before_force_exit=True)
-        except ImportError:  # a Flower without it: the launcher marks results.json instead
-            pass
 
     def __call__(self) -> None:
         if not self.armed:
@@ -182,9 +187,6 @@ def main(grid: Grid, context: Context) -> None:
         torch.manual_seed(cfg.seed)
         simulation = in_simulation(grid)
         if simulation:  # the nodes share this machine's data and network: stop now if they cannot load it
-            from .data import check_dataset
-            from .metrics.features import prepare_backbone
-
             check_dataset(cfg.dataset)
             prepare_backbone(cfg.fid_backbone, cfg.dataset, cfg.fid_weights or None, cfg.fid_download)  # fetch once
         harness = harness_enabled(cfg, simulation)
@@ -217,9 +219,7 @@ def main(grid: Grid, context: Context) -> None:
             resume = {"start_round": ckpt["round"] + 1, "result": ckpt["result"]}
 
         def checkpoint(server_round: int, arrays_now: ArrayRecord, result) -> None:
-            from .checkpoint import save_checkpoint
-
-            save_checkpoint(out, strategy, server_round, arrays_now, result, cfg.to_flwr(), run_key)
+            ck.save_checkpoint(out, strategy, server_round, arrays_now, result, cfg.to_flwr(), run_key)
 
         # Flower's grid re-polls for replies only every 3 s; PollingGrid polls every 0.05 s
         result = strategy.start(grid=PollingGrid(grid), initial_arrays=arrays, num_rounds=cfg.num_server_rounds,

@@ -75,7 +75,8 @@ def test_failed_run_is_reported_as_failed(tmp_path):
     assert out.output_dir is not None and out.output_dir.parent == tmp_path  # a failed run's folder is named
     res = json.loads((out.output_dir / "results.json").read_text())
     assert res["status"] == "failed"
-    assert "all 2 connected node(s) were refused" in res["error"] and "nothing-here does not exist" in res["error"]
+    assert "all 2 connected node(s) were refused" in res["error"] and "download=true" in res["error"]
+    assert "nothing-here" not in res["error"]  # the nodes' reason names no local path (issue 22)
 
 
 @pytest.mark.parametrize("kwargs, match", [({"num_clients": 0}, "num-clients"),

@@ -15,7 +15,7 @@ import time
 import numpy as np
 import pytest
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, RecordDict
 
 from collafuse_flwr import diffusion as D
 from collafuse_flwr.client_app import app, node_data
