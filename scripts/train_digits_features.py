@@ -267,6 +267,7 @@ def _load_any(path: Path) -> DigitsCNN:
     """A feature net from a JSON file of any format version (to score old nets)."""
     blob = json.loads(path.read_text(encoding="utf-8"))
     net = DigitsCNN(int(blob.get("info", {}).get("input_size", INPUT_SIZE)))
+    # not strict: format 1 files predate the feature_scale buffer (it stays 1, ratios are unaffected)
     net.load_state_dict({k: _tensor_from_json(v) for k, v in blob["state_dict"].items()}, strict=False)
     return net.eval()
 

@@ -23,8 +23,8 @@ of every digit are the embedded ``mnist5k`` dataset the clients hold, see
 Format 2 trained on rows 4000..4999, which hold only 8s and 9s (the file is sorted by class): its
 features were nearly 2-D and barely told the other digits apart. Measured now
 (``python scripts/train_digits_features.py --check``): accuracy on the clients' rows 0.97
-(mnist-cnn), 0.83 on scikit-learn's digits (digits-cnn); FD(3s, 5s) is 111x-308x the real-vs-real
-floor (format 2: 18x-63x); a {2k, 2k+1} client's generator that drops a class scores worse than
+(mnist-cnn), 0.83 on scikit-learn's digits (digits-cnn); FD(3s, 5s) is 115x-323x the real-vs-real
+floor (format 2: 17x-62x); a {2k, 2k+1} client's generator that drops a class scores worse than
 real images with 10 % pixel noise (format 2: better); a linear probe on the features beats raw
 pixels at every resolution (format 2: worse). Format 1's digits-cnn, trained on all 1,797
 scikit-learn digits, had seen every digits client's FID reference images.
