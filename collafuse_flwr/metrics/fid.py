@@ -86,6 +86,19 @@ def fid_kid_from_features(real: Tensor, fake: Tensor, kid_subset_size: int | Non
         return {**_fid_kid(real.double(), fake.double(), kid_subset_size), **precision_recall(real, fake)}
 
 
+def frechet_distance(a: Tensor, b: Tensor) -> float:
+    """FID's number alone for two feature matrices (rows = images): torchmetrics' own formula on the
+    same unbiased means and covariances `FrechetInceptionDistance` keeps, without KID's 100 subsets
+    and precision/recall, for checks that need hundreds of distances (the feature nets' tests)."""
+    from torchmetrics.image.fid import _compute_fid
+
+    if a.shape[0] < 2 or b.shape[0] < 2:
+        raise ValueError(f"need at least 2 feature rows per set, got {a.shape[0]} and {b.shape[0]}")
+    a, b = a.double(), b.double()
+    with _one_thread() if a.shape[1] <= SINGLE_THREAD_MAX_DIM else nullcontext():
+        return max(float(_compute_fid(a.mean(0), torch.cov(a.T), b.mean(0), torch.cov(b.T))), 0.0)
+
+
 def precision_recall(real: Tensor, fake: Tensor, neighborhood: int = PRC_NEIGHBORHOOD) -> dict[str, float]:
     """torch-fidelity's k-NN precision (share of fakes inside the real manifold) and recall
     (share of reals inside the fake manifold); {} when it cannot be computed (too few rows,
