@@ -4,7 +4,7 @@
 
 A CollaFuse client receives x_{t_c} and runs only the last t_c of the T denoising steps with its
 private denoiser; with `client-model-size = "half"` that denoiser is the server's preset at half
-the channel widths (collafuse_flwr/models.py), which costs about a quarter of the FLOPs per pass.
+the channel widths (collafuse_flwr/core/models.py), which costs about a quarter of the FLOPs per pass.
 A FedAvg client runs all T steps with the full (client-conditioned) global model.
 
 FLOPs are measured with the app's FlopMeter (torch.utils.flop_counter on real passes):
@@ -29,9 +29,9 @@ from typing import Any
 
 import torch
 
-from collafuse_flwr import diffusion as D
-from collafuse_flwr.metrics.flops import FlopMeter
-from collafuse_flwr.models import build_denoiser, client_preset, count_parameters, shared_denoiser
+from collafuse_flwr.core import diffusion as D
+from collafuse_flwr.core.flops import FlopMeter
+from collafuse_flwr.core.models import build_denoiser, client_preset, count_parameters, shared_denoiser
 
 from .common import (
     RESULTS_DIR,

@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from collafuse_flwr.launch import APP_DIR
-from collafuse_flwr.outputs import write_json
+from collafuse_flwr.harness.outputs import write_json
+from collafuse_flwr.tools.launch import APP_DIR
 
 REPO = APP_DIR
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -111,7 +111,7 @@ class ClientChain:
 
 def client_chain(cfg: Any) -> ClientChain:
     """The client's inference chain for a validated run-config (`validate_overrides`)."""
-    from collafuse_flwr import diffusion as D  # noqa: N812 - the project's name for it
+    from collafuse_flwr.core import diffusion as D  # noqa: N812 - the project's name for it
 
     T = cfg.diffusion_steps  # noqa: N806 - the paper's name
     _, s_cli = D.split_step_budget(cfg.sampling_steps, T, D.cut_step(cfg.cut_ratio, T))

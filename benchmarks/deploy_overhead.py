@@ -3,7 +3,7 @@
 Why: a deployment round costs more than its compute: the message waits at the SuperNode's poll,
 a ClientApp process starts, imports torch and the app and reloads the node's data, and the
 reply waits for the next poll. This measures, for each isolation mode of
-`collafuse_flwr.deploy.LocalDeployment`, the middle rounds' wall time (metrics.csv
+`collafuse_flwr.tools.deploy.LocalDeployment`, the middle rounds' wall time (metrics.csv
 `elapsed-s` differences; round 1 carries the start-up, the last round the evaluation) minus the
 round's compute: the clients' training (`train-seconds`, the mean over nodes, which run in
 parallel) and the server's (`server-train-seconds`). It also times what a fresh ClientApp
@@ -27,8 +27,8 @@ import time
 from pathlib import Path
 
 from benchmarks.common import RESULTS_DIR, machine_info, write_result
-from collafuse_flwr.deploy import ISOLATIONS, LocalDeployment
-from collafuse_flwr.launch import APP_DIR
+from collafuse_flwr.tools.deploy import ISOLATIONS, LocalDeployment
+from collafuse_flwr.tools.launch import APP_DIR
 
 TINY = ("dataset='digits' model-size='tiny' image-size=8 diffusion-steps=20 local-steps=2 server-steps=2 "
         "uploads-per-round=8 num-eval-samples=4 batch-size=16 attack-reference-steps=5 torch-threads=1")

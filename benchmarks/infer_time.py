@@ -25,9 +25,9 @@ from typing import Any
 
 import torch
 
-from collafuse_flwr import diffusion as D
-from collafuse_flwr.metrics.flops import FlopMeter
-from collafuse_flwr.models import build_denoiser, count_parameters, default_device
+from collafuse_flwr.core import diffusion as D
+from collafuse_flwr.core.flops import FlopMeter
+from collafuse_flwr.core.models import build_denoiser, count_parameters, default_device
 
 from .common import (
     RESULTS_DIR,

@@ -34,7 +34,6 @@ from pathlib import Path
 from typing import Any
 
 
-
 def _stub_cryptography_if_unusable() -> str | None:
     """Flower imports `cryptography` at module level for secure aggregation and SuperNode auth,
     neither of which an in-process run uses. Where its compiled part cannot load (say, no
@@ -88,10 +87,8 @@ def _stub_cryptography_if_unusable() -> str | None:
 
 CRYPTOGRAPHY_STUBBED = _stub_cryptography_if_unusable()
 
-from .common import (  # noqa: E402 - after the cryptography check, which must precede Flower's imports
-    BenchmarkError, command_line, fmt_seconds, machine_info, parse_overrides, validate_overrides)
-from .sweep import (  # noqa: E402
-    RUN_FILES, Preset, RunSpec, config_from_tag, plan, recorded_state, standard_configs)
+from .common import BenchmarkError, command_line, fmt_seconds, machine_info, parse_overrides, validate_overrides  # noqa: E402 - after the cryptography check, which must precede Flower's imports
+from .sweep import RUN_FILES, Preset, RunSpec, config_from_tag, plan, recorded_state, standard_configs  # noqa: E402
 
 ENGINE = "in-process grid, no Flower SuperLink/Ray"
 REPO = Path(__file__).resolve().parent.parent
@@ -145,7 +142,7 @@ def _grid_class():
 def _prepare_like_simulation(cfg) -> None:
     """What the ServerApp does at start under the simulation engine (it cannot tell it is beside
     the nodes here): check the dataset can be read and ready the FID backbone once."""
-    from collafuse_flwr.data import check_dataset
+    from collafuse_flwr.data.load import check_dataset
     from collafuse_flwr.metrics.features import prepare_backbone
 
     check_dataset(cfg.dataset)
@@ -247,7 +244,7 @@ def calibrate_step_seconds(run_config: dict[str, Any], num_clients: int, steps: 
     import torch
 
     from collafuse_flwr.config import parse_config
-    from collafuse_flwr.models import default_device, shared_denoiser
+    from collafuse_flwr.core.models import default_device, shared_denoiser
 
     cfg = parse_config({**run_config, "harness": "on"})
     device = default_device()

@@ -3,7 +3,7 @@
     python -m benchmarks.main_job                  # == time collafuse-run (5 clients, pyproject defaults)
     python -m benchmarks.main_job --run-config "num-server-rounds=2"   # a variant (not the target job)
 
-Runs `python -m collafuse_flwr.launch` (what the `collafuse-run` entry point calls) as a child
+Runs `python -m collafuse_flwr.tools.launch` (what the `collafuse-run` entry point calls) as a child
 process, exactly as a user would start it, streams its output, and measures the wall time from
 launch to exit: SuperLink / Ray start-up, all rounds, the final evaluation and shutdown. The
 run's own results.json `wall_seconds` (inside the ServerApp) is printed beside it.
@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from collafuse_flwr.outputs import write_json
+from collafuse_flwr.harness.outputs import write_json
 
 from .common import REPO, RESULTS_DIR, command_line, fmt_seconds, machine_info, verdict
 
@@ -36,7 +36,7 @@ TARGET_FID_GAIN = 1.4  # local-only's per-client FID / CollaFuse's
 
 def run_main_job(extra_args: list[str], log_path: Path | None = None, quiet: bool = False) -> dict[str, Any]:
     """Run the launcher as a child process; returns wall time, exit code and the run's outputs folder."""
-    cmd = [sys.executable, "-m", "collafuse_flwr.launch", *extra_args]
+    cmd = [sys.executable, "-m", "collafuse_flwr.tools.launch", *extra_args]
     print("$", " ".join(cmd), flush=True)
     lines: list[str] = []
     t0 = time.perf_counter()

@@ -2,7 +2,7 @@
 
     python -m benchmarks.report benchmarks/results/sweep-cpu
 
-Reads OUT/runs/*/results.json (the app's own record of each run; see collafuse_flwr/report_run.py)
+Reads OUT/runs/*/results.json (the app's own record of each run; see collafuse_flwr/harness/report.py)
 and OUT/runs/*/sweep.json (the sweep's record: wall time of the whole `flwr run` call, errors),
 plus OUT/sweep.json for the command, settings and the machine the sweep ran on. Writes:
 
@@ -414,7 +414,7 @@ def plot_communication(groups: list[dict], path: Path, meta: dict) -> None:
 
 def plot_samples(groups: list[dict], path: Path, per_client: int = 2, max_images: int = 12) -> bool:
     """One row per method / c from the lowest seed's samples.npz; False when no run has samples."""
-    from collafuse_flwr.outputs import save_grid
+    from collafuse_flwr.harness.outputs import save_grid
 
     rows, labels = [], []
     for g in groups:

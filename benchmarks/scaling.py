@@ -31,8 +31,8 @@ from typing import Any
 
 import numpy as np
 
-from collafuse_flwr.launch import run_flower
-from collafuse_flwr.outputs import write_json
+from collafuse_flwr.harness.outputs import write_json
+from collafuse_flwr.tools.launch import run_flower
 
 from .common import (
     RESULTS_DIR,

@@ -30,8 +30,8 @@ def one(rounds: int, cap: int) -> dict:
     from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
     from flwr.supercore.task_identity import TaskIdentity
 
-    from collafuse_flwr import diffusion as D
-    from collafuse_flwr.models import build_denoiser
+    from collafuse_flwr.core import diffusion as D
+    from collafuse_flwr.core.models import build_denoiser
     from strategies import CollaFuse
 
     TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0

@@ -1,6 +1,6 @@
 """The comparison sweep: CollaFuse over cut ratios beside FedAvg, local-only and centralized.
 
-Every configuration runs through the real Flower app (`collafuse_flwr.launch.run_flower`, one
+Every configuration runs through the real Flower app (`collafuse_flwr.tools.launch.run_flower`, one
 isolated `flwr run` on the simulation engine each), with the same clients, partitions, seeds and
 training budget, so differences in the report come from the method alone. Defaults are the
 app's own (`[tool.flwr.app.config]` in pyproject.toml: 5 clients, non-IID by class); a preset
@@ -42,7 +42,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn
 from rich.text import Text
 
-from collafuse_flwr.launch import RunOutcome, run_flower
+from collafuse_flwr.tools.launch import RunOutcome, run_flower
 
 from .common import (
     RESULTS_DIR,

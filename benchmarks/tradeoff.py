@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from collafuse_flwr.outputs import write_json
+from collafuse_flwr.harness.outputs import write_json
 
 from .common import command_line, machine_info, parse_overrides
 

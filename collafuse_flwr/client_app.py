@@ -21,7 +21,7 @@ Every failure becomes an Error reply without local paths (`node.refusal`).
 
 from __future__ import annotations
 
-from .imports import LOCK
+from collafuse_flwr.imports import LOCK
 
 with LOCK:  # the ServerApp may be loading in another thread (collafuse_flwr/imports.py)
     import functools
@@ -35,22 +35,29 @@ with LOCK:  # the ServerApp may be loading in another thread (collafuse_flwr/imp
 
     import numpy as np
     import torch
-    from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
+    from flwr.app import Array, ArrayRecord, Context, Message
     from flwr.clientapp import ClientApp
 
-    from . import diffusion as D
-    from . import protocol as P
-    from .client_data import ClientData, client_data, own_folder_data
-    from .config import BOOKKEEPING_KEYS, ConfigError, RunConfig, parse_config
-    from .data import to_uint8
-    from .dp import DPPlan, UploadLedger, plan_uploads
-    from .metrics.flops import FlopMeter
-    from .models import build_denoiser, client_preset, count_parameters, default_device, shared_denoiser, use_torch_threads
-    from .node import ledger, randomness, scoring, state
-    from .node import steps as N
-    from .node.files import private_dir
-    from .node.policy import NodePolicy, node_policy
-    from .training import generate, make_optimizer
+    from collafuse_flwr import protocol as P
+    from collafuse_flwr.config import BOOKKEEPING_KEYS, ConfigError, RunConfig, parse_config
+    from collafuse_flwr.core import diffusion as D
+    from collafuse_flwr.core.dp import DPPlan, UploadLedger, plan_uploads
+    from collafuse_flwr.core.flops import FlopMeter
+    from collafuse_flwr.core.images import to_uint8
+    from collafuse_flwr.core.models import (
+        build_denoiser,
+        client_preset,
+        count_parameters,
+        default_device,
+        shared_denoiser,
+        use_torch_threads,
+    )
+    from collafuse_flwr.core.training import generate, make_optimizer
+    from collafuse_flwr.data.client_data import ClientData, client_data, own_folder_data
+    from collafuse_flwr.node import ledger, randomness, scoring, state
+    from collafuse_flwr.node import steps as N
+    from collafuse_flwr.node.files import private_dir
+    from collafuse_flwr.node.policy import NodePolicy, node_policy
 
 app = ClientApp()
 _LOG = logging.getLogger("collafuse_flwr.node")
@@ -176,9 +183,7 @@ def action(category: str, method: str) -> Callable:
                 if not isinstance(exc, N.Refused):
                     _LOG.exception("%s.%s failed", category, method)
                 return N.refusal(msg, exc)
-            content = RecordDict(records)
-            content[P.METRICS] = MetricRecord(N.finite_metrics(metrics))
-            return Message(content=content, reply_to=msg)
+            return N.reply(msg, metrics, **records)
 
         return handler
 

@@ -19,6 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from collafuse_flwr.core.chain import cut_step, split_step_budget
+from collafuse_flwr.core.presets import PRESETS, client_preset
+
 METHODS = ("collafuse", "fedavg", "local", "centralized")
 DATASETS = ("digits", "mnist5k", "mnist", "fashion-mnist", "cifar10", "celeba", "awa2", "imagefolder")  # or "hf:<id or path>"
 PARTITIONINGS = ("iid", "dirichlet", "by-class", "by-attribute")
@@ -83,8 +86,6 @@ class RunConfig:
 
     @property
     def cut_step(self) -> int:
-        from .diffusion import cut_step
-
         return cut_step(self.cut_ratio, self.diffusion_steps)
 
     @property
@@ -254,8 +255,6 @@ def parse_config(run_config: dict[str, Any], *, defaults: dict[str, Any] | None 
         bad = [c for c in ratios if not 0.0 <= c <= 1.0]
         if bad:
             raise ConfigError(f"client-cut-ratios entries must be in [0, 1], got {bad}")
-        from .diffusion import cut_step
-
         for c in ratios:
             cut_step(c, values["diffusion_steps"])  # a c that rounds to t_c = 0 while c > 0 fails here
     if values["upload_epsilon"] < 0 or not 0.0 < values["upload_delta"] < 1.0 or values["upload_clip"] < 0:
@@ -287,8 +286,6 @@ def parse_config(run_config: dict[str, Any], *, defaults: dict[str, Any] | None 
     _check_client_model_size(values)
     cfg = RunConfig(**values)
     if cfg.uses_cut:  # cut_step and split_step_budget raise here, at start, naming the fix
-        from .diffusion import split_step_budget
-
         split_step_budget(cfg.sampling_steps, cfg.diffusion_steps, cfg.cut_step)
     if cfg.uses_cut and cfg.cut_step not in (0, cfg.diffusion_steps) and cfg.local_steps == 0:
         raise ConfigError("collafuse with 0 < cut-ratio < 1 needs local-steps >= 1 to train the client models")
@@ -302,8 +299,6 @@ def _check_client_model_size(values: dict[str, Any]) -> None:
     name = values["client_model_size"]
     if not name:
         return
-    from .models import PRESETS, client_preset
-
     if name != "half" and name not in PRESETS:
         raise ConfigError(f"client-model-size={name!r} is not a preset: use '' (same as model-size), "
                           f"'half' (model-size's UNet at half the channel widths) or one of {list(PRESETS)}")

@@ -7,7 +7,7 @@ simulation engine, or `harness = "on"`), run Flower's loop and write the outputs
 
 from __future__ import annotations
 
-from .imports import LOCK
+from collafuse_flwr.imports import LOCK
 
 with LOCK:  # the ClientApp may be loading in another thread (collafuse_flwr/imports.py)
     import json
@@ -24,19 +24,18 @@ with LOCK:  # the ClientApp may be loading in another thread (collafuse_flwr/imp
     from flwr.serverapp import Grid, ServerApp
     from flwr.supercore import log
 
+    from collafuse_flwr import protocol as P
+    from collafuse_flwr.config import RunConfig, parse_config, run_dir
+    from collafuse_flwr.core.models import default_device, shared_denoiser, use_torch_threads
+    from collafuse_flwr.data.client_data import dataset_for
+    from collafuse_flwr.data.load import check_dataset
+    from collafuse_flwr.harness.disclosure_probe import DisclosureProbe
+    from collafuse_flwr.harness.outputs import MetricsCsv, write_json
+    from collafuse_flwr.harness.report import finalize
+    from collafuse_flwr.metrics.features import prepare_backbone
+    from collafuse_flwr.server import checkpoint as ck
+    from collafuse_flwr.server.grid import PollingGrid
     from strategies import Centralized, CollaFuse, FedAvgDiffusion, LocalOnly
-
-    from . import checkpoint as ck
-    from . import protocol as P
-    from .client_data import dataset_for
-    from .config import RunConfig, parse_config, run_dir
-    from .data import check_dataset
-    from .disclosure_probe import DisclosureProbe
-    from .grid import PollingGrid
-    from .metrics.features import prepare_backbone
-    from .models import default_device, shared_denoiser, use_torch_threads
-    from .outputs import MetricsCsv, write_json
-    from .report_run import finalize
 
     try:
         from flwr.superlink.grid import InMemoryGrid

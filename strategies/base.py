@@ -20,10 +20,10 @@ import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
-
-from collafuse_flwr import protocol as P
 from flwr.serverapp.strategy import Result, Strategy
 from flwr.supercore import log
+
+from collafuse_flwr import protocol as P
 
 from .recorder import EvalResult, Recorder
 from .registry import NodeRegistry
@@ -231,7 +231,8 @@ class DiffusionStrategy(Strategy):
 
     def _contact_new_nodes(self, grid: Grid) -> None:
         """Send the `hello` query to connected nodes the server has not seen, admit or refuse them."""
-        new = [n for n in grid.get_node_ids() if not self.registry.known(n)]
+        connected = set(grid.get_node_ids())
+        new = [n for n in connected if not self.registry.known(n)]
         if not new:
             return
         conf = ConfigRecord(self.hello_config())
@@ -265,7 +266,7 @@ class DiffusionStrategy(Strategy):
         for nid, info in answers:
             reason = self.accept_hello(nid, info)
             claimed = int(info[P.PARTITION_ID]) if P.PARTITION_ID in info else None
-            idx, why = (None, reason) if reason else self.registry.admit(nid, claimed, info)
+            idx, why = (None, reason) if reason else self.registry.admit(nid, claimed, info, connected)
             if idx is None:
                 self.registry.refused[nid] = reason or why
                 log(WARNING, "node %d refused: %s", nid, reason or why)

@@ -19,15 +19,14 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
-
-from collafuse_flwr import protocol as P
 from flwr.supercore import log
 from torch import nn
 
-from collafuse_flwr import diffusion as D
-from collafuse_flwr.data import to_uint8
-from collafuse_flwr.metrics.flops import FlopMeter
-from collafuse_flwr.training import client_share_loss, generate, make_optimizer, train_steps
+from collafuse_flwr import protocol as P
+from collafuse_flwr.core import diffusion as D
+from collafuse_flwr.core.flops import FlopMeter
+from collafuse_flwr.core.images import to_uint8
+from collafuse_flwr.core.training import client_share_loss, generate, make_optimizer, train_steps
 
 from .base import DiffusionStrategy, common_args
 

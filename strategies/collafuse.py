@@ -33,14 +33,13 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
-
-from collafuse_flwr import protocol as P
 from flwr.supercore import log
 from torch import nn
 
-from collafuse_flwr import diffusion as D
-from collafuse_flwr.metrics.flops import FlopMeter
-from collafuse_flwr.training import make_optimizer, server_share_loss, train_steps
+from collafuse_flwr import protocol as P
+from collafuse_flwr.core import diffusion as D
+from collafuse_flwr.core.flops import FlopMeter
+from collafuse_flwr.core.training import make_optimizer, server_share_loss, train_steps
 
 from .base import DiffusionStrategy, common_args
 
@@ -61,7 +60,7 @@ class CollaFuse(DiffusionStrategy):
     Parameters
     ----------
     server_model : nn.Module
-        The shared denoiser eps(x_t, t[, client]); a `collafuse_flwr.models.Denoiser` with
+        The shared denoiser eps(x_t, t[, client]); a `collafuse_flwr.core.models.Denoiser` with
         `num_classes` = number of client slots is conditioned on the client index.
     image_shape : (C, H, W)
         Shape of one image; uploads of any other shape are refused.

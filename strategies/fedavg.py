@@ -15,9 +15,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
+from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
 from collafuse_flwr import protocol as P
-from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
 from .base import DiffusionStrategy, common_args
 

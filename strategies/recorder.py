@@ -15,8 +15,7 @@ import numpy as np
 from flwr.app import Message, RecordDict
 
 from collafuse_flwr import protocol as P
-from collafuse_flwr.metrics.comm import message_nbytes, recorddict_nbytes
-
+from collafuse_flwr.comm import message_nbytes, recorddict_nbytes
 
 #: train-reply metrics summed per client over the run
 TRAIN_TOTALS = (P.CLIENT_TRAIN_FLOPS, P.NUM_UPLOADED, P.TRAIN_SECONDS)

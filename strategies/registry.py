@@ -5,6 +5,12 @@ node once (at its first contact, the `hello` query), gives it an index in 0..cap
 claim when the claim is in range and free, otherwise the lowest free index) and from then on
 trusts only its own map node id -> index, never what a reply says about itself. The index is
 what a conditional shared denoiser is labelled with, so it must be unique and in range.
+
+A slot held by a node that is no longer connected goes to the next node that claims it (or,
+when no slot is free, to the next node without a claim): a restarted SuperNode comes back under
+a new node id, and a run resumed from a checkpoint meets only new ids, so the old holders would
+otherwise block every slot forever. A node that drops out for a moment can lose its slot this
+way to whoever claims it while it is gone; the claim is checked as any first claim is.
 """
 
 from __future__ import annotations
@@ -21,10 +27,16 @@ class NodeRegistry:
     info: dict[int, dict[str, Any]] = field(default_factory=dict)  # what the node said at hello
     refused: dict[int, str] = field(default_factory=dict)  # node id -> why it is not admitted
 
-    def admit(self, node_id: int, claimed: int | None, info: dict[str, Any] | None = None) -> tuple[int | None, str]:
-        """Admit a node; returns (index, "") or (None, reason). Idempotent for admitted nodes."""
+    def admit(self, node_id: int, claimed: int | None, info: dict[str, Any] | None = None,
+              connected: Iterable[int] | None = None) -> tuple[int | None, str]:
+        """Admit a node; returns (index, "") or (None, reason). Idempotent for admitted nodes.
+
+        connected: the node ids connected now (None: all holders count as present); a slot whose
+        holder is not among them is free for this node."""
         if node_id in self.index:
             return self.index[node_id], ""
+        if connected is not None:
+            self._release_absent(set(connected), claimed)
         held = {i: n for n, i in self.index.items()}
         if claimed is not None and claimed >= 0:
             if self.capacity is not None and claimed >= self.capacity:
@@ -43,6 +55,18 @@ class NodeRegistry:
         self.info[node_id] = dict(info or {})
         self.refused.pop(node_id, None)
         return idx, ""
+
+    def _release_absent(self, connected: set[int], claimed: int | None) -> None:
+        """Free the slot `claimed` if its holder is gone; without a claim, free every absent holder's
+        slot when no slot is free."""
+        absent = [n for n in self.index if n not in connected]
+        if claimed is not None and claimed >= 0:
+            absent = [n for n in absent if self.index[n] == claimed]
+        elif self.capacity is None or len(self.index) < self.capacity:
+            return
+        for n in absent:
+            del self.index[n]
+            self.info.pop(n, None)
 
     def _refuse(self, node_id: int, reason: str) -> tuple[None, str]:
         self.refused[node_id] = reason

@@ -12,7 +12,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from collafuse_flwr.config import load_defaults  # noqa: E402
 
-# Keep the suite's memoised partitions (collafuse_flwr/splits.py) out of the user's cache; set
+# Keep the suite's memoised partitions (collafuse_flwr/data/splits.py) out of the user's cache; set
 # before any test runs so the Flower subprocesses of the end-to-end tests inherit it too.
 os.environ["COLLAFUSE_FLWR_CACHE"] = tempfile.mkdtemp(prefix="collafuse-test-cache-")
 atexit.register(shutil.rmtree, os.environ["COLLAFUSE_FLWR_CACHE"], ignore_errors=True)

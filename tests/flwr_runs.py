@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from collafuse_flwr.launch import _pids_listening_on, run_flower
+from collafuse_flwr.tools.launch import _pids_listening_on, run_flower
 
 #: the end-to-end tests' run-config: tiny UNet on 8x8 digits, two short rounds
 TINY = ("dataset='digits' num-server-rounds=2 model-size='tiny' image-size=8 local-steps=2 uploads-per-round=8 "

@@ -71,7 +71,7 @@ def test_sweep_end_to_end_and_resume(tmp_path):
 
 # -- fast: the report from recorded runs ----------------------------------------------------------------
 def _fake_run(root: Path, method: str, c: float | None, seed: int, fid: float) -> None:
-    """A run folder shaped like the app's results.json (see collafuse_flwr/report_run.py)."""
+    """A run folder shaped like the app's results.json (see collafuse_flwr/harness/report.py)."""
     tag = f"collafuse-c{c:g}" if method == "collafuse" else method
     d = root / "runs" / f"{tag}-s{seed}"
     d.mkdir(parents=True)

@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 import torch
 from flwr.app import ConfigRecord, Context, Message, RecordDict
+from inprocess import message_to_node
 
 from collafuse_flwr.client_app import app
-from collafuse_flwr.client_data import client_data
 from collafuse_flwr.config import parse_config
-from inprocess import message_to_node
-from collafuse_flwr.models import build_denoiser
+from collafuse_flwr.core.models import build_denoiser
+from collafuse_flwr.data.client_data import client_data
 from collafuse_flwr.node.state import MODEL_KEY
 
 NUM_NODES = 3
@@ -143,7 +143,7 @@ def test_client_inference_flops_are_cut_share_of_fedavgs(tiny_config):
     """CollaFuse's client runs c*T denoiser passes per image, FedAvg's client all T: measured."""
     from flwr.app import Array, ArrayRecord
 
-    from collafuse_flwr.models import shared_denoiser
+    from collafuse_flwr.core.models import shared_denoiser
 
     rc = tiny_config(cut_ratio=0.3, image_size=8)
     ctx = _context(rc)

@@ -10,11 +10,11 @@ import warnings
 import pytest
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, RecordDict
+from inprocess import message_to_node
 
 from collafuse_flwr.client_app import app, init_private_denoiser, private_model_size
 from collafuse_flwr.config import ConfigError, parse_config
-from collafuse_flwr.models import PRESETS, build_denoiser, client_preset, count_parameters
-from inprocess import message_to_node
+from collafuse_flwr.core.models import PRESETS, build_denoiser, client_preset, count_parameters
 
 _RUN_IDS = itertools.count(10_000)
 
@@ -121,7 +121,7 @@ def test_flwr_run_with_a_half_size_client_net(tmp_path):
     # 6 client steps per image on the half-width net, measured by each ClientApp
     per_pass = f["client_infer_flops_per_image"] / 6
     meter_model = build_denoiser(8, 1, "small-half").eval()
-    from collafuse_flwr.metrics.flops import FlopMeter
+    from collafuse_flwr.core.flops import FlopMeter
 
     meter = FlopMeter()
     with torch.no_grad(), meter.count("p"):

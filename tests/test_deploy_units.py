@@ -14,9 +14,9 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_ssh_private_key, load_ssh_public_key
 
-from collafuse_flwr.deploy import LocalDeployment, _rounds_done
-from collafuse_flwr.deploy_keys import make_node_key, make_tls
-from collafuse_flwr.node_data import class_blocks, write_node_folders
+from collafuse_flwr.tools.deploy import LocalDeployment, _rounds_done
+from collafuse_flwr.tools.deploy_keys import make_node_key, make_tls
+from collafuse_flwr.tools.node_folders import class_blocks, write_node_folders
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -90,7 +90,8 @@ def test_fast_supernode_caps_only_the_loop_sleeps(monkeypatch):
     import time
 
     import flwr.supernode.start_client_internal as loop
-    from collafuse_flwr.fast_supernode import patch_poll_interval
+
+    from collafuse_flwr.tools.fast_supernode import patch_poll_interval
 
     monkeypatch.setattr(loop, "time", time)
     patch_poll_interval(0.01)
@@ -103,7 +104,7 @@ def test_fast_supernode_caps_only_the_loop_sleeps(monkeypatch):
 
 
 def test_warm_worker_drops_shadowing_copies_of_the_apps_packages(tmp_path, monkeypatch):
-    from collafuse_flwr.warm_clientapp import _unload_shadowing
+    from collafuse_flwr.tools.warm_clientapp import _unload_shadowing
 
     app = tmp_path / "app"
     (app / "mypkg").mkdir(parents=True)

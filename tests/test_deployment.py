@@ -1,7 +1,7 @@
 """A real Flower deployment on 127.0.0.1: SuperLink + 3 SuperNodes, TLS, SuperNode authentication.
 
-Every certificate and key is generated in the test (`collafuse_flwr.deploy_keys`), every
-process is started by `collafuse_flwr.deploy.LocalDeployment` and stopped by pid in its
+Every certificate and key is generated in the test (`collafuse_flwr.tools.deploy_keys`), every
+process is started by `collafuse_flwr.tools.deploy.LocalDeployment` and stopped by pid in its
 `__exit__`, which runs when an assertion fails too; each test then checks that none of the
 pids it saw is still alive. Run status comes from `flwr list --format json`, never from the
 exit code of `flwr run`.
@@ -20,8 +20,8 @@ from pathlib import Path
 import pytest
 
 from collafuse_flwr.config import load_defaults
-from collafuse_flwr.deploy import LocalDeployment
-from collafuse_flwr.launch import APP_DIR, tree
+from collafuse_flwr.tools.deploy import LocalDeployment
+from collafuse_flwr.tools.launch import APP_DIR, tree
 
 pytestmark = pytest.mark.e2e
 
@@ -138,7 +138,7 @@ _DEFAULTS = load_defaults()
                     reason="needs run-config round-timeout / min-available-fraction (issue 12)")
 def test_nodes_with_their_own_folders_and_one_killed_after_round_1(tmp_path):
     """Each node reads only its own image folder; node 2 is SIGKILLed after round 1; the run finishes."""
-    from collafuse_flwr.node_data import write_node_folders
+    from collafuse_flwr.tools.node_folders import write_node_folders
 
     folders = write_node_folders(tmp_path / "data", NODES, max_per_class=40)
     for k, f in enumerate(folders):  # disjoint: no node holds another node's classes

@@ -9,7 +9,7 @@ from diffusers.schedulers.scheduling_ddpm import betas_for_alpha_bar
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from collafuse_flwr import diffusion as D
+from collafuse_flwr.core import diffusion as D
 
 SETTINGS = settings(max_examples=40, deadline=None)
 

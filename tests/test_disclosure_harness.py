@@ -5,12 +5,12 @@ import time
 import numpy as np
 import pytest
 import torch
+from inprocess import InProcessGrid
 
 from collafuse_flwr.client_app import app as client_app
 from collafuse_flwr.config import parse_config
-from collafuse_flwr.report_run import finalize
+from collafuse_flwr.harness.report import finalize
 from collafuse_flwr.server_app import build_strategy
-from inprocess import InProcessGrid
 
 
 def _run(rc, tmp_path, nodes=2):
@@ -50,7 +50,7 @@ def test_failed_node_is_counted_and_skipped(tiny_config, tmp_path):
 
 
 def test_reference_attacker_is_seeded_and_leaves_the_rng_alone(tiny_config):
-    from collafuse_flwr.attack import train_reference_denoiser
+    from collafuse_flwr.harness.attack import train_reference_denoiser
 
     cfg = parse_config(tiny_config(attack_reference_steps=3))
     torch.manual_seed(123)

@@ -1,4 +1,4 @@
-"""Per-image DP uploads (collafuse_flwr.dp): accounting, the plan, the upload, the cap."""
+"""Per-image DP uploads (collafuse_flwr.core.dp): accounting, the plan, the upload, the cap."""
 
 import math
 import re
@@ -9,11 +9,18 @@ import pytest
 import torch
 from dp_accounting.rdp import RdpAccountant
 
-from collafuse_flwr import diffusion as D
 from collafuse_flwr import node as N
-from collafuse_flwr.dp import (DPPlan, UploadLedger, clip_images, dp_upload, epsilon_for, noise_multiplier_at,
-                               plan_uploads)
-from collafuse_flwr.metrics import gaussian_upload_epsilon
+from collafuse_flwr.core import diffusion as D
+from collafuse_flwr.core.dp import (
+    DPPlan,
+    UploadLedger,
+    clip_images,
+    dp_upload,
+    epsilon_for,
+    noise_multiplier_at,
+    plan_uploads,
+)
+from collafuse_flwr.metrics.privacy import gaussian_upload_epsilon
 
 T, T_C, DIM = 200, 40, 64  # digits: 8x8, T = 200 cosine, c = 0.2
 SCHED = D.make_schedule(T, "cosine")

@@ -6,11 +6,11 @@ trains and hands off at t_u for that node."""
 import numpy as np
 import pytest
 import torch
+from inprocess import InProcessGrid
 
 from collafuse_flwr import client_app as ca
 from collafuse_flwr.config import parse_config
 from collafuse_flwr.server_app import build_strategy
-from inprocess import InProcessGrid
 
 # T = 200 (the default): at T = 20 the cosine chain has too little noise left for epsilon = 4
 DP = {"diffusion-steps": 200, "upload-epsilon": 4.0, "cut-ratio": 0.2, "count-flops": False}

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from collafuse_flwr.launch import run_flower
+from collafuse_flwr.tools.launch import run_flower
 
 pytestmark = pytest.mark.e2e
 

@@ -8,7 +8,7 @@ import textwrap
 
 import pytest
 
-from collafuse_flwr.launch import run_flower
+from collafuse_flwr.tools.launch import run_flower
 
 pytestmark = pytest.mark.e2e
 

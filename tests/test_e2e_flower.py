@@ -8,12 +8,11 @@ import csv
 import json
 from pathlib import Path
 
+import flwr_runs
 import numpy as np
 import pytest
 
-import flwr_runs
-
-from collafuse_flwr.launch import run_flower
+from collafuse_flwr.tools.launch import run_flower
 
 pytestmark = pytest.mark.e2e
 

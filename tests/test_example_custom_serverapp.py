@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from collafuse_flwr.launch import APP_DIR, run_flower
+from collafuse_flwr.tools.launch import APP_DIR, run_flower
 
 pytestmark = pytest.mark.e2e
 

@@ -4,7 +4,7 @@ import time
 
 import pytest
 
-from collafuse_flwr.grid import PollingGrid
+from collafuse_flwr.server.grid import PollingGrid
 
 
 class _Meta:

@@ -18,8 +18,8 @@ from PIL import Image
 
 datasets = pytest.importorskip("datasets")
 
-from collafuse_flwr.data import load_dataset  # noqa: E402
-from collafuse_flwr.partition import partition_dataset  # noqa: E402
+from collafuse_flwr.data.load import load_dataset  # noqa: E402
+from collafuse_flwr.data.partition import partition_dataset  # noqa: E402
 
 COLORS = {0: (255, 0, 0), 1: (0, 255, 0), 2: (0, 0, 255)}  # class -> colour of its images
 
@@ -120,7 +120,7 @@ def test_hub_offline_fails_with_one_clear_line(tmp_path):
     """The real Hub code path, not mocked: offline and not cached, it says what to do."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf-home")}
     env.pop("HF_DATASETS_CACHE", None)
-    code = "from collafuse_flwr.data import load_dataset; load_dataset('hf:ylecun/mnist', image_size=8)"
+    code = "from collafuse_flwr.data.load import load_dataset; load_dataset('hf:ylecun/mnist', image_size=8)"
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300,
                           cwd=Path(__file__).resolve().parent.parent)
     assert proc.returncode != 0

@@ -11,16 +11,16 @@ from pathlib import Path
 
 import pytest
 
-from collafuse_flwr import launch
-from collafuse_flwr.launch import APP_DIR, main
-from collafuse_flwr.precheck import RunConfigError, check_run_config, parse_overrides
+from collafuse_flwr.tools import launch
+from collafuse_flwr.tools.launch import APP_DIR, main
+from collafuse_flwr.tools.precheck import RunConfigError, check_run_config, parse_overrides
 
 EXAMPLE = APP_DIR / "examples" / "custom_serverapp"
 
 
 def _cli(tmp_path: Path, run_config: str) -> tuple[subprocess.CompletedProcess, float]:
     t0 = time.time()
-    res = subprocess.run([sys.executable, "-m", "collafuse_flwr.launch", "--num-clients", "2",
+    res = subprocess.run([sys.executable, "-m", "collafuse_flwr.tools.launch", "--num-clients", "2",
                           "--flwr-home", str(tmp_path / "flwr-home"), "--run-config", run_config],
                          capture_output=True, text=True, cwd=APP_DIR, timeout=120)
     return res, time.time() - t0

@@ -2,7 +2,7 @@
 flwr-simulation and Ray's processes (gcs_server, raylet, agents, actors), all of which outlived
 the launcher before; the launcher exits 130 or 143 and the run's results.json says "stopped".
 
-The launcher runs as the user runs it (`python -m collafuse_flwr.launch`), in its own session,
+The launcher runs as the user runs it (`python -m collafuse_flwr.tools.launch`), in its own session,
 on a run far longer than the test; the signal comes once round 1 has started."""
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from collafuse_flwr.launch import APP_DIR
-from collafuse_flwr.processes import alive, marked, name, pids_listening_on
+from collafuse_flwr.tools.launch import APP_DIR
+from collafuse_flwr.tools.processes import alive, marked, name, pids_listening_on
 
 pytestmark = pytest.mark.e2e
 
@@ -55,7 +55,7 @@ def _wait_for(path: Path, text: str, proc: subprocess.Popen, timeout: float) -> 
 def test_signal_stops_every_process_of_the_run(tmp_path, sig, code):
     home = tmp_path / "flwr-home"  # every process of the run inherits FLWR_HOME=<home>: how the test finds them
     log_path = tmp_path / "launcher.log"
-    cmd = [sys.executable, "-m", "collafuse_flwr.launch", "--num-clients", "2", "--flwr-home", str(home),
+    cmd = [sys.executable, "-m", "collafuse_flwr.tools.launch", "--num-clients", "2", "--flwr-home", str(home),
            "--run-config", f"{LONG} output-dir='{tmp_path}'"]
     with open(log_path, "w") as log_file:
         launcher = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, cwd=APP_DIR,

@@ -5,7 +5,7 @@ import pytest
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, Metadata, MetricRecord, RecordDict
 
-from collafuse_flwr.metrics import array_nbytes, message_nbytes, recorddict_nbytes
+from collafuse_flwr.comm import array_nbytes, message_nbytes, recorddict_nbytes
 
 # Fixed overhead allowed on top of the raw bytes: numpy's 128-byte .npy header plus keys,
 # dtype, shape and protobuf tags.

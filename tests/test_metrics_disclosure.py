@@ -5,17 +5,17 @@ import math
 import pytest
 import torch
 
-from collafuse_flwr import diffusion as D
-from collafuse_flwr.metrics import (
+from collafuse_flwr.core import diffusion as D
+from collafuse_flwr.metrics.digits_cnn import digits_training_images
+from collafuse_flwr.metrics.disclosure import (
     PSNR_CAP_DB,
     chance_reidentification,
     psnr_ssim,
     reconstruct,
     reidentification_rate,
+    ssim_kernel_size,
     upload_fid,
 )
-from collafuse_flwr.metrics.digits_cnn import digits_training_images
-from collafuse_flwr.metrics.disclosure import ssim_kernel_size
 
 T = 200
 

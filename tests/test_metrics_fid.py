@@ -11,10 +11,10 @@ import torch
 import torch.nn.functional as F
 from torchvision.transforms.functional import gaussian_blur
 
-from collafuse_flwr.metrics import compute_fid_kid, feature_extractor, find_inception_weights, resolve_backbone
 from collafuse_flwr.metrics import features as feat
 from collafuse_flwr.metrics.digits_cnn import digits_training_images
-from collafuse_flwr.metrics.fid import fid_kid_from_features
+from collafuse_flwr.metrics.features import feature_extractor, find_inception_weights, resolve_backbone
+from collafuse_flwr.metrics.fid import compute_fid_kid, fid_kid_from_features
 
 WEIGHTS = "pt_inception-2015-12-05-6726825d.pth"
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from collafuse_flwr.metrics import FlopMeter
+from collafuse_flwr.core.flops import FlopMeter
 
 N, IN, OUT = 8, 16, 32
 LINEAR_FWD = 2 * N * IN * OUT

@@ -4,8 +4,8 @@ import math
 
 import pytest
 
-from collafuse_flwr import diffusion as D
-from collafuse_flwr.metrics import gaussian_upload_epsilon, sensitivity_note, upload_noise_multiplier
+from collafuse_flwr.core import diffusion as D
+from collafuse_flwr.metrics.privacy import gaussian_upload_epsilon, sensitivity_note, upload_noise_multiplier
 
 T = 200
 DIM = 16 * 16  # one 16x16 grayscale image

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from collafuse_flwr.models import PRESETS, build_denoiser, count_parameters, shared_denoiser
+from collafuse_flwr.core.models import PRESETS, build_denoiser, count_parameters, shared_denoiser
 
 
 @pytest.mark.parametrize("size", sorted(PRESETS))

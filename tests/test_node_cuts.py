@@ -7,14 +7,14 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
-
-from collafuse_flwr import diffusion as D
-from collafuse_flwr.client_app import node_cut_step
-from collafuse_flwr.node.policy import node_policy
-from collafuse_flwr.config import ConfigError, parse_config
-from collafuse_flwr.models import shared_denoiser
-from strategies import CollaFuse
 from test_strategies import FakeGrid, _reply, _train_replies
+
+from collafuse_flwr.client_app import node_cut_step
+from collafuse_flwr.config import ConfigError, parse_config
+from collafuse_flwr.core import diffusion as D
+from collafuse_flwr.core.models import shared_denoiser
+from collafuse_flwr.node.policy import node_policy
+from strategies import CollaFuse
 
 CUTS = {1: 2, 2: 10, 3: 18}  # node -> the cut step it declares (T = 20)
 

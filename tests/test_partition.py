@@ -8,13 +8,13 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from collafuse_flwr.data import ImageDataset
-from collafuse_flwr.partition import (
+from collafuse_flwr.data.dataset import ImageDataset
+from collafuse_flwr.data.partition import (
     CELEBA_PAPER_GROUPS,
     PARTITIONINGS,
     ClientSplit,
-    partition_dataset,
     parse_groups,
+    partition_dataset,
 )
 
 

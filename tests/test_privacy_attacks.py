@@ -16,13 +16,13 @@ import numpy as np
 import pytest
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, RecordDict
+from inprocess import message_to_node
 
-from collafuse_flwr import diffusion as D
 from collafuse_flwr.client_app import app, node_data
 from collafuse_flwr.config import parse_config
+from collafuse_flwr.core import diffusion as D
 from collafuse_flwr.node import REFUSED
 from collafuse_flwr.node.policy import reference_abar
-from inprocess import message_to_node
 
 NUM_NODES = 3
 _RUNS = itertools.count(int(time.time()) % 10**6)
@@ -354,9 +354,10 @@ def test_a_record_nobody_asked_for_is_refused(tiny_config):
 def test_the_serverapp_loads_no_client_data_outside_the_simulation(tiny_config, tmp_path, monkeypatch):
     """Naively the pooled FID and the reference attacker reload every client's dataset on the
     server. With the harness off (the deployment default) nothing on the server touches it."""
-    from collafuse_flwr.report_run import finalize
-    from collafuse_flwr.server_app import build_strategy, harness_enabled
     from inprocess import InProcessGrid
+
+    from collafuse_flwr.harness.report import finalize
+    from collafuse_flwr.server_app import build_strategy, harness_enabled
 
     rc = tiny_config(cut_ratio=0.5, num_server_rounds=1)
     cfg = parse_config(rc)
@@ -367,8 +368,8 @@ def test_the_serverapp_loads_no_client_data_outside_the_simulation(tiny_config, 
         raise AssertionError("the ServerApp read client data")
 
     # the two server-side readers of client data: pooled FID and the reference attacker
-    monkeypatch.setattr("collafuse_flwr.report_run.pooled_quality", forbidden)
-    monkeypatch.setattr("collafuse_flwr.attack.train_reference_denoiser", forbidden)
+    monkeypatch.setattr("collafuse_flwr.harness.report.pooled_quality", forbidden)
+    monkeypatch.setattr("collafuse_flwr.harness.disclosure_probe.train_reference_denoiser", forbidden)
     strategy, arrays = build_strategy(cfg, 2, torch.device("cpu"), harness=False)
     result = strategy.start(grid=grid, initial_arrays=arrays, num_rounds=1)
     res = finalize(cfg, strategy, result, tmp_path, 1, 2, time.time(), 0, harness=False)
@@ -378,7 +379,7 @@ def test_the_serverapp_loads_no_client_data_outside_the_simulation(tiny_config, 
 def test_a_harness_that_cannot_read_the_data_is_skipped_at_start(tiny_config, monkeypatch):
     """harness=on where the ServerApp cannot see the clients' files: one line at start, not a
     FileNotFoundError after all the training."""
-    from collafuse_flwr import client_data as cd
+    from collafuse_flwr import server_app
     from collafuse_flwr.server_app import harness_data_readable
 
     cfg = parse_config(tiny_config(harness="on"))
@@ -387,5 +388,5 @@ def test_a_harness_that_cannot_read_the_data_is_skipped_at_start(tiny_config, mo
     def unreadable(_cfg):
         raise FileNotFoundError("/data/mnist: no such folder")
 
-    monkeypatch.setattr(cd, "dataset_for", unreadable)
+    monkeypatch.setattr(server_app, "dataset_for", unreadable)
     assert not harness_data_readable(cfg)

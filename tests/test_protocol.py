@@ -15,7 +15,7 @@ SOURCES = [p for d in ("collafuse_flwr", "strategies", "examples") for p in sort
 #: unmistakable ones (with '-' or '_'); single words such as "config", "images" or "local" also
 #: name results.json fields, checkpoint entries and run-config values.
 MESSAGE_MODULES = ("strategies/", "collafuse_flwr/client_app.py", "collafuse_flwr/node/",
-                   "collafuse_flwr/disclosure_probe.py", "examples/")
+                   "collafuse_flwr/harness/disclosure_probe.py", "examples/")
 KEYS = P.WIRE_NAMES
 
 

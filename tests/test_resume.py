@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
+from inprocess import InProcessGrid
 
 from collafuse_flwr import server_app
 from collafuse_flwr.client_app import app as client_app
 from collafuse_flwr.config import parse_config
 from collafuse_flwr.node.state import MODEL_KEY
-from inprocess import InProcessGrid
 
 
 class KilledAfter(Exception):
@@ -22,7 +22,7 @@ class KilledAfter(Exception):
 def _run(rc, out, grid, run_id, kill_after=None, monkeypatch=None):
     """The real ServerApp main on an in-process grid; optionally 'killed' after a round's checkpoint."""
     if kill_after is not None:
-        from collafuse_flwr import checkpoint as ck
+        from collafuse_flwr.server import checkpoint as ck
 
         real = ck.save_checkpoint
 
@@ -199,3 +199,65 @@ def test_a_stopped_run_says_stopped(tiny_config, tmp_path):
         signal.signal(signal.SIGTERM, before)
     (run,) = (tmp_path / "out").iterdir()
     assert _results(run)["status"] == "stopped"
+
+
+def _simulation_pids(flwr_home):
+    """pids of the flwr-simulation processes whose FLWR_HOME is `flwr_home` (read from /proc)."""
+    import os
+
+    found = []
+    for proc in os.listdir("/proc"):
+        if not proc.isdigit():
+            continue
+        try:
+            cmd = open(f"/proc/{proc}/cmdline", "rb").read().replace(b"\0", b" ")
+            env = open(f"/proc/{proc}/environ", "rb").read().split(b"\0")
+        except OSError:
+            continue
+        if b"flwr-simulation" in cmd and f"FLWR_HOME={flwr_home}".encode() in env:
+            found.append(int(proc))
+    return found
+
+
+@pytest.mark.e2e
+def test_resume_under_flwr_run_after_the_serverapp_is_killed(tmp_path):
+    """Through `flwr run`: the simulation (ServerApp and nodes) is SIGKILLed after round 1's
+    checkpoint, then resumed on fresh nodes (new node ids); it ends with the figures of the
+    uninterrupted run. Naively every fresh node was refused ("partition-id 0 is already held by
+    node <old id>") and the run waited 10 minutes."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from flwr_runs import tiny_run_config
+
+    from collafuse_flwr.tools.launch import run_flower
+
+    rc = tiny_run_config("num-server-rounds=3 cut-ratio=0.5 torch-threads=1")
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    a = run_flower(f"{rc} output-dir='{tmp_path / 'a'}'", num_clients=2, flwr_home=tmp_path / "home-a",
+                   timeout=600, stream=False)
+    assert a.ok, a.log[-3000:]
+    home = tmp_path / "home-b"
+    killed = subprocess.Popen([sys.executable, "-m", "collafuse_flwr.tools.launch", "--num-clients", "2", "--quiet",
+                               "--flwr-home", str(home), "--run-config", f"{rc} output-dir='{tmp_path / 'b'}'"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not list((tmp_path / "b").glob("*/checkpoint.pt")) and time.time() < deadline:
+        time.sleep(0.5)
+    (run_b,) = (tmp_path / "b").iterdir()
+    assert (run_b / "checkpoint.pt").is_file(), "no checkpoint after round 1"
+    for pid in _simulation_pids(home):
+        os.kill(pid, signal.SIGKILL)
+    killed.wait(timeout=300)
+    resumed = run_flower(f"{rc} output-dir='{tmp_path / 'b'}' resume-from='{run_b}'", num_clients=2,
+                         flwr_home=tmp_path / "home-c", timeout=600, stream=False)
+    assert resumed.ok, resumed.log[-3000:]
+    ra, rb = _results(a.output_dir), _results(run_b)
+    assert rb["status"] == "ok"
+    for key in ("fid", "kid", "client_train_flops", "server_train_flops"):
+        assert ra["final"][key] == pytest.approx(rb["final"][key], rel=1e-9), key
+    assert ra["final"]["fid_per_client"] == pytest.approx(rb["final"]["fid_per_client"], rel=1e-9)

@@ -13,11 +13,11 @@ import time
 
 import pytest
 import torch
+from inprocess import InProcessGrid
 
 from collafuse_flwr import client_app as ca
 from collafuse_flwr.config import parse_config
 from collafuse_flwr.server_app import build_strategy
-from inprocess import InProcessGrid
 
 UPLOADS = 8  # tiny config: uploads-per-round
 

@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from collafuse_flwr.data import ImageDataset, load_dataset
-from collafuse_flwr.partition import partition_dataset
-from collafuse_flwr.splits import cache_dir, memoised_splits, split_key
+from collafuse_flwr.data.dataset import ImageDataset
+from collafuse_flwr.data.load import load_dataset
+from collafuse_flwr.data.partition import partition_dataset
+from collafuse_flwr.data.splits import cache_dir, memoised_splits, split_key
 
 PARAMS = {"scheme": "dirichlet", "seed": 3, "alpha": 0.5, "test_fraction": 0.2, "groups": ""}
 

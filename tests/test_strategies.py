@@ -10,9 +10,9 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, Re
 from flwr.app.error import Error
 from flwr.supercore.task_identity import TaskIdentity
 
+from collafuse_flwr.comm import message_nbytes
 from collafuse_flwr.config import parse_config
-from collafuse_flwr.metrics.comm import message_nbytes
-from collafuse_flwr.models import build_denoiser, shared_denoiser
+from collafuse_flwr.core.models import build_denoiser, shared_denoiser
 from strategies import CollaFuse, FedAvgDiffusion, LocalOnly, RoundFailed
 
 

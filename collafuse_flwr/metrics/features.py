@@ -29,6 +29,9 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from collafuse_flwr.imports import load
+from collafuse_flwr.metrics.digits_cnn import DigitsCNNFeatures, load_digits_cnn, load_mnist_cnn
+
 BACKBONES = ("auto", "inception", "digits-cnn", "mnist-cnn", "none")
 #: Datasets whose images are handwritten digits, where digits-cnn features mean something.
 DIGIT_DATASETS = ("digits", "mnist", "mnist5k", "hf:ylecun/mnist", "hf:mnist")
@@ -156,7 +159,8 @@ def fetch_inception_weights() -> Path:
     loads find the file in the cache. Offline this fails with one line saying what to do.
     """
     _need_torch_fidelity()
-    from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3, FeatureExtractorInceptionV3
+    tf_inception = load("torch_fidelity.feature_extractor_inceptionv3")
+    URL_INCEPTION_V3, FeatureExtractorInceptionV3 = tf_inception.URL_INCEPTION_V3, tf_inception.FeatureExtractorInceptionV3  # noqa: N806
 
     try:
         FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
@@ -205,8 +209,7 @@ class InceptionFeatures(nn.Module):
 
     def __init__(self, weights: Path) -> None:
         super().__init__()
-        from torchmetrics.image import fid as tm_fid
-
+        tm_fid = load("torchmetrics.image.fid")
         try:
             self.net = tm_fid.NoTrainInceptionV3(
                 name="inception-v3-compat", features_list=[str(INCEPTION_FEATURES)],
@@ -233,12 +236,8 @@ def feature_extractor(backbone: str, weights_path: str | None = None) -> nn.Modu
         _need_torch_fidelity()
         return InceptionFeatures(weights)
     if backbone == "digits-cnn":
-        from .digits_cnn import DigitsCNNFeatures, load_digits_cnn
-
         return DigitsCNNFeatures(load_digits_cnn())
     if backbone == "mnist-cnn":
-        from .digits_cnn import DigitsCNNFeatures, load_mnist_cnn
-
         return DigitsCNNFeatures(load_mnist_cnn())
     raise ValueError(f"backbone must be 'inception' or 'digits-cnn' (resolve 'auto' first with "
                      f"resolve_backbone), got {backbone!r}")

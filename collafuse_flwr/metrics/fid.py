@@ -28,7 +28,8 @@ from contextlib import contextmanager, nullcontext
 import torch
 from torch import Tensor, nn
 
-from .features import extract_features, feature_extractor
+from collafuse_flwr.imports import load
+from collafuse_flwr.metrics.features import extract_features, feature_extractor
 
 DEFAULT_KID_SUBSET_SIZE = 50
 KID_SUBSETS = 100
@@ -90,8 +91,7 @@ def frechet_distance(a: Tensor, b: Tensor) -> float:
     """FID's number alone for two feature matrices (rows = images): torchmetrics' own formula on the
     same unbiased means and covariances `FrechetInceptionDistance` keeps, without KID's 100 subsets
     and precision/recall, for checks that need hundreds of distances (the feature nets' tests)."""
-    from torchmetrics.image.fid import _compute_fid
-
+    _compute_fid = load("torchmetrics.image.fid")._compute_fid
     if a.shape[0] < 2 or b.shape[0] < 2:
         raise ValueError(f"need at least 2 feature rows per set, got {a.shape[0]} and {b.shape[0]}")
     a, b = a.double(), b.double()
@@ -106,7 +106,7 @@ def precision_recall(real: Tensor, fake: Tensor, neighborhood: int = PRC_NEIGHBO
     if min(real.shape[0], fake.shape[0]) <= neighborhood:
         return {}
     try:
-        from torch_fidelity.metric_prc import prc_features_to_metric
+        prc_features_to_metric = load("torch_fidelity.metric_prc").prc_features_to_metric
     except ImportError:
         return {}
     out = prc_features_to_metric(fake.double(), real.double(), prc_neighborhood=neighborhood,
@@ -115,8 +115,8 @@ def precision_recall(real: Tensor, fake: Tensor, neighborhood: int = PRC_NEIGHBO
 
 
 def _fid_kid(real: Tensor, fake: Tensor, kid_subset_size: int) -> dict[str, float]:
-    from torchmetrics.image.fid import FrechetInceptionDistance
-    from torchmetrics.image.kid import KernelInceptionDistance
+    FrechetInceptionDistance = load("torchmetrics.image.fid").FrechetInceptionDistance  # noqa: N806
+    KernelInceptionDistance = load("torchmetrics.image.kid").KernelInceptionDistance  # noqa: N806
 
     d = real.shape[1]
     fid = FrechetInceptionDistance(feature=_GivenFeatures(d))

@@ -31,6 +31,8 @@ from __future__ import annotations
 import math
 from typing import Literal
 
+from collafuse_flwr.imports import load
+
 Accountant = Literal["rdp", "pld"]
 ACCOUNTANTS = ("rdp", "pld")
 
@@ -68,19 +70,15 @@ def upload_noise_multiplier(alpha_bar_c: float, dim: int, l2_sensitivity: float 
 
 
 def _rdp_epsilon(z: float, k: int, delta: float) -> float:
-    import dp_accounting
-    from dp_accounting.rdp import RdpAccountant
-
-    acc = RdpAccountant()
+    dp_accounting = load("dp_accounting")
+    acc = load("dp_accounting.rdp").RdpAccountant()
     acc.compose(dp_accounting.SelfComposedDpEvent(dp_accounting.GaussianDpEvent(z), k))
     return float(acc.get_epsilon(delta))
 
 
 def _pld_epsilon(z: float, k: int, delta: float) -> float:
     """dp-accounting's exact inverse for the Gaussian mechanism (Balle & Wang 2018)."""
-    from dp_accounting.gaussian_mechanism import get_epsilon_gaussian
-
-    return float(get_epsilon_gaussian(z / math.sqrt(k), delta))
+    return float(load("dp_accounting.gaussian_mechanism").get_epsilon_gaussian(z / math.sqrt(k), delta))
 
 
 def gaussian_upload_epsilon(

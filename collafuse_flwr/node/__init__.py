@@ -7,10 +7,10 @@ is what the node's operator allows; `ledger` caps each image's uploads over the 
 `collafuse_flwr.client_app` wires them into this project's ClientApp.
 """
 
-from .randomness import fresh_generator, keyed_generator, node_secret
-from .steps import (FAILED, REFUSED, Refused, check_handoff, check_train_request, diffuse_upload, finish,
-                    finite_metrics, make_upload, refusal, scrub_paths, train_share)
+from collafuse_flwr.node.randomness import fresh_generator, keyed_generator, node_secret
+from collafuse_flwr.node.steps import (FAILED, REFUSED, Refused, check_handoff, check_train_request, diffuse_upload,
+                                       finish, finite_metrics, make_upload, refusal, reply, scrub_paths, train_share)
 
 __all__ = ["FAILED", "REFUSED", "Refused", "check_handoff", "check_train_request", "diffuse_upload", "finish",
            "finite_metrics", "fresh_generator", "keyed_generator", "make_upload", "node_secret", "refusal",
-           "scrub_paths", "train_share"]
+           "reply", "scrub_paths", "train_share"]

@@ -19,8 +19,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..dp import UploadLedger
-from .files import CorruptFile, locked, write_private
+from collafuse_flwr.core.dp import UploadLedger
+from collafuse_flwr.node.files import CorruptFile, locked, write_private
 
 LEDGER_FILE = "upload-ledger.json"
 _VERSION = 1

@@ -31,9 +31,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .. import protocol as P
-from ..config import RunConfig
-from ..diffusion import Schedule, cut_step, make_schedule
+from collafuse_flwr import protocol as P
+from collafuse_flwr.config import RunConfig
+from collafuse_flwr.core.diffusion import Schedule, cut_step, make_schedule
+from collafuse_flwr.data.splits import cache_dir
 
 #: The schedule a node's cut-ratio is read on: the project's default (cosine, T = 200), on which
 #: c = 0.2 is abar = 0.90 and c = 0.8 is abar = 0.095. The run's own T and schedule cannot move it.
@@ -198,8 +199,6 @@ def _bool(nc: dict[str, Any], key: str, default: bool) -> bool:
 
 
 def _state_dir(nc: dict[str, Any]) -> Path:
-    from ..splits import cache_dir
-
     given = str(nc.get(P.NODE_STATE_DIR, "") or "")
     if given and not Path(given).expanduser().is_absolute():
         raise NodeConfigError(f"node_config {P.NODE_STATE_DIR} must be an absolute path, got {given!r}")

@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from .files import write_private
+from collafuse_flwr.node.files import write_private
 
 SECRET_FILE = "node-secret"
 SECRET_BYTES = 32

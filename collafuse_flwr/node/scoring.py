@@ -14,16 +14,16 @@ import numpy as np
 import torch
 from flwr.app import RecordDict
 
-from .. import protocol as P
-from ..client_data import ClientData
-from ..config import RunConfig
-from ..diffusion import make_schedule
-from ..metrics.disclosure import psnr_ssim, reidentification_rate, upload_fid
-from ..metrics.features import resolve_backbone
-from ..metrics.fid import compute_fid_kid
-from ..metrics.privacy import gaussian_upload_epsilon
-from .state import last_upload, upload_counts
-from .steps import Refused
+from collafuse_flwr import protocol as P
+from collafuse_flwr.config import RunConfig
+from collafuse_flwr.core.diffusion import make_schedule
+from collafuse_flwr.data.client_data import ClientData
+from collafuse_flwr.metrics.disclosure import psnr_ssim, reidentification_rate, upload_fid
+from collafuse_flwr.metrics.features import resolve_backbone
+from collafuse_flwr.metrics.fid import compute_fid_kid
+from collafuse_flwr.metrics.privacy import gaussian_upload_epsilon
+from collafuse_flwr.node.state import last_upload, upload_counts
+from collafuse_flwr.node.steps import Refused
 
 #: Fewest real (held-out) and generated images a Frechet distance is computed from: with one, the
 #: covariance is undefined. A node with fewer says so (`fid-skipped`) instead of failing the run.

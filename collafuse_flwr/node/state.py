@@ -27,7 +27,7 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 from torch import nn
 
-from .files import CorruptFile, load_tensors, save_tensors
+from collafuse_flwr.node.files import CorruptFile, load_tensors, save_tensors
 
 MODEL_KEY = "private-denoiser"
 OPTIM_KEY = "private-optimizer"

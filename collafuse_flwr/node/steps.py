@@ -5,17 +5,11 @@ privacy settings it needs. The node is the data owner, so it checks every server
 against its own settings (`check_train_request`, `check_handoff`) and refuses, with a reason,
 what would lower its privacy; a refused request becomes an Error reply (`refusal`).
 
-A minimal CollaFuse ClientApp::
-
-    @app.train()
-    def train(msg, context):
-        conf = msg.content["config"]
-        n_up = check_train_request(conf, cut_step=MY_CUT, upload_budget=MY_BUDGET)
-        gen = secret_generator(MY_SECRET, int(conf["server-round"]))
-        loss = train_share(model, opt, images, sched, MY_CUT, steps, batch, gen, device)
-        idx, x_tc = make_upload(images, sched, MY_CUT, n_up, gen)
-        return Message(RecordDict({"upload": ArrayRecord({"x_tc": Array(x_tc.numpy())}),
-                                   "metrics": MetricRecord({"num-examples": len(images)})}), reply_to=msg)
+A complete ClientApp built from these functions alone is `examples/own_clientapp/my_client_app.py`
+(tested against the CollaFuse strategy): it answers `query.hello` with its claim, its example
+count and its own cut step (a node that does not answer the hello is never admitted), then
+`train.collafuse` and `evaluate.collafuse`. This project's ClientApp (`collafuse_flwr.client_app`)
+adds the operator's policy, a lifetime upload ledger, persistence and the research harness.
 """
 
 from __future__ import annotations
@@ -26,16 +20,16 @@ from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import ConfigRecord, Message
+from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.app.error import Error
 from torch import Tensor, nn
 
-from .. import diffusion as D
-from .. import protocol as P
-from ..data import to_uint8
-from ..dp import DPPlan, UploadLedger, dp_upload
-from ..metrics.flops import FlopMeter
-from ..training import client_share_loss, train_steps
+from collafuse_flwr import protocol as P
+from collafuse_flwr.core import diffusion as D
+from collafuse_flwr.core.dp import DPPlan, UploadLedger, dp_upload
+from collafuse_flwr.core.flops import FlopMeter
+from collafuse_flwr.core.images import to_uint8
+from collafuse_flwr.core.training import client_share_loss, train_steps
 
 #: Error code of a refused request (Flower leaves codes >= 100 to apps).
 REFUSED = 403
@@ -163,3 +157,10 @@ def finite_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
     """Drop metrics that are not finite numbers (the server refuses replies that carry them)."""
     return {k: v for k, v in metrics.items()
             if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))}
+
+
+def reply(msg: Message, metrics: dict[str, Any], **records: Any) -> Message:
+    """The reply to `msg`: `records` plus the finite `metrics` under the protocol's metrics record."""
+    content = RecordDict(records)
+    content[P.METRICS] = MetricRecord(finite_metrics(metrics))
+    return Message(content=content, reply_to=msg)

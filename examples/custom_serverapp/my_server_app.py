@@ -21,7 +21,7 @@ from flwr.app import ArrayRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 from flwr.supercore import log
 
-from collafuse_flwr.models import shared_denoiser
+from collafuse_flwr.core.models import shared_denoiser
 from strategies import CollaFuse
 
 app = ServerApp()

@@ -15,7 +15,7 @@ export FLWR_HOME=$DEPLOY/flwr-home                # where flwr keeps config.toml
 mkdir -p $DEPLOY/certificates $DEPLOY/keys "$FLWR_HOME"
 
 # 1. TLS: a CA and a server certificate for 127.0.0.1/localhost (any CA works; this one uses `cryptography`)
-python -c "from pathlib import Path; from collafuse_flwr.deploy_keys import make_tls; make_tls(Path('$DEPLOY/certificates'))"
+python -c "from pathlib import Path; from collafuse_flwr.tools.deploy_keys import make_tls; make_tls(Path('$DEPLOY/certificates'))"
 
 # 2. The SuperLink, with TLS, SuperNode authentication and a persistent state database
 flower-superlink --host 127.0.0.1 --port 9093 \

@@ -12,15 +12,20 @@ the index sets are memoised on disk (`splits.py`) so a worker start need not rec
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
+import torch
 from torch import Tensor
 
-from .config import RunConfig
-from .data import ImageDataset, load_dataset, to_model_range
-from .splits import ClientSplit, memoised_splits
+from collafuse_flwr.config import RunConfig
+from collafuse_flwr.core.images import to_model_range
+from collafuse_flwr.data.dataset import ImageDataset
+from collafuse_flwr.data.load import load_dataset
+from collafuse_flwr.data.splits import ClientSplit, memoised_splits
+from collafuse_flwr.imports import load
 
 
 @dataclass(frozen=True)
@@ -56,10 +61,10 @@ def _splits(cfg: RunConfig, num_partitions: int) -> tuple[ClientSplit, ...]:
               "test_fraction": cfg.test_fraction, "groups": cfg.client_groups}
 
     def compute() -> list[ClientSplit]:
-        # imported here: flwr-datasets costs seconds to import and a memo hit does not need it
-        from .partition import parse_groups, partition_dataset
-
-        return partition_dataset(ds, num_partitions, **{**params, "groups": parse_groups(cfg.client_groups) or None})
+        # loaded here: flwr-datasets costs seconds to import and a memo hit does not need it
+        partition = load("collafuse_flwr.data.partition")
+        groups = partition.parse_groups(cfg.client_groups) or None
+        return partition.partition_dataset(ds, num_partitions, **{**params, "groups": groups})
 
     return tuple(memoised_splits(ds, num_partitions, params, compute))
 
@@ -78,10 +83,6 @@ def own_folder_data(cfg: RunConfig, folder: str, dataset: str, partition_id: int
 
     partition_id: the operator's claim (-1 = none; the server then assigns the client index).
     """
-    import os
-
-    import torch
-
     if not os.path.isabs(folder):
         raise ValueError(f"node_config data-dir must be an absolute path, got {folder!r}")
     ds = _dataset(cfg, dataset, folder)

@@ -18,12 +18,12 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from . import diffusion as D
-from .client_data import all_splits, dataset_for
-from .config import RunConfig
-from .data import to_model_range
-from .models import Denoiser, build_denoiser
-from .training import client_share_loss, make_optimizer, train_steps
+from collafuse_flwr.config import RunConfig
+from collafuse_flwr.core import diffusion as D
+from collafuse_flwr.core.images import to_model_range
+from collafuse_flwr.core.models import Denoiser, build_denoiser
+from collafuse_flwr.core.training import client_share_loss, make_optimizer, train_steps
+from collafuse_flwr.data.client_data import all_splits, dataset_for
 
 
 def train_reference_denoiser(cfg: RunConfig, num_clients: int, device: torch.device) -> Denoiser | None:

@@ -31,8 +31,8 @@ import datasets
 import numpy as np
 from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, Partitioner
 
-from collafuse_flwr.data import ImageDataset
-from collafuse_flwr.splits import ClientSplit
+from collafuse_flwr.data.dataset import ImageDataset
+from collafuse_flwr.data.splits import ClientSplit
 
 PARTITIONINGS: tuple[str, ...] = ("iid", "dirichlet", "by-class", "by-attribute")
 

@@ -14,7 +14,7 @@ partition), for the next task of the same FAB. A new FAB (another app version) d
 previous app's modules first, so a run never executes another run's code.
 
     flower-supernode ... --isolation process --port 9094
-    python -m collafuse_flwr.warm_clientapp --runtime-api-address 127.0.0.1:9094 --insecure
+    python -m collafuse_flwr.tools.warm_clientapp --runtime-api-address 127.0.0.1:9094 --insecure
 
 It uses Flower's internal Runtime API client (`flwr.supercore.runtime`), the same one Flower's
 SuperExec uses; pin flwr (this project requires >=1.42,<2) when relying on it.
@@ -87,7 +87,7 @@ def _unload_shadowing(project_dir: Path) -> list[str]:
 
     The app must run its own FAB's code: if this worker's process already imported a package of
     the same name from elsewhere (e.g. an installed `collafuse_flwr`, which `python -m
-    collafuse_flwr.warm_clientapp` imports), `import` would return that copy instead.
+    collafuse_flwr.tools.warm_clientapp` imports), `import` would return that copy instead.
     """
     tops = {p.stem for p in project_dir.iterdir()
             if (p.is_dir() and (p / "__init__.py").exists()) or p.suffix == ".py"}
@@ -175,7 +175,7 @@ def serve(address: str, insecure: bool = True, root_certificates: str | None = N
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m collafuse_flwr.warm_clientapp",
+    p = argparse.ArgumentParser(prog="python -m collafuse_flwr.tools.warm_clientapp",
                                 description=__doc__.split("\n\n")[0])
     p.add_argument("--runtime-api-address", required=True,
                    help="the SuperNode's Runtime API, host:port (its --host/--port)")

@@ -14,50 +14,11 @@ then runs ~c/4 of FedAvg's inference FLOPs per image instead of c (benchmarks/cl
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from diffusers import UNet2DModel
 from torch import Tensor, nn
 
-
-@dataclass(frozen=True)
-class UNetPreset:
-    block_out_channels: tuple[int, ...]
-    layers_per_block: int
-    attention: tuple[bool, ...]  # per resolution level, from the top
-    norm_num_groups: int
-
-
-BASE_PRESETS: dict[str, UNetPreset] = {
-    "tiny": UNetPreset((16, 32), 1, (False, False), 8),
-    "small": UNetPreset((32, 64), 1, (False, True), 8),
-    "base": UNetPreset((64, 128, 128), 2, (False, True, True), 32),
-}
-
-
-def half_width(p: UNetPreset) -> UNetPreset:
-    """The same UNet with every channel width halved (GroupNorm groups kept where they divide)."""
-    widths = tuple(max(1, w // 2) for w in p.block_out_channels)
-    groups = p.norm_num_groups
-    while groups > 1 and any(w % groups for w in widths):
-        groups //= 2
-    return UNetPreset(widths, p.layers_per_block, p.attention, groups)
-
-
-PRESETS: dict[str, UNetPreset] = {**BASE_PRESETS, **{f"{k}-half": half_width(v) for k, v in BASE_PRESETS.items()}}
-
-
-def client_preset(model_size: str, client_model_size: str = "") -> str:
-    """The preset name of a CollaFuse client's private denoiser.
-
-    "" = the server's `model_size`; "half" = `<model_size>-half`; else a preset name as is.
-    """
-    if not client_model_size:
-        return model_size
-    if client_model_size == "half":
-        return f"{model_size}-half"
-    return client_model_size
+from collafuse_flwr.core.presets import BASE_PRESETS, PRESETS, UNetPreset, client_preset, half_width  # noqa: F401
 
 
 class Denoiser(nn.Module):

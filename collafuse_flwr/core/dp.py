@@ -1,9 +1,10 @@
-r"""Differentially private uploads: per-image (epsilon, delta) over a whole run, node side.
+r"""Differentially private uploads: per-image (epsilon, delta) over a node's uploads, node side.
 
 Pure numpy/torch/dp-accounting; no Flower. The node calls `plan_uploads` once (from its own
-settings), keeps an `UploadLedger` in its private state and uploads with `dp_upload`.
+settings), counts uploads with an `UploadLedger` and uploads with `dp_upload`.
 
-What is protected. Each training image's *upload history* over one run: with replace-one
+What is protected. Each training image's *upload history* in the ledger's scope (a deployed
+node: its whole life, every run; `collafuse_flwr.node.ledger`): with replace-one
 adjacency (two datasets of the same size that differ in one image, replaced by any other image
 of the same shape), the multiset of all x_{t_u} tensors a node uploads is (epsilon, delta)-DP
 per image. Which images are uploaded (`UploadLedger.choose`) depends only on indices and past
@@ -38,12 +39,15 @@ Deliberately conservative; what is *not* claimed:
   under `share-harness` (generated images, FID against private data, disclosure scores) and the
   counts/losses in the metrics are outside the guarantee (losses are data-dependent; a deployment
   that wants everything covered must stop reporting them).
-- One run. The ledger lives in the run's private state; a new run on the same images composes
-  on top (epsilons add up, roughly), and losing the state file loses the cap.
-- Fresh, secret noise. The noise must be unpredictable to the server (node secret, issue 13) and
-  never reused for two releases: key the upload generator by something that never repeats, e.g.
-  `UploadLedger.total_uploads` (persisted), not by the round alone (a replayed round would redraw
-  the same stream for other images, and equal noise cancels in a difference).
+- The ledger's scope. A deployed node keeps one lifetime ledger in its state folder: K counts
+  every upload of an image in any run, and since every upload of every run has noise at least
+  z* (the plan's multiplier depends only on epsilon, delta, K and C, never on the run's
+  schedule), the K-fold bound holds across runs. A node that trusts the run-config (the
+  simulation) keeps a ledger per run: there, runs compose (epsilons add up, roughly).
+- Fresh, secret noise. The noise must be unpredictable to the server and never reused for two
+  releases (equal noise cancels in a difference): a deployed node draws OS entropy for every
+  upload; a trusting node keys its draws by its secret, the run's fingerprint and its upload
+  count, which only grows (`collafuse_flwr.node.randomness`).
 - Real arithmetic. Floating-point Gaussian sampling is not exactly the Gaussian mechanism
   (Mironov 2012); the usual caveat, not addressed here.
 
@@ -69,7 +73,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from . import diffusion as D
+from collafuse_flwr.core import diffusion as D
+from collafuse_flwr.imports import load
 
 #: Default delta per image (the issue's choice; well below 1 / number of training images).
 DEFAULT_DELTA = 1e-5
@@ -150,10 +155,8 @@ def epsilon_for(noise_multiplier: float, compositions: int, delta: float = DEFAU
         return 0.0
     if z == 0.0:
         return math.inf
-    import dp_accounting
-    from dp_accounting.rdp import RdpAccountant
-
-    acc = RdpAccountant()
+    dp_accounting = load("dp_accounting")
+    acc = load("dp_accounting.rdp").RdpAccountant()
     acc.compose(dp_accounting.SelfComposedDpEvent(dp_accounting.GaussianDpEvent(z), k))
     return float(acc.get_epsilon(float(delta)))
 

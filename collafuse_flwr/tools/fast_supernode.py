@@ -8,7 +8,7 @@ module that function sees with one whose `sleep` is capped at POLL seconds (the 
 reply are capped too), then runs Flower's own `flower-supernode` entry point with the same
 arguments. Everything else is Flower's code.
 
-    python -m collafuse_flwr.fast_supernode --poll 0.5 -- <flower-supernode arguments>
+    python -m collafuse_flwr.tools.fast_supernode --poll 0.5 -- <flower-supernode arguments>
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ import threading
 import time
 from pathlib import Path
 
-from . import processes
+from collafuse_flwr.tools import processes
 
 
 class Interrupted(BaseException):
@@ -110,7 +110,7 @@ def started_run_id(log: str) -> int | None:
 def find_run_dir(run_config: str, app_dir: Path, run_id: int) -> Path | None:
     """The run folder (`<output-dir>/<...>-<run id>`, config.run_dir) when the log did not name it."""
     try:
-        from .precheck import app_table, parse_overrides
+        from collafuse_flwr.tools.precheck import app_table, parse_overrides
 
         root = str({**app_table(app_dir)[0], **parse_overrides(run_config)}.get("output-dir", "") or "")
     except Exception:  # noqa: BLE001 - best effort: the run-config was checked before, if at all
@@ -129,7 +129,7 @@ def mark_stopped(run_dir: Path | None, signame: str) -> str:
     except (OSError, json.JSONDecodeError) as exc:
         return f"{path} unreadable ({exc})"
     if res.get("status") == "running":
-        from .outputs import write_json
+        from collafuse_flwr.harness.outputs import write_json
 
         write_json(path, {**res, "status": "stopped", "error": f"stopped by collafuse-run on {signame}"})
         return f'{path} marked "stopped" by the launcher'

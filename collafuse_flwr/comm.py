@@ -23,6 +23,12 @@ from typing import Literal
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, Message, RecordDict
+from flwr.common.serde import message_to_proto, recorddict_to_proto
+
+try:
+    from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
+except ImportError:  # the object store moved (transport="objects" then says so)
+    get_all_nested_objects = None
 
 Transport = Literal["proto", "objects"]
 TRANSPORTS = ("proto", "objects")
@@ -43,11 +49,9 @@ def array_nbytes(rd: RecordDict) -> int:
 
 
 def _object_nbytes(obj: Message | RecordDict) -> int:
-    try:
-        from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
-    except ImportError as err:  # the object store moved: fall back to the documented proto view
+    if get_all_nested_objects is None:  # the object store moved: fall back to the documented proto view
         raise RuntimeError("transport='objects' needs flwr.supercore.inflatable (Flower >= 1.20); "
-                           "use transport='proto'") from err
+                           "use transport='proto'")
     return sum(len(o.deflate()) for o in get_all_nested_objects(obj).values())
 
 
@@ -63,8 +67,6 @@ def recorddict_nbytes(rd: RecordDict, transport: Transport = "proto") -> int:
     _check_transport(transport)
     if transport == "objects":
         return _object_nbytes(rd)
-    from flwr.common.serde import recorddict_to_proto
-
     return int(recorddict_to_proto(rd).ByteSize())
 
 
@@ -75,6 +77,4 @@ def message_nbytes(msg: Message, transport: Transport = "proto") -> int:
     _check_transport(transport)
     if transport == "objects":
         return _object_nbytes(msg)
-    from flwr.common.serde import message_to_proto
-
     return int(message_to_proto(msg).ByteSize())

@@ -15,7 +15,7 @@ input that requires grad. We only need the global total, so the tracker is repla
 that always answers "Global"; this also removes the hooks' overhead. Counting works under
 ``no_grad``, ``inference_mode`` and nesting (tested).
 
-Measured overhead, ``python -m collafuse_flwr.metrics.flops`` (:func:`measure_overhead`: a
+Measured overhead, ``python -m collafuse_flwr.core.flops`` (:func:`measure_overhead`: a
 3-conv + linear net on 1x16x16 inputs, forward + backward, plain and counted runs alternated,
 median of 15 x 20 iterations, 1 CPU thread, torch 2.14.1, a shared 2-core machine):
 
@@ -42,6 +42,11 @@ import torch
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
+try:
+    from torch.utils.module_tracker import ModuleTracker
+except ImportError:  # older torch
+    ModuleTracker = None  # noqa: N816
+
 class _GlobalOnlyTracker:
     """Drop-in for FlopCounterMode's ModuleTracker: every op belongs to 'Global' only."""
 
@@ -56,9 +61,7 @@ class _GlobalOnlyTracker:
 
 def _new_counter() -> FlopCounterMode:
     counter = FlopCounterMode(display=False)
-    try:
-        from torch.utils.module_tracker import ModuleTracker
-    except ImportError:  # older torch without the tracker: nothing to replace
+    if ModuleTracker is None:  # older torch without the tracker: nothing to replace
         return counter
     if isinstance(getattr(counter, "mod_tracker", None), ModuleTracker):
         counter.mod_tracker = _GlobalOnlyTracker()  # type: ignore[assignment]

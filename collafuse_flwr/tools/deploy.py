@@ -11,7 +11,7 @@ the outputs are, and stops every process it started by pid (also on Ctrl-C and o
     collafuse-deploy --num-nodes 3 --run-config "num-server-rounds=2 method='fedavg'"
 
 It prints each Flower command as it runs it: the ones `examples/README.md` shows by hand (there
-the node keys come from `ssh-keygen`, here from `collafuse_flwr.deploy_keys`).
+the node keys come from `ssh-keygen`, here from `collafuse_flwr.tools.deploy_keys`).
 """
 
 from __future__ import annotations
@@ -29,9 +29,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .deploy_keys import TlsFiles, make_node_key, make_tls
-from .launch import APP_DIR, flwr_bin, free_port, stop_pids, tree
-from .launch import _output_dir as _said_output_dir
+from collafuse_flwr.tools.deploy_keys import TlsFiles, make_node_key, make_tls
+from collafuse_flwr.tools.launch import APP_DIR, flwr_bin, free_port, stop_pids, tree
+from collafuse_flwr.tools.launch import _output_dir as _said_output_dir
 
 FEDERATION = "collafuse-local"
 ISOLATIONS = ("subprocess", "warm")
@@ -61,9 +61,9 @@ class LocalDeployment:
     num-partitions=N`. Each node also gets its own `state-dir` (its secret key and private state)
     under `workdir/node-state/`, unless its node config names one. isolation: `subprocess` (Flower's default: one fresh `flwr-clientapp`
     process per message, stock `flower-supernode`) or `warm` (`--isolation process` plus one
-    long-lived `collafuse_flwr.warm_clientapp` worker per SuperNode, which keeps torch and the
+    long-lived `collafuse_flwr.tools.warm_clientapp` worker per SuperNode, which keeps torch and the
     node's data loaded between messages, and SuperNodes started through
-    `collafuse_flwr.fast_supernode`, which poll the SuperLink every `node_poll` s instead of 3 s).
+    `collafuse_flwr.tools.fast_supernode`, which poll the SuperLink every `node_poll` s instead of 3 s).
     """
 
     workdir: Path
@@ -186,7 +186,7 @@ class LocalDeployment:
         if "state-dir" not in node_config:  # nodes sharing a host must not share their secret and state
             node_config += f" state-dir='{self.workdir / 'node-state' / f'node-{k}'}'"
         exe = (["flower-supernode"] if self.isolation == "subprocess" else
-               [sys.executable, "-m", "collafuse_flwr.fast_supernode", "--poll", str(self.node_poll), "--"])
+               [sys.executable, "-m", "collafuse_flwr.tools.fast_supernode", "--poll", str(self.node_poll), "--"])
         cmd = [*exe, "--superlink", f"127.0.0.1:{self.superlink_port}",
                "--host", "127.0.0.1", "--port", str(port), "--node-config", node_config]
         cmd += ["--root-certificates", str(self.tls_files.ca_cert)] if self.tls_files else ["--insecure"]
@@ -198,7 +198,7 @@ class LocalDeployment:
             cmd += ["--isolation", "process"]
         node = self._spawn(f"supernode-{k}", cmd)
         if self.isolation == "warm":
-            worker = [sys.executable, "-m", "collafuse_flwr.warm_clientapp",
+            worker = [sys.executable, "-m", "collafuse_flwr.tools.warm_clientapp",
                       "--runtime-api-address", f"127.0.0.1:{port}", "--insecure", "--parent-pid", str(node.pid)]
             self._spawn(f"warm-clientapp-{k}", worker)
 
@@ -377,7 +377,7 @@ def main(argv: list[str] | None = None) -> int:
     workdir = (a.workdir or Path(tempfile.mkdtemp(prefix="collafuse-deploy-"))).resolve()
     node_configs = a.node_config
     if a.per_node_data:
-        from .node_data import write_node_folders
+        from collafuse_flwr.tools.node_folders import write_node_folders
         folders = write_node_folders(workdir / "node-data", a.num_nodes)
         node_configs = [f"data-dir='{f}' dataset='imagefolder'" for f in folders]
         if "dataset=" not in a.run_config:  # the folders hold scikit-learn digits: score them as digits

@@ -29,11 +29,18 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import processes
-from .precheck import RunConfigError, check_run_config
-from .processes import MARK, stop_pids, stop_superlink, tree  # noqa: F401 - re-exported (deploy, tests)
-from .processes import pids_listening_on as _pids_listening_on  # noqa: F401 - re-exported (tests)
-from .stopping import Interrupted, StopSignals, announced_dir, find_run_dir, mark_stopped, stop_engine
+from collafuse_flwr.tools import processes
+from collafuse_flwr.tools.precheck import RunConfigError, check_run_config
+from collafuse_flwr.tools.processes import MARK, stop_pids, stop_superlink, tree  # noqa: F401 - re-exported (deploy, tests)
+from collafuse_flwr.tools.processes import pids_listening_on as _pids_listening_on  # noqa: F401 - re-exported (tests)
+from collafuse_flwr.tools.stopping import (
+    Interrupted,
+    StopSignals,
+    announced_dir,
+    find_run_dir,
+    mark_stopped,
+    stop_engine,
+)
 
 APP_DIR = Path(__file__).resolve().parent.parent
 

@@ -29,7 +29,8 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from .data import ImageDataset
+from collafuse_flwr.data.dataset import ImageDataset, square_uint8
+from collafuse_flwr.imports import load
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp")
 _TV_NAMES = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST"}
@@ -71,21 +72,6 @@ def _fetch(key: str, root: Path, make: Callable[[], object]) -> None:
             f"or put the files there yourself and set download=false. {LAYOUTS[key].format(d=root)}") from exc
 
 
-def square_uint8(img: Image.Image, size: int, mode: str) -> np.ndarray:
-    """C x H x W uint8 of a center square crop (CelebA's 178x218 -> 178x178, as is customary)
-    resized with bicubic filtering, through torchvision's functional transforms."""
-    from torchvision.transforms import InterpolationMode
-    from torchvision.transforms import functional as TF
-
-    img = img.convert(mode)
-    side = min(img.size)
-    if img.size != (side, side):
-        img = TF.center_crop(img, [side, side])
-    if side != size:
-        img = TF.resize(img, [size, size], interpolation=InterpolationMode.BICUBIC)
-    return TF.pil_to_tensor(img).numpy()
-
-
 def load_images(paths: Sequence[str | Path], size: int, mode: str) -> Tensor:
     out = np.empty((len(paths), 1 if mode == "L" else 3, size, size), dtype=np.uint8)
     for i, path in enumerate(paths):
@@ -125,8 +111,8 @@ def _idx_magic(path: Path) -> int:
 
 
 def load_mnist_like(key: str, root: Path, split: str, limit: int | None, download: bool) -> ImageDataset:
-    from torchvision import datasets as tvd
-    from torchvision.datasets.utils import extract_archive
+    tvd = load("torchvision.datasets")
+    extract_archive = load("torchvision.datasets.utils").extract_archive
 
     base = getattr(tvd, _TV_NAMES[key])
     if download:
@@ -168,7 +154,7 @@ def load_mnist_like(key: str, root: Path, split: str, limit: int | None, downloa
 
 
 def load_cifar10(root: Path, split: str, limit: int | None, download: bool) -> ImageDataset:
-    from torchvision.datasets import CIFAR10
+    CIFAR10 = load("torchvision.datasets").CIFAR10  # noqa: N806
 
     if download:
         _fetch("cifar10", root, lambda: CIFAR10(str(root), train=split == "train", download=True))
@@ -200,7 +186,7 @@ def load_cifar10(root: Path, split: str, limit: int | None, download: bool) -> I
 
 
 def load_celeba(root: Path, split: str, limit: int | None, size: int, mode: str, download: bool) -> ImageDataset:
-    from torchvision.datasets import CelebA
+    CelebA = load("torchvision.datasets").CelebA  # noqa: N806
 
     if download:
         _fetch("celeba", root, lambda: CelebA(str(root), split=split, download=True))
@@ -242,7 +228,7 @@ def _from_samples(name: str, samples: list[tuple[str, int]], class_names: list[s
 
 
 def load_imagefolder(root: Path, limit: int | None, size: int, mode: str) -> ImageDataset:
-    from torchvision.datasets import ImageFolder
+    ImageFolder = load("torchvision.datasets").ImageFolder  # noqa: N806
 
     try:
         tv = ImageFolder(str(root), allow_empty=True)
@@ -269,7 +255,7 @@ def _read_indexed_names(path: Path) -> list[str]:
 
 
 def load_awa2(root: Path, limit: int | None, size: int, mode: str) -> ImageDataset:
-    from torchvision.datasets.folder import make_dataset
+    make_dataset = load("torchvision.datasets.folder").make_dataset
 
     base = root
     if not (base / "JPEGImages").is_dir() and (root / "Animals_with_Attributes2" / "JPEGImages").is_dir():

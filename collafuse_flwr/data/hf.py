@@ -28,7 +28,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from .data import DEFAULT_JPEG_SIZE, HF_PREFIX, ImageDataset
+from collafuse_flwr.data.dataset import DEFAULT_JPEG_SIZE, HF_PREFIX, ImageDataset, square_uint8
+from collafuse_flwr.imports import load
 
 _LOCAL_HINT = ("a local copy: dataset='hf:/abs/path' to a folder written by datasets.save_to_disk, "
                "or to parquet/csv/image files")
@@ -82,10 +83,8 @@ def check_hf_source(source: str) -> None:
     kwargs = _source(source)  # a local path: checked for existence here
     if "data_files" in kwargs or Path(kwargs["dataset"]).exists():
         return
-    import datasets
-
     try:
-        datasets.load_dataset_builder(kwargs["dataset"])
+        load("datasets").load_dataset_builder(kwargs["dataset"])
     except ConnectionError as exc:
         raise _unreachable(source, exc) from exc
     except FileNotFoundError as exc:
@@ -93,9 +92,8 @@ def check_hf_source(source: str) -> None:
 
 
 def _load_split(source: str, split: str):
-    from flwr_datasets import FederatedDataset
-    from flwr_datasets.partitioner import IidPartitioner
-
+    FederatedDataset = load("flwr_datasets").FederatedDataset  # noqa: N806
+    IidPartitioner = load("flwr_datasets.partitioner").IidPartitioner  # noqa: N806
     kwargs = _source(source)
     # One partition: partitioning happens later on the index table (partition.py), where the
     # same partitioners serve every dataset route and their result is memoised.
@@ -113,8 +111,7 @@ def _load_split(source: str, split: str):
 
 
 def _columns(table, image_column: str, label_column: str, source: str) -> tuple[str, str | None]:
-    import datasets
-
+    datasets = load("datasets")
     feats = table.features
     where = f"dataset='{HF_PREFIX}{source}' (columns: {', '.join(feats)})"
     if image_column:
@@ -138,9 +135,7 @@ def _columns(table, image_column: str, label_column: str, source: str) -> tuple[
 def load_hf(source: str, split: str, limit: int | None, image_size: int | None, channels: int | None,
             image_column: str = "", label_column: str = "") -> ImageDataset:
     """The first `limit` rows of `split`, decoded to uint8 squares (see the module docstring)."""
-    import datasets
-
-    from .vision_data import square_uint8
+    datasets = load("datasets")
 
     table = _load_split(source, split)
     image_column, label_column = _columns(table, image_column, label_column, source)

@@ -19,8 +19,10 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord
 
-from . import protocol as P
-from .config import RunConfig
+from collafuse_flwr import protocol as P
+from collafuse_flwr.config import RunConfig
+from collafuse_flwr.harness.attack import train_reference_denoiser
+from collafuse_flwr.metrics.disclosure import reconstruct
 
 
 class DisclosureProbe:
@@ -35,12 +37,8 @@ class DisclosureProbe:
         self._trained = False
 
     def __call__(self, strategy, client: int, uploads: np.ndarray) -> ArrayRecord:
-        from .metrics.disclosure import reconstruct
-
         t_c, T = strategy.cut_for(client), strategy.sched.T  # the cut this client's uploads were made at
         if not self._trained and 0 < t_c < T:
-            from .attack import train_reference_denoiser
-
             self.reference = train_reference_denoiser(self.cfg, self.num_clients, self.device)
             self._trained = True
         x = torch.from_numpy(uploads).to(self.device)  # where the server model is (a GPU: found on an H100)

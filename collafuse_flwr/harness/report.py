@@ -9,11 +9,18 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from flwr.supercore import log
 
-from . import protocol as P
-from .config import RunConfig
-from .outputs import save_samples, summary_table, write_json
+from collafuse_flwr import protocol as P
+from collafuse_flwr.config import RunConfig
+from collafuse_flwr.core.diffusion import make_schedule
+from collafuse_flwr.core.presets import client_preset
+from collafuse_flwr.data.client_data import all_splits, dataset_for
+from collafuse_flwr.harness.outputs import save_samples, summary_table, write_json
+from collafuse_flwr.metrics.features import resolve_backbone
+from collafuse_flwr.metrics.fid import compute_fid_kid
+from collafuse_flwr.metrics.privacy import sensitivity_note
 
 SUM_KEYS = ("server-train-flops",)
 
@@ -34,12 +41,6 @@ def pooled_quality(cfg: RunConfig, images: dict[int, np.ndarray], num_nodes: int
     deployment's server could not do (there the per-client figures are what exist).
     """
     try:
-        import torch
-
-        from .client_data import all_splits, dataset_for
-        from .metrics.features import resolve_backbone
-        from .metrics.fid import compute_fid_kid
-
         backbone = resolve_backbone(cfg.fid_backbone, cfg.dataset, cfg.fid_weights or None)
         if backbone == "none" or not images:
             return {}
@@ -124,7 +125,6 @@ def finalize(cfg: RunConfig, strategy, result, out: Path, run_id: int, num_nodes
     if harness:
         final.update(pooled_quality(cfg, last.images if last else {}, num_nodes))
     if final["fid_backbone"] is None and per_client:
-        from .metrics.features import resolve_backbone
 
         final["fid_backbone"] = resolve_backbone(cfg.fid_backbone, cfg.dataset, cfg.fid_weights or None)
     image_dim = cfg.image_channels * cfg.image_size ** 2  # also when no node shared images (a deployment)
@@ -179,8 +179,6 @@ def _dp_per_client(strategy) -> dict[str, dict[str, float]]:
 
 def _client_model_size(cfg: RunConfig) -> str | None:
     """The preset each client ran: its private denoiser's (collafuse, local), FedAvg's global."""
-    from .models import client_preset
-
     if cfg.method == "centralized":
         return None
     return client_preset(cfg.model_size, cfg.client_model_size) if cfg.method == "collafuse" else cfg.model_size
@@ -192,9 +190,6 @@ def _disclosure(cfg: RunConfig, per_client: dict[int, dict[str, float]], image_d
                          for k in keys}
     eps = [m[P.EPSILON] for m in per_client.values() if P.EPSILON in m]
     if cfg.method == "collafuse":
-        from .diffusion import make_schedule
-        from .metrics.privacy import sensitivity_note
-
         k = int(max((m.get(P.MAX_UPLOADS_PER_IMAGE, 0) for m in per_client.values()), default=0))
         abar_c = float(make_schedule(cfg.diffusion_steps, cfg.beta_schedule).alpha_bars[cfg.cut_step])
         # raw uploads (t_c = 0) have no finite epsilon, and replies carry only finite metrics

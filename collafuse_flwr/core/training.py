@@ -13,8 +13,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from . import diffusion as D
-from .metrics.flops import FlopMeter
+from collafuse_flwr.core import diffusion as D
+from collafuse_flwr.core.flops import FlopMeter
 
 
 def make_optimizer(model: nn.Module, lr: float) -> torch.optim.Optimizer:

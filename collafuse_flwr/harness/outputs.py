@@ -16,6 +16,8 @@ from typing import Any
 
 import numpy as np
 
+from collafuse_flwr.imports import load
+
 
 def _clean(v: Any) -> Any:
     """JSON has no NaN/inf: NaN becomes null, +-inf the strings "inf"/"-inf" (epsilon = inf is
@@ -77,10 +79,8 @@ def save_samples(out_dir: Path, images: dict[int, np.ndarray], max_per_row: int 
 
 def save_grid(path: Path, rows: list[np.ndarray], row_labels: list[str], title: str | None = None) -> None:
     """A readable image grid: one labelled row per list entry (uint8 N x C x H x W each)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    load("matplotlib").use("Agg")
+    plt = load("matplotlib.pyplot")
 
     ncols = max(r.shape[0] for r in rows)
     fig, axes = plt.subplots(len(rows), ncols, figsize=(0.6 * ncols + 1.2, 0.7 * len(rows) + 0.5),

@@ -19,7 +19,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from .config import ConfigError, RunConfig, load_defaults, parse_config, unknown_keys_message, valid_keys
+from collafuse_flwr.config import ConfigError, RunConfig, load_defaults, parse_config, unknown_keys_message, valid_keys
 
 #: how `flwr run` splits --run-config into pairs (flwr.common.config.parse_config_args)
 _PAIR = re.compile(r"(\S+?)=(\'[^\']*\'|\"[^\"]*\"|\S+)")

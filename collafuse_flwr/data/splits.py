@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .data import ImageDataset
+from collafuse_flwr.data.dataset import ImageDataset
 
 CACHE_ENV = "COLLAFUSE_FLWR_CACHE"
 # Bump when partition.py changes how it assigns images, so older entries stop matching.

@@ -1,0 +1,155 @@
+"""The one image type every loader returns, and the conversions all of them share.
+
+`ImageDataset` holds uint8 images (a quarter of the memory of float32, which matters for CelebA),
+labels and optional attributes. Loaders (`embedded.py`, `vision.py`, `hf.py`) build it; `load.py`
+picks the loader by name; nothing here imports a loader, so the data layer has no import circle.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import Tensor
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms import functional as TF
+
+from collafuse_flwr.core.images import to_model_range, to_uint8
+
+__all__ = ["ImageDataset", "canonical_name", "convert_channels", "resize_uint8", "square_uint8", "to_model_range",
+           "to_uint8"]
+
+DATASETS: tuple[str, ...] = (
+    "digits", "mnist5k", "mnist", "fashion-mnist", "cifar10", "celeba", "awa2", "imagefolder",
+)
+HF_PREFIX = "hf:"
+FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker",
+                         "Bag", "Ankle boot"]
+CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+# Splits each dataset understands; "all" means every image the files hold.
+_SPLITS: dict[str, tuple[str, ...]] = {
+    "digits": ("train", "all"),
+    "mnist5k": ("train", "all"),
+    "mnist": ("train", "test"),
+    "fashion-mnist": ("train", "test"),
+    "cifar10": ("train", "test"),
+    "celeba": ("train", "valid", "test", "all"),
+    "awa2": ("train", "all"),
+    "imagefolder": ("train", "all"),
+}
+_SPLIT_ALIASES = {"val": "valid", "validation": "valid"}
+_EMBEDDED = ("digits", "mnist5k")
+_DOWNLOADABLE = ("mnist", "fashion-mnist", "cifar10", "celeba")  # torchvision can fetch these
+# Used only to size JPEG datasets whose size the user did not give: 64 px is the usual
+# working size for CelebA/AwA2 diffusion and keeps memory modest.
+DEFAULT_JPEG_SIZE = 64
+# Resizing MNIST-sized sets in chunks bounds the float32 working memory.
+_RESIZE_CHUNK = 4096
+
+
+@dataclass
+class ImageDataset:
+    """Images kept as uint8 so that even CelebA fits in memory; convert per batch to train.
+
+    `labels` are class indices into `class_names` (0 for datasets without classes, such as
+    CelebA). `attributes` are per-image binary attributes (CelebA's 40, AwA2's 85), which the
+    by-attribute partitioning uses to give clients distinct kinds of images.
+    """
+
+    images: Tensor
+    labels: Tensor
+    name: str
+    class_names: list[str]
+    attributes: Tensor | None = None
+    attribute_names: list[str] | None = None
+
+    def __post_init__(self) -> None:
+        if self.images.dtype != torch.uint8 or self.images.dim() != 4:
+            raise ValueError(
+                f"images must be a uint8 tensor N x C x H x W, got {self.images.dtype} "
+                f"with shape {tuple(self.images.shape)}; convert with to_uint8()"
+            )
+        if self.labels.shape != (self.images.shape[0],):
+            raise ValueError(
+                f"labels must have shape ({self.images.shape[0]},) to match the images, "
+                f"got {tuple(self.labels.shape)}"
+            )
+        if self.attributes is not None:
+            if self.attributes.dim() != 2 or self.attributes.shape[0] != self.images.shape[0]:
+                raise ValueError(
+                    f"attributes must have shape ({self.images.shape[0]}, A), "
+                    f"got {tuple(self.attributes.shape)}"
+                )
+            if self.attribute_names is None or len(self.attribute_names) != self.attributes.shape[1]:
+                raise ValueError(
+                    f"attribute_names must name each of the {self.attributes.shape[1]} attribute "
+                    f"columns, got {self.attribute_names!r}"
+                )
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+    def subset(self, idx: Sequence[int] | np.ndarray | Tensor) -> ImageDataset:
+        """A copy restricted to `idx`, as each client keeps only its own partition."""
+        index = torch.as_tensor(np.asarray(idx), dtype=torch.long).reshape(-1)
+        return ImageDataset(
+            images=self.images[index],
+            labels=self.labels[index],
+            name=self.name,
+            class_names=list(self.class_names),
+            attributes=None if self.attributes is None else self.attributes[index],
+            attribute_names=None if self.attribute_names is None else list(self.attribute_names),
+        )
+
+    @property
+    def channels(self) -> int:
+        return int(self.images.shape[1])
+
+    @property
+    def image_size(self) -> int:
+        """Height in pixels; every loader returns square images."""
+        return int(self.images.shape[2])
+
+
+def canonical_name(name: str) -> str:
+    """'Fashion_MNIST' -> 'fashion-mnist'; 'hf:...' is kept as given (a Hub id is case-sensitive)."""
+    if not isinstance(name, str):
+        raise ValueError(f"dataset must be a string, got {name!r}")
+    if name.startswith(HF_PREFIX):
+        return name
+    key = name.strip().lower().replace("_", "-")
+    return {"fashionmnist": "fashion-mnist", "cifar-10": "cifar10", "mnist-5k": "mnist5k"}.get(key, key)
+
+
+def resize_uint8(images: Tensor, size: int) -> Tensor:
+    """Bilinear with antialias, so downscaling averages pixels rather than aliasing."""
+    out = [F.interpolate(chunk.to(torch.float32), size=(size, size), mode="bilinear", antialias=True,
+                         align_corners=False).round().clamp(0, 255).to(torch.uint8)
+           for chunk in images.split(_RESIZE_CHUNK)]
+    return torch.cat(out) if out else images.new_zeros((0, images.shape[1], size, size))
+
+
+def convert_channels(images: Tensor, channels: int) -> Tensor:
+    if channels == 3:
+        return images.expand(-1, 3, -1, -1).contiguous()
+    # ITU-R 601 luma, the weights PIL's convert("L") uses.
+    weights = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
+    out = [(c.to(torch.float32) * weights).sum(1, keepdim=True).round().clamp(0, 255)
+           for c in images.split(_RESIZE_CHUNK)]
+    return torch.cat(out).to(torch.uint8) if out else images[:, :1]
+
+
+def square_uint8(img: Image.Image, size: int, mode: str) -> np.ndarray:
+    """C x H x W uint8 of a center square crop (CelebA's 178x218 -> 178x178, as is customary)
+    resized with bicubic filtering, through torchvision's functional transforms."""
+    img = img.convert(mode)
+    side = min(img.size)
+    if img.size != (side, side):
+        img = TF.center_crop(img, [side, side])
+    if side != size:
+        img = TF.resize(img, [size, size], interpolation=InterpolationMode.BICUBIC)
+    return TF.pil_to_tensor(img).numpy()

