@@ -42,7 +42,7 @@ from collafuse_flwr.tools.stopping import (
     stop_engine,
 )
 
-APP_DIR = Path(__file__).resolve().parent.parent
+APP_DIR = Path(__file__).resolve().parents[2]  # the checkout: collafuse_flwr/tools/launch.py
 
 
 @dataclass
