@@ -232,7 +232,7 @@ def _hello(node: Node, method: str) -> dict:
         raise N.Refused(f"this node serves only {sorted(node.policy.methods)} (its operator's node_config "
                         f"'{P.NODE_METHODS}'), not method={method!r}")
     info: dict = {P.PARTITION_ID: node.data.partition_id, P.NUM_EXAMPLES: node.num_train,
-                  P.SHARE_HARNESS: int(node.policy.share_harness)}
+                  P.IMAGE_CHANNELS: node.data.image_shape[0], P.SHARE_HARNESS: int(node.policy.share_harness)}
     if method in (P.COLLAFUSE, P.LOCAL):
         info[P.CLIENT_PARAMS] = private_param_count(node.cfg, node.data.image_shape[0], method)
     if method == P.COLLAFUSE:

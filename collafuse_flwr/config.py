@@ -49,6 +49,7 @@ class RunConfig:
     test_fraction: float
     max_samples: int
     image_size: int
+    image_channels: int  # 0 = the data's own; 1 or 3 = convert
     diffusion_steps: int
     beta_schedule: str
     model_size: str
@@ -102,13 +103,6 @@ class RunConfig:
             raise ConfigError(f"client-cut-ratios has {len(ratios)} entries but client {client} needs one: give "
                               f"one cut ratio per client (as many as num-supernodes)")
         return ratios[client]
-
-    @property
-    def image_channels(self) -> int:
-        """Channels of the images every model sees: 1 for the digit datasets, else 3 (a node's
-        images are converted to it, so the server can build its model without seeing data)."""
-        name = self.dataset.lower()
-        return 1 if name in ("digits", "mnist5k", "mnist", "fashion-mnist") or "mnist" in name else 3
 
     @property
     def uses_cut(self) -> bool:
@@ -243,6 +237,8 @@ def parse_config(run_config: dict[str, Any], *, defaults: dict[str, Any] | None 
     for k, lo in _MIN.items():
         if values[k] < lo:
             raise ConfigError(f"{k.replace('_', '-')} must be >= {lo:g}, got {values[k]}")
+    if values["image_channels"] not in (0, 1, 3):
+        raise ConfigError(f"image-channels must be 0 (the data's own), 1 (gray) or 3 (RGB), got {values['image_channels']}")
     if not 0.0 <= values["cut_ratio"] <= 1.0:
         raise ConfigError(f"cut-ratio must be in [0, 1] (0 = server-only, 1 = local-only), "
                           f"got {values['cut_ratio']}")

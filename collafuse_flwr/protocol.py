@@ -85,6 +85,7 @@ METHOD = "method"  # hello: the method the server wants to run
 # -- node -> server reply fields (metrics) ------------------------------------------------------------
 PARTITION_ID = "partition-id"  # hello: the slot the node claims (a claim, checked by the server)
 NUM_EXAMPLES = "num-examples"
+IMAGE_CHANNELS = "image-channels"  # hello: channels of the node's images (the server's model must match)
 UPLOAD_BUDGET = "upload-budget"  # hello: most uploads per round
 UPLOADS_LEFT = "uploads-left"  # hello/train: uploads the node's lifetime cap still allows
 SHARE_HARNESS = "share-harness"  # hello: 1 = the node returns research measurements

@@ -27,7 +27,7 @@ with LOCK:  # the ClientApp may be loading in another thread (collafuse_flwr/imp
     from collafuse_flwr import protocol as P
     from collafuse_flwr.config import RunConfig, parse_config, run_dir
     from collafuse_flwr.core.models import default_device, shared_denoiser, use_torch_threads
-    from collafuse_flwr.data.client_data import dataset_for
+    from collafuse_flwr.data.client_data import dataset_for, run_channels
     from collafuse_flwr.data.load import check_dataset
     from collafuse_flwr.harness.disclosure_probe import DisclosureProbe
     from collafuse_flwr.harness.outputs import MetricsCsv, write_json
@@ -81,7 +81,7 @@ def build_strategy(cfg: RunConfig, num_clients: int, device: torch.device, on_ro
 
     simulation: the nodes train on this machine's cores, so CollaFuse's overlapped server steps
     run on one thread (unless torch-threads says otherwise) beside the one-thread clients."""
-    shape = (cfg.image_channels, cfg.image_size, cfg.image_size)
+    shape = (run_channels(cfg), cfg.image_size, cfg.image_size)
     common = {"on_round_end": on_round_end}
     if cfg.method == P.LOCAL:
         return LocalOnly.from_run_config(cfg, capacity=num_clients, **common), ArrayRecord()

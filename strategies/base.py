@@ -226,6 +226,15 @@ class DiffusionStrategy(Strategy):
         """Method-specific admission check on a node's hello reply: '' to admit, else why not."""
         return ""
 
+    def _check_channels(self, info: dict[str, Any]) -> str:
+        """A node whose images have other channels than the server's model cannot take part."""
+        shape = getattr(self, "image_shape", None)
+        have = info.get(P.IMAGE_CHANNELS)
+        if shape is None or have is None or int(have) == shape[0]:
+            return ""
+        return (f"the node's images have {int(have)} channel(s), the server's model {shape[0]}: set run-config "
+                f"image-channels={shape[0]} so that every node converts its images")
+
     def on_admit(self, node_id: int, client: int, info: dict[str, Any]) -> None:
         """Called once a node is admitted as `client` (methods keep what its hello declared)."""
 
@@ -264,7 +273,7 @@ class DiffusionStrategy(Strategy):
         # claims first, by claimed index, so the same claims give the same map whatever the ids
         answers.sort(key=lambda a: (a[1].get(P.PARTITION_ID, -1) < 0, a[1].get(P.PARTITION_ID, -1), a[0]))
         for nid, info in answers:
-            reason = self.accept_hello(nid, info)
+            reason = self._check_channels(info) or self.accept_hello(nid, info)
             claimed = int(info[P.PARTITION_ID]) if P.PARTITION_ID in info else None
             idx, why = (None, reason) if reason else self.registry.admit(nid, claimed, info, connected)
             if idx is None:

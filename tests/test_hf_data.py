@@ -127,3 +127,45 @@ def test_hub_offline_fails_with_one_clear_line(tmp_path):
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("ConnectionError: dataset='hf:ylecun/mnist': HF_HUB_OFFLINE is set")
     assert "Go online once to cache it" in last and "save_to_disk" in last
+
+
+def _local_hf(folder: Path, mode: str, n: int = 40) -> Path:
+    """A save_to_disk dataset of n `mode` images ("L" or "RGB") in 4 classes."""
+    rng = np.random.default_rng(0)
+    labels = [i % 4 for i in range(n)]
+    images = [Image.fromarray(rng.integers(0, 256, (8, 8, 3) if mode == "RGB" else (8, 8), dtype=np.uint8), mode)
+              for _ in labels]
+    feats = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=list("abcd"))})
+    datasets.Dataset.from_dict({"image": images, "label": labels}, features=feats).save_to_disk(str(folder))
+    return folder
+
+
+@pytest.mark.parametrize("mode, channels", [("L", 1), ("RGB", 3)])
+def test_channels_come_from_the_data_not_the_name(tmp_path, tiny_config, mode, channels):
+    """Naively the channel count was guessed from the dataset's name: a gray X-ray set trained
+    as RGB, and anything called "...mnist..." as gray. A gray `hf:` dataset now trains with one
+    channel and an RGB one with three, whatever they are called; the nodes declare theirs."""
+    import torch
+
+    from collafuse_flwr.client_app import app
+    from collafuse_flwr.config import parse_config
+    from collafuse_flwr.data.client_data import run_channels
+    from collafuse_flwr.server_app import build_strategy
+    from inprocess import InProcessGrid
+
+    name = "fake-mnist-rgb" if mode == "RGB" else "xray-scans"  # a name that would have fooled the guess
+    rc = tiny_config(dataset=f"hf:{_local_hf(tmp_path / name, mode)}", num_server_rounds=1, partitioning="iid",
+                     count_flops=False, cut_ratio=0.5)
+    cfg = parse_config(rc)
+    assert run_channels(cfg) == channels
+    strategy, arrays = build_strategy(cfg, 2, torch.device("cpu"), harness=False)
+    assert strategy.image_shape == (channels, 8, 8)
+    grid = InProcessGrid(app, rc, 2)
+    strategy.start(grid=grid, initial_arrays=arrays, num_rounds=1)
+    assert len(strategy.registry.index) == 2 and not strategy.recorder.rejected
+    x = next(iter(strategy.buffer.values()))[0]
+    assert x.shape[1] == channels
+    # a node with the other channel count is refused at first contact, naming the fix
+    other = 3 if channels == 1 else 1
+    why = strategy._check_channels({"image-channels": other})
+    assert f"image-channels={channels}" in why

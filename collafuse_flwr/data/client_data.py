@@ -20,9 +20,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from collafuse_flwr.config import RunConfig
+from collafuse_flwr.config import ConfigError, RunConfig
 from collafuse_flwr.core.images import to_model_range
-from collafuse_flwr.data.dataset import ImageDataset
+from collafuse_flwr.data.dataset import NATIVE_CHANNELS, ImageDataset, canonical_name
 from collafuse_flwr.data.load import load_dataset
 from collafuse_flwr.data.splits import ClientSplit, memoised_splits
 from collafuse_flwr.imports import load
@@ -44,11 +44,11 @@ class ClientData:
 def _load(name: str, data_dir: str, image_size: int, max_samples: int, channels: int, download: bool,
           image_column: str, label_column: str) -> ImageDataset:
     return load_dataset(name, data_dir or None, image_size=image_size, max_samples=max_samples or None,
-                        channels=channels, download=download, image_column=image_column, label_column=label_column)
+                        channels=channels or None, download=download, image_column=image_column, label_column=label_column)
 
 
 def _dataset(cfg: RunConfig, name: str | None = None, data_dir: str | None = None) -> ImageDataset:
-    """The dataset as the run-config asks for it, with the channel count the server's model has."""
+    """The dataset as the run-config asks for it: image-channels when set, else the data's own."""
     return _load(name or cfg.dataset, cfg.data_dir if data_dir is None else data_dir, cfg.image_size,
                  cfg.max_samples, cfg.image_channels, cfg.download, cfg.image_column, cfg.label_column)
 
@@ -71,6 +71,22 @@ def _splits(cfg: RunConfig, num_partitions: int) -> tuple[ClientSplit, ...]:
 
 def dataset_for(cfg: RunConfig) -> ImageDataset:
     return _dataset(cfg)
+
+
+def run_channels(cfg: RunConfig) -> int:
+    """The channels every model of the run sees: image-channels when set, a built-in dataset's own,
+    else read from the data (`hf:`, `imagefolder`; the server can read it only in a simulation)."""
+    if cfg.image_channels:
+        return cfg.image_channels
+    native = NATIVE_CHANNELS.get(canonical_name(cfg.dataset))
+    if native:
+        return native
+    try:
+        return dataset_for(cfg).channels
+    except Exception as exc:  # noqa: BLE001 - whatever stops the read, the fix is the same
+        raise ConfigError(f"image-channels=0 (the data's own) but the ServerApp cannot read dataset="
+                          f"{cfg.dataset!r} to find out ({type(exc).__name__}: {str(exc).splitlines()[0][:160]}); "
+                          f"set image-channels=1 (gray) or 3 (RGB) in the run-config") from None
 
 
 def all_splits(cfg: RunConfig, num_partitions: int) -> tuple[ClientSplit, ...]:

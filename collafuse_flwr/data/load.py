@@ -23,6 +23,7 @@ from collafuse_flwr.data.dataset import (
     _SPLITS,
     DATASETS,
     DEFAULT_JPEG_SIZE,
+    NATIVE_CHANNELS,
     HF_PREFIX,
     ImageDataset,
     canonical_name,
@@ -78,7 +79,8 @@ def load_dataset(
         raise ValueError(f"download=true is for the torchvision datasets ({', '.join(_DOWNLOADABLE)}), not "
                          f"{key!r}; set download=false (hf: fetches from the Hub by itself, the others are local)")
     limit = max_samples or None
-    size, mode = image_size or DEFAULT_JPEG_SIZE, "L" if channels == 1 else "RGB"
+    size = image_size or DEFAULT_JPEG_SIZE
+    mode = {1: "L", 3: "RGB"}.get(channels or NATIVE_CHANNELS.get(key, 0), "")  # "": the files' own
 
     if hf:
         ds = hf_loader.load_hf(key[len(HF_PREFIX):], split, limit, image_size, channels, image_column, label_column)

@@ -73,6 +73,12 @@ def _fetch(key: str, root: Path, make: Callable[[], object]) -> None:
 
 
 def load_images(paths: Sequence[str | Path], size: int, mode: str) -> Tensor:
+    """uint8 N x C x H x W squares; mode "L" or "RGB", or "" for the files' own (gray if the
+    first image is single-channel, else RGB: read from the data, never guessed from a name)."""
+    if not mode and len(paths):
+        with Image.open(paths[0]) as first:
+            mode = "L" if first.mode in ("1", "L", "I", "I;16", "F") else "RGB"
+    mode = mode or "RGB"
     out = np.empty((len(paths), 1 if mode == "L" else 3, size, size), dtype=np.uint8)
     for i, path in enumerate(paths):
         try:

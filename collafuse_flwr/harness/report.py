@@ -125,9 +125,9 @@ def finalize(cfg: RunConfig, strategy, result, out: Path, run_id: int, num_nodes
     if harness:
         final.update(pooled_quality(cfg, last.images if last else {}, num_nodes))
     if final["fid_backbone"] is None and per_client:
-
         final["fid_backbone"] = resolve_backbone(cfg.fid_backbone, cfg.dataset, cfg.fid_weights or None)
-    image_dim = cfg.image_channels * cfg.image_size ** 2  # also when no node shared images (a deployment)
+    shape = getattr(strategy, "image_shape", None)  # CollaFuse's model's (also when no node shared images)
+    image_dim = int(np.prod(shape)) if shape else 0
     final["disclosure"] = _disclosure(cfg, per_client, image_dim)
     dp = _dp_per_client(strategy)
     if dp:  # each node's DP plan as it declared it, beside the epsilon its actual uploads realised
