@@ -235,7 +235,7 @@ def test_resume_under_flwr_run_after_the_serverapp_is_killed(tmp_path):
 
     from collafuse_flwr.tools.launch import run_flower
 
-    rc = tiny_run_config("num-server-rounds=3 cut-ratio=0.5 torch-threads=1")
+    rc = tiny_run_config("num-server-rounds=2 cut-ratio=0.5 torch-threads=1")
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
     a = run_flower(f"{rc} output-dir='{tmp_path / 'a'}'", num_clients=2, flwr_home=tmp_path / "home-a",
