@@ -397,7 +397,8 @@ def _eval_request(node: Node, msg: Message) -> tuple[int, int, int, int, int | N
     conf = msg.content[P.CONFIG]
     try:
         n = min(P.read_int(conf, P.NUM_SAMPLES, 1, 1 << 20), max(node.cfg.num_eval_samples, 1))
-        steps = P.read_int(conf, P.CLIENT_SAMPLING_STEPS, 0, node.sched.T, default=0) or None
+        # a DDIM budget above the node's own T means "every step" (FedAvg does not know T)
+        steps = min(P.read_int(conf, P.CLIENT_SAMPLING_STEPS, 0, 1 << 20, default=0), node.sched.T) or None
     except P.ProtocolError as exc:
         raise N.Refused(str(exc)) from None
     return rnd, client, run_key, n, steps
