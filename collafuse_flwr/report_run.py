@@ -61,6 +61,8 @@ def run_status(rec, num_nodes: int, per_client: dict[int, dict[str, float]], eva
     reasons = []
     if rec.failures:
         reasons.append(f"{rec.failures} failed or missing replies (rounds {sorted(rec.missing) or 'n/a'})")
+    for c, why in sorted(getattr(rec, "failed_by_client", {}).items()):
+        reasons.append(f"client {c}: {sum(why.values())} error reply(s) ({'; '.join(sorted(why))[:300]})")
     by_client = getattr(rec, "rejected_by_client", {})
     for c, why in sorted(by_client.items()):
         reasons.append(f"client {c}: {sum(why.values())} reply(s) rejected ({', '.join(sorted(why))})")
@@ -179,6 +181,8 @@ def finalize(cfg: RunConfig, strategy, result, out: Path, run_id: int, num_nodes
         "rejected_replies": dict(rec.rejected),
         "rejected_replies_by_client": {str(c): dict(v) for c, v in
                                        sorted(getattr(rec, "rejected_by_client", {}).items())},
+        "failed_replies_by_client": {str(c): dict(v) for c, v in
+                                     sorted(getattr(rec, "failed_by_client", {}).items())},
         "robustness": robustness_report(rec, strategy),
         "missing_clients_by_round": {str(k): v for k, v in sorted(rec.missing.items())},
         "infer_seconds_per_client": _mean(m.get(P.INFER_SECONDS) for m in per_client.values()),

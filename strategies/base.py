@@ -367,6 +367,8 @@ class DiffusionStrategy(Strategy):
                 failed += 1
                 log(WARNING, "round %d %s: client %d (node %d) failed: %s", server_round, phase, client, nid,
                     m.error.reason)
+                self.recorder.fail(client, "its simulation worker died (ActorDiedError)"
+                                   if is_infrastructure_error(m.error.reason) else _last_line(m.error.reason, 120))
                 continue
             self.recorder.up(m, "eval" if phase == "evaluate" else phase, client)
             try:

@@ -52,6 +52,7 @@ class Recorder:
         # who: rejected replies by client and reason, and what the robustness checks did to a
         # client's accepted replies (a capped claim, a clipped update), so results.json names them
         self.rejected_by_client: dict[int, Counter[str]] = defaultdict(Counter)
+        self.failed_by_client: dict[int, Counter[str]] = defaultdict(Counter)  # error replies, by what they said
         self.flags: dict[int, list[tuple[int, str, str]]] = defaultdict(list)  # client -> (round, kind, detail)
         self.client_stats: dict[int, dict[str, float]] = defaultdict(dict)  # client -> latest figures
         self.incidents: list[tuple[int, str]] = []  # (round, what): events no single client is blamed for
@@ -94,6 +95,10 @@ class Recorder:
         rec = self.rounds.setdefault(server_round, RoundRecord(server_round))
         rec.values["rejected-replies"] = rec.values.get("rejected-replies", 0) + 1
 
+    def fail(self, client: int, reason: str) -> None:
+        """One error reply from `client` (its ClientApp raised, or its worker died)."""
+        self.failed_by_client[client][reason] += 1
+
     def flag(self, server_round: int, client: int, kind: str, detail: str, serious: bool = True) -> None:
         """A robustness check changed what one client's accepted reply counts for (its claim
         capped, its update clipped). `serious`: the run's status degrades (else a note)."""
@@ -116,6 +121,7 @@ class Recorder:
                 "failures": self.failures, "rejected": dict(self.rejected), "missing": dict(self.missing),
                 "train_totals": {c: dict(v) for c, v in self.train_totals.items()},
                 "rejected_by_client": {c: dict(v) for c, v in self.rejected_by_client.items()},
+                "failed_by_client": {c: dict(v) for c, v in self.failed_by_client.items()},
                 "flags": {c: [list(f) for f in v] for c, v in self.flags.items()},
                 "client_stats": {c: dict(v) for c, v in self.client_stats.items()},
                 "incidents": [list(i) for i in self.incidents]}
@@ -135,6 +141,8 @@ class Recorder:
             self.train_totals[c].update(v)
         self.rejected_by_client = defaultdict(Counter, {c: Counter(v) for c, v in
                                                         state.get("rejected_by_client", {}).items()})
+        self.failed_by_client = defaultdict(Counter, {c: Counter(v) for c, v in
+                                                      state.get("failed_by_client", {}).items()})
         self.flags = defaultdict(list, {c: [tuple(f) for f in v] for c, v in state.get("flags", {}).items()})
         self.client_stats = defaultdict(dict, {c: dict(v) for c, v in state.get("client_stats", {}).items()})
         self.incidents = [tuple(i) for i in state.get("incidents", [])]
