@@ -24,26 +24,26 @@ import os
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
-from collafuse_flwr import client_app as real
+from collafuse_flwr.client_app import app as real
 
 app = ClientApp()
 
 
-@app.query()
+@app.query("hello")
 def hello(msg: Message, context: Context) -> Message:
-    return real.hello(msg, context)
+    return real(msg, context)
 
 
-@app.train()
+@app.train("collafuse")
 def train(msg: Message, context: Context) -> Message:
     if int(context.node_config["partition-id"]) == 1 and int(msg.content["config"]["server-round"]) == 2:
         os._exit(1)
-    return real.train(msg, context)
+    return real(msg, context)
 
 
-@app.evaluate()
+@app.evaluate("collafuse")
 def evaluate(msg: Message, context: Context) -> Message:
-    return real.evaluate(msg, context)
+    return real(msg, context)
 '''
 
 
