@@ -28,7 +28,7 @@ from flwr.supercore import log
 from .isolation import is_infrastructure_error
 from .recorder import EvalResult, Recorder
 from .registry import NodeRegistry
-from .robust import cap_claims
+from .robust import CLAIM_FACTOR, cap_claims
 
 # Totals across nodes rather than example-weighted means.
 SUM_KEYS = (P.NUM_EXAMPLES, P.NUM_UPLOADED, P.CLIENT_TRAIN_FLOPS)
@@ -458,7 +458,7 @@ class DiffusionStrategy(Strategy):
             serious = lie or claims[c] > 10 * counted
             detail = (f"claimed {claims[c]:.6g} examples, counted as {counted:.6g}"
                       + (f" (it declared {declared[c]:.6g} at first contact)" if lie else
-                         " (at most 2x the median of the other clients' claims)"))
+                         f" (at most {CLAIM_FACTOR:g}x the median of the other clients' claims)"))
             log(WARNING, "round %d: client %d (node %d) %s", server_round, c, m.metadata.src_node_id, detail)
             self.recorder.flag(server_round, c, "claim-capped", detail, serious=serious)
 
