@@ -63,6 +63,7 @@ class RunConfig:
     upload_clip: float  # L2 clip of each image before upload; 0 = sqrt(d) (no distortion)
     server_steps: int | str  # "auto" or a fixed count
     server_overlap: bool
+    fedavg_aggregation: str  # fedavg: mean (FedAvg) | median (FedMedian) | trimmed-mean (FedTrimmedAvg)
     batch_size: int
     learning_rate: float
     uploads_per_round: int
@@ -128,6 +129,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "conditioning": ("client", "none"),
     "fid_backbone": ("auto", "inception", "digits-cnn", "mnist-cnn", "none"),
     "harness": ("auto", "on", "off"),
+    "fedavg_aggregation": ("mean", "median", "trimmed-mean"),
 }
 _MIN: dict[str, float] = {
     "num_server_rounds": 1, "diffusion_steps": 2, "image_size": 4, "local_steps": 0,
@@ -142,7 +144,7 @@ _ONLY_FOR = {"cut_ratio": "collafuse", "server_target": "collafuse", "server_ste
              "client_cut_ratios": "collafuse", "upload_epsilon": "collafuse",
              "server_overlap": "collafuse",
              "uploads_per_round": "collafuse", "server_buffer_size": "collafuse",
-             "client_model_size": "collafuse"}
+             "client_model_size": "collafuse", "fedavg_aggregation": "fedavg"}
 
 
 #: Keys that change neither a node's data nor anything that leaves it (where outputs go, how long

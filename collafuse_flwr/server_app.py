@@ -36,6 +36,7 @@ with LOCK:  # the ClientApp may be loading in another thread (collafuse_flwr/imp
     from collafuse_flwr.server import checkpoint as ck
     from collafuse_flwr.server.grid import PollingGrid
     from strategies import Centralized, CollaFuse, FedAvgDiffusion, LocalOnly
+    from strategies.isolation import repair_dead_actors
 
     try:
         from flwr.superlink.grid import InMemoryGrid
@@ -127,8 +128,22 @@ def _resume_point(cfg: RunConfig, context: Context):
         raise RuntimeError(f"resume-from: the run-config differs from the checkpoint's in {changed}; resume with "
                            f"the same settings (only resume-from may differ)")
     if ckpt["round"] >= cfg.num_server_rounds:
-        raise RuntimeError(f"resume-from: {cfg.resume_from} already finished all {cfg.num_server_rounds} rounds")
+        status = _recorded_status(Path(cfg.resume_from))
+        if status in ("ok", "degraded"):
+            raise RuntimeError(f"resume-from: {cfg.resume_from} already finished all {cfg.num_server_rounds} rounds "
+                               f"(status {status})")
+        # every round ran but the results were not written (the run broke while writing them):
+        # resuming runs no round and writes them from the checkpoint
+        log(WARNING, "resume-from: all %d rounds of %s finished but its results were not written (status %s); "
+            "writing them from the checkpoint", cfg.num_server_rounds, cfg.resume_from, status)
     return Path(cfg.resume_from), ckpt
+
+
+def _recorded_status(folder: Path) -> str:
+    try:
+        return str(json.loads((folder / "results.json").read_text()).get("status"))
+    except (OSError, ValueError, AttributeError):
+        return "unknown"
 
 
 def _stop_on_sigterm() -> None:
@@ -186,6 +201,7 @@ def main(grid: Grid, context: Context) -> None:
         torch.manual_seed(cfg.seed)
         simulation = in_simulation(grid)
         if simulation:  # the nodes share this machine's data and network: stop now if they cannot load it
+            repair_dead_actors()  # and one node's crash must not kill the Ray worker others run on
             check_dataset(cfg.dataset)
             prepare_backbone(cfg.fid_backbone, cfg.dataset, cfg.fid_weights or None, cfg.fid_download)  # fetch once
         harness = harness_enabled(cfg, simulation)

@@ -25,8 +25,10 @@ from flwr.supercore import log
 
 from collafuse_flwr import protocol as P
 
+from .isolation import is_infrastructure_error
 from .recorder import EvalResult, Recorder
 from .registry import NodeRegistry
+from .robust import CLAIM_FACTOR, cap_claims
 
 # Totals across nodes rather than example-weighted means.
 SUM_KEYS = (P.NUM_EXAMPLES, P.NUM_UPLOADED, P.CLIENT_TRAIN_FLOPS)
@@ -59,6 +61,9 @@ class DiffusionStrategy(Strategy):
     num_eval_samples, eval_every, sampling_steps
         Generated images per node at evaluation; evaluate every k rounds (0 = last round only);
         0 = ancestral DDPM sampling, n = n DDIM steps.
+    image_shape : (C, H, W) | None
+        Shape of one image: the samples an evaluation reply returns must have it (None: any
+        shape, checked only for being uint8 N x C x H x W).
     recorder : Recorder | None
         Bytes, per-round figures and evaluation returns (a fresh one when None).
     on_round_end : callable(strategy, round) | None
@@ -70,7 +75,7 @@ class DiffusionStrategy(Strategy):
     def __init__(self, *, min_available_nodes: int = 1, min_available_fraction: float = 0.5,
                  capacity: int | None = None, num_eval_samples: int = 64, eval_every: int = 0,
                  sampling_steps: int = 0, connect_timeout: float = 300.0,
-                 recorder: Recorder | None = None,
+                 recorder: Recorder | None = None, image_shape: tuple[int, int, int] | None = None,
                  on_round_end: Callable[[Any, int], None] | None = None) -> None:
         if min_available_nodes < 1:
             raise ValueError(f"min_available_nodes must be >= 1, got {min_available_nodes}")
@@ -86,6 +91,7 @@ class DiffusionStrategy(Strategy):
         self.sampling_steps = sampling_steps
         self.connect_timeout = connect_timeout
         self.recorder = recorder or Recorder()
+        self.image_shape: tuple[int, ...] | None = tuple(image_shape) if image_shape else None
         self.registry = NodeRegistry(capacity)
         self.num_rounds: int | None = None
         self.run_key = 0  # which run's private state nodes continue (a resumed run keeps the first id)
@@ -132,8 +138,7 @@ class DiffusionStrategy(Strategy):
                 result.arrays = arrays = new_arrays
             if train_metrics is not None:
                 result.train_metrics_clientapp[rnd] = train_metrics
-            replies = grid.send_and_receive(self.configure_evaluate(rnd, arrays, evaluate_config, grid),
-                                            timeout=timeout)
+            replies = self.exchange(grid, self.configure_evaluate(rnd, arrays, evaluate_config, grid), timeout)
             eval_metrics = self.aggregate_evaluate(rnd, replies)
             if eval_metrics is not None:
                 result.evaluate_metrics_clientapp[rnd] = eval_metrics
@@ -170,7 +175,29 @@ class DiffusionStrategy(Strategy):
             if not pending or (deadline is not None and time.time() >= deadline):
                 break
             time.sleep(interval)
-        return replies
+        return DiffusionStrategy.retry_lost_workers(grid, messages, replies, timeout)
+
+    @staticmethod
+    def retry_lost_workers(grid: Grid, messages: list[Message], replies: list[Message],
+                           timeout: float | None) -> list[Message]:
+        """Send once more the messages whose reply says the simulation worker that ran them died.
+
+        On Flower's simulation engine a ClientApp that ends its process (os._exit, a crash in
+        native code, the OOM killer) kills a Ray actor that other nodes' ClientApps run on, and
+        every message that actor had or is given next fails with ActorDiedError (see
+        `isolation.py`). That is the infrastructure failing, not the node answering: each such
+        node gets its message once more. A node whose own ClientApp kills the actor fails again
+        and is counted as failed; the others answer."""
+        lost = {m.metadata.src_node_id for m in replies if m.has_error() and is_infrastructure_error(m.error.reason)}
+        if not lost:
+            return replies
+        again = [Message(content=m.content, message_type=m.metadata.message_type, dst_node_id=m.metadata.dst_node_id)
+                 for m in messages if m.metadata.dst_node_id in lost]
+        log(WARNING, "node(s) %s lost the simulation worker that ran their ClientApp (%s); sending their "
+            "message once more", sorted(lost), "Ray actor died")
+        new = list(grid.send_and_receive(again, timeout=timeout)) if again else []
+        got = {m.metadata.src_node_id for m in new}
+        return [m for m in replies if m.metadata.src_node_id not in lost or m.metadata.src_node_id not in got] + new
 
     def while_nodes_train(self, server_round: int) -> None:
         """Server work that may run while round `server_round`'s train messages are out (none here)."""
@@ -336,6 +363,7 @@ class DiffusionStrategy(Strategy):
         Fails the run when fewer than `min_available_fraction` of the addressed nodes are usable."""
         addressed = self._addressed.pop(phase, [])
         ok: list[Message] = []
+        rejected: list[tuple[int, int, str]] = []  # (client, node, why)
         answered: set[int] = set()
         failed = 0
         for m in replies:
@@ -349,20 +377,22 @@ class DiffusionStrategy(Strategy):
                 failed += 1
                 log(WARNING, "round %d %s: client %d (node %d) failed: %s", server_round, phase, client, nid,
                     m.error.reason)
+                self.recorder.fail(client, "its simulation worker died (ActorDiedError)"
+                                   if is_infrastructure_error(m.error.reason) else _last_line(m.error.reason, 120))
                 continue
             self.recorder.up(m, "eval" if phase == "evaluate" else phase, client)
             try:
-                reason = self._check_metrics(m, phase) or self.validate_reply(phase, client, m)
+                reason = (self._check_metrics(m, phase) or (self._check_eval(m) if phase == "evaluate" else "")
+                          or self.validate_reply(phase, client, m))
             except Exception as exc:  # noqa: BLE001 - a reply that breaks a check is malformed, not fatal
                 reason = f"malformed: {type(exc).__name__}: {str(exc)[:120]}"
             if reason:
-                log(WARNING, "round %d %s: reply of client %d (node %d) rejected: %s", server_round, phase,
-                    client, nid, reason)
-                self.recorder.reject(server_round, reason.split(":")[0])
+                rejected.append((client, nid, reason))
                 continue
             if phase == "train":
                 self.recorder.train_reply(client, dict(m.content[P.METRICS]))
             ok.append(m)
+        self._record_rejections(server_round, phase, rejected, len(ok))
         silent = [n for n in addressed if n not in answered]
         if silent:
             clients = [self.client_of(n) for n in silent]
@@ -376,8 +406,97 @@ class DiffusionStrategy(Strategy):
         if addressed and len(ok) < math.ceil(self.min_available_fraction * len(addressed)):
             raise RoundFailed(f"round {server_round} {phase}: only {len(ok)} of {len(addressed)} clients "
                               f"replied validly (min-available-fraction={self.min_available_fraction}); see the "
-                              f"warnings above for who failed and why")
-        return sorted(ok, key=lambda m: self.client_of(m.metadata.src_node_id))
+                              f"warnings above for who failed and why{self._suspects_note()}")
+        ok = sorted(ok, key=lambda m: self.client_of(m.metadata.src_node_id))
+        if phase == "train":
+            self._cap_claims(server_round, ok)
+        return ok
+
+    @staticmethod
+    def _diverged(reason: str) -> bool:
+        """A rejection for non-finite content: what an honest node returns when the global model
+        it was sent has already gone bad."""
+        return "non-finite" in reason or "not all finite" in reason or "not a finite number" in reason
+
+    def _record_rejections(self, server_round: int, phase: str, rejected: list[tuple[int, int, str]],
+                           accepted: int) -> None:
+        """Log and count rejected replies by client; never blame the many for the one.
+
+        When most of a round's train replies are non-finite, the nodes trained a global model
+        that was already broken: that is recorded as an incident of the round (naming the
+        clients flagged earlier as the likely cause), not as each node's fault."""
+        if (phase == "train" and len(rejected) >= 2 and len(rejected) > accepted
+                and all(self._diverged(r) for _, _, r in rejected)):
+            clients = sorted(c for c, _, _ in rejected)
+            what = (f"{len(rejected)} of {len(rejected) + accepted} clients' training diverged from the global "
+                    f"model (non-finite replies from clients {clients}): the model they were sent was "
+                    f"already broken{self._suspects_note()}")
+            log(WARNING, "round %d train: %s", server_round, what)
+            self.recorder.incidents.append((server_round, what))
+            for _, _, reason in rejected:
+                self.recorder.reject(server_round, reason.split(":")[0], None)
+            return
+        for client, nid, reason in rejected:
+            log(WARNING, "round %d %s: reply of client %d (node %d) rejected: %s", server_round, phase,
+                client, nid, reason)
+            self.recorder.reject(server_round, reason.split(":")[0], client)
+
+    def _suspects_note(self) -> str:
+        flagged = self.recorder.flagged()
+        if not flagged:
+            return ""
+        return "; likely cause: " + ", ".join(f"client {c} ({', '.join(k)})" for c, k in flagged.items())
+
+    def _cap_claims(self, server_round: int, ok: list[Message]) -> None:
+        """Example counts weigh averages (FedAvg's weights, every metric mean): a client's claim
+        counts for at most what it declared at first contact and `robust.CLAIM_FACTOR` x the
+        median of the others' (robust.cap_claims). A capped claim is rewritten in the server's
+        copy of the reply, logged naming the client and recorded: a serious flag when it is
+        more than what the node declared or 10x over the cap, otherwise a note (natural size
+        differences between clients)."""
+        by_client = {self.client_of(m.metadata.src_node_id): m for m in ok
+                     if isinstance(m.content[P.METRICS].get(P.NUM_EXAMPLES), (int, float))}
+        claims = {c: float(m.content[P.METRICS][P.NUM_EXAMPLES]) for c, m in by_client.items()}
+        declared = {c: float(self.registry.info.get(m.metadata.src_node_id, {}).get(P.NUM_EXAMPLES, 0) or 0)
+                    for c, m in by_client.items()}
+        for c, counted in cap_claims(claims, declared).items():
+            if counted >= claims[c]:
+                continue
+            m = by_client[c]
+            m.content[P.METRICS][P.NUM_EXAMPLES] = int(counted) if float(counted).is_integer() else counted
+            lie = 0 < declared[c] < claims[c]
+            serious = lie or claims[c] > 10 * counted
+            detail = (f"claimed {claims[c]:.6g} examples, counted as {counted:.6g}"
+                      + (f" (it declared {declared[c]:.6g} at first contact)" if lie else
+                         f" (at most {CLAIM_FACTOR:g}x the median of the other clients' claims)"))
+            log(WARNING, "round %d: client %d (node %d) %s", server_round, c, m.metadata.src_node_id, detail)
+            self.recorder.flag(server_round, c, "claim-capped", detail, serious=serious)
+
+    def _check_eval(self, m: Message) -> str:
+        """An evaluation reply is data the ServerApp keeps and writes out after the last round:
+        one client's bad array must be refused here, not crash the report (and the results) of
+        every client. Samples: exactly uint8 N x C x H x W images, 1 <= N <= num_eval_samples,
+        in this run's image shape, as many as its num-examples says."""
+        met = m.content[P.METRICS]
+        n_claim = met.get(P.NUM_EXAMPLES)
+        if n_claim is not None and not 0 <= n_claim <= self.num_eval_samples:
+            return f"num-examples: {n_claim} generated images claimed, {self.num_eval_samples} were asked for"
+        if met.get(P.FID_SKIPPED, 0) not in (0, 1):
+            return f"{P.FID_SKIPPED}: must be 0 or 1, got {met[P.FID_SKIPPED]}"
+        if P.SAMPLES not in m.content.array_records:
+            return ""
+        rec = m.content[P.SAMPLES]
+        if list(rec.keys()) != [P.IMAGES]:
+            return f"samples: expected exactly the array '{P.IMAGES}', got {list(rec.keys())}"
+        a = rec[P.IMAGES]
+        want = f"uint8 (1..{self.num_eval_samples}, {', '.join(map(str, self.image_shape or ('C', 'H', 'W')))})"
+        if (a.dtype != "uint8" or len(a.shape) != 4 or not 1 <= a.shape[0] <= self.num_eval_samples
+                or (self.image_shape is not None and tuple(a.shape[1:]) != self.image_shape)):
+            return f"samples: expected {want}, got {a.dtype}{tuple(a.shape)}"
+        if n_claim is not None and n_claim != a.shape[0]:
+            return f"samples: {a.shape[0]} images but num-examples says {n_claim}"
+        a.numpy()  # bytes that do not decode to that shape are malformed (raises, caught by _accept)
+        return ""
 
     def _check_metrics(self, m: Message, phase: str = "train") -> str:
         extra = P.unexpected_records(m, "up", P.TRAIN if phase == "train" else P.EVALUATE, self.method)

@@ -6,7 +6,10 @@ Round r:
    x_{t_c} to upload. No weights go down: the server model is never shared. The node checks
    these against its own settings and refuses a request that would lower its privacy.
 2. aggregate_train: each upload is validated (shape, dtype, finite, within the range an x_{t_c}
-   can take, within the node's budget) before it joins the server's bounded buffer; the server
+   can take, within the node's budget, and image by image statistically what an x_{t_c} at that
+   node's noise level looks like: `robust.UploadCheck`) before it joins the server's bounded
+   buffer; every client gets the same share of the server's minibatch rows
+   (`robust.balanced_batches`), whatever it uploaded; the server
    denoiser (the strategy's global ArrayRecord) owes `server_steps` steps on t > t_c ("auto":
    local_steps per node whose upload was accepted, the same total as centralized training).
    With `overlap` those steps run while the nodes train round r + 1 (see `while_nodes_train`);
@@ -42,6 +45,7 @@ from collafuse_flwr.core.flops import FlopMeter
 from collafuse_flwr.core.training import make_optimizer, server_share_loss, train_steps
 
 from .base import DiffusionStrategy, common_args
+from .robust import UploadCheck, balanced_batches
 
 if TYPE_CHECKING:
     from collafuse_flwr.config import RunConfig
@@ -156,6 +160,8 @@ class CollaFuse(DiffusionStrategy):
         self.optimizer = make_optimizer(self.model, learning_rate)
         self.meter = FlopMeter(every_pass=flops_every_pass) if count_flops else None
         self.gen = torch.Generator().manual_seed(seed + 7919)
+        self.seed = seed
+        self._checks: dict[int, UploadCheck] = {}  # cut step -> what an honest upload at it looks like
         self.buffer: dict[int, list[torch.Tensor]] = {}  # client -> its uploads, oldest first
         self.last_upload: dict[int, np.ndarray] = {}  # client -> its last upload (harness only)
         self.node_cuts = node_cuts
@@ -213,6 +219,13 @@ class CollaFuse(DiffusionStrategy):
     def upload_bound(self, client: int) -> float:
         return D.anchor_bound(self.sched, self.cut_for(client), UPLOAD_Z)
 
+    def upload_check(self, client: int) -> UploadCheck:
+        """The statistics every image of an honest upload at this client's cut satisfies."""
+        t_c = self.cut_for(client)
+        if t_c not in self._checks:
+            self._checks[t_c] = UploadCheck(float(self.sched.alpha_bars[t_c]), self.image_shape)  # type: ignore[arg-type]
+        return self._checks[t_c]
+
     # -- training ---------------------------------------------------------------------------
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
@@ -229,6 +242,11 @@ class CollaFuse(DiffusionStrategy):
         return D.client_start_step(t_c / self.sched.T, self.sched.T, self.server_target)  # type: ignore[arg-type]
 
     def validate_reply(self, phase: str, client: int, msg: Message) -> str:
+        if phase == "evaluate":
+            cut = msg.content[P.METRICS].get(P.CUT_STEP)
+            if cut is not None and cut != self.cut_for(client):
+                return f"{P.CUT_STEP}: the node says it finished from step {cut}, it was admitted at {self.cut_for(client)}"
+            return ""
         if phase != "train" or P.UPLOAD not in msg.content.array_records:
             return ""
         rec = msg.content[P.UPLOAD]
@@ -249,7 +267,7 @@ class CollaFuse(DiffusionStrategy):
         if peak > bound:
             return (f"upload range: |x| reaches {peak:.3g}, an x_tc at t_c={self.cut_for(client)} stays within "
                     f"{bound:.3g}")
-        return ""
+        return self.upload_check(client)(x)
 
     def steps_for(self, contributors: int) -> int:
         """The server steps one round earns: fixed, or local_steps x the nodes it served."""
@@ -282,10 +300,12 @@ class CollaFuse(DiffusionStrategy):
         else:  # nodes chose their cuts: each row trains on t > its own node's cut
             row_cuts = torch.tensor([self.cut_for(c) for c in range(int(labels.max()) + 1)])[labels]
         stats: dict[str, int] = {}
+        batches = balanced_batches(labels, self.batch_size, steps, self.gen)  # None: shares already equal
         loss_fn = (server_share_loss(self.model, self.sched, t_c, self.server_target, self.gen) if row_cuts is None  # type: ignore[arg-type]
                    else lambda x_tc, c: D.server_loss(self.model, self.sched, x_tc, c, self.server_target, self.gen))  # type: ignore[arg-type]
         loss = train_steps(self.model, self.optimizer, loss_fn, data, steps, self.batch_size, self.gen, self.device,
-                           self.meter, "server-train", labels=labels, guard=True, stats=stats, row_args=row_cuts)
+                           self.meter, "server-train", labels=labels, guard=True, stats=stats, row_args=row_cuts,
+                           batches=batches)
         skipped = stats.get("skipped", 0)
         self.skipped_steps += skipped
         out.update({"server-steps": steps, "server-train-seconds": time.perf_counter() - t0})
@@ -308,6 +328,8 @@ class CollaFuse(DiffusionStrategy):
                 client = self.client_of(m.metadata.src_node_id)
                 self.buffer.setdefault(client, []).append(torch.from_numpy(x.copy()))
                 self.last_upload[client] = x
+                self.recorder.client_stats[client].update(
+                    {f"upload-{k}": v for k, v in self.upload_check(client).summary(x).items()})
                 n_new += x.shape[0]
                 contributors += x.shape[0] > 0
         self._trim_buffer()
@@ -326,6 +348,8 @@ class CollaFuse(DiffusionStrategy):
             ran = {**ran, **now}
         for k, v in ran.items():
             metrics[k] = v
+        if ran.get("server-steps"):
+            self._client_losses(server_round)
         metrics["server-steps-owed"] = self.owed_steps
         metrics["uploads-received"] = n_new
         metrics["server-buffer-size"] = sum(t.shape[0] for ts in self.buffer.values() for t in ts)
@@ -333,6 +357,26 @@ class CollaFuse(DiffusionStrategy):
         self._progress(server_round, "train", **{k: float(v) for k, v in metrics.items()
                                                  if k in (P.TRAIN_LOSS, "server-train-loss", "uploads-received")})
         return ArrayRecord(self.model.state_dict()), metrics
+
+    @torch.no_grad()
+    def _client_losses(self, server_round: int, rows: int = 64) -> None:
+        """The server's loss on each client's newest upload, for the report (results.json
+        `robustness.client_stats`): how well the shared model fits what each client sent. Its
+        own generator, so training draws stay as they were (an honest run is unchanged)."""
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + 104_729 + server_round)
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            for client in sorted(self.buffer):
+                if not self.buffer[client] or not self.serves(client):
+                    continue
+                x = self.buffer[client][-1][:rows].to(self.device)
+                if hasattr(self.model, "condition"):
+                    self.model.condition(client)
+                loss = D.server_loss(self.model, self.sched, x, self.cut_for(client), self.server_target, gen)  # type: ignore[arg-type]
+                self.recorder.client_stats[client]["server-loss"] = float(loss)
+        finally:
+            self.model.train(was_training)
 
     def buffer_tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The buffer as one tensor, with each row's client index (in client order)."""

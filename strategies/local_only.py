@@ -29,7 +29,8 @@ class LocalOnly(DiffusionStrategy):
 
     @classmethod
     def from_run_config(cls, cfg: RunConfig, **kwargs: Any) -> LocalOnly:
-        return cls(**{"diffusion_steps": cfg.diffusion_steps, **common_args(cfg), **kwargs})
+        shape = (cfg.image_channels, cfg.image_size, cfg.image_size)
+        return cls(**{"diffusion_steps": cfg.diffusion_steps, "image_shape": shape, **common_args(cfg), **kwargs})
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:

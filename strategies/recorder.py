@@ -48,6 +48,13 @@ class Recorder:
         self.missing: dict[int, list[int]] = {}  # round -> client indices that did not reply
         # per client, summed over its accepted train replies (what each data owner spent and sent)
         self.train_totals: dict[int, dict[str, float]] = defaultdict(lambda: defaultdict(float))
+        # who: rejected replies by client and reason, and what the robustness checks did to a
+        # client's accepted replies (a capped claim, a clipped update), so results.json names them
+        self.rejected_by_client: dict[int, Counter[str]] = defaultdict(Counter)
+        self.failed_by_client: dict[int, Counter[str]] = defaultdict(Counter)  # error replies, by what they said
+        self.flags: dict[int, list[tuple[int, str, str]]] = defaultdict(list)  # client -> (round, kind, detail)
+        self.client_stats: dict[int, dict[str, float]] = defaultdict(dict)  # client -> latest figures
+        self.incidents: list[tuple[int, str]] = []  # (round, what): events no single client is blamed for
 
     def record(self, server_round: int, **values: float) -> None:
         rec = self.rounds.setdefault(server_round, RoundRecord(server_round))
@@ -79,10 +86,31 @@ class Recorder:
             if isinstance(v, (int, float)):
                 self.train_totals[client][k] += float(v)
 
-    def reject(self, server_round: int, reason: str) -> None:
+    def reject(self, server_round: int, reason: str, client: int | None = None) -> None:
+        """One reply dropped by validation; `client` is blamed for it (None: nobody is)."""
         self.rejected[reason] += 1
+        if client is not None:
+            self.rejected_by_client[client][reason] += 1
         rec = self.rounds.setdefault(server_round, RoundRecord(server_round))
         rec.values["rejected-replies"] = rec.values.get("rejected-replies", 0) + 1
+
+    def fail(self, client: int, reason: str) -> None:
+        """One error reply from `client` (its ClientApp raised, or its worker died)."""
+        self.failed_by_client[client][reason] += 1
+
+    def flag(self, server_round: int, client: int, kind: str, detail: str, serious: bool = True) -> None:
+        """A robustness check changed what one client's accepted reply counts for (its claim
+        capped, its update clipped). `serious`: the run's status degrades (else a note)."""
+        self.flags[client].append((server_round, kind if serious else f"note:{kind}", detail))
+
+    def flagged(self, serious_only: bool = True) -> dict[int, list[str]]:
+        """client -> the kinds of flag raised on it (serious ones only, by default)."""
+        out = {}
+        for c, items in sorted(self.flags.items()):
+            kinds = sorted({k for _, k, _ in items if not (serious_only and k.startswith("note:"))})
+            if kinds:
+                out[c] = kinds
+        return out
 
     # -- checkpoint ----------------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -90,7 +118,12 @@ class Recorder:
                 "rounds": {r: dict(v.values) for r, v in self.rounds.items()},
                 "evals": {r: (dict(e.images), {c: dict(m) for c, m in e.metrics.items()}) for r, e in self.evals.items()},
                 "failures": self.failures, "rejected": dict(self.rejected), "missing": dict(self.missing),
-                "train_totals": {c: dict(v) for c, v in self.train_totals.items()}}
+                "train_totals": {c: dict(v) for c, v in self.train_totals.items()},
+                "rejected_by_client": {c: dict(v) for c, v in self.rejected_by_client.items()},
+                "failed_by_client": {c: dict(v) for c, v in self.failed_by_client.items()},
+                "flags": {c: [list(f) for f in v] for c, v in self.flags.items()},
+                "client_stats": {c: dict(v) for c, v in self.client_stats.items()},
+                "incidents": [list(i) for i in self.incidents]}
 
     def load_state_dict(self, state: dict) -> None:
         self.bytes = defaultdict(float, state["bytes"])
@@ -105,3 +138,10 @@ class Recorder:
         self.train_totals = defaultdict(lambda: defaultdict(float))
         for c, v in state.get("train_totals", {}).items():
             self.train_totals[c].update(v)
+        self.rejected_by_client = defaultdict(Counter, {c: Counter(v) for c, v in
+                                                        state.get("rejected_by_client", {}).items()})
+        self.failed_by_client = defaultdict(Counter, {c: Counter(v) for c, v in
+                                                      state.get("failed_by_client", {}).items()})
+        self.flags = defaultdict(list, {c: [tuple(f) for f in v] for c, v in state.get("flags", {}).items()})
+        self.client_stats = defaultdict(dict, {c: dict(v) for c, v in state.get("client_stats", {}).items()})
+        self.incidents = [tuple(i) for i in state.get("incidents", [])]

@@ -26,23 +26,23 @@ def _dies(msg: Message, context: Context) -> bool:
     return int(context.node_config["partition-id"]) == 1 and int(msg.content["config"]["server-round"]) >= 2
 
 
-@app.query()
+@app.query("hello")
 def hello(msg: Message, context: Context) -> Message:
-    return real.hello(msg, context)
+    return real.app(msg, context)
 
 
-@app.train()
+@app.train("collafuse")
 def train(msg: Message, context: Context) -> Message:
     if _dies(msg, context):
         raise RuntimeError("this node died")
-    return real.train(msg, context)
+    return real.app(msg, context)
 
 
-@app.evaluate()
+@app.evaluate("collafuse")
 def evaluate(msg: Message, context: Context) -> Message:
     if _dies(msg, context):
         raise RuntimeError("this node died")
-    return real.evaluate(msg, context)
+    return real.app(msg, context)
 '''
 
 PYPROJECT = '''

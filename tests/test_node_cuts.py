@@ -65,7 +65,7 @@ def test_an_upload_is_judged_against_its_own_nodes_cut(tiny_config):
     at t_c = 2 would be a poisoned upload (far outside what an x_2 can be) and are refused."""
     s = _strategy(tiny_config)
     msgs = list(s.configure_train(1, ArrayRecord(), ConfigRecord(), CutGrid(CUTS)))
-    noisy = (np.random.default_rng(0).standard_normal((4, 1, 8, 8)) * 2.5).astype(np.float32)
+    noisy = _upload(18).astype(np.float32)  # an honest x_18: nearly pure noise
     assert np.abs(noisy).max() > D.anchor_bound(s.sched, 2, 8.0)
     assert np.abs(noisy).max() < D.anchor_bound(s.sched, 18, 8.0)
     replies = _train_replies(s, msgs, [noisy, _upload(10), noisy])

@@ -290,12 +290,12 @@ def _fedavg(tiny_config, n=2):
 def test_fedavg_weights_by_examples(tiny_config):
     s, msgs = _fedavg(tiny_config)
     assert all("arrays" in m.content.array_records for m in msgs)
-    replies = _fedavg_replies(msgs, [np.zeros(3, np.float32), np.full(3, 4.0, np.float32)], [1, 3])
+    replies = _fedavg_replies(msgs, [np.full(3, 1.0, np.float32), np.full(3, 2.0, np.float32)], [2, 3])
     arrays, metrics = s.aggregate_train(1, replies)
-    np.testing.assert_allclose(arrays["w"].numpy(), np.full(3, 3.0))  # (0*1 + 4*3) / 4
-    assert metrics["num-examples"] == 4
+    np.testing.assert_allclose(arrays["w"].numpy(), np.full(3, 1.6))  # (1*2 + 2*3) / 5
+    assert metrics["num-examples"] == 5
     # timings: the example-weighted mean as for every metric, and the round's total beside it
-    assert metrics["train-seconds"] == pytest.approx((2 * 1 + 4 * 3) / 4)
+    assert metrics["train-seconds"] == pytest.approx((2 * 2 + 4 * 3) / 5)
     assert metrics["train-seconds-total"] == pytest.approx(6.0)
     assert "num-examples-total" not in metrics
 

@@ -49,6 +49,7 @@ def train_steps(
     guard: bool = False,
     stats: dict[str, int] | None = None,
     row_args: Tensor | None = None,
+    batches: list[Tensor] | None = None,
 ) -> float:
     """Run `steps` Adam steps of loss_fn(batch) on `data` (already in model range); mean loss.
 
@@ -58,12 +59,14 @@ def train_steps(
     guard: skip a step whose loss or gradients are not finite, leaving the model and the
     optimizer's moments as they were (a shared model must not be destroyed by one bad batch);
     `stats["skipped"]` counts them. The mean is over the steps taken (NaN when none were).
+    batches: the minibatches' row indices, when the caller draws them (e.g. an equal share per
+    client); None = reshuffled epochs over all rows (`minibatch_indices`).
     """
     if steps <= 0 or data.shape[0] == 0:
         return float("nan")
     model.train()
     total, taken = 0.0, 0
-    for idx in minibatch_indices(data.shape[0], batch_size, steps, generator):
+    for idx in batches if batches is not None else minibatch_indices(data.shape[0], batch_size, steps, generator):
         batch = data[idx].to(device)
         if labels is not None:
             model.condition(labels[idx])

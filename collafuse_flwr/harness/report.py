@@ -54,19 +54,78 @@ def pooled_quality(cfg: RunConfig, images: dict[int, np.ndarray], num_nodes: int
         return {}
 
 
-def run_status(rec, num_nodes: int, per_client: dict[int, dict[str, float]], evaluated: bool) -> tuple[str, list[str]]:
-    """"ok" only when the run finished and every client produced finite samples; else "degraded"."""
+def run_status(rec, num_nodes: int, per_client: dict[int, dict[str, float]], evaluated: bool,
+               clients: list[int] | None = None) -> tuple[str, list[str]]:
+    """"ok" only when the run finished, no reply was rejected or failed, no robustness check had
+    to act on a client, and every client produced finite samples; else "degraded", with the
+    reasons naming the clients. clients: the admitted clients' indices (to name who is missing)."""
     reasons = []
     if rec.failures:
         reasons.append(f"{rec.failures} failed or missing replies (rounds {sorted(rec.missing) or 'n/a'})")
-    if rec.rejected:
-        reasons.append(f"rejected replies: {dict(rec.rejected)}")
+    for c, why in sorted(getattr(rec, "failed_by_client", {}).items()):
+        reasons.append(f"client {c}: {sum(why.values())} error reply(s) ({'; '.join(sorted(why))[:300]})")
+    by_client = getattr(rec, "rejected_by_client", {})
+    for c, why in sorted(by_client.items()):
+        reasons.append(f"client {c}: {sum(why.values())} reply(s) rejected ({', '.join(sorted(why))})")
+    unblamed = sum(rec.rejected.values()) - sum(sum(v.values()) for v in by_client.values())
+    if unblamed > 0:
+        reasons.append(f"{unblamed} rejected replies no client is blamed for: {dict(rec.rejected)}")
+    for c, kinds in (rec.flagged() if hasattr(rec, "flagged") else {}).items():
+        reasons.append(f"client {c}: {', '.join(kinds)} (see final.robustness)")
+    for server_round, what in getattr(rec, "incidents", []):
+        reasons.append(f"round {server_round}: {what}")
     if evaluated and len(per_client) < num_nodes:
-        reasons.append(f"only {len(per_client)} of {num_nodes} clients returned their final evaluation")
+        missing = sorted(set(clients or range(num_nodes)) - set(per_client))
+        reasons.append(f"only {len(per_client)} of {num_nodes} clients returned their final evaluation"
+                       + (f" (missing: clients {missing})" if missing else ""))
     bad = [c for c, m in per_client.items() if P.CHECKSUM in m and not math.isfinite(m[P.CHECKSUM])]
     if bad:
         reasons.append(f"non-finite samples from clients {bad}")
     return ("degraded" if reasons else "ok"), reasons
+
+
+def run_notes(rec, per_client: dict[int, dict[str, float]]) -> list[str]:
+    """What a reader should know that is not a fault: clients whose FID was skipped (too few
+    test images for a Frechet distance), example claims capped within natural size differences."""
+    notes = []
+    skipped = fid_skipped_clients(per_client)
+    if skipped:
+        notes.append(f"FID skipped for clients {skipped}: too few held-out test images for a Frechet distance; "
+                     f"the mean FID is over the others")
+    for c, items in sorted(getattr(rec, "flags", {}).items()):
+        kinds = sorted({k.removeprefix("note:") for _, k, _ in items if k.startswith("note:")})
+        if kinds:
+            notes.append(f"client {c}: {', '.join(kinds)} (see final.robustness)")
+    return notes
+
+
+def fid_skipped_clients(per_client: dict[int, dict[str, float]]) -> list[int]:
+    return sorted(c for c, m in per_client.items() if m.get(P.FID_SKIPPED) == 1)
+
+
+def consistent_images(images: dict[int, np.ndarray]) -> tuple[dict[int, np.ndarray], list[int]]:
+    """The clients' sample arrays that can be stacked (uint8 N x C x H x W, the shape most
+    clients have), and the clients left out. The strategies refuse a bad array already; this
+    is the last line, so that one client's data never costs the run its report."""
+    ok = {c: a for c, a in images.items()
+          if isinstance(a, np.ndarray) and a.dtype == np.uint8 and a.ndim == 4 and a.shape[0] > 0}
+    if ok:
+        shapes = [a.shape[1:] for a in ok.values()]
+        common = max(sorted(set(shapes)), key=shapes.count)
+        ok = {c: a for c, a in ok.items() if a.shape[1:] == common}
+    return ok, sorted(set(images) - set(ok))
+
+
+def robustness_report(rec, strategy) -> dict[str, Any]:
+    """Who the robustness checks acted on, and each client's upload / server-loss figures."""
+    return {
+        "rejected_replies_by_client": {str(c): dict(v) for c, v in sorted(getattr(rec, "rejected_by_client", {}).items())},
+        "flags": {str(c): [{"round": r, "kind": k.removeprefix("note:"), "serious": not k.startswith("note:"),
+                            "detail": d} for r, k, d in v] for c, v in sorted(getattr(rec, "flags", {}).items())},
+        "incidents": [{"round": r, "what": w} for r, w in getattr(rec, "incidents", [])],
+        "client_stats": {str(c): dict(v) for c, v in sorted(getattr(rec, "client_stats", {}).items())},
+        "aggregation": getattr(strategy, "aggregation", None),
+    }
 
 
 def finalize(cfg: RunConfig, strategy, result, out: Path, run_id: int, num_nodes: int, started: float,
@@ -84,6 +143,7 @@ def finalize(cfg: RunConfig, strategy, result, out: Path, run_id: int, num_nodes
     evals = rec.evals
     last = evals[max(evals)] if evals else None
     per_client = last.metrics if last else {}
+    images, dropped = consistent_images(last.images if last else {})
     totals = {k: float(sum(r.values.get(k, 0.0) or 0.0 for r in rounds.values())) for k in SUM_KEYS}
     totals[P.CLIENT_TRAIN_FLOPS] = float(sum(float(m.get(P.CLIENT_TRAIN_FLOPS, 0.0))
                                              for m in result.train_metrics_clientapp.values()))
@@ -94,6 +154,7 @@ def finalize(cfg: RunConfig, strategy, result, out: Path, run_id: int, num_nodes
     final: dict[str, Any] = {
         "fid": _mean(m.get(P.FID) for m in per_client.values()),
         "fid_per_client": _per_client(per_client, P.FID),
+        "fid_skipped_clients": fid_skipped_clients(per_client),
         "kid": _mean(m.get(P.KID) for m in per_client.values()),
         "kid_per_client": _per_client(per_client, P.KID),
         "precision": _mean(m.get("precision") for m in per_client.values()),
@@ -119,11 +180,16 @@ def finalize(cfg: RunConfig, strategy, result, out: Path, run_id: int, num_nodes
         "bytes_harness": {"down": b.get("down-harness", 0.0), "up_eval": b.get("up-eval", 0.0)},
         "failed_replies": rec.failures,
         "rejected_replies": dict(rec.rejected),
+        "rejected_replies_by_client": {str(c): dict(v) for c, v in
+                                       sorted(getattr(rec, "rejected_by_client", {}).items())},
+        "failed_replies_by_client": {str(c): dict(v) for c, v in
+                                     sorted(getattr(rec, "failed_by_client", {}).items())},
+        "robustness": robustness_report(rec, strategy),
         "missing_clients_by_round": {str(k): v for k, v in sorted(rec.missing.items())},
         "infer_seconds_per_client": _mean(m.get(P.INFER_SECONDS) for m in per_client.values()),
     }
     if harness:
-        final.update(pooled_quality(cfg, last.images if last else {}, num_nodes))
+        final.update(pooled_quality(cfg, images, num_nodes))
     if final["fid_backbone"] is None and per_client:
         final["fid_backbone"] = resolve_backbone(cfg.fid_backbone, cfg.dataset, cfg.fid_weights or None)
     shape = getattr(strategy, "image_shape", None)  # CollaFuse's model's (also when no node shared images)
@@ -133,10 +199,15 @@ def finalize(cfg: RunConfig, strategy, result, out: Path, run_id: int, num_nodes
     if dp:  # each node's DP plan as it declared it, beside the epsilon its actual uploads realised
         final["disclosure"]["dp_per_client"] = {
             c: {**plan, "epsilon_realised": per_client.get(int(c), {}).get(P.EPSILON)} for c, plan in dp.items()}
-    status, reasons = run_status(rec, num_nodes, per_client, bool(evals))
+    status, reasons = run_status(rec, num_nodes, per_client, bool(evals), sorted(strategy.registry.index.values()))
+    if dropped:
+        reasons.append(f"samples of clients {dropped} left out of samples.* and pooled FID (not uint8 images of "
+                       f"the others' shape)")
+        status = "degraded"
     results = {
         "status": status,
         "status_reasons": reasons,
+        "status_notes": run_notes(rec, per_client),
         "method": cfg.method,
         "cut_ratio": cfg.cut_ratio if cfg.method == "collafuse" else None,
         "cut_step": cfg.cut_step if cfg.method == "collafuse" else None,
@@ -159,8 +230,8 @@ def finalize(cfg: RunConfig, strategy, result, out: Path, run_id: int, num_nodes
         "final": final,
         "per_client": {str(k): v for k, v in sorted(per_client.items())},
     }
-    if last:
-        save_samples(out, last.images)
+    if images:
+        save_samples(out, images)
     results["wall_seconds"] = time.time() - started
     write_json(out / "results.json", results)
     log(INFO, "\n%s", summary_table(_summary_rows(results)))

@@ -116,6 +116,13 @@ def check_run_config(app_dir: Path, text: str, num_clients: int) -> RunConfig | 
             raise RunConfigError(" ".join(str(exc).split())) from None
     for w in caught:
         print(f"collafuse-run: warning: {w.message}", flush=True)
+    if cfg.resume_from:  # an unreadable checkpoint: one line now, not a ServerApp traceback later
+        from collafuse_flwr.server.checkpoint import CheckpointError, load_checkpoint
+
+        try:
+            load_checkpoint(Path(cfg.resume_from))
+        except CheckpointError as exc:
+            raise RunConfigError(str(exc)) from None
     if cfg.method == "collafuse" and 0 < len(cfg.cut_ratios) < num_clients:
         raise RunConfigError(f"client-cut-ratios={cfg.client_cut_ratios!r} has {len(cfg.cut_ratios)} entries for "
                              f"--num-clients {num_clients}: give one cut ratio per client")

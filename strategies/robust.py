@@ -1,0 +1,223 @@
+"""Defences against one hostile or broken client that the strategies share (issue 25).
+
+Why here and not in the validation of single values: a reply can be valid in every field and
+still take the federation over. A CollaFuse upload of constant images just under the magnitude
+bound, a FedAvg node that claims 1e12 examples, or one that returns its weights x100 each pass
+the per-value checks. What such a reply cannot do is look like what an honest node sends, and
+that is what this module checks, with thresholds derived from the distribution an honest reply
+follows, so honest replies pass with overwhelming probability (bit-identical honest runs).
+
+- `UploadCheck`: an x_tc upload must look like sqrt(abar) x0 + sqrt(1 - abar) eps with x0 in
+  [-1, 1] and eps white Gaussian noise, image by image.
+- `balanced_batches`: server minibatches in which every client holds the same share of rows,
+  whatever it uploaded (the "auto" step budget is earned per client, so each is owed 1/K).
+- `cap_claims`: example counts a client may claim for weighting.
+- `clip_updates`: FedAvg updates no larger than a few times the others'.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+#: One-sided tail probability allowed per statistic per image. Five statistics per image and 64
+#: images an upload: an honest upload is refused with probability < 1e-9 (per round per node).
+TAIL_P = 1e-12
+#: Standard deviations of the per-image mean's noise allowed (two-sided Gaussian tail 1e-15).
+MEAN_Z = 8.0
+
+
+def chi2_tail_factor(m: int, p: float = TAIL_P, upper: bool = False) -> float:
+    """u with P(chi2_m <= m u) <= p (lower tail, u < 1) or P(chi2_m >= m u) <= p (upper, u > 1).
+
+    From the Chernoff bound P <= (u e^(1-u))^(m/2), which holds for every m on both sides, so the
+    threshold is rigorous (no normal approximation) and needs no scipy; it is a little looser
+    than the exact quantile, which only lowers the false-positive rate further."""
+    if m <= 0:
+        return 0.0 if not upper else math.inf
+    target = math.log(p) * 2.0 / m  # log(u) + 1 - u must reach this (<= 0)
+    f = lambda u: math.log(u) + 1.0 - u - target  # noqa: E731 - decreasing in u > 1, increasing in u < 1
+    lo, hi = (1e-300, 1.0) if not upper else (1.0, 2.0)
+    while upper and f(hi) > 0:
+        hi *= 2.0
+    for _ in range(200):
+        mid = math.sqrt(lo * hi) if not upper else 0.5 * (lo + hi)
+        if (f(mid) > 0) == upper:
+            lo = mid
+        else:
+            hi = mid
+    return lo if not upper else hi
+
+
+@dataclass(frozen=True)
+class UploadCheck:
+    """What every image of an honest upload at a node's cut satisfies, with probability 1 - TAIL_P
+    per statistic, whatever its data x0 in [-1, 1] (s^2 = 1 - abar, d pixels):
+
+    - mean:        |mean(x)| <= sqrt(abar) + MEAN_Z s / sqrt(d)
+    - spread:      ||x - mean(x)||^2 >= s^2 (d - 1) u_lo        (too little noise: a constant image)
+    - texture:     sum over disjoint neighbour pairs (x_a - x_b)^2 >= 2 s^2 m u_lo, across rows and
+                   down columns   (white noise of variance s^2; smooth or constant images fail)
+    - energy:      ||x|| <= sqrt(abar d) + s sqrt(d u_hi)        (too large an image)
+
+    The lower bounds use Anderson's theorem: adding the data's (fixed) term to centred Gaussian
+    noise only makes a symmetric convex set such as {||P x|| <= r} less likely, so the threshold
+    for noise alone holds for any x0. The upper bounds follow from the triangle inequality with
+    |x0| <= 1. Raw uploads (t_c = 0, s = 0) keep only the bounds of [-1, 1] data.
+    """
+
+    abar: float
+    image_shape: tuple[int, int, int]
+
+    @property
+    def noise_var(self) -> float:
+        return max(0.0, 1.0 - self.abar)
+
+    def _pairs(self, axis: int) -> int:
+        c, h, w = self.image_shape
+        return c * (h // 2) * w if axis == 2 else c * h * (w // 2)
+
+    def statistics(self, x: np.ndarray) -> dict[str, np.ndarray]:
+        """Per image: mean, spread, texture across rows / down columns, norm (float64)."""
+        x = np.asarray(x, dtype=np.float64).reshape(-1, *self.image_shape)
+        n = x.shape[0]
+        flat = x.reshape(n, -1)
+        mean = flat.mean(axis=1)
+        h2, w2 = (self.image_shape[1] // 2) * 2, (self.image_shape[2] // 2) * 2
+        across = x[..., 0:w2:2] - x[..., 1:w2:2]
+        down = x[:, :, 0:h2:2, :] - x[:, :, 1:h2:2, :]
+        return {"mean": mean, "spread": ((flat - mean[:, None]) ** 2).sum(axis=1),
+                "texture-across": (across.reshape(n, -1) ** 2).sum(axis=1),
+                "texture-down": (down.reshape(n, -1) ** 2).sum(axis=1),
+                "norm": np.sqrt((flat ** 2).sum(axis=1))}
+
+    def bounds(self) -> dict[str, tuple[float, float]]:
+        """(lowest, highest) allowed value of each statistic."""
+        d = int(np.prod(self.image_shape))
+        s2, ab = self.noise_var, self.abar
+        s = math.sqrt(s2)
+        slack = 1e-4  # float32 rounding of [-1, 1] data (matters only without noise)
+        m_across, m_down = self._pairs(3), self._pairs(2)
+        return {
+            "mean": (-math.inf, math.sqrt(ab) + MEAN_Z * s / math.sqrt(d) + slack),
+            "spread": (s2 * (d - 1) * chi2_tail_factor(d - 1), math.inf),
+            "texture-across": (2 * s2 * m_across * chi2_tail_factor(m_across), math.inf),
+            "texture-down": (2 * s2 * m_down * chi2_tail_factor(m_down), math.inf),
+            "norm": (-math.inf, math.sqrt(ab * d) + s * math.sqrt(d * chi2_tail_factor(d, upper=True)) + slack),
+        }
+
+    def __call__(self, x: np.ndarray) -> str:
+        """'' when every image could be an honest x_tc, else why not (the first failing image)."""
+        if x.size == 0:
+            return ""
+        stats = self.statistics(x)
+        stats["mean"] = np.abs(stats["mean"])
+        for name, (lo, hi) in self.bounds().items():
+            v = stats[name]
+            bad = np.flatnonzero((v < lo) | (v > hi))
+            if bad.size:
+                i = int(bad[0])
+                what = f"below {lo:.3g}" if v[i] < lo else f"above {hi:.3g}"
+                return (f"upload statistics: {bad.size} of {len(v)} image(s) cannot be an x_tc at this node's "
+                        f"noise level (1 - abar = {self.noise_var:.3g}); image {i}'s {name} is {v[i]:.3g}, "
+                        f"{what}")
+        return ""
+
+    def summary(self, x: np.ndarray) -> dict[str, float]:
+        """Per-upload figures for the report: each statistic over its honest expectation."""
+        stats = self.statistics(x)
+        d = int(np.prod(self.image_shape))
+        s2 = self.noise_var
+        out = {"mean": float(np.mean(stats["mean"]))}
+        if s2 > 0:
+            out["spread-ratio"] = float(np.mean(stats["spread"]) / (s2 * (d - 1)))
+            out["texture-ratio"] = float(np.mean(stats["texture-across"]) / (2 * s2 * max(self._pairs(3), 1)))
+        return out
+
+
+def balanced_batches(labels: Tensor, batch_size: int, steps: int, generator: torch.Generator) -> list[Tensor] | None:
+    """Minibatch row indices in which every client (label) gets the same share of rows.
+
+    None when every client holds the same number of rows: the plain reshuffled-epoch sampler
+    (`training.minibatch_indices`) then already gives each exactly 1/K, and an honest run stays
+    bit-identical. Otherwise each batch's slots go round-robin over the clients in a fresh random
+    order, and each client's slots take its rows from its own reshuffled epochs, so a client
+    that holds more rows (uploaded more, or the others' were refused) gets no larger share of
+    the server's steps, and each client's images are still seen evenly."""
+    clients, counts = torch.unique(labels, return_counts=True)
+    if steps <= 0 or len(clients) <= 1 or bool((counts == counts[0]).all()):
+        return None
+    rows = [torch.nonzero(labels == c).flatten() for c in clients]
+    streams = [torch.empty(0, dtype=torch.long) for _ in rows]
+    bs = min(batch_size, int(labels.numel()))
+    k = len(rows)
+    out: list[Tensor] = []
+    for _ in range(steps):
+        order = torch.randperm(k, generator=generator)
+        take = [bs // k + (1 if j < bs % k else 0) for j in range(k)]
+        batch = []
+        for j, ci in enumerate(order.tolist()):
+            need = take[j]
+            while streams[ci].numel() < need:
+                streams[ci] = torch.cat([streams[ci], rows[ci][torch.randperm(rows[ci].numel(), generator=generator)]])
+            batch.append(streams[ci][:need])
+            streams[ci] = streams[ci][need:]
+        out.append(torch.cat(batch))
+    return out
+
+
+#: A client's claimed example count weighs at most this many times the median of the others'.
+CLAIM_FACTOR = 2.0
+
+
+def cap_claims(claims: dict[int, float], declared: dict[int, float]) -> dict[int, float]:
+    """Each client's example count for weighting: its claim, at most what it declared at first
+    contact (when it did), and at most CLAIM_FACTOR x the median of the other clients' (already
+    declaration-capped) claims. Honest clients of similar sizes are untouched; one that claims
+    1e12 weighs like CLAIM_FACTOR typical clients instead of all of them."""
+    first = {c: min(v, declared[c]) if declared.get(c, 0) > 0 else v for c, v in claims.items()}
+    if len(first) < 2:
+        return first
+    out = {}
+    for c, v in first.items():
+        others = [w for o, w in first.items() if o != c]
+        out[c] = min(v, CLAIM_FACTOR * float(np.median(others)))
+    return out
+
+
+#: A FedAvg update (returned weights minus the global model) may be at most this many times the
+#: median of the other clients' update norms; larger ones are scaled down to it.
+CLIP_FACTOR = 3.0
+
+
+def update_norms(updates: dict[int, dict[str, np.ndarray]], base: dict[str, np.ndarray]) -> dict[int, float]:
+    """L2 norm of each client's update (its floating-point arrays minus the global model's)."""
+    out = {}
+    for c, arrays in updates.items():
+        sq = 0.0
+        for k, a in arrays.items():
+            if np.issubdtype(a.dtype, np.floating):
+                sq += float(np.sum((a.astype(np.float64) - base[k].astype(np.float64)) ** 2))
+        out[c] = math.sqrt(sq)
+    return out
+
+
+def clip_bounds(norms: dict[int, float]) -> dict[int, float]:
+    """Each client's largest allowed update norm: CLIP_FACTOR x the median of the others' norms
+    (inf with fewer than two clients, or when the others did not move: nothing to compare with)."""
+    out = {}
+    for c in norms:
+        others = [v for o, v in norms.items() if o != c]
+        med = float(np.median(others)) if others else 0.0
+        out[c] = CLIP_FACTOR * med if med > 0 else math.inf
+    return out
+
+
+def clipped(arrays: dict[str, np.ndarray], base: dict[str, np.ndarray], scale: float) -> dict[str, np.ndarray]:
+    """base + scale x (arrays - base) for floating-point arrays, in their dtype (others as they are)."""
+    return {k: ((base[k].astype(np.float64) + scale * (a.astype(np.float64) - base[k].astype(np.float64)))
+                .astype(a.dtype) if np.issubdtype(a.dtype, np.floating) else a) for k, a in arrays.items()}
