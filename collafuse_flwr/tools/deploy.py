@@ -34,7 +34,7 @@ from collafuse_flwr.tools.launch import APP_DIR, flwr_bin, free_port, stop_pids,
 from collafuse_flwr.tools.launch import _output_dir as _said_output_dir
 
 FEDERATION = "collafuse-local"
-ISOLATIONS = ("subprocess", "warm")
+ISOLATIONS = ("subprocess", "process", "warm")
 
 
 @dataclass
@@ -194,13 +194,14 @@ class LocalDeployment:
             priv, pub = make_node_key(self.workdir / "keys", k)
             self._flwr("supernode", "register", str(pub), self.federation)
             cmd += ["--auth-supernode-private-key", str(priv)]
-        if self.isolation == "warm":
+        if self.isolation != "subprocess":
             cmd += ["--isolation", "process"]
         node = self._spawn(f"supernode-{k}", cmd)
-        if self.isolation == "warm":
-            worker = [sys.executable, "-m", "collafuse_flwr.tools.warm_clientapp",
-                      "--runtime-api-address", f"127.0.0.1:{port}", "--insecure", "--parent-pid", str(node.pid)]
-            self._spawn(f"warm-clientapp-{k}", worker)
+        runtime = ["--runtime-api-address", f"127.0.0.1:{port}", "--insecure", "--parent-pid", str(node.pid)]
+        if self.isolation == "process":  # Flower's own long-lived executor (its Docker guide's SuperExec)
+            self._spawn(f"clientapp-{k}", ["flower-superexec", *runtime])
+        elif self.isolation == "warm":
+            self._spawn(f"clientapp-{k}", [sys.executable, "-m", "collafuse_flwr.tools.warm_clientapp", *runtime])
 
     def online_nodes(self) -> int:
         res = self._flwr("supernode", "ls", self.federation, "--format", "json", check=False)
@@ -269,7 +270,7 @@ class LocalDeployment:
     def kill_node(self, k: int) -> list[int]:
         """SIGKILL SuperNode k and everything under it (and its warm worker): a crashed node."""
         pids = []
-        for name in (f"supernode-{k}", f"warm-clientapp-{k}"):
+        for name in (f"supernode-{k}", f"clientapp-{k}"):
             if name in self.procs:
                 pids += tree(self.procs[name].pid)
         return stop_pids(pids, signals=(signal.SIGKILL,))
