@@ -68,7 +68,7 @@ def test_sweep_end_to_end_and_resume(tmp_path):
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
     # a different budget must not be mixed into the same folder silently
     with pytest.raises(BenchmarkError, match="local-steps"):
-        run_sweep(configs, tmp_path, seeds=[0], run_config=TEST_SIZE, extra="local-steps=3", num_clients=2,
+        run_sweep(configs, tmp_path, seeds=[0], run_config={**TEST_SIZE, "local-steps": 3}, num_clients=2,
                   report=False)
 
 
