@@ -6,8 +6,8 @@ receives starts a fresh `flwr-clientapp` process (`--isolation subprocess`, and 
 process`, whose long-lived `flower-superexec` starts one per task: `flwr-clientapp` takes a
 one-task `--token` and exits), which imports torch and the app and reloads the node's data before
 any work; and an idle SuperNode sleeps a hard-coded 3 s between pulls. Measured with
-`python -m benchmarks.deploy_overhead` (3 SuperNodes, TLS + auth, 2-core VM): 23.4 s (subprocess)
-and 22.2 s (process) of overhead per round against a 3 s target. Flower has no option for either,
+`python -m benchmarks.deploy_overhead` (3 SuperNodes, TLS + auth, 2-core VM): 22-23 s of overhead
+per round with either, against a 3 s target (this: 1.2-2.4 s). Flower has no option for either,
 so this file patches both; it uses ~15 names from flwr.supercore and flwr.supernode that carry no
 stability promise, so it refuses any Flower but the one it was written and tested against
 (FLOWER, tests/test_deploy_units.py), and lives beside the repository's scripts, not in the wheel.

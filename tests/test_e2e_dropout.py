@@ -15,36 +15,24 @@ from collafuse_flwr.tools.launch import run_flower
 pytestmark = pytest.mark.e2e
 
 FAULTY_APP = '''
-"""collafuse-flwr's ClientApp, except that partition 1 crashes from round 2 on."""
+"""collafuse-flwr's ClientApp, except that partition 1 crashes in its train and evaluate handlers
+from round 2 on (a wrapper of the whole app, whatever its handlers are named)."""
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
 from collafuse_flwr import client_app as real
 
-app = ClientApp()
+
+class Faulty(ClientApp):
+    def __call__(self, message: Message, context: Context) -> Message:
+        if (message.metadata.message_type.split(".")[0] in ("train", "evaluate")
+                and int(context.node_config["partition-id"]) == 1
+                and int(message.content["config"]["server-round"]) >= 2):
+            raise RuntimeError("this node died")
+        return real.app(message, context)
 
 
-def _dies(msg: Message, context: Context) -> bool:
-    return int(context.node_config["partition-id"]) == 1 and int(msg.content["config"]["server-round"]) >= 2
-
-
-@app.query()
-def hello(msg: Message, context: Context) -> Message:
-    return real.hello(msg, context)
-
-
-@app.train()
-def train(msg: Message, context: Context) -> Message:
-    if _dies(msg, context):
-        raise RuntimeError("this node died")
-    return real.train(msg, context)
-
-
-@app.evaluate()
-def evaluate(msg: Message, context: Context) -> Message:
-    if _dies(msg, context):
-        raise RuntimeError("this node died")
-    return real.evaluate(msg, context)
+app = Faulty()
 '''
 
 PYPROJECT = '''

@@ -69,7 +69,7 @@ class LocalDeployment:
     `flwr-clientapp` per message) or `warm` (WARM_SCRIPT, from a checkout: one long-lived ClientApp
     worker per SuperNode that keeps torch and the node's data loaded, and SuperNodes that poll the
     SuperLink every `node_poll` s instead of 3 s; private Flower 1.42 internals, pinned there).
-    Per-round overhead, 3 nodes on a 2-core VM (benchmarks/README.md): ~23 s, ~22 s and ~1.3 s.
+    Per-round overhead, 3 nodes on a 2-core VM (benchmarks/README.md): ~22 s, ~22 s and ~2 s.
     """
 
     workdir: Path
