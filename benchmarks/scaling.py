@@ -3,56 +3,89 @@
     python -m benchmarks.scaling                      # 10, 30, 100 clients (~5 min on 2 cores)
     python -m benchmarks.scaling --clients 10 30 100 300 --mem-limit-gb 12
 
-Each point is one `run_flower` call (CollaFuse c=0.2, one round, tiny UNet, 2 local steps,
-IID partitioning; digits has 1,797 images, so 100 clients hold ~14 training and ~4 test images
-each; FLOP counting off). While it runs, a sampler adds up the RSS of every process below this
-one every 0.5 s (flwr run -> SuperLink -> SuperExec -> simulation -> Ray's workers, read from
-/proc); the peak is checked against the limit. Summed RSS counts shared pages once per process
-and so overstates; the summed PSS is printed beside it.
-
-Checks (PASS/FAIL):
-- memory: peak summed RSS at the largest client count < --mem-limit-gb (12 GB);
-- growth no worse than linear: time ~ a + b*n is fitted (b = per-client cost); the largest
-  point may exceed the line through the two smallest by at most --tolerance (25 %). Checked on
-  the ServerApp's own wall time (fixed start-up excluded) and reported for the whole call too.
-
-Writes benchmarks/results/scaling.json and scaling.png (or --out DIR).
+Each point is one `run_flower` call of SCALING_CONFIG (digits has 1,797 images: 100 clients hold
+~14 training and ~4 test images each) while a sampler sums the RSS and PSS of every process below
+this one. Checks: every run ok with every client; the peak summed RSS at the largest count below
+--mem-limit-gb; time ~ a + b*n, the largest point at most --tolerance (25 %) above the line through
+the two smallest (on the ServerApp's own time; the whole call's is reported). Writes
+benchmarks/results/scaling.json and scaling.png (or --out DIR).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
+import os
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from collafuse_flwr.harness.outputs import write_json
+from collafuse_flwr.config import preset
 from collafuse_flwr.tools.launch import run_flower
 
-from .common import (
-    RESULTS_DIR,
-    BenchmarkError,
-    MemorySampler,
-    app_keys,
-    command_line,
-    fmt_seconds,
-    machine_info,
-    parse_overrides,
-    validate_overrides,
-    verdict,
-)
+from .common import (RESULTS_DIR, BenchmarkError, fmt_seconds, parse_overrides, validate_overrides, verdict,
+                     write_result)
 
-SCALING_CONFIG: dict[str, Any] = {
-    "method": "collafuse", "cut-ratio": 0.2, "dataset": "digits", "num-server-rounds": 1, "partitioning": "iid",
-    "model-size": "tiny", "image-size": 8, "diffusion-steps": 20, "local-steps": 2, "server-steps": 2,
-    "batch-size": 16, "uploads-per-round": 4, "num-eval-samples": 4, "count-flops": False,
-    "attack-reference-steps": 10,
-}
+def _tree_memory(root: int) -> tuple[int, int, int]:
+    """(summed RSS, summed PSS, processes) of root and all its descendants, from /proc: flwr run keeps
+    the SuperLink, SuperExec, the simulation and Ray's workers below it. Summed RSS counts shared
+    pages once per process and so overstates (the conservative number the limit is checked
+    against); PSS counts them once in all (Ray's object store, torch's libraries)."""
+    children: dict[int, list[int]] = {}
+    for proc in Path("/proc").iterdir():
+        try:
+            children.setdefault(int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1]), []).append(int(proc.name))
+        except (OSError, IndexError, ValueError):
+            continue
+    pids, todo, rss, pss = [root], [root], 0, 0
+    while todo:
+        kids = children.get(todo.pop(), [])
+        pids, todo = pids + kids, todo + kids
+    for pid in pids:
+        try:
+            kb = dict(ln.split()[:2] for ln in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()[1:])
+            rss, pss = rss + int(kb["Rss:"]) * 1024, pss + int(kb["Pss:"]) * 1024
+        except (OSError, KeyError, ValueError):
+            continue
+    return rss, pss, len(pids)
+
+
+class MemorySampler:
+    """The peak summed RSS and PSS of this process's tree, sampled every `interval` seconds."""
+
+    def __init__(self, interval: float = 0.5) -> None:
+        self.interval, self.peak_rss, self.peak_pss, self.peak_procs, self.samples = interval, 0, 0, 0, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="mem-sampler", daemon=True)
+
+    def sample(self) -> None:
+        rss, pss, procs = _tree_memory(os.getpid())
+        self.peak_rss, self.peak_pss = max(self.peak_rss, rss), max(self.peak_pss, pss)
+        self.peak_procs, self.samples = max(self.peak_procs, procs), self.samples + 1
+
+    def _loop(self) -> None:
+        while not self._stop.wait(0 if not self.samples else self.interval):
+            self.sample()
+
+    def __enter__(self) -> MemorySampler:
+        if not Path("/proc/self/smaps_rollup").exists():
+            raise BenchmarkError("memory sampling reads /proc: it needs Linux")
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+
+#: the tiny preset, one round, IID, FLOP counting off (what 100 clients on 2 cores allow)
+SCALING_CONFIG: dict[str, Any] = {**preset("tiny"), "method": "collafuse", "cut-ratio": 0.2, "num-server-rounds": 1,
+                                  "partitioning": "iid", "uploads-per-round": 4, "count-flops": False,
+                                  "attack-reference-steps": 10}
 GB = 1e9  # decimal, as the 12 GB limit is stated
 
 
@@ -103,34 +136,25 @@ def plot(points: list[dict[str, Any]], path: Path) -> None:
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.3))
     for key, name, color in (("call_seconds", "whole flwr run call", "tab:blue"),
                              ("wall_seconds", "inside the ServerApp", "tab:orange")):
-        ts = [p[key] for p in points]
-        ax1.plot(ns, ts, "o", color=color, label=name)
+        ax1.plot(ns, [p[key] for p in points], "o", color=color, label=name)
         if len(ns) >= 2:
-            a, b = linear_fit(ns, ts)
-            xs = np.linspace(0, max(ns) * 1.05, 50)
-            ax1.plot(xs, a + b * xs, "--", color=color, alpha=0.7, label=f"fit {a:.1f} s + {b:.2f} s/client")
-    ax1.set_xlabel("virtual clients (one round each)")
-    ax1.set_ylabel("wall time (s)")
-    ax1.set_title("Time vs number of clients")
-    ax1.grid(alpha=0.3)
-    ax1.legend(fontsize=8)
-    ax2.plot(ns, [p["peak_rss_bytes"] / GB for p in points], "o-", label="peak summed RSS")
-    ax2.plot(ns, [p["peak_pss_bytes"] / GB for p in points], "s-", label="peak summed PSS")
-    ax2.set_xlabel("virtual clients (one round each)")
-    ax2.set_ylabel("memory of the process tree (GB)")
-    ax2.set_ylim(bottom=0)
-    ax2.set_title("Peak memory vs number of clients")
-    ax2.grid(alpha=0.3)
-    ax2.legend(fontsize=8)
+            a, b = linear_fit(ns, [p[key] for p in points])
+            ax1.plot([0, max(ns)], [a, a + b * max(ns)], "--", color=color, label=f"fit {a:.1f} s + {b:.2f} s/client")
+    for key, name, mark in (("peak_rss_bytes", "peak summed RSS", "o-"), ("peak_pss_bytes", "peak summed PSS", "s-")):
+        ax2.plot(ns, [p[key] / GB for p in points], mark, label=name)
+    ax1.set(ylabel="wall time (s)", title="Time vs number of clients")
+    ax2.set(ylabel="memory of the process tree (GB)", title="Peak memory vs number of clients", ylim=(0, None))
+    for ax in (ax1, ax2):
+        ax.set_xlabel("virtual clients (one round each)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=130)
     plt.close(fig)
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.scaling", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="\n\n".join(__doc__.split("\n\n")[1:]))
+    p = argparse.ArgumentParser(prog="python -m benchmarks.scaling", description=__doc__.split("\n\n")[0])
     p.add_argument("--clients", type=int, nargs="+", default=[10, 30, 100])
     p.add_argument("--extra", default="", help="run-config overrides on top of the scaling configuration")
     p.add_argument("--mem-limit-gb", type=float, default=12.0)
@@ -139,17 +163,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--timeout", type=float, default=1800)
     p.add_argument("--out", type=Path, default=RESULTS_DIR, help="folder for scaling.json / scaling.png")
     a = p.parse_args(argv)
-    try:
-        overrides = app_keys({**SCALING_CONFIG, **parse_overrides(a.extra)})
-        validate_overrides(overrides)
-        ns = sorted(set(a.clients))
-        if ns[0] < 1:
-            raise BenchmarkError("--clients must be >= 1")
-    except BenchmarkError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    points = []
-    t_start = time.perf_counter()
+    overrides, ns = {**SCALING_CONFIG, **parse_overrides(a.extra)}, sorted(set(a.clients))
+    validate_overrides(overrides)  # BenchmarkError names a bad key now, not 40 s into a run
+    if ns[0] < 1:
+        p.error("--clients must be >= 1")
+    points, t_start = [], time.perf_counter()
     for k, n in enumerate(ns, 1):
         print(f"[{k}/{len(ns)}] {n} clients ... (elapsed {fmt_seconds(time.perf_counter() - t_start)})", flush=True)
         pt = measure(n, overrides, a.timeout, a.interval)
@@ -160,51 +178,35 @@ def main(argv: list[str] | None = None) -> int:
         if not pt["ok"]:
             print(pt["log_tail"])
     good = [pt for pt in points if pt["ok"]]
-    checks: dict[str, bool] = {}
-    print()
-    print(f"{'clients':>8} {'call s':>8} {'ServerApp s':>12} {'peak RSS GB':>13} {'peak PSS GB':>13}")
-    for pt in points:
-        print(f"{pt['clients']:>8} {pt['call_seconds']:>8.1f} {pt['wall_seconds']:>12.1f} "
-              f"{pt['peak_rss_bytes'] / GB:>13.2f} {pt['peak_pss_bytes'] / GB:>13.2f}")
-    checks["all runs ok"] = len(good) == len(points)
-    checks["every client took part"] = all(pt["clients_seen"] == pt["clients"] and not pt["failed_replies"]
-                                           for pt in good)
+    gn = [pt["clients"] for pt in good]
+    checks = {"all runs ok": len(good) == len(points),
+              "every client took part": all(pt["clients_seen"] == pt["clients"] and not pt["failed_replies"]
+                                            for pt in good)}
     summary: dict[str, Any] = {}
     if good:
         biggest = max(good, key=lambda pt: pt["clients"])
         checks[f"memory at {biggest['clients']} clients < {a.mem_limit_gb:g} GB"] = \
             biggest["peak_rss_bytes"] < a.mem_limit_gb * GB
     if len(good) >= 2:
-        gn = [pt["clients"] for pt in good]
-        for key in ("wall_seconds", "call_seconds"):
-            aa, bb = linear_fit(gn, [pt[key] for pt in good])
-            summary[key] = {"fixed_seconds": aa, "seconds_per_client": bb}
-        am, bm = linear_fit(gn, [pt["peak_rss_bytes"] for pt in good])
-        summary["peak_rss"] = {"fixed_bytes": am, "bytes_per_client": bm}
-        print(f"\nfit (ServerApp): {summary['wall_seconds']['fixed_seconds']:.1f} s + "
-              f"{summary['wall_seconds']['seconds_per_client']:.3f} s/client; whole call: "
-              f"{summary['call_seconds']['fixed_seconds']:.1f} s + {summary['call_seconds']['seconds_per_client']:.3f} "
-              f"s/client; memory: {am / GB:.2f} GB + {bm / 1e6:.1f} MB/client")
+        for key in ("wall_seconds", "call_seconds", "peak_rss_bytes"):
+            summary[key] = dict(zip(("fixed", "per_client"), linear_fit(gn, [pt[key] for pt in good])))
+        print(f"fit: ServerApp {summary['wall_seconds']['fixed']:.1f} s + {summary['wall_seconds']['per_client']:.3f} "
+              f"s/client; whole call {summary['call_seconds']['fixed']:.1f} s + "
+              f"{summary['call_seconds']['per_client']:.3f} s/client; memory {summary['peak_rss_bytes']['fixed'] / GB:.2f}"
+              f" GB + {summary['peak_rss_bytes']['per_client'] / 1e6:.1f} MB/client")
     if len(good) >= 3:
-        gn = [pt["clients"] for pt in good]
-        s_app = superlinearity(gn, [pt["wall_seconds"] for pt in good])
-        s_call = superlinearity(gn, [pt["call_seconds"] for pt in good])
-        summary["superlinearity"] = {"serverapp": s_app, "call": s_call}
-        print(f"largest point vs the line through the two smallest: ServerApp x{s_app:.2f}, whole call x{s_call:.2f}")
-        checks[f"time growth no worse than linear (ServerApp, +{a.tolerance:.0%} allowed)"] = s_app <= 1 + a.tolerance
-    else:
-        print("(the linear-growth check needs 3 successful points)")
-    print()
+        summary["superlinearity"] = {k: superlinearity(gn, [pt[f"{k}_seconds"] for pt in good]) for k in ("wall", "call")}
+        print(f"largest point / the line through the two smallest: ServerApp x{summary['superlinearity']['wall']:.2f}, "
+              f"whole call x{summary['superlinearity']['call']:.2f}")
+        checks[f"time growth no worse than linear (ServerApp, +{a.tolerance:.0%} allowed)"] = \
+            summary["superlinearity"]["wall"] <= 1 + a.tolerance
     for name, ok in checks.items():
         print(f"{verdict(ok)}  {name}")
-    a.out.mkdir(parents=True, exist_ok=True)
-    write_json(a.out / "scaling.json", {
-        "benchmark": "scaling", "command": command_line(), "when": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        "run_config": overrides, "mem_limit_gb": a.mem_limit_gb, "tolerance": a.tolerance, "points": points,
-        "fit": summary, "checks": checks, "machine": machine_info()})
+    write_result(a.out / "scaling.json", {"benchmark": "scaling", "when": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                                          "run_config": overrides, "mem_limit_gb": a.mem_limit_gb,
+                                          "tolerance": a.tolerance, "points": points, "fit": summary, "checks": checks})
     if good:
         plot(good, a.out / "scaling.png")
-    print(f"wrote {a.out / 'scaling.json'}" + (f" and {a.out / 'scaling.png'}" if good else ""))
     return 0 if all(checks.values()) else 1
 
 

@@ -1,71 +1,58 @@
-"""The comparison sweep: CollaFuse over cut ratios beside FedAvg, local-only and centralized.
+"""One sweep for every comparison: a named run set of the app through Flower or in process,
+resumable, then the report (and the run set's targets, where it has any).
 
-Every configuration runs through the real Flower app (`collafuse_flwr.tools.launch.run_flower`, one
-isolated `flwr run` on the simulation engine each), with the same clients, partitions, seeds and
-training budget, so differences in the report come from the method alone. Defaults are the
-app's own (`[tool.flwr.app.config]` in pyproject.toml: 5 clients, non-IID by class); a preset
-only changes what it names (`cpu` and `quick` pin scikit-learn's digits).
+    python -m benchmarks.sweep --preset cuts          # CollaFuse over c + FedAvg, local-only, centralized on digits
+    python -m benchmarks.sweep --preset comparison    # c = 0.2 against the baselines on MNIST-5k at 16 px
+    python -m benchmarks.sweep --preset tradeoff      # upload-epsilon 10/4/1, mixed cuts, half-size client net
+    python -m benchmarks.sweep --preset main-job      # the README's main command, and local-only beside it
+    python -m benchmarks.sweep --preset quick         # a <= 5 min smoke sweep
+    python -m benchmarks.sweep --preset gpu --engine inprocess --time-budget 420   # a lent GPU (scripts/gpu_run.sh)
+    python -m benchmarks.sweep --preset cuts --only collafuse-c0.2 fedavg --seeds 3 --extra "local-steps=60"
+    python -m benchmarks.sweep --preset tradeoff --dry-run                        # the plan and its time estimate
 
-    python -m benchmarks.sweep                 # 7 configurations x seeds 0 1 2, ~60 min on 2 CPU cores
-    python -m benchmarks.sweep --config mnist5k  # real MNIST digits (embedded), 4 configurations, 1 seed
-    python -m benchmarks.sweep --quick         # c in {0, 0.2, 1} + FedAvg, tiny model, <= 5 min
-    python -m benchmarks.sweep --seeds 0 1 2 --rounds 8 --extra "local-steps=60"
-    python -m benchmarks.sweep --config gpu --dataset mnist --data-dir /abs/mnist   # on a GPU box
-    python -m benchmarks.sweep --dry-run       # the plan and its time estimate, nothing run
-
-Resuming: each run is recorded in OUT/runs/<tag>-s<seed>/ (results.json, metrics.csv,
-samples.npz/png copied from the run's own folder under ./flower/, the Flower log, sweep.json).
-A run whose results.json says status "ok" and whose settings match the request is skipped, so
-an interrupted sweep picks up where it stopped. A run recorded with *different* settings
-(say, --rounds changed) stops the sweep before anything runs, unless --rerun-stale is given:
-mixing budgets in one report would be silently wrong.
-
-After the runs, `benchmarks.report` writes OUT/results.csv, OUT/report.md and the plots.
+A run set names its configurations (tags: `collafuse-c0.2`, `fedavg`, `eps4`, ...), a setting (a
+preset of collafuse_flwr/presets/ and keys over it), seeds and clients; `--extra` adds keys to every
+run. Engines: `flwr` runs each through `collafuse_flwr.tools.launch.run_flower` (what `collafuse-run`
+calls: one isolated `flwr run` on the simulation engine); `inprocess` runs the same ServerApp main
+and ClientApp in this process through tests/inprocess.py's grid (real Flower messages, no SuperLink
+or Ray), for a GPU box that Ray cannot travel to. Each run is recorded in OUT/runs/<tag>-s<seed>/
+(results.json, metrics.csv, samples.npz/png, flwr.log, sweep.json), the sweep in OUT/sweep.json.
+A run recorded "ok" with the same full configuration and client count is skipped, a failed one
+retried, one recorded with other settings stops the sweep before anything runs.
 """
 
 from __future__ import annotations
 
 import argparse
-import inspect
+import importlib.util
 import json
 import math
 import shutil
 import sys
 import tempfile
 import time
+import traceback
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn
-from rich.text import Text
+from collafuse_flwr.config import preset, run_config_text
+from collafuse_flwr.tools.launch import run_flower
 
-from collafuse_flwr.tools.launch import RunOutcome, run_flower
-
-from .common import (
-    RESULTS_DIR,
-    BenchmarkError,
-    app_keys,
-    command_line,
-    fmt_seconds,
-    format_overrides,
-    machine_info,
-    parse_overrides,
-    validate_overrides,
-)
+from .common import (REPO, RESULTS_DIR, BenchmarkError, command_line, fmt_seconds, machine_info,
+                     parse_overrides, validate_overrides, verdict)
 
 #: Files copied from the run's own folder into OUT/runs/<name>/ (the report reads these).
 RUN_FILES = ("results.json", "metrics.csv", "samples.npz", "samples.png")
-ALL_CUT_RATIOS = (0.0, 0.1, 0.2, 0.4, 0.6, 0.8, 1.0)
 BASELINES = ("fedavg", "local", "centralized")
+ENGINES = {"flwr": "flwr run, simulation engine", "inprocess": "in-process grid, no Flower SuperLink/Ray"}
 
 
-# -- what runs ------------------------------------------------------------------------------------------
+# -- what runs ----------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class SweepConfig:
-    """One method setting of the sweep: a tag for folders and tables, and its run-config keys."""
+    """One configuration of a run set: a tag for folders and tables, and the run-config keys it sets."""
 
     tag: str
     overrides: dict[str, Any] = field(hash=False)
@@ -76,14 +63,14 @@ class SweepConfig:
 
     @property
     def cut_ratio(self) -> float | None:
-        return float(self.overrides["cut-ratio"]) if self.method == "collafuse" else None
+        return float(self.overrides.get("cut-ratio", 0.2)) if self.method == "collafuse" else None
 
 
-def collafuse(c: float) -> SweepConfig:
-    """CollaFuse at cut ratio c (c = 0: server-only, raw uploads; c = 1: client-only)."""
+def collafuse(c: float, tag: str = "", **changes: Any) -> SweepConfig:
+    """CollaFuse at cut ratio c (0: server-only, raw uploads; 1: client-only), plus `changes`."""
     if not 0.0 <= float(c) <= 1.0:
         raise BenchmarkError(f"cut ratio must be in [0, 1], got {c}")
-    return SweepConfig(f"collafuse-c{float(c):g}", {"method": "collafuse", "cut-ratio": float(c)})
+    return SweepConfig(tag or f"collafuse-c{float(c):g}", {"method": "collafuse", "cut-ratio": float(c), **changes})
 
 
 def baseline(method: str) -> SweepConfig:
@@ -92,88 +79,86 @@ def baseline(method: str) -> SweepConfig:
     return SweepConfig(method, {"method": method})
 
 
-def config_from_tag(tag: str) -> SweepConfig:
-    """`collafuse-c0.4`, `fedavg`, `local` or `centralized` back to its configuration."""
-    if tag in BASELINES:
-        return baseline(tag)
-    if tag.startswith("collafuse-c"):
-        try:
-            return collafuse(float(tag.removeprefix("collafuse-c")))
-        except ValueError:
-            pass
-    raise BenchmarkError(f"unknown configuration tag {tag!r}; use collafuse-c<c> (e.g. collafuse-c0.2) "
-                         f"or one of {list(BASELINES)}")
-
-
-def standard_configs(cut_ratios: Sequence[float] = ALL_CUT_RATIOS,
-                     baselines: Sequence[str] = BASELINES) -> list[SweepConfig]:
-    return [collafuse(c) for c in cut_ratios] + [baseline(m) for m in baselines]
+def standard_configs(cut_ratios: Sequence[float], baselines: Sequence[str] = BASELINES) -> tuple[SweepConfig, ...]:
+    return tuple([collafuse(c) for c in cut_ratios] + [baseline(m) for m in baselines])
 
 
 @dataclass(frozen=True)
-class Preset:
-    """A named sweep size. The time estimate is for the ETA before the first run has finished
-    and for --dry-run; it was sized from the app's measured costs on a 2-core CPU."""
+class RunSet:
+    """A named set of runs. The time estimates (2-core CPU, 5 clients) feed --dry-run and the ETA
+    until the first run ends; `target_s` / `target_gain` (main-job) are checked after the runs."""
 
     name: str
     about: str
-    cut_ratios: tuple[float, ...]
-    baselines: tuple[str, ...]
-    run_config: dict[str, Any]
-    num_clients: int = 5
+    configs: tuple[SweepConfig, ...]
+    preset: str | None = None  # collafuse_flwr/presets/<preset>.toml, under `settings`
+    settings: dict[str, Any] = field(default_factory=dict, hash=False)
     seeds: tuple[int, ...] = (0,)
+    num_clients: int = 5
+    out: str = ""  # default folder under benchmarks/results (where the committed runs are)
     client_gpus: float = 0.0
-    est_startup_s: float = 40.0  # flwr run: SuperLink + Ray + imports
-    est_round_s: float = 15.0  # one round, 5 clients, on a 2-core CPU
-    est_eval_s: float = 25.0  # final evaluation: sampling + FID + disclosure metrics
+    startup_s: float = 40.0  # flwr run: SuperLink, Ray, imports
+    round_s: float = 15.0
+    eval_s: float = 25.0
+    target_s: float | None = None  # the first configuration's whole call within this many seconds
+    target_gain: float | None = None  # the last configuration's FID / the first's at least this
+
+    def run_config(self) -> dict[str, Any]:
+        return {**(preset(self.preset) if self.preset else {}), **self.settings}
 
     def estimate(self, rounds: int, num_clients: int) -> float:
-        """Seconds for one run (rounds and clients scale the per-round share)."""
-        return self.est_startup_s + rounds * self.est_round_s * num_clients / 5 + self.est_eval_s * num_clients / 5
+        """Seconds for one run; rounds and clients scale the per-round share."""
+        return self.startup_s + (rounds * self.round_s + self.eval_s) * num_clients / 5
+
+    def config(self, tag: str) -> SweepConfig:
+        """A tag of this run set, or any `collafuse-c<c>` or baseline."""
+        known = {c.tag: c for c in self.configs} | {m: baseline(m) for m in BASELINES}
+        try:
+            return known.get(tag) or collafuse(float(tag.split("collafuse-c", 1)[1]))
+        except (ValueError, IndexError):
+            raise BenchmarkError(f"unknown configuration tag {tag!r}; use collafuse-c<c> (e.g. collafuse-c0.2) or one "
+                                 f"of {list(known)}") from None
 
 
-#: The comparison's cut ratios: the server-only extreme, the paper's c, and two more shares.
-CUT_RATIOS = (0.0, 0.2, 0.4, 0.8)
-
-PRESETS: dict[str, Preset] = {
-    # 7 runs x 3 seeds x (40 s startup + 5 rounds x ~20 s + ~30 s evaluation) ~ 60 min on 2 CPU cores.
-    "cpu": Preset("cpu", "c in {0, 0.2, 0.4, 0.8} + FedAvg, local-only, centralized on scikit-learn's digits "
-                  "(8x8, small UNet, T=200, fair server budget), 5 rounds, seeds 0 1 2",
-                  CUT_RATIOS, BASELINES, {"dataset": "digits", "num-server-rounds": 5}, seeds=(0, 1, 2), est_round_s=20.0,
-                  est_eval_s=30.0),
-    # Real 28 px digits downsampled to 16 px (4x the pixels of digits): 4 runs x ~5 min.
-    "mnist5k": Preset("mnist5k", "embedded MNIST-5k at 16 px, c = 0.2 + FedAvg, local-only, centralized, "
-                      "small UNet, T=200, 5 rounds, seed 0; FID on mnist-cnn (trained on rows the clients "
-                      "never see)", (0.2,), BASELINES,
-                      {"dataset": "mnist5k", "image-size": 16, "num-server-rounds": 5},
-                      est_round_s=50.0, est_eval_s=60.0),
-    # 4 runs x (40 s + 2 x ~4 s + ~10 s) ~ 4 min on 2 CPU cores.
-    "quick": Preset("quick", "c in {0, 0.2, 1} + FedAvg, tiny UNet, T=50, 2 rounds; a <= 5 min smoke sweep",
-                    (0.0, 0.2, 1.0), ("fedavg",),
-                    {"dataset": "digits", "num-server-rounds": 2, "model-size": "tiny", "diffusion-steps": 50,
-                     "local-steps": 10, "uploads-per-round": 32,
-                     "num-eval-samples": 32, "attack-reference-steps": 50},
-                    est_round_s=4.0, est_eval_s=10.0),
-    # Not runnable on the CPU box: real images at 28-32 px, the base UNet, 1000 steps, 3 seeds.
-    "gpu": Preset("gpu", "MNIST (28 px) or CIFAR-10 (32 px), base UNet, T=1000, 20 rounds, 3 seeds; "
-                  "needs --data-dir (and --extra \"fid-weights='/abs/...pth'\" for CIFAR-10)",
-                  ALL_CUT_RATIOS, BASELINES,
-                  {"dataset": "mnist", "image-size": 28, "model-size": "base", "diffusion-steps": 1000,
-                   "num-server-rounds": 20, "local-steps": 200, "batch-size": 128,
-                   "learning-rate": 2e-4, "uploads-per-round": 512, "num-eval-samples": 500,
-                   "sampling-steps": 100, "count-flops": True},
-                  seeds=(0, 1, 2), client_gpus=0.2, est_startup_s=60, est_round_s=40, est_eval_s=60),
-}
-GPU_DATASETS = {"mnist": 28, "cifar10": 32}
+DIGITS = {"dataset": "digits", "num-server-rounds": 5}  # the committed digits sweeps (the app default is MNIST-5k)
+#: every tradeoff run is CollaFuse at the paper's c; each names what it changes. In order of
+#: importance: a sweep cut off at a time limit loses the last.
+TRADEOFF = (collafuse(0.2), collafuse(0.2, "eps4", **{"upload-epsilon": 4.0, "max-uploads-per-image": 1}),
+            collafuse(0.2, "mixed", **{"client-cut-ratios": "0.1,0.1,0.2,0.3,0.3"}),  # mean cut 0.2
+            collafuse(0.2, "half", **{"client-model-size": "half"}),
+            collafuse(0.2, "eps10", **{"upload-epsilon": 10.0, "max-uploads-per-image": 1}),
+            collafuse(0.2, "eps1", **{"upload-epsilon": 1.0, "max-uploads-per-image": 1}))
+RUN_SETS: dict[str, RunSet] = {s.name: s for s in (
+    RunSet("cuts", "CollaFuse at c in {0, 0.2, 0.4, 0.8} + FedAvg, local-only, centralized on digits (8x8, small UNet, "
+           "T=200), 5 rounds, seeds 0 1 2", standard_configs((0.0, 0.2, 0.4, 0.8)), settings=DIGITS, seeds=(0, 1, 2),
+           out="sweep-cpu", round_s=20.0, eval_s=30.0),
+    RunSet("comparison", "c = 0.2 + FedAvg, local-only, centralized on the embedded MNIST-5k at 16 px, small UNet, "
+           "T=200, 5 rounds", standard_configs((0.2,)), settings={"dataset": "mnist5k", "image-size": 16,
+           "num-server-rounds": 5}, out="sweep-mnist5k", round_s=50.0, eval_s=60.0),
+    RunSet("tradeoff", "at c = 0.2 on digits: upload-epsilon 10/4/1 (each image uploaded at most once), mixed cuts "
+           "at the same mean, a half-size client net", TRADEOFF, settings=DIGITS, out="tradeoff-cpu", round_s=20.0,
+           eval_s=30.0),
+    RunSet("main-job", "the README's main command (app defaults) and local-only; targets: CollaFuse's whole call "
+           "<= 4 min on 2 CPU cores, local-only's FID / CollaFuse's >= 1.4", (collafuse(0.2), baseline("local")),
+           out="main-job", round_s=25.0, eval_s=45.0, target_s=240.0, target_gain=1.4),
+    RunSet("quick", "c in {0, 0.2, 1} + FedAvg at the quick preset: a <= 5 min smoke sweep",
+           standard_configs((0.0, 0.2, 1.0), ("fedavg",)), preset="quick", round_s=4.0, eval_s=10.0),
+    RunSet("paper", "every c + the baselines at the paper preset, 3 seeds: hours on one GPU",
+           standard_configs((0.0, 0.1, 0.2, 0.4, 0.6, 0.8, 1.0)), preset="paper", seeds=(0, 1, 2), client_gpus=0.2,
+           startup_s=60.0, round_s=40.0, eval_s=60.0),
+    RunSet("gpu", "c = 0.2 + local-only, FedAvg, centralized at the gpu preset: minutes on a lent GPU, in process",
+           standard_configs((0.2,), ("local", "fedavg", "centralized")), preset="gpu", startup_s=10.0, round_s=15.0,
+           eval_s=20.0),
+)}
 
 
 @dataclass(frozen=True)
 class RunSpec:
-    """One Flower run of the sweep: a configuration at one seed with the full override set."""
+    """One run: a configuration at one seed, with every key sent to it (output-dir aside)."""
 
     config: SweepConfig
     seed: int
-    run_config: dict[str, Any] = field(hash=False)  # everything sent to flwr but output-dir
+    run_config: dict[str, Any] = field(hash=False)
     num_clients: int
 
     @property
@@ -188,36 +173,27 @@ class SweepSummary:
     skipped: list[str] = field(default_factory=list)
     failed: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    targets: dict[str, bool] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
-        return not self.failed
+        return not self.failed and all(self.targets.values())
 
 
 def plan(configs: Sequence[SweepConfig], seeds: Sequence[int], run_config: dict[str, Any],
          num_clients: int) -> list[RunSpec]:
     """Seed-major order, so an interrupted sweep leaves whole seeds rather than whole methods."""
-    if not configs:
-        raise BenchmarkError("the sweep has no configurations")
-    if not seeds:
-        raise BenchmarkError("the sweep has no seeds")
     tags = [c.tag for c in configs]
-    if len(set(tags)) != len(tags):
-        raise BenchmarkError(f"duplicate configuration tags: {tags}")
-    if num_clients < 1:
-        raise BenchmarkError(f"--clients must be >= 1, got {num_clients}")
+    if not configs or not seeds or len(set(tags)) != len(tags) or num_clients < 1:
+        raise BenchmarkError(f"a sweep needs configurations without duplicate tags ({tags}), seeds ({list(seeds)}) "
+                             f"and >= 1 client ({num_clients})")
     owned = sorted(k for k in run_config if k in ("method", "cut-ratio", "seed", "output-dir"))
     if owned:
         raise BenchmarkError(f"{owned} are set by the sweep itself (configurations, --seeds, --out); "
                              f"remove them from the overrides")
-    specs = []
-    for seed in seeds:
-        for cfg in configs:
-            specs.append(RunSpec(cfg, int(seed), {**run_config, **cfg.overrides, "seed": int(seed)}, num_clients))
-    return specs
+    return [RunSpec(c, int(s), {**run_config, **c.overrides, "seed": int(s)}, num_clients) for s in seeds for c in configs]
 
 
-# -- resume bookkeeping ---------------------------------------------------------------------------------
 def _same(a: Any, b: Any) -> bool:
     if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool):
         return math.isclose(float(a), float(b), rel_tol=1e-9, abs_tol=1e-12)
@@ -225,291 +201,311 @@ def _same(a: Any, b: Any) -> bool:
 
 
 def recorded_state(run_dir: Path, spec: RunSpec) -> tuple[str, list[str]]:
-    """('done' | 'stale' | 'todo', differing keys) for a run folder.
-
-    done: results.json has status ok and was made with the same full configuration (the
-    request merged with the app defaults, output-dir aside) and client count. A changed
-    pyproject default therefore also makes a recorded run stale.
-    """
-    path = run_dir / "results.json"
-    if not path.is_file():
-        return "todo", []
+    """('done' | 'stale' | 'todo', differing keys). Done: results.json says ok and was made with the
+    same full configuration (the request merged with the app's defaults, so a changed default makes a
+    recorded run stale too) and client count."""
     try:
-        res = json.loads(path.read_text())
+        res = json.loads((run_dir / "results.json").read_text())
     except (OSError, json.JSONDecodeError):
         return "todo", []
     if res.get("status") != "ok":
         return "todo", []
-    wanted = validate_overrides(spec.run_config).to_flwr()
     have = res.get("config", {})
-    diff = [f"{k} ({have.get(k)!r} recorded, {v!r} requested)" for k, v in wanted.items()
-            if k != "output-dir" and not _same(v, have.get(k))]
+    diff = [f"{k} ({have.get(k)!r} recorded, {v!r} requested)" for k, v in validate_overrides(spec.run_config)
+            .to_flwr().items() if k != "output-dir" and not _same(v, have.get(k))]
     if int(res.get("num_clients", -1)) != spec.num_clients:
         diff.append(f"num-clients ({res.get('num_clients')} recorded, {spec.num_clients} requested)")
     return ("stale", diff) if diff else ("done", [])
 
 
-def _run_one(spec: RunSpec, runs_dir: Path, timeout: float, stream: bool, client_gpus: float) -> dict[str, Any]:
-    """One Flower run; its files are copied into runs/<name>/ and sweep.json records the outcome."""
+# -- the in-process engine -------------------------------------------------------------------------------------
+def run_inprocess(run_config: dict[str, Any], num_clients: int, out_dir: Path) -> tuple[Path, dict[str, Any]]:
+    """The real ServerApp main with `num_clients` ClientApp nodes in this process: (the run's folder
+    under out_dir, its results.json). Keys merge over the app's defaults as Flower merges them; the
+    harness is on, as in a simulation. A failed run raises after the ServerApp wrote results.json;
+    `run_inprocess.last_folder` then names its folder."""
+    from flwr.app import Context, RecordDict
+
+    from collafuse_flwr import client_app, server_app
+    from collafuse_flwr.config import load_defaults, parse_config
+    from collafuse_flwr.data.load import check_dataset
+    from collafuse_flwr.metrics.features import prepare_backbone
+
+    out_dir = Path(out_dir).resolve()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rc = {**load_defaults(), **run_config, "harness": "on", "output-dir": str(out_dir)}
+    cfg = parse_config(rc)  # a bad key fails here, before any work
+    check_dataset(cfg.dataset)  # what the ServerApp does beside a simulation's nodes
+    prepare_backbone(cfg.fid_backbone, cfg.dataset, cfg.fid_weights or None, cfg.fid_download)
+    if "inprocess" not in sys.modules:  # tests/ is no package: load its grid by path
+        spec = importlib.util.spec_from_file_location("inprocess", REPO / "tests" / "inprocess.py")
+        sys.modules["inprocess"] = mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+    before = {p for p in out_dir.iterdir() if p.is_dir()}
+    grid = sys.modules["inprocess"].InProcessGrid(client_app.app, rc, num_clients)
+    try:
+        server_app.main(grid, Context(run_id=grid.run_id, node_id=0, node_config={}, state=RecordDict(),
+                                      run_config=dict(rc)))
+    finally:  # the run's folder is the new one with results.json (a node may add others beside it)
+        new = sorted((p for p in out_dir.iterdir() if p.is_dir() and p not in before),
+                     key=lambda p: ((p / "results.json").is_file(), p.name))
+        run_inprocess.last_folder = new[-1] if new else None  # type: ignore[attr-defined]
+    folder = run_inprocess.last_folder  # type: ignore[attr-defined]
+    if folder is None or not (folder / "results.json").is_file():
+        raise RuntimeError(f"the ServerApp wrote no results.json under {out_dir}")
+    return folder, json.loads((folder / "results.json").read_text())
+
+
+#: what the step calibration does not see (data, FLOP counting, FID features, the probe, messages)
+OVERHEAD, PER_RUN_FIXED_S = 1.3, 8.0
+
+
+def fit_rounds(run_config: dict[str, Any], methods: Sequence[str], num_clients: int, budget_s: float) -> dict:
+    """Time one optimizer step of the shared denoiser at the run's size and batch on this device
+    (after warm-up, cudnn autotuning included), project every run's work in such steps (clients',
+    the server's, the reference attacker's, and sampling at ~1/3 of a step per batch of images) x
+    OVERHEAD plus a fixed cost per run, and lower num-server-rounds until all runs fit budget_s."""
+    import torch
+
+    from collafuse_flwr.core.models import default_device, shared_denoiser
+
+    cfg, device = validate_overrides(run_config), default_device()
+    model = shared_denoiser(cfg.image_size, cfg.image_channels, cfg.model_size, cfg.conditioning,
+                            num_clients).to(device)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.learning_rate)
+    x = torch.randn(cfg.batch_size, cfg.image_channels, cfg.image_size, cfg.image_size, device=device)
+    t = torch.randint(0, cfg.diffusion_steps, (cfg.batch_size,), device=device)
+    labels = torch.randint(0, num_clients, (cfg.batch_size,), device=device) if model.num_classes else None
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for k in range(11):  # 3 warm-up steps, 8 timed
+        if k == 3:
+            sync()
+            t0 = time.perf_counter()
+        loss = torch.nn.functional.mse_loss(model(x, t, class_labels=labels), x)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    sync()
+    step_s = (time.perf_counter() - t0) / 8
+
+    def projected(rounds: int) -> float:
+        total = 0.0
+        for m in methods:
+            c = validate_overrides({**run_config, "method": m, "num-server-rounds": rounds})
+            server = num_clients * c.local_steps if c.server_steps == "auto" else int(c.server_steps)
+            units = rounds * (num_clients * c.local_steps + (server if m == "collafuse" else 0))
+            units += (c.attack_reference_steps if m == "collafuse" else 0) + num_clients * c.num_eval_samples * (
+                c.sampling_steps or c.diffusion_steps) / c.batch_size / 3
+            total += step_s * OVERHEAD * units + PER_RUN_FIXED_S
+        return total
+
+    wanted = rounds = int(run_config.get("num-server-rounds", 1))
+    while rounds > 1 and projected(rounds) > budget_s:
+        rounds -= 1
+    return {"train_step_seconds": step_s, "time_budget_s": budget_s, "rounds_wanted": wanted, "rounds_used": rounds,
+            "projected_seconds": projected(rounds), "overhead_factor": OVERHEAD}
+
+
+# -- one run, either engine ----------------------------------------------------------------------------------------
+def _run_one(spec: RunSpec, runs_dir: Path, engine: str, timeout: float, stream: bool,
+             client_gpus: float) -> dict[str, Any]:
+    """One run; its files are copied into runs/<name>/ and sweep.json records the outcome."""
     run_dir = runs_dir / spec.name
     run_dir.mkdir(parents=True, exist_ok=True)
     for f in RUN_FILES:  # never leave a previous attempt's files beside a new attempt's
         (run_dir / f).unlink(missing_ok=True)
-    flower_root = run_dir / "flower"
-    flower_root.mkdir(exist_ok=True)
-    cfg = {**spec.run_config, "output-dir": str(flower_root.resolve())}
-    kwargs: dict[str, Any] = {"num_clients": spec.num_clients, "timeout": timeout, "stream": stream}
-    if client_gpus > 0:
-        if "client_gpus" in inspect.signature(run_flower).parameters:
-            kwargs["client_gpus"] = client_gpus
-        else:
-            print(f"warning: run_flower has no client_gpus parameter; ClientApps get no GPU share "
-                  f"(wanted {client_gpus})", file=sys.stderr)
-    started = time.time()
-    try:
-        with tempfile.TemporaryDirectory(prefix="sweep-flwr-home-") as home:
-            outcome = run_flower(cfg, flwr_home=Path(home), **kwargs)
-    except Exception as exc:  # the launcher itself broke (flwr missing, ...): record it, go on
-        outcome = RunOutcome(None, "launcher-error", -1, None, f"run_flower raised {exc!r}\n", 0, 0)
-    call_s = time.time() - started
-    (run_dir / "flwr.log").write_text(outcome.log)
-    status = "failed"
-    error = None
-    if outcome.output_dir is not None and (outcome.output_dir / "results.json").is_file():
+    started, error, stopped = time.time(), None, None
+    if engine == "flwr":
+        (run_dir / "flower").mkdir(exist_ok=True)
+        try:
+            with tempfile.TemporaryDirectory(prefix="sweep-flwr-home-") as home:
+                out = run_flower({**spec.run_config, "output-dir": str(run_dir / "flower")},
+                                 num_clients=spec.num_clients, flwr_home=Path(home), timeout=timeout, stream=stream,
+                                 client_gpus=client_gpus)
+            folder, log = out.output_dir, out.log
+            error = None if out.ok else f"flower status {out.status!r}, return code {out.returncode}; see flwr.log"
+        except Exception as exc:
+            folder, log, error = None, f"run_flower raised {exc!r}\n", f"run_flower raised {exc!r}"
+    else:
+        try:
+            folder, log = run_inprocess(spec.run_config, spec.num_clients, run_dir / "app")[0], ""
+        except BaseException as exc:  # record what there is; then stop (Ctrl-C, SIGTERM) or go on
+            folder, log, error = getattr(run_inprocess, "last_folder", None), traceback.format_exc(), repr(exc)
+            stopped = exc if isinstance(exc, (KeyboardInterrupt, SystemExit)) else None
+    (run_dir / "flwr.log").write_text(log)
+    res: dict[str, Any] = {}
+    if folder is not None and (folder / "results.json").is_file():
         for f in RUN_FILES:
-            if (outcome.output_dir / f).is_file():
-                shutil.copy2(outcome.output_dir / f, run_dir / f)
+            if (folder / f).is_file():
+                shutil.copy2(folder / f, run_dir / f)
         res = json.loads((run_dir / "results.json").read_text())
-        status = "ok" if outcome.ok and res.get("status") == "ok" else "failed"
-        error = res.get("error")
-    if status != "ok" and error is None:
-        error = f"flower status {outcome.status!r}, return code {outcome.returncode}; see flwr.log"
-    record = {
-        "name": spec.name, "tag": spec.config.tag, "seed": spec.seed, "method": spec.config.method,
-        "cut_ratio": spec.config.cut_ratio, "num_clients": spec.num_clients, "run_config": spec.run_config,
-        "status": status, "error": error, "flower_status": outcome.status, "returncode": outcome.returncode,
-        "run_id": outcome.run_id, "call_seconds": call_s,
-        "flower_output_dir": str(outcome.output_dir) if outcome.output_dir else None,
-        "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)),
-    }
+    status = "stopped" if stopped else "ok" if error is None and res.get("status") == "ok" else "failed"
+    record = {"name": spec.name, "tag": spec.config.tag, "seed": spec.seed, "method": spec.config.method,
+              "cut_ratio": spec.config.cut_ratio, "num_clients": spec.num_clients, "run_config": spec.run_config,
+              "status": status, "error": None if status == "ok" else res.get("error") or error,
+              "engine": ENGINES[engine], "call_seconds": time.time() - started,
+              "flower_output_dir": str(folder) if folder else None,
+              "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started))}
     (run_dir / "sweep.json").write_text(json.dumps(record, indent=2))
+    if stopped:
+        raise stopped
     return record
 
 
-# -- progress -----------------------------------------------------------------------------------------------
-class _Clock:
-    """ETA from this invocation's own run times; before the first one ends, the preset's estimate."""
+def check_targets(run_set: RunSet, out: Path, seeds: Sequence[int]) -> dict[str, bool]:
+    """The run set's targets per seed: its first configuration's whole call within target_s, and
+    the last configuration's FID / the first's at least target_gain (main-job: local-only / CollaFuse)."""
+    checks: dict[str, bool] = {}
+    first, last = run_set.configs[0].tag, run_set.configs[-1].tag
 
-    def __init__(self, estimate_s: float, to_run: int) -> None:
-        self.estimate_s = estimate_s
-        self.to_run = to_run
-        self.durations: list[float] = []
-        self.current_start: float | None = None
-        self.t0 = time.time()
-
-    def per_run(self) -> tuple[float, bool]:
-        if self.durations:
-            return sum(self.durations) / len(self.durations), True
-        return self.estimate_s, False
-
-    def eta(self) -> str:
-        per, measured = self.per_run()
-        left = self.to_run - len(self.durations)
-        if left <= 0:
-            return "0s"
-        cur = time.time() - self.current_start if self.current_start else 0.0
-        secs = max(per - cur, per * 0.05) + per * (left - 1)
-        return ("" if measured else "~") + fmt_seconds(secs)
+    for seed in seeds:
+        rec, res, ref = (json.loads(p.read_text()) if p.is_file() else {} for p in (
+            out / "runs" / f"{first}-s{seed}" / "sweep.json", out / "runs" / f"{first}-s{seed}" / "results.json",
+            out / "runs" / f"{last}-s{seed}" / "results.json"))
+        if run_set.target_s is not None:
+            took = rec.get("call_seconds", math.inf) if rec.get("status") == "ok" else math.inf
+            checks[f"seed {seed}: {first} in {fmt_seconds(took)} <= {fmt_seconds(run_set.target_s)}"] = \
+                took <= run_set.target_s
+        if run_set.target_gain is not None:
+            fid, fid_ref = res.get("final", {}).get("fid"), ref.get("final", {}).get("fid")
+            gain = fid_ref / fid if fid and fid_ref and res.get("status") == ref.get("status") == "ok" else 0.0
+            checks[f"seed {seed}: FID {last} / {first} = {gain:.2f} >= {run_set.target_gain}"] = \
+                gain >= run_set.target_gain
+    return checks
 
 
-class _EtaColumn(ProgressColumn):
-    def __init__(self, clock: _Clock) -> None:
-        super().__init__()
-        self.clock = clock
-
-    def render(self, task) -> Text:  # noqa: ANN001 - rich's Task
-        return Text(f"ETA {self.clock.eta()}", style="progress.remaining")
-
-
-# -- the sweep ----------------------------------------------------------------------------------------------
-def run_sweep(
-    configs: Sequence[SweepConfig],
-    out: Path,
-    *,
-    seeds: Sequence[int] = (0,),
-    run_config: dict[str, Any] | None = None,
-    extra: str | dict[str, Any] | None = None,
-    num_clients: int = 5,
-    preset: Preset | None = None,
-    timeout: float = 3600,
-    stream: bool = False,
-    rerun_stale: bool = False,
-    report: bool = True,
-    command: str | None = None,
-    console: Console | None = None,
-) -> SweepSummary:
+# -- the sweep ----------------------------------------------------------------------------------------------------
+def run_sweep(configs: Sequence[SweepConfig], out: Path, *, seeds: Sequence[int] = (0,),
+              run_config: dict[str, Any] | None = None, num_clients: int = 5, run_set: RunSet | None = None,
+              engine: str = "flwr", timeout: float = 3600, stream: bool = False, rerun_stale: bool = False,
+              report: bool = True, dry_run: bool = False, calibration: dict[str, Any] | None = None) -> SweepSummary:
     """Run every (configuration, seed) not already done in `out`, then write the report.
 
-    run_config: the preset's overrides; extra: the user's overrides on top (a
-    `--run-config`-style string or a dict). Both go to every run; `method`, `cut-ratio` and
-    `seed` come from the configuration and seed. Raises BenchmarkError before running
-    anything when a configuration is invalid or a recorded run has other settings.
+    run_config: the keys sent to every run (`method`, `cut-ratio` and `seed` come from the
+    configuration and seed). Raises BenchmarkError before anything runs when a configuration is
+    invalid or a recorded run has other settings. dry_run: print the plan, each run's state and the
+    time estimate, and run nothing.
     """
-    console = console or Console()
+    if engine not in ENGINES:
+        raise BenchmarkError(f"engine must be one of {list(ENGINES)}, got {engine!r}")
     out = Path(out).resolve()
-    merged = {**(run_config or {}), **(parse_overrides(extra) if isinstance(extra, str) else dict(extra or {}))}
+    merged = {**(run_config or {}), **({"harness": "on"} if engine == "inprocess" else {})}  # as run_inprocess sends
     specs = plan(configs, seeds, merged, num_clients)
-    for spec in specs:  # fail on a bad key now, not 40 s into the first Flower run
-        validate_overrides(spec.run_config)
+    rounds = [validate_overrides(s.run_config).num_server_rounds for s in specs][0]  # all valid, or fail now
     runs_dir = out / "runs"
     states = {s.name: recorded_state(runs_dir / s.name, s) for s in specs}
     stale = {n: d for n, (st, d) in states.items() if st == "stale"}
-    if stale and not rerun_stale:
+    if stale and not (rerun_stale or dry_run):
         lines = "\n".join(f"  {n}: {', '.join(d)}" for n, d in stale.items())
         raise BenchmarkError(f"{len(stale)} run(s) in {runs_dir} were recorded with other settings:\n{lines}\n"
                              f"use another --out, or --rerun-stale to replace them")
+    run_set = run_set or RunSet("custom", "configurations and keys chosen by the caller", tuple(configs),
+                                settings=dict(run_config or {}))
     todo = [s for s in specs if states[s.name][0] != "done"]
-    if preset is None:  # a caller's own list: describe it as such, estimate like the CPU preset
-        cpu = PRESETS["cpu"]
-        preset = Preset("custom", "configurations and overrides chosen by the caller", (), (), dict(run_config or {}),
-                        est_startup_s=cpu.est_startup_s, est_round_s=cpu.est_round_s, est_eval_s=cpu.est_eval_s)
-    rounds = int(validate_overrides(specs[0].run_config).num_server_rounds)
-    est = preset.estimate(rounds, num_clients)
+    est = run_set.estimate(rounds, num_clients)
+    print(f"sweep {run_set.name} ({ENGINES[engine]}): {len(specs)} runs, {len(todo)} to run -> {out}; estimate "
+          f"~{fmt_seconds(est)} a run, ~{fmt_seconds(est * len(todo))} in all", flush=True)
+    if dry_run:
+        for spec in specs:
+            state, diff = states[spec.name]
+            print(f"{spec.name:24s} {state:5s} {run_config_text(spec.run_config)}"
+                  + (f"  (differs: {', '.join(diff)})" if diff else ""))
+        return SweepSummary(out)
     out.mkdir(parents=True, exist_ok=True)
     meta_path = out / "sweep.json"
-    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
-    meta.update({
-        "command": command or command_line(), "preset": preset.name, "preset_about": preset.about,
-        "configs": [{"tag": c.tag, **c.overrides} for c in configs], "seeds": list(seeds),
-        "num_clients": num_clients, "run_config": merged, "machine": machine_info(),
-        "started": time.strftime("%Y-%m-%dT%H:%M:%S"), "finished": None,
-    })
-    meta_path.write_text(json.dumps(meta, indent=2))
-
-    console.print(f"[bold]sweep[/]: {len(specs)} runs ({len(todo)} to run, {len(specs) - len(todo)} done) "
-                  f"-> {out}")
-    if todo:
-        console.print(f"estimate: ~{fmt_seconds(est)} per run, ~{fmt_seconds(est * len(todo))} in all "
-                      f"({preset.name} preset, {rounds} rounds, {num_clients} clients)")
-    summary = SweepSummary(out)
-    clock = _Clock(est, len(todo))
-    t0 = time.time()
-    progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                        TextColumn("elapsed"), TimeElapsedColumn(), _EtaColumn(clock),
-                        console=console, transient=False)
-    with progress:
-        task = progress.add_task("sweep", total=len(specs))
+    meta = {"command": command_line(), "preset": run_set.name, "preset_about": run_set.about, "engine": ENGINES[engine],
+            "configs": [{"tag": c.tag, **c.overrides} for c in configs], "seeds": list(seeds),
+            "num_clients": num_clients, "run_config": merged, "machine": machine_info(),
+            "cryptography_stubbed": getattr(sys.modules.get("sitecustomize"), "CRYPTOGRAPHY_STUBBED", None),
+            "calibration": calibration, "started": time.strftime("%Y-%m-%dT%H:%M:%S"), "finished": None}
+    summary, durations, t0 = SweepSummary(out), [], time.time()
+    try:
         for k, spec in enumerate(specs, 1):
             prefix = f"run {k}/{len(specs)} {spec.name}"
             if states[spec.name][0] == "done":
-                console.print(f"[dim]{prefix}: already done, skipped[/]")
+                print(f"{prefix}: already done, skipped", flush=True)
                 summary.skipped.append(spec.name)
-                progress.advance(task)
                 continue
-            progress.update(task, description=prefix)
-            console.print(f"{prefix}: running (elapsed {fmt_seconds(time.time() - t0)}, ETA {clock.eta()})")
-            clock.current_start = time.time()
-            rec = _run_one(spec, runs_dir, timeout, stream, preset.client_gpus)
-            clock.durations.append(time.time() - clock.current_start)
-            clock.current_start = None
+            left = len(todo) - len(durations)
+            eta = (sum(durations) / len(durations) if durations else est) * left
+            print(f"{prefix}: running (elapsed {fmt_seconds(time.time() - t0)}, ETA {'' if durations else '~'}"
+                  f"{fmt_seconds(eta)})", flush=True)
+            rec = _run_one(spec, runs_dir, engine, timeout, stream, run_set.client_gpus)
+            durations.append(rec["call_seconds"])
             if rec["status"] == "ok":
-                res = json.loads((runs_dir / spec.name / "results.json").read_text())
-                fid = res.get("final", {}).get("fid")
                 summary.ran.append(spec.name)
-                console.print(f"[green]{prefix}: ok[/] in {fmt_seconds(rec['call_seconds'])} "
-                              f"(FID {fid if fid is None else f'{fid:.3g}'}); "
-                              f"elapsed {fmt_seconds(time.time() - t0)}, ETA {clock.eta()}")
+                fid = json.loads((runs_dir / spec.name / "results.json").read_text()).get("final", {}).get("fid")
+                print(f"{prefix}: ok in {fmt_seconds(rec['call_seconds'])} (FID {fid if fid is None else f'{fid:.3g}'})",
+                      flush=True)
             else:
                 summary.failed.append(spec.name)
-                console.print(f"[red]{prefix}: FAILED[/] after {fmt_seconds(rec['call_seconds'])}: "
-                              f"{rec['error']} (log: {runs_dir / spec.name / 'flwr.log'})")
-            progress.advance(task)
-    summary.seconds = time.time() - t0
-    meta.update({"finished": time.strftime("%Y-%m-%dT%H:%M:%S"), "sweep_seconds": summary.seconds,
-                 "ran": summary.ran, "skipped": summary.skipped, "failed": summary.failed})
-    meta_path.write_text(json.dumps(meta, indent=2))
-    console.print(f"sweep finished in {fmt_seconds(summary.seconds)}: {len(summary.ran)} ran, "
-                  f"{len(summary.skipped)} skipped, {len(summary.failed)} failed")
+                print(f"{prefix}: FAILED after {fmt_seconds(rec['call_seconds'])}: {rec['error']} "
+                      f"(log: {runs_dir / spec.name / 'flwr.log'})", flush=True)
+            meta.update(ran=summary.ran, skipped=summary.skipped, failed=summary.failed)
+            meta_path.write_text(json.dumps(meta, indent=2))  # on disk after every run
+    finally:
+        summary.seconds = time.time() - t0
+        meta.update(finished=time.strftime("%Y-%m-%dT%H:%M:%S"), sweep_seconds=summary.seconds, ran=summary.ran,
+                    skipped=summary.skipped, failed=summary.failed)
+        meta_path.write_text(json.dumps(meta, indent=2))
+    print(f"sweep finished in {fmt_seconds(summary.seconds)}: {len(summary.ran)} ran, {len(summary.skipped)} skipped, "
+          f"{len(summary.failed)} failed", flush=True)
+    if run_set.target_s is not None or run_set.target_gain is not None:
+        summary.targets = meta["targets"] = check_targets(run_set, out, seeds)
+        meta_path.write_text(json.dumps(meta, indent=2))
+        for name, ok in summary.targets.items():
+            print(f"{verdict(ok)}  {name}")
     if report:
         from .report import write_report
 
-        paths = write_report(out)
-        console.print(f"report: {paths['report']}")
+        print(f"report: {write_report(out)['report']}", flush=True)
     return summary
 
 
-def _preset_from_args(a: argparse.Namespace) -> tuple[Preset, dict[str, Any]]:
-    name = "quick" if a.quick else a.config
-    if a.quick and a.config not in ("cpu", "quick"):
-        raise BenchmarkError("--quick and --config gpu exclude each other")
-    preset = PRESETS[name]
-    rc = app_keys(dict(preset.run_config))
-    if name == "gpu":
-        rc["dataset"] = a.dataset
-        rc["image-size"] = GPU_DATASETS[a.dataset]
-        if not a.data_dir and "data-dir" not in parse_overrides(a.extra):
-            raise BenchmarkError(f"--config gpu reads {a.dataset} from disk: pass --data-dir /abs/path "
-                                 f"(nothing is downloaded)")
-    elif a.dataset != "mnist":
-        raise BenchmarkError("--dataset only applies to --config gpu (the CPU presets use embedded data)")
-    if a.data_dir:
-        rc["data-dir"] = str(Path(a.data_dir).expanduser().resolve())
-    if a.rounds is not None:
-        if a.rounds < 1:
-            raise BenchmarkError(f"--rounds must be >= 1, got {a.rounds}")
-        rc["num-server-rounds"] = a.rounds
-    return preset, rc
-
-
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.sweep", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="\n\n".join(__doc__.split("\n\n")[2:]))
-    p.add_argument("--quick", action="store_true", help="the small smoke sweep (same as --config quick)")
-    p.add_argument("--config", choices=sorted(PRESETS), default="cpu",
-                   help="preset: " + "; ".join(f"{k}: {v.about}" for k, v in PRESETS.items()))
-    p.add_argument("--out", type=Path, default=None, help="output folder (default benchmarks/results/sweep-<preset>)")
-    p.add_argument("--seeds", type=int, nargs="+", default=None, help="seeds (default: the preset's)")
-    p.add_argument("--rounds", type=int, default=None, help="num-server-rounds for every run")
-    p.add_argument("--clients", type=int, default=None, help="virtual clients (default: the preset's, 5)")
-    p.add_argument("--extra", default="", help='run-config overrides for every run, e.g. "local-steps=20"')
-    p.add_argument("--only", nargs="+", default=None, metavar="TAG",
-                   help="run only these configurations (tags such as collafuse-c0.2 fedavg local centralized)")
-    p.add_argument("--dataset", choices=sorted(GPU_DATASETS), default="mnist", help="--config gpu only")
-    p.add_argument("--data-dir", default="", help="absolute folder of the dataset (--config gpu)")
-    p.add_argument("--timeout", type=float, default=3600, help="seconds allowed per run")
+    doc = __doc__.split("\n\n")
+    p = argparse.ArgumentParser(prog="python -m benchmarks.sweep", description=doc[0], epilog="\n\n".join(doc[1:]),
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", choices=list(RUN_SETS), default="cuts",
+                   help="run set: " + "; ".join(f"{k}: {v.about}" for k, v in RUN_SETS.items()))
+    p.add_argument("--engine", choices=list(ENGINES), default="flwr")
+    p.add_argument("--out", type=Path, default=None, help="output folder (default: benchmarks/results/<the run set's>)")
+    p.add_argument("--only", nargs="+", default=None, metavar="TAG", help="these configurations, in this order")
+    p.add_argument("--seeds", type=int, nargs="+", default=None, help="seeds (default: the run set's)")
+    p.add_argument("--clients", type=int, default=None, help="clients (default: the run set's, 5)")
+    p.add_argument("--extra", default="", help='run-config keys for every run, e.g. "local-steps=20"')
+    p.add_argument("--timeout", type=float, default=3600, help="seconds allowed per run (flwr engine)")
     p.add_argument("--stream", action="store_true", help="show each run's Flower log live")
     p.add_argument("--rerun-stale", action="store_true", help="replace runs recorded with other settings")
     p.add_argument("--no-report", action="store_true", help="skip benchmarks.report at the end")
     p.add_argument("--dry-run", action="store_true", help="print the plan and time estimate only")
+    p.add_argument("--time-budget", type=float, default=None, metavar="S",
+                   help="inprocess: time a training step here first and lower num-server-rounds (the same for "
+                        "every run) until all runs project to fit S seconds")
     a = p.parse_args(argv)
-    console = Console()
     try:
-        preset, rc = _preset_from_args(a)
-        configs = standard_configs(preset.cut_ratios, preset.baselines)
-        if a.only:
-            configs = [config_from_tag(t) for t in a.only]
-        seeds = a.seeds if a.seeds is not None else list(preset.seeds)
-        clients = a.clients if a.clients is not None else preset.num_clients
-        out = a.out or RESULTS_DIR / f"sweep-{preset.name}"
-        if a.dry_run:
-            specs = plan(configs, seeds, {**rc, **parse_overrides(a.extra)}, clients)
-            for s in specs:
-                validate_overrides(s.run_config)
-            rounds = validate_overrides(specs[0].run_config).num_server_rounds
-            est = preset.estimate(rounds, clients)
-            for s in specs:
-                state, diff = recorded_state(Path(out).resolve() / "runs" / s.name, s)
-                print(f"{s.name:24s} {state:5s} {format_overrides(s.run_config)}"
-                      + (f"  (differs: {', '.join(diff)})" if diff else ""))
-            print(f"{len(specs)} runs, ~{fmt_seconds(est)} each, ~{fmt_seconds(est * len(specs))} in all "
-                          f"if none is done; output {out}")
-            return 0
-        summary = run_sweep(configs, out, seeds=seeds, run_config=rc, extra=a.extra, num_clients=clients,
-                            preset=preset, timeout=a.timeout, stream=a.stream, rerun_stale=a.rerun_stale,
-                            report=not a.no_report, console=console)
+        run_set = RUN_SETS[a.preset]
+        rc = {**run_set.run_config(), **parse_overrides(a.extra)}
+        configs = [run_set.config(t) for t in a.only] if a.only else list(run_set.configs)
+        seeds = a.seeds if a.seeds is not None else list(run_set.seeds)
+        clients = a.clients if a.clients is not None else run_set.num_clients
+        out = a.out or RESULTS_DIR / (run_set.out or f"sweep-{run_set.name}")
+        calibration = None
+        if a.engine == "inprocess" and not a.dry_run:
+            import torch
+
+            torch.backends.cudnn.benchmark = torch.cuda.is_available()  # fixed shapes: autotuning pays off at once
+            if a.time_budget is not None:
+                calibration = fit_rounds(rc, [c.method for c in configs], clients, a.time_budget)
+                rc["num-server-rounds"] = calibration["rounds_used"]
+                print(f"calibration: a training step {calibration['train_step_seconds'] * 1e3:.1f} ms; "
+                      f"{rc['num-server-rounds']} round(s) of {calibration['rounds_wanted']} fit "
+                      f"{fmt_seconds(a.time_budget)}", flush=True)
+        summary = run_sweep(configs, out, seeds=seeds, run_config=rc, num_clients=clients, run_set=run_set,
+                            engine=a.engine, timeout=a.timeout, stream=a.stream, rerun_stale=a.rerun_stale,
+                            report=not a.no_report, dry_run=a.dry_run, calibration=calibration)
     except BenchmarkError as exc:
-        console.print(f"[red]error:[/] {exc}")
+        print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0 if summary.ok else 1
 

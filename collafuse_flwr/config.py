@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 import math
 import os
 import time
@@ -165,6 +166,39 @@ def load_defaults(pyproject: Path = PYPROJECT) -> dict[str, Any]:
         return {}
     with open(pyproject, "rb") as f:
         return dict(tomllib.load(f)["tool"]["flwr"]["app"]["config"])
+
+
+PRESET_DIR = _HERE / "presets"
+
+
+def preset_names() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.toml"))
+
+
+def preset(name: str) -> dict[str, Any]:
+    """The run-config overrides of a named setting, `collafuse_flwr/presets/<name>.toml`: tiny (the
+    tests), quick (a smoke comparison), paper (the papers' scale), gpu (that scale cut to a lent
+    GPU's minutes). Tests, benchmarks and `collafuse-run --preset` read the same file; it is
+    validated here, so a preset that drifts from the schema fails where it is read."""
+    path = PRESET_DIR / f"{name}.toml"
+    if not path.is_file():
+        raise ConfigError(f"unknown preset {name!r}; the presets are {preset_names()} (files in {PRESET_DIR})")
+    with open(path, "rb") as f:
+        overrides = tomllib.load(f)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            parse_config(overrides)
+        except ConfigError as exc:
+            raise ConfigError(f"preset {name} ({path}): {exc}") from None
+    return overrides
+
+
+def run_config_text(overrides: dict[str, Any]) -> str:
+    """`overrides` as `flwr run --run-config` text: TOML values, strings quoted."""
+    def toml(v: Any) -> str:
+        return str(v).lower() if isinstance(v, bool) else json.dumps(v) if isinstance(v, str) else repr(v)
+    return " ".join(f"{k}={toml(v)}" for k, v in overrides.items())
 
 
 def valid_keys() -> list[str]:

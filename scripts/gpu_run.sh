@@ -7,7 +7,7 @@ set -u
 R=$(pwd); O=${OUT:-/tmp/gpu-out}; S=/tmp/gpu-sweep; PY=${PY:-python3}; B=${SWEEP_S:-480}; mkdir -p "$O"
 nvidia-smi -L; $PY -c 'import sys,torch;print(sys.version.split()[0],torch.__version__,torch.version.cuda,torch.cuda.is_available())'
 export PYTHONPATH=$R:$R/.gpu_site COLLAFUSE_FLWR_CACHE=/tmp/cf-cache MPLBACKEND=Agg PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
-timeout -k 15 "$B" $PY -m benchmarks.inprocess --config gpu-mnist5k --out $S --no-report \
+timeout -k 15 "$B" $PY -m benchmarks.sweep --preset gpu --engine inprocess --out $S --no-report \
   --time-budget $((B - 60)) "$@" 2>&1 | grep -v -e UserWarning -e 'warnings.warn(' > "$O/log.txt"
 tail -n 30 "$O/log.txt"
 $PY -m benchmarks.report $S 2>&1 | tail -n 8

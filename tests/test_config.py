@@ -54,7 +54,8 @@ def test_run_dir_is_absolute_and_unique(tmp_path):
 
 def test_an_installed_wheel_carries_the_run_config_defaults(tmp_path):
     """Someone else's app that uses this ClientApp from an installed wheel (no source tree, so no
-    pyproject.toml beside the package) still gets every default, not 'run-config lacks [...]'."""
+    pyproject.toml beside the package) still gets every default, not 'run-config lacks [...]', and
+    `collafuse-run --preset` its presets."""
     import subprocess
     import sys
     import zipfile
@@ -66,7 +67,34 @@ def test_an_installed_wheel_carries_the_run_config_defaults(tmp_path):
     (wheel,) = tmp_path.glob("*.whl")
     zipfile.ZipFile(wheel).extractall(tmp_path / "site")
     code = ("import sys; sys.path.insert(0, sys.argv[1]); import collafuse_flwr.config as c; "
-            "print(c.PYPROJECT.parent.name, len(c.load_defaults()))")
+            "print(c.PYPROJECT.parent.name, len(c.load_defaults()), ','.join(c.preset_names()), len(c.preset('tiny')))")
     out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "site")], cwd=tmp_path, check=True,
                          capture_output=True, text=True).stdout.split()
-    assert out == ["collafuse_flwr", str(len(load_defaults()))]
+    from collafuse_flwr.config import preset, preset_names
+
+    assert out == ["collafuse_flwr", str(len(load_defaults())), ",".join(preset_names()), str(len(preset("tiny")))]
+
+
+def test_every_preset_is_a_valid_set_of_overrides_and_round_trips_through_flowers_parser():
+    from flwr.common.config import parse_config_args
+
+    from collafuse_flwr.config import preset, preset_names, run_config_text
+
+    assert {"tiny", "quick", "paper", "gpu"} <= set(preset_names())
+    for name in preset_names():
+        overrides = preset(name)
+        assert overrides and set(overrides) <= set(load_defaults())
+        assert parse_config_args([run_config_text(overrides)]) == overrides
+    tiny = parse_config(preset("tiny"))
+    assert (tiny.model_size, tiny.image_size, tiny.diffusion_steps, tiny.dataset) == ("tiny", 8, 20, "digits")
+
+
+def test_a_bad_or_unknown_preset_is_refused_naming_the_file_and_the_choices(tmp_path, monkeypatch):
+    from collafuse_flwr import config
+
+    with pytest.raises(ConfigError, match=r"unknown preset 'papr'.*'paper'"):
+        config.preset("papr")
+    (tmp_path / "broken.toml").write_text("cut-ratio = 1.5\n")
+    monkeypatch.setattr(config, "PRESET_DIR", tmp_path)
+    with pytest.raises(ConfigError, match=r"preset broken \(.*broken.toml\): cut-ratio must be in \[0, 1\]"):
+        config.preset("broken")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import ipaddress
 import re
 import sys
@@ -86,37 +87,79 @@ def test_federation_entry_names_address_and_trust(tmp_path):
     assert entry["collafuse-local"] == {"address": "127.0.0.1:12345", "insecure": True}
 
 
-def test_fast_supernode_caps_only_the_loop_sleeps(monkeypatch):
-    import time
+def _warm_script():
+    """scripts/flwr142_warm.py, loaded by path (scripts/ is no package)."""
+    spec = importlib.util.spec_from_file_location("flwr142_warm", REPO / "scripts" / "flwr142_warm.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 
+
+def test_the_warm_patches_are_pinned_to_the_flower_they_were_written_for():
+    """The warm isolation patches private Flower internals: on another Flower this test fails (re-check
+    the patches, then update FLOWER), and the script itself refuses to start, naming the fix."""
+    import flwr
+
+    warm = _warm_script()
+    assert flwr.__version__.startswith(warm.FLOWER), (
+        f"scripts/flwr142_warm.py was written against flwr {warm.FLOWER}*, installed is {flwr.__version__}")
+    warm.check_flower(flwr.__version__)
+    with pytest.raises(SystemExit, match=r"found flwr 1\.43\.0: use isolation 'subprocess'"):
+        warm.check_flower("1.43.0")
+
+
+def test_the_warm_supernode_caps_only_the_loop_sleeps(monkeypatch):
     import flwr.supernode.start_client_internal as loop
 
-    from collafuse_flwr.tools.fast_supernode import patch_poll_interval
-
     monkeypatch.setattr(loop, "time", time)
-    patch_poll_interval(0.01)
+    warm = _warm_script()
+    warm.patch_poll_interval(0.01)
     t0 = time.perf_counter()
     loop.time.sleep(3)  # Flower's idle poll
     assert time.perf_counter() - t0 < 1.0
     assert loop.time.time() > 0 and time.sleep is not loop.time.sleep  # the real module is untouched
     with pytest.raises(ValueError, match="poll interval must be in"):
-        patch_poll_interval(0)
+        warm.patch_poll_interval(0)
 
 
-def test_warm_worker_drops_shadowing_copies_of_the_apps_packages(tmp_path, monkeypatch):
-    from collafuse_flwr.tools.warm_clientapp import _unload_shadowing
+def test_the_warm_worker_drops_the_previous_apps_modules_only(tmp_path, monkeypatch):
+    app, other = tmp_path / "app", tmp_path / "elsewhere"
+    mods = {"mypkg": app / "mypkg" / "__init__.py", "mypkg.sub": app / "mypkg" / "sub.py",
+            "otherpkg": other / "otherpkg" / "__init__.py"}
+    for name, path in mods.items():
+        monkeypatch.setitem(sys.modules, name, types.SimpleNamespace(__file__=str(path)))
+    monkeypatch.setattr(sys, "path", [*sys.path, str(app)])
+    assert sorted(_warm_script().unload_modules_under(app)) == ["mypkg", "mypkg.sub"]
+    assert "otherpkg" in sys.modules and "mypkg" not in sys.modules and str(app) not in sys.path
 
-    app = tmp_path / "app"
-    (app / "mypkg").mkdir(parents=True)
-    (app / "mypkg" / "__init__.py").write_text("")
-    stale = types.ModuleType("mypkg")
-    stale.__file__ = str(tmp_path / "elsewhere" / "mypkg" / "__init__.py")
-    own = types.ModuleType("mypkg.sub")
-    own.__file__ = str(app / "mypkg" / "sub.py")
-    monkeypatch.setitem(sys.modules, "mypkg", stale)
-    monkeypatch.setitem(sys.modules, "mypkg.sub", own)
-    assert _unload_shadowing(app) == ["mypkg"]
-    assert "mypkg" not in sys.modules and sys.modules["mypkg.sub"] is own
+
+@pytest.mark.parametrize("isolation, node_exe, worker", [
+    ("subprocess", ["flower-supernode"], None),
+    ("process", ["flower-supernode"], ["flower-superexec"]),  # stock: Flower's long-lived executor
+    ("warm", [sys.executable, str(REPO / "scripts" / "flwr142_warm.py"), "supernode", "--poll", "0.5", "--"],
+     [sys.executable, str(REPO / "scripts" / "flwr142_warm.py"), "worker"])])
+def test_each_isolation_starts_its_supernode_and_clientapp_runner(tmp_path, monkeypatch, isolation, node_exe,
+                                                                   worker):
+    dep = LocalDeployment(tmp_path, num_nodes=1, tls=False, auth=False, isolation=isolation)
+    started = {}
+    monkeypatch.setattr(dep, "_spawn", lambda name, cmd: started.setdefault(name, cmd) and types.SimpleNamespace(pid=42))
+    dep._start_supernode(0)
+    node = started.pop("supernode-0")
+    assert node[:len(node_exe)] == node_exe and ("--isolation" in node) == (worker is not None)
+    port = node[node.index("--port") + 1]
+    if worker is None:
+        assert not started
+    else:
+        assert started.pop("clientapp-0") == [*worker, "--runtime-api-address", f"127.0.0.1:{port}", "--insecure",
+                                              "--parent-pid", "42"]
+
+
+def test_warm_needs_the_checkouts_script(tmp_path, monkeypatch):
+    from collafuse_flwr.tools import deploy
+
+    monkeypatch.setattr(deploy, "WARM_SCRIPT", deploy.APP_DIR / "scripts" / "gone.py")
+    with pytest.raises(ValueError, match=r"isolation 'warm' runs scripts/gone.py from a collafuse-flwr checkout"):
+        LocalDeployment(tmp_path, isolation="warm")
 
 
 def test_readme_by_hand_commands_are_the_scripts():

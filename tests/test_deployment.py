@@ -19,15 +19,13 @@ from pathlib import Path
 
 import pytest
 
-from collafuse_flwr.config import load_defaults
+from collafuse_flwr.config import load_defaults, preset, run_config_text
 from collafuse_flwr.tools.deploy import LocalDeployment
 from collafuse_flwr.tools.launch import APP_DIR, tree
 
 pytestmark = pytest.mark.e2e
 
-TINY = ("dataset='digits' num-server-rounds=2 model-size='tiny' image-size=8 diffusion-steps=20 local-steps=2 "
-        "server-steps=2 uploads-per-round=8 num-eval-samples=4 batch-size=16 attack-reference-steps=5 "
-        "torch-threads=1")
+TINY = run_config_text({**preset("tiny"), "torch-threads": 1})  # 3 nodes train at once on 2 cores
 NODES = 3
 #: the app the jobs run (default: this checkout); point it at another checkout to test that one
 APP = Path(os.environ.get("COLLAFUSE_DEPLOY_TEST_APP", str(APP_DIR)))

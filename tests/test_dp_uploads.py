@@ -72,7 +72,7 @@ def test_an_impossible_target_stops_the_node_with_the_fix(tiny_config):
 def test_upload_epsilon_4_runs_through_flwr(tmp_path):
     from flwr_runs import run_tiny
 
-    _, res = run_tiny(tmp_path, "sampling-steps=20 method='collafuse' upload-epsilon=4.0")
+    _, res = run_tiny(tmp_path, "diffusion-steps=200 sampling-steps=20 method='collafuse' upload-epsilon=4.0")
     dp = res["final"]["disclosure"]["dp_per_client"]
     assert set(dp) == {"0", "1"}
     for c, plan in dp.items():

@@ -9,18 +9,21 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from flwr_runs import tiny_run_config
+
 from collafuse_flwr.tools.launch import run_flower
 
 pytestmark = pytest.mark.e2e
 
-TINY = ("num-server-rounds=1 model-size='tiny' image-size=8 diffusion-steps=10 local-steps=1 "
-        "server-steps=1 uploads-per-round=4 num-eval-samples=4 batch-size=8 attack-reference-steps=0 "
-        "method='collafuse' cut-ratio=0.3 partitioning='by-class'")
+#: over the tiny preset: one short round, CollaFuse at c = 0.3, by class
+SHORTER = ("num-server-rounds=1 diffusion-steps=10 local-steps=1 server-steps=1 uploads-per-round=4 batch-size=8 "
+           "attack-reference-steps=0 method='collafuse' cut-ratio=0.3 partitioning='by-class'")
 NUM_CLIENTS = 2
 
 
 def _run(tmp_path: Path, extra: str) -> tuple[Path, dict]:
-    out = run_flower(f"{TINY} {extra} output-dir='{tmp_path / 'runs'}'", num_clients=NUM_CLIENTS,
+    out = run_flower(f"{tiny_run_config(SHORTER + ' ' + extra)} output-dir='{tmp_path / 'runs'}'",
+                     num_clients=NUM_CLIENTS,
                      flwr_home=tmp_path / "flwr-home", timeout=600, stream=False)
     assert out.ok, f"run failed: status={out.status} rc={out.returncode}\n{out.log[-4000:]}"
     assert out.output_dir.parent == tmp_path / "runs"  # an hf: path or id makes no nested folders
@@ -65,7 +68,8 @@ def test_hub_dataset_offline_stops_the_run_at_start(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
     monkeypatch.delenv("HF_DATASETS_CACHE", raising=False)
-    out = run_flower(f"{TINY} dataset='hf:ylecun/mnist' output-dir='{tmp_path / 'runs'}'", num_clients=NUM_CLIENTS,
+    rc = tiny_run_config(SHORTER + " dataset='hf:ylecun/mnist'")
+    out = run_flower(f"{rc} output-dir='{tmp_path / 'runs'}'", num_clients=NUM_CLIENTS,
                      flwr_home=tmp_path / "flwr-home", timeout=300, stream=False)
     assert not out.ok
     assert "dataset='hf:ylecun/mnist': HF_HUB_OFFLINE is set and it is not in the local cache" in out.log

@@ -8,41 +8,31 @@ import textwrap
 
 import pytest
 
+from flwr_runs import tiny_run_config
+
 from collafuse_flwr.tools.launch import run_flower
 
 pytestmark = pytest.mark.e2e
 
 FAULTY_APP = '''
-"""collafuse-flwr's ClientApp, except that partition 1 crashes from round 2 on."""
+"""collafuse-flwr's ClientApp, except that partition 1 crashes in its train and evaluate handlers
+from round 2 on (a wrapper of the whole app, whatever its handlers are named)."""
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
 from collafuse_flwr import client_app as real
 
-app = ClientApp()
+
+class Faulty(ClientApp):
+    def __call__(self, message: Message, context: Context) -> Message:
+        if (message.metadata.message_type.split(".")[0] in ("train", "evaluate")
+                and int(context.node_config["partition-id"]) == 1
+                and int(message.content["config"]["server-round"]) >= 2):
+            raise RuntimeError("this node died")
+        return real.app(message, context)
 
 
-def _dies(msg: Message, context: Context) -> bool:
-    return int(context.node_config["partition-id"]) == 1 and int(msg.content["config"]["server-round"]) >= 2
-
-
-@app.query("hello")
-def hello(msg: Message, context: Context) -> Message:
-    return real.app(msg, context)
-
-
-@app.train("collafuse")
-def train(msg: Message, context: Context) -> Message:
-    if _dies(msg, context):
-        raise RuntimeError("this node died")
-    return real.app(msg, context)
-
-
-@app.evaluate("collafuse")
-def evaluate(msg: Message, context: Context) -> Message:
-    if _dies(msg, context):
-        raise RuntimeError("this node died")
-    return real.app(msg, context)
+app = Faulty()
 '''
 
 PYPROJECT = '''
@@ -84,9 +74,8 @@ def test_a_node_that_dies_in_the_simulation_does_not_stop_the_run(tmp_path):
     app_dir.mkdir()
     (app_dir / "faulty_app.py").write_text(textwrap.dedent(FAULTY_APP))
     (app_dir / "pyproject.toml").write_text(textwrap.dedent(PYPROJECT) + _config_table())
-    rc = ("dataset='digits' num-server-rounds=2 model-size='tiny' image-size=8 diffusion-steps=20 local-steps=2 server-steps=2 "
-          "uploads-per-round=8 num-eval-samples=4 batch-size=16 attack-reference-steps=0 "
-          f"cut-ratio=0.3 min-available-fraction=0.5 output-dir='{tmp_path / 'out'}'")
+    rc = tiny_run_config(f"attack-reference-steps=0 cut-ratio=0.3 min-available-fraction=0.5 "
+                         f"output-dir='{tmp_path / 'out'}'")
     out = run_flower(rc, num_clients=3, app_dir=app_dir, flwr_home=tmp_path / "home", timeout=600, stream=False,
                      client_cpus=1)
     assert out.ok, f"status={out.status} rc={out.returncode}\n{out.log[-4000:]}"

@@ -12,16 +12,17 @@ import flwr_runs
 import numpy as np
 import pytest
 
+from collafuse_flwr.config import preset
 from collafuse_flwr.tools.launch import run_flower
 
 pytestmark = pytest.mark.e2e
 
-SHORT_CHAIN = "diffusion-steps=20 server-steps=2"  # over flwr_runs.TINY
 NUM_CLIENTS = 3
+SAMPLES = preset("tiny")["num-eval-samples"]  # per client
 
 
 def _run(tmp_path: Path, extra: str):
-    return flwr_runs.run_tiny(tmp_path, f"{SHORT_CHAIN} {extra}", NUM_CLIENTS)
+    return flwr_runs.run_tiny(tmp_path, extra, NUM_CLIENTS)
 
 
 def _check_common(run_dir: Path, res: dict, method: str):
@@ -36,7 +37,7 @@ def _check_common(run_dir: Path, res: dict, method: str):
     rows = list(csv.DictReader(open(run_dir / "metrics.csv")))
     assert [r["round"] for r in rows] == ["1", "2"]
     s = np.load(run_dir / "samples.npz")
-    assert s["images"].dtype == np.uint8 and s["images"].shape == (NUM_CLIENTS * 6, 8, 8, 1)
+    assert s["images"].dtype == np.uint8 and s["images"].shape == (NUM_CLIENTS * SAMPLES, 8, 8, 1)
     assert sorted(set(s["client"].tolist())) == list(range(NUM_CLIENTS))
     assert (run_dir / "samples.png").stat().st_size > 1000
     return f
@@ -67,7 +68,7 @@ def test_failed_run_is_reported_as_failed(tmp_path):
     """A run that breaks must not look like a success (flwr run --stream can exit 0), and must
     stop as soon as it cannot go on, saying why (naively: every node's first contact fails,
     the server waits its 300-s connect timeout and the launcher's timeout ends it)."""
-    rc = flwr_runs.tiny_run_config(f"{SHORT_CHAIN} dataset='mnist' data-dir='{tmp_path}/nothing-here'")
+    rc = flwr_runs.tiny_run_config(f"dataset='mnist' data-dir='{tmp_path}/nothing-here'")
     out = run_flower(f"{rc} output-dir='{tmp_path}'",
                      num_clients=2, flwr_home=tmp_path / "flwr-home", timeout=200, stream=False)
     assert not out.ok and out.status == "finished:failed", out.status

@@ -149,3 +149,15 @@ def test_run_flower_runs_flwr_on_the_resolved_folder(monkeypatch, tmp_path):
     with pytest.raises(Started):
         launch.run_flower("", 3, Path("examples/custom_serverapp"), flwr_home=tmp_path / "home", stream=False)
     assert seen["cmd"][1:3] == ["run", str(EXAMPLE)] and seen["cwd"] == str(EXAMPLE)
+
+
+def test_a_preset_is_the_base_and_the_command_line_wins(captured_run):
+    from flwr.common.config import parse_config_args
+
+    from collafuse_flwr.config import preset
+
+    assert main(["--preset", "quick", "--run-config", "num-server-rounds=3 cut-ratio=0.4"]) == 0
+    sent = parse_config_args([captured_run["run_config"]])  # what flwr will read
+    assert sent == {**preset("quick"), "num-server-rounds": 3, "cut-ratio": 0.4}
+    assert preset("quick")["num-server-rounds"] == 2  # the file's own value was overridden, not edited
+    assert main(["--preset", "tiny", "--run-config", "cut-rato=0.4"]) == 2  # still checked before a run

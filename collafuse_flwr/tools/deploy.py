@@ -29,12 +29,16 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from collafuse_flwr.config import preset, preset_names, run_config_text
 from collafuse_flwr.tools.deploy_keys import TlsFiles, make_node_key, make_tls
 from collafuse_flwr.tools.launch import APP_DIR, flwr_bin, free_port, stop_pids, tree
 from collafuse_flwr.tools.launch import _output_dir as _said_output_dir
+from collafuse_flwr.tools.precheck import parse_overrides
 
 FEDERATION = "collafuse-local"
-ISOLATIONS = ("subprocess", "warm")
+ISOLATIONS = ("subprocess", "process", "warm")
+#: the `warm` isolation's patches of Flower 1.42's internals: beside the repository's scripts, not in the package
+WARM_SCRIPT = APP_DIR / "scripts" / "flwr142_warm.py"
 
 
 @dataclass
@@ -59,11 +63,13 @@ class LocalDeployment:
 
     node_configs: one `--node-config` string per SuperNode; default `partition-id=K
     num-partitions=N`. Each node also gets its own `state-dir` (its secret key and private state)
-    under `workdir/node-state/`, unless its node config names one. isolation: `subprocess` (Flower's default: one fresh `flwr-clientapp`
-    process per message, stock `flower-supernode`) or `warm` (`--isolation process` plus one
-    long-lived `collafuse_flwr.tools.warm_clientapp` worker per SuperNode, which keeps torch and the
-    node's data loaded between messages, and SuperNodes started through
-    `collafuse_flwr.tools.fast_supernode`, which poll the SuperLink every `node_poll` s instead of 3 s).
+    under `workdir/node-state/`, unless its node config names one. isolation: `subprocess` (stock
+    `flower-supernode`: a fresh `flwr-clientapp` process per message), `process` (stock
+    `--isolation process` with a long-lived `flower-superexec` per SuperNode, which still starts a
+    `flwr-clientapp` per message) or `warm` (WARM_SCRIPT, from a checkout: one long-lived ClientApp
+    worker per SuperNode that keeps torch and the node's data loaded, and SuperNodes that poll the
+    SuperLink every `node_poll` s instead of 3 s; private Flower 1.42 internals, pinned there).
+    Per-round overhead, 3 nodes on a 2-core VM (benchmarks/README.md): ~22 s, ~22 s and ~2 s.
     """
 
     workdir: Path
@@ -86,6 +92,10 @@ class LocalDeployment:
             raise ValueError(f"num_nodes must be >= 1, got {self.num_nodes}")
         if self.isolation not in ISOLATIONS:
             raise ValueError(f"isolation must be one of {ISOLATIONS}, got {self.isolation!r}")
+        if self.isolation == "warm" and not WARM_SCRIPT.is_file():
+            raise ValueError(f"isolation 'warm' runs {WARM_SCRIPT.relative_to(APP_DIR)} from a collafuse-flwr checkout "
+                             f"(it patches Flower 1.42's internals and is not installed with the package); it is "
+                             f"not at {WARM_SCRIPT}: use isolation 'subprocess' or 'process'")
         if self.auth and not self.tls:
             raise ValueError("SuperNode authentication needs TLS (Flower refuses it over --insecure); "
                              "set tls=True or auth=False")
@@ -185,8 +195,8 @@ class LocalDeployment:
                        else f"partition-id={k} num-partitions={self.num_nodes}")
         if "state-dir" not in node_config:  # nodes sharing a host must not share their secret and state
             node_config += f" state-dir='{self.workdir / 'node-state' / f'node-{k}'}'"
-        exe = (["flower-supernode"] if self.isolation == "subprocess" else
-               [sys.executable, "-m", "collafuse_flwr.tools.fast_supernode", "--poll", str(self.node_poll), "--"])
+        exe = ([sys.executable, str(WARM_SCRIPT), "supernode", "--poll", str(self.node_poll), "--"]
+               if self.isolation == "warm" else ["flower-supernode"])
         cmd = [*exe, "--superlink", f"127.0.0.1:{self.superlink_port}",
                "--host", "127.0.0.1", "--port", str(port), "--node-config", node_config]
         cmd += ["--root-certificates", str(self.tls_files.ca_cert)] if self.tls_files else ["--insecure"]
@@ -194,13 +204,14 @@ class LocalDeployment:
             priv, pub = make_node_key(self.workdir / "keys", k)
             self._flwr("supernode", "register", str(pub), self.federation)
             cmd += ["--auth-supernode-private-key", str(priv)]
-        if self.isolation == "warm":
+        if self.isolation != "subprocess":
             cmd += ["--isolation", "process"]
         node = self._spawn(f"supernode-{k}", cmd)
-        if self.isolation == "warm":
-            worker = [sys.executable, "-m", "collafuse_flwr.tools.warm_clientapp",
-                      "--runtime-api-address", f"127.0.0.1:{port}", "--insecure", "--parent-pid", str(node.pid)]
-            self._spawn(f"warm-clientapp-{k}", worker)
+        runtime = ["--runtime-api-address", f"127.0.0.1:{port}", "--insecure", "--parent-pid", str(node.pid)]
+        if self.isolation == "process":  # Flower's own long-lived executor (its Docker guide's SuperExec)
+            self._spawn(f"clientapp-{k}", ["flower-superexec", *runtime])
+        elif self.isolation == "warm":
+            self._spawn(f"clientapp-{k}", [sys.executable, str(WARM_SCRIPT), "worker", *runtime])
 
     def online_nodes(self) -> int:
         res = self._flwr("supernode", "ls", self.federation, "--format", "json", check=False)
@@ -269,7 +280,7 @@ class LocalDeployment:
     def kill_node(self, k: int) -> list[int]:
         """SIGKILL SuperNode k and everything under it (and its warm worker): a crashed node."""
         pids = []
-        for name in (f"supernode-{k}", f"warm-clientapp-{k}"):
+        for name in (f"supernode-{k}", f"clientapp-{k}"):
             if name in self.procs:
                 pids += tree(self.procs[name].pid)
         return stop_pids(pids, signals=(signal.SIGKILL,))
@@ -352,6 +363,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="collafuse-deploy", description=__doc__.split("\n\n")[0])
     p.add_argument("--num-nodes", type=int, default=3, help="SuperNodes to start (default 3)")
     p.add_argument("--run-config", default="", help='overrides, e.g. "num-server-rounds=2 method=\'fedavg\'"')
+    p.add_argument("--preset", choices=preset_names(), default=None,
+                   help="a named setting (collafuse_flwr/presets/NAME.toml); --run-config's keys win over it")
     p.add_argument("--app", type=Path, default=APP_DIR, help="Flower app folder (has pyproject.toml)")
     p.add_argument("--workdir", type=Path, default=None,
                    help="folder for FLWR_HOME, certificates, keys, logs and outputs (default: a new temp dir, kept)")
@@ -361,8 +374,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="write each node its own digits image folder and start it with "
                         "--node-config \"data-dir='<its folder>' dataset='imagefolder'\"")
     p.add_argument("--isolation", choices=ISOLATIONS, default="subprocess",
-                   help="subprocess: a fresh ClientApp process per message (Flower's default); "
-                        "warm: one long-lived ClientApp worker per SuperNode (faster rounds)")
+                   help="subprocess: Flower's default, a fresh ClientApp process per message; process: Flower's "
+                        "--isolation process with a long-lived flower-superexec (still a process per message); "
+                        "warm: scripts/flwr142_warm.py from a checkout, one long-lived ClientApp worker per "
+                        "SuperNode (rounds ~20 s faster; Flower 1.42 only)")
     p.add_argument("--insecure", action="store_true", help="no TLS and no SuperNode authentication")
     p.add_argument("--no-auth", action="store_true", help="TLS but no SuperNode authentication")
     p.add_argument("--database", default=None, help="SuperLink --database file (default: in memory)")
@@ -374,6 +389,8 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     if not (a.app / "pyproject.toml").is_file():
         p.error(f"--app {a.app} has no pyproject.toml; point it at a Flower app folder")
+    if a.preset:  # the preset's keys, then the command line's over them
+        a.run_config = run_config_text({**preset(a.preset), **parse_overrides(a.run_config)})
     workdir = (a.workdir or Path(tempfile.mkdtemp(prefix="collafuse-deploy-"))).resolve()
     node_configs = a.node_config
     if a.per_node_data:

@@ -29,9 +29,10 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from collafuse_flwr.config import preset, preset_names, run_config_text
 from collafuse_flwr.tools import processes
-from collafuse_flwr.tools.precheck import RunConfigError, check_run_config
-from collafuse_flwr.tools.processes import MARK, stop_pids, stop_superlink, tree  # noqa: F401 - re-exported (deploy, tests)
+from collafuse_flwr.tools.precheck import RunConfigError, check_run_config, parse_overrides
+from collafuse_flwr.tools.processes import MARK, stop_pids, tree  # noqa: F401 - re-exported (deploy, tests)
 from collafuse_flwr.tools.processes import pids_listening_on as _pids_listening_on  # noqa: F401 - re-exported (tests)
 from collafuse_flwr.tools.stopping import (
     Interrupted,
@@ -106,13 +107,6 @@ def flwr_bin() -> str:
     return str(exe) if exe.exists() else "flwr"
 
 
-def _config_string(run_config: dict[str, object] | str) -> str:
-    if isinstance(run_config, str):
-        return run_config
-    return " ".join(f"{k}={json.dumps(v) if isinstance(v, str) else str(v).lower() if isinstance(v, bool) else v}"
-                    for k, v in run_config.items())
-
-
 def run_flower(
     run_config: dict[str, object] | str = "",
     num_clients: int = 5,
@@ -144,7 +138,7 @@ def run_flower(
         raise ValueError(f"client_cpus must be a whole number of CPUs >= 1, got {client_cpus!r}")
     client_cpus = int(client_cpus)
     app_dir = Path(app_dir).expanduser().resolve()
-    run_config = _config_string(run_config)
+    run_config = run_config if isinstance(run_config, str) else run_config_text(run_config)
     own_home = flwr_home is None
     home = Path(tempfile.mkdtemp(prefix="collafuse-flwr-home-")) if own_home else Path(flwr_home).resolve()
     home.mkdir(parents=True, exist_ok=True)
@@ -265,6 +259,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="collafuse-run", description=__doc__.split("\n\n")[0])
     p.add_argument("--num-clients", type=int, default=5, help="virtual clients (num-supernodes)")
     p.add_argument("--run-config", default="", help='overrides, e.g. "cut-ratio=0.4 method=\'fedavg\'"')
+    p.add_argument("--preset", choices=preset_names(), default=None,
+                   help="a named setting (collafuse_flwr/presets/NAME.toml); --run-config's keys win over it")
     p.add_argument("--app", type=Path, default=APP_DIR, help="Flower app folder (has pyproject.toml)")
     p.add_argument("--flwr-home", type=Path, default=None, help="FLWR_HOME to use (default: a fresh temp dir)")
     p.add_argument("--timeout", type=float, default=3600)
@@ -284,6 +280,8 @@ def main(argv: list[str] | None = None) -> int:
     if run_config.endswith(".toml") and len(run_config.split()) == 1:  # flwr reads it from the app folder
         run_config = str(Path(run_config).expanduser().resolve())
     try:
+        if a.preset:  # the preset's keys, then the command line's over them
+            run_config = run_config_text({**preset(a.preset), **parse_overrides(run_config)})
         check_run_config(app, run_config, a.num_clients)
     except RunConfigError as exc:
         print(f"collafuse-run: bad run-config: {exc}", file=sys.stderr, flush=True)

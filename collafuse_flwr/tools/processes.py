@@ -153,11 +153,6 @@ def stop_pids(pids: list[int], grace: float = 10.0,
     return pids
 
 
-def stop_superlink(port: int, grace: float = 10.0) -> list[int]:
-    """Stop the SuperLink listening on `port` and its process tree; returns the pids stopped."""
-    return stop_pids([p for r in pids_listening_on(port) for p in tree(r)], grace)
-
-
 def find_run(marks: list[str], ports: list[int], trees: list[int] = (), groups: list[int] = ()) -> list[int]:
     """Every live process of one run: with any of `marks` in its environment (and the agents of
     a marked raylet), listening on `ports` (and their trees), below the live processes `trees`

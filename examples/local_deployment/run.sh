@@ -9,12 +9,11 @@
 #
 # APP: the Flower app folder (default: this checkout).
 # WORKDIR keeps FLWR_HOME, certificates/, keys/, logs/ and outputs/ (default: a new temp dir).
-# ISOLATION: warm (default; one long-lived ClientApp worker per SuperNode) or subprocess
-# (Flower's stock SuperNode: a fresh ClientApp process per message).
+# ISOLATION: warm (default; scripts/flwr142_warm.py: one long-lived ClientApp worker per SuperNode,
+# Flower 1.42 only), subprocess or process (stock Flower: a fresh ClientApp process per message).
+# The job: the tiny preset (collafuse_flwr/presets/tiny.toml), EXTRA_RUN_CONFIG's keys over it.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 WORKDIR="${WORKDIR:-$(mktemp -d -t collafuse-deploy-XXXXXX)}"
-RUN_CONFIG="num-server-rounds=2 model-size='tiny' diffusion-steps=20 local-steps=2 server-steps=2 \
-uploads-per-round=8 num-eval-samples=4 batch-size=16 ${EXTRA_RUN_CONFIG:-}"
 exec collafuse-deploy --num-nodes 3 --isolation "${ISOLATION:-warm}" --workdir "$WORKDIR" --app "${APP:-.}" \
-  --run-config "$RUN_CONFIG" --quiet
+  --preset tiny --run-config "${EXTRA_RUN_CONFIG:-}" --quiet

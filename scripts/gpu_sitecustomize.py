@@ -1,0 +1,48 @@
+"""sitecustomize for a lent GPU box (scripts/gpu_site.sh copies it to .gpu_site/sitecustomize.py;
+Python imports it at start-up because scripts/gpu_run.sh puts .gpu_site on PYTHONPATH).
+
+Flower imports `cryptography` at module level for SuperNode auth and secure aggregation, which an
+in-process run (`python -m benchmarks.sweep --engine inprocess`) never calls. Where its compiled
+part cannot load (no cffi wheel for that Python), placeholders that fail only when called let the
+apps import. CRYPTOGRAPHY_STUBBED says why they were needed, or is None when the real package works.
+"""
+
+import sys
+import types
+
+
+def _stub_cryptography_if_unusable() -> str | None:
+    try:
+        from cryptography.hazmat.primitives.asymmetric import ec  # noqa: F401
+
+        return None
+    except Exception as exc:  # noqa: BLE001 - any failure to load it is the case handled here
+        reason = f"{type(exc).__name__}: {exc}"
+
+    class Missing(types.ModuleType):
+        __path__: list[str] = []  # a package, so `import a.b` finds b in sys.modules
+
+        def __getattr__(self, attr: str):
+            if attr.startswith("__"):
+                raise AttributeError(attr)
+            return Missing(f"{self.__name__}.{attr}")
+
+        def __call__(self, *a, **k):
+            raise RuntimeError(f"{self.__name__} is unavailable: cryptography could not load ({reason})")
+
+    for name in [k for k in sys.modules if k.split(".")[0] == "cryptography"]:
+        del sys.modules[name]
+    for name in ("cryptography", "cryptography.exceptions", "cryptography.fernet", "cryptography.x509",
+                 "cryptography.x509.oid", "cryptography.hazmat", "cryptography.hazmat.primitives",
+                 "cryptography.hazmat.primitives.hashes", "cryptography.hazmat.primitives.serialization",
+                 "cryptography.hazmat.primitives.asymmetric", "cryptography.hazmat.primitives.asymmetric.ec",
+                 "cryptography.hazmat.primitives.kdf", "cryptography.hazmat.primitives.kdf.hkdf"):
+        sys.modules[name] = Missing(name)
+        parent, _, child = name.rpartition(".")
+        if parent:
+            setattr(sys.modules[parent], child, sys.modules[name])
+    print(f"warning: cryptography cannot load ({reason}); Flower's auth imports get placeholders", file=sys.stderr)
+    return reason
+
+
+CRYPTOGRAPHY_STUBBED = _stub_cryptography_if_unusable()
