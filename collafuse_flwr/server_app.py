@@ -1,7 +1,7 @@
 """The ServerApp: this project's thin wiring of config, strategy and research harness.
 
 Validate the run-config once, wait for the nodes, build the method's strategy from it
-(`<Strategy>.from_run_config`), switch the research harness on only where it may run (the
+(`server/build.py`), switch the research harness on only where it may run (the
 simulation engine, or `harness = "on"`), run Flower's loop and write the outputs.
 """
 
@@ -24,18 +24,16 @@ with LOCK:  # the ClientApp may be loading in another thread (collafuse_flwr/imp
     from flwr.serverapp import Grid, ServerApp
     from flwr.supercore import log
 
-    from collafuse_flwr import protocol as P
     from collafuse_flwr.config import RunConfig, parse_config, run_dir
-    from collafuse_flwr.core.models import default_device, shared_denoiser, use_torch_threads
-    from collafuse_flwr.data.client_data import dataset_for, run_channels
+    from collafuse_flwr.core.models import default_device, use_torch_threads
+    from collafuse_flwr.data.client_data import dataset_for
     from collafuse_flwr.data.load import check_dataset
-    from collafuse_flwr.harness.disclosure_probe import DisclosureProbe
     from collafuse_flwr.harness.outputs import MetricsCsv, write_json
     from collafuse_flwr.harness.report import finalize
     from collafuse_flwr.metrics.features import prepare_backbone
     from collafuse_flwr.server import checkpoint as ck
+    from collafuse_flwr.server.build import build_strategy
     from collafuse_flwr.server.grid import PollingGrid
-    from strategies import Centralized, CollaFuse, FedAvgDiffusion, LocalOnly
     from strategies.isolation import repair_dead_actors
 
     try:
@@ -75,31 +73,6 @@ def harness_data_readable(cfg: RunConfig) -> bool:
             str(exc).splitlines()[0][:200])
         return False
 
-
-def build_strategy(cfg: RunConfig, num_clients: int, device: torch.device, on_round_end=None,
-                   harness: bool = True, simulation: bool = False):
-    """The method's strategy and its initial global ArrayRecord.
-
-    simulation: the nodes train on this machine's cores, so CollaFuse's overlapped server steps
-    run on one thread (unless torch-threads says otherwise) beside the one-thread clients."""
-    shape = (run_channels(cfg), cfg.image_size, cfg.image_size)
-    common = {"on_round_end": on_round_end}
-    if cfg.method == P.LOCAL:
-        return LocalOnly.from_run_config(cfg, capacity=num_clients, **common), ArrayRecord()
-    torch.manual_seed(cfg.seed)
-    model = shared_denoiser(cfg.image_size, shape[0], cfg.model_size, cfg.conditioning, num_clients)
-    arrays = ArrayRecord(model.state_dict())
-    if cfg.method == P.COLLAFUSE:
-        probe = None
-        if harness:
-            probe = DisclosureProbe(cfg, num_clients, device)
-        shared_cores = simulation and device.type == "cpu" and cfg.torch_threads == 0
-        return CollaFuse.from_run_config(cfg, model, shape, device=device, harness_payload=probe,
-                                         capacity=num_clients, overlap_threads=1 if shared_cores else None,
-                                         **common), arrays
-    if cfg.method == P.FEDAVG:
-        return FedAvgDiffusion.from_run_config(cfg, capacity=num_clients, **common), arrays
-    return Centralized.from_run_config(cfg, model, shape, device=device, capacity=num_clients, **common), arrays
 
 
 def wait_for_nodes(grid: Grid, min_nodes: int, timeout: float) -> int:

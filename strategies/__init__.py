@@ -1,7 +1,7 @@
 """Flower Message-API strategies: CollaFuse and the baselines it is compared against.
 
-Plain constructor arguments in the style of `flwr.serverapp.strategy.FedAvg`; each also has a
-`from_run_config` for this project's validated run-config.
+Plain constructor arguments in the style of `flwr.serverapp.strategy.FedAvg`; this project's
+ServerApp maps its run-config onto them in `collafuse_flwr/server/build.py`.
 """
 
 from .base import DiffusionStrategy, RoundFailed

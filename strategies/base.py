@@ -582,13 +582,6 @@ class DiffusionStrategy(Strategy):
             self.num_eval_samples)
 
 
-def common_args(cfg: Any) -> dict[str, Any]:
-    """`DiffusionStrategy` arguments from this project's validated run-config (`RunConfig`)."""
-    return dict(min_available_nodes=cfg.min_nodes, min_available_fraction=cfg.min_available_fraction,
-                num_eval_samples=cfg.num_eval_samples, eval_every=cfg.eval_every,
-                sampling_steps=cfg.sampling_steps, connect_timeout=cfg.round_timeout)
-
-
 def _metrics_dict(m: Message, key: str) -> dict[str, Any] | None:
     """The reply's metrics as a dict, or None when absent or any value is not finite."""
     if key not in m.content.metric_records:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable
 from logging import WARNING
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
@@ -28,10 +28,8 @@ from collafuse_flwr.core.flops import FlopMeter
 from collafuse_flwr.core.images import to_uint8
 from collafuse_flwr.core.training import client_share_loss, generate, make_optimizer, train_steps
 
-from .base import DiffusionStrategy, common_args
+from .base import DiffusionStrategy
 
-if TYPE_CHECKING:
-    from collafuse_flwr.config import RunConfig
 
 
 class Centralized(DiffusionStrategy):
@@ -61,14 +59,6 @@ class Centralized(DiffusionStrategy):
         log(WARNING, "method=centralized is a REFERENCE that pools the clients' raw training images "
             "on the server (no privacy); use it as the quality upper bound only")
 
-    @classmethod
-    def from_run_config(cls, cfg: RunConfig, model: nn.Module, image_shape: tuple[int, int, int],
-                        **kwargs: Any) -> Centralized:
-        args = dict(diffusion_steps=cfg.diffusion_steps, beta_schedule=cfg.beta_schedule,
-                    local_steps=cfg.local_steps, batch_size=cfg.batch_size, learning_rate=cfg.learning_rate,
-                    seed=cfg.seed, count_flops=cfg.count_flops, flops_every_pass=cfg.flops_every_pass,
-                    **common_args(cfg))
-        return cls(model, image_shape, **{**args, **kwargs})
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:

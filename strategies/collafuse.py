@@ -30,7 +30,7 @@ import math
 import time
 from collections.abc import Callable, Iterable
 from logging import WARNING
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
@@ -44,11 +44,9 @@ from collafuse_flwr.core import diffusion as D
 from collafuse_flwr.core.flops import FlopMeter
 from collafuse_flwr.core.training import make_optimizer, server_share_loss, train_steps
 
-from .base import DiffusionStrategy, common_args
+from .base import DiffusionStrategy
 from .robust import UploadCheck, balanced_batches
 
-if TYPE_CHECKING:
-    from collafuse_flwr.config import RunConfig
 
 #: |x_tc| <= sqrt(abar_c) + UPLOAD_Z sqrt(1 - abar_c) for data in [-1, 1]. A Gaussian pixel
 #: passes 8 sigma but with probability 1e-15, so an honest upload (even 64 x 3 x 64 x 64 pixels
@@ -174,18 +172,6 @@ class CollaFuse(DiffusionStrategy):
         if self.t_c == T and not node_cuts:
             log(WARNING, "cut-ratio=1: clients train alone and upload nothing (local-only extreme)")
 
-    @classmethod
-    def from_run_config(cls, cfg: RunConfig, server_model: nn.Module, image_shape: tuple[int, int, int],
-                        **kwargs: Any) -> CollaFuse:
-        """This project's validated run-config -> constructor arguments (`kwargs` win)."""
-        args = dict(diffusion_steps=cfg.diffusion_steps, beta_schedule=cfg.beta_schedule, cut_ratio=cfg.cut_ratio,
-                    node_cuts=bool(cfg.client_cut_ratios) or cfg.upload_epsilon > 0,  # DP moves a node's cut
-                    server_target=cfg.server_target, server_steps=cfg.server_steps, local_steps=cfg.local_steps,
-                    overlap=cfg.server_overlap, batch_size=cfg.batch_size,
-                    learning_rate=cfg.learning_rate, uploads_per_round=cfg.uploads_per_round,
-                    buffer_size=cfg.server_buffer_size or None, seed=cfg.seed, count_flops=cfg.count_flops,
-                    flops_every_pass=cfg.flops_every_pass, **common_args(cfg))
-        return cls(server_model, image_shape, **{**args, **kwargs})
 
     # -- first contact and each node's cut ----------------------------------------------------
     def accept_hello(self, node_id: int, info: dict[str, Any]) -> str:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from logging import INFO, WARNING
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
@@ -28,7 +28,7 @@ from flwr.supercore import log
 
 from collafuse_flwr import protocol as P
 
-from .base import DiffusionStrategy, common_args
+from .base import DiffusionStrategy
 from .robust import CLIP_FACTOR, clip_bounds, clipped, update_norms
 
 #: fedavg-aggregation choices: example-weighted mean (FedAvg), coordinate-wise median (FedMedian),
@@ -36,8 +36,6 @@ from .robust import CLIP_FACTOR, clip_bounds, clipped, update_norms
 AGGREGATIONS = ("mean", "median", "trimmed-mean")
 TRIM_BETA = 0.2  # FedTrimmedAvg's default
 
-if TYPE_CHECKING:
-    from collafuse_flwr.config import RunConfig
 
 
 class FedAvgDiffusion(DiffusionStrategy):
@@ -62,11 +60,6 @@ class FedAvgDiffusion(DiffusionStrategy):
         self._global: dict[str, tuple[tuple[int, ...], str]] = {}  # name -> (shape, dtype)
         self._global_arrays: dict[str, np.ndarray] = {}
 
-    @classmethod
-    def from_run_config(cls, cfg: RunConfig, capacity: int | None = None, **kwargs: Any) -> FedAvgDiffusion:
-        shape = (cfg.image_channels, cfg.image_size, cfg.image_size)
-        return cls(**{**common_args(cfg), "capacity": capacity, "aggregation": cfg.fedavg_aggregation,
-                      "image_shape": shape, **kwargs})
 
     def summary(self) -> None:
         super().summary()

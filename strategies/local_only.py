@@ -5,17 +5,15 @@ crosses the network. Run through Flower like the others so the accounting is ide
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 
 from collafuse_flwr import protocol as P
 
-from .base import DiffusionStrategy, common_args
+from .base import DiffusionStrategy
 
-if TYPE_CHECKING:
-    from collafuse_flwr.config import RunConfig
 
 
 class LocalOnly(DiffusionStrategy):
@@ -27,10 +25,6 @@ class LocalOnly(DiffusionStrategy):
         super().__init__(**common)
         self.diffusion_steps = diffusion_steps
 
-    @classmethod
-    def from_run_config(cls, cfg: RunConfig, **kwargs: Any) -> LocalOnly:
-        shape = (cfg.image_channels, cfg.image_size, cfg.image_size)
-        return cls(**{"diffusion_steps": cfg.diffusion_steps, "image_shape": shape, **common_args(cfg), **kwargs})
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:

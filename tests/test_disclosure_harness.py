@@ -10,7 +10,7 @@ from inprocess import InProcessGrid
 from collafuse_flwr.client_app import app as client_app
 from collafuse_flwr.config import parse_config
 from collafuse_flwr.harness.report import finalize
-from collafuse_flwr.server_app import build_strategy
+from collafuse_flwr.server.build import build_strategy
 
 
 def _run(rc, tmp_path, nodes=2):

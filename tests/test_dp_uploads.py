@@ -10,7 +10,7 @@ from inprocess import InProcessGrid
 
 from collafuse_flwr import client_app as ca
 from collafuse_flwr.config import parse_config
-from collafuse_flwr.server_app import build_strategy
+from collafuse_flwr.server.build import build_strategy
 
 # T = 200 (the default): at T = 20 the cosine chain has too little noise left for epsilon = 4
 DP = {"diffusion-steps": 200, "upload-epsilon": 4.0, "cut-ratio": 0.2, "count-flops": False}

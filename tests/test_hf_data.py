@@ -150,7 +150,7 @@ def test_channels_come_from_the_data_not_the_name(tmp_path, tiny_config, mode, c
     from collafuse_flwr.client_app import app
     from collafuse_flwr.config import parse_config
     from collafuse_flwr.data.client_data import run_channels
-    from collafuse_flwr.server_app import build_strategy
+    from collafuse_flwr.server.build import build_strategy
     from inprocess import InProcessGrid
 
     name = "fake-mnist-rgb" if mode == "RGB" else "xray-scans"  # a name that would have fooled the guess

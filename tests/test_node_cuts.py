@@ -14,7 +14,7 @@ from collafuse_flwr.config import ConfigError, parse_config
 from collafuse_flwr.core import diffusion as D
 from collafuse_flwr.core.models import shared_denoiser
 from collafuse_flwr.node.policy import node_policy
-from strategies import CollaFuse
+from collafuse_flwr.server.build import from_config
 
 CUTS = {1: 2, 2: 10, 3: 18}  # node -> the cut step it declares (T = 20)
 
@@ -41,7 +41,7 @@ def _identity():
 def _strategy(tiny_config, **kw):
     cfg = parse_config(tiny_config(cut_ratio=0.3, client_cut_ratios="0.1,0.5,0.9"))
     model = shared_denoiser(8, 1, "tiny", "client", 3)
-    s = CollaFuse.from_run_config(cfg, model, (1, 8, 8), overlap=False, **kw)
+    s = from_config(cfg, model, (1, 8, 8), overlap=False, **kw)
     s.num_rounds = 2
     return s
 
@@ -136,7 +136,7 @@ def test_a_node_declaring_an_impossible_cut_is_refused_and_the_others_run(tiny_c
 
 def test_without_node_cuts_a_node_with_another_cut_is_refused(tiny_config):
     cfg = parse_config(tiny_config(cut_ratio=0.5))
-    s = CollaFuse.from_run_config(cfg, shared_denoiser(8, 1, "tiny", "client", 3), (1, 8, 8))
+    s = from_config(cfg, shared_denoiser(8, 1, "tiny", "client", 3), (1, 8, 8))
     assert "client-cut-ratios" in s.accept_hello(1, {"cut-step": 2})
 
 

@@ -357,7 +357,8 @@ def test_the_serverapp_loads_no_client_data_outside_the_simulation(tiny_config, 
     from inprocess import InProcessGrid
 
     from collafuse_flwr.harness.report import finalize
-    from collafuse_flwr.server_app import build_strategy, harness_enabled
+    from collafuse_flwr.server.build import build_strategy
+    from collafuse_flwr.server_app import harness_enabled
 
     rc = tiny_config(cut_ratio=0.5, num_server_rounds=1)
     cfg = parse_config(rc)

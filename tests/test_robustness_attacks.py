@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, MetricRecord, RecordDict
 from flwr.app.error import Error
 from flwr.serverapp.strategy.fedtrimmedavg import trim_mean
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
@@ -27,12 +27,13 @@ from collafuse_flwr.core import diffusion as D
 from collafuse_flwr.config import ConfigError, parse_config
 from collafuse_flwr.core.dp import dp_upload, plan_uploads
 from collafuse_flwr.harness.report import consistent_images, run_notes, run_status
-from strategies import FedAvgDiffusion, LocalOnly, RoundFailed
+from strategies import RoundFailed
+from collafuse_flwr.server.build import from_config
 from strategies.base import DiffusionStrategy
 from strategies.collafuse import UPLOAD_Z
 from strategies.recorder import EvalResult, Recorder
 from strategies.robust import UploadCheck, balanced_batches, cap_claims
-from test_strategies import FakeGrid, _collafuse, _reply, _train_replies, _x, grid_of
+from test_strategies import FakeGrid, _collafuse, _reply, _train_replies, grid_of
 
 
 @pytest.fixture(autouse=True)
@@ -171,7 +172,7 @@ def test_the_server_loss_on_each_clients_upload_is_reported(tiny_config):
 
 # -- FedAvg: claims, update sizes, aggregation rules, blame ----------------------------------------------
 def _fedavg(tiny_config, n=5, agg="mean", declared=None):
-    s = FedAvgDiffusion.from_run_config(parse_config(tiny_config(method="fedavg", fedavg_aggregation=agg)), capacity=n)
+    s = from_config(parse_config(tiny_config(method="fedavg", fedavg_aggregation=agg)), capacity=n)
     s.num_rounds = 3
     grid = grid_of(n)
     if declared:  # what each node says about its size at first contact
@@ -486,7 +487,7 @@ class _LosesAWorker(FakeGrid):
 def test_a_node_that_lost_its_simulation_worker_is_asked_again(tiny_config):
     """Naively node 2 counts as failed (and, on Flower's engine, every node the dead actor is
     given next fails too: isolation.repair_dead_actors replaces it)."""
-    s = LocalOnly.from_run_config(parse_config(tiny_config(method="local")), capacity=3)
+    s = from_config(parse_config(tiny_config(method="local")), capacity=3)
     grid = _LosesAWorker()
     msgs = list(s.configure_train(1, ArrayRecord(), ConfigRecord(), grid))
     replies = DiffusionStrategy.exchange(grid, msgs, timeout=5)
@@ -495,7 +496,7 @@ def test_a_node_that_lost_its_simulation_worker_is_asked_again(tiny_config):
 
 
 def test_a_node_that_kills_every_worker_is_blamed_alone(tiny_config):
-    s = LocalOnly.from_run_config(parse_config(tiny_config(method="local")), capacity=3)
+    s = from_config(parse_config(tiny_config(method="local")), capacity=3)
     grid = _LosesAWorker(always=True)
     msgs = list(s.configure_train(1, ArrayRecord(), ConfigRecord(), grid))
     s.aggregate_train(1, DiffusionStrategy.exchange(grid, msgs, timeout=5))

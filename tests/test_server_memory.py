@@ -15,6 +15,7 @@ from collafuse_flwr.config import parse_config
 from collafuse_flwr.core import diffusion as D
 from collafuse_flwr.core.models import shared_denoiser
 from strategies import CollaFuse
+from collafuse_flwr.server.build import from_config
 
 NODES, UPLOADS = 3, 8
 ROW_BYTES = 8 * 8 * 4  # one 1x8x8 float32 upload
@@ -63,7 +64,7 @@ def _held_after(tiny_config, cap: int, rounds: tuple[int, ...]) -> tuple[list[in
     TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
     cfg = parse_config(tiny_config(cut_ratio=0.2, server_steps=1, uploads_per_round=UPLOADS, server_buffer_size=cap,
                                    count_flops=False, num_server_rounds=max(rounds)))
-    s = CollaFuse.from_run_config(cfg, shared_denoiser(8, 1, "tiny", "client", NODES), (1, 8, 8), overlap=False)
+    s = from_config(cfg, shared_denoiser(8, 1, "tiny", "client", NODES), (1, 8, 8), overlap=False)
     s.num_rounds = cfg.num_server_rounds
     rng, held = np.random.default_rng(0), []
     for rnd in range(1, max(rounds) + 1):

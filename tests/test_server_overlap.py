@@ -17,7 +17,7 @@ from inprocess import InProcessGrid
 
 from collafuse_flwr import client_app as ca
 from collafuse_flwr.config import parse_config
-from collafuse_flwr.server_app import build_strategy
+from collafuse_flwr.server.build import build_strategy
 
 UPLOADS = 8  # tiny config: uploads-per-round
 

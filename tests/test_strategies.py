@@ -13,7 +13,8 @@ from flwr.supercore.task_identity import TaskIdentity
 from collafuse_flwr.comm import message_nbytes
 from collafuse_flwr.config import parse_config
 from collafuse_flwr.core.models import build_denoiser, shared_denoiser
-from strategies import CollaFuse, FedAvgDiffusion, LocalOnly, RoundFailed
+from strategies import CollaFuse, RoundFailed
+from collafuse_flwr.server.build import from_config
 
 
 def _reply(to: Message, content: RecordDict, src: int) -> Message:
@@ -75,7 +76,7 @@ def _collafuse(rc, clients=3, **kw):
     kw.setdefault("overlap", False)
     cfg = parse_config(rc)
     model = shared_denoiser(cfg.image_size, 1, cfg.model_size, "client", clients)
-    s = CollaFuse.from_run_config(cfg, model, (1, 8, 8), **kw)
+    s = from_config(cfg, model, (1, 8, 8), **kw)
     s.num_rounds = cfg.num_server_rounds
     return cfg, s
 
@@ -281,7 +282,7 @@ def _fedavg_replies(msgs, weights, examples):
 
 
 def _fedavg(tiny_config, n=2):
-    s = FedAvgDiffusion.from_run_config(parse_config(tiny_config(method="fedavg")), capacity=n)
+    s = from_config(parse_config(tiny_config(method="fedavg")), capacity=n)
     s.num_rounds = 2
     msgs = list(s.configure_train(1, ArrayRecord({"w": Array(np.zeros(3, np.float32))}), ConfigRecord(), grid_of(n)))
     return s, msgs
@@ -326,7 +327,7 @@ def test_mean_of_metrics_drops_nan_with_its_weight(tiny_config):
 
 def test_local_only_messages_carry_no_arrays(tiny_config):
     cfg = parse_config(tiny_config(method="local"))
-    s = LocalOnly.from_run_config(cfg)
+    s = from_config(cfg)
     s.num_rounds = cfg.num_server_rounds
     msgs = list(s.configure_train(1, ArrayRecord(), ConfigRecord(), grid_of(2)))
     assert all(not m.content.array_records for m in msgs)
