@@ -132,9 +132,9 @@ RUN_SETS: dict[str, RunSet] = {s.name: s for s in (
     RunSet("cuts", "CollaFuse at c in {0, 0.2, 0.4, 0.8} + FedAvg, local-only, centralized on digits (8x8, small UNet, "
            "T=200), 5 rounds, seeds 0 1 2", standard_configs((0.0, 0.2, 0.4, 0.8)), settings=DIGITS, seeds=(0, 1, 2),
            out="sweep-cpu", round_s=20.0, eval_s=30.0),
-    RunSet("comparison", "c = 0.2 + FedAvg, local-only, centralized on the embedded MNIST-5k at 16 px, small UNet, "
-           "T=200, 5 rounds", standard_configs((0.2,)), settings={"dataset": "mnist5k", "image-size": 16,
-           "num-server-rounds": 5}, out="sweep-mnist5k", round_s=50.0, eval_s=60.0),
+    RunSet("comparison", "the main job's setting (app defaults: MNIST-5k at 16 px, all 10 digits, tiny UNet, T=200, "
+           "5 rounds): c in {0, 0.2, 0.4, 0.8} + FedAvg, local-only, centralized; seeds 0 1 2",
+           standard_configs((0.0, 0.2, 0.4, 0.8)), seeds=(0, 1, 2), out="comparison", round_s=25.0, eval_s=45.0),
     RunSet("tradeoff", "at c = 0.2 on digits: upload-epsilon 10/4/1 (each image uploaded at most once), mixed cuts "
            "at the same mean, a half-size client net", TRADEOFF, settings=DIGITS, out="tradeoff-cpu", round_s=20.0,
            eval_s=30.0),
