@@ -25,7 +25,7 @@ from benchmarks.sweep import (
     recorded_state,
     run_sweep,
 )
-from collafuse_flwr.config import preset, run_config_text
+from collafuse_flwr.config import load_defaults, preset, run_config_text
 
 TEST_SIZE = {**preset("tiny"), "num-server-rounds": 1}
 PLOTS = ("fid_vs_c.png", "disclosure_vs_c.png", "client_flops_vs_c.png", "communication.png",
@@ -226,7 +226,8 @@ def test_run_sets_are_valid_and_sized():
     assert cuts.estimate(5, 5) * runs <= 65 * 60  # the cut sweep's budget, 3 seeds
     quick = RUN_SETS["quick"]
     assert quick.estimate(2, 5) * len(quick.configs) <= 5 * 60
-    assert RUN_SETS["comparison"].run_config()["dataset"] == "mnist5k"
+    assert RUN_SETS["comparison"].run_config() == {}  # the main job's setting: the app defaults
+    assert load_defaults()["dataset"] == "mnist5k" and load_defaults()["image-size"] == 16
     assert RUN_SETS["gpu"].run_config() == preset("gpu") and RUN_SETS["paper"].run_config() == preset("paper")
     for run_set in RUN_SETS.values():
         for spec in plan(run_set.configs, run_set.seeds, run_set.run_config(), run_set.num_clients):
