@@ -8,8 +8,9 @@ import json
 from pathlib import Path
 
 from collafuse_flwr.config import preset, run_config_text
-from collafuse_flwr.tools.launch import _pids_listening_on, run_flower
+from collafuse_flwr.tools.launch import run_flower
 from collafuse_flwr.tools.precheck import parse_overrides
+from collafuse_flwr.tools.processes import pids_listening_on
 
 
 def tiny_run_config(extra: str = "") -> str:
@@ -24,7 +25,7 @@ def run_tiny(tmp_path: Path, extra: str, num_clients: int = 2) -> tuple[Path, di
                      flwr_home=tmp_path / "flwr-home", timeout=600, stream=False)
     assert out.ok, f"run failed: status={out.status} rc={out.returncode}\n{out.log[-4000:]}"
     assert out.output_dir is not None and out.output_dir.parent == tmp_path
-    assert not _pids_listening_on(out.control_port) and not _pids_listening_on(out.http_port)
+    assert not pids_listening_on(out.control_port) and not pids_listening_on(out.http_port)
     res = json.loads((out.output_dir / "results.json").read_text())
     assert res["status"] == "ok", res.get("error")
     return out.output_dir, res

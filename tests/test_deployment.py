@@ -21,7 +21,8 @@ import pytest
 
 from collafuse_flwr.config import load_defaults, preset, run_config_text
 from collafuse_flwr.tools.deploy import LocalDeployment
-from collafuse_flwr.tools.launch import APP_DIR, tree
+from collafuse_flwr.tools.launch import APP_DIR
+from collafuse_flwr.tools.processes import tree
 
 pytestmark = pytest.mark.e2e
 

@@ -31,9 +31,10 @@ from pathlib import Path
 
 from collafuse_flwr.config import preset, preset_names, run_config_text
 from collafuse_flwr.tools.deploy_keys import TlsFiles, make_node_key, make_tls
-from collafuse_flwr.tools.launch import APP_DIR, flwr_bin, free_port, stop_pids, tree
+from collafuse_flwr.tools.launch import APP_DIR, flwr_bin, free_port
 from collafuse_flwr.tools.launch import _output_dir as _said_output_dir
 from collafuse_flwr.tools.precheck import parse_overrides
+from collafuse_flwr.tools.processes import stop_pids, tree
 
 FEDERATION = "collafuse-local"
 ISOLATIONS = ("subprocess", "process", "warm")

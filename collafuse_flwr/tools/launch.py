@@ -32,8 +32,7 @@ from pathlib import Path
 from collafuse_flwr.config import preset, preset_names, run_config_text
 from collafuse_flwr.tools import processes
 from collafuse_flwr.tools.precheck import RunConfigError, check_run_config, parse_overrides
-from collafuse_flwr.tools.processes import MARK, stop_pids, tree  # noqa: F401 - re-exported (deploy, tests)
-from collafuse_flwr.tools.processes import pids_listening_on as _pids_listening_on  # noqa: F401 - re-exported (tests)
+from collafuse_flwr.tools.processes import MARK
 from collafuse_flwr.tools.stopping import (
     Interrupted,
     StopSignals,
