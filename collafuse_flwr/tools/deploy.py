@@ -24,14 +24,13 @@ import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from collafuse_flwr.config import preset, preset_names, run_config_text
 from collafuse_flwr.tools.deploy_keys import TlsFiles, make_node_key, make_tls
-from collafuse_flwr.tools.launch import APP_DIR, flwr_bin, free_port
+from collafuse_flwr.tools.launch import APP_DIR, Outcome, flwr_bin, flwr_env, free_port, read_into
 from collafuse_flwr.tools.launch import _output_dir as _said_output_dir
 from collafuse_flwr.tools.precheck import parse_overrides
 from collafuse_flwr.tools.processes import stop_pids, tree
@@ -43,19 +42,10 @@ WARM_SCRIPT = APP_DIR / "scripts" / "flwr142_warm.py"
 
 
 @dataclass
-class DeployOutcome:
+class DeployOutcome(Outcome):
     """What one job in the local deployment did."""
 
-    run_id: int | None
-    status: str
-    returncode: int
-    output_dir: Path | None
-    log: str
     killed_node: int | None = None
-
-    @property
-    def ok(self) -> bool:
-        return self.returncode == 0 and self.status.endswith("completed")
 
 
 @dataclass
@@ -109,19 +99,9 @@ class LocalDeployment:
 
     # ---------------------------------------------------------------- environment
     def env(self) -> dict[str, str]:
-        """The environment of every process: private FLWR_HOME, no per-run `uv sync`."""
-        env = dict(os.environ)
-        env.update({
-            "FLWR_HOME": str(self.flwr_home),
-            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-            "FLWR_DISABLE_UPDATE_CHECK": "1",
-            "PYTHONUNBUFFERED": "1",
-            # SuperExec asks the SuperNode for a new ClientApp task every 1 s by default
-            "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": os.environ.get("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", "0.1"),
-        })
-        # Flower starts flower-superexec / flwr-clientapp / flwr-serverapp from PATH
-        env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
-        return env
+        # SuperExec asks the SuperNode for a new ClientApp task every 1 s by default
+        poll = os.environ.get("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", "0.1")
+        return flwr_env(self.flwr_home, {"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": poll})
 
     def _say(self, cmd: list[str]) -> None:
         if not self.quiet:
@@ -155,11 +135,10 @@ class LocalDeployment:
             self.tls_files = make_tls(self.workdir / "certificates")
         self._start_superlink()
         self.write_federation_entry()
-        self._wait_for(lambda: self.list_runs() is not None, wait, "the SuperLink to answer `flwr list`", "superlink")
+        self._wait_for(lambda: self.list_runs() is not None, wait, "the SuperLink to answer `flwr list`")
         for k in range(self.num_nodes):
             self._start_supernode(k)
-        self._wait_for(lambda: self.online_nodes() >= self.num_nodes, wait,
-                       f"{self.num_nodes} SuperNodes to be online", None)
+        self._wait_for(lambda: self.online_nodes() >= self.num_nodes, wait, f"{self.num_nodes} SuperNodes to be online")
         return self
 
     def _start_superlink(self) -> None:
@@ -222,7 +201,7 @@ class LocalDeployment:
             return 0
         return sum(1 for n in nodes if n.get("status") == "online")
 
-    def _wait_for(self, ready, timeout: float, what: str, proc_name: str | None) -> None:
+    def _wait_for(self, ready, timeout: float, what: str) -> None:
         t0 = time.time()
         while time.time() - t0 < timeout:
             if ready():
@@ -248,17 +227,7 @@ class LocalDeployment:
         proc = subprocess.Popen(cmd, env=self.env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 text=True, cwd=str(app))
         self.procs["flwr-run"] = proc
-
-        def pump() -> None:
-            assert proc.stdout is not None
-            for line in proc.stdout:
-                lines.append(line)
-                if stream:
-                    sys.stdout.write(line)
-                    sys.stdout.flush()
-
-        reader = threading.Thread(target=pump, daemon=True)
-        reader.start()
+        reader = read_into(proc, lines, lambda: stream)
         killed, t0 = None, time.time()
         while proc.poll() is None:
             if time.time() - t0 > timeout:

@@ -26,6 +26,7 @@ import tempfile
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -46,19 +47,25 @@ APP_DIR = Path(__file__).resolve().parents[2]  # the checkout: collafuse_flwr/to
 
 
 @dataclass
-class RunOutcome:
+class Outcome:
+    """What one `flwr run` did (Flower's record of its status, and where its outputs went)."""
+
     run_id: int | None
     status: str
     returncode: int
     output_dir: Path | None
     log: str
-    http_port: int
-    control_port: int
-    stopped: list[str] = field(default_factory=list)  # names of the processes stopped at the end
 
     @property
     def ok(self) -> bool:
         return self.returncode == 0 and self.status.endswith("completed")
+
+
+@dataclass
+class RunOutcome(Outcome):
+    http_port: int
+    control_port: int
+    stopped: list[str] = field(default_factory=list)  # names of the processes stopped at the end
 
 
 class RunStopped(KeyboardInterrupt):
@@ -82,22 +89,31 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _flwr_env(flwr_home: Path, http_port: int, control_port: int, token: str) -> dict[str, str]:
-    env = dict(os.environ)
-    env.update({
-        "FLWR_HOME": str(flwr_home),
-        "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(http_port),
-        "FLWR_LOCAL_CONTROL_API_PORT": str(control_port),
-        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-        "FLWR_DISABLE_UPDATE_CHECK": "1",
-        "PYTHONUNBUFFERED": "1",
-        MARK: token,  # every process of the run inherits it: how the launcher finds them all
-    })
-    # the simulation imports the app from its FAB copy; make sure `strategies` resolves too
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(APP_DIR), env.get("PYTHONPATH", "")]))
-    # flwr starts `flower-superlink` from PATH: use this interpreter's, venv activated or not
+def flwr_env(flwr_home: Path, extra: dict[str, str]) -> dict[str, str]:
+    """The environment of every Flower process: a private FLWR_HOME, no per-run `uv sync`, no update
+    check, `extra` on top."""
+    env = {**os.environ, "FLWR_HOME": str(flwr_home), "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+           "FLWR_DISABLE_UPDATE_CHECK": "1", "PYTHONUNBUFFERED": "1", **extra}
+    # flwr starts flower-superlink, flower-superexec, flwr-clientapp ... from PATH: use this
+    # interpreter's, venv activated or not
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     return env
+
+
+def read_into(proc: subprocess.Popen, lines: list[str], echo: Callable[[], bool]) -> threading.Thread:
+    """A started daemon thread appending `proc`'s output to `lines`, echoed while `echo()` is true."""
+
+    def pump() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.append(line)
+            if echo():
+                sys.stdout.write(line)
+                sys.stdout.flush()
+
+    reader = threading.Thread(target=pump, daemon=True)
+    reader.start()
+    return reader
 
 
 def flwr_bin() -> str:
@@ -144,7 +160,11 @@ def run_flower(
     http_port, control_port = free_port(), free_port()
     ports = [http_port, control_port]  # Flower 1.42's local SuperLink serves the Control API on the HTTP port
     token = uuid.uuid4().hex
-    env = _flwr_env(home, http_port, control_port, token)
+    env = flwr_env(home, {"FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(http_port),
+                          "FLWR_LOCAL_CONTROL_API_PORT": str(control_port),
+                          MARK: token})  # every process of the run inherits MARK: how the launcher finds them all
+    # the simulation imports the app from its FAB copy; make sure `strategies` resolves too
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(APP_DIR), env.get("PYTHONPATH", "")]))
     fed = f"num-supernodes={num_clients} client-resources-num-cpus={client_cpus}"
     if client_gpus > 0:  # Ray hides GPUs from actors that ask for none
         fed += f" client-resources-num-gpus={client_gpus}"
@@ -207,17 +227,7 @@ def _follow(proc: subprocess.Popen, log_lines: list[str], echo: threading.Event,
     """Collect the run's output (echoed while `echo` is set) until it ends (True) or `timeout` s
     pass (False). A reader thread appends to `log_lines`, so the log is current whenever a
     signal or the timeout stops the wait, even while the run is silent."""
-
-    def pump() -> None:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            log_lines.append(line)
-            if echo.is_set():
-                sys.stdout.write(line)
-                sys.stdout.flush()
-
-    reader = threading.Thread(target=pump, daemon=True)
-    reader.start()
+    reader = read_into(proc, log_lines, echo.is_set)
     deadline = time.time() + timeout
     while reader.is_alive() and time.time() < deadline:
         reader.join(timeout=0.5)
