@@ -67,24 +67,19 @@ def pids_listening_on(port: int) -> list[int]:
     return pids
 
 
-def descendants(pid: int) -> list[int]:
-    """Every process below `pid` in the parent tree, as it is now."""
+def tree(pid: int) -> list[int]:
+    """`pid` and every process below it in the parent tree, as it is now."""
     children: dict[int, list[int]] = {}
     for p in _all_pids():
         fields = _stat(p)
         if len(fields) > 1:
             children.setdefault(int(fields[1]), []).append(p)
-    out, todo = [], [pid]
+    out, todo = [pid], [pid]
     while todo:
         for c in children.get(todo.pop(), []):
             out.append(c)
             todo.append(c)
     return out
-
-
-def tree(pid: int) -> list[int]:
-    """`pid` and all its descendants."""
-    return [pid, *descendants(pid)]
 
 
 def in_group(pgid: int) -> list[int]:
