@@ -31,10 +31,7 @@ class DisclosureProbe:
     def __init__(self, cfg: RunConfig, num_clients: int, device: torch.device) -> None:
         self.cfg, self.num_clients, self.device = cfg, num_clients, device
         self.reference: torch.nn.Module | None = None
-        # Trained at the first evaluation, in the strategy's thread, while the clients are idle:
-        # trained beside them (as a background thread from the start once was) it took ~1 core
-        # for ~30 s of round 1 and slowed the clients more than it saved (benchmarks/overhead.py).
-        self._trained = False
+        self._trained = False  # trained at the first evaluation, while the clients are idle (attack.py says why)
 
     def __call__(self, strategy, client: int, uploads: np.ndarray) -> ArrayRecord:
         t_c, T = strategy.cut_for(client), strategy.sched.T  # the cut this client's uploads were made at

@@ -29,6 +29,11 @@ def _per_client(metrics: dict[int, dict[str, float]], key: str) -> dict[str, flo
     return {str(pid): m[key] for pid, m in sorted(metrics.items()) if key in m}
 
 
+def _by_client(records: dict[int, Any]) -> dict[str, dict]:
+    """{client: counts or figures} with string keys in client order, as JSON holds them."""
+    return {str(c): dict(v) for c, v in sorted(records.items())}
+
+
 def _mean(values) -> float:
     vals = [float(v) for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
     return float(np.mean(vals)) if vals else float("nan")
@@ -62,17 +67,16 @@ def run_status(rec, num_nodes: int, per_client: dict[int, dict[str, float]], eva
     reasons = []
     if rec.failures:
         reasons.append(f"{rec.failures} failed or missing replies (rounds {sorted(rec.missing) or 'n/a'})")
-    for c, why in sorted(getattr(rec, "failed_by_client", {}).items()):
+    for c, why in sorted(rec.failed_by_client.items()):
         reasons.append(f"client {c}: {sum(why.values())} error reply(s) ({'; '.join(sorted(why))[:300]})")
-    by_client = getattr(rec, "rejected_by_client", {})
-    for c, why in sorted(by_client.items()):
+    for c, why in sorted(rec.rejected_by_client.items()):
         reasons.append(f"client {c}: {sum(why.values())} reply(s) rejected ({', '.join(sorted(why))})")
-    unblamed = sum(rec.rejected.values()) - sum(sum(v.values()) for v in by_client.values())
+    unblamed = sum(rec.rejected.values()) - sum(sum(v.values()) for v in rec.rejected_by_client.values())
     if unblamed > 0:
         reasons.append(f"{unblamed} rejected replies no client is blamed for: {dict(rec.rejected)}")
-    for c, kinds in (rec.flagged() if hasattr(rec, "flagged") else {}).items():
+    for c, kinds in rec.flagged().items():
         reasons.append(f"client {c}: {', '.join(kinds)} (see final.robustness)")
-    for server_round, what in getattr(rec, "incidents", []):
+    for server_round, what in rec.incidents:
         reasons.append(f"round {server_round}: {what}")
     if evaluated and len(per_client) < num_nodes:
         missing = sorted(set(clients or range(num_nodes)) - set(per_client))
@@ -92,7 +96,7 @@ def run_notes(rec, per_client: dict[int, dict[str, float]]) -> list[str]:
     if skipped:
         notes.append(f"FID skipped for clients {skipped}: too few held-out test images for a Frechet distance; "
                      f"the mean FID is over the others")
-    for c, items in sorted(getattr(rec, "flags", {}).items()):
+    for c, items in sorted(rec.flags.items()):
         kinds = sorted({k.removeprefix("note:") for _, k, _ in items if k.startswith("note:")})
         if kinds:
             notes.append(f"client {c}: {', '.join(kinds)} (see final.robustness)")
@@ -119,11 +123,11 @@ def consistent_images(images: dict[int, np.ndarray]) -> tuple[dict[int, np.ndarr
 def robustness_report(rec, strategy) -> dict[str, Any]:
     """Who the robustness checks acted on, and each client's upload / server-loss figures."""
     return {
-        "rejected_replies_by_client": {str(c): dict(v) for c, v in sorted(getattr(rec, "rejected_by_client", {}).items())},
+        "rejected_replies_by_client": _by_client(rec.rejected_by_client),
         "flags": {str(c): [{"round": r, "kind": k.removeprefix("note:"), "serious": not k.startswith("note:"),
-                            "detail": d} for r, k, d in v] for c, v in sorted(getattr(rec, "flags", {}).items())},
-        "incidents": [{"round": r, "what": w} for r, w in getattr(rec, "incidents", [])],
-        "client_stats": {str(c): dict(v) for c, v in sorted(getattr(rec, "client_stats", {}).items())},
+                            "detail": d} for r, k, d in v] for c, v in sorted(rec.flags.items())},
+        "incidents": [{"round": r, "what": w} for r, w in rec.incidents],
+        "client_stats": _by_client(rec.client_stats),
         "aggregation": getattr(strategy, "aggregation", None),
     }
 
@@ -176,14 +180,12 @@ def finalize(cfg: RunConfig, strategy, result, out: Path, run_id: int, num_nodes
         "bytes_down": bytes_down,
         "bytes_up_per_round": bytes_up / n_rounds,
         "bytes_down_per_round": bytes_down / n_rounds,
-        "bytes_per_client": {str(c): dict(v) for c, v in sorted(rec.bytes_by_client.items())},
+        "bytes_per_client": _by_client(rec.bytes_by_client),
         "bytes_harness": {"down": b.get("down-harness", 0.0), "up_eval": b.get("up-eval", 0.0)},
         "failed_replies": rec.failures,
         "rejected_replies": dict(rec.rejected),
-        "rejected_replies_by_client": {str(c): dict(v) for c, v in
-                                       sorted(getattr(rec, "rejected_by_client", {}).items())},
-        "failed_replies_by_client": {str(c): dict(v) for c, v in
-                                     sorted(getattr(rec, "failed_by_client", {}).items())},
+        "rejected_replies_by_client": _by_client(rec.rejected_by_client),
+        "failed_replies_by_client": _by_client(rec.failed_by_client),
         "robustness": robustness_report(rec, strategy),
         "missing_clients_by_round": {str(k): v for k, v in sorted(rec.missing.items())},
         "infer_seconds_per_client": _mean(m.get(P.INFER_SECONDS) for m in per_client.values()),
@@ -192,7 +194,7 @@ def finalize(cfg: RunConfig, strategy, result, out: Path, run_id: int, num_nodes
         final.update(pooled_quality(cfg, images, num_nodes))
     if final["fid_backbone"] is None and per_client:
         final["fid_backbone"] = resolve_backbone(cfg.fid_backbone, cfg.dataset, cfg.fid_weights or None)
-    shape = getattr(strategy, "image_shape", None)  # CollaFuse's model's (also when no node shared images)
+    shape = strategy.image_shape  # CollaFuse's model's (also when no node shared images)
     image_dim = int(np.prod(shape)) if shape else 0
     final["disclosure"] = _disclosure(cfg, per_client, image_dim)
     dp = _dp_per_client(strategy)
@@ -204,19 +206,19 @@ def finalize(cfg: RunConfig, strategy, result, out: Path, run_id: int, num_nodes
         reasons.append(f"samples of clients {dropped} left out of samples.* and pooled FID (not uint8 images of "
                        f"the others' shape)")
         status = "degraded"
+    cf = cfg.method == "collafuse"
     results = {
         "status": status,
         "status_reasons": reasons,
         "status_notes": run_notes(rec, per_client),
         "method": cfg.method,
-        "cut_ratio": cfg.cut_ratio if cfg.method == "collafuse" else None,
-        "cut_step": cfg.cut_step if cfg.method == "collafuse" else None,
+        "cut_ratio": cfg.cut_ratio if cf else None,
+        "cut_step": cfg.cut_step if cf else None,
         # each node's own cut (client-cut-ratios / node_config cut-ratio), as the server ran it
-        "cut_step_per_client": ({str(c): t for c, t in sorted(strategy.client_cut.items())}
-                                if cfg.method == "collafuse" else None),
-        "cut_ratio_per_client": ({str(c): t / cfg.diffusion_steps for c, t in sorted(strategy.client_cut.items())}
-                                 if cfg.method == "collafuse" else None),
-        "server_target": cfg.server_target if cfg.method == "collafuse" else None,
+        "cut_step_per_client": {str(c): t for c, t in sorted(strategy.client_cut.items())} if cf else None,
+        "cut_ratio_per_client": {str(c): t / cfg.diffusion_steps for c, t in sorted(strategy.client_cut.items())}
+                                if cf else None,
+        "server_target": cfg.server_target if cf else None,
         "dataset": cfg.dataset,
         "num_clients": num_nodes,
         "num_rounds": cfg.num_server_rounds,
