@@ -23,7 +23,6 @@ raw pixels (`linear_probe`). tests/test_metrics_digits_cnn.py asserts the same q
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -42,28 +41,27 @@ from collafuse_flwr.metrics.digits_cnn import (  # noqa: E402
     RECIPES,
     DigitsCNN,
     DigitsCNNFeatures,
-    _tensor_from_json,
+    _read,
     digits_style_variants,
     feature_training_images,
     load_feature_net,
     mnist_reserved_images,
+    one_thread,
     prepare,
     save_digits_cnn,
     sklearn_digits,
+    to_digits_style,
     train_digits_cnn,
 )
+from collafuse_flwr.metrics.features import extract_features  # noqa: E402
+from collafuse_flwr.metrics.fid import frechet_distance as _fd  # noqa: E402
 
 NETS = {"digits-cnn": (INPUT_SIZE, ASSET_PATH), "mnist-cnn": (MNIST_INPUT_SIZE, MNIST_ASSET_PATH)}
 
 
 def scored_images(name: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """The real images each net is meant to score (never its training data)."""
-    if name == "digits-cnn":
-        return sklearn_digits()
-    from collafuse_flwr.data.load import load_dataset
-
-    ds = load_dataset("mnist5k")
-    return ds.images, ds.labels
+    """The real images each net is meant to score (never its training data): the clients' at 28 px."""
+    return sklearn_digits() if name == "digits-cnn" else real_images("mnist5k", 28)
 
 
 def fid_sanity(net: DigitsCNN, images: torch.Tensor, labels: torch.Tensor, seed: int = 1) -> dict[str, float]:
@@ -118,17 +116,8 @@ def real_images(dataset: str, size: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 def net_features(net: DigitsCNN, images: torch.Tensor) -> torch.Tensor:
     """The net's features of uint8 images, as FID extracts them (one thread: the net is tiny)."""
-    from collafuse_flwr.metrics.features import extract_features
-    from collafuse_flwr.metrics.fid import _one_thread
-
-    with _one_thread():
+    with one_thread():
         return extract_features(DigitsCNNFeatures(net), images)
-
-
-def _fd(a: torch.Tensor, b: torch.Tensor) -> float:
-    from collafuse_flwr.metrics.fid import frechet_distance
-
-    return frechet_distance(a, b)
 
 
 def class_separation(feats: torch.Tensor, labels: torch.Tensor, noisy_feats: torch.Tensor | None = None,
@@ -226,8 +215,6 @@ def top2_variance(feats: torch.Tensor) -> float:
 def clients_accuracy(net: DigitsCNN, name: str) -> dict[str, float]:
     """Classification accuracy of a net on images no feature net trains on: the clients' MNIST-5k
     rows (digit-styled for digits-cnn) and, for digits-cnn, scikit-learn's digits."""
-    from collafuse_flwr.metrics.digits_cnn import to_digits_style
-
     images, labels = real_images("mnist5k", 28)
     sets = {"mnist5k clients' rows": (to_digits_style(images) if name == "digits-cnn" else images, labels)}
     if name == "digits-cnn":
@@ -262,15 +249,6 @@ def score(net: DigitsCNN, name: str, label: str) -> None:
               f"{probe07['pixels']:.3f}")
 
 
-def _load_any(path: Path) -> DigitsCNN:
-    """A feature net from a JSON file of any format version (to score old nets)."""
-    blob = json.loads(path.read_text(encoding="utf-8"))
-    net = DigitsCNN(int(blob.get("info", {}).get("input_size", INPUT_SIZE)))
-    # not strict: format 1 files predate the feature_scale buffer (it stays 1, ratios are unaffected)
-    net.load_state_dict({k: _tensor_from_json(v) for k, v in blob["state_dict"].items()}, strict=False)
-    return net.eval()
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--net", choices=[*NETS, "all"], default="all")
@@ -302,7 +280,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.check:
             score(load_feature_net(name, path), name, name)
     for path in args.score:
-        net = _load_any(path)
+        net = _read(path, any_format=True)
+        if net is None:
+            parser.error(f"--score {path}: no such file")
         name = "mnist-cnn" if net.input_size == MNIST_INPUT_SIZE else "digits-cnn"
         score(net, name, f"{name} {path}")
     return 0

@@ -47,6 +47,8 @@ import json
 import math
 import os
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -83,8 +85,17 @@ DEFAULT_SEED = 0
 #: within noise). Down-then-up-sampling augmentation (8..20 px) for mnist-cnn was tried: it raised
 #: the 8 px probe (0.914 -> 0.925) but lowered FD class separation at every size, so it is not used.
 RECIPES: dict[str, dict[str, int]] = {"digits-cnn": {"epochs": 24, "style_copies": 4}, "mnist-cnn": {"epochs": 48}}
-#: Former single default, kept for callers that import it (digits-cnn's epochs).
-DEFAULT_EPOCHS = RECIPES["digits-cnn"]["epochs"]
+
+
+@contextmanager
+def one_thread() -> Iterator[None]:
+    """torch on one CPU thread for the block, the caller's setting restored after."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 class DigitsCNN(nn.Module):
@@ -177,12 +188,8 @@ def to_digits_style(images_uint8: Tensor, threshold: float | Tensor = 0.5) -> Te
         raise ValueError(f"expected uint8 N x 1 x H x W, got {images_uint8.dtype} {tuple(images_uint8.shape)}")
     thresholds = torch.as_tensor(threshold, dtype=torch.float32).expand(images_uint8.shape[0])
     # Thousands of tiny ops: torch's thread pool makes them ~40x slower on a busy machine (measured).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_thread():
         out = [_digit_to_8x8(im, float(thr)) for im, thr in zip(images_uint8[:, 0].float() / 255.0, thresholds)]
-    finally:
-        torch.set_num_threads(threads)
     counts = torch.cat(out).round() if out else torch.zeros(0, 1, 8, 8)
     return (counts * (255.0 / 16.0)).round().clamp(0, 255).to(torch.uint8)
 
@@ -296,7 +303,7 @@ def train_digits_cnn(
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs}")
     default_data = images is None or labels is None
-    if images is None or labels is None:
+    if default_data:
         images, labels = feature_training_images(name)
         num_plain = images.shape[0]
         if style_copies and name == "digits-cnn":
@@ -306,31 +313,26 @@ def train_digits_cnn(
     else:
         style_copies, num_plain = 0, images.shape[0]
     x_all = prepare(images, input_size)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            gen = torch.Generator().manual_seed(seed)
-            net = DigitsCNN(input_size)
-            opt = torch.optim.Adam(net.parameters(), lr=lr)
-            sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs)
-            net.train()
-            for _ in range(epochs):
-                perm = torch.randperm(x_all.shape[0], generator=gen)
-                for idx in perm.split(batch_size):
-                    loss = F.cross_entropy(net(_augment(x_all[idx], gen)), labels[idx])
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    opt.step()
-                sched.step()
-            net.eval()
-            with torch.no_grad():  # on the plain training images (not the warped copies)
-                plain, plain_labels = x_all[:num_plain], labels[:num_plain]
-                acc = (net(plain).argmax(1) == plain_labels).float().mean().item()
-                net.feature_scale.copy_(net.body(plain).pow(2).mean().sqrt())
-    finally:
-        torch.set_num_threads(threads)
+    with one_thread(), torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        gen = torch.Generator().manual_seed(seed)
+        net = DigitsCNN(input_size)
+        opt = torch.optim.Adam(net.parameters(), lr=lr)
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs)
+        net.train()
+        for _ in range(epochs):
+            perm = torch.randperm(x_all.shape[0], generator=gen)
+            for idx in perm.split(batch_size):
+                loss = F.cross_entropy(net(_augment(x_all[idx], gen)), labels[idx])
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+            sched.step()
+        net.eval()
+        with torch.no_grad():  # on the plain training images (not the warped copies)
+            plain, plain_labels = x_all[:num_plain], labels[:num_plain]
+            acc = (net(plain).argmax(1) == plain_labels).float().mean().item()
+            net.feature_scale.copy_(net.body(plain).pow(2).mean().sqrt())
     info = {"seed": seed, "epochs": epochs, "batch_size": batch_size, "lr": lr, "input_size": input_size,
             "style_copies": style_copies,
             "trained_on": TRAINED_ON if default_data else "caller-supplied images",
@@ -387,15 +389,17 @@ def save_digits_cnn(net: DigitsCNN, info: dict[str, Any], path: str | os.PathLik
     return path
 
 
-def _read(path: Path) -> DigitsCNN | None:
-    """The network stored at path, or None if the file is absent or from another format."""
+def _read(path: Path, any_format: bool = False) -> DigitsCNN | None:
+    """The network stored at path, or None if the file is absent or from another format
+    (any_format: load every format version, to score old nets)."""
     if not path.is_file():
         return None
     blob = json.loads(path.read_text(encoding="utf-8"))
-    if not isinstance(blob, dict) or blob.get("format_version") != FORMAT_VERSION:
+    if not any_format and (not isinstance(blob, dict) or blob.get("format_version") != FORMAT_VERSION):
         return None
-    net = DigitsCNN(int(blob["info"].get("input_size", INPUT_SIZE)))
-    net.load_state_dict({k: _tensor_from_json(v) for k, v in blob["state_dict"].items()})
+    net = DigitsCNN(int(blob.get("info", {}).get("input_size", INPUT_SIZE)))
+    # any_format is not strict: format 1 files predate the feature_scale buffer (it stays 1, ratios are unaffected)
+    net.load_state_dict({k: _tensor_from_json(v) for k, v in blob["state_dict"].items()}, strict=not any_format)
     return net.eval()
 
 
@@ -442,8 +446,3 @@ def load_feature_net(name: str, path: str | os.PathLike[str] | None = None) -> D
 def load_digits_cnn(path: str | os.PathLike[str] | None = None) -> DigitsCNN:
     """digits-cnn (16x16 input), for scikit-learn's digits: see `load_feature_net`."""
     return load_feature_net("digits-cnn", path)
-
-
-def load_mnist_cnn(path: str | os.PathLike[str] | None = None) -> DigitsCNN:
-    """mnist-cnn (28x28 input), for mnist5k: see `load_feature_net`."""
-    return load_feature_net("mnist-cnn", path)

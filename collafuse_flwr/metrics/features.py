@@ -30,7 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from collafuse_flwr.imports import load
-from collafuse_flwr.metrics.digits_cnn import DigitsCNNFeatures, load_digits_cnn, load_mnist_cnn
+from collafuse_flwr.metrics.digits_cnn import DigitsCNNFeatures, load_feature_net
 
 BACKBONES = ("auto", "inception", "digits-cnn", "mnist-cnn", "none")
 #: Datasets whose images are handwritten digits, where digits-cnn features mean something.
@@ -93,6 +93,15 @@ def _need_torch_fidelity() -> None:
             "Inception-v3 from it): `pip install torch-fidelity`, or use fid-backbone=digits-cnn")
 
 
+def _inception_weights(weights_path: str | None) -> Path:
+    """The Inception weights fid-backbone=inception loads, or an error naming the fix."""
+    weights = find_inception_weights(weights_path)
+    if weights is None:
+        raise FileNotFoundError(_missing_weights_message(None))
+    _need_torch_fidelity()
+    return weights
+
+
 #: Datasets already warned about falling back to ``none`` in this process (resolve_backbone runs at
 #: every evaluation; the reason is worth one line per run, not one per client and round).
 _FALLBACK_WARNED: set[str] = set()
@@ -116,9 +125,7 @@ def _resolve(name: str, dataset: str, weights_path: str | None, fetch_error: str
     if name == "none":
         return "none"
     if name == "inception":
-        if find_inception_weights(weights_path) is None:
-            raise FileNotFoundError(_missing_weights_message(None))
-        _need_torch_fidelity()
+        _inception_weights(weights_path)
         return "inception"
     if name == "digits-cnn":
         if dataset not in DIGIT_DATASETS:
@@ -230,15 +237,9 @@ class InceptionFeatures(nn.Module):
 def feature_extractor(backbone: str, weights_path: str | None = None) -> nn.Module:
     """The network mapping uint8 N x C x H x W images to feature rows for a resolved backbone."""
     if backbone == "inception":
-        weights = find_inception_weights(weights_path)
-        if weights is None:
-            raise FileNotFoundError(_missing_weights_message(None))
-        _need_torch_fidelity()
-        return InceptionFeatures(weights)
-    if backbone == "digits-cnn":
-        return DigitsCNNFeatures(load_digits_cnn())
-    if backbone == "mnist-cnn":
-        return DigitsCNNFeatures(load_mnist_cnn())
+        return InceptionFeatures(_inception_weights(weights_path))
+    if backbone in ("digits-cnn", "mnist-cnn"):
+        return DigitsCNNFeatures(load_feature_net(backbone))
     raise ValueError(f"backbone must be 'inception' or 'digits-cnn' (resolve 'auto' first with "
                      f"resolve_backbone), got {backbone!r}")
 

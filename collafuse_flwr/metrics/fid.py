@@ -22,13 +22,13 @@ machine, torch's thread pool made KID's 64 x 64 kernel products ~250x slower (3.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 
 import torch
 from torch import Tensor, nn
 
 from collafuse_flwr.imports import load
+from collafuse_flwr.metrics.digits_cnn import one_thread
 from collafuse_flwr.metrics.features import extract_features, feature_extractor
 
 DEFAULT_KID_SUBSET_SIZE = 50
@@ -36,16 +36,6 @@ KID_SUBSETS = 100
 KID_SEED = 0
 SINGLE_THREAD_MAX_DIM = 256
 PRC_NEIGHBORHOOD = 3  # torch-fidelity's default k for precision/recall
-
-
-@contextmanager
-def _one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 class _GivenFeatures(nn.Module):
@@ -83,7 +73,7 @@ def fid_kid_from_features(real: Tensor, fake: Tensor, kid_subset_size: int | Non
                          f"got {kid_subset_size}; pass None for min({DEFAULT_KID_SUBSET_SIZE}, n_real, n_fake)")
     # Small matrices (digits-cnn's 64-d) run fastest on one thread; Inception's 2048-d ones gain
     # from the pool.
-    with _one_thread() if real.shape[1] <= SINGLE_THREAD_MAX_DIM else nullcontext():
+    with one_thread() if real.shape[1] <= SINGLE_THREAD_MAX_DIM else nullcontext():
         return {**_fid_kid(real.double(), fake.double(), kid_subset_size), **precision_recall(real, fake)}
 
 
@@ -95,7 +85,7 @@ def frechet_distance(a: Tensor, b: Tensor) -> float:
     if a.shape[0] < 2 or b.shape[0] < 2:
         raise ValueError(f"need at least 2 feature rows per set, got {a.shape[0]} and {b.shape[0]}")
     a, b = a.double(), b.double()
-    with _one_thread() if a.shape[1] <= SINGLE_THREAD_MAX_DIM else nullcontext():
+    with one_thread() if a.shape[1] <= SINGLE_THREAD_MAX_DIM else nullcontext():
         return max(float(_compute_fid(a.mean(0), torch.cov(a.T), b.mean(0), torch.cov(b.T))), 0.0)
 
 
@@ -151,9 +141,7 @@ def compute_fid_kid(
     _check_images(real_uint8, "real_uint8")
     _check_images(fake_uint8, "fake_uint8")
     net = feature_extractor(backbone, weights_path)
-    if backbone in ("digits-cnn", "mnist-cnn"):  # 26k / 63k parameters: one thread is fastest
-        with _one_thread():
-            real, fake = extract_features(net, real_uint8), extract_features(net, fake_uint8)
-    else:
+    # digits-cnn / mnist-cnn: 26k / 63k parameters, one thread is fastest
+    with one_thread() if backbone in ("digits-cnn", "mnist-cnn") else nullcontext():
         real, fake = extract_features(net, real_uint8), extract_features(net, fake_uint8)
     return fid_kid_from_features(real, fake, kid_subset_size)
