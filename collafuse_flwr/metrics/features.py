@@ -110,11 +110,9 @@ _FALLBACK_WARNED: set[str] = set()
 def resolve_backbone(name: str, dataset: str, weights_path: str | None) -> str:
     """Turn the run config's ``fid-backbone`` into ``inception``, ``digits-cnn``, ``mnist-cnn`` or ``none``.
 
-    ``auto`` picks Inception whenever its weights are on disk (and torch-fidelity is installed),
-    else falls back: digits-cnn / mnist-cnn for digit datasets, ``none`` (FID skipped, one
-    warning per process naming fid-weights and fid-download) for any other dataset rather than
-    report a distance from a network that has never seen such images. Weights on disk without
-    torch-fidelity stay an error: the user meant Inception, and the fix is an install.
+    ``auto`` falls back as the module docstring says (to ``none``: FID skipped, one warning per
+    process). Weights on disk without torch-fidelity stay an error: the user meant Inception, and
+    the fix is an install.
     """
     return _resolve(name, dataset, weights_path, None)
 
