@@ -1,5 +1,5 @@
 """The server's memory stays flat as rounds grow: CollaFuse keeps every node's x_tc uploads to train
-on, and `server-buffer-size` bounds them however many rounds run (what benchmarks/server_memory.py
+on, and `server-buffer-size` bounds them however many rounds run (what the former benchmark
 measured as peak RSS: 994 MB at 10 rounds, 1,007 MB at 50, against 1,216 -> 2,421 MB uncapped).
 Here the tensors the strategy holds are summed after 10 and after 40 rounds of honest uploads."""
 

@@ -113,7 +113,7 @@ def use_torch_threads(n: int) -> None:
 
     Why a knob: on a small machine the ServerApp, each ClientApp worker and the engine's own
     daemons share the cores, and a matched thread count is what makes a Flower run comparable
-    with a plain loop (benchmarks/overhead.py). Ray already sets a simulated ClientApp's default
+    with a plain loop. Ray already sets a simulated ClientApp's default
     from `client-resources-num-cpus`.
     """
     if n > 0 and torch.get_num_threads() != n:

@@ -138,8 +138,7 @@ def finalize(cfg: RunConfig, strategy, result, out: Path, run_id: int, num_nodes
 
     result: Flower's `Result` of `strategy.start()` (per-round client metrics come from it).
     started: time.time() when the ServerApp began; `wall_seconds` runs until the outputs are
-    written, pooled FID included, so it covers the same work as the plain loop of
-    benchmarks/overhead.py.
+    written, pooled FID included.
     harness: whether the ServerApp may reload client data (pooled FID): simulation only.
     """
     rec = strategy.recorder

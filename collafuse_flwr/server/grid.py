@@ -3,7 +3,7 @@
 Flower's HTTP Grid (`flwr.superlink.grid.http_grid`, 1.42) pulls replies, then sleeps 3 s
 before it looks again. A round whose clients finish just after a pull idles up to 3 s, twice a
 round (train and evaluate): on the 2-core digits job that was a measured share of the framework
-overhead (benchmarks/overhead.py). This wrapper keeps the same push/pull protocol and only polls
+overhead against a plain loop. This wrapper keeps the same push/pull protocol and only polls
 more often; everything else is delegated to Flower's grid unchanged.
 """
 
