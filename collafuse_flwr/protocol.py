@@ -44,12 +44,6 @@ def message_type(category: str, action: str) -> str:
     return f"{category}.{action}"
 
 
-def action_of(msg: Message) -> tuple[str, str]:
-    """(category, action) of a message; "default" when the type carries no action."""
-    category, _, action = msg.metadata.message_type.partition(".")
-    return category, action or "default"
-
-
 # -- records and arrays ---------------------------------------------------------------------------
 CONFIG = "config"  # ConfigRecord: what the server asks (server -> node)
 METRICS = "metrics"  # MetricRecord: counts, timings, losses, scores (node -> server)
