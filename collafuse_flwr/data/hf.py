@@ -72,9 +72,9 @@ def _hub_errors(source: str) -> Iterator[None]:
         offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
         state = "HF_HUB_OFFLINE is set and it is not in the local cache" if offline else \
             "the Hugging Face Hub cannot be reached and it is not in the local cache"
-        raise ConnectionError(f"dataset='{HF_PREFIX}{source}': {state} ({' '.join(str(exc).split())}). Go online "
-                              f"once to cache it (later runs work with HF_HUB_OFFLINE=1), or use {_LOCAL_HINT}"
-                              ) from exc
+        raise ConnectionError(f"dataset='{HF_PREFIX}{source}': {state} ({' '.join(str(exc).split())}). "
+                              f"Go online once to cache it (later runs work with HF_HUB_OFFLINE=1), or use "
+                              f"{_LOCAL_HINT}") from exc
     except FileNotFoundError as exc:
         raise FileNotFoundError(f"dataset='{HF_PREFIX}{source}' was not found ({' '.join(str(exc).split())}); "
                                 f"check the Hub id, or use {_LOCAL_HINT}") from exc
