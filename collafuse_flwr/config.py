@@ -141,11 +141,10 @@ _MIN: dict[str, float] = {
 }
 # Keys that only one method reads: setting them away from the default elsewhere is a mistake
 # worth a warning, never a silent no-op.
-_ONLY_FOR = {"cut_ratio": "collafuse", "server_target": "collafuse", "server_steps": "collafuse",
-             "client_cut_ratios": "collafuse", "upload_epsilon": "collafuse",
-             "server_overlap": "collafuse",
-             "uploads_per_round": "collafuse", "server_buffer_size": "collafuse",
-             "client_model_size": "collafuse", "fedavg_aggregation": "fedavg"}
+_ONLY_FOR = {**dict.fromkeys(("cut_ratio", "server_target", "server_steps", "client_cut_ratios", "upload_epsilon",
+                              "server_overlap", "uploads_per_round", "server_buffer_size", "client_model_size"),
+                             "collafuse"),
+             "fedavg_aggregation": "fedavg"}
 
 
 #: Keys that change neither a node's data nor anything that leaves it (where outputs go, how long

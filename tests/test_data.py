@@ -12,7 +12,9 @@ import pytest
 import torch
 from PIL import Image
 
-from collafuse_flwr.data.dataset import DATASETS, FASHION_MNIST_CLASSES, ImageDataset, to_model_range, to_uint8
+from collafuse_flwr.config import DATASETS
+from collafuse_flwr.core.images import to_model_range, to_uint8
+from collafuse_flwr.data.dataset import FASHION_MNIST_CLASSES, ImageDataset
 from collafuse_flwr.data.load import load_dataset
 
 # ----------------------------------------------------------------------------------------

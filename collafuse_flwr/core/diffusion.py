@@ -141,6 +141,11 @@ def relative_alpha_bar(sched: Schedule, t: Tensor | int, anchor: int) -> Tensor:
     return sched.alpha_bars[t] / sched.alpha_bars[anchor]
 
 
+def _chain_alpha_bar(sched: Schedule, t: int, anchor: int, relative: bool) -> Tensor:
+    """abar_t of the chain anchored at `anchor` (relative), or of the full chain."""
+    return relative_alpha_bar(sched, t, anchor) if relative else sched.alpha_bars[t]
+
+
 def q_sample(sched: Schedule, x0: Tensor, t: Tensor, noise: Tensor) -> Tensor:
     """Forward noising: x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) noise (t = 0 returns x_0)."""
     ab = _bcast(sched.alpha_bars[t.cpu()], x0)
@@ -232,8 +237,7 @@ def predict_anchor(
     sched: Schedule, x_t: Tensor, t: int, eps: Tensor, anchor: int, relative: bool = True
 ) -> Tensor:
     """Tweedie's estimate of the chain's clean end x_anchor from (x_t, predicted noise)."""
-    ab = relative_alpha_bar(sched, t, anchor) if relative else sched.alpha_bars[t]
-    ab = ab.to(device=x_t.device, dtype=x_t.dtype)
+    ab = _chain_alpha_bar(sched, t, anchor, relative).to(device=x_t.device, dtype=x_t.dtype)
     return (x_t - (1 - ab).sqrt() * eps) / ab.sqrt()
 
 
@@ -246,10 +250,7 @@ def posterior(
     var  = beta_t (1 - a'_{t-1}) / (1 - a'_t), with a' = abar / abar_anchor (or abar when not
     relative). At t - 1 = anchor the variance is 0 and the mean is x_anchor.
     """
-    if relative:
-        ab_t, ab_prev = relative_alpha_bar(sched, t, anchor), relative_alpha_bar(sched, t - 1, anchor)
-    else:
-        ab_t, ab_prev = sched.alpha_bars[t], sched.alpha_bars[t - 1]
+    ab_t, ab_prev = _chain_alpha_bar(sched, t, anchor, relative), _chain_alpha_bar(sched, t - 1, anchor, relative)
     beta = 1 - ab_t / ab_prev
     c_anchor = ab_prev.sqrt() * beta / (1 - ab_t)
     c_t = (1 - beta).sqrt() * (1 - ab_prev) / (1 - ab_t)
@@ -278,10 +279,7 @@ def reverse_variance(
     The clamp keeps an imperfect model (gamma far from its true value) from producing variances
     no data in range could have.
     """
-    if relative:
-        ab_t, ab_prev = relative_alpha_bar(sched, t, anchor), relative_alpha_bar(sched, t - 1, anchor)
-    else:
-        ab_t, ab_prev = sched.alpha_bars[t], sched.alpha_bars[t - 1]
+    ab_t, ab_prev = _chain_alpha_bar(sched, t, anchor, relative), _chain_alpha_bar(sched, t - 1, anchor, relative)
     beta = sched.betas[t]
     var_post = beta * (1 - ab_prev) / (1 - ab_t)
     k_a = ab_prev.sqrt() * beta / (1 - ab_t)
@@ -358,8 +356,8 @@ def reverse_chain(
             else:
                 x = mean
         else:
-            ab_s = (relative_alpha_bar(sched, s, anchor) if relative else sched.alpha_bars[s]).to(x)
-            ab_t = (relative_alpha_bar(sched, t, anchor) if relative else sched.alpha_bars[t]).to(x)
+            ab_s = _chain_alpha_bar(sched, s, anchor, relative).to(x)
+            ab_t = _chain_alpha_bar(sched, t, anchor, relative).to(x)
             eps_dir = (x - ab_t.sqrt() * x_a) / (1 - ab_t).sqrt()
             if relative and anchor > 0:
                 # Step in the full chain's coordinates: same ODE, but the sub-chain's angle
@@ -406,16 +404,13 @@ def server_sample(
     x = torch.randn(shape, generator=generator).to(device)
     if t_c >= sched.T:
         return x
-    bound = anchor_bound(sched, t_c)
-    if target == "exact":
-        return reverse_chain(eps_model, sched, x, sched.T, t_c, anchor=t_c, num_steps=num_steps,
-                             generator=generator, clip=bound, variance=variance)
-    if target != "renoise":
+    if target not in ("exact", "renoise"):
         raise ValueError(f"server-target must be 'exact' or 'renoise', got {target!r}")
-    # renoise: the server's chain treats x_{t_c} as clean data under the absolute schedule; stop
-    # at t_c and hand over that (still noisy) state, as the authors' code does.
-    return reverse_chain(eps_model, sched, x, sched.T, t_c, anchor=0, relative=False,
-                         num_steps=num_steps, generator=generator, clip=bound, variance=variance)
+    # exact: the sub-chain anchored at t_c. renoise: the server's chain treats x_{t_c} as clean data
+    # under the absolute schedule; stop at t_c and hand over that (still noisy) state, as the authors' code does.
+    exact = target == "exact"
+    return reverse_chain(eps_model, sched, x, sched.T, t_c, anchor=t_c if exact else 0, relative=exact,
+                         num_steps=num_steps, generator=generator, clip=anchor_bound(sched, t_c), variance=variance)
 
 
 def client_finish(

@@ -42,10 +42,6 @@ import torch
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
-try:
-    from torch.utils.module_tracker import ModuleTracker
-except ImportError:  # older torch
-    ModuleTracker = None  # noqa: N816
 
 class _GlobalOnlyTracker:
     """Drop-in for FlopCounterMode's ModuleTracker: every op belongs to 'Global' only."""
@@ -61,10 +57,7 @@ class _GlobalOnlyTracker:
 
 def _new_counter() -> FlopCounterMode:
     counter = FlopCounterMode(display=False)
-    if ModuleTracker is None:  # older torch without the tracker: nothing to replace
-        return counter
-    if isinstance(getattr(counter, "mod_tracker", None), ModuleTracker):
-        counter.mod_tracker = _GlobalOnlyTracker()  # type: ignore[assignment]
+    counter.mod_tracker = _GlobalOnlyTracker()  # type: ignore[assignment]
     return counter
 
 

@@ -18,7 +18,7 @@ import torch
 from diffusers import UNet2DModel
 from torch import Tensor, nn
 
-from collafuse_flwr.core.presets import BASE_PRESETS, PRESETS, UNetPreset, client_preset, half_width  # noqa: F401
+from collafuse_flwr.core.presets import PRESETS, client_preset  # noqa: F401 - client_preset re-exported
 
 
 class Denoiser(nn.Module):

@@ -47,15 +47,15 @@ def _load(name: str, data_dir: str, image_size: int, max_samples: int, channels:
                         channels=channels or None, download=download, image_column=image_column, label_column=label_column)
 
 
-def _dataset(cfg: RunConfig, name: str | None = None, data_dir: str | None = None) -> ImageDataset:
+def dataset_for(cfg: RunConfig, name: str | None = None, data_dir: str | None = None) -> ImageDataset:
     """The dataset as the run-config asks for it: image-channels when set, else the data's own."""
     return _load(name or cfg.dataset, cfg.data_dir if data_dir is None else data_dir, cfg.image_size,
                  cfg.max_samples, cfg.image_channels, cfg.download, cfg.image_column, cfg.label_column)
 
 
 @lru_cache(maxsize=4)
-def _splits(cfg: RunConfig, num_partitions: int) -> tuple[ClientSplit, ...]:
-    ds = _dataset(cfg)
+def all_splits(cfg: RunConfig, num_partitions: int) -> tuple[ClientSplit, ...]:
+    ds = dataset_for(cfg)
     # one dict is both the memo key and the partitioner's arguments, so they cannot drift apart
     params = {"scheme": cfg.partitioning, "seed": cfg.seed, "alpha": cfg.dirichlet_alpha,
               "test_fraction": cfg.test_fraction, "groups": cfg.client_groups}
@@ -67,10 +67,6 @@ def _splits(cfg: RunConfig, num_partitions: int) -> tuple[ClientSplit, ...]:
         return partition.partition_dataset(ds, num_partitions, **{**params, "groups": groups})
 
     return tuple(memoised_splits(ds, num_partitions, params, compute))
-
-
-def dataset_for(cfg: RunConfig) -> ImageDataset:
-    return _dataset(cfg)
 
 
 def run_channels(cfg: RunConfig) -> int:
@@ -89,10 +85,6 @@ def run_channels(cfg: RunConfig) -> int:
                           f"set image-channels=1 (gray) or 3 (RGB) in the run-config") from None
 
 
-def all_splits(cfg: RunConfig, num_partitions: int) -> tuple[ClientSplit, ...]:
-    return _splits(cfg, num_partitions)
-
-
 @lru_cache(maxsize=4)
 def own_folder_data(cfg: RunConfig, folder: str, dataset: str, partition_id: int = -1) -> ClientData:
     """All images in the node's own folder, split train/test by `test-fraction` (seeded).
@@ -101,7 +93,7 @@ def own_folder_data(cfg: RunConfig, folder: str, dataset: str, partition_id: int
     """
     if not os.path.isabs(folder):
         raise ValueError(f"node_config data-dir must be an absolute path, got {folder!r}")
-    ds = _dataset(cfg, dataset, folder)
+    ds = dataset_for(cfg, dataset, folder)
     n = ds.images.shape[0]
     if n < 2:
         raise ValueError(f"node_config data-dir={folder!r} holds {n} image(s); a node needs at least 2 "
@@ -117,7 +109,7 @@ def client_data(cfg: RunConfig, partition_id: int, num_partitions: int) -> Clien
         raise ValueError(f"partition-id {partition_id} is outside 0..{num_partitions - 1}; "
                          f"set node_config partition-id/num-partitions consistently")
     ds = dataset_for(cfg)
-    split = _splits(cfg, num_partitions)[partition_id]
+    split = all_splits(cfg, num_partitions)[partition_id]
     train = ds.images[np.asarray(split.train_idx)]
     test = ds.images[np.asarray(split.test_idx)]
     return ClientData(partition_id, train, test, to_model_range(train))

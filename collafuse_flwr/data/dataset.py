@@ -18,21 +18,12 @@ from torch import Tensor
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
-from collafuse_flwr.core.images import to_model_range, to_uint8
-
-__all__ = ["ImageDataset", "canonical_name", "convert_channels", "resize_uint8", "square_uint8", "to_model_range",
-           "to_uint8"]
-
-DATASETS: tuple[str, ...] = (
-    "digits", "mnist5k", "mnist", "fashion-mnist", "cifar10", "celeba", "awa2", "imagefolder",
-)
 HF_PREFIX = "hf:"
 #: The channels each built-in dataset's images have (what its loader returns without conversion);
 #: `hf:` and `imagefolder` data say it themselves, read from their images.
 NATIVE_CHANNELS = {"digits": 1, "mnist5k": 1, "mnist": 1, "fashion-mnist": 1, "cifar10": 3, "celeba": 3, "awa2": 3}
 FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker",
                          "Bag", "Ankle boot"]
-CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 # Splits each dataset understands; "all" means every image the files hold.
 _SPLITS: dict[str, tuple[str, ...]] = {
     "digits": ("train", "all"),

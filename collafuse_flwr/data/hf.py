@@ -20,8 +20,10 @@ which by-attribute partitioning uses.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -61,17 +63,21 @@ def _source(source: str) -> dict[str, Any]:
     return {"dataset": str(path)}
 
 
-def _unreachable(source: str, exc: Exception) -> ConnectionError:
-    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
-    state = "HF_HUB_OFFLINE is set and it is not in the local cache" if offline else \
-        "the Hugging Face Hub cannot be reached and it is not in the local cache"
-    return ConnectionError(f"dataset='{HF_PREFIX}{source}': {state} ({' '.join(str(exc).split())}). Go online once "
-                           f"to cache it (later runs work with HF_HUB_OFFLINE=1), or use {_LOCAL_HINT}")
-
-
-def _not_found(source: str, exc: Exception) -> FileNotFoundError:
-    return FileNotFoundError(f"dataset='{HF_PREFIX}{source}' was not found ({' '.join(str(exc).split())}); check "
-                             f"the Hub id, or use {_LOCAL_HINT}")
+@contextlib.contextmanager
+def _hub_errors(source: str) -> Iterator[None]:
+    """An unreachable or unknown Hub dataset as one line saying what to do."""
+    try:
+        yield
+    except ConnectionError as exc:
+        offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
+        state = "HF_HUB_OFFLINE is set and it is not in the local cache" if offline else \
+            "the Hugging Face Hub cannot be reached and it is not in the local cache"
+        raise ConnectionError(f"dataset='{HF_PREFIX}{source}': {state} ({' '.join(str(exc).split())}). "
+                              f"Go online once to cache it (later runs work with HF_HUB_OFFLINE=1), or use "
+                              f"{_LOCAL_HINT}") from exc
+    except FileNotFoundError as exc:
+        raise FileNotFoundError(f"dataset='{HF_PREFIX}{source}' was not found ({' '.join(str(exc).split())}); "
+                                f"check the Hub id, or use {_LOCAL_HINT}") from exc
 
 
 def check_hf_source(source: str) -> None:
@@ -83,12 +89,8 @@ def check_hf_source(source: str) -> None:
     kwargs = _source(source)  # a local path: checked for existence here
     if "data_files" in kwargs or Path(kwargs["dataset"]).exists():
         return
-    try:
+    with _hub_errors(source):
         load("datasets").load_dataset_builder(kwargs["dataset"])
-    except ConnectionError as exc:
-        raise _unreachable(source, exc) from exc
-    except FileNotFoundError as exc:
-        raise _not_found(source, exc) from exc
 
 
 def _load_split(source: str, split: str):
@@ -98,16 +100,13 @@ def _load_split(source: str, split: str):
     # One partition: partitioning happens later on the index table (partition.py), where the
     # same partitioners serve every dataset route and their result is memoised.
     fds = FederatedDataset(partitioners={split: IidPartitioner(num_partitions=1)}, shuffle=False, **kwargs)
-    try:
-        return fds.load_split(split)
-    except ConnectionError as exc:
-        raise _unreachable(source, exc) from exc
-    except ValueError as exc:
-        if "split" in str(exc).lower():
-            raise ValueError(f"dataset='{HF_PREFIX}{source}' has no split {split!r} ({exc})") from exc
-        raise
-    except FileNotFoundError as exc:
-        raise _not_found(source, exc) from exc
+    with _hub_errors(source):
+        try:
+            return fds.load_split(split)
+        except ValueError as exc:
+            if "split" in str(exc).lower():
+                raise ValueError(f"dataset='{HF_PREFIX}{source}' has no split {split!r} ({exc})") from exc
+            raise
 
 
 def _columns(table, image_column: str, label_column: str, source: str) -> tuple[str, str | None]:

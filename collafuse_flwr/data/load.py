@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from collafuse_flwr.config import DATASETS
 from collafuse_flwr.data import hf as hf_loader
 from collafuse_flwr.data import vision
 from collafuse_flwr.data.dataset import (
@@ -21,7 +22,6 @@ from collafuse_flwr.data.dataset import (
     _EMBEDDED,
     _SPLIT_ALIASES,
     _SPLITS,
-    DATASETS,
     DEFAULT_JPEG_SIZE,
     NATIVE_CHANNELS,
     HF_PREFIX,
@@ -59,11 +59,8 @@ def load_dataset(
     `digits` and `mnist5k` have no official split: "train" and "all" return every image, and
     the partitioner makes each client's train/test split. AwA2 and imagefolder likewise.
     """
-    key = canonical_name(name)
+    key = _known(name)
     hf = key.startswith(HF_PREFIX)
-    if not hf and key not in DATASETS:
-        raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}, "
-                         f"or {HF_PREFIX}<Hugging Face id or local path>")
     split = _SPLIT_ALIASES.get(split, split) if not hf else split
     if not hf and split not in _SPLITS[key]:
         hint = ("; it has no official split, the partitioner makes each client's train/test split"
@@ -112,12 +109,17 @@ def check_dataset(name: str) -> None:
     """Cheap start-of-run check for what can fail before any file is read: an unknown name, or an
     `hf:` dataset that is neither reachable nor cached (one-line error saying what to do).
     Loading itself checks everything else, with the same messages."""
-    key = canonical_name(name)
+    key = _known(name)
     if key.startswith(HF_PREFIX):
         hf_loader.check_hf_source(key[len(HF_PREFIX):])
-    elif key not in DATASETS:
+
+
+def _known(name: str) -> str:
+    key = canonical_name(name)
+    if not key.startswith(HF_PREFIX) and key not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}, "
                          f"or {HF_PREFIX}<Hugging Face id or local path>")
+    return key
 
 
 def _resolve_data_dir(key: str, data_dir: str | None, download: bool) -> Path:

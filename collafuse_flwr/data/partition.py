@@ -31,10 +31,9 @@ import datasets
 import numpy as np
 from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, Partitioner
 
+from collafuse_flwr.config import PARTITIONINGS
 from collafuse_flwr.data.dataset import ImageDataset
 from collafuse_flwr.data.splits import ClientSplit
-
-PARTITIONINGS: tuple[str, ...] = ("iid", "dirichlet", "by-class", "by-attribute")
 
 CELEBA_PAPER_GROUPS: list[list[str]] = [
     ["Black_Hair", "Blond_Hair", "Brown_Hair", "Gray_Hair"],
@@ -160,7 +159,6 @@ def partition_dataset(
     partitioner: Partitioner
     if scheme == "iid":
         partitioner = IidPartitioner(num_partitions=num_clients)
-        table = datasets.Dataset.from_dict(columns).shuffle(seed=seed)
     elif scheme == "dirichlet":
         # Enough images per client for a train/test split, without making the sampler
         # reject most draws on small datasets.
@@ -174,11 +172,9 @@ def partition_dataset(
             shuffle=True,
             seed=seed,
         )
-        table = datasets.Dataset.from_dict(columns)
     elif scheme == "by-class":
         class_groups = _class_groups(ds, num_clients, groups)
         partitioner = GroupPartitioner(class_groups, partition_by="label", seed=seed)
-        table = datasets.Dataset.from_dict(columns)
     else:
         attr_groups = _attribute_groups(ds, num_clients, groups)
         assert ds.attributes is not None and ds.attribute_names is not None
@@ -186,9 +182,9 @@ def partition_dataset(
         for name in sorted({a for g in attr_groups for a in g}):
             columns[name] = attrs[:, ds.attribute_names.index(name)].astype(bool)
         partitioner = GroupPartitioner(attr_groups, partition_by=None, seed=seed)
-        table = datasets.Dataset.from_dict(columns)
 
-    partitioner.dataset = table
+    table = datasets.Dataset.from_dict(columns)
+    partitioner.dataset = table.shuffle(seed=seed) if scheme == "iid" else table
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="The specified min_partition_size")

@@ -84,18 +84,15 @@ def split_key(ds: ImageDataset, num_clients: int, params: dict[str, object]) -> 
 def _load(path: Path, num_clients: int) -> list[ClientSplit] | None:
     try:
         with np.load(path) as z:
-            splits = [ClientSplit(k, z[f"train_{k}"].astype(np.int64), z[f"test_{k}"].astype(np.int64))
-                      for k in range(num_clients)]
+            return [ClientSplit(k, z[f"train_{k}"].astype(np.int64), z[f"test_{k}"].astype(np.int64))
+                    for k in range(num_clients)]
     except (OSError, KeyError, ValueError):  # absent, truncated or from another layout: recompute
         return None
-    return splits
 
 
 def _store(path: Path, splits: Sequence[ClientSplit]) -> None:
-    arrays = {}
-    for s in splits:
-        arrays[f"train_{s.client_id}"] = s.train_idx
-        arrays[f"test_{s.client_id}"] = s.test_idx
+    arrays = {f"{part}_{s.client_id}": idx for s in splits
+              for part, idx in (("train", s.train_idx), ("test", s.test_idx))}
     tmp: str | None = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -29,7 +29,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from collafuse_flwr.data.dataset import ImageDataset, square_uint8
+from collafuse_flwr.data.dataset import _DOWNLOADABLE, ImageDataset, square_uint8
 from collafuse_flwr.imports import load
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp")
@@ -53,7 +53,6 @@ LAYOUTS = {
              "(the same under {d}/Animals_with_Attributes2/ is accepted)"),
     "imagefolder": "imagefolder expects {d}/<class name>/<image>.png|jpg|jpeg|bmp, one sub-folder per class",
 }
-_DOWNLOADABLE = ("mnist", "fashion-mnist", "cifar10", "celeba")
 
 
 def missing(key: str, root: Path | str, what: str) -> FileNotFoundError:
@@ -225,12 +224,11 @@ def load_celeba(root: Path, split: str, limit: int | None, size: int, mode: str,
 
 
 def _from_samples(name: str, samples: list[tuple[str, int]], class_names: list[str], limit: int | None,
-                  size: int, mode: str) -> tuple[ImageDataset, np.ndarray]:
+                  size: int, mode: str) -> ImageDataset:
     chosen = round_robin(samples, limit)
     labels = np.array([c for _, c in chosen], dtype=np.int64)
-    ds = ImageDataset(images=load_images([p for p, _ in chosen], size, mode), labels=torch.from_numpy(labels),
-                      name=name, class_names=class_names)
-    return ds, labels
+    return ImageDataset(images=load_images([p for p, _ in chosen], size, mode), labels=torch.from_numpy(labels),
+                        name=name, class_names=class_names)
 
 
 def load_imagefolder(root: Path, limit: int | None, size: int, mode: str) -> ImageDataset:
@@ -246,7 +244,7 @@ def load_imagefolder(root: Path, limit: int | None, size: int, mode: str) -> Ima
         raise missing("imagefolder", root, f"no class sub-folder with images found in {root}")
     remap = {old: new for new, old in enumerate(used)}
     samples = [(p, remap[c]) for p, c in tv.samples]
-    return _from_samples("imagefolder", samples, [tv.classes[c] for c in used], limit, size, mode)[0]
+    return _from_samples("imagefolder", samples, [tv.classes[c] for c in used], limit, size, mode)
 
 
 def _read_indexed_names(path: Path) -> list[str]:
@@ -292,7 +290,7 @@ def load_awa2(root: Path, limit: int | None, size: int, mode: str) -> ImageDatas
                            extensions=IMAGE_EXTENSIONS, allow_empty=True)
     if not samples:
         raise missing("awa2", root, f"no images found in {img_root}")
-    ds, labels = _from_samples("awa2", samples, list(class_names), limit, size, mode)
+    ds = _from_samples("awa2", samples, list(class_names), limit, size, mode)
     if matrix is not None:
-        ds.attributes, ds.attribute_names = torch.from_numpy(matrix[labels].astype(np.int8)), attr_names
+        ds.attributes, ds.attribute_names = torch.from_numpy(matrix[ds.labels.numpy()].astype(np.int8)), attr_names
     return ds

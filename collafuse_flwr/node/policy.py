@@ -101,8 +101,7 @@ class NodePolicy:
         return dataclasses.replace(cfg, max_samples=self.max_samples, test_fraction=self.test_fraction)
 
 
-def node_policy(node_config: dict[str, Any], cfg: RunConfig, client: int = -1,
-                simulation: bool | None = None) -> NodePolicy:
+def node_policy(node_config: dict[str, Any], cfg: RunConfig, client: int = -1) -> NodePolicy:
     """The operator's policy from node_config; `cfg` only fills unset keys of a trusting node.
 
     client: the node's slot (its entry of client-cut-ratios, for a trusting node).
@@ -111,7 +110,7 @@ def node_policy(node_config: dict[str, Any], cfg: RunConfig, client: int = -1,
     unknown = sorted(set(nc) - set(P.NODE_KEYS))
     if unknown:
         raise NodeConfigError(f"unknown node_config key(s) {unknown}; a node understands {sorted(P.NODE_KEYS)}")
-    trust = _bool(nc, P.NODE_TRUST, in_simulation() if simulation is None else simulation)
+    trust = _bool(nc, P.NODE_TRUST, in_simulation())
     run = {P.NODE_CUT_RATIO: cfg.cut_ratio_for(client), P.NODE_UPLOADS_PER_ROUND: cfg.uploads_per_round,
            P.NODE_MAX_UPLOADS: cfg.max_uploads_per_image, P.NODE_EPSILON: cfg.upload_epsilon,
            P.NODE_DELTA: cfg.upload_delta, P.NODE_CLIP: cfg.upload_clip, P.NODE_MAX_SAMPLES: cfg.max_samples,
