@@ -1,5 +1,5 @@
 """Turn a sweep folder into results.csv, report.md and plots, without running anything (after
-adding seeds, or after a partial sweep): `python -m benchmarks.report benchmarks/results/sweep-cpu`.
+adding seeds, or after a partial sweep): `python -m benchmarks.report benchmarks/results/comparison`.
 
 Reads OUT/runs/*/results.json (the app's record of a run, collafuse_flwr/harness/report.py),
 OUT/runs/*/sweep.json (the sweep's: the whole call's time, errors) and OUT/sweep.json (command, run
