@@ -44,6 +44,11 @@ def message_type(category: str, action: str) -> str:
     return f"{category}.{action}"
 
 
+# -- error codes of the node's Error replies (Flower leaves codes >= 100 to apps) ---------------------
+REFUSED = 403  # a request the node refuses (its policy, a malformed or out-of-range value)
+FAILED = 500  # a request the node failed on (its own fault)
+
+
 # -- records and arrays ---------------------------------------------------------------------------
 CONFIG = "config"  # ConfigRecord: what the server asks (server -> node)
 METRICS = "metrics"  # MetricRecord: counts, timings, losses, scores (node -> server)

@@ -25,6 +25,7 @@ from flwr.supercore import log
 
 from collafuse_flwr import protocol as P
 
+from . import isolation
 from .isolation import is_infrastructure_error
 from .recorder import EvalResult, Recorder
 from .registry import NodeRegistry
@@ -188,7 +189,10 @@ class DiffusionStrategy(Strategy):
         `isolation.py`). That is the infrastructure failing, not the node answering: each such
         node gets its message once more. A node whose own ClientApp kills the actor fails again
         and is counted as failed; the others answer."""
-        lost = {m.metadata.src_node_id for m in replies if m.has_error() and is_infrastructure_error(m.error.reason)}
+        if not isolation.simulation_workers():  # a deployed node could fake the engine's error text
+            return replies
+        lost = {m.metadata.src_node_id for m in replies if m.has_error() and m.error.code not in (P.REFUSED, P.FAILED)
+                and is_infrastructure_error(m.error.reason)}
         if not lost:
             return replies
         again = [Message(content=m.content, message_type=m.metadata.message_type, dst_node_id=m.metadata.dst_node_id)

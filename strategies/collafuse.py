@@ -160,6 +160,7 @@ class CollaFuse(DiffusionStrategy):
         self.gen = torch.Generator().manual_seed(seed + 7919)
         self.seed = seed
         self._checks: dict[int, UploadCheck] = {}  # cut step -> what an honest upload at it looks like
+        self.client_budget: dict[int, int] = {}  # client -> uploads a round, at most its node's budget
         self.buffer: dict[int, list[torch.Tensor]] = {}  # client -> its uploads, oldest first
         self.last_upload: dict[int, np.ndarray] = {}  # client -> its last upload (harness only)
         self.node_cuts = node_cuts
@@ -188,6 +189,13 @@ class CollaFuse(DiffusionStrategy):
 
     def on_admit(self, node_id: int, client: int, info: dict[str, Any]) -> None:
         self.client_cut[client] = int(info[P.CUT_STEP]) if self.node_cuts and P.CUT_STEP in info else self.t_c
+        budget = info.get(P.UPLOAD_BUDGET)  # a node's operator may allow fewer uploads than the run asks
+        ok = isinstance(budget, (int, float)) and math.isfinite(budget) and budget >= 0
+        self.client_budget[client] = min(self.uploads_per_round, int(budget)) if ok else self.uploads_per_round
+
+    def uploads_for(self, client: int) -> int:
+        """The uploads a round asks of this client: the run's, at most its node's declared budget."""
+        return self.client_budget.get(client, self.uploads_per_round) if self.serves(client) else 0
 
     def cut_for(self, client: int) -> int:
         """The cut step t_c,k of a client's node (the server's own when the node declared none)."""
@@ -218,7 +226,7 @@ class CollaFuse(DiffusionStrategy):
         def extra(node_id: int) -> dict[str, int]:
             client = self.client_of(node_id)
             t_c = self.cut_for(client)
-            return {P.CUT_STEP: t_c, P.UPLOADS_ASKED: self.uploads_per_round if self.serves(client) else 0}
+            return {P.CUT_STEP: t_c, P.UPLOADS_ASKED: self.uploads_for(client)}
 
         return self._send(self._participants(grid),
                           lambda n: RecordDict({P.CONFIG: self._config(config, server_round, n, **extra(n))}),
@@ -243,8 +251,8 @@ class CollaFuse(DiffusionStrategy):
             return f"upload dtype: expected float32, got {arr.dtype}"
         if tuple(arr.shape[1:]) != self.image_shape or len(arr.shape) != 4:
             return f"upload shape: expected (n, {', '.join(map(str, self.image_shape))}), got {tuple(arr.shape)}"
-        if not self.serves(client) or arr.shape[0] > self.uploads_per_round:
-            return f"upload budget: {arr.shape[0]} images, at most {self.uploads_per_round if self.serves(client) else 0}"
+        if not self.serves(client) or arr.shape[0] > self.uploads_for(client):
+            return f"upload budget: {arr.shape[0]} images, at most {self.uploads_for(client)}"
         x = arr.numpy()
         if not np.isfinite(x).all():
             return "upload values: not all finite (NaN or Inf)"

@@ -41,6 +41,12 @@ def is_infrastructure_error(reason: str) -> bool:
 _installed = False
 
 
+def simulation_workers() -> bool:
+    """Whether this ServerApp runs beside Flower's Ray simulation workers (the actor-pool repair is
+    installed): the only place a dead worker, not the node, can be the reason of an error reply."""
+    return _installed
+
+
 def repair_dead_actors() -> bool:
     """Make Flower's Ray actor pool replace an actor that died instead of reusing it; True when
     installed (now or before). Idempotent; needs Flower's simulation extra (Ray)."""

@@ -22,7 +22,7 @@ from collafuse_flwr.client_app import app, node_data
 from collafuse_flwr.config import parse_config
 from collafuse_flwr.core import diffusion as D
 from collafuse_flwr.node import REFUSED
-from collafuse_flwr.node.policy import reference_abar
+from collafuse_flwr.node.policy import node_policy, reference_abar
 
 NUM_NODES = 3
 _RUNS = itertools.count(int(time.time()) % 10**6)
@@ -391,3 +391,15 @@ def test_a_harness_that_cannot_read_the_data_is_skipped_at_start(tiny_config, mo
 
     monkeypatch.setattr(server_app, "dataset_for", unreadable)
     assert not harness_data_readable(cfg)
+
+
+@pytest.mark.parametrize("T", [20, 200, 1000])
+@pytest.mark.parametrize("c", [0.2, 0.3, 0.4, 0.5, 0.6, 0.8])
+def test_an_honest_cut_equal_to_the_floor_is_the_servers_step(c, T):
+    """The floor is abar on the node's reference schedule (T = 200); float32 schedules give abar at
+    the same t/T to ~1e-9 only, so an exact comparison pushed a node whose node_config c equals the
+    run's to t_c + 1 on T = 1000 or 20 for c = 0.3 ... 0.8, and the server refused it."""
+    cfg = parse_config({"diffusion-steps": T, "cut-ratio": c})
+    pol = node_policy({"cut-ratio": c}, cfg)
+    sched = D.make_schedule(T, "cosine")
+    assert pol.cut_step(sched, D.cut_step(c, T)) == D.cut_step(c, T)

@@ -29,6 +29,7 @@ from collafuse_flwr.core.dp import dp_upload, plan_uploads
 from collafuse_flwr.harness.report import consistent_images, run_notes, run_status
 from strategies import RoundFailed
 from collafuse_flwr.server.build import from_config
+from strategies import isolation
 from strategies.base import DiffusionStrategy
 from strategies.collafuse import UPLOAD_Z
 from strategies.recorder import EvalResult, Recorder
@@ -484,18 +485,30 @@ class _LosesAWorker(FakeGrid):
         return [self._replies.pop(i) for i in list(ids) if i in self._replies]
 
 
-def test_a_node_that_lost_its_simulation_worker_is_asked_again(tiny_config):
+def test_a_node_that_lost_its_simulation_worker_is_asked_again(tiny_config, monkeypatch):
     """Naively node 2 counts as failed (and, on Flower's engine, every node the dead actor is
     given next fails too: isolation.repair_dead_actors replaces it)."""
     s = from_config(parse_config(tiny_config(method="local")), capacity=3)
     grid = _LosesAWorker()
     msgs = list(s.configure_train(1, ArrayRecord(), ConfigRecord(), grid))
+    monkeypatch.setattr(isolation, "_installed", True)  # beside Flower's Ray workers
     replies = DiffusionStrategy.exchange(grid, msgs, timeout=5)
     assert grid.train_sent == [1, 2, 3, 2]
     assert sorted(r.metadata.src_node_id for r in replies if not r.has_error()) == [1, 2, 3]
 
 
-def test_a_node_that_kills_every_worker_is_blamed_alone(tiny_config):
+def test_a_deployed_node_cannot_fake_a_dead_worker(tiny_config):
+    """Outside the simulation nothing dies under a node but the node: a node whose error reply
+    quotes ActorDiedError (to get a second, blocking send) is not sent its message again."""
+    s = from_config(parse_config(tiny_config(method="local")), capacity=3)
+    grid = _LosesAWorker()
+    msgs = list(s.configure_train(1, ArrayRecord(), ConfigRecord(), grid))
+    DiffusionStrategy.exchange(grid, msgs, timeout=5)
+    assert grid.train_sent == [1, 2, 3]
+
+
+def test_a_node_that_kills_every_worker_is_blamed_alone(tiny_config, monkeypatch):
+    monkeypatch.setattr(isolation, "_installed", True)
     s = from_config(parse_config(tiny_config(method="local")), capacity=3)
     grid = _LosesAWorker(always=True)
     msgs = list(s.configure_train(1, ArrayRecord(), ConfigRecord(), grid))

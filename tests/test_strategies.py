@@ -13,6 +13,7 @@ from flwr.supercore.task_identity import TaskIdentity
 from collafuse_flwr.comm import message_nbytes
 from collafuse_flwr.config import parse_config
 from collafuse_flwr.core.models import build_denoiser, shared_denoiser
+from collafuse_flwr import protocol as P
 from strategies import CollaFuse, RoundFailed
 from collafuse_flwr.server.build import from_config
 
@@ -36,6 +37,7 @@ class FakeGrid:
         self.silent = set(silent)  # these never answer
         self.broken = set(broken)  # their ClientApp raises at first contact
         self.asked: list[int] = []
+        self.extra: dict[int, dict] = {}  # node id -> more hello metrics
 
     def get_node_ids(self):
         return list(self.ids)
@@ -55,6 +57,7 @@ class FakeGrid:
             met = {"num-examples": 10}
             if nid in self.claims:
                 met["partition-id"] = self.claims[nid]
+            met.update(self.extra.get(nid, {}))
             out.append(_reply(m, RecordDict({"metrics": MetricRecord(met)}), nid))
         return out
 
@@ -394,3 +397,27 @@ def test_a_reply_that_breaks_a_check_is_rejected_not_fatal(tiny_config):
     replies[1].content["upload"]["x_tc"].data = b"not an array"  # undecodable bytes
     _, metrics = s.aggregate_train(1, replies)
     assert metrics["uploads-received"] == 5 and sum(s.recorder.rejected.values()) == 1
+
+
+def test_a_node_that_allows_fewer_uploads_is_asked_for_fewer(tiny_config):
+    """Naively every node is asked for the run's uploads-per-round: a default deployed node (64 a
+    round) refuses every train message of a paper-preset run (512), and every round fails."""
+    cfg, s = _collafuse(tiny_config(cut_ratio=0.3, uploads_per_round=8), clients=2)
+    grid = grid_of(2)
+    grid.extra = {1: {P.UPLOAD_BUDGET: 3}}
+    msgs = list(s.configure_train(1, ArrayRecord(), ConfigRecord(), grid))
+    asked = {m.metadata.dst_node_id: m.content[P.CONFIG][P.UPLOADS_ASKED] for m in msgs}
+    assert asked == {1: 3, 2: 8}
+    assert s.uploads_for(0) == 3 and s.uploads_for(1) == 8  # and a reply over 3 fails the budget check
+
+
+def test_a_deployment_lets_each_node_choose_a_noisier_cut(tiny_config):
+    """A deployed node's floor is in its node_config, which the server cannot see: outside the
+    simulation (no research harness) the strategy takes each node's declared cut."""
+    from collafuse_flwr.server.build import build_strategy
+
+    cfg = parse_config(tiny_config(cut_ratio=0.2))
+    deployed, _ = build_strategy(cfg, 2, torch.device("cpu"), harness=False, simulation=False)
+    simulated, _ = build_strategy(cfg, 2, torch.device("cpu"), harness=False, simulation=True)
+    assert deployed.node_cuts and not simulated.node_cuts
+    assert deployed.accept_hello(1, {P.CUT_STEP: 16}) == "" and simulated.accept_hello(1, {P.CUT_STEP: 16})

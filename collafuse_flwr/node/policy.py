@@ -92,7 +92,9 @@ class NodePolicy:
         server's `proposed` step where that is noisier still (more noise never lowers privacy).
         sched.T (nothing uploaded) where no step of the run is noisy enough."""
         ab = sched.alpha_bars.double()
-        ok = (ab[: sched.T + 1] <= self.abar_floor + 1e-12).nonzero()
+        # relative tolerance: the schedules are float32, so abar at the same t/T differs by ~1e-9
+        # between T = 200 and another T, and an honest c equal to the floor must still fit
+        ok = (ab[: sched.T + 1] <= self.abar_floor * (1 + 1e-6)).nonzero()
         floor = int(ok[0]) if len(ok) else sched.T
         return max(floor, int(proposed))
 
@@ -111,7 +113,10 @@ def node_policy(node_config: dict[str, Any], cfg: RunConfig, client: int = -1) -
     if unknown:
         raise NodeConfigError(f"unknown node_config key(s) {unknown}; a node understands {sorted(P.NODE_KEYS)}")
     trust = _bool(nc, P.NODE_TRUST, in_simulation())
-    run = {P.NODE_CUT_RATIO: cfg.cut_ratio_for(client), P.NODE_UPLOADS_PER_ROUND: cfg.uploads_per_round,
+    # the run's values are read only by a trusting node (a short client-cut-ratios list must not
+    # fail a node that never uses it)
+    run = {P.NODE_CUT_RATIO: cfg.cut_ratio_for(client) if trust else None,
+           P.NODE_UPLOADS_PER_ROUND: cfg.uploads_per_round,
            P.NODE_MAX_UPLOADS: cfg.max_uploads_per_image, P.NODE_EPSILON: cfg.upload_epsilon,
            P.NODE_DELTA: cfg.upload_delta, P.NODE_CLIP: cfg.upload_clip, P.NODE_MAX_SAMPLES: cfg.max_samples,
            P.NODE_TEST_FRACTION: cfg.test_fraction}

@@ -63,7 +63,7 @@ def node_secret(folder: str | os.PathLike[str]) -> bytes:
 
 
 def _create(path: Path) -> None:
-    tmp = path.with_name(f".{SECRET_FILE}.{os.getpid()}.tmp")
+    tmp = path.with_name(f".{SECRET_FILE}.{os.getpid()}.{os.urandom(6).hex()}.tmp")  # threads of one process too
     write_private(tmp, os.urandom(SECRET_BYTES))
     try:
         os.link(tmp, path)  # atomic, and the first writer wins if two start at once

@@ -31,10 +31,7 @@ from collafuse_flwr.core.flops import FlopMeter
 from collafuse_flwr.core.images import to_uint8
 from collafuse_flwr.core.training import client_share_loss, train_steps
 
-#: Error code of a refused request (Flower leaves codes >= 100 to apps).
-REFUSED = 403
-#: Error code of a request the node failed on (its own fault, or a malformed message).
-FAILED = 500
+REFUSED, FAILED = P.REFUSED, P.FAILED
 _PATH = re.compile(r"(?:[A-Za-z]:)?(?:/[^\s'\":,;()\[\]]+){2,}")
 
 

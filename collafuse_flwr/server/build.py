@@ -72,6 +72,8 @@ def build_strategy(cfg: RunConfig, num_clients: int, device: torch.device, on_ro
     model = shared_denoiser(cfg.image_size, shape[0], cfg.model_size, cfg.conditioning, num_clients)
     arrays = ArrayRecord(model.state_dict())
     if cfg.method == P.COLLAFUSE:
+        if not simulation and not harness:  # a deployment: each node's operator sets its noise floor in its
+            common["node_cuts"] = True  # node_config, which the server cannot see; a noisier cut is taken
         shared_cores = simulation and device.type == "cpu" and cfg.torch_threads == 0
         common.update(harness_payload=DisclosureProbe(cfg, num_clients, device) if harness else None,
                       overlap_threads=1 if shared_cores else None)
