@@ -147,7 +147,7 @@ def _node(context: Context) -> Node:
     use_torch_threads(cfg.torch_threads)
     nc = dict(context.node_config)
     policy = node_policy(nc, cfg, int(nc.get(P.NODE_PARTITION_ID, -1)))
-    data = node_data(policy.data_config(cfg), nc)
+    data = node_data(policy.data_config(cfg, nc), nc)
     private_dir(policy.state_dir)
     return Node(cfg, policy, data, D.make_schedule(cfg.diffusion_steps, cfg.beta_schedule), default_device(),
                 context, randomness.run_fingerprint(dict(context.run_config), ignore=BOOKKEEPING_KEYS))
@@ -239,7 +239,8 @@ def _hello(node: Node, method: str) -> dict:
         t_u, plan = node.upload_step()
         info.update({P.CUT_STEP: t_u, P.UPLOAD_BUDGET: node.policy.uploads_per_round, **(plan.metrics(P.DP_PREFIX) if plan else {})})
         if node.policy.lifetime_ledger:
-            used = ledger.lifetime_counts(node.policy.state_dir, ledger.image_keys(node.data.train_uint8))
+            used = ledger.lifetime_counts(node.policy.state_dir, ledger.image_keys(node.data.train_uint8),
+                                          node.data.image_shape)
             info[P.UPLOADS_LEFT] = int(np.clip(node.upload_cap() - used, 0, None).sum())
     return info
 
@@ -326,7 +327,8 @@ def _upload(node: Node, client: int, rnd: int, t_u: int, plan: DPPlan | None, n:
     gen = node.generator(client, rnd, _UPLOAD, int(counts.sum()))  # the run's upload count only grows
     cap = plan.max_uploads_per_image if plan is not None else node.upload_cap()
     if node.policy.lifetime_ledger:
-        idx = ledger.reserve(node.policy.state_dir, ledger.image_keys(node.data.train_uint8), cap, n, gen)
+        idx = ledger.reserve(node.policy.state_dir, ledger.image_keys(node.data.train_uint8), cap, n, gen,
+                             node.data.image_shape)
     else:
         idx = UploadLedger(node.num_train, cap, counts).choose(n, gen)
     if idx.size == 0:

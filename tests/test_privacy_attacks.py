@@ -73,7 +73,7 @@ def _train_images(rc, ctx) -> torch.Tensor:
     from collafuse_flwr.node.policy import node_policy
 
     cfg = parse_config(rc)
-    return node_data(node_policy(ctx.node_config, cfg, 0).data_config(cfg), ctx.node_config).train
+    return node_data(node_policy(ctx.node_config, cfg, 0).data_config(cfg, ctx.node_config), ctx.node_config).train
 
 
 # -- the method is the operator's choice ------------------------------------------------------------
@@ -403,3 +403,33 @@ def test_an_honest_cut_equal_to_the_floor_is_the_servers_step(c, T):
     pol = node_policy({"cut-ratio": c}, cfg)
     sched = D.make_schedule(T, "cosine")
     assert pol.cut_step(sched, D.cut_step(c, T)) == D.cut_step(c, T)
+
+
+def test_the_server_cannot_point_a_node_at_files(tiny_config, tmp_path):
+    """Naively run-config dataset='imagefolder' data-dir=<any folder> makes a deployed node train on
+    the files there and upload x_tc of them (here a folder of 'private' images, uploaded whole)."""
+    from collafuse_flwr.tools.node_folders import write_node_folders
+
+    folder = write_node_folders(tmp_path / "private", 1, max_per_class=3)[0]
+    rc = tiny_config(cut_ratio=0.5, dataset="imagefolder", data_dir=str(folder), max_samples=0)
+    trusting = _context(rc, **{"trust-run-config": "true"})
+    assert len(_uploaded(_train(rc, trusting))) > 0  # the attack works on a node that takes the run-config
+    reply = _hello(rc, _context(rc))  # a deployed node
+    assert reply.has_error() and "reads only what its operator names" in reply.error.reason
+    assert str(folder) not in reply.error.reason
+    own = _context(rc, **{"data-dir": str(folder), "dataset": "imagefolder"})  # its operator names it
+    assert not _hello(rc, own).has_error()
+
+
+def test_another_image_size_meets_the_same_lifetime_cap(tiny_config, tmp_path):
+    """Naively the ledger keys hash the images as loaded, so every image-size (8, 16, 10, ...) gives
+    every image fresh counts: K more uploads per size, and the upsampled uploads average anyway."""
+    node = {"state-dir": str(tmp_path / "node"), "max-samples": 30}
+    rc = tiny_config(cut_ratio=0.5, max_samples=30, uploads_per_round=8)
+    assert len(_uploaded(_train(rc, _context(rc, **node)))) == 8
+    other = tiny_config(cut_ratio=0.5, max_samples=30, uploads_per_round=8, image_size=16)
+    ctx = _context(other, **node)
+    hello = _hello(other, ctx)  # refused at first contact ...
+    assert hello.has_error() and "run at image-size 8" in hello.error.reason
+    reply = _train(other, ctx, **{"cut-step": 10})  # ... and a train message anyway uploads nothing
+    assert reply.has_error() and not reply.has_content() and "run at image-size 8" in reply.error.reason

@@ -7,6 +7,10 @@ node's state folder, keyed by a hash of each image's pixels (so a new split, a s
 another order of the same images meets the same counts), updated under a lock *before* the
 upload leaves, and never deleted or reset by anything a server sends. A corrupt ledger stops
 uploads (fail closed) instead of starting again from zero.
+
+The keys hash the images as the run loads them (resized, channel-converted), so the same image at
+another size would meet a fresh count: the ledger records the image geometry of its first upload
+and refuses every run at another one (`GeometryChanged`), until the operator starts a new ledger.
 """
 
 from __future__ import annotations
@@ -21,9 +25,14 @@ from torch import Tensor
 
 from collafuse_flwr.core.dp import UploadLedger
 from collafuse_flwr.node.files import CorruptFile, locked, write_private
+from collafuse_flwr.node.steps import Refused
 
 LEDGER_FILE = "upload-ledger.json"
 _VERSION = 1
+
+
+class GeometryChanged(Refused):
+    """A run asks for the node's images at another size or channel count than its ledger counts."""
 
 
 def image_keys(images_uint8: Tensor) -> list[str]:
@@ -32,7 +41,7 @@ def image_keys(images_uint8: Tensor) -> list[str]:
     return [hashlib.sha256(repr(a.shape).encode() + a.tobytes()).hexdigest()[:32] for a in arr]
 
 
-def _read(path: Path) -> dict[str, int]:
+def _read(path: Path, geometry: tuple[int, ...]) -> dict[str, int]:
     if not path.exists():
         return {}
     try:
@@ -42,25 +51,32 @@ def _read(path: Path) -> dict[str, int]:
         counts = {str(k): int(v) for k, v in blob["counts"].items()}
         if any(v < 0 for v in counts.values()):
             raise ValueError("negative count")
-        return counts
+        seen = tuple(int(v) for v in blob.get("geometry") or ())
     except (OSError, ValueError, TypeError, AttributeError) as exc:
         raise CorruptFile(f"the node's upload ledger {path} cannot be read ({exc}); uploads are stopped "
                           f"until it is restored from a backup. Deleting it resets every image's lifetime "
                           f"upload count to 0, which only the node's operator may decide") from None
+    if counts and seen != tuple(geometry):
+        raise GeometryChanged(f"this node's upload ledger counts its images at {'x'.join(map(str, seen))} "
+                              f"(channels x height x width); a run at {'x'.join(map(str, geometry))} would meet "
+                              f"fresh counts for the same images, so it uploads nothing: run at image-size "
+                              f"{seen[-1]} with {seen[0]} channel(s), or its operator starts a new ledger")
+    return counts
 
 
-def lifetime_counts(folder: Path, keys: list[str]) -> np.ndarray:
+def lifetime_counts(folder: Path, keys: list[str], geometry: tuple[int, ...]) -> np.ndarray:
     """Lifetime uploads of each image (by key) so far."""
-    counts = _read(Path(folder) / LEDGER_FILE)
+    counts = _read(Path(folder) / LEDGER_FILE, geometry)
     return np.array([counts.get(k, 0) for k in keys], dtype=np.int64)
 
 
-def reserve(folder: Path, keys: list[str], cap: int, n: int, generator: torch.Generator) -> np.ndarray:
+def reserve(folder: Path, keys: list[str], cap: int, n: int, generator: torch.Generator,
+            geometry: tuple[int, ...]) -> np.ndarray:
     """Choose up to n images uploaded fewer than `cap` times in the node's life, uniformly among
     them (`dp.UploadLedger.choose`), and record them as uploaded before returning their indices."""
     path = Path(folder) / LEDGER_FILE
     with locked(path):
-        counts = _read(path)
+        counts = _read(path, geometry)
         ledger = UploadLedger(len(keys), cap, np.array([counts.get(k, 0) for k in keys], dtype=np.int64))
         kept = []
         for i in ledger.choose(n, generator):  # identical images share one key, hence one cap
@@ -69,5 +85,6 @@ def reserve(folder: Path, keys: list[str], cap: int, n: int, generator: torch.Ge
                 kept.append(int(i))
         idx = np.array(kept, dtype=np.int64)
         if idx.size:
-            write_private(path, json.dumps({"version": _VERSION, "counts": counts}).encode())
+            write_private(path, json.dumps({"version": _VERSION, "geometry": list(geometry),
+                                            "counts": counts}).encode())
     return idx

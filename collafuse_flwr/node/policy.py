@@ -32,6 +32,8 @@ from pathlib import Path
 from typing import Any
 
 from collafuse_flwr import protocol as P
+from collafuse_flwr.data.dataset import _EMBEDDED as EMBEDDED
+from collafuse_flwr.data.dataset import canonical_name
 from collafuse_flwr.config import RunConfig
 from collafuse_flwr.core.diffusion import Schedule, cut_step, make_schedule
 from collafuse_flwr.data.splits import cache_dir
@@ -98,9 +100,21 @@ class NodePolicy:
         floor = int(ok[0]) if len(ok) else sched.T
         return max(floor, int(proposed))
 
-    def data_config(self, cfg: RunConfig) -> RunConfig:
-        """The run-config with the node's own data size and split."""
-        return dataclasses.replace(cfg, max_samples=self.max_samples, test_fraction=self.test_fraction)
+    def data_config(self, cfg: RunConfig, node_config: dict[str, Any]) -> RunConfig:
+        """The run-config with the node's own data size and split. An untrusting node also keeps
+        the server from choosing its files: no run-config data-dir or download, a split seeded by
+        the node (0), and without a data-dir or dataset in its node_config it serves only the
+        embedded datasets (a run-config `imagefolder` or `hf:/path` would point it at any folder)."""
+        out = dataclasses.replace(cfg, max_samples=self.max_samples, test_fraction=self.test_fraction)
+        if self.trusts_run_config:
+            return out
+        own = node_config.get(P.NODE_DATA_DIR) or node_config.get(P.NODE_DATASET)
+        if not own and canonical_name(cfg.dataset) not in EMBEDDED:
+            raise NodeConfigError(f"run-config dataset={cfg.dataset!r} would have this node read files the server "
+                                  f"names; it reads only what its operator names: set node_config "
+                                  f"{P.NODE_DATA_DIR} (and {P.NODE_DATASET}), or run on an embedded dataset "
+                                  f"({', '.join(EMBEDDED)})")
+        return dataclasses.replace(out, data_dir="", download=False, seed=0)
 
 
 def node_policy(node_config: dict[str, Any], cfg: RunConfig, client: int = -1) -> NodePolicy:
