@@ -13,6 +13,7 @@ import textwrap
 import pytest
 
 from collafuse_flwr.tools.launch import run_flower
+from flwr_runs import tiny_run_config
 from test_e2e_dropout import PYPROJECT, _config_table
 
 pytestmark = pytest.mark.e2e
@@ -54,9 +55,8 @@ def test_a_client_that_kills_its_worker_takes_no_other_client_down(tmp_path):
     (app_dir / "pyproject.toml").write_text(
         textwrap.dedent(PYPROJECT).replace("faulty_app:app", "dying_app:app").replace("faulty-collafuse", "dying")
         + _config_table())
-    rc = ("dataset='digits' num-server-rounds=2 model-size='tiny' image-size=8 diffusion-steps=20 local-steps=2 "
-          "server-steps=2 uploads-per-round=8 num-eval-samples=4 batch-size=16 attack-reference-steps=0 "
-          f"cut-ratio=0.3 min-available-fraction=0.5 output-dir='{tmp_path / 'out'}'")
+    rc = tiny_run_config(f"attack-reference-steps=0 cut-ratio=0.3 min-available-fraction=0.5 "
+                         f"output-dir='{tmp_path / 'out'}'")
     out = run_flower(rc, num_clients=4, app_dir=app_dir, flwr_home=tmp_path / "home", timeout=600, stream=False,
                      client_cpus=1)
     assert out.ok, f"status={out.status} rc={out.returncode}\n{out.log[-4000:]}"
