@@ -4,8 +4,11 @@ SuperLink the launcher started is no longer listening."""
 
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
+
+import numpy as np
 
 from collafuse_flwr.config import preset, run_config_text
 from collafuse_flwr.tools.launch import run_flower
@@ -29,3 +32,25 @@ def run_tiny(tmp_path: Path, extra: str, num_clients: int = 2) -> tuple[Path, di
     res = json.loads((out.output_dir / "results.json").read_text())
     assert res["status"] == "ok", res.get("error")
     return out.output_dir, res
+
+
+def check_outputs(run_dir: Path, res: dict, method: str, num_clients: int, rounds: int = 2) -> dict:
+    """What every finished simulation writes: results.json's final figures (FID on the digit net,
+    per client), one metrics.csv row per round, every client's samples and their grid; the final
+    figures."""
+    assert res["status"] == "ok" and res["method"] == method
+    assert res["num_clients"] == num_clients and res["num_rounds"] == rounds and res["diffusion_steps"] == 20
+    f = res["final"]
+    for key in ("fid", "fid_per_client", "fid_backbone", "kid", "client_train_flops",
+                "client_infer_flops_per_image", "server_train_flops", "bytes_up", "bytes_down", "disclosure"):
+        assert key in f, key
+    assert f["fid_backbone"] == "digits-cnn"
+    assert len(f["fid_per_client"]) == num_clients and all(v > 0 for v in f["fid_per_client"].values())
+    rows = list(csv.DictReader(open(run_dir / "metrics.csv")))
+    assert [r["round"] for r in rows] == [str(r) for r in range(1, rounds + 1)]
+    s = np.load(run_dir / "samples.npz")
+    samples = preset("tiny")["num-eval-samples"]
+    assert s["images"].dtype == np.uint8 and s["images"].shape == (num_clients * samples, 8, 8, 1)
+    assert sorted(set(s["client"].tolist())) == list(range(num_clients))
+    assert (run_dir / "samples.png").stat().st_size > 1000
+    return f

@@ -9,6 +9,7 @@ import json
 import math
 from pathlib import Path
 
+import flwr_runs
 import numpy as np
 import pytest
 
@@ -49,6 +50,10 @@ def test_sweep_end_to_end_and_resume(tmp_path):
     assert float(cf["client_infer_flops_per_image"]) < float(fa["client_infer_flops_per_image"])
     assert float(cf["bytes_up_per_round"]) < float(fa["bytes_up_per_round"])
     assert 0 <= float(cf["reid_server"]) <= 1 and float(cf["epsilon"]) > 0
+    # FedAvg's own outputs, as tests/test_e2e_flower.py checks the other methods'
+    fa_dir = tmp_path / "runs" / "fedavg-s0"
+    f = flwr_runs.check_outputs(fa_dir, json.loads((fa_dir / "results.json").read_text()), "fedavg", 2, rounds=1)
+    assert f["bytes_up"] > 2 * 100_000  # the model goes up from each client every round
 
     report = (tmp_path / "report.md").read_text()
     assert "| CollaFuse c=0.2 | 1 |" in report and "| FedAvg | 1 |" in report

@@ -1,7 +1,8 @@
 """`client-model-size`: a CollaFuse client's private denoiser smaller than the server's.
 
 Config validation, the half-width presets, the ClientApp building and reporting the smaller
-net (parameters and measured inference FLOPs), and one run through `flwr run`.
+net (parameters and measured inference FLOPs). Its run through `flwr run` is in
+tests/test_e2e_flower.py.
 """
 
 import itertools
@@ -103,28 +104,3 @@ def test_client_reports_its_smaller_net_and_spends_fewer_flops(tiny_config):
     ratio = e_half["client-infer-flops-per-image"] / e_full["client-infer-flops-per-image"]
     assert 0.2 < ratio < 0.3
     assert t_half["client-train-flops"] < t_full["client-train-flops"] / 3
-
-
-# -- through flwr run ---------------------------------------------------------------------------------
-@pytest.mark.e2e
-def test_flwr_run_with_a_half_size_client_net(tmp_path):
-    from flwr_runs import run_tiny
-
-    _, res = run_tiny(tmp_path, "model-size='small' client-model-size='half' diffusion-steps=20 cut-ratio=0.3 "
-                      "server-steps=2")
-    assert res["status"] == "ok" and res["config"]["client-model-size"] == "half"
-    assert res["client_model_size"] == "small-half"
-    f = res["final"]
-    n_half = count_parameters(build_denoiser(8, 1, "small-half"))
-    assert f["client_parameters_per_client"] == {"0": n_half, "1": n_half}
-    assert res["denoiser_parameters"] > 3 * n_half  # the server kept the full-size preset
-    # 6 client steps per image on the half-width net, measured by each ClientApp
-    per_pass = f["client_infer_flops_per_image"] / 6
-    meter_model = build_denoiser(8, 1, "small-half").eval()
-    from collafuse_flwr.core.flops import FlopMeter
-
-    meter = FlopMeter()
-    with torch.no_grad(), meter.count("p"):
-        meter_model(torch.randn(1, 1, 8, 8), torch.tensor([1]))
-    assert per_pass == pytest.approx(meter.totals["p"], rel=1e-6)
-    assert set(f["client_infer_flops_per_image_per_client"]) == {"0", "1"}

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from collafuse_flwr.config import load_defaults, preset, run_config_text
+from collafuse_flwr.config import preset, run_config_text
 from collafuse_flwr.tools.deploy import LocalDeployment
 from collafuse_flwr.tools.launch import APP_DIR
 from collafuse_flwr.tools.processes import tree
@@ -65,12 +65,22 @@ def _check_outputs(out, output_root: Path, method: str, num_clients: int) -> dic
     return res
 
 
-def test_collafuse_runs_and_a_default_node_refuses_centralized_in_a_tls_deployment(tmp_path):
-    """TLS + SuperNode auth, two jobs on one SuperLink with nodes as deployed (no node_config
-    beyond their partition): CollaFuse runs; a server asking for method='centralized' (raw images)
-    is refused by every node, the run fails naming why, and not one byte of data came up.
-    Warm ClientApp workers (the stock `--isolation subprocess` SuperNodes run in the recipe test)."""
-    dep = LocalDeployment(tmp_path / "dep", num_nodes=NODES, tls=True, auth=True, isolation="warm", quiet=True)
+def test_a_tls_deployment_refuses_centralized_and_survives_a_killed_node(tmp_path):
+    """TLS + SuperNode auth, nodes as deployed (node_config names only each one's own image folder:
+    the default policy), two jobs on one SuperLink, warm ClientApp workers (the stock
+    `--isolation subprocess` SuperNodes run in the recipe test):
+    1. a server asking for method='centralized' (raw images) is refused by every node, the run
+       fails naming why, and not one byte of data came up;
+    2. CollaFuse runs; node 2 is SIGKILLed after round 1; the run finishes and says a client went
+       missing."""
+    from collafuse_flwr.tools.node_folders import write_node_folders
+
+    folders = write_node_folders(tmp_path / "data", NODES, max_per_class=40)
+    for k, f in enumerate(folders):  # disjoint: no node holds another node's classes
+        assert not set(p.name for p in f.iterdir()) & set(p.name for g in folders[k + 1:] for p in g.iterdir())
+    configs = [f"data-dir='{f}' dataset='imagefolder'" for f in folders]
+    dep = LocalDeployment(tmp_path / "dep", num_nodes=NODES, node_configs=configs, tls=True, auth=True,
+                          isolation="warm", quiet=True)
     seen: list[int] = []
     try:
         with dep:
@@ -79,22 +89,30 @@ def test_collafuse_runs_and_a_default_node_refuses_centralized_in_a_tls_deployme
             assert f'address = "127.0.0.1:{dep.superlink_port}"' in cfg and "root-certificates" in cfg
             assert len(list((tmp_path / "dep" / "keys").glob("*.pub"))) == NODES
             assert dep.online_nodes() == NODES
-            root = tmp_path / "out-collafuse"
-            ok = dep.run(APP, run_config=f"{TINY} method='collafuse' output-dir='{root}'", stream=False, timeout=900)
-            seen += _all_pids(dep)
-            assert ok.ok, f"collafuse: {ok.status}\n{ok.log[-3000:]}"
-            _check_outputs(ok, root, "collafuse", NODES)
             root = tmp_path / "out-centralized"
             evil = dep.run(APP, run_config=f"{TINY} method='centralized' output-dir='{root}'", stream=False,
                            timeout=900)
             seen += _all_pids(dep)
-            statuses = _flwr_list(dep)
-            assert statuses[ok.run_id] == "finished:completed"
-            assert statuses[evil.run_id] == "finished:failed"
             res = json.loads((evil.output_dir / "results.json").read_text())
             assert res["status"] == "failed" and "serves only" in res["error"], res.get("error")
             assert "collafuse" in res["error"] and "centralized" in res["error"]
             assert not list(evil.output_dir.glob("samples.*"))  # no images, generated or raw
+
+            root = tmp_path / "out-collafuse"
+            out = dep.run(APP, run_config=f"{TINY} method='collafuse' round-timeout=20.0 "
+                                          f"min-available-fraction=0.5 output-dir='{root}'",
+                          kill_node_after_round=1, stream=False, timeout=900)
+            seen += _all_pids(dep)
+            assert out.killed_node == NODES - 1
+            assert out.ok, f"collafuse: {out.status}\n{out.log[-3000:]}"
+            res = _check_outputs(out, root, "collafuse", NODES)
+            statuses = _flwr_list(dep)
+            assert statuses[evil.run_id] == "finished:failed"
+            assert statuses[out.run_id] == "finished:completed"
+            # the run says honestly that a client went missing, and the two others finished
+            assert res["status"] == "degraded"
+            assert any("missing" in r for r in res["status_reasons"]), res["status_reasons"]
+            assert len(res["per_client"]) == NODES - 1
             seen += _all_pids(dep)
     finally:
         seen += _all_pids(dep)
@@ -128,39 +146,3 @@ def test_a_failed_start_says_why_and_stops_what_it_started(tmp_path):
             with dep:
                 pass
     assert "superlink" in dep.procs and not _alive([p.pid for p in dep.procs.values()])
-
-
-_DEFAULTS = load_defaults()
-
-
-@pytest.mark.skipif("round-timeout" not in _DEFAULTS or "min-available-fraction" not in _DEFAULTS,
-                    reason="needs run-config round-timeout / min-available-fraction (issue 12)")
-def test_nodes_with_their_own_folders_and_one_killed_after_round_1(tmp_path):
-    """Each node reads only its own image folder; node 2 is SIGKILLed after round 1; the run finishes."""
-    from collafuse_flwr.tools.node_folders import write_node_folders
-
-    folders = write_node_folders(tmp_path / "data", NODES, max_per_class=40)
-    for k, f in enumerate(folders):  # disjoint: no node holds another node's classes
-        assert not set(p.name for p in f.iterdir()) & set(p.name for g in folders[k + 1:] for p in g.iterdir())
-    configs = [f"data-dir='{f}' dataset='imagefolder'" for f in folders]
-    dep = LocalDeployment(tmp_path / "dep", num_nodes=NODES, node_configs=configs, isolation="warm", quiet=True)
-    seen: list[int] = []
-    try:
-        with dep:
-            root = tmp_path / "out"
-            out = dep.run(APP, run_config=f"{TINY} round-timeout=20.0 min-available-fraction=0.5 output-dir='{root}'",
-                          kill_node_after_round=1, stream=False, timeout=900)
-            seen += _all_pids(dep)
-            assert out.killed_node == NODES - 1
-            assert out.ok, f"{out.status}\n{out.log[-3000:]}"
-            assert _flwr_list(dep)[out.run_id] == "finished:completed"
-            res = json.loads((out.output_dir / "results.json").read_text())
-            # the run says honestly that a client went missing, and the two others finished
-            assert res["status"] == "degraded" and res["num_clients"] == NODES
-            assert any("missing" in r for r in res["status_reasons"]), res["status_reasons"]
-            assert len(res["per_client"]) == NODES - 1
-            rows = list(csv.DictReader(open(out.output_dir / "metrics.csv")))
-            assert [r["round"] for r in rows] == ["1", "2"]
-    finally:
-        seen += _all_pids(dep)
-    assert not _alive(seen), f"processes left running: {_alive(seen)}"

@@ -1,6 +1,7 @@
 """upload-epsilon wired through the ClientApp and the strategy: a node with a DP target uploads
 at its plan's step t_u, declares it, never uploads an image more than K times, and the server
-trains and hands off at t_u for that node."""
+trains and hands off at t_u for that node. Its run through `flwr run` (upload-epsilon=4 on
+MNIST-5k) is in tests/test_e2e_datasets.py."""
 
 
 import numpy as np
@@ -66,17 +67,3 @@ def test_an_impossible_target_stops_the_node_with_the_fix(tiny_config):
     with pytest.raises(RoundFailed, match=r"upload-epsilon=0.01.*cannot be met.*K=1.*larger epsilon"):
         s.start(grid=InProcessGrid(ca.app, rc, 2), initial_arrays=arrays, num_rounds=1)
     assert not s.registry.index  # nobody was admitted
-
-
-@pytest.mark.e2e
-def test_upload_epsilon_4_runs_through_flwr(tmp_path):
-    from flwr_runs import run_tiny
-
-    _, res = run_tiny(tmp_path, "diffusion-steps=200 sampling-steps=20 method='collafuse' upload-epsilon=4.0")
-    dp = res["final"]["disclosure"]["dp_per_client"]
-    assert set(dp) == {"0", "1"}
-    for c, plan in dp.items():
-        assert plan["target_epsilon"] == 4.0 and plan["epsilon"] <= 4.0
-        assert plan["epsilon_realised"] is not None and plan["epsilon_realised"] <= 4.0
-        assert res["cut_step_per_client"][c] == plan["t_upload"] > plan["t_cut"] == 40
-    assert np.isfinite(res["final"]["fid"])

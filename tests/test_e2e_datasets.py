@@ -1,5 +1,6 @@
 """The dataset routes end to end through `flwr run`: a local Hugging Face dataset (`hf:<path>`,
-written here with `datasets.save_to_disk`) and the embedded MNIST-5k. Tiny on purpose."""
+written here with `datasets.save_to_disk`), the embedded MNIST-5k (with DP uploads) and the Hub
+offline. Tiny on purpose."""
 
 from __future__ import annotations
 
@@ -51,15 +52,30 @@ def test_hf_local_dataset_through_flwr_run(tmp_path, monkeypatch):
     assert sorted(set(samples["client"].tolist())) == list(range(NUM_CLIENTS))
 
 
-def test_mnist5k_through_flwr_run(tmp_path):
-    run_dir, res = _run(tmp_path, "dataset='mnist5k' max-samples=64 client-groups='0,1,2,3;4,5,6,7'")
+def test_mnist5k_with_dp_uploads_through_flwr_run(tmp_path):
+    """The embedded MNIST-5k, by class, with every node holding its uploads to epsilon = 4: each
+    node uploads at its plan's step t_u (above the run's t_c = 40 of T = 200) and the server
+    follows it."""
+    extra = ("dataset='mnist5k' max-samples=64 client-groups='0,1,2,3;4,5,6,7' partitioning='by-class' "
+             "method='collafuse' diffusion-steps=200 sampling-steps=20 upload-epsilon=4.0 attack-reference-steps=0")
+    out = run_flower(f"{tiny_run_config(extra)} output-dir='{tmp_path / 'runs'}'", num_clients=NUM_CLIENTS,
+                     flwr_home=tmp_path / "flwr-home", timeout=600, stream=False)
+    assert out.ok, f"run failed: status={out.status} rc={out.returncode}\n{out.log[-4000:]}"
+    run_dir, res = out.output_dir, json.loads((out.output_dir / "results.json").read_text())
     assert res["status"] == "ok" and res["config"]["dataset"] == "mnist5k"
     final = res["final"]
     from collafuse_flwr.metrics.features import resolve_backbone
 
     assert final["fid_backbone"] == resolve_backbone("auto", "mnist5k", None)  # a digit net, offline
     assert len(final["fid_per_client"]) == NUM_CLIENTS and all(v > 0 for v in final["fid_per_client"].values())
+    assert np.isfinite(final["fid"])
     assert np.load(run_dir / "samples.npz")["images"].shape == (NUM_CLIENTS * 4, 8, 8, 1)
+    dp = final["disclosure"]["dp_per_client"]
+    assert set(dp) == {"0", "1"}
+    for c, plan in dp.items():
+        assert plan["target_epsilon"] == 4.0 and plan["epsilon"] <= 4.0
+        assert plan["epsilon_realised"] is not None and plan["epsilon_realised"] <= 4.0
+        assert res["cut_step_per_client"][c] == plan["t_upload"] > plan["t_cut"] == 40
 
 
 def test_hub_dataset_offline_stops_the_run_at_start(tmp_path, monkeypatch):

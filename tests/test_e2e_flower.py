@@ -1,65 +1,70 @@
-"""End to end through `flwr run` on the simulation engine (Ray), one tiny run per method.
+"""End to end through `flwr run` on the simulation engine (Ray): CollaFuse with the choices a data
+owner makes per client, the local-only and centralized baselines, and a failing run. (FedAvg runs
+end to end in tests/test_benchmarks.py's sweep, which checks its outputs the same way.)
 
 Each run gets its own FLWR_HOME and ports from the launcher, which stops the SuperLink it
 started; the test then checks that nothing it started is left listening.
 """
 
-import csv
 import json
 from pathlib import Path
 
 import flwr_runs
-import numpy as np
 import pytest
+import torch
 
-from collafuse_flwr.config import preset
+from collafuse_flwr.core.flops import FlopMeter
+from collafuse_flwr.core.models import build_denoiser, count_parameters
 from collafuse_flwr.tools.launch import run_flower
 
 pytestmark = pytest.mark.e2e
 
 NUM_CLIENTS = 3
-SAMPLES = preset("tiny")["num-eval-samples"]  # per client
 
 
 def _run(tmp_path: Path, extra: str):
     return flwr_runs.run_tiny(tmp_path, extra, NUM_CLIENTS)
 
 
-def _check_common(run_dir: Path, res: dict, method: str):
-    assert res["status"] == "ok" and res["method"] == method
-    assert res["num_clients"] == NUM_CLIENTS and res["num_rounds"] == 2 and res["diffusion_steps"] == 20
-    f = res["final"]
-    for key in ("fid", "fid_per_client", "fid_backbone", "kid", "client_train_flops",
-                "client_infer_flops_per_image", "server_train_flops", "bytes_up", "bytes_down", "disclosure"):
-        assert key in f, key
-    assert f["fid_backbone"] == "digits-cnn"
-    assert len(f["fid_per_client"]) == NUM_CLIENTS and all(v > 0 for v in f["fid_per_client"].values())
-    rows = list(csv.DictReader(open(run_dir / "metrics.csv")))
-    assert [r["round"] for r in rows] == ["1", "2"]
-    s = np.load(run_dir / "samples.npz")
-    assert s["images"].dtype == np.uint8 and s["images"].shape == (NUM_CLIENTS * SAMPLES, 8, 8, 1)
-    assert sorted(set(s["client"].tolist())) == list(range(NUM_CLIENTS))
-    assert (run_dir / "samples.png").stat().st_size > 1000
-    return f
-
-
-def test_collafuse_end_to_end(tmp_path):
-    run_dir, res = _run(tmp_path, "method='collafuse' cut-ratio=0.3")
-    f = _check_common(run_dir, res, "collafuse")
+def test_collafuse_end_to_end_with_per_client_cuts_and_a_half_size_client_net(tmp_path):
+    """One run with what each data owner may choose: its own cut (clients 0, 1, 2 at c = 0.3, 0.2,
+    0.6 of T = 20: t_c = 6, 4, 12) and a private net half the width of the server's
+    (model-size small, client-model-size half)."""
+    run_dir, res = _run(tmp_path, "method='collafuse' cut-ratio=0.3 client-cut-ratios='0.3,0.2,0.6' "
+                                  "model-size='small' client-model-size='half'")
+    f = flwr_runs.check_outputs(run_dir, res, "collafuse", NUM_CLIENTS)
     assert res["cut_ratio"] == 0.3 and res["cut_step"] == 6
     assert f["bytes_up"] > 0 and f["server_train_flops"] > 0 and f["client_train_flops"] > 0
     d = f["disclosure"]
     assert 0 <= d["reid_server"] <= 1 and d["epsilon"] > 0 and "sensitivity" in d["epsilon_assumption"]
 
+    # each node ran at its own cut, and spent accordingly
+    clients = {str(k) for k in range(NUM_CLIENTS)}
+    assert res["cut_step_per_client"] == {"0": 6, "1": 4, "2": 12}
+    flops = f["client_train_flops_per_client"]
+    assert set(flops) == clients and all(v > 0 for v in flops.values())
+    infer = f["client_infer_flops_per_image_per_client"]
+    assert set(infer) == clients and infer["2"] > infer["1"] * 2  # 12 client steps vs 4
+    assert set(f["bytes_per_client"]) == clients
 
-@pytest.mark.parametrize("method", ["fedavg", "local", "centralized"])
+    # the private nets are the half-width preset; the server kept the full one
+    assert res["config"]["client-model-size"] == "half" and res["client_model_size"] == "small-half"
+    n_half = count_parameters(build_denoiser(8, 1, "small-half"))
+    assert f["client_parameters_per_client"] == dict.fromkeys(clients, n_half)
+    assert res["denoiser_parameters"] > 3 * n_half
+    # client 0 takes 6 steps per image on the half-width net, measured by its ClientApp
+    meter = FlopMeter()
+    with torch.no_grad(), meter.count("p"):
+        build_denoiser(8, 1, "small-half").eval()(torch.randn(1, 1, 8, 8), torch.tensor([1]))
+    assert infer["0"] / 6 == pytest.approx(meter.totals["p"], rel=1e-6)
+
+
+@pytest.mark.parametrize("method", ["local", "centralized"])
 def test_baselines_end_to_end(tmp_path, method):
     run_dir, res = _run(tmp_path, f"method='{method}'")
-    f = _check_common(run_dir, res, method)
+    f = flwr_runs.check_outputs(run_dir, res, method, NUM_CLIENTS)
     if method == "local":
         assert f["bytes_up"] < 5_000  # metrics only
-    if method == "fedavg":
-        assert f["bytes_up"] > 2 * NUM_CLIENTS * 100_000  # the model goes up every round
     if method == "centralized":
         assert f["client_train_flops"] == 0 and f["server_train_flops"] > 0
 

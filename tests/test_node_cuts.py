@@ -1,5 +1,6 @@
 """Per-client cut ratios: each data owner runs at its own t_c,k; the server trains t > t_c,k on
-that node's uploads, validates them against that node's cut and hands it x_{t_c,k}."""
+that node's uploads, validates them against that node's cut and hands it x_{t_c,k}. Their run
+through `flwr run` is in tests/test_e2e_flower.py."""
 
 
 import numpy as np
@@ -162,17 +163,3 @@ def test_the_node_takes_its_entry_and_node_config_is_a_floor(tiny_config):
 def test_bad_client_cut_ratios_are_refused_at_start(tiny_config, bad, match):
     with pytest.raises((ConfigError, ValueError), match=match):
         parse_config(tiny_config(client_cut_ratios=bad))
-
-
-@pytest.mark.e2e
-def test_a_mixed_cut_federation_runs_through_flwr(tmp_path):
-    from flwr_runs import run_tiny
-
-    _, res = run_tiny(tmp_path, "diffusion-steps=20 method='collafuse' client-cut-ratios='0.2,0.6'")
-    assert res["cut_step_per_client"] == {"0": 4, "1": 12}
-    f = res["final"]
-    flops = f["client_train_flops_per_client"]
-    assert set(flops) == {"0", "1"} and all(v > 0 for v in flops.values())
-    infer = f["client_infer_flops_per_image_per_client"]
-    assert infer["1"] > infer["0"] * 2  # 12 client steps vs 4
-    assert set(f["bytes_per_client"]) == {"0", "1"}
