@@ -267,7 +267,7 @@ def plot_all(groups: list[dict], out: Path, meta: dict) -> list[str]:
                                      meta.get("num_rounds") and f"{meta['num_rounds']} rounds",
                                      meta.get("diffusion_steps") and f"T={meta['diffusion_steps']}") if v)
     feats = f"{meta.get('fid_backbone') or '?'} features"
-    flop = lambda v: _si(v, "FLOP")  # noqa: E731
+    flop = lambda v: _si(v, "FLOP")
     _figure(out / "fid_vs_c.png", [("Sample quality vs cut ratio", [("fid", "CollaFuse (mean ± std over seeds)",
             "tab:blue")], f"FID vs the client's test images, {feats}\n(mean over clients; lower is better)", "fid",
             _fmt_num)], groups, sub)

@@ -1,27 +1,17 @@
 """Fast deployment rounds on Flower 1.42, from its private internals: a long-lived ClientApp worker
 per SuperNode, and a SuperNode that polls the SuperLink every 0.5 s instead of 3 s.
 
-Why, and why outside the installed package: with stock Flower 1.42 every message a SuperNode
-receives starts a fresh `flwr-clientapp` process (`--isolation subprocess`, and also `--isolation
-process`, whose long-lived `flower-superexec` starts one per task: `flwr-clientapp` takes a
-one-task `--token` and exits), which imports torch and the app and reloads the node's data before
-any work; and an idle SuperNode sleeps a hard-coded 3 s between pulls. Measured with
-`python -m benchmarks.deploy_overhead` (3 SuperNodes, TLS + auth, 2-core VM): 22-23 s of overhead
-per round with either, against a 3 s target (this: 1.2-2.4 s). Flower has no option for either,
-so this file patches both; it uses ~15 names from flwr.supercore and flwr.supernode that carry no
-stability promise, so it refuses any Flower but the one it was written and tested against
-(FLOWER, tests/test_deploy_units.py), and lives beside the repository's scripts, not in the wheel.
-`collafuse_flwr.tools.deploy.LocalDeployment(isolation="warm")` (`collafuse-deploy --isolation
-warm`) starts it from a checkout:
+Why: stock Flower 1.42 starts a fresh `flwr-clientapp` process per message (importing torch and the
+app, reloading the node's data), and an idle SuperNode sleeps a hard-coded 3 s between pulls: 22-23 s
+overhead per round in `python -m benchmarks.deploy_overhead` against a 3 s target (this: 1.2-2.4 s).
+Flower has no option for either, so this patches private names; hence it refuses any Flower but
+FLOWER and lives beside the scripts, not in the wheel. `collafuse-deploy --isolation warm` starts it:
 
     python scripts/flwr142_warm.py supernode --poll 0.5 -- <flower-supernode arguments, --isolation process>
     python scripts/flwr142_warm.py worker --runtime-api-address 127.0.0.1:9094 --insecure [--parent-pid PID]
 
-The worker plays SuperExec and `flwr-clientapp` in one process and loops: it acquires a ClientApp
-task from the SuperNode's Runtime API, runs it with the calls `flwr-clientapp` makes (pull input,
-call the ClientApp, push the reply and the task output), and keeps the imported app, hence torch
-and the app's caches (the node's data and partition), for the next task of the same FAB; a new FAB
-(another app version) drops the previous app's modules first, so a run never executes another's code.
+The worker runs each ClientApp task as `flwr-clientapp` would and keeps the imported app (torch, the
+node's data) for the next task of the same FAB; a new FAB drops the previous app's modules first.
 """
 
 from __future__ import annotations
