@@ -21,6 +21,7 @@ import os
 import signal
 import sys
 import time
+import types
 from pathlib import Path
 
 FLOWER = "1.42."  # the Flower release these patches were written against and are tested with
@@ -34,26 +35,16 @@ def check_flower(version: str) -> None:
                  f"update FLOWER")
 
 
-class _CappedSleep:
-    """The `time` module, except that `sleep(s)` sleeps min(s, cap)."""
-
-    def __init__(self, cap: float) -> None:
-        self.cap = cap
-
-    def sleep(self, seconds: float) -> None:
-        time.sleep(min(seconds, self.cap))
-
-    def __getattr__(self, name: str):
-        return getattr(time, name)
-
-
 def patch_poll_interval(cap: float) -> None:
     """Cap the SuperNode loop's sleeps at `cap` seconds (Flower: 3 s when idle, 0.5 s per reply check)."""
     if not 0 < cap <= 3:
         raise ValueError(f"poll interval must be in (0, 3] seconds, got {cap}")
     import flwr.supernode.start_client_internal as loop
 
-    loop.time = _CappedSleep(cap)  # type: ignore[assignment]
+    capped = types.ModuleType("time")  # a copy of `time` whose sleep is capped; the real module is untouched
+    capped.__dict__.update(vars(time))
+    capped.sleep = lambda seconds: time.sleep(min(seconds, cap))
+    loop.time = capped  # type: ignore[assignment]
 
 
 def unload_modules_under(folder: Path) -> list[str]:
