@@ -4,12 +4,9 @@ FLOPs and in time, with the full-size private net and a half-width one (`client-
     python -m benchmarks.client_compute                     # ~1 min on 2 CPU cores
     python -m benchmarks.client_compute --cut-ratio 0.4 --repeats 7 --device cuda
 
-A CollaFuse client runs the last t_c of the T denoising steps with its private net; a FedAvg client
-all T with the global model. FLOPs (the app's FlopMeter): at 8x8 digits around every call of a real
-`diffusion.client_finish`, as the ClientApp bills them, and everywhere as one measured pass x the
-denoiser calls (the 8 px case checks the two agree). Time: `client_finish` of each net at 8 px,
-alternated --repeats times after a warm-up, medians compared. Targets: FLOPs ratio (c = 0.2, half
-net) <= 0.1 at both sizes; time ratio (c = 0.2, full net) <= 0.25.
+FLOPs: the app's FlopMeter on every denoiser call at 8 px, as the ClientApp bills them, and one
+measured pass x the calls at 28 px (the 8 px case checks the two agree). Targets: FLOPs ratio
+(c = 0.2, half net) <= 0.1; time ratio (c = 0.2, full net) <= 0.25.
 """
 
 from __future__ import annotations

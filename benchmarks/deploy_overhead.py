@@ -4,11 +4,8 @@ SuperLink and 3 SuperNodes on 127.0.0.1, TLS, SuperNode authentication), per iso
     python -m benchmarks.deploy_overhead                    # every mode, 3 nodes, 5 rounds (~12 min)
     python -m benchmarks.deploy_overhead --modes process --rounds 4
 
-For the middle rounds (round 1 carries the start-up, the last one the evaluation): the round's wall
-time (metrics.csv `elapsed-s` differences) minus the clients' training (`train-seconds`, mean over
-nodes) and the server's (`server-train-seconds`). Modes: stock `subprocess` and `process` (a fresh
-flwr-clientapp per message), and `warm` (scripts/flwr142_warm.py). It also times a fresh ClientApp
-process's imports (`python -X importtime`). Target: <= 3 s.
+Overhead: a middle round's wall time (metrics.csv) minus the clients' and the server's training time;
+also a fresh ClientApp process's imports (`python -X importtime`). Target: <= 3 s.
 """
 
 from __future__ import annotations

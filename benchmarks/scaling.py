@@ -3,10 +3,8 @@
     python -m benchmarks.scaling                      # 10, 30, 100 clients (~5 min on 2 cores)
     python -m benchmarks.scaling --clients 10 30 100 300 --mem-limit-gb 12
 
-Each point is one `run_flower` call of SCALING_CONFIG while a sampler sums the RSS and PSS of every
-process below this one. Checks: every run ok with every client; peak summed RSS at the largest count
-below --mem-limit-gb; the largest point's ServerApp time at most --tolerance above the line through
-the two smallest. Writes benchmarks/results/scaling.json and scaling.png (or --out DIR).
+Checks: every run ok with every client; the peak memory of the process tree below --mem-limit-gb;
+time no worse than linear (the largest point within --tolerance of the line through the two smallest).
 """
 
 from __future__ import annotations
