@@ -1,17 +1,15 @@
 """Fast deployment rounds on Flower 1.42, from its private internals: a long-lived ClientApp worker
 per SuperNode, and a SuperNode that polls the SuperLink every 0.5 s instead of 3 s.
 
-Why: stock Flower 1.42 starts a fresh `flwr-clientapp` process per message (importing torch and the
-app, reloading the node's data), and an idle SuperNode sleeps a hard-coded 3 s between pulls: 22-23 s
-overhead per round in `python -m benchmarks.deploy_overhead` against a 3 s target (this: 1.2-2.4 s).
-Flower has no option for either, so this patches private names; hence it refuses any Flower but
-FLOWER and lives beside the scripts, not in the wheel. `collafuse-deploy --isolation warm` starts it:
+Stock Flower starts a fresh `flwr-clientapp` (torch, the app, the node's data) per message and an idle
+SuperNode sleeps 3 s between pulls: 22-23 s overhead a round against a 3 s target (this: 1.2-2.4 s,
+benchmarks.deploy_overhead). The patched names carry no stability promise, so it refuses any Flower
+but FLOWER and stays out of the wheel; `collafuse-deploy --isolation warm` starts it:
 
     python scripts/flwr142_warm.py supernode --poll 0.5 -- <flower-supernode arguments, --isolation process>
     python scripts/flwr142_warm.py worker --runtime-api-address 127.0.0.1:9094 --insecure [--parent-pid PID]
 
-The worker runs each ClientApp task as `flwr-clientapp` would and keeps the imported app (torch, the
-node's data) for the next task of the same FAB; a new FAB drops the previous app's modules first.
+The worker keeps the imported app for the next task of the same FAB; a new FAB drops the old one's modules.
 """
 
 from __future__ import annotations

@@ -1,8 +1,7 @@
 """Honest clients' FID with and without one hostile client (issue 25), on the in-process grid.
 
-The real ServerApp and ClientApp run in one process (benchmarks.sweep.run_inprocess); one client's
-replies are rewritten after its honest ClientApp produced them, so the attack is exactly what a
-modified node could send and everything else is the project's code.
+One client's replies are rewritten after its honest ClientApp produced them (benchmarks.sweep.run_inprocess
+runs the real apps), so the attack is exactly what a modified node could send.
 
     python scripts/hostile_runs.py --attack none constant-at-bound --method collafuse --seeds 0 1
     python scripts/hostile_runs.py --attack none claim-1e12 scale-100 --method fedavg --seeds 0 1
@@ -13,8 +12,8 @@ Attacks (client `--hostile`, default 4):
   claim-1e12         fedavg: num-examples = 1e12 in its hello and every train reply
   scale-100          fedavg: its returned weights x 100
 
-Prints one line per run and, per attack, the change of the honest mean FID against the clean run
-of the same seed. Results go to --out (results.json per run) and OUT/summary.json.
+Prints each run and each attack's change of the honest mean FID against the clean run of the same
+seed; writes results.json per run under --out and OUT/summary.json.
 """
 
 from __future__ import annotations
