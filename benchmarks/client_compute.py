@@ -4,14 +4,9 @@ FLOPs and in time, with the full-size private net and a half-width one (`client-
     python -m benchmarks.client_compute                     # ~1 min on 2 CPU cores
     python -m benchmarks.client_compute --cut-ratio 0.4 --repeats 7 --device cuda
 
-A CollaFuse client runs the last t_c of the T denoising steps with its private net; a FedAvg client
-all T with the client-conditioned global model. FLOPs come from the app's FlopMeter on real passes:
-at 8x8 digits (small UNet, T=200) around every call of a real `diffusion.client_finish`, as the
-ClientApp bills them, and as one measured pass x the denoiser calls, which is how 28x28 / base /
-T=1000 is counted (the 8 px case checks the two agree). Time: `client_finish` of each net at 8 px,
-batch = num-eval-samples, alternated --repeats times after a warm-up, medians compared. The half
-net's cost in FID is the tradeoff sweep's `half` row. Targets: FLOPs ratio (c = 0.2, half net) <=
-0.1 at both sizes; time ratio (c = 0.2, full net) <= 0.25. Writes benchmarks/results/client_compute.json.
+FLOPs: the app's FlopMeter on every denoiser call at 8 px, as the ClientApp bills them, and one
+measured pass x the calls at 28 px (the 8 px case checks the two agree). Targets: FLOPs ratio
+(c = 0.2, half net) <= 0.1; time ratio (c = 0.2, full net) <= 0.25.
 """
 
 from __future__ import annotations
@@ -29,7 +24,7 @@ from collafuse_flwr.core.flops import FlopMeter
 from collafuse_flwr.core.models import (build_denoiser, client_preset, count_parameters, default_device,
                                         shared_denoiser)
 
-from .common import RESULTS_DIR, validate_overrides, verdict, write_result
+from .common import RESULTS_DIR, print_checks, validate_overrides, write_result
 
 FLOPS_TARGET, TIME_TARGET = 0.1, 0.25
 NUM_CLIENTS = 5
@@ -143,12 +138,11 @@ def main(argv: list[str] | None = None) -> int:
               f"time ratio (full net) <= {TIME_TARGET}": all(r["time_ratio_full"] <= TIME_TARGET
                                                             for r in rows if "time_ratio_full" in r),
               "pass x calls == measured": all(r.get("pass_x_calls_matches_measured", True) for r in rows)}
-    for name, ok in checks.items():
-        print(f"{verdict(ok)}  {name}")
+    ok = print_checks(checks)
     write_result(a.json, {"benchmark": "client_compute", "when": time.strftime("%Y-%m-%dT%H:%M:%S"),
                           "flops_target": FLOPS_TARGET, "time_target": TIME_TARGET, "settings": rows,
-                          "checks": checks, "pass": all(checks.values())})
-    return 0 if all(checks.values()) else 1
+                          "checks": checks, "pass": ok})
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":

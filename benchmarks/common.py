@@ -3,6 +3,8 @@ the machine a number was measured on, and the JSON record with a PASS/FAIL."""
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import math
 import os
 import platform
@@ -52,12 +54,29 @@ def validate_overrides(overrides: dict[str, Any]):
         raise BenchmarkError(f"bad run-config: {exc}") from None
 
 
+def read_json(path: Path) -> dict[str, Any]:
+    """A record's content, or {} when it is missing or half-written."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def in_process_grid():
+    """tests/inprocess.py's InProcessGrid (tests/ is no package: loaded by path, once)."""
+    if "inprocess" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("inprocess", REPO / "tests" / "inprocess.py")
+        sys.modules["inprocess"] = mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+    return sys.modules["inprocess"].InProcessGrid
+
+
 def machine_info() -> dict[str, Any]:
     """What a reader needs to compare timings: OS, CPU, usable cores, memory, library versions."""
+    mem_kb = (_proc_field("/proc/meminfo", "MemTotal") or "0 kB").split()[0]
     info: dict[str, Any] = {"platform": platform.platform(), "processor": _proc_field("/proc/cpuinfo", "model name"),
                             "cpu_count": os.cpu_count(), "cpus_usable": len(os.sched_getaffinity(0)),
-                            "memory_gb": round(int((_proc_field("/proc/meminfo", "MemTotal") or "0 kB").split()[0])
-                                               / 1024**2, 1), "python": platform.python_version()}
+                            "memory_gb": round(int(mem_kb) / 1024**2, 1), "python": platform.python_version()}
     for mod in ("torch", "flwr", "ray", "diffusers", "numpy"):
         try:
             info[mod] = __import__(mod).__version__
@@ -101,6 +120,29 @@ def fmt_seconds(s: float | None) -> str:
 
 def verdict(ok: bool) -> str:
     return "PASS" if ok else "FAIL"
+
+
+def print_checks(checks: dict[str, bool]) -> bool:
+    """One PASS/FAIL line per check; whether all passed."""
+    for name, ok in checks.items():
+        print(f"{verdict(ok)}  {name}")
+    return all(checks.values())
+
+
+def pyplot():
+    """matplotlib.pyplot on the file-only backend (benchmarks run headless)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig, path: Path) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    pyplot().close(fig)
 
 
 def write_result(path: Path, result: dict[str, Any]) -> None:

@@ -4,12 +4,8 @@ SuperLink and 3 SuperNodes on 127.0.0.1, TLS, SuperNode authentication), per iso
     python -m benchmarks.deploy_overhead                    # every mode, 3 nodes, 5 rounds (~12 min)
     python -m benchmarks.deploy_overhead --modes process --rounds 4
 
-For the middle rounds (round 1 carries the start-up, the last one the evaluation): the round's wall
-time (metrics.csv `elapsed-s` differences) minus its compute, the clients' training (`train-seconds`,
-the mean over nodes, which train in parallel) and the server's (`server-train-seconds`). Modes
-(`LocalDeployment.isolation`): stock `subprocess` and `process` (a fresh flwr-clientapp per message;
-`process` with Flower's long-lived flower-superexec), and `warm` (scripts/flwr142_warm.py). It also
-times what a fresh ClientApp process pays before any work (`python -X importtime`). Target: <= 3 s.
+Overhead: a middle round's wall time (metrics.csv) minus the clients' and the server's training time;
+also a fresh ClientApp process's imports (`python -X importtime`). Target: <= 3 s.
 """
 
 from __future__ import annotations

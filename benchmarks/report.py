@@ -1,10 +1,8 @@
 """Turn a sweep folder into results.csv, report.md and plots, without running anything (after
 adding seeds, or after a partial sweep): `python -m benchmarks.report benchmarks/results/comparison`.
 
-Reads OUT/runs/*/results.json (the app's record of a run, collafuse_flwr/harness/report.py),
-OUT/runs/*/sweep.json (the sweep's: the whole call's time, errors) and OUT/sweep.json (command, run
-set, machine). Writes results.csv (one row per run, failed ones too), report.md (settings, machine,
-command, mean ± std over seeds per configuration, failed runs with why) and five plots.
+Reads OUT/runs/*/results.json (the app's record, written by collafuse_flwr/harness/report.py),
+OUT/runs/*/sweep.json (the whole call's time, errors) and OUT/sweep.json (command, run set, machine).
 """
 
 from __future__ import annotations
@@ -20,10 +18,9 @@ from typing import Any
 
 import numpy as np
 
-from .common import BenchmarkError, machine_info
+from .common import BenchmarkError, machine_info, pyplot, read_json, save_figure
 
 METHOD_LABEL = {"collafuse": "CollaFuse", "fedavg": "FedAvg", "local": "Local-only", "centralized": "Centralized"}
-METHOD_ORDER = {"collafuse": 0, "fedavg": 1, "local": 2, "centralized": 3}
 BASELINE_STYLE = {"fedavg": "tab:orange", "local": "tab:green", "centralized": "tab:red"}
 FINAL = ("fid", "kid", "fid_pooled", "client_train_flops", "client_train_flops_per_round",
          "client_train_flops_per_client_round", "client_infer_flops_per_image", "server_train_flops",
@@ -47,11 +44,23 @@ def _epsilon(r: dict) -> float:
     return max(_num(p.get("epsilon_realised") or 0.0) for p in dp.values()) if dp else _num(d.get("epsilon"))
 
 
+def _short(error: str | None) -> str | None:
+    """The sentence that says why, out of a run's error (a node's refusal carries its fix)."""
+    for key in ("upload epsilon", "cannot be met", "refused"):
+        if error and key in error:
+            return error[error.find(key):].split(";")[0][:300]
+    return error[:300] if error else error
+
+
+def _status(r: dict, s: dict) -> str | None:
+    return r.get("status") or s.get("status")
+
+
 #: results.csv columns: (column, where in results.json r / sweep.json s it comes from)
 COLUMNS: list[tuple[str, Callable[[dict, dict], Any]]] = [
     ("run", lambda r, s: s["_name"]),
     ("tag", lambda r, s: s.get("tag") or s["_name"].rsplit("-s", 1)[0]),
-    ("status", lambda r, s: r.get("status") or s.get("status")),
+    ("status", _status),
     ("method", lambda r, s: r.get("method") or s.get("method")),
     ("c", lambda r, s: r.get("cut_ratio") if "cut_ratio" in r else s.get("cut_ratio")),
     ("cut_step", lambda r, s: r.get("cut_step")),
@@ -66,8 +75,7 @@ COLUMNS: list[tuple[str, Callable[[dict, dict], Any]]] = [
     ("wall_seconds", lambda r, s: _num(r.get("wall_seconds"))),
     ("call_seconds", lambda r, s: _num(s.get("call_seconds"))),
     ("count_flops", lambda r, s: r.get("config", {}).get("count-flops")),
-    ("error", lambda r, s: _short(r.get("error") or s.get("error")) if (r.get("status") or s.get("status")) != "ok"
-     else None),
+    ("error", lambda r, s: _short(r.get("error") or s.get("error")) if _status(r, s) != "ok" else None),
 ]
 
 #: report.md's table: (column, header, formatter kind)
@@ -84,29 +92,12 @@ TABLE: list[tuple[str, str, str]] = [
 ]
 
 
-def _short(error: str | None) -> str | None:
-    """The sentence that says why, out of a run's error (a node's refusal carries its fix)."""
-    if not error:
-        return error
-    for key in ("upload epsilon", "cannot be met", "refused"):
-        if key in error:
-            return error[error.find(key):].split(";")[0][:300]
-    return error[:300]
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return {}
-
-
 def _order(row: dict[str, Any]) -> tuple:
     """CollaFuse by c, its variants (tradeoff) after the plain cuts, then the baselines."""
     plain = str(row.get("tag") or "").startswith("collafuse-c") or row.get("method") != "collafuse"
     c = _num(row.get("c"))
-    return (METHOD_ORDER.get(row.get("method"), 9), not plain, 0.0 if math.isnan(c) else c, row.get("tag") or "",
-            row.get("seed") or 0)
+    rank = list(METHOD_LABEL).index(row["method"]) if row.get("method") in METHOD_LABEL else 9
+    return rank, not plain, 0.0 if math.isnan(c) else c, row.get("tag") or "", row.get("seed") or 0
 
 
 def load_runs(out: Path) -> list[dict[str, Any]]:
@@ -117,7 +108,7 @@ def load_runs(out: Path) -> list[dict[str, Any]]:
                              f"(the one that holds runs/)")
     rows = []
     for d in sorted(p for p in runs_dir.iterdir() if p.is_dir()):
-        res, sw = _read_json(d / "results.json"), _read_json(d / "sweep.json")
+        res, sw = read_json(d / "results.json"), read_json(d / "sweep.json")
         if res or sw:
             rows.append({**{col: get(res, {**sw, "_name": d.name}) for col, get in COLUMNS}, "_dir": d})
     return sorted(rows, key=_order)
@@ -145,12 +136,13 @@ def label(row: dict[str, Any]) -> str:
 def stats(values: Sequence[float]) -> tuple[float, float, int]:
     """(mean, sample std, n) over the values that are numbers; inf when any is +inf (raw data's epsilon)."""
     vals = [float(v) for v in values if v is not None and not math.isnan(float(v))]
-    if not vals:
-        return math.nan, math.nan, 0
-    if any(math.isinf(v) for v in vals):
-        return math.inf, math.nan, len(vals)
-    arr = np.array(vals)
-    return float(arr.mean()), float(arr.std(ddof=1)) if arr.size > 1 else math.nan, int(arr.size)
+    if not vals or any(math.isinf(v) for v in vals):
+        return (math.inf if vals else math.nan), math.nan, len(vals)
+    return float(np.mean(vals)), float(np.std(vals, ddof=1)) if len(vals) > 1 else math.nan, len(vals)
+
+
+def _is_num(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
 def aggregate(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -162,14 +154,11 @@ def aggregate(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     out = []
     for tag, g in groups.items():
         c = _num(g[0].get("c"))
-        agg = {"tag": tag, "label": label(g[0]), "method": g[0]["method"], "c": None if math.isnan(c) else c,
-               "plain": label(g[0]) != tag or tag.startswith("collafuse-c"), "n": len(g),
-               "seeds": sorted(r["seed"] for r in g), "rows": g, "stats": {}}
-        for col, _ in COLUMNS:
-            if col not in ("c", "seed") and all(isinstance(r.get(col), (int, float)) and not isinstance(r.get(col), bool)
-                                                for r in g):
-                agg["stats"][col] = stats([r[col] for r in g])
-        out.append(agg)
+        out.append({"tag": tag, "label": label(g[0]), "method": g[0]["method"], "c": None if math.isnan(c) else c,
+                    "plain": label(g[0]) != tag or tag.startswith("collafuse-c"), "n": len(g),
+                    "seeds": sorted(r["seed"] for r in g), "rows": g,
+                    "stats": {col: stats([r[col] for r in g]) for col, _ in COLUMNS
+                              if col not in ("c", "seed") and all(_is_num(r.get(col)) for r in g)}})
     return out
 
 
@@ -182,12 +171,15 @@ def _si(v: float, unit: str) -> str:
     return f"{v:.3g} {unit}"
 
 
+def _fmt_num(v: float) -> str:
+    return "inf" if v == math.inf else f"{v:.3g}"
+
+
 def fmt_stat(s: tuple[float, float, int] | None, kind: str = "num") -> str:
     if s is None or s[2] == 0:
         return "–"
     mean, std, _ = s
-    one = {"num": lambda v: "inf" if v == math.inf else f"{v:.3g}", "flops": lambda v: _si(v, "FLOP"),
-           "bytes": lambda v: _si(v, "B")}[kind]
+    one = {"num": _fmt_num, "flops": lambda v: _si(v, "FLOP"), "bytes": lambda v: _si(v, "B")}[kind]
     return one(mean) if math.isnan(std) or not math.isfinite(mean) or std == 0 else f"{one(mean)} ± {one(std)}"
 
 
@@ -195,40 +187,31 @@ def fmt_stat(s: tuple[float, float, int] | None, kind: str = "num") -> str:
 C_LABEL = "cut ratio c = t_c / T (share of the denoising steps run on the client)"
 
 
-def _series(groups: list[dict], col: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """x = c, y = mean, err = std over seeds, for plain CollaFuse groups with a finite mean."""
-    pts = [(g["c"], *g["stats"][col][:2]) for g in groups
-           if g["method"] == "collafuse" and g["plain"] and col in g["stats"] and math.isfinite(g["stats"][col][0])]
-    x, y, e = (np.array(v, dtype=float) for v in zip(*pts)) if pts else (np.array([]),) * 3
-    return x, y, np.nan_to_num(e)
-
-
-def _baselines(ax, groups: list[dict], col: str, fmt: Callable[[float], str] = lambda v: f"{v:.3g}") -> None:
-    for g in groups:
-        if g["method"] in BASELINE_STYLE and col in g["stats"] and math.isfinite(g["stats"][col][0]):
-            mean, std, n = g["stats"][col]
-            ax.axhline(mean, ls="--", color=BASELINE_STYLE[g["method"]], lw=1.5, label=f"{g['label']} ({fmt(mean)})")
-            if n > 1 and math.isfinite(std):
-                ax.axhspan(mean - std, mean + std, color=BASELINE_STYLE[g["method"]], alpha=0.12)
+def _finite(g: dict, col: str) -> bool:
+    return col in g["stats"] and math.isfinite(g["stats"][col][0])
 
 
 def _figure(path: Path, panels: list[tuple[str, list[tuple[str, str, str]], str, str, Callable]], groups: list[dict],
             title: str, unit: str = "") -> None:
-    """One panel per (title, [(column, curve label, color)], y label, baseline column, value format) vs c."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    """One panel per (title, [(column, curve label, color)], y label, baseline column, value format) vs c:
+    plain CollaFuse as mean ± std over seeds, the baselines as horizontal lines and bands."""
     from matplotlib.ticker import EngFormatter
 
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels) + 1, 4.6), squeeze=False)
+    fig, axes = pyplot().subplots(1, len(panels), figsize=(5.5 * len(panels) + 1, 4.6), squeeze=False)
     for ax, (name, curves, ylabel, base, fmt) in zip(axes[0], panels):
         for col, curve, color in curves:
-            x, y, e = _series(groups, col)
-            if x.size:
-                ax.errorbar(x, y, yerr=e, marker="o", capsize=4, lw=2, color=color, label=curve)
-        if base:
-            _baselines(ax, groups, base, fmt)
+            pts = [(g["c"], *g["stats"][col][:2]) for g in groups
+                   if g["method"] == "collafuse" and g["plain"] and _finite(g, col)]
+            if pts:
+                x, y, e = (np.array(v, dtype=float) for v in zip(*pts))
+                ax.errorbar(x, y, yerr=np.nan_to_num(e), marker="o", capsize=4, lw=2, color=color, label=curve)
+        for g in groups if base else []:
+            if g["method"] in BASELINE_STYLE and _finite(g, base):
+                mean, std, n = g["stats"][base]
+                color = BASELINE_STYLE[g["method"]]
+                ax.axhline(mean, ls="--", color=color, lw=1.5, label=f"{g['label']} ({fmt(mean)})")
+                if n > 1 and math.isfinite(std):
+                    ax.axhspan(mean - std, mean + std, color=color, alpha=0.12)
         if not ax.has_data():
             ax.text(0.5, 0.5, "not measured", ha="center", va="center", transform=ax.transAxes)
         if unit:
@@ -239,20 +222,14 @@ def _figure(path: Path, panels: list[tuple[str, list[tuple[str, str, str]], str,
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=130)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def plot_communication(groups: list[dict], path: Path, subtitle: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from matplotlib.ticker import EngFormatter
 
     x = np.arange(len(groups))
-    fig, ax = plt.subplots(figsize=(max(7.0, 0.9 * len(groups) + 2), 4.8))
+    fig, ax = pyplot().subplots(figsize=(max(7.0, 0.9 * len(groups) + 2), 4.8))
     for off, col, name, color in ((-0.19, "bytes_up_per_round", "up (clients → server)", "tab:blue"),
                                   (0.19, "bytes_down_per_round", "down (server → clients)", "tab:orange")):
         vals = [g["stats"].get(col, (math.nan,))[0] for g in groups]
@@ -264,9 +241,7 @@ def plot_communication(groups: list[dict], path: Path, subtitle: str) -> None:
     ax.set(ylabel="bytes per round, all clients together (log scale)", title=f"Communication per round ({subtitle})")
     ax.grid(alpha=0.3, axis="y", which="both")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=130)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def plot_samples(groups: list[dict], path: Path, per_client: int = 2, max_images: int = 12) -> bool:
@@ -295,15 +270,15 @@ def plot_all(groups: list[dict], out: Path, meta: dict) -> list[str]:
     flop = lambda v: _si(v, "FLOP")
     _figure(out / "fid_vs_c.png", [("Sample quality vs cut ratio", [("fid", "CollaFuse (mean ± std over seeds)",
             "tab:blue")], f"FID vs the client's test images, {feats}\n(mean over clients; lower is better)", "fid",
-            lambda v: f"{v:.3g}")], groups, sub)
+            _fmt_num)], groups, sub)
     _figure(out / "disclosure_vs_c.png", [
         ("Re-identification of clients' training images",
          [("reid_server", "server's own model", "tab:blue"), ("reid_reference", "reference attacker", "tab:brown"),
           ("reid_scaled", "model-free x_tc / sqrt(abar_c)", "tab:purple")],
-         "share of uploads matched to their source image", "reid_server", lambda v: f"{v:.3g}"),
+         "share of uploads matched to their source image", "reid_server", _fmt_num),
         ("How much the server's view resembles the data",
          [("upload_fid", "uploads x_tc (training)", "tab:blue"), ("inference_fid", "x_tc sent at inference", "tab:cyan")],
-         f"FID vs the client's training images, {feats}", "", lambda v: f"{v:.3g}")],
+         f"FID vs the client's training images, {feats}", "", _fmt_num)],
         groups, f"Disclosure vs cut ratio ({sub}); c = 1 uploads nothing")
     _figure(out / "client_flops_vs_c.png", [
         ("Client training compute", [("client_train_flops_per_client_round", "CollaFuse", "tab:blue")],
@@ -333,8 +308,7 @@ ABOUT = ("FID/KID: per-client FID of each client's generated images against its 
 
 def write_markdown(path: Path, rows: list[dict], groups: list[dict], sweep: dict, plots: list[str]) -> None:
     ok, failed = [r for r in rows if r.get("status") == "ok"], [r for r in rows if r.get("status") != "ok"]
-    cfg = _read_json(ok[0]["_dir"] / "results.json").get("config", {}) if ok else {}
-    info = sweep.get("machine") or machine_info()
+    cfg = read_json(ok[0]["_dir"] / "results.json").get("config", {}) if ok else {}
     lines = ["# CollaFuse sweep report", "",
              f"{len(ok)} run(s) ok, {len(failed)} failed; written {time.strftime('%Y-%m-%d %H:%M:%S')}.", "",
              "## Command", "", "```", sweep.get("command") or "(not recorded: the folder has no sweep.json)", "```",
@@ -354,6 +328,7 @@ def write_markdown(path: Path, rows: list[dict], groups: list[dict], sweep: dict
         lines += ["", "## Failed runs", ""] + [f"- `{r['run']}`: {r.get('error') or 'no results'} "
                                                 f"(log: `runs/{r['run']}/flwr.log`)" for r in failed]
     lines += ["", "## Plots", ""] + [f"![{p}]({p})\n" for p in plots]
+    info = sweep.get("machine") or machine_info()
     lines += ["## Machine", "", "| | |", "| --- | --- |"] + [f"| {k} | {v} |" for k, v in info.items()]
     lines += ["", "Per-run numbers: `results.csv` (one row per run); each run's files: `runs/<tag>-s<seed>/`."]
     path.write_text("\n".join(lines) + "\n")
@@ -373,7 +348,7 @@ def write_report(out: Path) -> dict[str, Path]:
         if ok else {}
     plots = plot_all(groups, out, meta) if groups else []
     paths.update({p.removesuffix(".png"): out / p for p in plots})
-    write_markdown(paths["report"], rows, groups, _read_json(out / "sweep.json"), plots)
+    write_markdown(paths["report"], rows, groups, read_json(out / "sweep.json"), plots)
     return paths
 
 

@@ -3,18 +3,13 @@
     python -m benchmarks.scaling                      # 10, 30, 100 clients (~5 min on 2 cores)
     python -m benchmarks.scaling --clients 10 30 100 300 --mem-limit-gb 12
 
-Each point is one `run_flower` call of SCALING_CONFIG (digits has 1,797 images: 100 clients hold
-~14 training and ~4 test images each) while a sampler sums the RSS and PSS of every process below
-this one. Checks: every run ok with every client; the peak summed RSS at the largest count below
---mem-limit-gb; time ~ a + b*n, the largest point at most --tolerance (25 %) above the line through
-the two smallest (on the ServerApp's own time; the whole call's is reported). Writes
-benchmarks/results/scaling.json and scaling.png (or --out DIR).
+Checks: every run ok with every client; the peak memory of the process tree below --mem-limit-gb;
+time no worse than linear (the largest point within --tolerance of the line through the two smallest).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import tempfile
 import threading
@@ -27,14 +22,13 @@ import numpy as np
 from collafuse_flwr.config import preset
 from collafuse_flwr.tools.launch import run_flower
 
-from .common import (RESULTS_DIR, BenchmarkError, fmt_seconds, parse_overrides, validate_overrides, verdict,
-                     write_result)
+from .common import (RESULTS_DIR, BenchmarkError, fmt_seconds, parse_overrides, print_checks, pyplot, read_json,
+                     save_figure, validate_overrides, write_result)
+
 
 def _tree_memory(root: int) -> tuple[int, int, int]:
-    """(summed RSS, summed PSS, processes) of root and all its descendants, from /proc: flwr run keeps
-    the SuperLink, SuperExec, the simulation and Ray's workers below it. Summed RSS counts shared
-    pages once per process and so overstates (the conservative number the limit is checked
-    against); PSS counts them once in all (Ray's object store, torch's libraries)."""
+    """(summed RSS, summed PSS, processes) of root and its descendants (flwr run's SuperLink, Ray, ...).
+    Summed RSS counts shared pages once per process (conservative: the limit is checked on it); PSS once."""
     children: dict[int, list[int]] = {}
     for proc in Path("/proc").iterdir():
         try:
@@ -97,9 +91,7 @@ def measure(n: int, overrides: dict[str, Any], timeout: float, interval: float) 
         with MemorySampler(interval=interval) as mem:
             res = run_flower(cfg, num_clients=n, flwr_home=Path(tmp) / "home", timeout=timeout, stream=False)
         call_s = time.perf_counter() - t0
-        results = {}
-        if res.output_dir is not None and (res.output_dir / "results.json").is_file():
-            results = json.loads((res.output_dir / "results.json").read_text())
+        results = read_json(res.output_dir / "results.json") if res.output_dir is not None else {}
     ok = res.ok and results.get("status") == "ok"
     return {
         "clients": n, "ok": ok, "status": res.status, "call_seconds": call_s,
@@ -119,21 +111,15 @@ def linear_fit(ns: list[int], ts: list[float]) -> tuple[float, float]:
 
 def superlinearity(ns: list[int], ts: list[float]) -> float:
     """Largest point's time / the line through the two smallest points, extrapolated (1 = linear)."""
-    order = np.argsort(ns)
-    (n0, n1, nk), (t0, t1, tk) = [ns[i] for i in order[[0, 1, -1]]], [ts[i] for i in order[[0, 1, -1]]]
-    slope = (t1 - t0) / (n1 - n0)
-    predicted = t1 + slope * (nk - n1)
-    return tk / predicted if predicted > 0 else float("inf")
+    order = np.argsort(ns)[[0, 1, -1]]
+    (n0, n1, nk), (t0, t1, tk) = np.asarray(ns, float)[order], np.asarray(ts, float)[order]
+    predicted = t1 + (t1 - t0) / (n1 - n0) * (nk - n1)
+    return float(tk / predicted) if predicted > 0 else float("inf")
 
 
 def plot(points: list[dict[str, Any]], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     ns = [p["clients"] for p in points]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.3))
+    fig, (ax1, ax2) = pyplot().subplots(1, 2, figsize=(11, 4.3))
     for key, name, color in (("call_seconds", "whole flwr run call", "tab:blue"),
                              ("wall_seconds", "inside the ServerApp", "tab:orange")):
         ax1.plot(ns, [p[key] for p in points], "o", color=color, label=name)
@@ -148,9 +134,7 @@ def plot(points: list[dict[str, Any]], path: Path) -> None:
         ax.set_xlabel("virtual clients (one round each)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=130)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -200,14 +184,13 @@ def main(argv: list[str] | None = None) -> int:
               f"whole call x{summary['superlinearity']['call']:.2f}")
         checks[f"time growth no worse than linear (ServerApp, +{a.tolerance:.0%} allowed)"] = \
             summary["superlinearity"]["wall"] <= 1 + a.tolerance
-    for name, ok in checks.items():
-        print(f"{verdict(ok)}  {name}")
+    ok = print_checks(checks)
     write_result(a.out / "scaling.json", {"benchmark": "scaling", "when": time.strftime("%Y-%m-%dT%H:%M:%S"),
                                           "run_config": overrides, "mem_limit_gb": a.mem_limit_gb,
                                           "tolerance": a.tolerance, "points": points, "fit": summary, "checks": checks})
     if good:
         plot(good, a.out / "scaling.png")
-    return 0 if all(checks.values()) else 1
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":

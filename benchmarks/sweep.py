@@ -2,29 +2,20 @@
 resumable, then the report (and the run set's targets, where it has any).
 
     python -m benchmarks.sweep --preset cuts          # CollaFuse over c + FedAvg, local-only, centralized on digits
-    python -m benchmarks.sweep --preset comparison    # c = 0.2 against the baselines on MNIST-5k at 16 px
-    python -m benchmarks.sweep --preset tradeoff      # upload-epsilon 10/4/1, mixed cuts, half-size client net
     python -m benchmarks.sweep --preset main-job      # the README's main command, and local-only beside it
-    python -m benchmarks.sweep --preset quick         # a <= 5 min smoke sweep
     python -m benchmarks.sweep --preset gpu --engine inprocess --time-budget 420   # a lent GPU (scripts/gpu_run.sh)
     python -m benchmarks.sweep --preset cuts --only collafuse-c0.2 fedavg --seeds 3 --extra "local-steps=60"
     python -m benchmarks.sweep --preset tradeoff --dry-run                        # the plan and its time estimate
 
-A run set names its configurations (tags: `collafuse-c0.2`, `fedavg`, `eps4`, ...), a setting (a
-preset of collafuse_flwr/presets/ and keys over it), seeds and clients; `--extra` adds keys to every
-run. Engines: `flwr` runs each through `collafuse_flwr.tools.launch.run_flower` (what `collafuse-run`
-calls: one isolated `flwr run` on the simulation engine); `inprocess` runs the same ServerApp main
-and ClientApp in this process through tests/inprocess.py's grid (real Flower messages, no SuperLink
-or Ray), for a GPU box that Ray cannot travel to. Each run is recorded in OUT/runs/<tag>-s<seed>/
-(results.json, metrics.csv, samples.npz/png, flwr.log, sweep.json), the sweep in OUT/sweep.json.
-A run recorded "ok" with the same full configuration and client count is skipped, a failed one
-retried, one recorded with other settings stops the sweep before anything runs.
+Engines: `flwr` (one isolated `flwr run` per run, what `collafuse-run` calls) or `inprocess` (the same
+ServerApp and ClientApp on tests/inprocess.py's grid, for a GPU box Ray cannot travel to). Each run
+lands in OUT/runs/<tag>-s<seed>/; a run recorded "ok" with the same configuration is skipped, a failed
+one retried, one recorded with other settings stops the sweep before anything runs.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import math
 import shutil
@@ -40,8 +31,8 @@ from typing import Any
 from collafuse_flwr.config import preset, run_config_text
 from collafuse_flwr.tools.launch import run_flower
 
-from .common import (REPO, RESULTS_DIR, BenchmarkError, command_line, fmt_seconds, machine_info,
-                     parse_overrides, validate_overrides, verdict)
+from .common import (RESULTS_DIR, BenchmarkError, command_line, fmt_seconds, in_process_grid, machine_info,
+                     parse_overrides, print_checks, read_json, validate_overrides)
 
 #: Files copied from the run's own folder into OUT/runs/<name>/ (the report reads these).
 RUN_FILES = ("results.json", "metrics.csv", "samples.npz", "samples.png")
@@ -53,7 +44,6 @@ ENGINES = {"flwr": "flwr run, simulation engine", "inprocess": "in-process grid,
 @dataclass(frozen=True)
 class SweepConfig:
     """One configuration of a run set: a tag for folders and tables, and the run-config keys it sets."""
-
     tag: str
     overrides: dict[str, Any] = field(hash=False)
 
@@ -87,7 +77,6 @@ def standard_configs(cut_ratios: Sequence[float], baselines: Sequence[str] = BAS
 class RunSet:
     """A named set of runs. The time estimates (2-core CPU, 5 clients) feed --dry-run and the ETA
     until the first run ends; `target_s` / `target_gain` (main-job) are checked after the runs."""
-
     name: str
     about: str
     configs: tuple[SweepConfig, ...]
@@ -155,7 +144,6 @@ RUN_SETS: dict[str, RunSet] = {s.name: s for s in (
 @dataclass(frozen=True)
 class RunSpec:
     """One run: a configuration at one seed, with every key sent to it (output-dir aside)."""
-
     config: SweepConfig
     seed: int
     run_config: dict[str, Any] = field(hash=False)
@@ -202,12 +190,8 @@ def _same(a: Any, b: Any) -> bool:
 
 def recorded_state(run_dir: Path, spec: RunSpec) -> tuple[str, list[str]]:
     """('done' | 'stale' | 'todo', differing keys). Done: results.json says ok and was made with the
-    same full configuration (the request merged with the app's defaults, so a changed default makes a
-    recorded run stale too) and client count."""
-    try:
-        res = json.loads((run_dir / "results.json").read_text())
-    except (OSError, json.JSONDecodeError):
-        return "todo", []
+    same full configuration (merged with the app's defaults: a changed default makes it stale) and clients."""
+    res = read_json(run_dir / "results.json")
     if res.get("status") != "ok":
         return "todo", []
     have = res.get("config", {})
@@ -219,14 +203,14 @@ def recorded_state(run_dir: Path, spec: RunSpec) -> tuple[str, list[str]]:
 
 
 # -- the in-process engine -------------------------------------------------------------------------------------
-def run_inprocess(run_config: dict[str, Any], num_clients: int, out_dir: Path) -> tuple[Path, dict[str, Any]]:
-    """The real ServerApp main with `num_clients` ClientApp nodes in this process: (the run's folder
-    under out_dir, its results.json). Keys merge over the app's defaults as Flower merges them; the
-    harness is on, as in a simulation. A failed run raises after the ServerApp wrote results.json;
-    `run_inprocess.last_folder` then names its folder."""
+def run_inprocess(run_config: dict[str, Any], num_clients: int, out_dir: Path,
+                  client_app=None) -> tuple[Path, dict[str, Any]]:
+    """The real ServerApp main with `num_clients` ClientApp nodes (client_app: the real one unless given)
+    in this process: (the run's folder under out_dir, its results.json). The harness is on, as in a
+    simulation. A failed run raises after results.json is written; `run_inprocess.last_folder` names it."""
     from flwr.app import Context, RecordDict
 
-    from collafuse_flwr import client_app, server_app
+    from collafuse_flwr import client_app as real_client, server_app
     from collafuse_flwr.config import load_defaults, parse_config
     from collafuse_flwr.data.load import check_dataset
     from collafuse_flwr.metrics.features import prepare_backbone
@@ -237,12 +221,8 @@ def run_inprocess(run_config: dict[str, Any], num_clients: int, out_dir: Path) -
     cfg = parse_config(rc)  # a bad key fails here, before any work
     check_dataset(cfg.dataset)  # what the ServerApp does beside a simulation's nodes
     prepare_backbone(cfg.fid_backbone, cfg.dataset, cfg.fid_weights or None, cfg.fid_download)
-    if "inprocess" not in sys.modules:  # tests/ is no package: load its grid by path
-        spec = importlib.util.spec_from_file_location("inprocess", REPO / "tests" / "inprocess.py")
-        sys.modules["inprocess"] = mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
     before = {p for p in out_dir.iterdir() if p.is_dir()}
-    grid = sys.modules["inprocess"].InProcessGrid(client_app.app, rc, num_clients)
+    grid = in_process_grid()(client_app or real_client.app, rc, num_clients)
     try:
         server_app.main(grid, Context(run_id=grid.run_id, node_id=0, node_config={}, state=RecordDict(),
                                       run_config=dict(rc)))
@@ -261,10 +241,8 @@ OVERHEAD, PER_RUN_FIXED_S = 1.3, 8.0
 
 
 def fit_rounds(run_config: dict[str, Any], methods: Sequence[str], num_clients: int, budget_s: float) -> dict:
-    """Time one optimizer step of the shared denoiser at the run's size and batch on this device
-    (after warm-up, cudnn autotuning included), project every run's work in such steps (clients',
-    the server's, the reference attacker's, and sampling at ~1/3 of a step per batch of images) x
-    OVERHEAD plus a fixed cost per run, and lower num-server-rounds until all runs fit budget_s."""
+    """Time one optimizer step of the shared denoiser here, project every run's work in such steps
+    (sampling: ~1/3 step per batch) x OVERHEAD + a fixed cost, and lower num-server-rounds to fit budget_s."""
     import torch
 
     from collafuse_flwr.core.models import default_device, shared_denoiser
@@ -357,11 +335,9 @@ def check_targets(run_set: RunSet, out: Path, seeds: Sequence[int]) -> dict[str,
     the last configuration's FID / the first's at least target_gain (main-job: local-only / CollaFuse)."""
     checks: dict[str, bool] = {}
     first, last = run_set.configs[0].tag, run_set.configs[-1].tag
-
     for seed in seeds:
-        rec, res, ref = (json.loads(p.read_text()) if p.is_file() else {} for p in (
-            out / "runs" / f"{first}-s{seed}" / "sweep.json", out / "runs" / f"{first}-s{seed}" / "results.json",
-            out / "runs" / f"{last}-s{seed}" / "results.json"))
+        rec, res, ref = (read_json(out / "runs" / f"{tag}-s{seed}" / f) for tag, f in (
+            (first, "sweep.json"), (first, "results.json"), (last, "results.json")))
         if run_set.target_s is not None:
             took = rec.get("call_seconds", math.inf) if rec.get("status") == "ok" else math.inf
             checks[f"seed {seed}: {first} in {fmt_seconds(took)} <= {fmt_seconds(run_set.target_s)}"] = \
@@ -379,13 +355,8 @@ def run_sweep(configs: Sequence[SweepConfig], out: Path, *, seeds: Sequence[int]
               run_config: dict[str, Any] | None = None, num_clients: int = 5, run_set: RunSet | None = None,
               engine: str = "flwr", timeout: float = 3600, stream: bool = False, rerun_stale: bool = False,
               report: bool = True, dry_run: bool = False, calibration: dict[str, Any] | None = None) -> SweepSummary:
-    """Run every (configuration, seed) not already done in `out`, then write the report.
-
-    run_config: the keys sent to every run (`method`, `cut-ratio` and `seed` come from the
-    configuration and seed). Raises BenchmarkError before anything runs when a configuration is
-    invalid or a recorded run has other settings. dry_run: print the plan, each run's state and the
-    time estimate, and run nothing.
-    """
+    """Run every (configuration, seed) not already done in `out`, then write the report. BenchmarkError
+    before anything runs when a configuration is invalid or a recorded run has other settings."""
     if engine not in ENGINES:
         raise BenchmarkError(f"engine must be one of {list(ENGINES)}, got {engine!r}")
     out = Path(out).resolve()
@@ -419,6 +390,11 @@ def run_sweep(configs: Sequence[SweepConfig], out: Path, *, seeds: Sequence[int]
             "cryptography_stubbed": getattr(sys.modules.get("sitecustomize"), "CRYPTOGRAPHY_STUBBED", None),
             "calibration": calibration, "started": time.strftime("%Y-%m-%dT%H:%M:%S"), "finished": None}
     summary, durations, t0 = SweepSummary(out), [], time.time()
+
+    def save(**changes: Any) -> None:
+        meta.update(changes, ran=summary.ran, skipped=summary.skipped, failed=summary.failed)
+        meta_path.write_text(json.dumps(meta, indent=2))
+
     try:
         for k, spec in enumerate(specs, 1):
             prefix = f"run {k}/{len(specs)} {spec.name}"
@@ -434,27 +410,23 @@ def run_sweep(configs: Sequence[SweepConfig], out: Path, *, seeds: Sequence[int]
             durations.append(rec["call_seconds"])
             if rec["status"] == "ok":
                 summary.ran.append(spec.name)
-                fid = json.loads((runs_dir / spec.name / "results.json").read_text()).get("final", {}).get("fid")
+                fid = read_json(runs_dir / spec.name / "results.json").get("final", {}).get("fid")
                 print(f"{prefix}: ok in {fmt_seconds(rec['call_seconds'])} (FID {fid if fid is None else f'{fid:.3g}'})",
                       flush=True)
             else:
                 summary.failed.append(spec.name)
                 print(f"{prefix}: FAILED after {fmt_seconds(rec['call_seconds'])}: {rec['error']} "
                       f"(log: {runs_dir / spec.name / 'flwr.log'})", flush=True)
-            meta.update(ran=summary.ran, skipped=summary.skipped, failed=summary.failed)
-            meta_path.write_text(json.dumps(meta, indent=2))  # on disk after every run
+            save()  # on disk after every run
     finally:
         summary.seconds = time.time() - t0
-        meta.update(finished=time.strftime("%Y-%m-%dT%H:%M:%S"), sweep_seconds=summary.seconds, ran=summary.ran,
-                    skipped=summary.skipped, failed=summary.failed)
-        meta_path.write_text(json.dumps(meta, indent=2))
+        save(finished=time.strftime("%Y-%m-%dT%H:%M:%S"), sweep_seconds=summary.seconds)
     print(f"sweep finished in {fmt_seconds(summary.seconds)}: {len(summary.ran)} ran, {len(summary.skipped)} skipped, "
           f"{len(summary.failed)} failed", flush=True)
     if run_set.target_s is not None or run_set.target_gain is not None:
-        summary.targets = meta["targets"] = check_targets(run_set, out, seeds)
-        meta_path.write_text(json.dumps(meta, indent=2))
-        for name, ok in summary.targets.items():
-            print(f"{verdict(ok)}  {name}")
+        summary.targets = check_targets(run_set, out, seeds)
+        save(targets=summary.targets)
+        print_checks(summary.targets)
     if report:
         from .report import write_report
 

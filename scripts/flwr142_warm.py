@@ -1,27 +1,15 @@
 """Fast deployment rounds on Flower 1.42, from its private internals: a long-lived ClientApp worker
 per SuperNode, and a SuperNode that polls the SuperLink every 0.5 s instead of 3 s.
 
-Why, and why outside the installed package: with stock Flower 1.42 every message a SuperNode
-receives starts a fresh `flwr-clientapp` process (`--isolation subprocess`, and also `--isolation
-process`, whose long-lived `flower-superexec` starts one per task: `flwr-clientapp` takes a
-one-task `--token` and exits), which imports torch and the app and reloads the node's data before
-any work; and an idle SuperNode sleeps a hard-coded 3 s between pulls. Measured with
-`python -m benchmarks.deploy_overhead` (3 SuperNodes, TLS + auth, 2-core VM): 22-23 s of overhead
-per round with either, against a 3 s target (this: 1.2-2.4 s). Flower has no option for either,
-so this file patches both; it uses ~15 names from flwr.supercore and flwr.supernode that carry no
-stability promise, so it refuses any Flower but the one it was written and tested against
-(FLOWER, tests/test_deploy_units.py), and lives beside the repository's scripts, not in the wheel.
-`collafuse_flwr.tools.deploy.LocalDeployment(isolation="warm")` (`collafuse-deploy --isolation
-warm`) starts it from a checkout:
+Stock Flower starts a fresh `flwr-clientapp` (torch, the app, the node's data) per message and an idle
+SuperNode sleeps 3 s between pulls: 22-23 s overhead a round against a 3 s target (this: 1.2-2.4 s,
+benchmarks.deploy_overhead). The patched names carry no stability promise, so it refuses any Flower
+but FLOWER and stays out of the wheel; `collafuse-deploy --isolation warm` starts it:
 
     python scripts/flwr142_warm.py supernode --poll 0.5 -- <flower-supernode arguments, --isolation process>
     python scripts/flwr142_warm.py worker --runtime-api-address 127.0.0.1:9094 --insecure [--parent-pid PID]
 
-The worker plays SuperExec and `flwr-clientapp` in one process and loops: it acquires a ClientApp
-task from the SuperNode's Runtime API, runs it with the calls `flwr-clientapp` makes (pull input,
-call the ClientApp, push the reply and the task output), and keeps the imported app, hence torch
-and the app's caches (the node's data and partition), for the next task of the same FAB; a new FAB
-(another app version) drops the previous app's modules first, so a run never executes another's code.
+The worker keeps the imported app for the next task of the same FAB; a new FAB drops the old one's modules.
 """
 
 from __future__ import annotations
@@ -31,6 +19,7 @@ import os
 import signal
 import sys
 import time
+import types
 from pathlib import Path
 
 FLOWER = "1.42."  # the Flower release these patches were written against and are tested with
@@ -44,26 +33,16 @@ def check_flower(version: str) -> None:
                  f"update FLOWER")
 
 
-class _CappedSleep:
-    """The `time` module, except that `sleep(s)` sleeps min(s, cap)."""
-
-    def __init__(self, cap: float) -> None:
-        self.cap = cap
-
-    def sleep(self, seconds: float) -> None:
-        time.sleep(min(seconds, self.cap))
-
-    def __getattr__(self, name: str):
-        return getattr(time, name)
-
-
 def patch_poll_interval(cap: float) -> None:
     """Cap the SuperNode loop's sleeps at `cap` seconds (Flower: 3 s when idle, 0.5 s per reply check)."""
     if not 0 < cap <= 3:
         raise ValueError(f"poll interval must be in (0, 3] seconds, got {cap}")
     import flwr.supernode.start_client_internal as loop
 
-    loop.time = _CappedSleep(cap)  # type: ignore[assignment]
+    capped = types.ModuleType("time")  # a copy of `time` whose sleep is capped; the real module is untouched
+    capped.__dict__.update(vars(time))
+    capped.sleep = lambda seconds: time.sleep(min(seconds, cap))
+    loop.time = capped  # type: ignore[assignment]
 
 
 def unload_modules_under(folder: Path) -> list[str]:

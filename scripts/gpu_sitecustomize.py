@@ -32,11 +32,10 @@ def _stub_cryptography_if_unusable() -> str | None:
 
     for name in [k for k in sys.modules if k.split(".")[0] == "cryptography"]:
         del sys.modules[name]
-    for name in ("cryptography", "cryptography.exceptions", "cryptography.fernet", "cryptography.x509",
-                 "cryptography.x509.oid", "cryptography.hazmat", "cryptography.hazmat.primitives",
-                 "cryptography.hazmat.primitives.hashes", "cryptography.hazmat.primitives.serialization",
-                 "cryptography.hazmat.primitives.asymmetric", "cryptography.hazmat.primitives.asymmetric.ec",
-                 "cryptography.hazmat.primitives.kdf", "cryptography.hazmat.primitives.kdf.hkdf"):
+    for sub in ("", ".exceptions", ".fernet", ".x509", ".x509.oid", ".hazmat", ".hazmat.primitives",
+                ".hazmat.primitives.hashes", ".hazmat.primitives.serialization", ".hazmat.primitives.asymmetric",
+                ".hazmat.primitives.asymmetric.ec", ".hazmat.primitives.kdf", ".hazmat.primitives.kdf.hkdf"):
+        name = "cryptography" + sub
         sys.modules[name] = Missing(name)
         parent, _, child = name.rpartition(".")
         if parent:

