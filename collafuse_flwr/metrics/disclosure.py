@@ -1,18 +1,6 @@
-r"""What an honest-but-curious server can learn about a client's images from its uploads.
-
-A CollaFuse client uploads x_{t_c} = sqrt(abar_c) x_0 + sqrt(1 - abar_c) eps. These functions
-measure the empirical leakage of that tensor, to sit beside the formal bound of
-:mod:`.privacy`:
-
-* :func:`reconstruct`: the server's best one-step guess of x_0 (Tweedie), with a denoiser or
-  without one;
-* :func:`psnr_ssim`: how close the guess is, pixel-wise and structurally;
-* :func:`reidentification_rate`: whether the guess singles out the source image in the
-  client's training set (a membership-style attack: nearest neighbour in pixel space);
-* :func:`upload_fid`: the CollaFuse paper's measure, FID/KID between the uploads and the
-  client's real images (high = uploads look unlike the data).
-
-Images are float tensors in [-1, 1], N x C x H x W, as the diffusion models see them.
+r"""What an honest-but-curious server can learn about a client's images from its uploads
+x_{t_c} = sqrt(abar_c) x_0 + sqrt(1 - abar_c) eps: the empirical leakage, beside :mod:`.privacy`'s
+formal bound. Images are float tensors in [-1, 1], N x C x H x W, as the diffusion models see them.
 """
 
 from __future__ import annotations
@@ -25,9 +13,8 @@ from collafuse_flwr.imports import load
 from collafuse_flwr.metrics.features import to_uint8
 from collafuse_flwr.metrics.fid import compute_fid_kid
 
-#: PSNR of a perfect reconstruction is infinite; per-image PSNR is capped here (in dB) so
-#: means and JSON stay finite. 100 dB is an MSE of 4e-10 on a [-1, 1] range, far below
-#: 8-bit quantisation (~48 dB), so the cap never hides a real difference.
+#: Per-image PSNR cap (dB), so means and JSON stay finite: 100 dB is far below 8-bit quantisation
+#: (~48 dB), so the cap never hides a real difference.
 PSNR_CAP_DB = 100.0
 DATA_RANGE = 2.0  # images live in [-1, 1]
 
@@ -45,18 +32,11 @@ def reconstruct(
     eps_model: EpsModel | None = None,
     relative_anchor: int | None = None,
 ) -> Tensor:
-    r"""One-step estimate of x_0 from uploads x_{t_c}, clamped to [-1, 1].
+    r"""One-step estimate of x_0 from uploads x_{t_c}, clamped to [-1, 1]: Tweedie's step with a
+    denoiser the attacker owns, else the model-free x_tc / sqrt(abar_c) (unbiased before clamping).
 
-    With a noise model: Tweedie's x0_hat = (x_tc - sqrt(1 - abar_c) eps_hat(x_tc, t_c)) /
-    sqrt(abar_c) -- the attacker owns (or steals) a denoiser for step t_c. Without one, the
-    model-free estimate x_tc / sqrt(abar_c), which is unbiased before clamping.
-
-    relative_anchor: set to a when eps_model was trained on a sub-chain anchored at step a
-    (a DDPM whose clean data is x_a, abar replaced by abar / abar_a); its Tweedie output is
-    then an estimate of x_a, which is rescaled model-free by 1 / sqrt(abar_a) to estimate x_0.
-    Default 0: an ordinary DDPM.
-
-    t_c = 0 returns a copy of the uploads: the client sent its raw images.
+    relative_anchor a: eps_model was trained on a sub-chain whose clean data is x_a, so its estimate
+    of x_a is rescaled model-free by 1 / sqrt(abar_a). t_c = 0 returns a copy: the raw images.
     """
     _check_cut(sched, t_c)
     if uploads.dim() != 4:
@@ -92,11 +72,8 @@ def ssim_kernel_size(height: int, width: int) -> int:
 
 @torch.no_grad()
 def psnr_ssim(x_hat: Tensor, x0: Tensor) -> dict[str, float]:
-    """Mean per-image PSNR (dB, each capped at ``PSNR_CAP_DB``) and mean SSIM, range [-1, 1].
-
-    The SSIM window shrinks to fit small images (7 for 8x8), since the standard 11x11
-    window does not fit; SSIM values for different window sizes are not comparable.
-    """
+    """Mean per-image PSNR (dB, capped at ``PSNR_CAP_DB``) and mean SSIM, range [-1, 1]. The SSIM
+    window shrinks to fit small images; values for different window sizes are not comparable."""
     tm = load("torchmetrics.image")
     PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure = tm.PeakSignalNoiseRatio, tm.StructuralSimilarityIndexMeasure  # noqa: N806
     _check_pair(x_hat, x0)
@@ -110,10 +87,8 @@ def psnr_ssim(x_hat: Tensor, x0: Tensor) -> dict[str, float]:
 
 @torch.no_grad()
 def reidentification_rate(x_hat: Tensor, true_idx: Tensor, train_images: Tensor, chunk: int = 1024) -> float:
-    """Fraction of estimates whose nearest training image (L2, pixel space) is their true source.
-
-    Chance level is 1 / len(train_images); 1.0 means every upload points back to its image.
-    """
+    """Fraction of estimates whose nearest training image (L2, pixel space) is their true source
+    (chance: 1 / len(train_images))."""
     true_idx = torch.as_tensor(true_idx, dtype=torch.long).reshape(-1).cpu()
     if x_hat.shape[0] != true_idx.shape[0]:
         raise ValueError(f"x_hat has {x_hat.shape[0]} images but true_idx has {true_idx.shape[0]} entries")
@@ -139,11 +114,8 @@ def upload_fid(
     weights_path: str | None = None,
     kid_subset_size: int | None = None,
 ) -> dict[str, float]:
-    """FID/KID between what the server sees (uploads) and the client's real training images.
-
-    Uploads are rendered as images the way a viewer would: [-1, 1] mapped to 0..255, with
-    the noise that overshoots the range clamped. Either argument may already be uint8.
-    """
+    """The CollaFuse paper's measure: FID/KID between the uploads (rendered as a viewer would, the
+    overshooting noise clamped) and the client's real training images (high = unlike the data)."""
     return compute_fid_kid(to_uint8(train_images), to_uint8(uploads), backbone, weights_path, kid_subset_size)
 
 

@@ -1,29 +1,17 @@
 r"""A formal (epsilon, delta) bound for CollaFuse uploads, treating each as a Gaussian mechanism.
 
-An upload x_{t_c} = sqrt(abar_c) x_0 + sqrt(1 - abar_c) eps releases x_0 scaled by sqrt(abar_c)
-plus N(0, (1 - abar_c) I) noise. Dividing by sqrt(abar_c), it is the Gaussian mechanism on x_0
-with noise std sigma = sqrt(1 - abar_c) / sqrt(abar_c). Its L2 sensitivity is the largest
-distance between two images: with d pixels in [-1, 1], ||x_0 - x_0'||_2 <= 2 sqrt(d)
-(replace-one adjacency on the image itself). The noise multiplier is therefore
+An upload x_{t_c} = sqrt(abar_c) x_0 + sqrt(1 - abar_c) eps is, divided by sqrt(abar_c), the
+Gaussian mechanism on x_0 with noise std sqrt(1 - abar_c) / sqrt(abar_c). Its L2 sensitivity with
+d pixels in [-1, 1] is S = 2 sqrt(d) (replace-one adjacency on the image), so the noise multiplier
+is z = sqrt(1 - abar_c) / (sqrt(abar_c) * S). An image uploaded k times (fresh noise each round)
+composes k mechanisms; different images do not compose for a per-image guarantee. The bound
+covers the uploads only. S is the worst case (black vs white), so epsilon is usually huge; a
+tighter ``l2_sensitivity`` may be passed.
 
-    z = sigma / S = sqrt(1 - abar_c) / (sqrt(abar_c) * S),   S = 2 sqrt(d) by default.
-
-An image uploaded k times (each round draws fresh noise) composes k such mechanisms; uploads
-of *different* images do not compose for a per-image guarantee, so k is the largest number of
-times any one image is uploaded. The bound covers the uploads only, not model updates or
-generated samples.
-
-Why the result is usually huge: S = 2 sqrt(d) is the worst case over all image pairs (black
-vs white), so z is tiny unless abar_c is tiny. Users who clip images to a smaller L2 ball
-around a public reference can pass the tighter ``l2_sensitivity``.
-
-Accountants (both from dp-accounting): ``"rdp"`` (default) composes ``GaussianDpEvent(z)``
-k times with ``SelfComposedDpEvent`` in an ``RdpAccountant``, the standard conservative
-bound. ``"pld"`` is the exact Gaussian privacy-loss curve (k-fold composition = one Gaussian
-with std z / sqrt(k)), inverted for epsilon by dp-accounting's own
-``gaussian_mechanism.get_epsilon_gaussian``; it is tight and never larger than RDP.
-dp-accounting's ``PLDAccountant`` is not used: its discretised PMF needs memory proportional
-to epsilon / 1e-4 and runs out (7 TiB requested, measured) for the small z of early cuts.
+Accountants (dp-accounting): ``"rdp"`` (default) self-composes ``GaussianDpEvent(z)`` k times in an
+``RdpAccountant``; ``"pld"`` inverts the exact Gaussian curve (k-fold = std z / sqrt(k)) with
+``get_epsilon_gaussian``, tight and never above RDP. ``PLDAccountant`` is not used: its discretised
+PMF ran out of memory (7 TiB requested, measured) for the small z of early cuts.
 """
 
 from __future__ import annotations
