@@ -1,9 +1,5 @@
-"""Run outputs every method writes the same way, so one report can read them all.
-
-- metrics.csv: one row per round, appended as rounds finish (nothing lost if a run dies);
-- samples.png: a grid, one row per client; samples.npz: images (uint8 N x H x W x C), client (N);
-- results.json: the run's settings and a `final` object; written with status "failed" and the
-  error when a run breaks.
+"""Run outputs every method writes the same way (metrics.csv, samples.png/.npz, results.json),
+so one report can read them all.
 """
 
 from __future__ import annotations
@@ -20,8 +16,7 @@ from collafuse_flwr.imports import load
 
 
 def _clean(v: Any) -> Any:
-    """JSON has no NaN/inf: NaN becomes null, +-inf the strings "inf"/"-inf" (epsilon = inf is
-    meaningful: no privacy at all), so the file stays standard JSON."""
+    """NaN -> null, +-inf -> "inf"/"-inf" (epsilon = inf means no privacy), so the file stays standard JSON."""
     if isinstance(v, dict):
         return {str(k): _clean(x) for k, x in v.items()}
     if isinstance(v, (list, tuple)):

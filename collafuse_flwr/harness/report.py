@@ -40,11 +40,8 @@ def _mean(values) -> float:
 
 
 def pooled_quality(cfg: RunConfig, images: dict[int, np.ndarray], num_nodes: int) -> dict[str, Any]:
-    """FID of all generated images against all clients' held-out test images.
-
-    A simulation-harness measurement: it reloads the test splits in the ServerApp, which a real
-    deployment's server could not do (there the per-client figures are what exist).
-    """
+    """FID of all generated images against all clients' held-out test images: simulation only (it
+    reloads the test splits in the ServerApp, which a deployment's server cannot do)."""
     try:
         backbone = resolve_backbone(cfg.fid_backbone, cfg.dataset, cfg.fid_weights or None)
         if backbone == "none" or not images:
@@ -61,9 +58,8 @@ def pooled_quality(cfg: RunConfig, images: dict[int, np.ndarray], num_nodes: int
 
 def run_status(rec, num_nodes: int, per_client: dict[int, dict[str, float]], evaluated: bool,
                clients: list[int] | None = None) -> tuple[str, list[str]]:
-    """"ok" only when the run finished, no reply was rejected or failed, no robustness check had
-    to act on a client, and every client produced finite samples; else "degraded", with the
-    reasons naming the clients. clients: the admitted clients' indices (to name who is missing)."""
+    """"ok" only when no reply was rejected or failed, no robustness check acted and every client gave
+    finite samples; else "degraded", with reasons naming the clients (`clients`: the admitted ones)."""
     reasons = []
     if rec.failures:
         reasons.append(f"{rec.failures} failed or missing replies (rounds {sorted(rec.missing) or 'n/a'})")
@@ -89,8 +85,7 @@ def run_status(rec, num_nodes: int, per_client: dict[int, dict[str, float]], eva
 
 
 def run_notes(rec, per_client: dict[int, dict[str, float]]) -> list[str]:
-    """What a reader should know that is not a fault: clients whose FID was skipped (too few
-    test images for a Frechet distance), example claims capped within natural size differences."""
+    """What a reader should know that is not a fault (skipped FIDs, claims capped within natural noise)."""
     notes = []
     skipped = fid_skipped_clients(per_client)
     if skipped:
@@ -108,9 +103,8 @@ def fid_skipped_clients(per_client: dict[int, dict[str, float]]) -> list[int]:
 
 
 def consistent_images(images: dict[int, np.ndarray]) -> tuple[dict[int, np.ndarray], list[int]]:
-    """The clients' sample arrays that can be stacked (uint8 N x C x H x W, the shape most
-    clients have), and the clients left out. The strategies refuse a bad array already; this
-    is the last line, so that one client's data never costs the run its report."""
+    """The clients' sample arrays that stack (uint8 N x C x H x W of the commonest shape) and the clients
+    left out: the last line of defence, so one client's data never costs the run its report."""
     ok = {c: a for c, a in images.items()
           if isinstance(a, np.ndarray) and a.dtype == np.uint8 and a.ndim == 4 and a.shape[0] > 0}
     if ok:
@@ -134,13 +128,8 @@ def robustness_report(rec, strategy) -> dict[str, Any]:
 
 def finalize(cfg: RunConfig, strategy, result, out: Path, run_id: int, num_nodes: int, started: float,
              params: int, harness: bool = True) -> dict[str, Any]:
-    """Write results.json and the sample grid.
-
-    result: Flower's `Result` of `strategy.start()` (per-round client metrics come from it).
-    started: time.time() when the ServerApp began; `wall_seconds` runs until the outputs are
-    written, pooled FID included.
-    harness: whether the ServerApp may reload client data (pooled FID): simulation only.
-    """
+    """Write results.json and the sample grid; `wall_seconds` runs from `started` until the outputs
+    are written. harness: whether the ServerApp may reload client data (pooled FID): simulation only."""
     rec = strategy.recorder
     rounds = rec.rounds
     evals = rec.evals

@@ -1,13 +1,9 @@
 """Find and stop every process a `flwr run` started (Linux: read from /proc).
 
-Why a process tree is not enough: `flwr run` starts the SuperLink in a new session, the SuperLink
-starts SuperExec in another, SuperExec starts flwr-simulation, and flwr-simulation starts Ray
-(gcs_server, raylet, dashboard, log monitor, agents, workers and actors). Each one re-parents to
-init when its parent dies first, so a tree read at the wrong moment misses some. The launcher
-therefore gives every process it starts an environment variable with a token of its own
-(inherited by all of them, Ray's workers and actors included; Ray's agents, which get a trimmed
-environment, name their raylet instead) and stops by that mark, by the SuperLink's ports and by
-process tree, then checks in /proc that none is left.
+Why not a process tree: the SuperLink, SuperExec, flwr-simulation and Ray's processes start in new
+sessions and re-parent to init when a parent dies first. So every process the launcher starts
+inherits a token in its environment, and runs are stopped by that mark, by the SuperLink's ports
+and by process tree, then checked in /proc.
 """
 
 from __future__ import annotations
@@ -88,8 +84,7 @@ def in_group(pgid: int) -> list[int]:
 
 
 def marked(*marks: str) -> list[int]:
-    """Processes of this user whose environment holds any of `marks` ("KEY=value" entries;
-    other users' environments cannot be read)."""
+    """Processes of this user whose environment holds any of `marks` ("KEY=value" entries)."""
     needles = {m.encode() for m in marks if m}
     out = []
     for pid in _all_pids():
@@ -102,15 +97,13 @@ def marked(*marks: str) -> list[int]:
 
 
 def run_marks(token: str, private_home: Path | str | None = None) -> list[str]:
-    """The environment entries that mark a launcher's run: its token, which every process
-    inherits, and, when the launcher made the FLWR_HOME itself (so no other process can have
-    it), that FLWR_HOME too."""
+    """The environment entries that mark a launcher's run: its token, and the FLWR_HOME when the
+    launcher made it (then no other process can have it)."""
     return [f"{MARK}={token}"] + ([f"FLWR_HOME={private_home}"] if private_home else [])
 
 
 def name(pid: int) -> str:
-    """A short name: the script for Python processes (flower-superlink, flwr-simulation), the
-    binary otherwise (raylet, gcs_server), Ray's own title for its workers (ray::ClientAppActor)."""
+    """The script for Python processes, the binary otherwise, Ray's title for its workers (ray::...)."""
     try:
         argv = [a for a in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0") if a]
     except OSError:
@@ -149,13 +142,10 @@ def stop_pids(pids: list[int], grace: float = 10.0,
 
 
 def find_run(marks: list[str], ports: list[int], trees: list[int] = (), groups: list[int] = ()) -> list[int]:
-    """Every live process of one run: with any of `marks` in its environment (and the agents of
-    a marked raylet), listening on `ports` (and their trees), below the live processes `trees`
-    (pass only children not yet reaped: a reaped pid may be reused), and in the process groups
-    `groups` (a group's id is not reused while it has members)."""
+    """Every live process of one run: marked (and a marked raylet's agents), listening on `ports` (and
+    their trees), below `trees` (only unreaped children: a reaped pid may be reused), in `groups`."""
     found: set[int] = set(marked(*marks)) if marks else set()
-    # Ray starts its agents (ray::DashboardAgent, ray::RuntimeEnvAgent) with a trimmed
-    # environment that drops the token but names the raylet they serve
+    # Ray's agents get a trimmed environment that drops the token but names their raylet
     raylets = [p for p in found if name(p) == "raylet"]
     if raylets:
         found.update(marked(*(f"RAY_RAYLET_PID={p}" for p in raylets)))
@@ -172,11 +162,8 @@ def find_run(marks: list[str], ports: list[int], trees: list[int] = (), groups: 
 
 def stop_run(marks: list[str], ports: list[int], trees: list[int] = (), groups: list[int] = (),
              grace: float = 10.0, rounds: int = 3) -> tuple[list[str], list[int]]:
-    """SIGTERM every process of the run, SIGKILL what is left after `grace` s, and look again
-    (Ray may start a worker meanwhile), up to `rounds` times.
-
-    Returns (names of the processes stopped, pids still alive afterwards: empty unless a
-    process ignores SIGKILL, e.g. one stuck in the kernel)."""
+    """SIGTERM every process of the run, SIGKILL what is left after `grace` s, and look again (Ray may
+    start a worker meanwhile), up to `rounds` times. Returns (names stopped, pids still alive)."""
     names: dict[int, str] = {}
     for _ in range(rounds):
         pids = find_run(marks, ports, trees, groups)
