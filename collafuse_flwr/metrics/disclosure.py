@@ -19,26 +19,17 @@ PSNR_CAP_DB = 100.0
 DATA_RANGE = 2.0  # images live in [-1, 1]
 
 
-def _check_cut(sched: Schedule, t_c: int) -> None:
-    if not isinstance(t_c, int) or not 0 <= t_c <= sched.T:
-        raise ValueError(f"t_c must be an integer in [0, T={sched.T}], got {t_c!r}")
-
-
 @torch.no_grad()
-def reconstruct(
-    uploads: Tensor,
-    sched: Schedule,
-    t_c: int,
-    eps_model: EpsModel | None = None,
-    relative_anchor: int | None = None,
-) -> Tensor:
+def reconstruct(uploads: Tensor, sched: Schedule, t_c: int, eps_model: EpsModel | None = None,
+                relative_anchor: int | None = None) -> Tensor:
     r"""One-step estimate of x_0 from uploads x_{t_c}, clamped to [-1, 1]: Tweedie's step with a
     denoiser the attacker owns, else the model-free x_tc / sqrt(abar_c) (unbiased before clamping).
 
     relative_anchor a: eps_model was trained on a sub-chain whose clean data is x_a, so its estimate
     of x_a is rescaled model-free by 1 / sqrt(abar_a). t_c = 0 returns a copy: the raw images.
     """
-    _check_cut(sched, t_c)
+    if not isinstance(t_c, int) or not 0 <= t_c <= sched.T:
+        raise ValueError(f"t_c must be an integer in [0, T={sched.T}], got {t_c!r}")
     if uploads.dim() != 4:
         raise ValueError(f"uploads must be N x C x H x W, got shape {tuple(uploads.shape)}")
     if t_c == 0:
@@ -56,12 +47,6 @@ def reconstruct(
     return (x_anchor / abar_a.sqrt()).clamp(-1.0, 1.0)
 
 
-def _check_pair(x_hat: Tensor, x0: Tensor) -> None:
-    if x_hat.shape != x0.shape or x_hat.dim() != 4:
-        raise ValueError(f"x_hat and x0 must both be N x C x H x W of the same shape, got "
-                         f"{tuple(x_hat.shape)} and {tuple(x0.shape)}")
-
-
 def ssim_kernel_size(height: int, width: int) -> int:
     """The largest odd Gaussian window <= 11 that fits the image (11 is SSIM's standard)."""
     side = min(height, width)
@@ -75,13 +60,14 @@ def psnr_ssim(x_hat: Tensor, x0: Tensor) -> dict[str, float]:
     """Mean per-image PSNR (dB, capped at ``PSNR_CAP_DB``) and mean SSIM, range [-1, 1]. The SSIM
     window shrinks to fit small images; values for different window sizes are not comparable."""
     tm = load("torchmetrics.image")
-    PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure = tm.PeakSignalNoiseRatio, tm.StructuralSimilarityIndexMeasure  # noqa: N806
-    _check_pair(x_hat, x0)
+    if x_hat.shape != x0.shape or x_hat.dim() != 4:
+        raise ValueError(f"x_hat and x0 must both be N x C x H x W of the same shape, got "
+                         f"{tuple(x_hat.shape)} and {tuple(x0.shape)}")
     x_hat, x0 = x_hat.detach().float().cpu(), x0.detach().float().cpu()
-    psnr = PeakSignalNoiseRatio(data_range=DATA_RANGE, dim=(1, 2, 3), reduction="none")(x_hat, x0)
+    psnr = tm.PeakSignalNoiseRatio(data_range=DATA_RANGE, dim=(1, 2, 3), reduction="none")(x_hat, x0)
     psnr = torch.nan_to_num(psnr, posinf=PSNR_CAP_DB).clamp(max=PSNR_CAP_DB)
     k = ssim_kernel_size(x0.shape[-2], x0.shape[-1])
-    ssim = StructuralSimilarityIndexMeasure(data_range=DATA_RANGE, kernel_size=k)(x_hat, x0)
+    ssim = tm.StructuralSimilarityIndexMeasure(data_range=DATA_RANGE, kernel_size=k)(x_hat, x0)
     return {"psnr": float(psnr.mean()), "ssim": float(ssim)}
 
 
@@ -107,13 +93,8 @@ def reidentification_rate(x_hat: Tensor, true_idx: Tensor, train_images: Tensor,
     return float((nearest == true_idx).double().mean())
 
 
-def upload_fid(
-    uploads: Tensor,
-    train_images: Tensor,
-    backbone: str,
-    weights_path: str | None = None,
-    kid_subset_size: int | None = None,
-) -> dict[str, float]:
+def upload_fid(uploads: Tensor, train_images: Tensor, backbone: str, weights_path: str | None = None,
+               kid_subset_size: int | None = None) -> dict[str, float]:
     """The CollaFuse paper's measure: FID/KID between the uploads (rendered as a viewer would, the
     overshooting noise clamped) and the client's real training images (high = unlike the data)."""
     return compute_fid_kid(to_uint8(train_images), to_uint8(uploads), backbone, weights_path, kid_subset_size)

@@ -141,19 +141,20 @@ def fetch_inception_weights() -> Path:
     """torch-fidelity's own download of the FID Inception weights into torch hub's cache (building its
     extractor without a weights path fetches them, hash-checked); offline, one line says what to do."""
     _need_torch_fidelity()
-    tf_inception = load("torch_fidelity.feature_extractor_inceptionv3")
-    URL_INCEPTION_V3, FeatureExtractorInceptionV3 = tf_inception.URL_INCEPTION_V3, tf_inception.FeatureExtractorInceptionV3  # noqa: N806
-
+    tfi = load("torch_fidelity.feature_extractor_inceptionv3")
+    cache = hub_inception_paths()[1].parent
     try:
-        FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
+        tfi.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
     except (OSError, urllib.error.URLError, RuntimeError) as exc:
-        raise ConnectionError(f"fid-download=true could not fetch the FID Inception weights from {URL_INCEPTION_V3} "
-                              f"into {hub_inception_paths()[1].parent} ({type(exc).__name__}: {' '.join(str(exc).split())}); go online, "
-                              f"or put {INCEPTION_WEIGHT_NAMES[0]} there or at fid-weights=/abs/path, or choose "
-                              f"fid-backbone=auto (falls back: digit nets for digit datasets, else none), digits-cnn or none") from exc
+        why = f"{type(exc).__name__}: {' '.join(str(exc).split())}"
+        raise ConnectionError(f"fid-download=true could not fetch the FID Inception weights from "
+                              f"{tfi.URL_INCEPTION_V3} into {cache} ({why}); go online, or put "
+                              f"{INCEPTION_WEIGHT_NAMES[0]} there or at fid-weights=/abs/path, or choose "
+                              f"fid-backbone=auto (falls back: digit nets for digit datasets, else none), digits-cnn "
+                              f"or none") from exc
     found = find_inception_weights(None)
     if found is None:
-        raise FileNotFoundError(f"torch-fidelity reported no error but no weights are in {hub_inception_paths()[1].parent}")
+        raise FileNotFoundError(f"torch-fidelity reported no error but no weights are in {cache}")
     return found
 
 

@@ -110,13 +110,8 @@ def _fid_kid(real: Tensor, fake: Tensor, kid_subset_size: int) -> dict[str, floa
     return {"fid": max(float(fid.compute()), 0.0), "kid": float(kid_mean), "kid_std": float(kid_std)}
 
 
-def compute_fid_kid(
-    real_uint8: Tensor,
-    fake_uint8: Tensor,
-    backbone: str,
-    weights_path: str | None = None,
-    kid_subset_size: int | None = None,
-) -> dict[str, float]:
+def compute_fid_kid(real_uint8: Tensor, fake_uint8: Tensor, backbone: str, weights_path: str | None = None,
+                    kid_subset_size: int | None = None) -> dict[str, float]:
     """FID and KID of fake vs real uint8 N x C x H x W images under a resolved backbone; KID's subset
     size defaults to min(50, n_real, n_fake). Digit-net values are not Inception FID."""
     _check_images(real_uint8, "real_uint8")

@@ -57,26 +57,8 @@ def upload_noise_multiplier(alpha_bar_c: float, dim: int, l2_sensitivity: float 
     return math.sqrt(1.0 - abar) / (math.sqrt(abar) * sens)
 
 
-def _rdp_epsilon(z: float, k: int, delta: float) -> float:
-    dp_accounting = load("dp_accounting")
-    acc = load("dp_accounting.rdp").RdpAccountant()
-    acc.compose(dp_accounting.SelfComposedDpEvent(dp_accounting.GaussianDpEvent(z), k))
-    return float(acc.get_epsilon(delta))
-
-
-def _pld_epsilon(z: float, k: int, delta: float) -> float:
-    """dp-accounting's exact inverse for the Gaussian mechanism (Balle & Wang 2018)."""
-    return float(load("dp_accounting.gaussian_mechanism").get_epsilon_gaussian(z / math.sqrt(k), delta))
-
-
-def gaussian_upload_epsilon(
-    alpha_bar_c: float,
-    num_uploads: int,
-    dim: int,
-    delta: float = 1e-5,
-    l2_sensitivity: float | None = None,
-    accountant: Accountant = "rdp",
-) -> float:
+def gaussian_upload_epsilon(alpha_bar_c: float, num_uploads: int, dim: int, delta: float = 1e-5,
+                            l2_sensitivity: float | None = None, accountant: Accountant = "rdp") -> float:
     """Epsilon at ``delta`` for one image uploaded ``num_uploads`` times at cut abar_c.
 
     0.0 for no uploads or abar_c = 0 (pure noise); inf for abar_c = 1 (c = 0: raw images).
@@ -88,17 +70,16 @@ def gaussian_upload_epsilon(
     if abar == 1.0:
         return math.inf
     z = upload_noise_multiplier(abar, dim, l2_sensitivity)
-    return _rdp_epsilon(z, k, delta) if accountant == "rdp" else _pld_epsilon(z, k, delta)
+    if accountant == "pld":  # dp-accounting's exact inverse for the Gaussian mechanism (Balle & Wang 2018)
+        return float(load("dp_accounting.gaussian_mechanism").get_epsilon_gaussian(z / math.sqrt(k), delta))
+    dp_accounting = load("dp_accounting")
+    acc = load("dp_accounting.rdp").RdpAccountant()
+    acc.compose(dp_accounting.SelfComposedDpEvent(dp_accounting.GaussianDpEvent(z), k))
+    return float(acc.get_epsilon(delta))
 
 
-def sensitivity_note(
-    alpha_bar_c: float,
-    num_uploads: int,
-    dim: int,
-    delta: float = 1e-5,
-    l2_sensitivity: float | None = None,
-    accountant: Accountant = "rdp",
-) -> str:
+def sensitivity_note(alpha_bar_c: float, num_uploads: int, dim: int, delta: float = 1e-5,
+                     l2_sensitivity: float | None = None, accountant: Accountant = "rdp") -> str:
     """The assumptions behind an epsilon, in words, to be stored next to it in results."""
     abar, sens = _validate(alpha_bar_c, num_uploads, dim, delta, l2_sensitivity, accountant)
     eps = gaussian_upload_epsilon(abar, num_uploads, dim, delta, l2_sensitivity, accountant)

@@ -296,12 +296,10 @@ def _rounds_done(output_root: Path, since: float = 0.0) -> int:
 def _output_dir(log: str, output_root: Path | None) -> Path | None:
     """Where the ServerApp said it wrote its results, else the newest run folder under output_root."""
     said = _said_output_dir(log)
-    if said is not None:
+    if said is not None or not output_root:
         return said
-    if output_root:
-        runs = sorted(output_root.glob("*/results.json"), key=lambda p: p.stat().st_mtime)
-        return runs[-1].parent if runs else None
-    return None
+    runs = sorted(output_root.glob("*/results.json"), key=lambda p: p.stat().st_mtime)
+    return runs[-1].parent if runs else None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -316,10 +314,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="write each node its own digits image folder and start it with "
                         "--node-config \"data-dir='<its folder>' dataset='imagefolder'\"")
     p.add_argument("--isolation", choices=ISOLATIONS, default="subprocess",
-                   help="subprocess: Flower's default, a fresh ClientApp process per message; process: Flower's "
-                        "--isolation process with a long-lived flower-superexec (still a process per message); "
-                        "warm: scripts/flwr142_warm.py from a checkout, one long-lived ClientApp worker per "
-                        "SuperNode (rounds ~20 s faster; Flower 1.42 only)")
+                   help="subprocess, process: stock Flower (a ClientApp process per message); warm: scripts/"
+                        "flwr142_warm.py, one long-lived worker per SuperNode (rounds ~20 s faster; Flower 1.42)")
     p.add_argument("--insecure", action="store_true", help="no TLS and no SuperNode authentication")
     p.add_argument("--no-auth", action="store_true", help="TLS but no SuperNode authentication")
     p.add_argument("--database", default=None, help="SuperLink --database file (default: in memory)")

@@ -221,16 +221,9 @@ def mark_stopped(run_dir: Path | None, signame: str) -> str:
     return f'{path} says "{res.get("status")}"'
 
 
-def run_flower(
-    run_config: dict[str, object] | str = "",
-    num_clients: int = 5,
-    app_dir: Path = APP_DIR,
-    flwr_home: Path | None = None,
-    timeout: float = 3600,
-    stream: bool = True,
-    client_cpus: int = 1,
-    client_gpus: float = 0.0,
-) -> RunOutcome:
+def run_flower(run_config: dict[str, object] | str = "", num_clients: int = 5, app_dir: Path = APP_DIR,
+               flwr_home: Path | None = None, timeout: float = 3600, stream: bool = True, client_cpus: int = 1,
+               client_gpus: float = 0.0) -> RunOutcome:
     """Run the app once through `flwr run` on a private local SuperLink and clean up after it.
 
     client_cpus: CPUs (and torch threads) per virtual client; 1 by default, since two multi-thread

@@ -12,6 +12,7 @@ import os
 import signal
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 #: environment variable that marks every process of one launcher run (value: a random token)
@@ -20,6 +21,18 @@ MARK = "COLLAFUSE_RUN_TOKEN"
 
 def _all_pids() -> list[int]:
     return [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit()]
+
+
+def _pids_where(test: Callable[[int], bool]) -> list[int]:
+    """The pids `test` holds for; a process that vanished or is not ours (OSError) fails it."""
+    out = []
+    for pid in _all_pids():
+        try:
+            if test(pid):
+                out.append(pid)
+        except OSError:
+            continue
+    return out
 
 
 def _stat(pid: int) -> list[str]:
@@ -50,17 +63,8 @@ def pids_listening_on(port: int) -> list[int]:
                 inodes.add(parts[9])
     if not inodes:
         return []
-    pids = []
-    for pid in _all_pids():
-        try:
-            for fd in Path(f"/proc/{pid}/fd").iterdir():
-                link = os.readlink(fd)
-                if link.startswith("socket:[") and link[8:-1] in inodes:
-                    pids.append(pid)
-                    break
-        except OSError:
-            continue
-    return pids
+    sockets = {f"socket:[{inode}]" for inode in inodes}
+    return _pids_where(lambda pid: any(os.readlink(fd) in sockets for fd in Path(f"/proc/{pid}/fd").iterdir()))
 
 
 def tree(pid: int) -> list[int]:
@@ -86,14 +90,7 @@ def in_group(pgid: int) -> list[int]:
 def marked(*marks: str) -> list[int]:
     """Processes of this user whose environment holds any of `marks` ("KEY=value" entries)."""
     needles = {m.encode() for m in marks if m}
-    out = []
-    for pid in _all_pids():
-        try:
-            if needles & set(Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")):
-                out.append(pid)
-        except OSError:
-            continue
-    return out
+    return _pids_where(lambda pid: bool(needles & set(Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"))))
 
 
 def run_marks(token: str, private_home: Path | str | None = None) -> list[str]:
@@ -121,8 +118,7 @@ def name(pid: int) -> str:
 
 def summarize(names: list[str]) -> str:
     """'flower-superlink, raylet, 3 x ray::ClientAppActor' (first seen first)."""
-    counts = Counter(names)
-    return ", ".join(n if c == 1 else f"{c} x {n}" for n, c in counts.items())
+    return ", ".join(n if c == 1 else f"{c} x {n}" for n, c in Counter(names).items())
 
 
 def stop_pids(pids: list[int], grace: float = 10.0,
@@ -149,13 +145,9 @@ def find_run(marks: list[str], ports: list[int], trees: list[int] = (), groups: 
     raylets = [p for p in found if name(p) == "raylet"]
     if raylets:
         found.update(marked(*(f"RAY_RAYLET_PID={p}" for p in raylets)))
-    for port in ports:
-        for p in pids_listening_on(port):
-            found.update(tree(p))
-    for r in trees:
-        found.update(tree(r))
-    for g in groups:
-        found.update(in_group(g))
+    for root in [p for port in ports for p in pids_listening_on(port)] + list(trees):
+        found.update(tree(root))
+    found.update(p for g in groups for p in in_group(g))
     found.discard(os.getpid())
     return sorted(p for p in found if alive(p))
 
