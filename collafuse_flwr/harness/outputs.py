@@ -49,9 +49,7 @@ class MetricsCsv:
 
     def append(self, row: dict[str, Any]) -> None:
         self.rows.append(row)
-        cols: list[str] = []
-        for r in self.rows:
-            cols += [k for k in r if k not in cols]
+        cols = list(dict.fromkeys(k for r in self.rows for k in r))  # first seen first
         with open(self.path, "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=cols)
             w.writeheader()
@@ -83,8 +81,7 @@ def save_grid(path: Path, rows: list[np.ndarray], row_labels: list[str], title: 
     for i, r in enumerate(rows):
         for j in range(ncols):
             ax = axes[i][j]
-            ax.set_xticks([])
-            ax.set_yticks([])
+            ax.set(xticks=[], yticks=[])
             for s in ax.spines.values():
                 s.set_visible(False)
             if j < r.shape[0]:
@@ -102,11 +99,9 @@ def save_grid(path: Path, rows: list[np.ndarray], row_labels: list[str], title: 
 def summary_table(rows: list[tuple[str, Any]]) -> str:
     """A two-column plain-text table for the end-of-run summary."""
     def fmt(v: Any) -> str:
-        if isinstance(v, float):
-            if not math.isfinite(v):
-                return str(v)
-            return f"{v:.4g}" if abs(v) < 1e5 else f"{v:.3e}"
-        return str(v)
+        if not isinstance(v, float) or not math.isfinite(v):
+            return str(v)
+        return f"{v:.4g}" if abs(v) < 1e5 else f"{v:.3e}"
 
     width = max(len(k) for k, _ in rows)
     lines = [f"{k.ljust(width)}  {fmt(v)}" for k, v in rows]

@@ -126,11 +126,8 @@ def mnist_reserved_images() -> tuple[Tensor, Tensor]:
 
 
 def to_digits_style(images_uint8: Tensor, threshold: float | Tensor = 0.5) -> Tensor:
-    """28x28 MNIST digits -> 8x8 images like scikit-learn's (UCI) digits, uint8 in 17 levels.
-
-    As the UCI digits were made: size-normalise into a 32x32 bitmap binarised at `threshold` (one
-    value or one per image; lower = thicker strokes) and count the on-pixels of each 4x4 block.
-    """
+    """28x28 MNIST digits -> 8x8 like scikit-learn's (UCI) digits, made as those were: size-normalised
+    32x32 bitmaps binarised at `threshold` (one or one per image), on-pixels counted per 4x4 block."""
     if images_uint8.dtype != torch.uint8 or images_uint8.dim() != 4 or images_uint8.shape[1] != 1:
         raise ValueError(f"expected uint8 N x 1 x H x W, got {images_uint8.dtype} {tuple(images_uint8.shape)}")
     thresholds = torch.as_tensor(threshold, dtype=torch.float32).expand(images_uint8.shape[0])
@@ -156,11 +153,8 @@ def _digit_to_8x8(im: Tensor, threshold: float) -> Tensor:
 
 
 def digits_style_variants(images_uint8: Tensor, copies: int, seed: int = DEFAULT_SEED) -> Tensor:
-    """`copies` random warps of each 28x28 digit, made digits-style (`to_digits_style`).
-
-    Why: scikit-learn's digits are narrower with heavier strokes than MNIST's (measured on class
-    means), so each copy is rotated, narrowed and sheared, then binarised at a random threshold.
-    """
+    """`copies` random warps of each 28x28 digit, made digits-style: scikit-learn's digits are narrower
+    with heavier strokes than MNIST's (measured), so copies are narrowed, sheared, thresholded lower."""
     g = torch.Generator().manual_seed(seed)
     x = images_uint8.float()
     n = x.shape[0]
@@ -217,11 +211,8 @@ def _augment(x: Tensor, generator: torch.Generator) -> Tensor:
 def train_digits_cnn(seed: int = DEFAULT_SEED, epochs: int | None = None, batch_size: int = 64, lr: float = 3e-3,
                      images: Tensor | None = None, labels: Tensor | None = None, input_size: int = INPUT_SIZE,
                      style_copies: int | None = None) -> tuple[DigitsCNN, dict[str, Any]]:
-    """Train the feature CNN reproducibly: same seed and torch build -> bitwise-equal weights.
-
-    `epochs` and `style_copies` default to `RECIPES` (the net is picked by `input_size`). One CPU
-    thread (threaded reductions may reorder float sums), in a forked RNG: the caller's is untouched.
-    """
+    """Train the feature CNN reproducibly (same seed and torch build -> bitwise-equal weights): one CPU
+    thread (threaded reductions may reorder float sums), in a forked RNG. Defaults from `RECIPES`."""
     name = "mnist-cnn" if input_size == MNIST_INPUT_SIZE else "digits-cnn"
     epochs = RECIPES[name]["epochs"] if epochs is None else epochs
     style_copies = RECIPES[name].get("style_copies", 0) if style_copies is None else style_copies

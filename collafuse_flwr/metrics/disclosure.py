@@ -22,12 +22,9 @@ DATA_RANGE = 2.0  # images live in [-1, 1]
 @torch.no_grad()
 def reconstruct(uploads: Tensor, sched: Schedule, t_c: int, eps_model: EpsModel | None = None,
                 relative_anchor: int | None = None) -> Tensor:
-    r"""One-step estimate of x_0 from uploads x_{t_c}, clamped to [-1, 1]: Tweedie's step with a
-    denoiser the attacker owns, else the model-free x_tc / sqrt(abar_c) (unbiased before clamping).
-
-    relative_anchor a: eps_model was trained on a sub-chain whose clean data is x_a, so its estimate
-    of x_a is rescaled model-free by 1 / sqrt(abar_a). t_c = 0 returns a copy: the raw images.
-    """
+    r"""One-step estimate of x_0 from uploads x_{t_c}, clamped to [-1, 1]: Tweedie's step with the
+    attacker's denoiser, else the model-free x_tc / sqrt(abar_c). relative_anchor a: eps_model's clean
+    data is x_a, so its estimate is rescaled by 1 / sqrt(abar_a). t_c = 0: a copy (raw images)."""
     if not isinstance(t_c, int) or not 0 <= t_c <= sched.T:
         raise ValueError(f"t_c must be an integer in [0, T={sched.T}], got {t_c!r}")
     if uploads.dim() != 4:

@@ -159,12 +159,8 @@ def fetch_inception_weights() -> Path:
 
 
 def prepare_backbone(name: str, dataset: str, weights_path: str | None = None, download: bool = False) -> str:
-    """Call once at the start of a run: the backbone FID will use, its weights ready.
-
-    With ``download``, missing Inception weights are fetched now, so a run that cannot have them
-    fails at start, not at its first evaluation; for ``auto`` a failed fetch falls back with one
-    warning, and later :func:`resolve_backbone` calls silently give the same answer.
-    """
+    """Once at a run's start: the backbone FID will use, its weights fetched now (``download``) so a run
+    that cannot have them fails at start; ``auto`` falls back with one warning, later resolves silently."""
     _check_name(name)
     wants_inception = name == "inception" or (name == "auto" and torch_fidelity_available())
     fetch_error = None

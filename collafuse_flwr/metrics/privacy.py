@@ -59,10 +59,8 @@ def upload_noise_multiplier(alpha_bar_c: float, dim: int, l2_sensitivity: float 
 
 def gaussian_upload_epsilon(alpha_bar_c: float, num_uploads: int, dim: int, delta: float = 1e-5,
                             l2_sensitivity: float | None = None, accountant: Accountant = "rdp") -> float:
-    """Epsilon at ``delta`` for one image uploaded ``num_uploads`` times at cut abar_c.
-
-    0.0 for no uploads or abar_c = 0 (pure noise); inf for abar_c = 1 (c = 0: raw images).
-    """
+    """Epsilon at ``delta`` for one image uploaded ``num_uploads`` times at cut abar_c: 0 for no uploads
+    or pure noise (abar_c = 0), inf for raw images (abar_c = 1)."""
     abar, _ = _validate(alpha_bar_c, num_uploads, dim, delta, l2_sensitivity, accountant)
     k = int(num_uploads)
     if k == 0 or abar == 0.0:
