@@ -22,18 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from collafuse_flwr.tools.deploy_keys import TlsFiles, make_node_key, make_tls
-from collafuse_flwr.tools.launch import (
-    APP_DIR,
-    Outcome,
-    common_args,
-    final_status,
-    flwr_bin,
-    flwr_env,
-    free_port,
-    parse_runs,
-    read_into,
-    with_preset,
-)
+from collafuse_flwr.tools.launch import (APP_DIR, Outcome, common_args, final_status, flwr_bin, flwr_env, free_port,
+                                         parse_runs, read_into, with_preset)
 from collafuse_flwr.tools.launch import _output_dir as _said_output_dir
 from collafuse_flwr.tools.processes import stop_pids, tree
 
