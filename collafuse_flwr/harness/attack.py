@@ -1,16 +1,8 @@
-"""The disclosure harness's reference attacker: a full-chain denoiser trained on data of the
-same kind as the clients', but not on their training images.
+"""The disclosure harness's reference attacker: a full-chain denoiser trained on data of the same
+kind as the clients' (the pooled held-out test splits), not on the training images it attacks.
 
-An honest-but-curious server that owns public data of the same kind can train an ordinary
-DDPM and denoise each upload x_tc in one Tweedie step. In the simulation the pooled held-out
-test splits play that public data: same distribution, disjoint from the training images the
-attack is scored on. Like the pooled FID, this reloads data in the ServerApp, which only a
-simulation can do; it costs `attack-reference-steps` optimizer steps once per run.
-
-The strategy trains it at the first evaluation, while the clients are idle. It once trained in a
-background thread from the ServerApp's start, on the theory that the engine's start-up leaves
-the CPU idle; /proc sampling showed it does not (Ray's daemons and the workers' imports use a
-core), and the extra 2-thread team slowed round 1's clients by more than it saved.
+Trained at the first evaluation, while the clients are idle: a background thread from the
+ServerApp's start slowed round 1's clients by more than it saved (measured in /proc).
 """
 
 from __future__ import annotations

@@ -1,16 +1,9 @@
 """Research harness: what an honest-but-curious server can reconstruct from a node's uploads.
 
-At evaluation the server reconstructs each node's last upload three ways and sends the
-reconstructions back (measurement-only bytes) for the node to score against the true x0,
-which only the node holds:
-- `recon-server`: one Tweedie step with the server's own model (it only learned t > t_c, so
-  this is its extrapolation);
-- `recon-reference`: the same with a reference full-chain denoiser trained on data of the same
-  kind (the pooled held-out test splits, disjoint from the targets; `attack.py`);
-- `recon-scaled`: model-free scaling x_tc / sqrt(abar_c).
-A node scores only these names, in the upload's shape (`evaluation.RECON_NAMES`), and only
-where its operator allows research measurements. The reference attacker reloads data in the
-ServerApp, so this probe runs only with the simulation harness switched on.
+At evaluation the server reconstructs each node's last upload three ways (its own model, a
+reference attacker from `attack.py`, model-free scaling) and sends them back for the node to score
+against the true x0, which only the node holds, where its operator allows research measurements.
+The reference attacker reloads data in the ServerApp, so this runs only in the simulation harness.
 """
 
 from __future__ import annotations

@@ -1,9 +1,5 @@
-"""Run outputs every method writes the same way, so one report can read them all.
-
-- metrics.csv: one row per round, appended as rounds finish (nothing lost if a run dies);
-- samples.png: a grid, one row per client; samples.npz: images (uint8 N x H x W x C), client (N);
-- results.json: the run's settings and a `final` object; written with status "failed" and the
-  error when a run breaks.
+"""Run outputs every method writes the same way (metrics.csv, samples.png/.npz, results.json),
+so one report can read them all.
 """
 
 from __future__ import annotations
@@ -20,8 +16,7 @@ from collafuse_flwr.imports import load
 
 
 def _clean(v: Any) -> Any:
-    """JSON has no NaN/inf: NaN becomes null, +-inf the strings "inf"/"-inf" (epsilon = inf is
-    meaningful: no privacy at all), so the file stays standard JSON."""
+    """NaN -> null, +-inf -> "inf"/"-inf" (epsilon = inf means no privacy), so the file stays standard JSON."""
     if isinstance(v, dict):
         return {str(k): _clean(x) for k, x in v.items()}
     if isinstance(v, (list, tuple)):
@@ -54,9 +49,7 @@ class MetricsCsv:
 
     def append(self, row: dict[str, Any]) -> None:
         self.rows.append(row)
-        cols: list[str] = []
-        for r in self.rows:
-            cols += [k for k in r if k not in cols]
+        cols = list(dict.fromkeys(k for r in self.rows for k in r))  # first seen first
         with open(self.path, "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=cols)
             w.writeheader()
@@ -88,8 +81,7 @@ def save_grid(path: Path, rows: list[np.ndarray], row_labels: list[str], title: 
     for i, r in enumerate(rows):
         for j in range(ncols):
             ax = axes[i][j]
-            ax.set_xticks([])
-            ax.set_yticks([])
+            ax.set(xticks=[], yticks=[])
             for s in ax.spines.values():
                 s.set_visible(False)
             if j < r.shape[0]:
@@ -107,11 +99,9 @@ def save_grid(path: Path, rows: list[np.ndarray], row_labels: list[str], title: 
 def summary_table(rows: list[tuple[str, Any]]) -> str:
     """A two-column plain-text table for the end-of-run summary."""
     def fmt(v: Any) -> str:
-        if isinstance(v, float):
-            if not math.isfinite(v):
-                return str(v)
-            return f"{v:.4g}" if abs(v) < 1e5 else f"{v:.3e}"
-        return str(v)
+        if not isinstance(v, float) or not math.isfinite(v):
+            return str(v)
+        return f"{v:.4g}" if abs(v) < 1e5 else f"{v:.3e}"
 
     width = max(len(k) for k, _ in rows)
     lines = [f"{k.ljust(width)}  {fmt(v)}" for k, v in rows]

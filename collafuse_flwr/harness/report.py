@@ -22,8 +22,6 @@ from collafuse_flwr.metrics.features import resolve_backbone
 from collafuse_flwr.metrics.fid import compute_fid_kid
 from collafuse_flwr.metrics.privacy import sensitivity_note
 
-SUM_KEYS = ("server-train-flops",)
-
 
 def _per_client(metrics: dict[int, dict[str, float]], key: str) -> dict[str, float]:
     return {str(pid): m[key] for pid, m in sorted(metrics.items()) if key in m}
@@ -40,11 +38,8 @@ def _mean(values) -> float:
 
 
 def pooled_quality(cfg: RunConfig, images: dict[int, np.ndarray], num_nodes: int) -> dict[str, Any]:
-    """FID of all generated images against all clients' held-out test images.
-
-    A simulation-harness measurement: it reloads the test splits in the ServerApp, which a real
-    deployment's server could not do (there the per-client figures are what exist).
-    """
+    """FID of all generated images against all clients' held-out test images: simulation only (it
+    reloads the test splits in the ServerApp, which a deployment's server cannot do)."""
     try:
         backbone = resolve_backbone(cfg.fid_backbone, cfg.dataset, cfg.fid_weights or None)
         if backbone == "none" or not images:
@@ -61,23 +56,20 @@ def pooled_quality(cfg: RunConfig, images: dict[int, np.ndarray], num_nodes: int
 
 def run_status(rec, num_nodes: int, per_client: dict[int, dict[str, float]], evaluated: bool,
                clients: list[int] | None = None) -> tuple[str, list[str]]:
-    """"ok" only when the run finished, no reply was rejected or failed, no robustness check had
-    to act on a client, and every client produced finite samples; else "degraded", with the
-    reasons naming the clients. clients: the admitted clients' indices (to name who is missing)."""
+    """"ok" only when no reply was rejected or failed, no robustness check acted and every client gave
+    finite samples; else "degraded", with reasons naming the clients (`clients`: the admitted ones)."""
     reasons = []
     if rec.failures:
         reasons.append(f"{rec.failures} failed or missing replies (rounds {sorted(rec.missing) or 'n/a'})")
-    for c, why in sorted(rec.failed_by_client.items()):
-        reasons.append(f"client {c}: {sum(why.values())} error reply(s) ({'; '.join(sorted(why))[:300]})")
-    for c, why in sorted(rec.rejected_by_client.items()):
-        reasons.append(f"client {c}: {sum(why.values())} reply(s) rejected ({', '.join(sorted(why))})")
+    reasons += [f"client {c}: {sum(why.values())} error reply(s) ({'; '.join(sorted(why))[:300]})"
+                for c, why in sorted(rec.failed_by_client.items())]
+    reasons += [f"client {c}: {sum(why.values())} reply(s) rejected ({', '.join(sorted(why))})"
+                for c, why in sorted(rec.rejected_by_client.items())]
     unblamed = sum(rec.rejected.values()) - sum(sum(v.values()) for v in rec.rejected_by_client.values())
     if unblamed > 0:
         reasons.append(f"{unblamed} rejected replies no client is blamed for: {dict(rec.rejected)}")
-    for c, kinds in rec.flagged().items():
-        reasons.append(f"client {c}: {', '.join(kinds)} (see final.robustness)")
-    for server_round, what in rec.incidents:
-        reasons.append(f"round {server_round}: {what}")
+    reasons += [f"client {c}: {', '.join(kinds)} (see final.robustness)" for c, kinds in rec.flagged().items()]
+    reasons += [f"round {server_round}: {what}" for server_round, what in rec.incidents]
     if evaluated and len(per_client) < num_nodes:
         missing = sorted(set(clients or range(num_nodes)) - set(per_client))
         reasons.append(f"only {len(per_client)} of {num_nodes} clients returned their final evaluation"
@@ -89,8 +81,7 @@ def run_status(rec, num_nodes: int, per_client: dict[int, dict[str, float]], eva
 
 
 def run_notes(rec, per_client: dict[int, dict[str, float]]) -> list[str]:
-    """What a reader should know that is not a fault: clients whose FID was skipped (too few
-    test images for a Frechet distance), example claims capped within natural size differences."""
+    """What a reader should know that is not a fault (skipped FIDs, claims capped within natural noise)."""
     notes = []
     skipped = fid_skipped_clients(per_client)
     if skipped:
@@ -108,9 +99,8 @@ def fid_skipped_clients(per_client: dict[int, dict[str, float]]) -> list[int]:
 
 
 def consistent_images(images: dict[int, np.ndarray]) -> tuple[dict[int, np.ndarray], list[int]]:
-    """The clients' sample arrays that can be stacked (uint8 N x C x H x W, the shape most
-    clients have), and the clients left out. The strategies refuse a bad array already; this
-    is the last line, so that one client's data never costs the run its report."""
+    """The clients' sample arrays that stack (uint8 N x C x H x W of the commonest shape) and the clients
+    left out: the last line of defence, so one client's data never costs the run its report."""
     ok = {c: a for c, a in images.items()
           if isinstance(a, np.ndarray) and a.dtype == np.uint8 and a.ndim == 4 and a.shape[0] > 0}
     if ok:
@@ -134,60 +124,49 @@ def robustness_report(rec, strategy) -> dict[str, Any]:
 
 def finalize(cfg: RunConfig, strategy, result, out: Path, run_id: int, num_nodes: int, started: float,
              params: int, harness: bool = True) -> dict[str, Any]:
-    """Write results.json and the sample grid.
-
-    result: Flower's `Result` of `strategy.start()` (per-round client metrics come from it).
-    started: time.time() when the ServerApp began; `wall_seconds` runs until the outputs are
-    written, pooled FID included.
-    harness: whether the ServerApp may reload client data (pooled FID): simulation only.
-    """
+    """Write results.json and the sample grid; `wall_seconds` runs from `started` until the outputs
+    are written. harness: whether the ServerApp may reload client data (pooled FID): simulation only."""
     rec = strategy.recorder
-    rounds = rec.rounds
-    evals = rec.evals
+    rounds, evals = rec.rounds, rec.evals
     last = evals[max(evals)] if evals else None
     per_client = last.metrics if last else {}
     images, dropped = consistent_images(last.images if last else {})
-    totals = {k: float(sum(r.values.get(k, 0.0) or 0.0 for r in rounds.values())) for k in SUM_KEYS}
-    totals[P.CLIENT_TRAIN_FLOPS] = float(sum(float(m.get(P.CLIENT_TRAIN_FLOPS, 0.0))
-                                             for m in result.train_metrics_clientapp.values()))
+    server_flops = float(sum(r.values.get("server-train-flops", 0.0) or 0.0 for r in rounds.values()))
+    flops = float(sum(float(m.get(P.CLIENT_TRAIN_FLOPS, 0.0)) for m in result.train_metrics_clientapp.values()))
     b = rec.bytes
     n_rounds = max(1, cfg.num_server_rounds)
     bytes_up = b.get("up-train", 0.0)
     bytes_down = b.get("down-train", 0.0) + b.get("down-eval", 0.0)
+    trained = sorted(rec.train_totals.items())
+
+    def avg(key: str) -> float:
+        return _mean(m.get(key) for m in per_client.values())
+
     final: dict[str, Any] = {
-        "fid": _mean(m.get(P.FID) for m in per_client.values()),
-        "fid_per_client": _per_client(per_client, P.FID),
+        "fid": avg(P.FID), "fid_per_client": _per_client(per_client, P.FID),
         "fid_skipped_clients": fid_skipped_clients(per_client),
-        "kid": _mean(m.get(P.KID) for m in per_client.values()),
-        "kid_per_client": _per_client(per_client, P.KID),
-        "precision": _mean(m.get("precision") for m in per_client.values()),
-        "recall": _mean(m.get("recall") for m in per_client.values()),
-        "fid_backbone": None,
-        "client_train_flops": totals[P.CLIENT_TRAIN_FLOPS],
-        "client_train_flops_per_round": totals[P.CLIENT_TRAIN_FLOPS] / n_rounds,
-        "client_train_flops_per_client_round": totals[P.CLIENT_TRAIN_FLOPS] / n_rounds / max(1, num_nodes),
-        "client_infer_flops_per_image": _mean(m.get(P.CLIENT_INFER_FLOPS_PER_IMAGE) for m in per_client.values()),
+        "kid": avg(P.KID), "kid_per_client": _per_client(per_client, P.KID),
+        "precision": avg("precision"), "recall": avg("recall"), "fid_backbone": None,
+        "client_train_flops": flops, "client_train_flops_per_round": flops / n_rounds,
+        "client_train_flops_per_client_round": flops / n_rounds / max(1, num_nodes),
+        "client_infer_flops_per_image": avg(P.CLIENT_INFER_FLOPS_PER_IMAGE),
         "client_infer_flops_per_image_per_client": _per_client(per_client, P.CLIENT_INFER_FLOPS_PER_IMAGE),
         "client_parameters_per_client": _per_client(per_client, P.CLIENT_PARAMS),
-        "client_train_flops_per_client": {str(c): v.get(P.CLIENT_TRAIN_FLOPS, 0.0)
-                                          for c, v in sorted(rec.train_totals.items())},
-        "uploads_per_client": {str(c): int(v.get(P.NUM_UPLOADED, 0)) for c, v in sorted(rec.train_totals.items())},
-        "server_train_flops": totals["server-train-flops"],
+        "client_train_flops_per_client": {str(c): v.get(P.CLIENT_TRAIN_FLOPS, 0.0) for c, v in trained},
+        "uploads_per_client": {str(c): int(v.get(P.NUM_UPLOADED, 0)) for c, v in trained},
+        "server_train_flops": server_flops,
         "server_infer_flops_per_image": _mean([r.values.get("server-infer-flops-per-image")
                                                for r in rounds.values()]),
-        "bytes_up": bytes_up,
-        "bytes_down": bytes_down,
-        "bytes_up_per_round": bytes_up / n_rounds,
-        "bytes_down_per_round": bytes_down / n_rounds,
+        "bytes_up": bytes_up, "bytes_down": bytes_down,
+        "bytes_up_per_round": bytes_up / n_rounds, "bytes_down_per_round": bytes_down / n_rounds,
         "bytes_per_client": _by_client(rec.bytes_by_client),
         "bytes_harness": {"down": b.get("down-harness", 0.0), "up_eval": b.get("up-eval", 0.0)},
-        "failed_replies": rec.failures,
-        "rejected_replies": dict(rec.rejected),
+        "failed_replies": rec.failures, "rejected_replies": dict(rec.rejected),
         "rejected_replies_by_client": _by_client(rec.rejected_by_client),
         "failed_replies_by_client": _by_client(rec.failed_by_client),
         "robustness": robustness_report(rec, strategy),
         "missing_clients_by_round": {str(k): v for k, v in sorted(rec.missing.items())},
-        "infer_seconds_per_client": _mean(m.get(P.INFER_SECONDS) for m in per_client.values()),
+        "infer_seconds_per_client": avg(P.INFER_SECONDS),
     }
     if harness:
         final.update(pooled_quality(cfg, images, num_nodes))
@@ -207,28 +186,18 @@ def finalize(cfg: RunConfig, strategy, result, out: Path, run_id: int, num_nodes
         status = "degraded"
     cf = cfg.method == "collafuse"
     results = {
-        "status": status,
-        "status_reasons": reasons,
-        "status_notes": run_notes(rec, per_client),
-        "method": cfg.method,
-        "cut_ratio": cfg.cut_ratio if cf else None,
-        "cut_step": cfg.cut_step if cf else None,
+        "status": status, "status_reasons": reasons, "status_notes": run_notes(rec, per_client),
+        "method": cfg.method, "cut_ratio": cfg.cut_ratio if cf else None, "cut_step": cfg.cut_step if cf else None,
         # each node's own cut (client-cut-ratios / node_config cut-ratio), as the server ran it
         "cut_step_per_client": {str(c): t for c, t in sorted(strategy.client_cut.items())} if cf else None,
         "cut_ratio_per_client": {str(c): t / cfg.diffusion_steps for c, t in sorted(strategy.client_cut.items())}
                                 if cf else None,
         "server_target": cfg.server_target if cf else None,
-        "dataset": cfg.dataset,
-        "num_clients": num_nodes,
-        "num_rounds": cfg.num_server_rounds,
-        "seed": cfg.seed,
-        "diffusion_steps": cfg.diffusion_steps,
-        "denoiser_parameters": params,
+        "dataset": cfg.dataset, "num_clients": num_nodes, "num_rounds": cfg.num_server_rounds, "seed": cfg.seed,
+        "diffusion_steps": cfg.diffusion_steps, "denoiser_parameters": params,
         "client_model_size": _client_model_size(cfg),
         "wall_seconds": None,  # set last, once everything else is done
-        "run_id": run_id,
-        "config": cfg.to_flwr(),
-        "final": final,
+        "run_id": run_id, "config": cfg.to_flwr(), "final": final,
         "per_client": {str(k): v for k, v in sorted(per_client.items())},
     }
     if images:
@@ -267,9 +236,7 @@ def _disclosure(cfg: RunConfig, per_client: dict[int, dict[str, float]], image_d
         # raw uploads (t_c = 0) have no finite epsilon, and replies carry only finite metrics
         d["epsilon"] = (float("inf") if cfg.cut_step == 0 else max(eps) if eps
                         else 0.0 if cfg.cut_step == cfg.diffusion_steps else None)
-        d["delta"] = 1e-5
-        d["max_uploads_per_image"] = k
-        d["epsilon_assumption"] = sensitivity_note(abar_c, k, image_dim)
+        d.update(delta=1e-5, max_uploads_per_image=k, epsilon_assumption=sensitivity_note(abar_c, k, image_dim))
     elif cfg.method == "centralized":
         d.update({"note": "raw training images are sent to the server: complete disclosure",
                   "epsilon": float("inf"), "reid_server": 1.0})
@@ -289,19 +256,15 @@ def _summary_rows(r: dict[str, Any]) -> list[tuple[str, Any]]:
     rows += [
         ("clients x rounds", f"{r['num_clients']} x {r['num_rounds']}"),
         (f"FID ({f.get('fid_backbone')}) mean per client", f["fid"]),
-        ("FID pooled", f.get("fid_pooled", float("nan"))),
-        ("KID mean per client", f["kid"]),
+        ("FID pooled", f.get("fid_pooled", float("nan"))), ("KID mean per client", f["kid"]),
         ("client train FLOPs (total)", f["client_train_flops"]),
         ("client infer FLOPs / image", f["client_infer_flops_per_image"]),
         (f"client model ({r.get('client_model_size')}) parameters",
          _mean(f.get("client_parameters_per_client", {}).values())),
         ("server train FLOPs (total)", f["server_train_flops"]),
-        ("bytes up / round", f["bytes_up_per_round"]),
-        ("bytes down / round", f["bytes_down_per_round"]),
+        ("bytes up / round", f["bytes_up_per_round"]), ("bytes down / round", f["bytes_down_per_round"]),
     ]
     d = f["disclosure"]
-    for k in ("reid_server", "reid_reference", "psnr_reference", "upload_fid", "epsilon"):
-        if k in d:
-            rows.append((f"disclosure {k}", d[k]))
-    rows.append(("wall time (s)", r["wall_seconds"]))
-    return rows
+    rows += [(f"disclosure {k}", d[k]) for k in ("reid_server", "reid_reference", "psnr_reference", "upload_fid",
+                                                 "epsilon") if k in d]
+    return [*rows, ("wall time (s)", r["wall_seconds"])]

@@ -1,18 +1,6 @@
-r"""What an honest-but-curious server can learn about a client's images from its uploads.
-
-A CollaFuse client uploads x_{t_c} = sqrt(abar_c) x_0 + sqrt(1 - abar_c) eps. These functions
-measure the empirical leakage of that tensor, to sit beside the formal bound of
-:mod:`.privacy`:
-
-* :func:`reconstruct`: the server's best one-step guess of x_0 (Tweedie), with a denoiser or
-  without one;
-* :func:`psnr_ssim`: how close the guess is, pixel-wise and structurally;
-* :func:`reidentification_rate`: whether the guess singles out the source image in the
-  client's training set (a membership-style attack: nearest neighbour in pixel space);
-* :func:`upload_fid`: the CollaFuse paper's measure, FID/KID between the uploads and the
-  client's real images (high = uploads look unlike the data).
-
-Images are float tensors in [-1, 1], N x C x H x W, as the diffusion models see them.
+r"""What an honest-but-curious server can learn about a client's images from its uploads
+x_{t_c} = sqrt(abar_c) x_0 + sqrt(1 - abar_c) eps: the empirical leakage, beside :mod:`.privacy`'s
+formal bound. Images are float tensors in [-1, 1], N x C x H x W, as the diffusion models see them.
 """
 
 from __future__ import annotations
@@ -25,40 +13,20 @@ from collafuse_flwr.imports import load
 from collafuse_flwr.metrics.features import to_uint8
 from collafuse_flwr.metrics.fid import compute_fid_kid
 
-#: PSNR of a perfect reconstruction is infinite; per-image PSNR is capped here (in dB) so
-#: means and JSON stay finite. 100 dB is an MSE of 4e-10 on a [-1, 1] range, far below
-#: 8-bit quantisation (~48 dB), so the cap never hides a real difference.
+#: Per-image PSNR cap (dB), so means and JSON stay finite: 100 dB is far below 8-bit quantisation
+#: (~48 dB), so the cap never hides a real difference.
 PSNR_CAP_DB = 100.0
 DATA_RANGE = 2.0  # images live in [-1, 1]
 
 
-def _check_cut(sched: Schedule, t_c: int) -> None:
+@torch.no_grad()
+def reconstruct(uploads: Tensor, sched: Schedule, t_c: int, eps_model: EpsModel | None = None,
+                relative_anchor: int | None = None) -> Tensor:
+    r"""One-step estimate of x_0 from uploads x_{t_c}, clamped to [-1, 1]: Tweedie's step with the
+    attacker's denoiser, else the model-free x_tc / sqrt(abar_c). relative_anchor a: eps_model's clean
+    data is x_a, so its estimate is rescaled by 1 / sqrt(abar_a). t_c = 0: a copy (raw images)."""
     if not isinstance(t_c, int) or not 0 <= t_c <= sched.T:
         raise ValueError(f"t_c must be an integer in [0, T={sched.T}], got {t_c!r}")
-
-
-@torch.no_grad()
-def reconstruct(
-    uploads: Tensor,
-    sched: Schedule,
-    t_c: int,
-    eps_model: EpsModel | None = None,
-    relative_anchor: int | None = None,
-) -> Tensor:
-    r"""One-step estimate of x_0 from uploads x_{t_c}, clamped to [-1, 1].
-
-    With a noise model: Tweedie's x0_hat = (x_tc - sqrt(1 - abar_c) eps_hat(x_tc, t_c)) /
-    sqrt(abar_c) -- the attacker owns (or steals) a denoiser for step t_c. Without one, the
-    model-free estimate x_tc / sqrt(abar_c), which is unbiased before clamping.
-
-    relative_anchor: set to a when eps_model was trained on a sub-chain anchored at step a
-    (a DDPM whose clean data is x_a, abar replaced by abar / abar_a); its Tweedie output is
-    then an estimate of x_a, which is rescaled model-free by 1 / sqrt(abar_a) to estimate x_0.
-    Default 0: an ordinary DDPM.
-
-    t_c = 0 returns a copy of the uploads: the client sent its raw images.
-    """
-    _check_cut(sched, t_c)
     if uploads.dim() != 4:
         raise ValueError(f"uploads must be N x C x H x W, got shape {tuple(uploads.shape)}")
     if t_c == 0:
@@ -76,12 +44,6 @@ def reconstruct(
     return (x_anchor / abar_a.sqrt()).clamp(-1.0, 1.0)
 
 
-def _check_pair(x_hat: Tensor, x0: Tensor) -> None:
-    if x_hat.shape != x0.shape or x_hat.dim() != 4:
-        raise ValueError(f"x_hat and x0 must both be N x C x H x W of the same shape, got "
-                         f"{tuple(x_hat.shape)} and {tuple(x0.shape)}")
-
-
 def ssim_kernel_size(height: int, width: int) -> int:
     """The largest odd Gaussian window <= 11 that fits the image (11 is SSIM's standard)."""
     side = min(height, width)
@@ -92,28 +54,24 @@ def ssim_kernel_size(height: int, width: int) -> int:
 
 @torch.no_grad()
 def psnr_ssim(x_hat: Tensor, x0: Tensor) -> dict[str, float]:
-    """Mean per-image PSNR (dB, each capped at ``PSNR_CAP_DB``) and mean SSIM, range [-1, 1].
-
-    The SSIM window shrinks to fit small images (7 for 8x8), since the standard 11x11
-    window does not fit; SSIM values for different window sizes are not comparable.
-    """
+    """Mean per-image PSNR (dB, capped at ``PSNR_CAP_DB``) and mean SSIM, range [-1, 1]. The SSIM
+    window shrinks to fit small images; values for different window sizes are not comparable."""
     tm = load("torchmetrics.image")
-    PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure = tm.PeakSignalNoiseRatio, tm.StructuralSimilarityIndexMeasure  # noqa: N806
-    _check_pair(x_hat, x0)
+    if x_hat.shape != x0.shape or x_hat.dim() != 4:
+        raise ValueError(f"x_hat and x0 must both be N x C x H x W of the same shape, got "
+                         f"{tuple(x_hat.shape)} and {tuple(x0.shape)}")
     x_hat, x0 = x_hat.detach().float().cpu(), x0.detach().float().cpu()
-    psnr = PeakSignalNoiseRatio(data_range=DATA_RANGE, dim=(1, 2, 3), reduction="none")(x_hat, x0)
+    psnr = tm.PeakSignalNoiseRatio(data_range=DATA_RANGE, dim=(1, 2, 3), reduction="none")(x_hat, x0)
     psnr = torch.nan_to_num(psnr, posinf=PSNR_CAP_DB).clamp(max=PSNR_CAP_DB)
     k = ssim_kernel_size(x0.shape[-2], x0.shape[-1])
-    ssim = StructuralSimilarityIndexMeasure(data_range=DATA_RANGE, kernel_size=k)(x_hat, x0)
+    ssim = tm.StructuralSimilarityIndexMeasure(data_range=DATA_RANGE, kernel_size=k)(x_hat, x0)
     return {"psnr": float(psnr.mean()), "ssim": float(ssim)}
 
 
 @torch.no_grad()
 def reidentification_rate(x_hat: Tensor, true_idx: Tensor, train_images: Tensor, chunk: int = 1024) -> float:
-    """Fraction of estimates whose nearest training image (L2, pixel space) is their true source.
-
-    Chance level is 1 / len(train_images); 1.0 means every upload points back to its image.
-    """
+    """Fraction of estimates whose nearest training image (L2, pixel space) is their true source
+    (chance: 1 / len(train_images))."""
     true_idx = torch.as_tensor(true_idx, dtype=torch.long).reshape(-1).cpu()
     if x_hat.shape[0] != true_idx.shape[0]:
         raise ValueError(f"x_hat has {x_hat.shape[0]} images but true_idx has {true_idx.shape[0]} entries")
@@ -132,18 +90,10 @@ def reidentification_rate(x_hat: Tensor, true_idx: Tensor, train_images: Tensor,
     return float((nearest == true_idx).double().mean())
 
 
-def upload_fid(
-    uploads: Tensor,
-    train_images: Tensor,
-    backbone: str,
-    weights_path: str | None = None,
-    kid_subset_size: int | None = None,
-) -> dict[str, float]:
-    """FID/KID between what the server sees (uploads) and the client's real training images.
-
-    Uploads are rendered as images the way a viewer would: [-1, 1] mapped to 0..255, with
-    the noise that overshoots the range clamped. Either argument may already be uint8.
-    """
+def upload_fid(uploads: Tensor, train_images: Tensor, backbone: str, weights_path: str | None = None,
+               kid_subset_size: int | None = None) -> dict[str, float]:
+    """The CollaFuse paper's measure: FID/KID between the uploads (rendered as a viewer would, the
+    overshooting noise clamped) and the client's real training images (high = unlike the data)."""
     return compute_fid_kid(to_uint8(train_images), to_uint8(uploads), backbone, weights_path, kid_subset_size)
 
 

@@ -1,21 +1,11 @@
 """Which feature network FID/KID use, and getting its weights the library's way.
 
-Two backbones:
-
-* ``inception``: torchmetrics' standard FID Inception-v3 (the TF 2015-12-05 graph ported by
-  pytorch-fid / torch-fidelity), loaded from a weights file: one the user names (run-config
-  ``fid-weights``) or the one in torch hub's checkpoint cache. When neither exists and the user
-  allows it (``fid-download = true``), :func:`prepare_backbone` lets torch-fidelity fetch it the
-  way it always does (``torch.hub.load_state_dict_from_url`` into that cache), once, at the start
-  of a run. Nothing is fetched otherwise: torchmetrics is always handed an explicit path.
-* ``digits-cnn``: the offline substitute in :mod:`.digits_cnn`, honest only for digit images
-  (scikit-learn digits, MNIST). Its distances are not Inception FID and are labelled so.
-
-``none`` (a valid ``fid-backbone`` in the run config) means: compute no FID at all.
-``auto`` means Inception when its weights are (or can be made) available, else the offline digit
-net for digit datasets (mnist-cnn for ``mnist5k``, digits-cnn for the others) and ``none`` for any
-other dataset, with one warning naming the fix: no offline net has seen faces or photos, so any
-distance it gave would look like FID without meaning it. ``auto`` is the only choice that falls back.
+``inception``: torchmetrics' FID Inception-v3, always handed an explicit weights file (``fid-weights``
+or torch hub's cache); only with ``fid-download = true`` does torch-fidelity fetch it, once, at start.
+``digits-cnn`` / ``mnist-cnn``: the offline nets of :mod:`.digits_cnn`, honest only for digit images.
+``none``: no FID. ``auto``: Inception when its weights are available, else the digit net for digit
+datasets and ``none`` (one warning) for others: no offline net has seen faces or photos, so its
+distance would look like FID without meaning it.
 """
 
 from __future__ import annotations
@@ -33,10 +23,8 @@ from collafuse_flwr.imports import load
 from collafuse_flwr.metrics.digits_cnn import DigitsCNNFeatures, load_feature_net
 
 BACKBONES = ("auto", "inception", "digits-cnn", "mnist-cnn", "none")
-#: Datasets whose images are handwritten digits, where digits-cnn features mean something.
 DIGIT_DATASETS = ("digits", "mnist", "mnist5k", "hf:ylecun/mnist", "hf:mnist")
-#: pytorch-fid's name for the FID Inception weights, then torch-fidelity's name for the same
-#: file (same SHA-256 prefix 6726825d); torch hub caches downloads under these names.
+#: pytorch-fid's, then torch-fidelity's name for the same FID Inception weights (torch hub's cache names).
 INCEPTION_WEIGHT_NAMES = ("pt_inception-2015-12-05-6726825d.pth",
                           "weights-inception-2015-12-05-6726825d.pth")
 INCEPTION_FEATURES = 2048
@@ -65,20 +53,14 @@ def _missing_weights_message(given: str | None) -> str:
 
 
 def find_inception_weights(weights_path: str | os.PathLike[str] | None = None) -> Path | None:
-    """The weights file to use, or None when there is none on disk.
-
-    A path the user names must exist (a typo must not silently fall back to another file);
-    without one, torch hub's checkpoint cache is searched.
-    """
+    """The weights file to use, or None. A path the user names must exist (a typo must not silently
+    fall back to another file); without one, torch hub's checkpoint cache is searched."""
     if weights_path is not None and str(weights_path) != "":
         p = Path(weights_path).expanduser()
         if not p.is_file():
             raise FileNotFoundError(_missing_weights_message(str(p)))
         return p.resolve()
-    for p in hub_inception_paths():
-        if p.is_file():
-            return p
-    return None
+    return next((p for p in hub_inception_paths() if p.is_file()), None)
 
 
 def torch_fidelity_available() -> bool:
@@ -102,24 +84,23 @@ def _inception_weights(weights_path: str | None) -> Path:
     return weights
 
 
-#: Datasets already warned about falling back to ``none`` in this process (resolve_backbone runs at
-#: every evaluation; the reason is worth one line per run, not one per client and round).
+#: Datasets already warned about falling back to ``none`` (one line per process, not per evaluation).
 _FALLBACK_WARNED: set[str] = set()
 
 
 def resolve_backbone(name: str, dataset: str, weights_path: str | None) -> str:
-    """Turn the run config's ``fid-backbone`` into ``inception``, ``digits-cnn``, ``mnist-cnn`` or ``none``.
-
-    ``auto`` falls back as the module docstring says (to ``none``: FID skipped, one warning per
-    process). Weights on disk without torch-fidelity stay an error: the user meant Inception, and
-    the fix is an install.
-    """
+    """The run config's ``fid-backbone`` as ``inception``, ``digits-cnn``, ``mnist-cnn`` or ``none``.
+    Weights on disk without torch-fidelity stay an error: the user meant Inception; the fix is an install."""
     return _resolve(name, dataset, weights_path, None)
 
 
-def _resolve(name: str, dataset: str, weights_path: str | None, fetch_error: str | None) -> str:
+def _check_name(name: str) -> None:
     if name not in BACKBONES:
         raise ValueError(f"fid-backbone must be one of {BACKBONES}, got {name!r}")
+
+
+def _resolve(name: str, dataset: str, weights_path: str | None, fetch_error: str | None) -> str:
+    _check_name(name)
     if name == "none":
         return "none"
     if name == "inception":
@@ -157,41 +138,30 @@ def _resolve(name: str, dataset: str, weights_path: str | None, fetch_error: str
 
 
 def fetch_inception_weights() -> Path:
-    """torch-fidelity's own download of the FID Inception weights into torch hub's cache.
-
-    Building torch-fidelity's extractor without a weights path is how that library fetches
-    them (``load_state_dict_from_url``, checked against the hash in the file name); later
-    loads find the file in the cache. Offline this fails with one line saying what to do.
-    """
+    """torch-fidelity's own download of the FID Inception weights into torch hub's cache (building its
+    extractor without a weights path fetches them, hash-checked); offline, one line says what to do."""
     _need_torch_fidelity()
-    tf_inception = load("torch_fidelity.feature_extractor_inceptionv3")
-    URL_INCEPTION_V3, FeatureExtractorInceptionV3 = tf_inception.URL_INCEPTION_V3, tf_inception.FeatureExtractorInceptionV3  # noqa: N806
-
+    tfi = load("torch_fidelity.feature_extractor_inceptionv3")
+    cache = hub_inception_paths()[1].parent
     try:
-        FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
+        tfi.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
     except (OSError, urllib.error.URLError, RuntimeError) as exc:
-        raise ConnectionError(f"fid-download=true could not fetch the FID Inception weights from {URL_INCEPTION_V3} "
-                              f"into {hub_inception_paths()[1].parent} ({type(exc).__name__}: {' '.join(str(exc).split())}); go online, "
-                              f"or put {INCEPTION_WEIGHT_NAMES[0]} there or at fid-weights=/abs/path, or choose "
-                              f"fid-backbone=auto (falls back: digit nets for digit datasets, else none), digits-cnn or none") from exc
+        why = f"{type(exc).__name__}: {' '.join(str(exc).split())}"
+        raise ConnectionError(f"fid-download=true could not fetch the FID Inception weights from "
+                              f"{tfi.URL_INCEPTION_V3} into {cache} ({why}); go online, or put "
+                              f"{INCEPTION_WEIGHT_NAMES[0]} there or at fid-weights=/abs/path, or choose "
+                              f"fid-backbone=auto (falls back: digit nets for digit datasets, else none), digits-cnn "
+                              f"or none") from exc
     found = find_inception_weights(None)
     if found is None:
-        raise FileNotFoundError(f"torch-fidelity reported no error but no weights are in {hub_inception_paths()[1].parent}")
+        raise FileNotFoundError(f"torch-fidelity reported no error but no weights are in {cache}")
     return found
 
 
 def prepare_backbone(name: str, dataset: str, weights_path: str | None = None, download: bool = False) -> str:
-    """Call once at the start of a run: the backbone FID will use, its weights ready.
-
-    With ``download`` and no weights on disk, Inception's are fetched now (see
-    :func:`fetch_inception_weights`), so a run that cannot have them fails at start, not at
-    its first evaluation. A failed fetch is an error for ``inception``; for ``auto`` it falls
-    back as :func:`resolve_backbone` does, with one warning line (the fetch error and the
-    fallback). Later calls of :func:`resolve_backbone` (without ``download``) return the same
-    answer: the weights are cached, or the fallback is, silently, the same.
-    """
-    if name not in BACKBONES:
-        raise ValueError(f"fid-backbone must be one of {BACKBONES}, got {name!r}")
+    """Once at a run's start: the backbone FID will use, its weights fetched now (``download``) so a run
+    that cannot have them fails at start; ``auto`` falls back with one warning, later resolves silently."""
+    _check_name(name)
     wants_inception = name == "inception" or (name == "auto" and torch_fidelity_available())
     fetch_error = None
     if download and wants_inception and find_inception_weights(weights_path) is None:

@@ -1,22 +1,11 @@
 """FID, KID, precision and recall between two uint8 image sets, on one feature pass.
 
-FID and KID are torchmetrics'; precision and recall (Kynkaenniemi et al. 2019, k = 3 nearest
-neighbours, the fidelity/diversity pair Flower's federated diffusion example reports beside FID)
-are torch-fidelity's, computed on the same features. Result keys: ``fid``, ``kid``,
-``kid_std``, ``precision``, ``recall`` (the last two only when torch-fidelity is installed and
-each set has more than k images).
-
-Why features are extracted here and handed to torchmetrics through an identity module: FID
-and KID need the same features, and running the backbone once instead of twice halves the
-cost (Inception on CPU dominates evaluation time). The distances themselves are torchmetrics'
-``FrechetInceptionDistance`` and ``KernelInceptionDistance``, unchanged.
-
-KID draws random subsets; it runs under a forked, fixed-seed RNG so the same inputs always
-give the same value and the caller's random stream is not advanced.
-
-Small problems (digits-cnn features and distances) run on one CPU thread: on a busy 2-core
-machine, torch's thread pool made KID's 64 x 64 kernel products ~250x slower (3.9 s instead of
-0.016 s for 300 vs 200 images, measured), and one thread is fastest for matrices this small.
+FID and KID are torchmetrics'; precision and recall (Kynkaenniemi et al. 2019, k = 3) are
+torch-fidelity's, on the same features. The backbone runs once and torchmetrics gets its features
+through an identity module: FID and KID need the same features, and Inception on CPU dominates.
+KID's random subsets run under a forked, fixed-seed RNG: same inputs, same value.
+Small problems run on one CPU thread: on a busy 2-core machine torch's thread pool made KID's
+64 x 64 kernel products ~250x slower (measured).
 """
 
 from __future__ import annotations
@@ -38,15 +27,12 @@ SINGLE_THREAD_MAX_DIM = 256
 PRC_NEIGHBORHOOD = 3  # torch-fidelity's default k for precision/recall
 
 
-class _GivenFeatures(nn.Module):
+class _GivenFeatures(nn.Identity):
     """Identity with ``num_features``, so torchmetrics accepts precomputed features as 'images'."""
 
     def __init__(self, num_features: int) -> None:
         super().__init__()
         self.num_features = num_features
-
-    def forward(self, features: Tensor) -> Tensor:
-        return features
 
 
 def _check_images(images: Tensor, what: str) -> None:
@@ -71,16 +57,13 @@ def fid_kid_from_features(real: Tensor, fake: Tensor, kid_subset_size: int | Non
     if not 2 <= kid_subset_size <= min(n_real, n_fake):
         raise ValueError(f"kid_subset_size must be in [2, min(n_real, n_fake) = {min(n_real, n_fake)}], "
                          f"got {kid_subset_size}; pass None for min({DEFAULT_KID_SUBSET_SIZE}, n_real, n_fake)")
-    # Small matrices (digits-cnn's 64-d) run fastest on one thread; Inception's 2048-d ones gain
-    # from the pool.
     with one_thread() if real.shape[1] <= SINGLE_THREAD_MAX_DIM else nullcontext():
         return {**_fid_kid(real.double(), fake.double(), kid_subset_size), **precision_recall(real, fake)}
 
 
 def frechet_distance(a: Tensor, b: Tensor) -> float:
-    """FID's number alone for two feature matrices (rows = images): torchmetrics' own formula on the
-    same unbiased means and covariances `FrechetInceptionDistance` keeps, without KID's 100 subsets
-    and precision/recall, for checks that need hundreds of distances (the feature nets' tests)."""
+    """FID alone for two feature matrices (rows = images), with torchmetrics' own formula: for checks
+    that need hundreds of distances, without KID's 100 subsets."""
     _compute_fid = load("torchmetrics.image.fid")._compute_fid
     if a.shape[0] < 2 or b.shape[0] < 2:
         raise ValueError(f"need at least 2 feature rows per set, got {a.shape[0]} and {b.shape[0]}")
@@ -90,8 +73,7 @@ def frechet_distance(a: Tensor, b: Tensor) -> float:
 
 
 def precision_recall(real: Tensor, fake: Tensor, neighborhood: int = PRC_NEIGHBORHOOD) -> dict[str, float]:
-    """torch-fidelity's k-NN precision (share of fakes inside the real manifold) and recall
-    (share of reals inside the fake manifold); {} when it cannot be computed (too few rows,
+    """torch-fidelity's k-NN precision and recall; {} when they cannot be computed (too few rows,
     or torch-fidelity missing), so callers report FID alone rather than fail."""
     if min(real.shape[0], fake.shape[0]) <= neighborhood:
         return {}
@@ -125,23 +107,13 @@ def _fid_kid(real: Tensor, fake: Tensor, kid_subset_size: int) -> dict[str, floa
     return {"fid": max(float(fid.compute()), 0.0), "kid": float(kid_mean), "kid_std": float(kid_std)}
 
 
-def compute_fid_kid(
-    real_uint8: Tensor,
-    fake_uint8: Tensor,
-    backbone: str,
-    weights_path: str | None = None,
-    kid_subset_size: int | None = None,
-) -> dict[str, float]:
-    """FID and KID of fake vs real images under a resolved backbone ('inception' or 'digits-cnn').
-
-    Images are uint8 N x C x H x W (C = 1 or 3). Small sets work: KID's subset size defaults
-    to min(50, n_real, n_fake). Report the backbone next to the numbers; digits-cnn values are
-    not Inception FID.
-    """
+def compute_fid_kid(real_uint8: Tensor, fake_uint8: Tensor, backbone: str, weights_path: str | None = None,
+                    kid_subset_size: int | None = None) -> dict[str, float]:
+    """FID and KID of fake vs real uint8 N x C x H x W images under a resolved backbone; KID's subset
+    size defaults to min(50, n_real, n_fake). Digit-net values are not Inception FID."""
     _check_images(real_uint8, "real_uint8")
     _check_images(fake_uint8, "fake_uint8")
     net = feature_extractor(backbone, weights_path)
-    # digits-cnn / mnist-cnn: 26k / 63k parameters, one thread is fastest
     with one_thread() if backbone in ("digits-cnn", "mnist-cnn") else nullcontext():
         real, fake = extract_features(net, real_uint8), extract_features(net, fake_uint8)
     return fid_kid_from_features(real, fake, kid_subset_size)

@@ -1,29 +1,17 @@
 r"""A formal (epsilon, delta) bound for CollaFuse uploads, treating each as a Gaussian mechanism.
 
-An upload x_{t_c} = sqrt(abar_c) x_0 + sqrt(1 - abar_c) eps releases x_0 scaled by sqrt(abar_c)
-plus N(0, (1 - abar_c) I) noise. Dividing by sqrt(abar_c), it is the Gaussian mechanism on x_0
-with noise std sigma = sqrt(1 - abar_c) / sqrt(abar_c). Its L2 sensitivity is the largest
-distance between two images: with d pixels in [-1, 1], ||x_0 - x_0'||_2 <= 2 sqrt(d)
-(replace-one adjacency on the image itself). The noise multiplier is therefore
+An upload x_{t_c} = sqrt(abar_c) x_0 + sqrt(1 - abar_c) eps is, divided by sqrt(abar_c), the
+Gaussian mechanism on x_0 with noise std sqrt(1 - abar_c) / sqrt(abar_c). Its L2 sensitivity with
+d pixels in [-1, 1] is S = 2 sqrt(d) (replace-one adjacency on the image), so the noise multiplier
+is z = sqrt(1 - abar_c) / (sqrt(abar_c) * S). An image uploaded k times (fresh noise each round)
+composes k mechanisms; different images do not compose for a per-image guarantee. The bound
+covers the uploads only. S is the worst case (black vs white), so epsilon is usually huge; a
+tighter ``l2_sensitivity`` may be passed.
 
-    z = sigma / S = sqrt(1 - abar_c) / (sqrt(abar_c) * S),   S = 2 sqrt(d) by default.
-
-An image uploaded k times (each round draws fresh noise) composes k such mechanisms; uploads
-of *different* images do not compose for a per-image guarantee, so k is the largest number of
-times any one image is uploaded. The bound covers the uploads only, not model updates or
-generated samples.
-
-Why the result is usually huge: S = 2 sqrt(d) is the worst case over all image pairs (black
-vs white), so z is tiny unless abar_c is tiny. Users who clip images to a smaller L2 ball
-around a public reference can pass the tighter ``l2_sensitivity``.
-
-Accountants (both from dp-accounting): ``"rdp"`` (default) composes ``GaussianDpEvent(z)``
-k times with ``SelfComposedDpEvent`` in an ``RdpAccountant``, the standard conservative
-bound. ``"pld"`` is the exact Gaussian privacy-loss curve (k-fold composition = one Gaussian
-with std z / sqrt(k)), inverted for epsilon by dp-accounting's own
-``gaussian_mechanism.get_epsilon_gaussian``; it is tight and never larger than RDP.
-dp-accounting's ``PLDAccountant`` is not used: its discretised PMF needs memory proportional
-to epsilon / 1e-4 and runs out (7 TiB requested, measured) for the small z of early cuts.
+Accountants (dp-accounting): ``"rdp"`` (default) self-composes ``GaussianDpEvent(z)`` k times in an
+``RdpAccountant``; ``"pld"`` inverts the exact Gaussian curve (k-fold = std z / sqrt(k)) with
+``get_epsilon_gaussian``, tight and never above RDP. ``PLDAccountant`` is not used: its discretised
+PMF ran out of memory (7 TiB requested, measured) for the small z of early cuts.
 """
 
 from __future__ import annotations
@@ -69,30 +57,10 @@ def upload_noise_multiplier(alpha_bar_c: float, dim: int, l2_sensitivity: float 
     return math.sqrt(1.0 - abar) / (math.sqrt(abar) * sens)
 
 
-def _rdp_epsilon(z: float, k: int, delta: float) -> float:
-    dp_accounting = load("dp_accounting")
-    acc = load("dp_accounting.rdp").RdpAccountant()
-    acc.compose(dp_accounting.SelfComposedDpEvent(dp_accounting.GaussianDpEvent(z), k))
-    return float(acc.get_epsilon(delta))
-
-
-def _pld_epsilon(z: float, k: int, delta: float) -> float:
-    """dp-accounting's exact inverse for the Gaussian mechanism (Balle & Wang 2018)."""
-    return float(load("dp_accounting.gaussian_mechanism").get_epsilon_gaussian(z / math.sqrt(k), delta))
-
-
-def gaussian_upload_epsilon(
-    alpha_bar_c: float,
-    num_uploads: int,
-    dim: int,
-    delta: float = 1e-5,
-    l2_sensitivity: float | None = None,
-    accountant: Accountant = "rdp",
-) -> float:
-    """Epsilon at ``delta`` for one image uploaded ``num_uploads`` times at cut abar_c.
-
-    0.0 for no uploads or abar_c = 0 (pure noise); inf for abar_c = 1 (c = 0: raw images).
-    """
+def gaussian_upload_epsilon(alpha_bar_c: float, num_uploads: int, dim: int, delta: float = 1e-5,
+                            l2_sensitivity: float | None = None, accountant: Accountant = "rdp") -> float:
+    """Epsilon at ``delta`` for one image uploaded ``num_uploads`` times at cut abar_c: 0 for no uploads
+    or pure noise (abar_c = 0), inf for raw images (abar_c = 1)."""
     abar, _ = _validate(alpha_bar_c, num_uploads, dim, delta, l2_sensitivity, accountant)
     k = int(num_uploads)
     if k == 0 or abar == 0.0:
@@ -100,17 +68,16 @@ def gaussian_upload_epsilon(
     if abar == 1.0:
         return math.inf
     z = upload_noise_multiplier(abar, dim, l2_sensitivity)
-    return _rdp_epsilon(z, k, delta) if accountant == "rdp" else _pld_epsilon(z, k, delta)
+    if accountant == "pld":  # dp-accounting's exact inverse for the Gaussian mechanism (Balle & Wang 2018)
+        return float(load("dp_accounting.gaussian_mechanism").get_epsilon_gaussian(z / math.sqrt(k), delta))
+    dp_accounting = load("dp_accounting")
+    acc = load("dp_accounting.rdp").RdpAccountant()
+    acc.compose(dp_accounting.SelfComposedDpEvent(dp_accounting.GaussianDpEvent(z), k))
+    return float(acc.get_epsilon(delta))
 
 
-def sensitivity_note(
-    alpha_bar_c: float,
-    num_uploads: int,
-    dim: int,
-    delta: float = 1e-5,
-    l2_sensitivity: float | None = None,
-    accountant: Accountant = "rdp",
-) -> str:
+def sensitivity_note(alpha_bar_c: float, num_uploads: int, dim: int, delta: float = 1e-5,
+                     l2_sensitivity: float | None = None, accountant: Accountant = "rdp") -> str:
     """The assumptions behind an epsilon, in words, to be stored next to it in results."""
     abar, sens = _validate(alpha_bar_c, num_uploads, dim, delta, l2_sensitivity, accountant)
     eps = gaussian_upload_epsilon(abar, num_uploads, dim, delta, l2_sensitivity, accountant)

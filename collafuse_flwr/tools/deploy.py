@@ -1,17 +1,10 @@
 """`collafuse-deploy`: a real Flower deployment on 127.0.0.1, one job, everything stopped after.
 
-Why: `flwr run` on the simulation engine never exercises what a deployment needs: TLS, SuperNode
-authentication, a `[superlink.NAME]` federation entry, per-node `node_config`, processes that
-die. This helper starts a SuperLink and N SuperNodes as subprocesses with free ports and a
-private FLWR_HOME, generates a CA + server certificate and one authentication key per SuperNode,
-registers the keys, submits one job with `flwr run <app> NAME --stream`, reads the run's real
-status with `flwr list --format json` (`--stream` can exit 0 on a failed run), prints where
-the outputs are, and stops every process it started by pid (also on Ctrl-C and on failure).
-
-    collafuse-deploy --num-nodes 3 --run-config "num-server-rounds=2 method='fedavg'"
-
-It prints each Flower command as it runs it: the ones `examples/README.md` shows by hand (there
-the node keys come from `ssh-keygen`, here from `collafuse_flwr.tools.deploy_keys`).
+Why: the simulation engine never exercises TLS, SuperNode authentication, a `[superlink.NAME]`
+federation entry, per-node `node_config` or processes that die. This starts a SuperLink and N
+SuperNodes with free ports, a private FLWR_HOME, a CA, a server certificate and registered node
+keys, submits one job, reads its real status with `flwr list`, and stops every process it started
+by pid (also on Ctrl-C and on failure). It prints each Flower command, as `examples/README.md` shows.
 """
 
 from __future__ import annotations
@@ -28,11 +21,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from collafuse_flwr.config import preset, preset_names, run_config_text
 from collafuse_flwr.tools.deploy_keys import TlsFiles, make_node_key, make_tls
-from collafuse_flwr.tools.launch import APP_DIR, Outcome, flwr_bin, flwr_env, free_port, read_into
+from collafuse_flwr.tools.launch import (APP_DIR, Outcome, common_args, final_status, flwr_bin, flwr_env, free_port,
+                                         parse_runs, read_into, with_preset)
 from collafuse_flwr.tools.launch import _output_dir as _said_output_dir
-from collafuse_flwr.tools.precheck import parse_overrides
 from collafuse_flwr.tools.processes import stop_pids, tree
 
 FEDERATION = "collafuse-local"
@@ -52,15 +44,10 @@ class DeployOutcome(Outcome):
 class LocalDeployment:
     """A SuperLink and `num_nodes` SuperNodes on 127.0.0.1, as a context manager.
 
-    node_configs: one `--node-config` string per SuperNode; default `partition-id=K
-    num-partitions=N`. Each node also gets its own `state-dir` (its secret key and private state)
-    under `workdir/node-state/`, unless its node config names one. isolation: `subprocess` (stock
-    `flower-supernode`: a fresh `flwr-clientapp` process per message), `process` (stock
-    `--isolation process` with a long-lived `flower-superexec` per SuperNode, which still starts a
-    `flwr-clientapp` per message) or `warm` (WARM_SCRIPT, from a checkout: one long-lived ClientApp
-    worker per SuperNode that keeps torch and the node's data loaded, and SuperNodes that poll the
-    SuperLink every `node_poll` s instead of 3 s; private Flower 1.42 internals, pinned there).
-    Per-round overhead, 3 nodes on a 2-core VM (benchmarks/README.md): ~22 s, ~22 s and ~2 s.
+    node_configs: one `--node-config` per SuperNode (default `partition-id=K num-partitions=N`);
+    each node gets its own `state-dir` unless it names one. isolation: `subprocess` and `process`
+    (stock Flower: a ClientApp process per message) or `warm` (WARM_SCRIPT: one long-lived worker
+    per SuperNode, polling every `node_poll` s); per-round overhead ~22 s, ~22 s, ~2 s (benchmarks/README.md).
     """
 
     workdir: Path
@@ -97,7 +84,6 @@ class LocalDeployment:
         self.flwr_home = self.workdir / "flwr-home"
         self.logs = self.workdir / "logs"
 
-    # ---------------------------------------------------------------- environment
     def env(self) -> dict[str, str]:
         # SuperExec asks the SuperNode for a new ClientApp task every 1 s by default
         poll = os.environ.get("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", "0.1")
@@ -125,7 +111,6 @@ class LocalDeployment:
             raise RuntimeError(f"`{' '.join(cmd)}` failed (rc {res.returncode}):\n{res.stdout}\n{res.stderr}")
         return res
 
-    # ---------------------------------------------------------------- start
     def start(self, wait: float = 120.0) -> LocalDeployment:
         """Certificates, keys, SuperLink, federation entry, registered SuperNodes, all online."""
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -144,12 +129,9 @@ class LocalDeployment:
     def _start_superlink(self) -> None:
         cmd = ["flower-superlink", "--host", "127.0.0.1", "--port", str(self.superlink_port),
                "--disable-runtime-dependency-installation"]
-        if self.tls_files:
-            t = self.tls_files
-            cmd += ["--ssl-ca-certfile", str(t.ca_cert), "--ssl-certfile", str(t.server_cert),
-                    "--ssl-keyfile", str(t.server_key)]
-        else:
-            cmd += ["--insecure"]
+        t = self.tls_files
+        cmd += (["--ssl-ca-certfile", str(t.ca_cert), "--ssl-certfile", str(t.server_cert),
+                 "--ssl-keyfile", str(t.server_key)] if t else ["--insecure"])
         if self.auth:
             cmd += ["--enable-supernode-auth"]
         if self.database:
@@ -159,11 +141,8 @@ class LocalDeployment:
     def write_federation_entry(self) -> Path:
         """`[superlink.NAME]` in $FLWR_HOME/config.toml: the address and how to trust it."""
         lines = ["[superlink]", f'default = "{self.federation}"', "",
-                 f"[superlink.{self.federation}]", f'address = "127.0.0.1:{self.superlink_port}"']
-        if self.tls_files:
-            lines.append(f'root-certificates = "{self.tls_files.ca_cert}"')
-        else:
-            lines.append("insecure = true")
+                 f"[superlink.{self.federation}]", f'address = "127.0.0.1:{self.superlink_port}"',
+                 f'root-certificates = "{self.tls_files.ca_cert}"' if self.tls_files else "insecure = true"]
         path = self.flwr_home / "config.toml"
         path.write_text("\n".join(lines) + "\n")
         return path
@@ -213,7 +192,6 @@ class LocalDeployment:
             time.sleep(0.5)
         raise TimeoutError(f"waited {timeout:.0f}s for {what}; see the logs in {self.logs}")
 
-    # ---------------------------------------------------------------- run
     def run(self, app: Path = APP_DIR, run_config: str = "", timeout: float = 1800,
             kill_node_after_round: int | None = None, stream: bool = True) -> DeployOutcome:
         """Submit one job and wait for it; optionally SIGKILL the last SuperNode after round k."""
@@ -257,25 +235,12 @@ class LocalDeployment:
 
     def list_runs(self) -> dict[int, str] | None:
         """run id -> status from `flwr list --format json`; None when the SuperLink does not answer."""
-        res = self._flwr("list", self.federation, "--format", "json", check=False)
-        try:
-            runs = json.loads(res.stdout)["runs"]
-        except (json.JSONDecodeError, KeyError, TypeError):
-            return None
-        return {int(r["run-id"]): str(r.get("status", "unknown")) for r in runs}
+        return parse_runs(self._flwr("list", self.federation, "--format", "json", check=False).stdout)
 
     def run_status(self, before: set[int] = frozenset()) -> tuple[int | None, str]:
         """The real status of the run submitted after `before` (run ids are random, not ordered)."""
-        for _ in range(30):
-            new = {k: v for k, v in (self.list_runs() or {}).items() if k not in before}
-            if len(new) == 1:
-                (run_id, status), = new.items()
-                if not status.startswith(("pending", "starting", "running")):
-                    return run_id, status
-            time.sleep(1.0)
-        return None, "unknown"
+        return final_status(self.list_runs, 30, before)
 
-    # ---------------------------------------------------------------- stop
     def stop(self) -> list[int]:
         """Stop every process this deployment started, and their children, by pid."""
         pids = [p for proc in self.procs.values() for p in tree(proc.pid)]
@@ -321,21 +286,16 @@ def _rounds_done(output_root: Path, since: float = 0.0) -> int:
 def _output_dir(log: str, output_root: Path | None) -> Path | None:
     """Where the ServerApp said it wrote its results, else the newest run folder under output_root."""
     said = _said_output_dir(log)
-    if said is not None:
+    if said is not None or not output_root:
         return said
-    if output_root:
-        runs = sorted(output_root.glob("*/results.json"), key=lambda p: p.stat().st_mtime)
-        return runs[-1].parent if runs else None
-    return None
+    runs = sorted(output_root.glob("*/results.json"), key=lambda p: p.stat().st_mtime)
+    return runs[-1].parent if runs else None
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="collafuse-deploy", description=__doc__.split("\n\n")[0])
     p.add_argument("--num-nodes", type=int, default=3, help="SuperNodes to start (default 3)")
-    p.add_argument("--run-config", default="", help='overrides, e.g. "num-server-rounds=2 method=\'fedavg\'"')
-    p.add_argument("--preset", choices=preset_names(), default=None,
-                   help="a named setting (collafuse_flwr/presets/NAME.toml); --run-config's keys win over it")
-    p.add_argument("--app", type=Path, default=APP_DIR, help="Flower app folder (has pyproject.toml)")
+    common_args(p, "num-server-rounds=2 method='fedavg'", timeout=1800)
     p.add_argument("--workdir", type=Path, default=None,
                    help="folder for FLWR_HOME, certificates, keys, logs and outputs (default: a new temp dir, kept)")
     p.add_argument("--node-config", action="append", default=None,
@@ -344,23 +304,20 @@ def main(argv: list[str] | None = None) -> int:
                    help="write each node its own digits image folder and start it with "
                         "--node-config \"data-dir='<its folder>' dataset='imagefolder'\"")
     p.add_argument("--isolation", choices=ISOLATIONS, default="subprocess",
-                   help="subprocess: Flower's default, a fresh ClientApp process per message; process: Flower's "
-                        "--isolation process with a long-lived flower-superexec (still a process per message); "
-                        "warm: scripts/flwr142_warm.py from a checkout, one long-lived ClientApp worker per "
-                        "SuperNode (rounds ~20 s faster; Flower 1.42 only)")
+                   help="subprocess, process: stock Flower (a ClientApp process per message); warm: scripts/"
+                        "flwr142_warm.py, one long-lived worker per SuperNode (rounds ~20 s faster; Flower 1.42)")
     p.add_argument("--insecure", action="store_true", help="no TLS and no SuperNode authentication")
     p.add_argument("--no-auth", action="store_true", help="TLS but no SuperNode authentication")
     p.add_argument("--database", default=None, help="SuperLink --database file (default: in memory)")
     p.add_argument("--kill-node-after-round", type=int, default=None,
                    help="SIGKILL the last SuperNode once this many rounds are in metrics.csv")
-    p.add_argument("--timeout", type=float, default=1800)
     p.add_argument("--quiet", action="store_true",
                    help="do not stream the run's log (the commands are still printed; the log is in logs/flwr-run.log)")
     a = p.parse_args(argv)
     if not (a.app / "pyproject.toml").is_file():
         p.error(f"--app {a.app} has no pyproject.toml; point it at a Flower app folder")
-    if a.preset:  # the preset's keys, then the command line's over them
-        a.run_config = run_config_text({**preset(a.preset), **parse_overrides(a.run_config)})
+    if a.preset:
+        a.run_config = with_preset(a.preset, a.run_config)
     workdir = (a.workdir or Path(tempfile.mkdtemp(prefix="collafuse-deploy-"))).resolve()
     node_configs = a.node_config
     if a.per_node_data:

@@ -1,8 +1,6 @@
 """Key material for a local deployment: a CA, a SuperLink server certificate, SuperNode keys.
-
-Why generated here: Flower ships no helper for either, its SuperLink refuses SuperNode
-authentication without TLS, and a test must not depend on `openssl` being installed. Uses the
-`cryptography` package Flower itself depends on.
+Generated here because Flower ships no helper, its SuperLink refuses SuperNode authentication
+without TLS, and a test must not depend on `openssl`.
 """
 
 from __future__ import annotations
@@ -25,10 +23,20 @@ class TlsFiles:
     server_key: Path
 
 
-def _write_key(key: ec.EllipticCurvePrivateKey, path: Path) -> None:
-    path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                       serialization.NoEncryption()))
+def _write_key(key: ec.EllipticCurvePrivateKey, path: Path,
+               fmt: serialization.PrivateFormat = serialization.PrivateFormat.PKCS8) -> None:
+    path.write_bytes(key.private_bytes(serialization.Encoding.PEM, fmt, serialization.NoEncryption()))
     path.chmod(0o600)
+
+
+def _cert(subject: x509.Name, issuer: x509.Name, key: ec.EllipticCurvePrivateKey, signer: ec.EllipticCurvePrivateKey,
+          now: dt.datetime, days: int, *extensions: tuple[x509.ExtensionType, bool]) -> x509.Certificate:
+    builder = (x509.CertificateBuilder().subject_name(subject).issuer_name(issuer)
+               .public_key(key.public_key()).serial_number(x509.random_serial_number())
+               .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=days)))
+    for ext, critical in extensions:
+        builder = builder.add_extension(ext, critical=critical)
+    return builder.sign(signer, hashes.SHA256())
 
 
 def make_tls(folder: Path, hosts: tuple[str, ...] = ("127.0.0.1", "localhost"), days: int = 30) -> TlsFiles:
@@ -37,15 +45,11 @@ def make_tls(folder: Path, hosts: tuple[str, ...] = ("127.0.0.1", "localhost"), 
     now = dt.datetime.now(dt.timezone.utc)
     ca_key = ec.generate_private_key(ec.SECP384R1())
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "collafuse-flwr local CA")])
-    ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name)
-          .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
-          .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=days))
-          .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-          .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
-                                       content_commitment=False, key_encipherment=False,
-                                       data_encipherment=False, key_agreement=False,
-                                       encipher_only=False, decipher_only=False), critical=True)
-          .sign(ca_key, hashes.SHA256()))
+    ca = _cert(ca_name, ca_name, ca_key, ca_key, now, days,
+               (x509.BasicConstraints(ca=True, path_length=None), True),
+               (x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True, content_commitment=False,
+                              key_encipherment=False, data_encipherment=False, key_agreement=False,
+                              encipher_only=False, decipher_only=False), True))
     key = ec.generate_private_key(ec.SECP384R1())
     sans: list[x509.GeneralName] = []
     for h in hosts:
@@ -53,14 +57,10 @@ def make_tls(folder: Path, hosts: tuple[str, ...] = ("127.0.0.1", "localhost"), 
             sans.append(x509.IPAddress(ipaddress.ip_address(h)))
         except ValueError:
             sans.append(x509.DNSName(h))
-    cert = (x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hosts[0])]))
-            .issuer_name(ca_name).public_key(key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=days))
-            .add_extension(x509.SubjectAlternativeName(sans), critical=False)
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-            .sign(ca_key, hashes.SHA256()))
+    cert = _cert(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hosts[0])]), ca_name, key, ca_key, now, days,
+                 (x509.SubjectAlternativeName(sans), False),
+                 (x509.BasicConstraints(ca=False, path_length=None), True),
+                 (x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), False))
     files = TlsFiles(folder / "ca.crt", folder / "server.pem", folder / "server.key")
     files.ca_cert.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
     files.server_cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
@@ -70,17 +70,12 @@ def make_tls(folder: Path, hosts: tuple[str, ...] = ("127.0.0.1", "localhost"), 
 
 
 def make_node_key(folder: Path, k: int) -> tuple[Path, Path]:
-    """SuperNode k's authentication key pair: a P-384 key in OpenSSH format, as Flower reads it.
-
-    The public key is what `flwr supernode register` takes; the private key is what
-    `flower-supernode --auth-supernode-private-key` takes.
-    """
+    """SuperNode k's authentication key pair (P-384, OpenSSH format): the public key for
+    `flwr supernode register`, the private one for `flower-supernode --auth-supernode-private-key`."""
     folder.mkdir(parents=True, exist_ok=True)
     key = ec.generate_private_key(ec.SECP384R1())
     priv, pub = folder / f"supernode-{k}", folder / f"supernode-{k}.pub"
-    priv.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
-                                       serialization.NoEncryption()))
-    priv.chmod(0o600)
+    _write_key(key, priv, serialization.PrivateFormat.OpenSSH)
     pub.write_bytes(key.public_key().public_bytes(serialization.Encoding.OpenSSH,
                                                   serialization.PublicFormat.OpenSSH) + b"\n")
     return priv, pub

@@ -1,14 +1,11 @@
 """`collafuse-run`: one `flwr run` on the simulation engine, checked first, isolated, cleaned up.
 
-Why a wrapper: `flwr run .` starts a background SuperLink under $FLWR_HOME on fixed ports and
-leaves it running, `uv sync`s the app's dependencies on every run (slow, and impossible
-offline), checks the run-config only after a minute of start-up, and `--stream` may exit 0 when
-the run failed. This wrapper checks the run-config first (one line, exit 2), gives each
-invocation its own FLWR_HOME and free ports, switches the dependency sync off, checks the run's
-real status with `flwr list --format json`, and stops every process the run started, also on
-Ctrl-C or SIGTERM (exit 130 or 143; results.json then says "stopped").
-
-    collafuse-run --num-clients 5 --run-config "cut-ratio=0.4 num-server-rounds=3"
+Why a wrapper: `flwr run .` leaves a background SuperLink on fixed ports, `uv sync`s on every run,
+checks the run-config only after a minute, and `--stream` may exit 0 on a failed run. This checks
+the run-config first (exit 2), gives each invocation its own FLWR_HOME and ports, switches the sync
+off, reads the real status with `flwr list`, and stops every process the run started, also on
+Ctrl-C or SIGTERM (exit 130 or 143): `flwr stop` first (the ServerApp marks results.json "stopped"
+on its way out), then every process left, then results.json if the ServerApp could not mark it.
 """
 
 from __future__ import annotations
@@ -32,16 +29,8 @@ from pathlib import Path
 
 from collafuse_flwr.config import preset, preset_names, run_config_text
 from collafuse_flwr.tools import processes
-from collafuse_flwr.tools.precheck import RunConfigError, check_run_config, parse_overrides
+from collafuse_flwr.tools.precheck import RunConfigError, app_table, check_run_config, parse_overrides
 from collafuse_flwr.tools.processes import MARK
-from collafuse_flwr.tools.stopping import (
-    Interrupted,
-    StopSignals,
-    announced_dir,
-    find_run_dir,
-    mark_stopped,
-    stop_engine,
-)
 
 APP_DIR = Path(__file__).resolve().parents[2]  # the checkout: collafuse_flwr/tools/launch.py
 
@@ -69,9 +58,8 @@ class RunOutcome(Outcome):
 
 
 class RunStopped(KeyboardInterrupt):
-    """SIGINT or SIGTERM stopped the run; everything it started is stopped too.
-
-    A KeyboardInterrupt, so a sweep that calls run_flower stops as a Ctrl-C would stop it."""
+    """SIGINT or SIGTERM stopped the run and everything it started; a KeyboardInterrupt, so a sweep
+    calling run_flower stops as on Ctrl-C."""
 
     def __init__(self, signum: int, outcome: RunOutcome, summary: str) -> None:
         super().__init__(summary)
@@ -90,12 +78,10 @@ def free_port() -> int:
 
 
 def flwr_env(flwr_home: Path, extra: dict[str, str]) -> dict[str, str]:
-    """The environment of every Flower process: a private FLWR_HOME, no per-run `uv sync`, no update
-    check, `extra` on top."""
+    """Every Flower process's environment: a private FLWR_HOME, no per-run `uv sync`, no update check."""
     env = {**os.environ, "FLWR_HOME": str(flwr_home), "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
            "FLWR_DISABLE_UPDATE_CHECK": "1", "PYTHONUNBUFFERED": "1", **extra}
-    # flwr starts flower-superlink, flower-superexec, flwr-clientapp ... from PATH: use this
-    # interpreter's, venv activated or not
+    # flwr starts flower-superlink, flwr-clientapp ... from PATH: this interpreter's, venv activated or not
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     return env
 
@@ -122,29 +108,128 @@ def flwr_bin() -> str:
     return str(exe) if exe.exists() else "flwr"
 
 
-def run_flower(
-    run_config: dict[str, object] | str = "",
-    num_clients: int = 5,
-    app_dir: Path = APP_DIR,
-    flwr_home: Path | None = None,
-    timeout: float = 3600,
-    stream: bool = True,
-    client_cpus: int = 1,
-    client_gpus: float = 0.0,
-) -> RunOutcome:
+class Interrupted(BaseException):
+    """SIGINT/SIGTERM arrived while a run was on (not an Exception, so no `except Exception` eats it)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+class StopSignals:
+    """While a run is on, SIGINT and SIGTERM raise in the main thread (SIGTERM would otherwise leave the
+    whole run behind); a second one during the clean-up is only acknowledged. Off the main thread: no-op."""
+
+    def __enter__(self) -> StopSignals:
+        self.old: dict[int, object] = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self.old[sig] = signal.signal(sig, self._interrupt)
+        return self
+
+    def _interrupt(self, signum: int, _frame: object) -> None:
+        self.hold()
+        raise Interrupted(signum)
+
+    def hold(self) -> None:
+        """From now on only acknowledge the signals (the run is being stopped anyway)."""
+        for sig in self.old:
+            signal.signal(sig, self._busy)
+
+    def _busy(self, signum: int, _frame: object) -> None:
+        print(f"collafuse-run: {signal.Signals(signum).name} again: still stopping the run", flush=True)
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self.old.items():
+            signal.signal(sig, handler)  # type: ignore[arg-type]
+
+
+def stop_engine(flwr: str, env: dict[str, str], app_dir: Path, log: str, ports: list[int]) -> tuple[int | None, bool]:
+    """`flwr stop` the run and wait briefly for flwr-simulation to exit by itself.
+    Returns (run id or None, whether flwr stop succeeded); the caller stops what is left."""
+    run_id = started_run_id(log)
+    if run_id is None or not any(processes.pids_listening_on(p) for p in ports):  # no SuperLink: nothing to ask
+        return run_id, False
+    try:
+        res = subprocess.run([flwr, "stop", str(run_id)], env=env, capture_output=True, text=True,
+                             timeout=20, cwd=str(app_dir), start_new_session=True)
+    except subprocess.TimeoutExpired:
+        return run_id, False
+    if res.returncode != 0:
+        return run_id, False
+    # flwr-simulation notices the stop within ~10 s and exits through the ServerApp's handler; a SIGTERM
+    # would make it hang in its shutdown, so wait until that handler ran or it is gone.
+    deadline = time.time() + 15
+    mark = f"{processes.MARK}={env[processes.MARK]}"
+    results = announced_dir(log)
+    while time.time() < deadline and any(processes.name(p) == "flwr-simulation" for p in processes.marked(mark)):
+        if results is not None and _status(results / "results.json") not in ("running", None):
+            break
+        time.sleep(0.3)
+    return run_id, True
+
+
+def _status(path: Path) -> str | None:
+    try:
+        return str(json.loads(path.read_text()).get("status"))
+    except (OSError, ValueError):
+        return None
+
+
+def announced_dir(log: str) -> Path | None:
+    """The run folder the ServerApp names at start ("outputs go to <dir> (on the machine ...")."""
+    for line in log.splitlines():
+        if "collafuse-flwr: method=" in line and "; outputs go to " in line:
+            return Path(line.split("; outputs go to ", 1)[1].split(" (on the machine", 1)[0].strip())
+    return None
+
+
+def started_run_id(log: str) -> int | None:
+    for line in log.splitlines():
+        if "Successfully started run " in line:
+            try:
+                return int(line.split()[-1])
+            except ValueError:
+                return None
+    return None
+
+
+def find_run_dir(run_config: str, app_dir: Path, run_id: int) -> Path | None:
+    """The run folder (`<output-dir>/<...>-<run id>`) when the log did not name it."""
+    try:
+        root = str({**app_table(app_dir)[0], **parse_overrides(run_config)}.get("output-dir", "") or "")
+    except Exception:  # noqa: BLE001 - best effort: the run-config was checked before, if at all
+        return None
+    found = sorted((Path(root) if root else Path.home() / "collafuse-runs").glob(f"*-{run_id}"))
+    return found[-1] if found else None
+
+
+def mark_stopped(run_dir: Path | None, signame: str) -> str:
+    """Write status "stopped" into results.json if the ServerApp could not; says what it found."""
+    path = run_dir / "results.json" if run_dir else None
+    if path is None or not path.is_file():
+        return f"no results.json{f' in {run_dir}' if run_dir else ''} (the ServerApp wrote none)"
+    try:
+        res = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        return f"{path} unreadable ({exc})"
+    if res.get("status") == "running":
+        from collafuse_flwr.harness.outputs import write_json
+
+        write_json(path, {**res, "status": "stopped", "error": f"stopped by collafuse-run on {signame}"})
+        return f'{path} marked "stopped" by the launcher'
+    return f'{path} says "{res.get("status")}"'
+
+
+def run_flower(run_config: dict[str, object] | str = "", num_clients: int = 5, app_dir: Path = APP_DIR,
+               flwr_home: Path | None = None, timeout: float = 3600, stream: bool = True, client_cpus: int = 1,
+               client_gpus: float = 0.0) -> RunOutcome:
     """Run the app once through `flwr run` on a private local SuperLink and clean up after it.
 
-    client_cpus: CPUs Ray reserves per virtual client; it also sets the client's torch threads.
-    1 (default): as many clients train at once as there are cores, one thread each, and the
-    CollaFuse server trains beside them on one thread (server-overlap). Two multi-thread teams on
-    the same cores spin against each other: on the 2-core VM a 2-thread client next to a 2-thread
-    server took 0.69 s per step instead of 0.07-0.09 s; one thread each, 0.09-0.10 s (both).
-
-    stream: echo the run's log to stdout as it comes (it is captured in the outcome either way).
-    app_dir: resolved against the current folder once, here (flwr runs in that folder).
-    timeout: seconds; then the run is stopped like on SIGINT and the outcome says "timed-out".
-    SIGINT/SIGTERM (main thread only): stop the run and everything it started, mark its
-    results.json "stopped", and raise RunStopped.
+    client_cpus: CPUs (and torch threads) per virtual client; 1 by default, since two multi-thread
+    teams on the same cores spin against each other (2-core VM: 0.69 s per step instead of 0.09 s).
+    After `timeout` s the run is stopped and the outcome says "timed-out"; SIGINT/SIGTERM (main
+    thread) stop it, mark results.json "stopped" and raise RunStopped.
     """
     if num_clients < 1:
         raise ValueError(f"num-clients must be >= 1, got {num_clients}")
@@ -224,9 +309,8 @@ def run_flower(
 
 
 def _follow(proc: subprocess.Popen, log_lines: list[str], echo: threading.Event, timeout: float) -> bool:
-    """Collect the run's output (echoed while `echo` is set) until it ends (True) or `timeout` s
-    pass (False). A reader thread appends to `log_lines`, so the log is current whenever a
-    signal or the timeout stops the wait, even while the run is silent."""
+    """Collect the run's output until it ends (True) or `timeout` s pass (False); a reader thread keeps
+    `log_lines` current whenever a signal or the timeout stops the wait."""
     reader = read_into(proc, log_lines, echo.is_set)
     deadline = time.time() + timeout
     while reader.is_alive() and time.time() < deadline:
@@ -239,22 +323,35 @@ def _follow(proc: subprocess.Popen, log_lines: list[str], echo: threading.Event,
     return False
 
 
-def _run_status(env: dict[str, str], app_dir: Path) -> tuple[int | None, str]:
-    """The latest run's real status (`flwr run --stream` can exit 0 on a failed run)."""
-    for _ in range(20):
-        res = subprocess.run([flwr_bin(), "list", "--format", "json"], env=env, capture_output=True,
-                             text=True, cwd=str(app_dir))
-        try:
-            runs = json.loads(res.stdout).get("runs", [])
-        except json.JSONDecodeError:
-            runs = []
-        if runs:
-            latest = max(runs, key=lambda r: int(r.get("run-id", 0)))
-            status = str(latest.get("status", "unknown"))
-            if not status.startswith(("pending", "starting", "running")):
-                return int(latest.get("run-id", 0)), status
+def parse_runs(stdout: str) -> dict[int, str] | None:
+    """run id -> status from `flwr list --format json`; None when the SuperLink did not answer."""
+    try:
+        runs = json.loads(stdout)["runs"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return None
+    return {int(r["run-id"]): str(r.get("status", "unknown")) for r in runs}
+
+
+def final_status(list_runs: Callable[[], dict[int, str] | None], tries: int,
+                 before: set[int] | None = None) -> tuple[int | None, str]:
+    """(run id, status) once final (`flwr run --stream` can exit 0 on a failed run): of the newest run,
+    or with `before`, of the one run not in it (deployment run ids are random, not ordered)."""
+    for _ in range(tries):
+        runs = list_runs() or {}
+        if before is not None:
+            runs = {k: v for k, v in runs.items() if k not in before}
+        if runs and (before is None or len(runs) == 1):
+            run_id = max(runs)
+            if not runs[run_id].startswith(("pending", "starting", "running")):
+                return run_id, runs[run_id]
         time.sleep(1.0)
     return None, "unknown"
+
+
+def _run_status(env: dict[str, str], app_dir: Path) -> tuple[int | None, str]:
+    cmd = [flwr_bin(), "list", "--format", "json"]
+    return final_status(lambda: parse_runs(subprocess.run(cmd, env=env, capture_output=True, text=True,
+                                                          cwd=str(app_dir)).stdout), 20)
 
 
 def _output_dir(log: str) -> Path | None:
@@ -264,15 +361,25 @@ def _output_dir(log: str) -> Path | None:
     return None
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="collafuse-run", description=__doc__.split("\n\n")[0])
-    p.add_argument("--num-clients", type=int, default=5, help="virtual clients (num-supernodes)")
-    p.add_argument("--run-config", default="", help='overrides, e.g. "cut-ratio=0.4 method=\'fedavg\'"')
+def common_args(p: argparse.ArgumentParser, example: str, timeout: float) -> None:
+    """The options collafuse-run and collafuse-deploy share."""
+    p.add_argument("--run-config", default="", help=f'overrides, e.g. "{example}"')
     p.add_argument("--preset", choices=preset_names(), default=None,
                    help="a named setting (collafuse_flwr/presets/NAME.toml); --run-config's keys win over it")
     p.add_argument("--app", type=Path, default=APP_DIR, help="Flower app folder (has pyproject.toml)")
+    p.add_argument("--timeout", type=float, default=timeout)
+
+
+def with_preset(name: str, run_config: str) -> str:
+    """The preset's keys, then the run-config's over them."""
+    return run_config_text({**preset(name), **parse_overrides(run_config)})
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="collafuse-run", description=__doc__.split("\n\n")[0])
+    p.add_argument("--num-clients", type=int, default=5, help="virtual clients (num-supernodes)")
+    common_args(p, "cut-ratio=0.4 method='fedavg'", timeout=3600)
     p.add_argument("--flwr-home", type=Path, default=None, help="FLWR_HOME to use (default: a fresh temp dir)")
-    p.add_argument("--timeout", type=float, default=3600)
     p.add_argument("--quiet", action="store_true", help="do not stream the run's log")
     p.add_argument("--client-gpus", type=float, default=0.0, help="GPU share per virtual client (e.g. 0.2)")
     p.add_argument("--client-cpus", type=int, default=1, help="CPUs (and torch threads) per virtual client")
@@ -289,8 +396,8 @@ def main(argv: list[str] | None = None) -> int:
     if run_config.endswith(".toml") and len(run_config.split()) == 1:  # flwr reads it from the app folder
         run_config = str(Path(run_config).expanduser().resolve())
     try:
-        if a.preset:  # the preset's keys, then the command line's over them
-            run_config = run_config_text({**preset(a.preset), **parse_overrides(run_config)})
+        if a.preset:
+            run_config = with_preset(a.preset, run_config)
         check_run_config(app, run_config, a.num_clients)
     except RunConfigError as exc:
         print(f"collafuse-run: bad run-config: {exc}", file=sys.stderr, flush=True)

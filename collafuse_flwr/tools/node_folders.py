@@ -1,9 +1,6 @@
-"""Write each deployment node its own image folder (torchvision ImageFolder layout).
-
-Why: in a real deployment a node holds only its own images. The local deployment recipe and its
-test need such folders without downloading anything, so this exports scikit-learn's bundled
-digits, non-IID by class (node k gets a contiguous block of the ten classes), as
-`<root>/node-K/<class>/<index>.png`.
+"""Each deployment node its own digits folder (ImageFolder layout, `<root>/node-K/<class>/<i>.png`),
+non-IID by class, from scikit-learn's bundled digits: a real node holds only its own images, and
+the deployment recipe and its test must not download anything.
 """
 
 from __future__ import annotations

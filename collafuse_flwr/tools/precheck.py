@@ -1,12 +1,9 @@
 """Check `collafuse-run`'s run-config before any engine starts.
 
-Why: Flower checks a run-config only after it has started a SuperLink, built the app bundle and
-launched the simulation, and then says "Invalid run configuration" (a key typo, after more than a
-minute, without naming the key) or fails inside the ServerApp with a traceback. The launcher
-reads the overrides with Flower's own parser, applies Flower's own rule (an override must name a
-key of the app's `[tool.flwr.app.config]`) and, for an app that uses this project's run-config,
-validates the merged config with `collafuse_flwr.config.parse_config`, so a mistake costs seconds
-and one line that names the key, the value and the fix.
+Why: Flower checks it only after a minute of start-up, then says "Invalid run configuration" without
+naming the key, or the ServerApp fails with a traceback. Here Flower's own parser and rule (an
+override must name a key of `[tool.flwr.app.config]`) and, for this project's apps, `parse_config`
+make a mistake cost seconds and one line naming the key, the value and the fix.
 """
 
 from __future__ import annotations
@@ -31,9 +28,8 @@ class RunConfigError(ValueError):
 
 
 def parse_overrides(text: str) -> dict[str, Any]:
-    """The overrides exactly as `flwr run --run-config text` reads them (Flower's own parser),
-    after catching what Flower lets through silently (text that is no key=value pair) or reports
-    without naming the pair (a bad TOML value, a key given twice)."""
+    """The overrides as `flwr run --run-config text` reads them (Flower's parser), after catching what
+    Flower lets through silently (no key=value) or reports without naming the pair (bad TOML, a key twice)."""
     from flwr.common.config import parse_config_args
 
     text = text.strip()
@@ -69,7 +65,6 @@ def parse_overrides(text: str) -> dict[str, Any]:
 
 
 def _toml(value: Any) -> str:
-    """`value` as it would be written in pyproject.toml."""
     if isinstance(value, bool):
         return str(value).lower()
     return json.dumps(value) if isinstance(value, str) else str(value)
@@ -85,16 +80,15 @@ def app_table(app_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
 
 
 def uses_collafuse_config(config: dict[str, Any], components: dict[str, Any]) -> bool:
-    """An app whose ServerApp or ClientApp is this project's and whose keys are all this
-    project's reads the run-config with `parse_config` (collafuse-flwr itself, or
-    examples/custom_serverapp); any other app has a schema the launcher cannot know."""
+    """Whether the app's run-config is this project's (its components are ours and its keys all ours);
+    any other app has a schema the launcher cannot know."""
     ours = any(str(c).startswith("collafuse_flwr.") for c in components.values())
     return ours and set(config) <= set(valid_keys())
 
 
 def check_run_config(app_dir: Path, text: str, num_clients: int) -> RunConfig | None:
-    """Raise RunConfigError for a run-config that `flwr run` would reject or the app would fail
-    on; return the validated RunConfig (None for an app with a schema of its own)."""
+    """Raise RunConfigError for a run-config that `flwr run` would reject or the app would fail on;
+    return the validated RunConfig (None for an app with a schema of its own)."""
     overrides = parse_overrides(text)
     config, components = app_table(app_dir)
     where = f"{app_dir / 'pyproject.toml'} [tool.flwr.app.config]"

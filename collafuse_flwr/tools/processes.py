@@ -1,13 +1,9 @@
 """Find and stop every process a `flwr run` started (Linux: read from /proc).
 
-Why a process tree is not enough: `flwr run` starts the SuperLink in a new session, the SuperLink
-starts SuperExec in another, SuperExec starts flwr-simulation, and flwr-simulation starts Ray
-(gcs_server, raylet, dashboard, log monitor, agents, workers and actors). Each one re-parents to
-init when its parent dies first, so a tree read at the wrong moment misses some. The launcher
-therefore gives every process it starts an environment variable with a token of its own
-(inherited by all of them, Ray's workers and actors included; Ray's agents, which get a trimmed
-environment, name their raylet instead) and stops by that mark, by the SuperLink's ports and by
-process tree, then checks in /proc that none is left.
+Why not a process tree: the SuperLink, SuperExec, flwr-simulation and Ray's processes start in new
+sessions and re-parent to init when a parent dies first. So every process the launcher starts
+inherits a token in its environment, and runs are stopped by that mark, by the SuperLink's ports
+and by process tree, then checked in /proc.
 """
 
 from __future__ import annotations
@@ -16,6 +12,7 @@ import os
 import signal
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 #: environment variable that marks every process of one launcher run (value: a random token)
@@ -24,6 +21,18 @@ MARK = "COLLAFUSE_RUN_TOKEN"
 
 def _all_pids() -> list[int]:
     return [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit()]
+
+
+def _pids_where(test: Callable[[int], bool]) -> list[int]:
+    """The pids `test` holds for; a process that vanished or is not ours (OSError) fails it."""
+    out = []
+    for pid in _all_pids():
+        try:
+            if test(pid):
+                out.append(pid)
+        except OSError:
+            continue
+    return out
 
 
 def _stat(pid: int) -> list[str]:
@@ -54,17 +63,8 @@ def pids_listening_on(port: int) -> list[int]:
                 inodes.add(parts[9])
     if not inodes:
         return []
-    pids = []
-    for pid in _all_pids():
-        try:
-            for fd in Path(f"/proc/{pid}/fd").iterdir():
-                link = os.readlink(fd)
-                if link.startswith("socket:[") and link[8:-1] in inodes:
-                    pids.append(pid)
-                    break
-        except OSError:
-            continue
-    return pids
+    sockets = {f"socket:[{inode}]" for inode in inodes}
+    return _pids_where(lambda pid: any(os.readlink(fd) in sockets for fd in Path(f"/proc/{pid}/fd").iterdir()))
 
 
 def tree(pid: int) -> list[int]:
@@ -88,29 +88,19 @@ def in_group(pgid: int) -> list[int]:
 
 
 def marked(*marks: str) -> list[int]:
-    """Processes of this user whose environment holds any of `marks` ("KEY=value" entries;
-    other users' environments cannot be read)."""
+    """Processes of this user whose environment holds any of `marks` ("KEY=value" entries)."""
     needles = {m.encode() for m in marks if m}
-    out = []
-    for pid in _all_pids():
-        try:
-            if needles & set(Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")):
-                out.append(pid)
-        except OSError:
-            continue
-    return out
+    return _pids_where(lambda pid: bool(needles & set(Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"))))
 
 
 def run_marks(token: str, private_home: Path | str | None = None) -> list[str]:
-    """The environment entries that mark a launcher's run: its token, which every process
-    inherits, and, when the launcher made the FLWR_HOME itself (so no other process can have
-    it), that FLWR_HOME too."""
+    """The environment entries that mark a launcher's run: its token, and the FLWR_HOME when the
+    launcher made it (then no other process can have it)."""
     return [f"{MARK}={token}"] + ([f"FLWR_HOME={private_home}"] if private_home else [])
 
 
 def name(pid: int) -> str:
-    """A short name: the script for Python processes (flower-superlink, flwr-simulation), the
-    binary otherwise (raylet, gcs_server), Ray's own title for its workers (ray::ClientAppActor)."""
+    """The script for Python processes, the binary otherwise, Ray's title for its workers (ray::...)."""
     try:
         argv = [a for a in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0") if a]
     except OSError:
@@ -128,8 +118,7 @@ def name(pid: int) -> str:
 
 def summarize(names: list[str]) -> str:
     """'flower-superlink, raylet, 3 x ray::ClientAppActor' (first seen first)."""
-    counts = Counter(names)
-    return ", ".join(n if c == 1 else f"{c} x {n}" for n, c in counts.items())
+    return ", ".join(n if c == 1 else f"{c} x {n}" for n, c in Counter(names).items())
 
 
 def stop_pids(pids: list[int], grace: float = 10.0,
@@ -149,34 +138,24 @@ def stop_pids(pids: list[int], grace: float = 10.0,
 
 
 def find_run(marks: list[str], ports: list[int], trees: list[int] = (), groups: list[int] = ()) -> list[int]:
-    """Every live process of one run: with any of `marks` in its environment (and the agents of
-    a marked raylet), listening on `ports` (and their trees), below the live processes `trees`
-    (pass only children not yet reaped: a reaped pid may be reused), and in the process groups
-    `groups` (a group's id is not reused while it has members)."""
+    """Every live process of one run: marked (and a marked raylet's agents), listening on `ports` (and
+    their trees), below `trees` (only unreaped children: a reaped pid may be reused), in `groups`."""
     found: set[int] = set(marked(*marks)) if marks else set()
-    # Ray starts its agents (ray::DashboardAgent, ray::RuntimeEnvAgent) with a trimmed
-    # environment that drops the token but names the raylet they serve
+    # Ray's agents get a trimmed environment that drops the token but names their raylet
     raylets = [p for p in found if name(p) == "raylet"]
     if raylets:
         found.update(marked(*(f"RAY_RAYLET_PID={p}" for p in raylets)))
-    for port in ports:
-        for p in pids_listening_on(port):
-            found.update(tree(p))
-    for r in trees:
-        found.update(tree(r))
-    for g in groups:
-        found.update(in_group(g))
+    for root in [p for port in ports for p in pids_listening_on(port)] + list(trees):
+        found.update(tree(root))
+    found.update(p for g in groups for p in in_group(g))
     found.discard(os.getpid())
     return sorted(p for p in found if alive(p))
 
 
 def stop_run(marks: list[str], ports: list[int], trees: list[int] = (), groups: list[int] = (),
              grace: float = 10.0, rounds: int = 3) -> tuple[list[str], list[int]]:
-    """SIGTERM every process of the run, SIGKILL what is left after `grace` s, and look again
-    (Ray may start a worker meanwhile), up to `rounds` times.
-
-    Returns (names of the processes stopped, pids still alive afterwards: empty unless a
-    process ignores SIGKILL, e.g. one stuck in the kernel)."""
+    """SIGTERM every process of the run, SIGKILL what is left after `grace` s, and look again (Ray may
+    start a worker meanwhile), up to `rounds` times. Returns (names stopped, pids still alive)."""
     names: dict[int, str] = {}
     for _ in range(rounds):
         pids = find_run(marks, ports, trees, groups)
