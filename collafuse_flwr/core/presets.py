@@ -34,12 +34,7 @@ PRESETS: dict[str, UNetPreset] = {**BASE_PRESETS, **{f"{k}-half": half_width(v) 
 
 
 def client_preset(model_size: str, client_model_size: str = "") -> str:
-    """The preset name of a CollaFuse client's private denoiser.
-
-    "" = the server's `model_size`; "half" = `<model_size>-half`; else a preset name as is.
-    """
-    if not client_model_size:
-        return model_size
+    """A client's private denoiser preset: "" = `model_size`, "half" = `<model_size>-half`, else as named."""
     if client_model_size == "half":
         return f"{model_size}-half"
-    return client_model_size
+    return client_model_size or model_size
