@@ -1,21 +1,11 @@
 """`dataset = "hf:<name or path>"`: a Hugging Face dataset, loaded through flwr-datasets.
 
-A Flower user names a dataset the way Flower's own examples do (`uoft-cs/cifar10`,
-`ylecun/mnist`, `zalando-datasets/fashion_mnist`, `flwrlabs/celeba`). `FederatedDataset`
-loads the split (from the Hub into Hugging Face's cache, or from that cache when
-HF_HUB_OFFLINE=1); the project's flwr-datasets partitioners (`partition.py`) then split it
-among the clients exactly as they split every other dataset, so the memoised index sets and
-each client's train/test split work the same for all routes.
-
-The same route reads a local copy, so it works with no network at all:
-- a folder written by `datasets.save_to_disk` (a `DatasetDict` or a single `Dataset`),
-- a folder or file that `datasets.load_dataset` understands (parquet, csv, or image files
-  in class sub-folders).
-
-Columns: `image_column` / `label_column` ("" = detect): the image column is the first with
-the `datasets.Image` feature, the label column is "label" or the first `ClassLabel` column
-(none: every image gets label 0). Boolean columns become per-image attributes (CelebA's 40),
-which by-attribute partitioning uses.
+A Hub id as in Flower's own examples (`uoft-cs/cifar10`, `ylecun/mnist`), from the Hub or Hugging
+Face's cache (HF_HUB_OFFLINE=1), or a local copy with no network: a `datasets.save_to_disk` folder,
+or parquet/csv/image files `datasets.load_dataset` understands. The split is loaded whole and then
+partitioned by `partition.py`, like every other dataset. Columns ("" = detect): the image column is
+the first `datasets.Image` one, the label column "label" or the first `ClassLabel` (none: label 0);
+boolean columns become per-image attributes (CelebA's 40).
 """
 
 from __future__ import annotations
@@ -81,11 +71,8 @@ def _hub_errors(source: str) -> Iterator[None]:
 
 
 def check_hf_source(source: str) -> None:
-    """Start-of-run check that an hf: dataset can be had, raising the one-line errors of loading.
-
-    Reads only the dataset's metadata (`datasets.load_dataset_builder`), so a ServerApp can call
-    it at start and stop a run that no node could load data for, before any round is sent.
-    """
+    """Start-of-run check (metadata only) that an hf: dataset can be had, with loading's one-line errors,
+    so a ServerApp stops a run no node could load data for before any round is sent."""
     kwargs = _source(source)  # a local path: checked for existence here
     if "data_files" in kwargs or Path(kwargs["dataset"]).exists():
         return
@@ -97,8 +84,7 @@ def _load_split(source: str, split: str):
     FederatedDataset = load("flwr_datasets").FederatedDataset  # noqa: N806
     IidPartitioner = load("flwr_datasets.partitioner").IidPartitioner  # noqa: N806
     kwargs = _source(source)
-    # One partition: partitioning happens later on the index table (partition.py), where the
-    # same partitioners serve every dataset route and their result is memoised.
+    # one partition: partition.py partitions the index table later, as for every dataset route
     fds = FederatedDataset(partitioners={split: IidPartitioner(num_partitions=1)}, shuffle=False, **kwargs)
     with _hub_errors(source):
         try:
@@ -113,20 +99,17 @@ def _columns(table, image_column: str, label_column: str, source: str) -> tuple[
     datasets = load("datasets")
     feats = table.features
     where = f"dataset='{HF_PREFIX}{source}' (columns: {', '.join(feats)})"
-    if image_column:
-        if image_column not in feats:
-            raise ValueError(f"image-column={image_column!r} is not a column of {where}")
-    else:
+    if image_column and image_column not in feats:
+        raise ValueError(f"image-column={image_column!r} is not a column of {where}")
+    if not image_column:
         images = [c for c, f in feats.items() if isinstance(f, datasets.Image)]
         if not images:
             raise ValueError(f"no column with the datasets.Image feature in {where}; set image-column")
         image_column = images[0]
-    if label_column:
-        if label_column not in feats:
-            raise ValueError(f"label-column={label_column!r} is not a column of {where}")
-        return image_column, label_column
-    if "label" in feats:
-        return image_column, "label"
+    if label_column and label_column not in feats:
+        raise ValueError(f"label-column={label_column!r} is not a column of {where}")
+    if label_column or "label" in feats:
+        return image_column, label_column or "label"
     labels = [c for c, f in feats.items() if isinstance(f, datasets.ClassLabel)]
     return image_column, labels[0] if labels else None
 
@@ -135,7 +118,6 @@ def load_hf(source: str, split: str, limit: int | None, image_size: int | None, 
             image_column: str = "", label_column: str = "") -> ImageDataset:
     """The first `limit` rows of `split`, decoded to uint8 squares (see the module docstring)."""
     datasets = load("datasets")
-
     table = _load_split(source, split)
     image_column, label_column = _columns(table, image_column, label_column, source)
     if limit is not None:
