@@ -1,18 +1,11 @@
 """Per-client index sets, and an on-disk memo of them.
 
-Every Ray worker that serves virtual nodes, and the ServerApp, partition the same dataset the
-same way. Computing a partition means importing flwr-datasets, which pulls in HuggingFace
-`datasets`, scipy and seaborn: 2-3 s of a 2-core machine on every worker start, inside the
-run's clock, to recompute index sets that never change. So the result is memoised on disk.
-
-A partition is a pure function of the labels (and attributes), the class and attribute names,
-the scheme and its parameters, the client count, the seed and the partitioner's code; the key
-hashes all of them, so an entry can only be reused for exactly the same inputs. Entries are
-written atomically and an unreadable one is recomputed. The images are not in the key because
-no scheme looks at them.
-
-The memo lives in $COLLAFUSE_FLWR_CACHE (default ~/.cache/collafuse-flwr); set it to "off" to
-always recompute.
+Every Ray worker and the ServerApp partition the same dataset the same way, and computing it means
+importing flwr-datasets (2-3 s per worker start), so the result is memoised on disk. The key hashes
+everything a partition depends on (labels, attributes, class/attribute names, scheme, parameters,
+client count, seed, the partitioner's code version), never the images, which no scheme reads.
+Entries are written atomically; an unreadable one is recomputed. Location: $COLLAFUSE_FLWR_CACHE
+(default ~/.cache/collafuse-flwr; "off" always recomputes).
 """
 
 from __future__ import annotations
@@ -63,17 +56,10 @@ def _version(dist: str) -> str:
 def split_key(ds: ImageDataset, num_clients: int, params: dict[str, object]) -> str:
     """A digest of everything a partition depends on (see the module docstring)."""
     h = hashlib.sha256()
-    meta = {
-        "algorithm": ALGORITHM_VERSION,
-        "flwr-datasets": _version("flwr-datasets"),
-        "datasets": _version("datasets"),
-        "dataset": ds.name,
-        "n": len(ds),
-        "class_names": list(ds.class_names),
-        "attribute_names": list(ds.attribute_names or []),
-        "num_clients": int(num_clients),
-        "params": params,
-    }
+    meta = {"algorithm": ALGORITHM_VERSION, "flwr-datasets": _version("flwr-datasets"),
+            "datasets": _version("datasets"), "dataset": ds.name, "n": len(ds),
+            "class_names": list(ds.class_names), "attribute_names": list(ds.attribute_names or []),
+            "num_clients": int(num_clients), "params": params}
     h.update(json.dumps(meta, sort_keys=True, default=str).encode())
     h.update(np.ascontiguousarray(ds.labels.numpy(), dtype=np.int64).tobytes())
     if ds.attributes is not None:
@@ -105,12 +91,8 @@ def _store(path: Path, splits: Sequence[ClientSplit]) -> None:
             Path(tmp).unlink(missing_ok=True)
 
 
-def memoised_splits(
-    ds: ImageDataset,
-    num_clients: int,
-    params: dict[str, object],
-    compute: Callable[[], Sequence[ClientSplit]],
-) -> list[ClientSplit]:
+def memoised_splits(ds: ImageDataset, num_clients: int, params: dict[str, object],
+                    compute: Callable[[], Sequence[ClientSplit]]) -> list[ClientSplit]:
     """compute() once per distinct input; later calls (any process) read the stored result."""
     root = cache_dir()
     if root is None:

@@ -1,26 +1,19 @@
 """On-disk image datasets read by torchvision's own dataset classes, plus AwA2.
 
-MNIST, Fashion-MNIST, CIFAR-10, CelebA and ImageFolder are torchvision's classes; this module
-points them at the user's folder and turns their samples into uint8 tensors. With
-`download=True` torchvision fetches the files its usual way (its mirrors, checksums and
-extraction) into data_dir; otherwise nothing is fetched.
-
-Three adaptations, each so that layouts the project accepted before keep working:
-- IDX files may sit directly in data_dir (not only in <data_dir>/MNIST/raw) and may be gzipped
-  only; torchvision reads plain files, so gzipped ones are extracted beside themselves with
-  torchvision's `extract_archive`, the step its own download performs.
-- torchvision checks each CIFAR-10 / CelebA file's MD5 at every load, which rejects any copy
-  that was re-packed or cut down; here a file only has to exist. Files fetched with
-  `download=True` are checked by torchvision's download.
-- The dataset folder may be data_dir itself or torchvision's sub-folder of it.
-
-AwA2 keeps a hand reader because torchvision has no AwA2 class; it still lists its images with
-torchvision's `make_dataset`, in the class order of AwA2's classes.txt.
+torchvision's MNIST, Fashion-MNIST, CIFAR-10, CelebA and ImageFolder classes are pointed at the
+user's folder (download=True fetches with torchvision's mirrors and checksums; otherwise nothing is
+fetched). Adapted so that layouts the project accepted before keep working: IDX files may sit in
+data_dir itself and be gzipped only (extracted with torchvision's `extract_archive`); CIFAR-10 and
+CelebA files only have to exist (torchvision's MD5 check at every load rejects re-packed copies);
+the dataset folder may be data_dir itself or torchvision's sub-folder. torchvision has no AwA2
+class, so AwA2 has a hand reader listing its images with torchvision's `make_dataset`.
 """
 
 from __future__ import annotations
 
+import itertools
 import urllib.error
+from collections import defaultdict
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -72,8 +65,7 @@ def _fetch(key: str, root: Path, make: Callable[[], object]) -> None:
 
 
 def load_images(paths: Sequence[str | Path], size: int, mode: str) -> Tensor:
-    """uint8 N x C x H x W squares; mode "L" or "RGB", or "" for the files' own (gray if the
-    first image is single-channel, else RGB: read from the data, never guessed from a name)."""
+    """uint8 N x C x H x W squares; mode "L", "RGB", or "" for the first file's own (never guessed)."""
     if not mode and len(paths):
         with Image.open(paths[0]) as first:
             mode = "L" if first.mode in ("1", "L", "I", "I;16", "F") else "RGB"
@@ -89,25 +81,12 @@ def load_images(paths: Sequence[str | Path], size: int, mode: str) -> Tensor:
 
 
 def round_robin(samples: Sequence[tuple[str, int]], limit: int | None) -> list[tuple[str, int]]:
-    """(path, label) samples in class-major order; with a cap, taken round-robin over classes so
-    that no class vanishes."""
-    if limit is None:
-        return sorted(samples, key=lambda s: (s[1], s[0]))
-    by_class: dict[int, list[tuple[str, int]]] = {}
-    for s in samples:
-        by_class.setdefault(s[1], []).append(s)
-    queues = [by_class[c] for c in sorted(by_class)]
-    chosen: list[tuple[str, int]] = []
-    depth = 0
-    while len(chosen) < limit and any(depth < len(q) for q in queues):
-        chosen += [q[depth] for q in queues if depth < len(q)][: limit - len(chosen)]
-        depth += 1
-    return sorted(chosen, key=lambda s: (s[1], s[0]))
-
-
-# ----------------------------------------------------------------------------------------
-# MNIST / Fashion-MNIST
-# ----------------------------------------------------------------------------------------
+    """(path, label) samples in class-major order; a cap takes them round-robin over classes."""
+    if limit is not None:  # the k-th sample of every class (in input order) before any (k+1)-th
+        counters: defaultdict[int, itertools.count] = defaultdict(itertools.count)
+        ranked = sorted((next(counters[c]), c, i) for i, (_, c) in enumerate(samples))
+        samples = [samples[i] for _, _, i in ranked[:limit]]
+    return sorted(samples, key=lambda s: (s[1], s[0]))
 
 
 def _idx_magic(path: Path) -> int:
@@ -118,7 +97,6 @@ def _idx_magic(path: Path) -> int:
 def load_mnist_like(key: str, root: Path, split: str, limit: int | None, download: bool) -> ImageDataset:
     tvd = load("torchvision.datasets")
     extract_archive = load("torchvision.datasets.utils").extract_archive
-
     base = getattr(tvd, _TV_NAMES[key])
     if download:
         _fetch(key, root, lambda: base(str(root), train=split == "train", download=True))
@@ -153,14 +131,8 @@ def load_mnist_like(key: str, root: Path, split: str, limit: int | None, downloa
                         class_names=[c.split(" - ")[0] for c in tv.classes])  # MNIST's "0 - zero" -> "0"
 
 
-# ----------------------------------------------------------------------------------------
-# CIFAR-10
-# ----------------------------------------------------------------------------------------
-
-
 def load_cifar10(root: Path, split: str, limit: int | None, download: bool) -> ImageDataset:
     CIFAR10 = load("torchvision.datasets").CIFAR10  # noqa: N806
-
     if download:
         _fetch("cifar10", root, lambda: CIFAR10(str(root), train=split == "train", download=True))
     folder = root / CIFAR10.base_folder if (root / CIFAR10.base_folder).is_dir() else root
@@ -185,14 +157,8 @@ def load_cifar10(root: Path, split: str, limit: int | None, download: bool) -> I
                         name="cifar10", class_names=list(tv.classes))
 
 
-# ----------------------------------------------------------------------------------------
-# CelebA
-# ----------------------------------------------------------------------------------------
-
-
 def load_celeba(root: Path, split: str, limit: int | None, size: int, mode: str, download: bool) -> ImageDataset:
     CelebA = load("torchvision.datasets").CelebA  # noqa: N806
-
     if download:
         _fetch("celeba", root, lambda: CelebA(str(root), split=split, download=True))
     folder = root if (root / "list_attr_celeba.txt").is_file() else root / CelebA.base_folder
@@ -218,11 +184,6 @@ def load_celeba(root: Path, split: str, limit: int | None, size: int, mode: str,
                         attribute_names=[a for a in tv.attr_names if a])  # a trailing space gives ''
 
 
-# ----------------------------------------------------------------------------------------
-# ImageFolder and AwA2
-# ----------------------------------------------------------------------------------------
-
-
 def _from_samples(name: str, samples: list[tuple[str, int]], class_names: list[str], limit: int | None,
                   size: int, mode: str) -> ImageDataset:
     chosen = round_robin(samples, limit)
@@ -233,7 +194,6 @@ def _from_samples(name: str, samples: list[tuple[str, int]], class_names: list[s
 
 def load_imagefolder(root: Path, limit: int | None, size: int, mode: str) -> ImageDataset:
     ImageFolder = load("torchvision.datasets").ImageFolder  # noqa: N806
-
     try:
         tv = ImageFolder(str(root), allow_empty=True)
     except FileNotFoundError as exc:
@@ -260,7 +220,6 @@ def _read_indexed_names(path: Path) -> list[str]:
 
 def load_awa2(root: Path, limit: int | None, size: int, mode: str) -> ImageDataset:
     make_dataset = load("torchvision.datasets.folder").make_dataset
-
     base = root
     if not (base / "JPEGImages").is_dir() and (root / "Animals_with_Attributes2" / "JPEGImages").is_dir():
         base = root / "Animals_with_Attributes2"
