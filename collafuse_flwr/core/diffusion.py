@@ -4,12 +4,11 @@ Timesteps are 1-indexed, t in {1, ..., T}, with abar_0 = 1 (t = 0 is clean data)
 
     q(x_t | x_0) = N(sqrt(abar_t) x_0, (1 - abar_t) I),   abar_t = prod_{s<=t} (1 - beta_s).
 
-The chain is cut at t_c = round(c T): the client owns t <= t_c, the server t > t_c.
-Exact sub-diffusion: for t > t_c, x_t = sqrt(abar_t / abar_c) x_{t_c} + sqrt(1 - abar_t / abar_c) eps'
-has noise variance (abar_t/abar_c - abar_t) + (1 - abar_t/abar_c) = 1 - abar_t, i.e. exactly the
-marginal q(x_t | x_0), yet needs no x_0: the server is an ordinary DDPM whose clean data is x_{t_c}
-and whose cumulative schedule is abar_t / abar_c. Both sides run `reverse_chain`, with anchor 0
-(client) or t_c (server).
+The chain is cut at t_c = round(c T): the client owns t <= t_c, the server t > t_c. For t > t_c,
+x_t = sqrt(abar_t / abar_c) x_{t_c} + sqrt(1 - abar_t / abar_c) eps' has noise variance
+(abar_t/abar_c - abar_t) + (1 - abar_t/abar_c) = 1 - abar_t, exactly q(x_t | x_0)'s, without x_0:
+the server is a DDPM whose clean data is x_{t_c} and cumulative schedule abar_t / abar_c. Both
+sides run `reverse_chain`, anchored at 0 (client) or t_c (server).
 
 The hand-off must be a *draw* of x_{t_c}, but the sub-chain posterior's variance is too small and 0
 at its last step. So the server's DDPM steps use the Analytic-DPM variance (Bao et al., ICLR 2022),
@@ -57,16 +56,11 @@ class Schedule:
     def T(self) -> int:  # noqa: N802 - the paper's name
         return self.betas.shape[0] - 1
 
-    def to(self, device: torch.device | str) -> Schedule:
-        return Schedule(self.betas.to(device), self.alpha_bars.to(device))
-
 
 def make_schedule(T: int, kind: BetaSchedule = "linear") -> Schedule:  # noqa: N803
-    """The schedule in float64 (products of ~1000 factors lose precision in float32).
-
-    linear: betas from 1e-4 to 0.02 scaled by 1000/T (Ho et al. 2020). cosine: abar_t = f(t)/f(0),
-    f(t) = cos^2(((t/T + s)/(1 + s)) pi/2), s = 0.008, betas capped at 0.999 (Nichol & Dhariwal 2021).
-    """
+    """float64 (products of ~1000 factors lose precision in float32). linear: betas 1e-4..0.02 scaled
+    by 1000/T (Ho et al. 2020); cosine: abar_t = f(t)/f(0), f(t) = cos^2(((t/T + s)/(1 + s)) pi/2),
+    s = 0.008, betas capped at 0.999 (Nichol & Dhariwal 2021)."""
     if not isinstance(T, int) or T < 1:
         raise ValueError(f"diffusion-steps must be an integer >= 1, got {T!r}")
     if kind == "linear":

@@ -30,23 +30,11 @@ def minibatch_indices(n: int, batch_size: int, steps: int, generator: torch.Gene
     return out
 
 
-def train_steps(
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    loss_fn: Callable[[Tensor], Tensor],
-    data: Tensor,
-    steps: int,
-    batch_size: int,
-    generator: torch.Generator,
-    device: torch.device,
-    flops: FlopMeter | None = None,
-    flops_key: str = "train",
-    labels: Tensor | None = None,
-    guard: bool = False,
-    stats: dict[str, int] | None = None,
-    row_args: Tensor | None = None,
-    batches: list[Tensor] | None = None,
-) -> float:
+def train_steps(model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: Callable[[Tensor], Tensor], data: Tensor,
+                steps: int, batch_size: int, generator: torch.Generator, device: torch.device,
+                flops: FlopMeter | None = None, flops_key: str = "train", labels: Tensor | None = None,
+                guard: bool = False, stats: dict[str, int] | None = None, row_args: Tensor | None = None,
+                batches: list[Tensor] | None = None) -> float:
     """Run `steps` Adam steps of loss_fn(batch) on `data` (in model range); the mean loss (NaN if none).
 
     labels: bound to a conditional `Denoiser` per minibatch. row_args: a per-row value passed as

@@ -24,14 +24,9 @@ FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", 
                          "Bag", "Ankle boot"]
 # Splits each dataset understands; "all" means every image the files hold.
 _SPLITS: dict[str, tuple[str, ...]] = {
-    "digits": ("train", "all"),
-    "mnist5k": ("train", "all"),
-    "mnist": ("train", "test"),
-    "fashion-mnist": ("train", "test"),
-    "cifar10": ("train", "test"),
-    "celeba": ("train", "valid", "test", "all"),
-    "awa2": ("train", "all"),
-    "imagefolder": ("train", "all"),
+    "digits": ("train", "all"), "mnist5k": ("train", "all"), "mnist": ("train", "test"),
+    "fashion-mnist": ("train", "test"), "cifar10": ("train", "test"), "celeba": ("train", "valid", "test", "all"),
+    "awa2": ("train", "all"), "imagefolder": ("train", "all"),
 }
 _SPLIT_ALIASES = {"val": "valid", "validation": "valid"}
 _EMBEDDED = ("digits", "mnist5k")

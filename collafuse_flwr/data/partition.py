@@ -61,15 +61,8 @@ def parse_groups(spec: str) -> list[list[str]]:
     return groups
 
 
-def partition_dataset(
-    ds: ImageDataset,
-    num_clients: int,
-    scheme: str = "iid",
-    seed: int = 0,
-    alpha: float = 0.5,
-    test_fraction: float = 0.2,
-    groups: list[list[str]] | None = None,
-) -> list[ClientSplit]:
+def partition_dataset(ds: ImageDataset, num_clients: int, scheme: str = "iid", seed: int = 0, alpha: float = 0.5,
+                      test_fraction: float = 0.2, groups: list[list[str]] | None = None) -> list[ClientSplit]:
     """Split `ds` among `num_clients`, each share then into train/test (deterministic for a seed).
 
     Each test part is `test_fraction` of the client's images (at least 1 train and 1 test image when
