@@ -18,6 +18,7 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
 HF_PREFIX = "hf:"
+GRAY_MODES = ("1", "L", "I", "I;16", "F")  # PIL modes read as single-channel
 #: Each built-in dataset's own channels (`hf:` and `imagefolder` data are read to find out).
 NATIVE_CHANNELS = {"digits": 1, "mnist5k": 1, "mnist": 1, "fashion-mnist": 1, "cifar10": 3, "celeba": 3, "awa2": 3}
 FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker",

@@ -20,20 +20,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from collafuse_flwr.data.dataset import DEFAULT_JPEG_SIZE, HF_PREFIX, ImageDataset, square_uint8
+from collafuse_flwr.data.dataset import DEFAULT_JPEG_SIZE, GRAY_MODES, HF_PREFIX, ImageDataset, square_uint8
 from collafuse_flwr.imports import load
 
 _LOCAL_HINT = ("a local copy: dataset='hf:/abs/path' to a folder written by datasets.save_to_disk, "
                "or to parquet/csv/image files")
 
 
-def _is_local(source: str) -> bool:
-    return source.startswith(("/", ".", "~")) or os.path.exists(source)
-
-
 def _source(source: str) -> dict[str, Any]:
     """FederatedDataset's `dataset` and `data_files` for a Hub id or a local path."""
-    if not _is_local(source):
+    if not (source.startswith(("/", ".", "~")) or os.path.exists(source)):
         return {"dataset": source}
     path = Path(source).expanduser().resolve()
     if not path.exists():
@@ -126,11 +122,10 @@ def load_hf(source: str, split: str, limit: int | None, image_size: int | None, 
         raise ValueError(f"dataset='{HF_PREFIX}{source}' split {split!r} has no rows")
     pil = table[image_column]
     if channels is None:
-        channels = 1 if pil[0].mode in ("1", "L", "I", "I;16", "F") else 3
+        channels = 1 if pil[0].mode in GRAY_MODES else 3
     size = image_size or (pil[0].size[0] if pil[0].size[0] == pil[0].size[1] else DEFAULT_JPEG_SIZE)
     mode = "L" if channels == 1 else "RGB"
     images = torch.from_numpy(np.stack([square_uint8(im, size, mode) for im in pil]))
-
     if label_column is None:
         labels, class_names = np.zeros(table.num_rows, dtype=np.int64), ["all"]
     elif isinstance(table.features[label_column], datasets.ClassLabel):

@@ -22,19 +22,17 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from collafuse_flwr.data.dataset import _DOWNLOADABLE, ImageDataset, square_uint8
+from collafuse_flwr.data.dataset import _DOWNLOADABLE, GRAY_MODES, ImageDataset, square_uint8
 from collafuse_flwr.imports import load
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp")
 _TV_NAMES = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST"}
 
+_IDX_LAYOUT = ("{} expects train-images-idx3-ubyte[.gz], train-labels-idx1-ubyte[.gz], t10k-images-idx3-ubyte[.gz] "
+               "and t10k-labels-idx1-ubyte[.gz] in {{d}}/{}/raw (torchvision's layout) or in {{d}} itself")
 LAYOUTS = {
-    "mnist": ("MNIST expects train-images-idx3-ubyte[.gz], train-labels-idx1-ubyte[.gz], "
-              "t10k-images-idx3-ubyte[.gz] and t10k-labels-idx1-ubyte[.gz] in {d}/MNIST/raw "
-              "(torchvision's layout) or in {d} itself"),
-    "fashion-mnist": ("Fashion-MNIST expects train-images-idx3-ubyte[.gz], train-labels-idx1-ubyte[.gz], "
-                      "t10k-images-idx3-ubyte[.gz] and t10k-labels-idx1-ubyte[.gz] in "
-                      "{d}/FashionMNIST/raw (torchvision's layout) or in {d} itself"),
+    "mnist": _IDX_LAYOUT.format("MNIST", "MNIST"),
+    "fashion-mnist": _IDX_LAYOUT.format("Fashion-MNIST", "FashionMNIST"),
     "cifar10": ("CIFAR-10 expects the python version: {d}/cifar-10-batches-py/ (or {d} itself) holding "
                 "data_batch_1 .. data_batch_5, test_batch and batches.meta (the extracted "
                 "cifar-10-python.tar.gz)"),
@@ -68,7 +66,7 @@ def load_images(paths: Sequence[str | Path], size: int, mode: str) -> Tensor:
     """uint8 N x C x H x W squares; mode "L", "RGB", or "" for the first file's own (never guessed)."""
     if not mode and len(paths):
         with Image.open(paths[0]) as first:
-            mode = "L" if first.mode in ("1", "L", "I", "I;16", "F") else "RGB"
+            mode = "L" if first.mode in GRAY_MODES else "RGB"
     mode = mode or "RGB"
     out = np.empty((len(paths), 1 if mode == "L" else 3, size, size), dtype=np.uint8)
     for i, path in enumerate(paths):
@@ -220,9 +218,8 @@ def _read_indexed_names(path: Path) -> list[str]:
 
 def load_awa2(root: Path, limit: int | None, size: int, mode: str) -> ImageDataset:
     make_dataset = load("torchvision.datasets.folder").make_dataset
-    base = root
-    if not (base / "JPEGImages").is_dir() and (root / "Animals_with_Attributes2" / "JPEGImages").is_dir():
-        base = root / "Animals_with_Attributes2"
+    nested = root / "Animals_with_Attributes2"
+    base = nested if not (root / "JPEGImages").is_dir() and (nested / "JPEGImages").is_dir() else root
     img_root = base / "JPEGImages"
     if not img_root.is_dir():
         raise missing("awa2", root, f"JPEGImages folder not found under {root}")
@@ -232,7 +229,6 @@ def load_awa2(root: Path, limit: int | None, size: int, mode: str) -> ImageDatas
     unknown = sorted(set(dirs) - set(class_names))
     if unknown:
         raise ValueError(f"JPEGImages folders {unknown} are not listed in {classes_txt}; add them or remove the folders")
-
     matrix = attr_names = None
     matrix_path, pred_path = base / "predicate-matrix-binary.txt", base / "predicates.txt"
     if matrix_path.is_file() or pred_path.is_file():
@@ -244,7 +240,6 @@ def load_awa2(root: Path, limit: int | None, size: int, mode: str) -> ImageDatas
         if matrix.shape != (len(class_names), len(attr_names)) or not np.isin(matrix, (0, 1)).all():
             raise ValueError(f"{matrix_path} must be a {len(class_names)} x {len(attr_names)} matrix of 0/1 "
                              f"(classes x predicates), got shape {matrix.shape}")
-
     samples = make_dataset(str(img_root), {c: i for i, c in enumerate(class_names)},
                            extensions=IMAGE_EXTENSIONS, allow_empty=True)
     if not samples:
