@@ -1,25 +1,19 @@
 r"""Differentially private uploads: per-image (epsilon, delta) over a node's uploads, node side.
 
-The node calls `plan_uploads` once, counts uploads with an `UploadLedger`, uploads with `dp_upload`.
-Guarantee: with replace-one adjacency, the multiset of all x_{t_u} a node uploads in the ledger's
-scope (a deployed node: its whole life) is (epsilon, delta)-DP per image. Which images are uploaded
-depends only on indices and past counts, never on pixels, so replacing image i changes only the
-uploads *of i*: at most K (the ledger's cap).
+With replace-one adjacency, all x_{t_u} a node uploads in the ledger's scope (a deployed node: its
+whole life) are (epsilon, delta)-DP per image. Which images are uploaded depends only on indices and
+past counts, never on pixels, so replacing image i changes only the (at most K) uploads *of i*.
+x_0 is L2-clipped to C (default sqrt(d), the largest norm in [-1, 1]^d), so the upload
+x_{t_u} = sqrt(abar_u) x_0 + sqrt(1 - abar_u) eps (eps secret) is a Gaussian mechanism with noise
+multiplier z(t) = sqrt(1 - abar_t) / (2 C sqrt(abar_t)); K uploads compose (dp-accounting's RDP).
+If z(t_c) is too small the node diffuses forward to the smallest sufficient t_u in [t_c, T - 1]:
+a genuine upload at the node's effective cut t_u, so the server's exact sub-diffusion still holds.
 
-One upload is a Gaussian mechanism: x_0 is L2-clipped to C (default sqrt(d), the largest norm in
-[-1, 1]^d), so x_{t_u} = sqrt(abar_u) x_0 + sqrt(1 - abar_u) eps (eps secret) has sensitivity
-2 C sqrt(abar_u) and noise multiplier z(t) = sqrt(1 - abar_t) / (2 C sqrt(abar_t)); K uploads
-compose K-fold (dp-accounting's RDP accountant). When z(t_c) is too small the node diffuses
-forward to the smallest t_u in [t_c, T - 1] that meets the target; x_{t_u} is a genuine upload at
-the node's effective cut t_u, so the server's exact sub-diffusion math still holds.
-
-Not claimed (deliberately conservative): no amplification by subsampling (the ledger's selection
-depends on history, and the server sees row counts); only uploads are covered (losses, generated
-images and other harness outputs are not); a trusting (simulated) node keeps a ledger per run, so
-runs compose; noise must be fresh and secret (`collafuse_flwr.node.randomness`); floating-point
-Gaussian sampling is not exactly the Gaussian mechanism (Mironov 2012).
-Digits (d = 64, T = 200 cosine, t_c = 40, delta = 1e-5): epsilon 10 at K = 4 needs t_u = 193, so a
-useful guarantee leaves the server only the last 1-8 % of the chain.
+Not claimed: amplification by subsampling (selection depends on history; the server sees row
+counts); anything but uploads (losses, generated images); across runs for a trusting (simulated)
+node, whose ledger is per run; exactness of floating-point Gaussian sampling (Mironov 2012). Noise
+must be fresh and secret (`collafuse_flwr.node.randomness`). Digits (d = 64, T = 200 cosine,
+t_c = 40): epsilon 10 at K = 4 needs t_u = 193, the last 1-8 % of the chain is all the server gets.
 """
 
 from __future__ import annotations

@@ -6,6 +6,8 @@ name; nothing here imports a loader, so the data layer has no import circle.
 
 from __future__ import annotations
 
+import itertools
+from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -91,6 +93,13 @@ def canonical_name(name: str) -> str:
         return name
     key = name.strip().lower().replace("_", "-")
     return {"fashionmnist": "fashion-mnist", "cifar-10": "cifar10", "mnist-5k": "mnist5k"}.get(key, key)
+
+
+def round_robin(labels: Sequence[int], limit: int | None) -> list[int]:
+    """Indices of the first `limit` rows taken round-robin over the classes (the k-th row of every
+    class before any (k+1)-th), so that a cap drops no class; every row when limit is None."""
+    counters: defaultdict[int, itertools.count] = defaultdict(itertools.count)
+    return [i for _, _, i in sorted((next(counters[c]), c, i) for i, c in enumerate(labels))[:limit]]
 
 
 def resize_uint8(images: Tensor, size: int) -> Tensor:

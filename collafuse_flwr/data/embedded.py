@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from collafuse_flwr.data.dataset import ImageDataset
+from collafuse_flwr.data.dataset import ImageDataset, round_robin
 from collafuse_flwr.imports import load
 
 MNIST5K_CLASSES = 10
@@ -66,9 +66,6 @@ def load_mnist5k(limit: int | None) -> ImageDataset:
     """The clients' part of MNIST-5k (400 per digit); a cap takes rows round-robin over the classes
     so that it does not drop whole classes."""
     images, labels = read_mnist5k("clients")
-    rank = np.zeros(len(labels), dtype=np.int64)  # position of each row within its class
-    for c in np.unique(labels):
-        rank[labels == c] = np.arange(int((labels == c).sum()))
-    rows = np.sort(np.lexsort((labels, rank))[:limit])
+    rows = np.sort(np.asarray(round_robin(labels.tolist(), limit), dtype=np.int64))
     return ImageDataset(images=torch.from_numpy(images[rows][:, None].copy()), labels=torch.from_numpy(labels[rows]),
                         name="mnist5k", class_names=[str(c) for c in range(MNIST5K_CLASSES)])

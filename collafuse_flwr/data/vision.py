@@ -11,9 +11,7 @@ class, so AwA2 has a hand reader listing its images with torchvision's `make_dat
 
 from __future__ import annotations
 
-import itertools
 import urllib.error
-from collections import defaultdict
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -22,7 +20,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from collafuse_flwr.data.dataset import _DOWNLOADABLE, GRAY_MODES, ImageDataset, square_uint8
+from collafuse_flwr.data.dataset import _DOWNLOADABLE, GRAY_MODES, ImageDataset, round_robin, square_uint8
 from collafuse_flwr.imports import load
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp")
@@ -76,15 +74,6 @@ def load_images(paths: Sequence[str | Path], size: int, mode: str) -> Tensor:
         except (OSError, ValueError) as exc:
             raise ValueError(f"cannot read image {path}: {exc}") from exc
     return torch.from_numpy(out)
-
-
-def round_robin(samples: Sequence[tuple[str, int]], limit: int | None) -> list[tuple[str, int]]:
-    """(path, label) samples in class-major order; a cap takes them round-robin over classes."""
-    if limit is not None:  # the k-th sample of every class (in input order) before any (k+1)-th
-        counters: defaultdict[int, itertools.count] = defaultdict(itertools.count)
-        ranked = sorted((next(counters[c]), c, i) for i, (_, c) in enumerate(samples))
-        samples = [samples[i] for _, _, i in ranked[:limit]]
-    return sorted(samples, key=lambda s: (s[1], s[0]))
 
 
 def _idx_magic(path: Path) -> int:
@@ -184,7 +173,8 @@ def load_celeba(root: Path, split: str, limit: int | None, size: int, mode: str,
 
 def _from_samples(name: str, samples: list[tuple[str, int]], class_names: list[str], limit: int | None,
                   size: int, mode: str) -> ImageDataset:
-    chosen = round_robin(samples, limit)
+    picked = (samples[i] for i in round_robin([c for _, c in samples], limit))
+    chosen = sorted(picked, key=lambda s: (s[1], s[0]))
     labels = np.array([c for _, c in chosen], dtype=np.int64)
     return ImageDataset(images=load_images([p for p, _ in chosen], size, mode), labels=torch.from_numpy(labels),
                         name=name, class_names=class_names)
