@@ -1,9 +1,7 @@
 r"""DDPM math for CollaFuse: the noise schedule, the timestep split, and split sampling (pure torch).
 
 Timesteps are 1-indexed, t in {1, ..., T}, with abar_0 = 1 (t = 0 is clean data):
-
     q(x_t | x_0) = N(sqrt(abar_t) x_0, (1 - abar_t) I),   abar_t = prod_{s<=t} (1 - beta_s).
-
 The chain is cut at t_c = round(c T): the client owns t <= t_c, the server t > t_c. For t > t_c,
 x_t = sqrt(abar_t / abar_c) x_{t_c} + sqrt(1 - abar_t / abar_c) eps' has noise variance
 (abar_t/abar_c - abar_t) + (1 - abar_t/abar_c) = 1 - abar_t, exactly q(x_t | x_0)'s, without x_0:
@@ -34,8 +32,8 @@ import torch
 from diffusers.schedulers.scheduling_ddpm import betas_for_alpha_bar
 from torch import Tensor
 
-from collafuse_flwr.core.chain import (  # noqa: F401 - re-exported
-    ServerTarget, check_target, client_start_step, cut_step, split_step_budget)
+from collafuse_flwr.core import chain
+from collafuse_flwr.core.chain import ServerTarget, client_start_step, cut_step, split_step_budget  # noqa: F401
 
 BetaSchedule = Literal["linear", "cosine"]
 #: "posterior": q(x_{t-1} | x_t, x_anchor)'s variance (classic DDPM; 0 at the anchor).
@@ -83,11 +81,6 @@ def renoise_matched_step(sched: Schedule, t_c: int) -> int:
     return int(torch.argmin((sched.alpha_bars - sched.alpha_bars[t_c] ** 2).abs()))
 
 
-def _bcast(v: Tensor, x: Tensor) -> Tensor:
-    """Per-sample scalars to x's dtype/device and shape (N, 1, 1, ...)."""
-    return v.to(device=x.device, dtype=x.dtype).reshape(-1, *([1] * (x.dim() - 1)))
-
-
 def relative_alpha_bar(sched: Schedule, t: Tensor | int, anchor: int) -> Tensor:
     """abar_t / abar_anchor: the cumulative schedule of the chain that starts at x_anchor."""
     t = torch.as_tensor(t, device=sched.alpha_bars.device)
@@ -100,7 +93,7 @@ def _chain_alpha_bar(sched: Schedule, t: int, anchor: int, relative: bool) -> Te
 
 def _noised(ab: Tensor, x: Tensor, noise: Tensor) -> Tensor:
     """sqrt(ab) x + sqrt(1 - ab) noise, with ab per sample."""
-    ab = _bcast(ab, x)
+    ab = ab.to(device=x.device, dtype=x.dtype).reshape(-1, *([1] * (x.dim() - 1)))
     return ab.sqrt() * x + (1 - ab).sqrt() * noise
 
 
@@ -118,7 +111,7 @@ def sub_diffuse(sched: Schedule, x_anchor: Tensor, anchor: int, t: Tensor, noise
     exact: x_t = sqrt(abar_t/abar_a) x_a + sqrt(1 - abar_t/abar_a) eps' (marginal = q(x_t|x_0)).
     renoise: x_t = sqrt(abar_t) x_a + sqrt(1 - abar_t) eps' (x_a treated as clean data).
     """
-    check_target(target)
+    chain.check_target(target)
     ab = relative_alpha_bar(sched, t.cpu(), anchor) if target == "exact" else sched.alpha_bars[t.cpu()]
     return _noised(ab, x_anchor, noise)
 
@@ -284,7 +277,7 @@ def server_sample(eps_model: EpsModel, sched: Schedule, shape: tuple[int, ...], 
     x = torch.randn(shape, generator=generator).to(device)
     if t_c >= sched.T:
         return x
-    check_target(target)
+    chain.check_target(target)
     exact = target == "exact"
     return reverse_chain(eps_model, sched, x, sched.T, t_c, anchor=t_c if exact else 0, relative=exact,
                          num_steps=num_steps, generator=generator, clip=anchor_bound(sched, t_c), variance=variance)

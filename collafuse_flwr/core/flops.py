@@ -1,18 +1,12 @@
 """FLOPs measured on the real forward/backward passes with ``torch.utils.flop_counter``.
 
-Measured, not from formulas, because CollaFuse's cost depends on which code actually ran.
-``FlopCounterMode`` counts matmul/conv/attention FLOPs (2 per multiply-add; elementwise ops, norms
-and optimizer updates count 0) of everything inside :meth:`FlopMeter.count`, backward included.
-Keys are inclusive: a block nested in another counts toward both keys.
-
-Stock ``FlopCounterMode`` attributes FLOPs to modules through a global ``ModuleTracker`` whose hooks
-crash under ``torch.inference_mode()`` for inputs that require grad; only the total is needed, so
-the tracker is replaced by one that always answers "Global" (and costs nothing).
-
-Overhead (``python -m collafuse_flwr.core.flops``, small conv net, 1 CPU thread): +50 % per step
-at batch 32, +25 % at batch 256 (a Python hook per aten op; ops without a FLOP formula run
-decomposed). So count FLOPs on the runs whose cost you report, and disable it (``count-flops =
-false``) for wall-clock benchmarks.
+Measured, not from formulas, because CollaFuse's cost depends on which code actually ran: matmul/
+conv/attention FLOPs (2 per multiply-add; elementwise ops, norms, optimizer updates: 0) of everything
+inside :meth:`FlopMeter.count`, backward included. Keys are inclusive (nested blocks count for both).
+Stock ``FlopCounterMode``'s ``ModuleTracker`` hooks crash under ``torch.inference_mode()`` for inputs
+that require grad; only the total is needed, so the tracker always answers "Global".
+Overhead (``python -m collafuse_flwr.core.flops``, 1 CPU thread): +50 % per step at batch 32, +25 %
+at 256 (a Python hook per aten op), so disable it (``count-flops = false``) for wall-clock benchmarks.
 """
 
 from __future__ import annotations
@@ -27,16 +21,10 @@ from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
 
-class _GlobalOnlyTracker:
+class _GlobalOnlyTracker(nullcontext):
     """Drop-in for FlopCounterMode's ModuleTracker: every op belongs to 'Global' only."""
 
     parents = frozenset({"Global"})
-
-    def __enter__(self) -> _GlobalOnlyTracker:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        return None
 
 
 class FlopMeter:

@@ -12,9 +12,19 @@ from pathlib import Path
 from collafuse_flwr.config import DATASETS
 from collafuse_flwr.data import hf as hf_loader
 from collafuse_flwr.data import vision
-from collafuse_flwr.data.dataset import (_DOWNLOADABLE, _EMBEDDED, _SPLIT_ALIASES, _SPLITS, DEFAULT_JPEG_SIZE,
-                                         HF_PREFIX, NATIVE_CHANNELS, ImageDataset, canonical_name,
-                                         convert_channels, resize_uint8)
+from collafuse_flwr.data.dataset import (
+    _DOWNLOADABLE,
+    _EMBEDDED,
+    _SPLIT_ALIASES,
+    _SPLITS,
+    DEFAULT_JPEG_SIZE,
+    HF_PREFIX,
+    NATIVE_CHANNELS,
+    ImageDataset,
+    canonical_name,
+    convert_channels,
+    resize_uint8,
+)
 from collafuse_flwr.data.embedded import load_digits, load_mnist5k
 
 

@@ -15,7 +15,6 @@ would hand nearly all of CelebA to the hair-colour client); rows no group claims
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
 
 import datasets
 import numpy as np
