@@ -102,7 +102,10 @@ def partition_dataset(ds: ImageDataset, num_clients: int, scheme: str = "iid", s
         shares = _flwr_shares(labels, num_clients, scheme, seed, alpha, test_fraction)
     for client_id, share in enumerate(shares):
         if len(share) == 0:
-            raise ValueError(f"client {client_id} gets no images under {scheme!r}{_empty_hint(scheme, groups)}")
+            hint = (f": no image matches {'its group' if groups else 'its default group'} (or overlapping groups "
+                    f"took them all); change the groups or load more images" if scheme.startswith("by-")
+                    else "; use fewer clients or load more images")
+            raise ValueError(f"client {client_id} gets no images under {scheme!r}{hint}")
     return [_split_train_test(cid, share, test_fraction, seed) for cid, share in enumerate(shares)]
 
 
@@ -129,13 +132,6 @@ def _flwr_shares(labels: np.ndarray, num_clients: int, scheme: str, seed: int, a
             f"Dirichlet partitioning with alpha={alpha} could not give each of {num_clients} clients "
             f"at least {min_size} of the {n} images ({exc}); raise alpha, use fewer clients or load more images"
         ) from exc
-
-
-def _empty_hint(scheme: str, groups: list[list[str]] | None) -> str:
-    if scheme in ("by-class", "by-attribute"):
-        which = "its group" if groups else "its default group"
-        return f": no image matches {which} (or overlapping groups took them all); change the groups or load more images"
-    return "; use fewer clients or load more images"
 
 
 def _class_groups(ds: ImageDataset, num_clients: int, groups: list[list[str]] | None) -> list[list[int]]:

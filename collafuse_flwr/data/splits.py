@@ -67,30 +67,6 @@ def split_key(ds: ImageDataset, num_clients: int, params: dict[str, object]) -> 
     return h.hexdigest()[:32]
 
 
-def _load(path: Path, num_clients: int) -> list[ClientSplit] | None:
-    try:
-        with np.load(path) as z:
-            return [ClientSplit(k, z[f"train_{k}"].astype(np.int64), z[f"test_{k}"].astype(np.int64))
-                    for k in range(num_clients)]
-    except (OSError, KeyError, ValueError):  # absent, truncated or from another layout: recompute
-        return None
-
-
-def _store(path: Path, splits: Sequence[ClientSplit]) -> None:
-    arrays = {f"{part}_{s.client_id}": idx for s in splits
-              for part, idx in (("train", s.train_idx), ("test", s.test_idx))}
-    tmp: str | None = None
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-        os.replace(tmp, path)  # readers see the old file or the whole new one, never half
-    except OSError:  # a read-only cache must not fail a run: the memo is only a shortcut
-        if tmp is not None:
-            Path(tmp).unlink(missing_ok=True)
-
-
 def memoised_splits(ds: ImageDataset, num_clients: int, params: dict[str, object],
                     compute: Callable[[], Sequence[ClientSplit]]) -> list[ClientSplit]:
     """compute() once per distinct input; later calls (any process) read the stored result."""
@@ -98,9 +74,22 @@ def memoised_splits(ds: ImageDataset, num_clients: int, params: dict[str, object
     if root is None:
         return list(compute())
     path = root / "splits" / f"{split_key(ds, num_clients, params)}.npz"
-    cached = _load(path, num_clients)
-    if cached is not None:
-        return cached
+    try:
+        with np.load(path) as z:
+            return [ClientSplit(k, z[f"train_{k}"].astype(np.int64), z[f"test_{k}"].astype(np.int64))
+                    for k in range(num_clients)]
+    except (OSError, KeyError, ValueError):  # absent, truncated or from another layout: recompute
+        pass
     splits = list(compute())
-    _store(path, splits)
+    tmp: str | None = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **{f"{part}_{s.client_id}": idx for s in splits
+                           for part, idx in (("train", s.train_idx), ("test", s.test_idx))})
+        os.replace(tmp, path)  # readers see the old file or the whole new one, never half
+    except OSError:  # a read-only cache must not fail a run: the memo is only a shortcut
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
     return splits
