@@ -81,14 +81,11 @@ def renoise_matched_step(sched: Schedule, t_c: int) -> int:
     return int(torch.argmin((sched.alpha_bars - sched.alpha_bars[t_c] ** 2).abs()))
 
 
-def relative_alpha_bar(sched: Schedule, t: Tensor | int, anchor: int) -> Tensor:
-    """abar_t / abar_anchor: the cumulative schedule of the chain that starts at x_anchor."""
-    t = torch.as_tensor(t, device=sched.alpha_bars.device)
-    return sched.alpha_bars[t] / sched.alpha_bars[anchor]
-
-
-def _chain_alpha_bar(sched: Schedule, t: int, anchor: int, relative: bool) -> Tensor:
-    return relative_alpha_bar(sched, t, anchor) if relative else sched.alpha_bars[t]
+def relative_alpha_bar(sched: Schedule, t: Tensor | int, anchor: int, relative: bool = True) -> Tensor:
+    """abar_t / abar_anchor: the cumulative schedule of the chain that starts at x_anchor (abar_t if not relative)."""
+    if not relative:
+        return sched.alpha_bars[t]
+    return sched.alpha_bars[torch.as_tensor(t, device=sched.alpha_bars.device)] / sched.alpha_bars[anchor]
 
 
 def _noised(ab: Tensor, x: Tensor, noise: Tensor) -> Tensor:
@@ -116,7 +113,7 @@ def sub_diffuse(sched: Schedule, x_anchor: Tensor, anchor: int, t: Tensor, noise
     return _noised(ab, x_anchor, noise)
 
 
-def _sample_timesteps(n: int, low: int, high: int, generator: torch.Generator | None = None) -> Tensor:
+def sample_timesteps(n: int, low: int, high: int, generator: torch.Generator | None = None) -> Tensor:
     """t ~ U{low, ..., high}, inclusive."""
     if not 1 <= low <= high:
         raise ValueError(f"empty timestep range [{low}, {high}]")
@@ -126,7 +123,7 @@ def _sample_timesteps(n: int, low: int, high: int, generator: torch.Generator | 
 def client_loss(eps_model: EpsModel, sched: Schedule, x0: Tensor, t_c: int,
                 generator: torch.Generator | None = None) -> Tensor:
     """The DDPM epsilon loss restricted to the client's steps t ~ U{1..t_c}."""
-    t = _sample_timesteps(x0.shape[0], 1, t_c, generator).to(x0.device)
+    t = sample_timesteps(x0.shape[0], 1, t_c, generator).to(x0.device)
     noise = torch.randn(x0.shape, generator=generator).to(x0)
     x_t = _noised(sched.alpha_bars[t.cpu()], x0, noise)
     return torch.nn.functional.mse_loss(eps_model(x_t, t), noise)
@@ -146,7 +143,7 @@ def server_loss(eps_model: EpsModel, sched: Schedule, x_tc: Tensor, t_c: int | T
         u = torch.rand(x_tc.shape[0], generator=generator)
         t = (t_c + 1 + (u * (sched.T - t_c)).long().clamp(max=sched.T - 1 - t_c)).to(x_tc.device)
     else:
-        t = _sample_timesteps(x_tc.shape[0], t_c + 1, sched.T, generator).to(x_tc.device)
+        t = sample_timesteps(x_tc.shape[0], t_c + 1, sched.T, generator).to(x_tc.device)
     noise = torch.randn(x_tc.shape, generator=generator).to(x_tc)
     x_t = sub_diffuse(sched, x_tc, t_c, t, noise, target)  # type: ignore[arg-type]  # a per-row anchor broadcasts
     return torch.nn.functional.mse_loss(eps_model(x_t, t), noise)
@@ -154,7 +151,7 @@ def server_loss(eps_model: EpsModel, sched: Schedule, x_tc: Tensor, t_c: int | T
 
 def predict_anchor(sched: Schedule, x_t: Tensor, t: int, eps: Tensor, anchor: int, relative: bool = True) -> Tensor:
     """Tweedie's estimate x_a = (x_t - sqrt(1 - a'_t) eps) / sqrt(a'_t) of the chain's clean end."""
-    ab = _chain_alpha_bar(sched, t, anchor, relative).to(device=x_t.device, dtype=x_t.dtype)
+    ab = relative_alpha_bar(sched, t, anchor, relative).to(device=x_t.device, dtype=x_t.dtype)
     return (x_t - (1 - ab).sqrt() * eps) / ab.sqrt()
 
 
@@ -166,7 +163,7 @@ def posterior(sched: Schedule, x_t: Tensor, x_anchor_hat: Tensor, t: int, anchor
     var  = beta_t (1 - a'_{t-1}) / (1 - a'_t), with a' = abar / abar_anchor (or abar when not
     relative). At t - 1 = anchor the variance is 0 and the mean is x_anchor.
     """
-    ab_t, ab_prev = _chain_alpha_bar(sched, t, anchor, relative), _chain_alpha_bar(sched, t - 1, anchor, relative)
+    ab_t, ab_prev = relative_alpha_bar(sched, t, anchor, relative), relative_alpha_bar(sched, t - 1, anchor, relative)
     beta = 1 - ab_t / ab_prev
     c_anchor = ab_prev.sqrt() * beta / (1 - ab_t)
     c_t = (1 - beta).sqrt() * (1 - ab_prev) / (1 - ab_t)
@@ -185,7 +182,7 @@ def reverse_variance(sched: Schedule, t: int, anchor: int, relative: bool, gamma
     of per-pixel variance <= data_var_max: [v_full, v_full + k_0^2 data_var_max], which keeps an
     imperfect model from producing variances no data in range could have.
     """
-    ab_t, ab_prev = _chain_alpha_bar(sched, t, anchor, relative), _chain_alpha_bar(sched, t - 1, anchor, relative)
+    ab_t, ab_prev = relative_alpha_bar(sched, t, anchor, relative), relative_alpha_bar(sched, t - 1, anchor, relative)
     beta = sched.betas[t]
     var_post = beta * (1 - ab_prev) / (1 - ab_t)
     k_a = ab_prev.sqrt() * beta / (1 - ab_t)
@@ -239,8 +236,8 @@ def reverse_chain(eps_model: EpsModel, sched: Schedule, x: Tensor, t_from: int, 
                 var = torch.zeros_like(var)
             x = mean + var.sqrt() * torch.randn(x.shape, generator=generator).to(x) if var.item() > 0 else mean
             continue
-        ab_s = _chain_alpha_bar(sched, s, anchor, relative).to(x)
-        ab_t = _chain_alpha_bar(sched, t, anchor, relative).to(x)
+        ab_s = relative_alpha_bar(sched, s, anchor, relative).to(x)
+        ab_t = relative_alpha_bar(sched, t, anchor, relative).to(x)
         eps_dir = (x - ab_t.sqrt() * x_a) / (1 - ab_t).sqrt()
         if relative and anchor > 0:
             # Step in the full chain's coordinates: the sub-chain's angle jumps to pi/2 at the anchor
