@@ -1,9 +1,6 @@
-"""A node's own data: its partition of the configured dataset, train and held-out test.
-
-Either its own folder (`data-dir` in node_config: all images there, split train/test; how a real
-deployment's data owners take part) or a shared dataset (`partition-id`/`num-partitions`: every node
-partitions the same data with the same seed and keeps its own share). Results are cached per process
-(Ray actors serve many virtual nodes) and the index sets memoised on disk (`splits.py`).
+"""A node's own data, train and held-out test: all of its own folder (`data-dir` in node_config, how
+a deployment's data owners take part) or its share of a dataset every node partitions alike
+(`partition-id`/`num-partitions`). Cached per process, as Ray actors serve many virtual nodes.
 """
 
 from __future__ import annotations

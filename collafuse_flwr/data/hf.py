@@ -1,11 +1,7 @@
-"""`dataset = "hf:<name or path>"`: a Hugging Face dataset, loaded through flwr-datasets.
-
-A Hub id as in Flower's own examples (`uoft-cs/cifar10`, `ylecun/mnist`), from the Hub or Hugging
-Face's cache (HF_HUB_OFFLINE=1), or a local copy with no network: a `datasets.save_to_disk` folder,
-or parquet/csv/image files `datasets.load_dataset` understands. The split is loaded whole and then
-partitioned by `partition.py`, like every other dataset. Columns ("" = detect): the image column is
-the first `datasets.Image` one, the label column "label" or the first `ClassLabel` (none: label 0);
-boolean columns become per-image attributes (CelebA's 40).
+"""`dataset = "hf:<Hub id or local path>"`: a Hugging Face dataset, loaded through flwr-datasets
+(from the Hub, its cache with HF_HUB_OFFLINE=1, a `save_to_disk` folder or parquet/csv/image files),
+then partitioned by `partition.py` like every other dataset. Columns ("" = detect): the first
+`datasets.Image` one; "label" or the first `ClassLabel` (none: label 0); bools become attributes.
 """
 
 from __future__ import annotations

@@ -1,15 +1,12 @@
 """Split one `ImageDataset` into per-client train/test index sets.
 
-iid and dirichlet go through flwr-datasets' partitioners (`IidPartitioner`: seeded shuffle, equal
-shards; `DirichletPartitioner`: per-class Dirichlet(alpha) shares), so they match other Flower
-baselines; they see a small `datasets.Dataset` of row indices and labels, never the images.
-The group schemes give client k the rows its group claims: "by-class" (default: contiguous runs
-of classes, {0,1},{2,3},... for 10 classes and 5 clients; client k gets class k mod C when there are
-more clients than classes) and "by-attribute" (rows having ANY attribute of the group; default: the
-CollaFuse paper's five CelebA groups). flwr-datasets' `PathologicalPartitioner` cannot do this: its
-class windows overlap and drop classes ({0,1},{1,2},... for 5 of 10) and it cannot claim rows by
-attribute. A row several groups claim goes to one of them drawn with the seed (first-match-wins
-would hand nearly all of CelebA to the hair-colour client); rows no group claims are left out.
+iid and dirichlet use flwr-datasets' partitioners on a table of row indices and labels, so they match
+other Flower baselines. The group schemes give client k the rows its group claims: "by-class"
+(default {0,1},{2,3},... for 10 classes and 5 clients; class k mod C beyond C clients) and
+"by-attribute" (rows with ANY attribute of the group; default the CollaFuse paper's CelebA groups).
+flwr-datasets' `PathologicalPartitioner` cannot: its class windows overlap and drop classes, and it
+cannot claim rows by attribute. A row several groups claim goes to one drawn with the seed
+(first-match-wins would hand nearly all of CelebA to the hair-colour client); unclaimed rows are left out.
 """
 
 from __future__ import annotations
@@ -62,12 +59,8 @@ def parse_groups(spec: str) -> list[list[str]]:
 
 def partition_dataset(ds: ImageDataset, num_clients: int, scheme: str = "iid", seed: int = 0, alpha: float = 0.5,
                       test_fraction: float = 0.2, groups: list[list[str]] | None = None) -> list[ClientSplit]:
-    """Split `ds` among `num_clients`, each share then into train/test (deterministic for a seed).
-
-    Each test part is `test_fraction` of the client's images (at least 1 train and 1 test image when
-    it has 2 or more and test_fraction > 0). `groups` (class names/indices, or attribute names)
-    apply to the group schemes; None or [] picks the defaults.
-    """
+    """Split `ds` among `num_clients`, each share into train/test (>= 1 of each from 2 images when
+    test_fraction > 0). `groups`: class names/indices or attribute names; None or [] = the defaults."""
     if scheme not in PARTITIONINGS:
         raise ValueError(f"unknown partitioning {scheme!r}; choose one of {', '.join(PARTITIONINGS)}")
     if isinstance(num_clients, bool) or not isinstance(num_clients, (int, np.integer)) or num_clients < 1:

@@ -1,11 +1,7 @@
-"""Per-client index sets, and an on-disk memo of them.
-
-Every Ray worker and the ServerApp partition the same dataset the same way, and computing it means
-importing flwr-datasets (2-3 s per worker start), so the result is memoised on disk. The key hashes
-everything a partition depends on (labels, attributes, class/attribute names, scheme, parameters,
-client count, seed, the partitioner's code version), never the images, which no scheme reads.
-Entries are written atomically; an unreadable one is recomputed. Location: $COLLAFUSE_FLWR_CACHE
-(default ~/.cache/collafuse-flwr; "off" always recomputes).
+"""Per-client index sets, memoised on disk: every Ray worker and the ServerApp partition the same
+dataset, and partitioning imports flwr-datasets (2-3 s per worker start). The key hashes everything a
+partition depends on (never the images, which no scheme reads); entries are written atomically, an
+unreadable one is recomputed. In $COLLAFUSE_FLWR_CACHE (default ~/.cache/collafuse-flwr; "off": none).
 """
 
 from __future__ import annotations

@@ -1,12 +1,8 @@
-"""On-disk image datasets read by torchvision's own dataset classes, plus AwA2.
-
-torchvision's MNIST, Fashion-MNIST, CIFAR-10, CelebA and ImageFolder classes are pointed at the
-user's folder (download=True fetches with torchvision's mirrors and checksums; otherwise nothing is
-fetched). Adapted so that layouts the project accepted before keep working: IDX files may sit in
-data_dir itself and be gzipped only (extracted with torchvision's `extract_archive`); CIFAR-10 and
-CelebA files only have to exist (torchvision's MD5 check at every load rejects re-packed copies);
-the dataset folder may be data_dir itself or torchvision's sub-folder. torchvision has no AwA2
-class, so AwA2 has a hand reader listing its images with torchvision's `make_dataset`.
+"""On-disk image datasets read by torchvision's own dataset classes (download=True fetches with
+torchvision's mirrors and checksums), plus AwA2, which torchvision lacks. So that accepted layouts
+keep working: IDX files may sit in data_dir itself, gzipped only (extracted with `extract_archive`);
+CIFAR-10/CelebA files only have to exist (torchvision's MD5 check at every load rejects re-packed
+copies); the dataset folder may be data_dir itself or torchvision's sub-folder.
 """
 
 from __future__ import annotations
