@@ -15,11 +15,8 @@ def check_target(target: str) -> None:
 
 
 def cut_step(c: float, T: int) -> int:  # noqa: N803
-    """t_c = round(c T): the client runs t_c of the T denoising steps.
-
-    Only c = 0 may give t_c = 0 (raw images uploaded) and only c = 1 may give t_c = T (nothing
-    uploaded): a c in between that rounds to either end would silently switch regime, so it is an error.
-    """
+    """t_c = round(c T). Only c = 0 may give t_c = 0 (raw images uploaded) and only c = 1 t_c = T (nothing
+    uploaded): a c in between that rounds to either end would silently switch regime, so it is an error."""
     if not (0.0 <= float(c) <= 1.0) or math.isnan(float(c)):
         raise ValueError(f"cut-ratio must be in [0, 1], got {c!r} (0 = server-only, 1 = local-only)")
     t_c = int(round(float(c) * T))
@@ -45,11 +42,8 @@ def client_start_step(c: float, T: int, target: ServerTarget = "exact") -> int: 
 
 
 def split_step_budget(num_steps: int | None, T: int, t_c: int) -> tuple[int | None, int | None]:  # noqa: N803
-    """Share a DDIM step budget between server (T - t_c steps) and client (t_c steps).
-
-    In proportion to each side's span, >= 1 step for each side with a span, <= its span, <= num_steps
-    in all. (None, None) for num_steps None/0 (full DDPM); a side with no span gets None.
-    """
+    """Share a DDIM step budget between server (T - t_c) and client (t_c) in proportion to their spans:
+    >= 1 and <= its span per side with a span (else None), <= num_steps in all; None/0: (None, None)."""
     if not num_steps:
         return None, None
     if num_steps < 0:

@@ -103,11 +103,8 @@ def upload(sched: Schedule, x0: Tensor, t_c: int, noise: Tensor | None = None) -
 
 def sub_diffuse(sched: Schedule, x_anchor: Tensor, anchor: int, t: Tensor, noise: Tensor,
                 target: ServerTarget = "exact") -> Tensor:
-    """Noise x_anchor up to step t > anchor.
-
-    exact: x_t = sqrt(abar_t/abar_a) x_a + sqrt(1 - abar_t/abar_a) eps' (marginal = q(x_t|x_0)).
-    renoise: x_t = sqrt(abar_t) x_a + sqrt(1 - abar_t) eps' (x_a treated as clean data).
-    """
+    """Noise x_anchor up to step t > anchor. exact: x_t = sqrt(abar_t/abar_a) x_a + sqrt(1 - abar_t/abar_a) eps'
+    (marginal = q(x_t|x_0)); renoise: x_t = sqrt(abar_t) x_a + sqrt(1 - abar_t) eps' (x_a as clean data)."""
     chain.check_target(target)
     ab = relative_alpha_bar(sched, t.cpu(), anchor) if target == "exact" else sched.alpha_bars[t.cpu()]
     return _noised(ab, x_anchor, noise)
@@ -131,11 +128,8 @@ def client_loss(eps_model: EpsModel, sched: Schedule, x0: Tensor, t_c: int,
 
 def server_loss(eps_model: EpsModel, sched: Schedule, x_tc: Tensor, t_c: int | Tensor,
                 target: ServerTarget = "exact", generator: torch.Generator | None = None) -> Tensor:
-    """Epsilon loss on the server's steps t ~ U{t_c+1..T}, from uploads x_{t_c} alone.
-
-    The target is `sub_diffuse`'s fresh noise eps', never the client's. A per-row tensor t_c (nodes
-    with their own cuts) draws row i's t ~ U{t_c[i]+1..T} and noises it from its own anchor.
-    """
+    """Epsilon loss on t ~ U{t_c+1..T} from uploads x_{t_c} alone, against `sub_diffuse`'s fresh eps' (never
+    the client's noise). A per-row t_c (nodes' own cuts) draws row i's t from U{t_c[i]+1..T}."""
     if isinstance(t_c, Tensor):
         t_c = t_c.long().cpu()
         if bool((t_c >= sched.T).any()) or bool((t_c < 0).any()):
@@ -253,11 +247,9 @@ def reverse_chain(eps_model: EpsModel, sched: Schedule, x: Tensor, t_from: int, 
 
 
 def anchor_bound(sched: Schedule, anchor: int, z: float = 4.0) -> float:
-    """sqrt(abar_a) + z sqrt(1 - abar_a): the range of x_anchor for data in [-1, 1] (|eps| <= z).
-
-    Clamping to it is x_0-clipping for the sub-chain; without it, schedules whose last betas near 1
-    (cosine, 0.999) amplify the server model's early errors up to 1/sqrt(1 - beta_T) ~ 30x per step.
-    """
+    """sqrt(abar_a) + z sqrt(1 - abar_a): the range of x_anchor for data in [-1, 1] (|eps| <= z). Clamping to
+    it is x_0-clipping for the sub-chain; without it, betas near 1 (cosine, 0.999) amplify the server
+    model's early errors up to 1/sqrt(1 - beta_T) ~ 30x per step."""
     ab = float(sched.alpha_bars[anchor])
     return math.sqrt(ab) + z * math.sqrt(1.0 - ab)
 
@@ -266,11 +258,8 @@ def server_sample(eps_model: EpsModel, sched: Schedule, shape: tuple[int, ...], 
                   target: ServerTarget = "exact", num_steps: int | None = None,
                   generator: torch.Generator | None = None, device: torch.device | str = "cpu",
                   variance: Variance = "analytic") -> Tensor:
-    """Server half of inference: x_T ~ N(0, I) -> a draw of x_{t_c} (x_T itself when t_c = T).
-
-    exact: the sub-chain anchored at t_c. renoise: the absolute-schedule chain anchored at 0,
-    stopped at t_c (as the authors' code does). variance="posterior" gives the old hand-off.
-    """
+    """Server half of inference: x_T ~ N(0, I) -> a draw of x_{t_c} (x_T itself when t_c = T). exact: the
+    sub-chain anchored at t_c; renoise: the absolute chain anchored at 0, stopped at t_c (the authors')."""
     x = torch.randn(shape, generator=generator).to(device)
     if t_c >= sched.T:
         return x

@@ -38,12 +38,8 @@ def _is_int(v: object, lo: int) -> bool:
 
 @dataclass(frozen=True)
 class DPPlan:
-    """Where and how a node uploads so each image's upload history is (epsilon, delta)-DP.
-
-    t_upload (>= t_cut) is the node's effective cut everywhere. noise_multiplier = z(t_u);
-    extra_noise_std = sqrt(1 - abar_u / abar_c), the forward step's noise from x_{t_c} to x_{t_u}.
-    epsilon: realised for max_uploads_per_image uploads (RDP); target_epsilon inf = DP off.
-    """
+    """Where and how a node uploads. t_upload (>= t_cut) is its effective cut everywhere; extra_noise_std
+    = sqrt(1 - abar_u / abar_c) (x_{t_c} -> x_{t_u}); epsilon: realised for K uploads; target inf: DP off."""
 
     t_cut: int
     t_upload: int
@@ -118,11 +114,8 @@ def noise_multiplier_at(sched: D.Schedule, t: int, clip: float) -> float:
 
 def plan_uploads(sched: D.Schedule, t_cut: int, epsilon: float, delta: float = DEFAULT_DELTA, *,
                  max_uploads_per_image: int, image_dim: int, clip: float | None = None) -> DPPlan:
-    """The smallest upload step t_u in [t_cut, T - 1] whose K-fold RDP epsilon(delta) <= epsilon.
-
-    epsilon = inf or 0 means DP off (t_u = t_cut, epsilon still computed honestly); t_cut = T and
-    K = 0 give epsilon 0. Raises ValueError naming the fixes when even t_u = T - 1 is not enough.
-    """
+    """The smallest upload step t_u in [t_cut, T - 1] whose K-fold RDP epsilon(delta) <= epsilon (inf or
+    0: DP off, t_u = t_cut, epsilon still computed); a ValueError names the fixes when none is enough."""
     if not _is_int(t_cut, 0) or t_cut > sched.T:
         raise ValueError(f"t_cut must be an integer step in [0, T={sched.T}], got {t_cut!r}")
     if math.isnan(float(epsilon)) or float(epsilon) < 0:
@@ -204,11 +197,8 @@ def dp_upload(x0: Tensor, sched: D.Schedule, plan: DPPlan, generator: torch.Gene
 
 
 class UploadLedger:
-    """Per-image upload counts, kept in the node's private state; enforces the cap K.
-
-    `choose(n, generator)` draws up to n distinct images uploaded fewer than K times, uniformly
-    (indices and counts only, never pixels), and counts them; it never goes over K.
-    """
+    """Per-image upload counts in the node's private state; `choose` enforces the cap K and picks by
+    indices and counts only, never pixels."""
 
     def __init__(self, num_images: int, max_uploads_per_image: int, counts: np.ndarray | None = None):
         if not _is_int(num_images, 0):

@@ -38,12 +38,8 @@ class FlopMeter:
 
     @contextmanager
     def count(self, key: str, shape: Hashable | None = None) -> Iterator[None]:
-        """Add the enclosed block's FLOPs to ``totals[key]``.
-
-        shape: a key for the block's input shapes. A denoiser pass has no data-dependent control
-        flow, so equal shapes cost equal FLOPs (tested): only the first such block is measured and
-        later ones are billed its count, unless ``every_pass``.
-        """
+        """Add the enclosed block's FLOPs to ``totals[key]``. With a `shape` key, only the first such block
+        is measured (unless ``every_pass``): a denoiser pass has no data-dependent control flow (tested)."""
         if not isinstance(key, str) or not key:
             raise ValueError(f"FLOP key must be a non-empty string, got {key!r}")
         if not self.enabled:

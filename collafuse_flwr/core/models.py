@@ -1,10 +1,5 @@
-"""Denoiser factory: a small diffusers `UNet2DModel` sized by image size, channels and a preset.
-
-Client and server hold the same architecture by default (the split is by timestep, not layers).
-Presets: `tiny` for tests, `small` for 8 px CPU runs, `base` for 28-64 px on a GPU; each `-half`
-twin halves every width (~1/4 the FLOPs), what `client-model-size = "half"` gives a client whose
-private model only learns the short, low-noise end t <= t_c (benchmarks/client_compute.py).
-"""
+"""Denoiser factory: a small diffusers `UNet2DModel` sized by image size, channels and a preset
+(`presets.py`). Client and server share the architecture by default: the split is by timestep."""
 
 from __future__ import annotations
 

@@ -1,5 +1,7 @@
-"""The UNet presets (sizes only): `tiny`, `small`, `base` and their `-half` twins. No torch, so
-the run-config can be checked against them before the models' libraries are imported."""
+"""The UNet presets (sizes only, no torch, so the run-config is checked before heavy imports): `tiny`
+for tests, `small` for 8 px CPU runs, `base` for 28-64 px on a GPU, and their `-half` twins with
+every width halved (~1/4 the FLOPs): `client-model-size = "half"` for a private model that only
+learns the short, low-noise end t <= t_c (benchmarks/client_compute.py)."""
 
 from __future__ import annotations
 

