@@ -5,19 +5,16 @@ conv/attention FLOPs (2 per multiply-add; elementwise ops, norms, optimizer upda
 inside :meth:`FlopMeter.count`, backward included. Keys are inclusive (nested blocks count for both).
 Stock ``FlopCounterMode``'s ``ModuleTracker`` hooks crash under ``torch.inference_mode()`` for inputs
 that require grad; only the total is needed, so the tracker always answers "Global".
-Overhead (``python -m collafuse_flwr.core.flops``, 1 CPU thread): +50 % per step at batch 32, +25 %
-at 256 (a Python hook per aten op), so disable it (``count-flops = false``) for wall-clock benchmarks.
+Overhead (a 3-conv net, forward + backward, 1 CPU thread): +50 % per step at batch 32, +25 % at 256
+(a Python hook per aten op), so disable it (``count-flops = false``) for wall-clock benchmarks.
 """
 
 from __future__ import annotations
 
-import statistics
-import time
 from collections.abc import Callable, Hashable, Iterator, Mapping
 from contextlib import contextmanager, nullcontext
 
-import torch
-from torch import Tensor, nn
+from torch import Tensor
 from torch.utils.flop_counter import FlopCounterMode
 
 
@@ -86,33 +83,3 @@ class FlopMeter:
 
     def as_dict(self) -> dict[str, int]:
         return dict(self.totals)
-
-
-def measure_overhead(iters: int = 20, repeats: int = 15, batch: int = 32) -> dict[str, float]:
-    """Median seconds per forward+backward of a small conv net with and without counting."""
-    torch.manual_seed(0)
-    net = nn.Sequential(
-        nn.Conv2d(1, 32, 3, padding=1), nn.SiLU(), nn.Conv2d(32, 32, 3, padding=1), nn.SiLU(),
-        nn.Conv2d(32, 1, 3, padding=1), nn.Flatten(), nn.Linear(256, 256))
-    x = torch.randn(batch, 1, 16, 16)
-    meter = FlopMeter()
-
-    def timed(counted: bool) -> float:
-        t0 = time.perf_counter()
-        for _ in range(iters):
-            with meter.count("step") if counted else nullcontext():
-                net.zero_grad(set_to_none=True)
-                net(x).square().mean().backward()
-        return (time.perf_counter() - t0) / iters
-
-    timed(False)  # warm-up
-    # alternated, so drift in a shared machine's load hits both alike
-    runs = [(timed(False), timed(True)) for _ in range(repeats)]
-    plain, counted = statistics.median(r[0] for r in runs), statistics.median(r[1] for r in runs)
-    return {"plain_s": plain, "counted_s": counted, "overhead": counted / plain - 1.0,
-            "flops_per_step": meter.totals["step"] / (iters * repeats)}
-
-
-if __name__ == "__main__":
-    torch.set_num_threads(1)
-    print(measure_overhead())
