@@ -25,13 +25,6 @@ GRAY_MODES = ("1", "L", "I", "I;16", "F")  # PIL modes read as single-channel
 NATIVE_CHANNELS = {"digits": 1, "mnist5k": 1, "mnist": 1, "fashion-mnist": 1, "cifar10": 3, "celeba": 3, "awa2": 3}
 FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker",
                          "Bag", "Ankle boot"]
-# Splits each dataset understands; "all" means every image the files hold.
-_SPLITS: dict[str, tuple[str, ...]] = {
-    "digits": ("train", "all"), "mnist5k": ("train", "all"), "mnist": ("train", "test"),
-    "fashion-mnist": ("train", "test"), "cifar10": ("train", "test"), "celeba": ("train", "valid", "test", "all"),
-    "awa2": ("train", "all"), "imagefolder": ("train", "all"),
-}
-_SPLIT_ALIASES = {"val": "valid", "validation": "valid"}
 _EMBEDDED = ("digits", "mnist5k")
 _DOWNLOADABLE = ("mnist", "fashion-mnist", "cifar10", "celeba")  # torchvision can fetch these
 # Size of JPEG datasets when none is given: the usual working size for CelebA/AwA2 diffusion.

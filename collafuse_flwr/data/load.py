@@ -15,8 +15,6 @@ from collafuse_flwr.data import vision
 from collafuse_flwr.data.dataset import (
     _DOWNLOADABLE,
     _EMBEDDED,
-    _SPLIT_ALIASES,
-    _SPLITS,
     DEFAULT_JPEG_SIZE,
     HF_PREFIX,
     NATIVE_CHANNELS,
@@ -26,6 +24,14 @@ from collafuse_flwr.data.dataset import (
     resize_uint8,
 )
 from collafuse_flwr.data.embedded import load_digits, load_mnist5k
+
+# Splits each dataset understands; "all" means every image the files hold.
+_SPLITS: dict[str, tuple[str, ...]] = {
+    "digits": ("train", "all"), "mnist5k": ("train", "all"), "mnist": ("train", "test"),
+    "fashion-mnist": ("train", "test"), "cifar10": ("train", "test"), "celeba": ("train", "valid", "test", "all"),
+    "awa2": ("train", "all"), "imagefolder": ("train", "all"),
+}
+_SPLIT_ALIASES = {"val": "valid", "validation": "valid"}
 
 
 def load_dataset(name: str, data_dir: str | None = None, image_size: int | None = None, split: str = "train",

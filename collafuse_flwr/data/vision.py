@@ -72,11 +72,6 @@ def load_images(paths: Sequence[str | Path], size: int, mode: str) -> Tensor:
     return torch.from_numpy(out)
 
 
-def _idx_magic(path: Path) -> int:
-    with open(path, "rb") as f:
-        return int.from_bytes(f.read(4), "big")
-
-
 def load_mnist_like(key: str, root: Path, split: str, limit: int | None, download: bool) -> ImageDataset:
     tvd = load("torchvision.datasets")
     extract_archive = load("torchvision.datasets.utils").extract_archive
@@ -102,8 +97,10 @@ def load_mnist_like(key: str, root: Path, split: str, limit: int | None, downloa
         prefix = "train" if split == "train" else "t10k"
         for kind, magic in (("images", 0x803), ("labels", 0x801)):
             path = raw / f"{prefix}-{kind}-idx{3 if kind == 'images' else 1}-ubyte"
-            if _idx_magic(path) != magic:
-                raise ValueError(f"{path} has IDX magic 0x{_idx_magic(path):08x}, expected 0x{magic:08x} "
+            with open(path, "rb") as f:
+                got = int.from_bytes(f.read(4), "big")
+            if got != magic:
+                raise ValueError(f"{path} has IDX magic 0x{got:08x}, expected 0x{magic:08x} "
                                  f"for uint8 {kind}; the file is corrupt or not an MNIST-style IDX file, "
                                  f"re-download it") from exc
         raise ValueError(f"torchvision cannot read the {key} {split} files in {raw} ({exc!r}); re-download them") from exc
