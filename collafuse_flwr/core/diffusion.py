@@ -8,12 +8,11 @@ x_t = sqrt(abar_t / abar_c) x_{t_c} + sqrt(1 - abar_t / abar_c) eps' has noise v
 the server is a DDPM whose clean data is x_{t_c} and cumulative schedule abar_t / abar_c. Both
 sides run `reverse_chain`, anchored at 0 (client) or t_c (server).
 
-The hand-off must be a *draw* of x_{t_c}, but the sub-chain posterior's variance is too small and 0
-at its last step. So the server's DDPM steps use the Analytic-DPM variance (Bao et al., ICLR 2022),
-Var(x_{t-1} | x_t) estimated from the mean squared predicted noise (`reverse_variance`): exact for
-Gaussian data with the optimal denoiser (tested to 1 %). DDIM (eta = 0) steps in the full chain's
-coordinates; for Gaussian data x_0 ~ N(0, s2) its hand-off is short by 1 - prod cos^2(dtheta),
-tan(theta_t) = sqrt(abar_t s2 / (1 - abar_t)) (tested against that closed form).
+The hand-off must be a *draw* of x_{t_c}, but the sub-chain posterior's variance is too small (0 at
+its last step), so the server's DDPM steps use the Analytic-DPM variance (Bao et al., ICLR 2022,
+`reverse_variance`), exact for Gaussian data with the optimal denoiser. DDIM (eta = 0) steps in the
+full chain's coordinates; for x_0 ~ N(0, s2) its hand-off is short by 1 - prod cos^2(dtheta),
+tan(theta_t) = sqrt(abar_t s2 / (1 - abar_t)) (both tested).
 
 "renoise" (the authors' public code, kept for the ablation): x_t = sqrt(abar_t) x_{t_c} +
 sqrt(1 - abar_t) eps' treats x_{t_c} as clean data; its hand-off is q(x_{t*} | x_0) with

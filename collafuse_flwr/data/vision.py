@@ -120,12 +120,9 @@ def load_cifar10(root: Path, split: str, limit: int | None, download: bool) -> I
     absent = [n for n in files if not (folder / n).is_file()]
     if absent:
         raise missing("cifar10", root, f"missing {', '.join(absent)} in {folder}")
-    unchecked = type("CIFAR10", (CIFAR10,), {
-        "base_folder": folder.name,
-        "train_list": [[n, None] for n, _ in CIFAR10.train_list],
-        "test_list": [[n, None] for n, _ in CIFAR10.test_list],
-        "meta": {**CIFAR10.meta, "md5": None},
-    })
+    unchecked = type("CIFAR10", (CIFAR10,), {"base_folder": folder.name, "meta": {**CIFAR10.meta, "md5": None},
+                                              "train_list": [[n, None] for n, _ in CIFAR10.train_list],
+                                              "test_list": [[n, None] for n, _ in CIFAR10.test_list]})
     # The official format is a pickle: only load CIFAR files you trust.
     try:
         tv = unchecked(str(folder.parent), train=split == "train")
