@@ -9,11 +9,9 @@ multiplier z(t) = sqrt(1 - abar_t) / (2 C sqrt(abar_t)); K uploads compose (dp-a
 If z(t_c) is too small the node diffuses forward to the smallest sufficient t_u in [t_c, T - 1]:
 a genuine upload at the node's effective cut t_u, so the server's exact sub-diffusion still holds.
 
-Not claimed: amplification by subsampling (selection depends on history; the server sees row
-counts); anything but uploads (losses, generated images); across runs for a trusting (simulated)
-node, whose ledger is per run; exactness of floating-point Gaussian sampling (Mironov 2012). Noise
-must be fresh and secret (`collafuse_flwr.node.randomness`). Digits (d = 64, T = 200 cosine,
-t_c = 40): epsilon 10 at K = 4 needs t_u = 193, the last 1-8 % of the chain is all the server gets.
+Not claimed: subsampling amplification (selection depends on history; the server sees row counts);
+anything but uploads; across runs for a trusting (simulated) node, whose ledger is per run; exact
+floating-point Gaussian sampling (Mironov 2012). Noise must be fresh and secret (`node.randomness`).
 """
 
 from __future__ import annotations
@@ -156,9 +154,7 @@ def plan_uploads(sched: D.Schedule, t_cut: int, epsilon: float, delta: float = D
 def _impossible(sched: D.Schedule, last: DPPlan, target: float, clip: float) -> str:
     """The error when no t_u works, with the K, epsilon and clip that would."""
     k, delta, t = last.max_uploads_per_image, last.delta, last.t_upload
-    k_ok = 0
-    while k_ok < k and epsilon_for(last.noise_multiplier, k_ok + 1, delta) <= target:
-        k_ok += 1
+    k_ok = next((j for j in range(k) if epsilon_for(last.noise_multiplier, j + 1, delta) > target), k)
     # the noise multiplier that meets the target (epsilon falls as z grows), hence the clip
     lo, hi = last.noise_multiplier, max(1.0, 2 * last.noise_multiplier)
     while epsilon_for(hi, k, delta) > target:
@@ -206,9 +202,7 @@ class UploadLedger:
         if not _is_int(max_uploads_per_image, 0):
             raise ValueError(f"max_uploads_per_image must be an integer >= 0, got {max_uploads_per_image!r}")
         self.num_images, self.max_uploads_per_image = int(num_images), int(max_uploads_per_image)
-        self.counts = np.zeros(self.num_images, dtype=np.int64)
-        if counts is not None:
-            self._set_counts(counts)
+        self._set_counts(np.zeros(self.num_images, dtype=np.int64) if counts is None else counts)
 
     def _set_counts(self, counts: np.ndarray) -> None:
         c = np.asarray(counts)

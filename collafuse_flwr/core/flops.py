@@ -28,8 +28,7 @@ class FlopMeter:
     """Accumulates measured FLOPs per key (e.g. 'client_train'); ``enabled=False`` makes it a no-op."""
 
     def __init__(self, enabled: bool = True, every_pass: bool = False) -> None:
-        self.enabled = enabled
-        self.every_pass = every_pass
+        self.enabled, self.every_pass = enabled, every_pass
         self.totals: dict[str, int] = {}
         self._per_shape: dict[tuple[str, Hashable], int] = {}
 

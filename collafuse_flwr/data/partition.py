@@ -1,12 +1,11 @@
 """Split one `ImageDataset` into per-client train/test index sets.
 
-iid and dirichlet use flwr-datasets' partitioners on a table of row indices and labels, so they match
-other Flower baselines. The group schemes give client k the rows its group claims: "by-class"
-(default {0,1},{2,3},... for 10 classes and 5 clients; class k mod C beyond C clients) and
-"by-attribute" (rows with ANY attribute of the group; default the CollaFuse paper's CelebA groups).
-flwr-datasets' `PathologicalPartitioner` cannot: its class windows overlap and drop classes, and it
-cannot claim rows by attribute. A row several groups claim goes to one drawn with the seed
-(first-match-wins would hand nearly all of CelebA to the hair-colour client); unclaimed rows are left out.
+iid and dirichlet use flwr-datasets' partitioners (on row indices and labels), matching other Flower
+baselines. The group schemes give client k the rows its group claims, by class (default {0,1},{2,3},...;
+class k mod C beyond C clients) or by ANY attribute (default: the paper's CelebA groups), which
+flwr-datasets' `PathologicalPartitioner` cannot (its class windows overlap and drop classes). A row
+several groups claim goes to one drawn with the seed (first-match-wins would hand nearly all of CelebA
+to the hair-colour client); unclaimed rows are left out.
 """
 
 from __future__ import annotations
@@ -134,19 +133,15 @@ def _class_groups(ds: ImageDataset, num_clients: int, groups: list[list[str]] | 
             return [chunk.tolist() for chunk in np.array_split(np.arange(num_classes), num_clients)]
         return [[k % num_classes] for k in range(num_clients)]
     _check_group_count(groups, num_clients)
-    resolved = []
-    for g, group in enumerate(groups):
-        ids = []
-        for entry in (str(e).strip() for e in group):
-            if entry in ds.class_names:
-                ids.append(ds.class_names.index(entry))
-            elif entry.isdigit() and int(entry) < num_classes:
-                ids.append(int(entry))
-            else:
-                raise ValueError(f"group {g} names unknown class {entry!r}; {ds.name} classes are "
-                                 f"{', '.join(ds.class_names)} (or their indices 0..{num_classes - 1})")
-        resolved.append(sorted(set(ids)))
-    return resolved
+
+    def class_id(g: int, entry: str) -> int:
+        if entry in ds.class_names:
+            return ds.class_names.index(entry)
+        if entry.isdigit() and int(entry) < num_classes:
+            return int(entry)
+        raise ValueError(f"group {g} names unknown class {entry!r}; {ds.name} classes are "
+                         f"{', '.join(ds.class_names)} (or their indices 0..{num_classes - 1})")
+    return [sorted({class_id(g, str(e).strip()) for e in group}) for g, group in enumerate(groups)]
 
 
 def _attribute_groups(ds: ImageDataset, num_clients: int, groups: list[list[str]] | None) -> list[list[str]]:
