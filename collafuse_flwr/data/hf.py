@@ -72,21 +72,6 @@ def check_hf_source(source: str) -> None:
         load("datasets").load_dataset_builder(kwargs["dataset"])
 
 
-def _load_split(source: str, split: str):
-    FederatedDataset = load("flwr_datasets").FederatedDataset  # noqa: N806
-    IidPartitioner = load("flwr_datasets.partitioner").IidPartitioner  # noqa: N806
-    kwargs = _source(source)
-    # one partition: partition.py partitions the index table later, as for every dataset route
-    fds = FederatedDataset(partitioners={split: IidPartitioner(num_partitions=1)}, shuffle=False, **kwargs)
-    with _hub_errors(source):
-        try:
-            return fds.load_split(split)
-        except ValueError as exc:
-            if "split" in str(exc).lower():
-                raise ValueError(f"dataset='{HF_PREFIX}{source}' has no split {split!r} ({exc})") from exc
-            raise
-
-
 def _columns(table, image_column: str, label_column: str, source: str) -> tuple[str, str | None]:
     datasets = load("datasets")
     feats = table.features
@@ -110,7 +95,15 @@ def load_hf(source: str, split: str, limit: int | None, image_size: int | None, 
             image_column: str = "", label_column: str = "") -> ImageDataset:
     """The first `limit` rows of `split`, decoded to uint8 squares (see the module docstring)."""
     datasets = load("datasets")
-    table = _load_split(source, split)
+    iid = load("flwr_datasets.partitioner").IidPartitioner(num_partitions=1)  # partition.py splits later
+    fds = load("flwr_datasets").FederatedDataset(partitioners={split: iid}, shuffle=False, **_source(source))
+    with _hub_errors(source):
+        try:
+            table = fds.load_split(split)
+        except ValueError as exc:
+            if "split" in str(exc).lower():
+                raise ValueError(f"dataset='{HF_PREFIX}{source}' has no split {split!r} ({exc})") from exc
+            raise
     image_column, label_column = _columns(table, image_column, label_column, source)
     if limit is not None:
         table = table.select(range(min(limit, table.num_rows)))
