@@ -35,8 +35,7 @@ from collafuse_flwr.core import chain
 from collafuse_flwr.core.chain import ServerTarget, client_start_step, cut_step, split_step_budget  # noqa: F401
 
 BetaSchedule = Literal["linear", "cosine"]
-#: "posterior": q(x_{t-1} | x_t, x_anchor)'s variance (classic DDPM; 0 at the anchor).
-#: "analytic": Analytic-DPM's estimate of Var(x_{t-1} | x_t) (`reverse_variance`).
+#: q(x_{t-1} | x_t, x_anchor)'s variance (classic DDPM, 0 at the anchor), or `reverse_variance`'s.
 Variance = Literal["posterior", "analytic"]
 #: eps_model(x_t, t) -> predicted noise; t is a LongTensor of shape (N,) with values in 1..T.
 EpsModel = Callable[[Tensor, Tensor], Tensor]
@@ -254,9 +253,8 @@ def anchor_bound(sched: Schedule, anchor: int, z: float = 4.0) -> float:
 
 
 def server_sample(eps_model: EpsModel, sched: Schedule, shape: tuple[int, ...], t_c: int,
-                  target: ServerTarget = "exact", num_steps: int | None = None,
-                  generator: torch.Generator | None = None, device: torch.device | str = "cpu",
-                  variance: Variance = "analytic") -> Tensor:
+                  target: ServerTarget = "exact", num_steps: int | None = None, generator: torch.Generator | None = None,
+                  device: torch.device | str = "cpu", variance: Variance = "analytic") -> Tensor:
     """Server half of inference: x_T ~ N(0, I) -> a draw of x_{t_c} (x_T itself when t_c = T). exact: the
     sub-chain anchored at t_c; renoise: the absolute chain anchored at 0, stopped at t_c (the authors')."""
     x = torch.randn(shape, generator=generator).to(device)

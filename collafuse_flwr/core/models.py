@@ -61,11 +61,8 @@ def build_denoiser(image_size: int, channels: int, size: str = "small", num_clas
 
 
 def shared_denoiser(image_size: int, channels: int, size: str, conditioning: str, num_clients: int) -> Denoiser:
-    """A model several clients' data shape (CollaFuse's server, FedAvg's global, centralized).
-
-    conditioning="client" embeds the client index (the server already knows who sent what, so the
-    label discloses nothing new); "none" learns the pooled distribution.
-    """
+    """A model several clients' data shape (CollaFuse's server, FedAvg's global, centralized): "client"
+    embeds the client index (the server knows who sent what: nothing new disclosed), "none" pools."""
     if conditioning not in ("client", "none"):
         raise ValueError(f"conditioning must be 'client' or 'none', got {conditioning!r}")
     return build_denoiser(image_size, channels, size, num_clients if conditioning == "client" else 0)

@@ -120,8 +120,7 @@ def load_hf(source: str, split: str, limit: int | None, image_size: int | None, 
     elif isinstance(table.features[label_column], datasets.ClassLabel):
         labels, class_names = np.asarray(table[label_column], dtype=np.int64), table.features[label_column].names
     else:  # plain values: classes are the sorted distinct values
-        values = np.asarray(table[label_column])
-        uniq, labels = np.unique(values, return_inverse=True)
+        uniq, labels = np.unique(np.asarray(table[label_column]), return_inverse=True)
         class_names = [str(v) for v in uniq]
     flags = [c for c, f in table.features.items()
              if isinstance(f, datasets.Value) and f.dtype == "bool" and c != label_column]
