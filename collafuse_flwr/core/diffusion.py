@@ -253,8 +253,9 @@ def anchor_bound(sched: Schedule, anchor: int, z: float = 4.0) -> float:
 
 
 def server_sample(eps_model: EpsModel, sched: Schedule, shape: tuple[int, ...], t_c: int,
-                  target: ServerTarget = "exact", num_steps: int | None = None, generator: torch.Generator | None = None,
-                  device: torch.device | str = "cpu", variance: Variance = "analytic") -> Tensor:
+                  target: ServerTarget = "exact", num_steps: int | None = None,
+                  generator: torch.Generator | None = None, device: torch.device | str = "cpu",
+                  variance: Variance = "analytic") -> Tensor:
     """Server half of inference: x_T ~ N(0, I) -> a draw of x_{t_c} (x_T itself when t_c = T). exact: the
     sub-chain anchored at t_c; renoise: the absolute chain anchored at 0, stopped at t_c (the authors')."""
     x = torch.randn(shape, generator=generator).to(device)
