@@ -12,12 +12,8 @@ The hand-off must be a *draw* of x_{t_c}, but the sub-chain posterior's variance
 its last step), so the server's DDPM steps use the Analytic-DPM variance (Bao et al., ICLR 2022,
 `reverse_variance`), exact for Gaussian data with the optimal denoiser. DDIM (eta = 0) steps in the
 full chain's coordinates; for x_0 ~ N(0, s2) its hand-off is short by 1 - prod cos^2(dtheta),
-tan(theta_t) = sqrt(abar_t s2 / (1 - abar_t)) (both tested).
-
-"renoise" (the authors' public code, kept for the ablation): x_t = sqrt(abar_t) x_{t_c} +
-sqrt(1 - abar_t) eps' treats x_{t_c} as clean data; its hand-off is q(x_{t*} | x_0) with
-abar_{t*} = abar_c^2 (`renoise_matched_step`), which the authors' client restart
-t_max = round((c + c(1 - c)) T) approximates (`client_start_step`).
+tan(theta_t) = sqrt(abar_t s2 / (1 - abar_t)) (both tested). "renoise" is the authors' public code,
+kept for the ablation (`sub_diffuse`, `renoise_matched_step`, `client_start_step`).
 """
 
 from __future__ import annotations
@@ -232,9 +228,8 @@ def reverse_chain(eps_model: EpsModel, sched: Schedule, x: Tensor, t_from: int, 
         ab_t = relative_alpha_bar(sched, t, anchor, relative).to(x)
         eps_dir = (x - ab_t.sqrt() * x_a) / (1 - ab_t).sqrt()
         if relative and anchor > 0:
-            # Step in the full chain's coordinates: the sub-chain's angle jumps to pi/2 at the anchor
-            # and loses ~4x more variance (Gaussian data, 20 steps, T = 1000, c = 0.2: 21 % vs 5.3 %).
-            # eps_full = sqrt((1 - abar_t) / (1 - a'_t)) eps'.
+            # Full chain's coordinates, eps_full = sqrt((1 - abar_t) / (1 - a'_t)) eps': the sub-chain's angle
+            # jumps to pi/2 at the anchor and loses ~4x more variance (T = 1000, c = 0.2, 20 steps: 21 % vs 5.3 %).
             fs, ft = sched.alpha_bars[s].to(x), sched.alpha_bars[t].to(x)
             eps_full = ((1 - ft) / (1 - ab_t)).sqrt() * eps_dir
             x0_hat = (x - (1 - ft).sqrt() * eps_full) / ft.sqrt()
