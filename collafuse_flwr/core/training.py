@@ -50,9 +50,7 @@ def train_steps(model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: Cal
         batch = data[idx].to(device)
         if labels is not None:
             model.condition(labels[idx])
-        ctx = (flops.count(flops_key, shape=(tuple(batch.shape), str(device))) if flops is not None
-               else contextlib.nullcontext())
-        with ctx:
+        with flops.count(flops_key, (tuple(batch.shape), str(device))) if flops else contextlib.nullcontext():
             loss = loss_fn(batch) if row_args is None else loss_fn(batch, row_args[idx])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
