@@ -46,13 +46,11 @@ def parse_groups(spec: str) -> list[list[str]]:
         raise TypeError(f"groups spec must be a string like '0,1;2,3', got {type(spec).__name__}")
     if not spec.strip():
         return []
-    groups = []
-    for i, chunk in enumerate(spec.split(";")):
-        items = [item.strip() for item in chunk.split(",")]
-        if not chunk.strip() or any(not item for item in items):
+    groups = [[item.strip() for item in chunk.split(",")] for chunk in spec.split(";")]
+    for i, items in enumerate(groups):
+        if not all(items):
             raise ValueError(f"group {i} of {spec!r} is empty or has an empty entry; write groups as "
                              f"'a,b;c,d' (';' between clients, ',' within a client)")
-        groups.append(items)
     return groups
 
 

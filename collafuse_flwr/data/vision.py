@@ -73,9 +73,7 @@ def load_images(paths: Sequence[str | Path], size: int, mode: str) -> Tensor:
 
 
 def load_mnist_like(key: str, root: Path, split: str, limit: int | None, download: bool) -> ImageDataset:
-    tvd = load("torchvision.datasets")
-    extract_archive = load("torchvision.datasets.utils").extract_archive
-    base = getattr(tvd, _TV_NAMES[key])
+    base = getattr(load("torchvision.datasets"), _TV_NAMES[key])
     if download:
         _fetch(key, root, lambda: base(str(root), train=split == "train", download=True))
     names = [Path(url).stem for url, _ in base.resources]  # train-images-idx3-ubyte, ...
@@ -86,7 +84,7 @@ def load_mnist_like(key: str, root: Path, split: str, limit: int | None, downloa
     for n in names:
         if not (raw / n).is_file():  # gzipped only: extract as torchvision's download would
             try:
-                extract_archive(str(raw / f"{n}.gz"), str(raw))
+                load("torchvision.datasets.utils").extract_archive(str(raw / f"{n}.gz"), str(raw))
             except (OSError, EOFError) as exc:
                 raise ValueError(f"cannot extract {raw / n}.gz into {raw} ({exc}); re-download it "
                                  f"or extract it yourself") from exc
