@@ -65,9 +65,7 @@ def all_splits(cfg: RunConfig, num_partitions: int) -> tuple[ClientSplit, ...]:
 def run_channels(cfg: RunConfig) -> int:
     """The channels every model of the run sees: image-channels when set, a built-in dataset's own,
     else read from the data (`hf:`, `imagefolder`; the server can read it only in a simulation)."""
-    if cfg.image_channels:
-        return cfg.image_channels
-    native = NATIVE_CHANNELS.get(canonical_name(cfg.dataset))
+    native = cfg.image_channels or NATIVE_CHANNELS.get(canonical_name(cfg.dataset))
     if native:
         return native
     try:
