@@ -1,11 +1,10 @@
-r"""Differentially private uploads: per-image (epsilon, delta) over a node's uploads, node side.
-
-With replace-one adjacency, all x_{t_u} a node uploads in the ledger's scope (a deployed node: its
-whole life) are (epsilon, delta)-DP per image. Which images are uploaded depends only on indices and
-past counts, never on pixels, so replacing image i changes only the (at most K) uploads *of i*.
-With x_0 L2-clipped to C (default sqrt(d), the largest norm in [-1, 1]^d), an upload x_{t_u} (secret
-noise) is a Gaussian mechanism of sensitivity 2 C sqrt(abar_u), composed K-fold (dp-accounting's RDP).
-If that is not enough at t_c, the node diffuses forward to a genuine x_{t_u}, its effective cut.
+r"""Differentially private uploads, node side. With replace-one adjacency, all x_{t_u} a node uploads
+in the ledger's scope (a deployed node: its whole life) are (epsilon, delta)-DP per image. Which
+images are uploaded depends only on indices and past counts, never on pixels, so replacing image
+i changes only the (at most K) uploads *of i*. With x_0 L2-clipped to C (default sqrt(d), the
+largest norm in [-1, 1]^d), an upload x_{t_u} (secret noise) is a Gaussian mechanism of
+sensitivity 2 C sqrt(abar_u), composed K-fold (dp-accounting's RDP). If that is not enough at
+t_c, the node diffuses forward to a genuine x_{t_u}, its effective cut.
 
 Not claimed: subsampling amplification (selection depends on history; the server sees row counts);
 anything but uploads; across runs for a trusting (simulated) node, whose ledger is per run; exact

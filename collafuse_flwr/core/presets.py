@@ -1,7 +1,6 @@
-"""The UNet presets (sizes only, no torch, so the run-config is checked before heavy imports): `tiny`
-for tests, `small` for 8 px CPU runs, `base` for 28-64 px on a GPU, and their `-half` twins with
-every width halved (~1/4 the FLOPs): `client-model-size = "half"` for a private model that only
-learns the short, low-noise end t <= t_c (benchmarks/client_compute.py)."""
+"""UNet presets (sizes only, no torch): `tiny` for tests, `small` for 8 px CPU runs, `base` for 28-64 px
+on a GPU, and `-half` twins (every width halved, ~1/4 the FLOPs) for `client-model-size = "half"`: a
+private model only learns the short, low-noise end t <= t_c (benchmarks/client_compute.py)."""
 
 from __future__ import annotations
 

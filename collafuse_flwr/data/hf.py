@@ -63,8 +63,7 @@ def _hub_errors(source: str) -> Iterator[None]:
 
 
 def check_hf_source(source: str) -> None:
-    """Start-of-run check (metadata only) that an hf: dataset can be had, with loading's one-line errors,
-    so a ServerApp stops a run no node could load data for before any round is sent."""
+    """Start-of-run check (metadata only) that an hf: dataset can be had, with loading's one-line errors."""
     kwargs = _source(source)  # a local path: checked for existence here
     if "data_files" in kwargs or Path(kwargs["dataset"]).exists():
         return

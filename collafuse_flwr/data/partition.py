@@ -1,11 +1,10 @@
-"""Split one `ImageDataset` into per-client train/test index sets.
-
-iid and dirichlet use flwr-datasets' partitioners (on row indices and labels), matching other Flower
-baselines. The group schemes give client k the rows its group claims, by class (default {0,1},{2,3},...;
-class k mod C beyond C clients) or by ANY attribute (default: the paper's CelebA groups), which
-flwr-datasets' `PathologicalPartitioner` cannot (its class windows overlap and drop classes). A row
-several groups claim goes to one drawn with the seed (first-match-wins would hand nearly all of CelebA
-to the hair-colour client); unclaimed rows are left out.
+"""Split one `ImageDataset` into per-client train/test index sets. iid and dirichlet use
+flwr-datasets' partitioners (on row indices and labels), matching other Flower baselines. The
+group schemes give client k the rows its group claims, by class (default {0,1},{2,3},...; class k
+mod C beyond C clients) or by ANY attribute (default: the paper's CelebA groups), which
+flwr-datasets' `PathologicalPartitioner` cannot (its class windows overlap and drop classes). A
+row several groups claim goes to one drawn with the seed (first-match-wins would hand nearly all
+of CelebA to the hair-colour client); unclaimed rows are left out.
 """
 
 from __future__ import annotations
