@@ -1,16 +1,5 @@
-"""Denoiser factory: a small diffusers `UNet2DModel` sized by image size, channels and a preset.
-
-By default client and server hold the same architecture (as in the CollaFuse papers); the
-split is by timestep, not by layers. Presets are sized for CPU: `tiny` for tests, `small` for
-the default 8 px runs, `base` for 28-64 px on a GPU.
-
-Each preset also has a `<name>-half` twin with every channel width halved (same depth, same
-attention levels): a convolution's cost grows with in x out channels, so half the widths costs
-about a quarter of the FLOPs and parameters. That is what `client-model-size = "half"` gives a
-CollaFuse client: its private denoiser only learns the short, low-noise end of the chain
-(t <= t_c), which needs less capacity than the server's high-noise share, and a weak device
-then runs ~c/4 of FedAvg's inference FLOPs per image instead of c (benchmarks/client_compute.py).
-"""
+"""Denoiser factory: a small diffusers `UNet2DModel` sized by image size, channels and a preset
+(`presets.py`). Client and server share the architecture by default: the split is by timestep."""
 
 from __future__ import annotations
 
@@ -22,11 +11,8 @@ from collafuse_flwr.core.presets import PRESETS, client_preset  # noqa: F401 - c
 
 
 class Denoiser(nn.Module):
-    """eps_theta(x_t, t[, class]) around a `UNet2DModel`, callable as diffusion.EpsModel.
-
-    Class labels, when the model is class-conditional, are bound with `condition` so that the
-    sampling code (which only knows (x, t)) stays unaware of conditioning.
-    """
+    """eps_theta(x_t, t[, class]) around a `UNet2DModel`, callable as diffusion.EpsModel; class
+    labels are bound with `condition`, so the sampling code (which knows only (x, t)) needn't know."""
 
     def __init__(self, unet: UNet2DModel) -> None:
         super().__init__()
@@ -56,49 +42,27 @@ class Denoiser(nn.Module):
         return self
 
 
-def build_denoiser(
-    image_size: int,
-    channels: int,
-    size: str = "small",
-    num_classes: int = 0,
-) -> Denoiser:
-    """A UNet2DModel for `image_size` x `image_size` images with `channels` channels.
-
-    num_classes > 0 adds a class embedding (for class-conditional client models).
-    """
+def build_denoiser(image_size: int, channels: int, size: str = "small", num_classes: int = 0) -> Denoiser:
+    """A UNet2DModel for square images; num_classes > 0 adds a class embedding."""
     if size not in PRESETS:
         raise ValueError(f"model-size must be one of {sorted(PRESETS)}, got {size!r}")
     p = PRESETS[size]
     levels = len(p.block_out_channels)
     if image_size < 2 ** (levels - 1) or image_size % (2 ** (levels - 1)):
-        raise ValueError(
-            f"image-size {image_size} must be a multiple of {2 ** (levels - 1)} for model-size "
-            f"{size!r}; resize the data (image-size=16) or pick another preset"
-        )
+        raise ValueError(f"image-size {image_size} must be a multiple of {2 ** (levels - 1)} for model-size "
+                         f"{size!r}; resize the data (image-size=16) or pick another preset")
     down = tuple("AttnDownBlock2D" if a else "DownBlock2D" for a in p.attention)
     up = tuple("AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(p.attention))
-    unet = UNet2DModel(
-        sample_size=image_size,
-        in_channels=channels,
-        out_channels=channels,
-        block_out_channels=p.block_out_channels,
-        layers_per_block=p.layers_per_block,
-        down_block_types=down,
-        up_block_types=up,
-        norm_num_groups=p.norm_num_groups,
-        attention_head_dim=8,
-        num_class_embeds=num_classes or None,
-    )
-    return Denoiser(unet)
+    return Denoiser(UNet2DModel(
+        sample_size=image_size, in_channels=channels, out_channels=channels,
+        block_out_channels=p.block_out_channels, layers_per_block=p.layers_per_block,
+        down_block_types=down, up_block_types=up, norm_num_groups=p.norm_num_groups,
+        attention_head_dim=8, num_class_embeds=num_classes or None))
 
 
 def shared_denoiser(image_size: int, channels: int, size: str, conditioning: str, num_clients: int) -> Denoiser:
-    """A model several clients' data shape (CollaFuse's server, FedAvg's global, centralized).
-
-    conditioning="client" gives it a class embedding indexed by client, so one shared model can
-    produce each client's own distribution; the server already knows which client sent what,
-    so the label discloses nothing new. "none" makes it unconditional (pooled distribution).
-    """
+    """A model several clients' data shape (CollaFuse's server, FedAvg's global, centralized): "client"
+    embeds the client index (the server knows who sent what: nothing new disclosed), "none" pools."""
     if conditioning not in ("client", "none"):
         raise ValueError(f"conditioning must be 'client' or 'none', got {conditioning!r}")
     return build_denoiser(image_size, channels, size, num_clients if conditioning == "client" else 0)
@@ -109,13 +73,8 @@ def count_parameters(model: nn.Module) -> int:
 
 
 def use_torch_threads(n: int) -> None:
-    """Pin torch's CPU thread count for this process; 0 leaves torch's default.
-
-    Why a knob: on a small machine the ServerApp, each ClientApp worker and the engine's own
-    daemons share the cores, and a matched thread count is what makes a Flower run comparable
-    with a plain loop. Ray already sets a simulated ClientApp's default
-    from `client-resources-num-cpus`.
-    """
+    """Pin torch's CPU thread count (0 = torch's default): apps and daemons share a small machine's
+    cores, and a matched count makes a Flower run comparable with a plain loop."""
     if n > 0 and torch.get_num_threads() != n:
         torch.set_num_threads(n)
 

@@ -1,5 +1,6 @@
-"""The UNet presets (sizes only): `tiny`, `small`, `base` and their `-half` twins. No torch, so
-the run-config can be checked against them before the models' libraries are imported."""
+"""UNet presets (sizes only, no torch): `tiny` for tests, `small` for 8 px CPU runs, `base` for 28-64 px
+on a GPU, and `-half` twins (every width halved, ~1/4 the FLOPs) for `client-model-size = "half"`: a
+private model only learns the short, low-noise end t <= t_c (benchmarks/client_compute.py)."""
 
 from __future__ import annotations
 
@@ -34,12 +35,7 @@ PRESETS: dict[str, UNetPreset] = {**BASE_PRESETS, **{f"{k}-half": half_width(v) 
 
 
 def client_preset(model_size: str, client_model_size: str = "") -> str:
-    """The preset name of a CollaFuse client's private denoiser.
-
-    "" = the server's `model_size`; "half" = `<model_size>-half`; else a preset name as is.
-    """
-    if not client_model_size:
-        return model_size
+    """A client's private denoiser preset: "" = `model_size`, "half" = `<model_size>-half`, else as named."""
     if client_model_size == "half":
         return f"{model_size}-half"
-    return client_model_size
+    return client_model_size or model_size

@@ -1,9 +1,5 @@
-"""Optimizer loops shared by every method and by the in-process reference loop.
-
-One function runs `steps` optimizer steps of any loss over minibatches of a tensor; the methods
-differ only in which loss (client share, server share, or the whole chain) they pass in. FLOPs
-are counted on these real passes when a meter is given.
-"""
+"""Optimizer loops shared by every method and the in-process reference loop: the methods differ
+only in the loss (client share, server share, or the whole chain) they pass to `train_steps`."""
 
 from __future__ import annotations
 
@@ -34,33 +30,17 @@ def minibatch_indices(n: int, batch_size: int, steps: int, generator: torch.Gene
     return out
 
 
-def train_steps(
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    loss_fn: Callable[[Tensor], Tensor],
-    data: Tensor,
-    steps: int,
-    batch_size: int,
-    generator: torch.Generator,
-    device: torch.device,
-    flops: FlopMeter | None = None,
-    flops_key: str = "train",
-    labels: Tensor | None = None,
-    guard: bool = False,
-    stats: dict[str, int] | None = None,
-    row_args: Tensor | None = None,
-    batches: list[Tensor] | None = None,
-) -> float:
-    """Run `steps` Adam steps of loss_fn(batch) on `data` (already in model range); mean loss.
+def train_steps(model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: Callable[[Tensor], Tensor], data: Tensor,
+                steps: int, batch_size: int, generator: torch.Generator, device: torch.device,
+                flops: FlopMeter | None = None, flops_key: str = "train", labels: Tensor | None = None,
+                guard: bool = False, stats: dict[str, int] | None = None, row_args: Tensor | None = None,
+                batches: list[Tensor] | None = None) -> float:
+    """Run `steps` Adam steps of loss_fn(batch) on `data` (in model range); the mean loss (NaN if none).
 
-    labels: per-row class labels bound to a conditional `Denoiser` for each minibatch.
-    row_args: a per-row value the loss needs besides the images (each row's cut step when nodes
-    chose different cuts): loss_fn(batch, row_args[minibatch]) is called then.
-    guard: skip a step whose loss or gradients are not finite, leaving the model and the
-    optimizer's moments as they were (a shared model must not be destroyed by one bad batch);
-    `stats["skipped"]` counts them. The mean is over the steps taken (NaN when none were).
-    batches: the minibatches' row indices, when the caller draws them (e.g. an equal share per
-    client); None = reshuffled epochs over all rows (`minibatch_indices`).
+    labels: bound to a conditional `Denoiser` per minibatch. row_args: a per-row value passed as
+    loss_fn(batch, row_args[idx]) (each row's cut step). guard: skip a step whose loss or gradients
+    are not finite, so one bad batch cannot destroy a shared model (counted in stats["skipped"]).
+    batches: the caller's minibatch indices; None = `minibatch_indices`.
     """
     if steps <= 0 or data.shape[0] == 0:
         return float("nan")
@@ -70,9 +50,7 @@ def train_steps(
         batch = data[idx].to(device)
         if labels is not None:
             model.condition(labels[idx])
-        ctx = (flops.count(flops_key, shape=(tuple(batch.shape), str(device))) if flops is not None
-               else contextlib.nullcontext())
-        with ctx:
+        with flops.count(flops_key, (tuple(batch.shape), str(device))) if flops else contextlib.nullcontext():
             loss = loss_fn(batch) if row_args is None else loss_fn(batch, row_args[idx])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -88,10 +66,8 @@ def train_steps(
 
 
 def _finite_step(model: nn.Module, loss: Tensor) -> bool:
-    if not torch.isfinite(loss):
-        return False
     grads = [p.grad for p in model.parameters() if p.grad is not None]
-    return bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()) if grads else True
+    return bool(torch.isfinite(loss)) and all(bool(torch.isfinite(g).all()) for g in grads)
 
 
 def client_share_loss(model: nn.Module, sched: D.Schedule, t_max: int, generator: torch.Generator):
@@ -105,18 +81,9 @@ def server_share_loss(model: nn.Module, sched: D.Schedule, t_c: int, target: D.S
 
 
 @torch.no_grad()
-def generate(
-    model: nn.Module,
-    sched: D.Schedule,
-    n: int,
-    shape: tuple[int, int, int],
-    num_steps: int | None,
-    generator: torch.Generator,
-    device: torch.device,
-    flops: FlopMeter | None = None,
-    flops_key: str = "infer",
-    label: int | None = None,
-) -> Tensor:
+def generate(model: nn.Module, sched: D.Schedule, n: int, shape: tuple[int, int, int], num_steps: int | None,
+             generator: torch.Generator, device: torch.device, flops: FlopMeter | None = None,
+             flops_key: str = "infer", label: int | None = None) -> Tensor:
     """x_T -> x_0 with one model (FedAvg, local-only, centralized); label for conditional models."""
     model.eval()
     if label is not None:

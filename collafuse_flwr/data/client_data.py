@@ -1,13 +1,6 @@
-"""A node's own data: its partition of the configured dataset, train and held-out test.
-
-Two ways a node gets its data (the ClientApp picks by the node's `node_config`):
-- its own folder: `data-dir` (and optionally `dataset`) in node_config. The node reads only the
-  images there and uses all of them as its partition, with its own train/test split; nobody
-  else's files are needed. This is how a real deployment's data owners take part.
-- a shared dataset: `partition-id`/`num-partitions` (the simulation engine sets them). Every
-  node loads and partitions the same dataset with the same seed, then keeps only its own
-  partition. Results are cached per process, because Ray actors serve many virtual nodes, and
-the index sets are memoised on disk (`splits.py`) so a worker start need not recompute them.
+"""A node's own data, train and held-out test: all of its own folder (`data-dir` in node_config, how
+a deployment's data owners take part) or its share of a dataset every node partitions alike
+(`partition-id`/`num-partitions`). Cached per process, as Ray actors serve many virtual nodes.
 """
 
 from __future__ import annotations
@@ -72,9 +65,7 @@ def all_splits(cfg: RunConfig, num_partitions: int) -> tuple[ClientSplit, ...]:
 def run_channels(cfg: RunConfig) -> int:
     """The channels every model of the run sees: image-channels when set, a built-in dataset's own,
     else read from the data (`hf:`, `imagefolder`; the server can read it only in a simulation)."""
-    if cfg.image_channels:
-        return cfg.image_channels
-    native = NATIVE_CHANNELS.get(canonical_name(cfg.dataset))
+    native = cfg.image_channels or NATIVE_CHANNELS.get(canonical_name(cfg.dataset))
     if native:
         return native
     try:
@@ -88,9 +79,7 @@ def run_channels(cfg: RunConfig) -> int:
 @lru_cache(maxsize=4)
 def own_folder_data(cfg: RunConfig, folder: str, dataset: str, partition_id: int = -1) -> ClientData:
     """All images in the node's own folder, split train/test by `test-fraction` (seeded).
-
-    partition_id: the operator's claim (-1 = none; the server then assigns the client index).
-    """
+    partition_id: the operator's claim (-1 = none; the server assigns the client index)."""
     if not os.path.isabs(folder):
         raise ValueError(f"node_config data-dir must be an absolute path, got {folder!r}")
     ds = dataset_for(cfg, dataset, folder)
@@ -111,5 +100,4 @@ def client_data(cfg: RunConfig, partition_id: int, num_partitions: int) -> Clien
     ds = dataset_for(cfg)
     split = all_splits(cfg, num_partitions)[partition_id]
     train = ds.images[np.asarray(split.train_idx)]
-    test = ds.images[np.asarray(split.test_idx)]
-    return ClientData(partition_id, train, test, to_model_range(train))
+    return ClientData(partition_id, train, ds.images[np.asarray(split.test_idx)], to_model_range(train))

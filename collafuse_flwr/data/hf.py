@@ -1,21 +1,7 @@
-"""`dataset = "hf:<name or path>"`: a Hugging Face dataset, loaded through flwr-datasets.
-
-A Flower user names a dataset the way Flower's own examples do (`uoft-cs/cifar10`,
-`ylecun/mnist`, `zalando-datasets/fashion_mnist`, `flwrlabs/celeba`). `FederatedDataset`
-loads the split (from the Hub into Hugging Face's cache, or from that cache when
-HF_HUB_OFFLINE=1); the project's flwr-datasets partitioners (`partition.py`) then split it
-among the clients exactly as they split every other dataset, so the memoised index sets and
-each client's train/test split work the same for all routes.
-
-The same route reads a local copy, so it works with no network at all:
-- a folder written by `datasets.save_to_disk` (a `DatasetDict` or a single `Dataset`),
-- a folder or file that `datasets.load_dataset` understands (parquet, csv, or image files
-  in class sub-folders).
-
-Columns: `image_column` / `label_column` ("" = detect): the image column is the first with
-the `datasets.Image` feature, the label column is "label" or the first `ClassLabel` column
-(none: every image gets label 0). Boolean columns become per-image attributes (CelebA's 40),
-which by-attribute partitioning uses.
+"""`dataset = "hf:<Hub id or local path>"`: a Hugging Face dataset, loaded through flwr-datasets
+(from the Hub, its cache with HF_HUB_OFFLINE=1, a `save_to_disk` folder or parquet/csv/image files),
+then partitioned by `partition.py` like every other dataset. Columns ("" = detect): the first
+`datasets.Image` one; "label" or the first `ClassLabel` (none: label 0); bools become attributes.
 """
 
 from __future__ import annotations
@@ -30,20 +16,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from collafuse_flwr.data.dataset import DEFAULT_JPEG_SIZE, HF_PREFIX, ImageDataset, square_uint8
+from collafuse_flwr.data.dataset import DEFAULT_JPEG_SIZE, GRAY_MODES, HF_PREFIX, ImageDataset, square_uint8
 from collafuse_flwr.imports import load
 
 _LOCAL_HINT = ("a local copy: dataset='hf:/abs/path' to a folder written by datasets.save_to_disk, "
                "or to parquet/csv/image files")
 
 
-def _is_local(source: str) -> bool:
-    return source.startswith(("/", ".", "~")) or os.path.exists(source)
-
-
 def _source(source: str) -> dict[str, Any]:
     """FederatedDataset's `dataset` and `data_files` for a Hub id or a local path."""
-    if not _is_local(source):
+    if not (source.startswith(("/", ".", "~")) or os.path.exists(source)):
         return {"dataset": source}
     path = Path(source).expanduser().resolve()
     if not path.exists():
@@ -81,11 +63,7 @@ def _hub_errors(source: str) -> Iterator[None]:
 
 
 def check_hf_source(source: str) -> None:
-    """Start-of-run check that an hf: dataset can be had, raising the one-line errors of loading.
-
-    Reads only the dataset's metadata (`datasets.load_dataset_builder`), so a ServerApp can call
-    it at start and stop a run that no node could load data for, before any round is sent.
-    """
+    """Start-of-run check (metadata only) that an hf: dataset can be had, with loading's one-line errors."""
     kwargs = _source(source)  # a local path: checked for existence here
     if "data_files" in kwargs or Path(kwargs["dataset"]).exists():
         return
@@ -93,40 +71,21 @@ def check_hf_source(source: str) -> None:
         load("datasets").load_dataset_builder(kwargs["dataset"])
 
 
-def _load_split(source: str, split: str):
-    FederatedDataset = load("flwr_datasets").FederatedDataset  # noqa: N806
-    IidPartitioner = load("flwr_datasets.partitioner").IidPartitioner  # noqa: N806
-    kwargs = _source(source)
-    # One partition: partitioning happens later on the index table (partition.py), where the
-    # same partitioners serve every dataset route and their result is memoised.
-    fds = FederatedDataset(partitioners={split: IidPartitioner(num_partitions=1)}, shuffle=False, **kwargs)
-    with _hub_errors(source):
-        try:
-            return fds.load_split(split)
-        except ValueError as exc:
-            if "split" in str(exc).lower():
-                raise ValueError(f"dataset='{HF_PREFIX}{source}' has no split {split!r} ({exc})") from exc
-            raise
-
-
 def _columns(table, image_column: str, label_column: str, source: str) -> tuple[str, str | None]:
     datasets = load("datasets")
     feats = table.features
     where = f"dataset='{HF_PREFIX}{source}' (columns: {', '.join(feats)})"
-    if image_column:
-        if image_column not in feats:
-            raise ValueError(f"image-column={image_column!r} is not a column of {where}")
-    else:
+    if image_column and image_column not in feats:
+        raise ValueError(f"image-column={image_column!r} is not a column of {where}")
+    if not image_column:
         images = [c for c, f in feats.items() if isinstance(f, datasets.Image)]
         if not images:
             raise ValueError(f"no column with the datasets.Image feature in {where}; set image-column")
         image_column = images[0]
-    if label_column:
-        if label_column not in feats:
-            raise ValueError(f"label-column={label_column!r} is not a column of {where}")
-        return image_column, label_column
-    if "label" in feats:
-        return image_column, "label"
+    if label_column and label_column not in feats:
+        raise ValueError(f"label-column={label_column!r} is not a column of {where}")
+    if label_column or "label" in feats:
+        return image_column, label_column or "label"
     labels = [c for c, f in feats.items() if isinstance(f, datasets.ClassLabel)]
     return image_column, labels[0] if labels else None
 
@@ -135,8 +94,15 @@ def load_hf(source: str, split: str, limit: int | None, image_size: int | None, 
             image_column: str = "", label_column: str = "") -> ImageDataset:
     """The first `limit` rows of `split`, decoded to uint8 squares (see the module docstring)."""
     datasets = load("datasets")
-
-    table = _load_split(source, split)
+    iid = load("flwr_datasets.partitioner").IidPartitioner(num_partitions=1)  # partition.py splits later
+    fds = load("flwr_datasets").FederatedDataset(partitioners={split: iid}, shuffle=False, **_source(source))
+    with _hub_errors(source):
+        try:
+            table = fds.load_split(split)
+        except ValueError as exc:
+            if "split" in str(exc).lower():
+                raise ValueError(f"dataset='{HF_PREFIX}{source}' has no split {split!r} ({exc})") from exc
+            raise
     image_column, label_column = _columns(table, image_column, label_column, source)
     if limit is not None:
         table = table.select(range(min(limit, table.num_rows)))
@@ -144,18 +110,16 @@ def load_hf(source: str, split: str, limit: int | None, image_size: int | None, 
         raise ValueError(f"dataset='{HF_PREFIX}{source}' split {split!r} has no rows")
     pil = table[image_column]
     if channels is None:
-        channels = 1 if pil[0].mode in ("1", "L", "I", "I;16", "F") else 3
+        channels = 1 if pil[0].mode in GRAY_MODES else 3
     size = image_size or (pil[0].size[0] if pil[0].size[0] == pil[0].size[1] else DEFAULT_JPEG_SIZE)
     mode = "L" if channels == 1 else "RGB"
     images = torch.from_numpy(np.stack([square_uint8(im, size, mode) for im in pil]))
-
     if label_column is None:
         labels, class_names = np.zeros(table.num_rows, dtype=np.int64), ["all"]
     elif isinstance(table.features[label_column], datasets.ClassLabel):
         labels, class_names = np.asarray(table[label_column], dtype=np.int64), table.features[label_column].names
     else:  # plain values: classes are the sorted distinct values
-        values = np.asarray(table[label_column])
-        uniq, labels = np.unique(values, return_inverse=True)
+        uniq, labels = np.unique(np.asarray(table[label_column]), return_inverse=True)
         class_names = [str(v) for v in uniq]
     flags = [c for c, f in table.features.items()
              if isinstance(f, datasets.Value) and f.dtype == "bool" and c != label_column]

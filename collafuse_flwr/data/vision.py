@@ -1,21 +1,8 @@
-"""On-disk image datasets read by torchvision's own dataset classes, plus AwA2.
-
-MNIST, Fashion-MNIST, CIFAR-10, CelebA and ImageFolder are torchvision's classes; this module
-points them at the user's folder and turns their samples into uint8 tensors. With
-`download=True` torchvision fetches the files its usual way (its mirrors, checksums and
-extraction) into data_dir; otherwise nothing is fetched.
-
-Three adaptations, each so that layouts the project accepted before keep working:
-- IDX files may sit directly in data_dir (not only in <data_dir>/MNIST/raw) and may be gzipped
-  only; torchvision reads plain files, so gzipped ones are extracted beside themselves with
-  torchvision's `extract_archive`, the step its own download performs.
-- torchvision checks each CIFAR-10 / CelebA file's MD5 at every load, which rejects any copy
-  that was re-packed or cut down; here a file only has to exist. Files fetched with
-  `download=True` are checked by torchvision's download.
-- The dataset folder may be data_dir itself or torchvision's sub-folder of it.
-
-AwA2 keeps a hand reader because torchvision has no AwA2 class; it still lists its images with
-torchvision's `make_dataset`, in the class order of AwA2's classes.txt.
+"""On-disk image datasets read by torchvision's own dataset classes (download=True fetches with
+torchvision's mirrors and checksums), plus AwA2, which torchvision lacks. So that accepted layouts
+keep working: IDX files may sit in data_dir itself, gzipped only (extracted with `extract_archive`);
+CIFAR-10/CelebA files only have to exist (torchvision's MD5 check at every load rejects re-packed
+copies); the dataset folder may be data_dir itself or torchvision's sub-folder.
 """
 
 from __future__ import annotations
@@ -29,19 +16,17 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from collafuse_flwr.data.dataset import _DOWNLOADABLE, ImageDataset, square_uint8
+from collafuse_flwr.data.dataset import _DOWNLOADABLE, GRAY_MODES, ImageDataset, round_robin, square_uint8
 from collafuse_flwr.imports import load
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp")
 _TV_NAMES = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST"}
 
+_IDX_LAYOUT = ("{} expects train-images-idx3-ubyte[.gz], train-labels-idx1-ubyte[.gz], t10k-images-idx3-ubyte[.gz] "
+               "and t10k-labels-idx1-ubyte[.gz] in {{d}}/{}/raw (torchvision's layout) or in {{d}} itself")
 LAYOUTS = {
-    "mnist": ("MNIST expects train-images-idx3-ubyte[.gz], train-labels-idx1-ubyte[.gz], "
-              "t10k-images-idx3-ubyte[.gz] and t10k-labels-idx1-ubyte[.gz] in {d}/MNIST/raw "
-              "(torchvision's layout) or in {d} itself"),
-    "fashion-mnist": ("Fashion-MNIST expects train-images-idx3-ubyte[.gz], train-labels-idx1-ubyte[.gz], "
-                      "t10k-images-idx3-ubyte[.gz] and t10k-labels-idx1-ubyte[.gz] in "
-                      "{d}/FashionMNIST/raw (torchvision's layout) or in {d} itself"),
+    "mnist": _IDX_LAYOUT.format("MNIST", "MNIST"),
+    "fashion-mnist": _IDX_LAYOUT.format("Fashion-MNIST", "FashionMNIST"),
     "cifar10": ("CIFAR-10 expects the python version: {d}/cifar-10-batches-py/ (or {d} itself) holding "
                 "data_batch_1 .. data_batch_5, test_batch and batches.meta (the extracted "
                 "cifar-10-python.tar.gz)"),
@@ -72,11 +57,10 @@ def _fetch(key: str, root: Path, make: Callable[[], object]) -> None:
 
 
 def load_images(paths: Sequence[str | Path], size: int, mode: str) -> Tensor:
-    """uint8 N x C x H x W squares; mode "L" or "RGB", or "" for the files' own (gray if the
-    first image is single-channel, else RGB: read from the data, never guessed from a name)."""
+    """uint8 N x C x H x W squares; mode "L", "RGB", or "" for the first file's own (never guessed)."""
     if not mode and len(paths):
         with Image.open(paths[0]) as first:
-            mode = "L" if first.mode in ("1", "L", "I", "I;16", "F") else "RGB"
+            mode = "L" if first.mode in GRAY_MODES else "RGB"
     mode = mode or "RGB"
     out = np.empty((len(paths), 1 if mode == "L" else 3, size, size), dtype=np.uint8)
     for i, path in enumerate(paths):
@@ -88,38 +72,8 @@ def load_images(paths: Sequence[str | Path], size: int, mode: str) -> Tensor:
     return torch.from_numpy(out)
 
 
-def round_robin(samples: Sequence[tuple[str, int]], limit: int | None) -> list[tuple[str, int]]:
-    """(path, label) samples in class-major order; with a cap, taken round-robin over classes so
-    that no class vanishes."""
-    if limit is None:
-        return sorted(samples, key=lambda s: (s[1], s[0]))
-    by_class: dict[int, list[tuple[str, int]]] = {}
-    for s in samples:
-        by_class.setdefault(s[1], []).append(s)
-    queues = [by_class[c] for c in sorted(by_class)]
-    chosen: list[tuple[str, int]] = []
-    depth = 0
-    while len(chosen) < limit and any(depth < len(q) for q in queues):
-        chosen += [q[depth] for q in queues if depth < len(q)][: limit - len(chosen)]
-        depth += 1
-    return sorted(chosen, key=lambda s: (s[1], s[0]))
-
-
-# ----------------------------------------------------------------------------------------
-# MNIST / Fashion-MNIST
-# ----------------------------------------------------------------------------------------
-
-
-def _idx_magic(path: Path) -> int:
-    with open(path, "rb") as f:
-        return int.from_bytes(f.read(4), "big")
-
-
 def load_mnist_like(key: str, root: Path, split: str, limit: int | None, download: bool) -> ImageDataset:
-    tvd = load("torchvision.datasets")
-    extract_archive = load("torchvision.datasets.utils").extract_archive
-
-    base = getattr(tvd, _TV_NAMES[key])
+    base = getattr(load("torchvision.datasets"), _TV_NAMES[key])
     if download:
         _fetch(key, root, lambda: base(str(root), train=split == "train", download=True))
     names = [Path(url).stem for url, _ in base.resources]  # train-images-idx3-ubyte, ...
@@ -130,7 +84,7 @@ def load_mnist_like(key: str, root: Path, split: str, limit: int | None, downloa
     for n in names:
         if not (raw / n).is_file():  # gzipped only: extract as torchvision's download would
             try:
-                extract_archive(str(raw / f"{n}.gz"), str(raw))
+                load("torchvision.datasets.utils").extract_archive(str(raw / f"{n}.gz"), str(raw))
             except (OSError, EOFError) as exc:
                 raise ValueError(f"cannot extract {raw / n}.gz into {raw} ({exc}); re-download it "
                                  f"or extract it yourself") from exc
@@ -141,8 +95,10 @@ def load_mnist_like(key: str, root: Path, split: str, limit: int | None, downloa
         prefix = "train" if split == "train" else "t10k"
         for kind, magic in (("images", 0x803), ("labels", 0x801)):
             path = raw / f"{prefix}-{kind}-idx{3 if kind == 'images' else 1}-ubyte"
-            if _idx_magic(path) != magic:
-                raise ValueError(f"{path} has IDX magic 0x{_idx_magic(path):08x}, expected 0x{magic:08x} "
+            with open(path, "rb") as f:
+                got = int.from_bytes(f.read(4), "big")
+            if got != magic:
+                raise ValueError(f"{path} has IDX magic 0x{got:08x}, expected 0x{magic:08x} "
                                  f"for uint8 {kind}; the file is corrupt or not an MNIST-style IDX file, "
                                  f"re-download it") from exc
         raise ValueError(f"torchvision cannot read the {key} {split} files in {raw} ({exc!r}); re-download them") from exc
@@ -153,14 +109,8 @@ def load_mnist_like(key: str, root: Path, split: str, limit: int | None, downloa
                         class_names=[c.split(" - ")[0] for c in tv.classes])  # MNIST's "0 - zero" -> "0"
 
 
-# ----------------------------------------------------------------------------------------
-# CIFAR-10
-# ----------------------------------------------------------------------------------------
-
-
 def load_cifar10(root: Path, split: str, limit: int | None, download: bool) -> ImageDataset:
     CIFAR10 = load("torchvision.datasets").CIFAR10  # noqa: N806
-
     if download:
         _fetch("cifar10", root, lambda: CIFAR10(str(root), train=split == "train", download=True))
     folder = root / CIFAR10.base_folder if (root / CIFAR10.base_folder).is_dir() else root
@@ -168,12 +118,9 @@ def load_cifar10(root: Path, split: str, limit: int | None, download: bool) -> I
     absent = [n for n in files if not (folder / n).is_file()]
     if absent:
         raise missing("cifar10", root, f"missing {', '.join(absent)} in {folder}")
-    unchecked = type("CIFAR10", (CIFAR10,), {
-        "base_folder": folder.name,
-        "train_list": [[n, None] for n, _ in CIFAR10.train_list],
-        "test_list": [[n, None] for n, _ in CIFAR10.test_list],
-        "meta": {**CIFAR10.meta, "md5": None},
-    })
+    unchecked = type("CIFAR10", (CIFAR10,), {"base_folder": folder.name, "meta": {**CIFAR10.meta, "md5": None},
+                                              "train_list": [[n, None] for n, _ in CIFAR10.train_list],
+                                              "test_list": [[n, None] for n, _ in CIFAR10.test_list]})
     # The official format is a pickle: only load CIFAR files you trust.
     try:
         tv = unchecked(str(folder.parent), train=split == "train")
@@ -185,14 +132,8 @@ def load_cifar10(root: Path, split: str, limit: int | None, download: bool) -> I
                         name="cifar10", class_names=list(tv.classes))
 
 
-# ----------------------------------------------------------------------------------------
-# CelebA
-# ----------------------------------------------------------------------------------------
-
-
 def load_celeba(root: Path, split: str, limit: int | None, size: int, mode: str, download: bool) -> ImageDataset:
     CelebA = load("torchvision.datasets").CelebA  # noqa: N806
-
     if download:
         _fetch("celeba", root, lambda: CelebA(str(root), split=split, download=True))
     folder = root if (root / "list_attr_celeba.txt").is_file() else root / CelebA.base_folder
@@ -218,14 +159,10 @@ def load_celeba(root: Path, split: str, limit: int | None, size: int, mode: str,
                         attribute_names=[a for a in tv.attr_names if a])  # a trailing space gives ''
 
 
-# ----------------------------------------------------------------------------------------
-# ImageFolder and AwA2
-# ----------------------------------------------------------------------------------------
-
-
 def _from_samples(name: str, samples: list[tuple[str, int]], class_names: list[str], limit: int | None,
                   size: int, mode: str) -> ImageDataset:
-    chosen = round_robin(samples, limit)
+    picked = (samples[i] for i in round_robin([c for _, c in samples], limit))
+    chosen = sorted(picked, key=lambda s: (s[1], s[0]))
     labels = np.array([c for _, c in chosen], dtype=np.int64)
     return ImageDataset(images=load_images([p for p, _ in chosen], size, mode), labels=torch.from_numpy(labels),
                         name=name, class_names=class_names)
@@ -233,7 +170,6 @@ def _from_samples(name: str, samples: list[tuple[str, int]], class_names: list[s
 
 def load_imagefolder(root: Path, limit: int | None, size: int, mode: str) -> ImageDataset:
     ImageFolder = load("torchvision.datasets").ImageFolder  # noqa: N806
-
     try:
         tv = ImageFolder(str(root), allow_empty=True)
     except FileNotFoundError as exc:
@@ -260,10 +196,8 @@ def _read_indexed_names(path: Path) -> list[str]:
 
 def load_awa2(root: Path, limit: int | None, size: int, mode: str) -> ImageDataset:
     make_dataset = load("torchvision.datasets.folder").make_dataset
-
-    base = root
-    if not (base / "JPEGImages").is_dir() and (root / "Animals_with_Attributes2" / "JPEGImages").is_dir():
-        base = root / "Animals_with_Attributes2"
+    nested = root / "Animals_with_Attributes2"
+    base = nested if not (root / "JPEGImages").is_dir() and (nested / "JPEGImages").is_dir() else root
     img_root = base / "JPEGImages"
     if not img_root.is_dir():
         raise missing("awa2", root, f"JPEGImages folder not found under {root}")
@@ -273,7 +207,6 @@ def load_awa2(root: Path, limit: int | None, size: int, mode: str) -> ImageDatas
     unknown = sorted(set(dirs) - set(class_names))
     if unknown:
         raise ValueError(f"JPEGImages folders {unknown} are not listed in {classes_txt}; add them or remove the folders")
-
     matrix = attr_names = None
     matrix_path, pred_path = base / "predicate-matrix-binary.txt", base / "predicates.txt"
     if matrix_path.is_file() or pred_path.is_file():
@@ -285,7 +218,6 @@ def load_awa2(root: Path, limit: int | None, size: int, mode: str) -> ImageDatas
         if matrix.shape != (len(class_names), len(attr_names)) or not np.isin(matrix, (0, 1)).all():
             raise ValueError(f"{matrix_path} must be a {len(class_names)} x {len(attr_names)} matrix of 0/1 "
                              f"(classes x predicates), got shape {matrix.shape}")
-
     samples = make_dataset(str(img_root), {c: i for i, c in enumerate(class_names)},
                            extensions=IMAGE_EXTENSIONS, allow_empty=True)
     if not samples:
