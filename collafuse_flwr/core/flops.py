@@ -1,8 +1,8 @@
 """FLOPs measured on the real passes with ``torch.utils.flop_counter`` (a split's cost depends on
 which code ran): matmul/conv/attention, 2 per multiply-add, backward included; keys are inclusive.
 The stock ``ModuleTracker`` crashes under ``inference_mode`` for inputs that require grad, so the
-tracker always answers "Global". Overhead (3-conv net, 1 CPU thread): +50 % per step at batch 32,
-+25 % at 256 (a Python hook per aten op): disable it (``count-flops = false``) for wall-clock runs.
+tracker always answers "Global". Counting runs a Python hook per aten op and slows small nets'
+steps noticeably: disable it (``count-flops = false``) for wall-clock runs.
 """
 
 from __future__ import annotations
