@@ -71,9 +71,6 @@ class Node:
     def num_train(self) -> int:
         return int(self.data.train.shape[0])
 
-    def cut_step(self) -> int:
-        return node_cut_step(self.cfg, self.policy, self.data.partition_id, self.sched)
-
     def upload_cap(self) -> int:
         """Uploads of one image allowed in the ledger's scope (huge: a trusting node without a cap or DP)."""
         return self.policy.max_uploads_per_image or (1 << 62)
@@ -81,7 +78,7 @@ class Node:
     def upload_step(self) -> tuple[int, DPPlan | None]:
         """(the step uploads are made at, the DP plan): the DP plan's t_u >= the cut, when on. K of the
         guarantee is the node's cap, or (trusting, unset) the most the run can ask."""
-        t_c, pol = self.cut_step(), self.policy
+        t_c, pol = node_cut_step(self.cfg, self.policy, self.data.partition_id, self.sched), self.policy
         if pol.upload_epsilon <= 0 or t_c >= self.sched.T:
             return t_c, None
         k = pol.max_uploads_per_image or max(1, math.ceil(
@@ -99,10 +96,6 @@ class Node:
 
     def meter(self) -> FlopMeter | None:
         return FlopMeter(every_pass=self.cfg.flops_every_pass) if self.cfg.count_flops else None
-
-    def run_dir(self, run_key: int) -> Path:
-        """This run's private files: per run (a resumed run names the first) and run-config."""
-        return self.policy.state_dir / f"run-{run_key or self.context.run_id}-{self.fingerprint}"
 
 
 def node_cut_step(cfg: RunConfig, policy: NodePolicy, partition_id: int, sched: D.Schedule | None = None) -> int:
@@ -145,16 +138,10 @@ def node_data(cfg: RunConfig, nc: dict) -> ClientData:
     return client_data(cfg, max(pid, 0), int(nc.get(P.NODE_NUM_PARTITIONS, 1)))
 
 
-def _check_serves(node: Node, method: str) -> None:
-    if not node.policy.serves(method):
-        raise N.Refused(f"this node serves only {sorted(node.policy.methods)} (its operator's node_config "
-                        f"'{P.NODE_METHODS}'), not method={method!r}")
-
-
-def action(category: str, method: str) -> Callable:
+def action(category: str, method: str, serves: str = "") -> Callable:
     """Register `fn(node, msg) -> (metrics, records)` for `<category>.<method>` with every check a
-    message needs where it enters: the records it may carry, the node's policy, and an Error reply
-    (no local paths; the full error stays in the node's own log) for whatever goes wrong."""
+    message needs where it enters: the records it may carry, the node's policy (does it serve
+    `serves or method`), and an Error reply (no local paths; the full error stays in the node's log)."""
 
     def wrap(fn: Callable[[Node, Message], tuple[dict, dict]]) -> Callable[[Message, Context], Message]:
         @functools.wraps(fn)
@@ -164,8 +151,9 @@ def action(category: str, method: str) -> Callable:
                 if extra:
                     raise N.Refused(f"{category}.{method} carries records {extra} this node did not ask for")
                 node = _node(context)
-                if category != P.QUERY:
-                    _check_serves(node, method)
+                if not node.policy.serves(serves or method):
+                    raise N.Refused(f"this node serves only {sorted(node.policy.methods)} (its operator's "
+                                    f"node_config '{P.NODE_METHODS}'), not method={serves or method!r}")
                 metrics, records = fn(node, msg)
             except Exception as exc:  # noqa: BLE001 - every failure becomes a clear Error reply
                 if isinstance(exc, P.ProtocolError):  # a malformed server config: refused, not failed
@@ -190,7 +178,6 @@ def _conf(node: Node, msg: Message) -> tuple[int, int, int]:
     return rnd, client, P.read_int(conf, P.RUN_KEY, 0, (1 << 64) - 1, default=0)  # Flower run ids are uint64
 
 
-# -- first contact --------------------------------------------------------------------------------
 def private_model_size(cfg: RunConfig, method: str) -> str:
     """The preset of the node's own denoiser: `client-model-size` for CollaFuse (its short,
     low-noise share needs less capacity than the server's), else `model-size`."""
@@ -209,11 +196,10 @@ def hello(msg: Message, context: Context) -> Message:
     method = str(conf.get(P.METHOD, ""))
     if method not in P.METHODS:
         return N.refusal(msg, N.Refused(f"unknown method {method!r}; this protocol knows {list(P.METHODS)}"))
-    return action(P.QUERY, P.HELLO)(lambda node, m: (_hello(node, method), {}))(msg, context)
+    return action(P.QUERY, P.HELLO, serves=method)(lambda node, m: (_hello(node, method), {}))(msg, context)
 
 
 def _hello(node: Node, method: str) -> dict:
-    _check_serves(node, method)
     info: dict = {P.PARTITION_ID: node.data.partition_id, P.NUM_EXAMPLES: node.num_train,
                   P.IMAGE_CHANNELS: node.data.image_shape[0], P.SHARE_HARNESS: int(node.policy.share_harness)}
     if method in (P.COLLAFUSE, P.LOCAL):
@@ -229,7 +215,6 @@ def _hello(node: Node, method: str) -> dict:
     return info
 
 
-# -- the node's private model ---------------------------------------------------------------------------
 def init_private_denoiser(cfg: RunConfig, client: int, channels: int, device: torch.device,
                           method: str = P.COLLAFUSE) -> torch.nn.Module:
     """A client's denoiser before its first round, seeded by (seed, client) alone: the actor's
@@ -249,11 +234,12 @@ def _private_model(node: Node, method: str, client: int, server_round: int, run_
 
 
 def _state_file(node: Node, client: int, run_key: int, suffix: str = "pt") -> Path:
-    """The private state file; suffix "finished": the marker left after the final evaluation."""
-    return node.run_dir(run_key) / f"client-{client}.{suffix}"
+    """The private state file, per run (a resumed run names the first) and run-config; suffix
+    "finished": the marker a node leaves after the run's final evaluation."""
+    run = f"run-{run_key or node.context.run_id}-{node.fingerprint}"
+    return node.policy.state_dir / run / f"client-{client}.{suffix}"
 
 
-# -- train ---------------------------------------------------------------------------------------------
 def _train(node: Node, model: torch.nn.Module, opt: torch.optim.Optimizer, t_max: int, client: int, rnd: int,
            metrics: dict) -> None:
     """Steps of `model` on t in 1..t_max; its loss is data-dependent (membership inference): harness only."""
@@ -366,7 +352,6 @@ def train_centralized(node: Node, msg: Message) -> tuple[dict, dict]:
     return {P.NUM_EXAMPLES: node.num_train}, {P.UPLOAD: ArrayRecord({P.X0: Array(node.data.train.numpy())})}
 
 
-# -- evaluate ---------------------------------------------------------------------------------------------
 def _eval_request(node: Node, msg: Message) -> tuple[int, int, int, int, int | None]:
     """(round, client, run key, images to generate, DDIM steps or None), each checked."""
     rnd, client, run_key = _conf(node, msg)
@@ -404,16 +389,23 @@ def _evaluated(node: Node, msg: Message, method: str, images: torch.Tensor, seco
 @app.evaluate(P.COLLAFUSE)
 @action(P.EVALUATE, P.COLLAFUSE)
 def evaluate_collafuse(node: Node, msg: Message) -> tuple[dict, dict]:
-    return _evaluate_private(node, msg, P.COLLAFUSE)
+    return _evaluate(node, msg, P.COLLAFUSE)
 
 
 @app.evaluate(P.LOCAL)
 @action(P.EVALUATE, P.LOCAL)
 def evaluate_local(node: Node, msg: Message) -> tuple[dict, dict]:
-    return _evaluate_private(node, msg, P.LOCAL)
+    return _evaluate(node, msg, P.LOCAL)
 
 
-def _evaluate_private(node: Node, msg: Message, method: str) -> tuple[dict, dict]:
+@app.evaluate(P.FEDAVG)
+@action(P.EVALUATE, P.FEDAVG)
+def evaluate_fedavg(node: Node, msg: Message) -> tuple[dict, dict]:
+    return _evaluate(node, msg, P.FEDAVG)
+
+
+def _evaluate(node: Node, msg: Message, method: str) -> tuple[dict, dict]:
+    """Generate with FedAvg's global model, or finish the server's hand-off (or pure noise) privately."""
     rnd, client, run_key, n, steps = _eval_request(node, msg)
     t_start = t_c = node.sched.T
     if method == P.COLLAFUSE:
@@ -423,29 +415,20 @@ def _evaluate_private(node: Node, msg: Message, method: str) -> tuple[dict, dict
         if asked != t_start:
             raise N.Refused(f"the server asked to start sampling at step {asked}, this node's is {t_start}")
     t0 = time.perf_counter()
-    model, _ = _private_model(node, method, client, rnd + 1, run_key)  # as it was after this round
-    gen = node.generator(client, rnd, _EVAL)
-    if P.HANDOFF in msg.content.array_records and P.X_TC in msg.content[P.HANDOFF]:
-        x = N.check_handoff(msg.content[P.HANDOFF][P.X_TC].numpy(), image_shape=node.data.image_shape, max_samples=n)
-    elif t_start < node.sched.T:
-        raise N.Refused(f"no '{P.HANDOFF}' record: this node starts at step {t_start}, below T={node.sched.T}")
-    else:  # local-only or c = 1: the client starts from pure noise
-        x = torch.randn((n, *node.data.image_shape), generator=gen)
-    meter = node.meter()
-    images = N.finish(model, node.sched, x, t_start, steps, gen, node.device, meter)
+    gen, meter, shape = node.generator(client, rnd, _EVAL), node.meter(), node.data.image_shape
+    if method == P.FEDAVG:
+        model = _global_model(node, msg, client)
+        images = to_uint8(generate(model, node.sched, n, shape, steps, gen, node.device, meter))
+    else:
+        model, _ = _private_model(node, method, client, rnd + 1, run_key)  # as it was after this round
+        if P.HANDOFF in msg.content.array_records and P.X_TC in msg.content[P.HANDOFF]:
+            x = N.check_handoff(msg.content[P.HANDOFF][P.X_TC].numpy(), image_shape=shape, max_samples=n)
+        elif t_start < node.sched.T:
+            raise N.Refused(f"no '{P.HANDOFF}' record: this node starts at step {t_start}, below T={node.sched.T}")
+        else:  # local-only or c = 1: the client starts from pure noise
+            x = torch.randn((n, *shape), generator=gen)
+        images = N.finish(model, node.sched, x, t_start, steps, gen, node.device, meter)
     return _evaluated(node, msg, method, images, time.perf_counter() - t0, client, run_key, meter, model, t_c)
-
-
-@app.evaluate(P.FEDAVG)
-@action(P.EVALUATE, P.FEDAVG)
-def evaluate_fedavg(node: Node, msg: Message) -> tuple[dict, dict]:
-    rnd, client, run_key, n, steps = _eval_request(node, msg)
-    t0 = time.perf_counter()
-    model = _global_model(node, msg, client)
-    meter = node.meter()
-    images = to_uint8(generate(model, node.sched, n, node.data.image_shape, steps, node.generator(client, rnd, _EVAL),
-                               node.device, meter))
-    return _evaluated(node, msg, P.FEDAVG, images, time.perf_counter() - t0, client, run_key, meter, model, 0)
 
 
 @app.evaluate(P.CENTRALIZED)

@@ -1,11 +1,9 @@
 """The node's private files: a folder only its owner can read, atomic writes, safe loads.
 
-Why: a node's state folder holds its secret key, its private denoiser and its upload ledger.
-Created 0755 / 0644 (umask defaults), any local user could read them; written in place, a crash
-mid-write leaves half a file; loaded with pickle, a swapped file runs code. So: the folder is
-0700, files are 0600, every write goes to a temporary file that is renamed over the old one,
-and `torch.load` runs with `weights_only=True` (tensors, numbers, strings, containers: nothing
-that executes).
+A node's state folder holds its secret key, its private denoiser and its upload ledger: with umask
+defaults any local user could read them, a crash mid-write leaves half a file, and a swapped pickle
+runs code. So the folder is 0700, files 0600, writes go through a renamed temporary file, and
+`torch.load` runs with `weights_only=True`.
 """
 
 from __future__ import annotations
@@ -57,11 +55,8 @@ def save_tensors(path: Path, obj: Any) -> None:
 
 
 def load_tensors(path: Path, what: str, fix: str) -> Any:
-    """`torch.load(path, weights_only=True)`; CorruptFile naming the file and `fix` if unreadable.
-
-    weights_only refuses any pickle that would construct an arbitrary object, so a crafted file
-    raises here instead of running code in this process.
-    """
+    """`torch.load(path, weights_only=True)` (a crafted pickle raises instead of running code);
+    CorruptFile naming the file and `fix` if unreadable."""
     try:
         return torch.load(path, weights_only=True, map_location="cpu")
     except Exception as exc:  # noqa: BLE001 - truncated, crafted or foreign: all mean "unreadable"
@@ -71,8 +66,7 @@ def load_tensors(path: Path, what: str, fix: str) -> Any:
 
 @contextlib.contextmanager
 def locked(path: Path) -> Iterator[None]:
-    """An exclusive lock on `path`.lock: read-modify-write of a shared file by one process at a time
-    (several virtual nodes of a simulation, or two SuperNodes, may share a state folder)."""
+    """An exclusive lock on `path`.lock: nodes (virtual ones, or two SuperNodes) may share a state folder."""
     private_dir(path.parent)
     fd = os.open(path.with_name(f".{path.name}.lock"), os.O_RDWR | os.O_CREAT, 0o600)
     try:

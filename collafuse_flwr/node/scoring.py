@@ -1,9 +1,6 @@
 """A node's research measurements: quality of what it generated, and what the server learned from it.
-
-Runs on the node, because only the node holds its test split and its training images, and only
-where its policy shares research measurements. The server's reconstructions arrive in the
-evaluate message's measurement-only `harness` record; they are scored here and only the scores go
-back.
+Only the node holds its test split and training images; it scores the server's reconstructions (the
+evaluate message's `harness` record) only where its policy shares measurements, and returns scores.
 """
 
 from __future__ import annotations
@@ -25,8 +22,7 @@ from collafuse_flwr.metrics.privacy import gaussian_upload_epsilon
 from collafuse_flwr.node.state import last_upload, upload_counts
 from collafuse_flwr.node.steps import Refused
 
-#: Fewest real (held-out) and generated images a Frechet distance is computed from: with one, the
-#: covariance is undefined. A node with fewer says so (`fid-skipped`) instead of failing the run.
+#: fewest real and generated images for a Frechet distance (one has no covariance): fewer -> `fid-skipped`
 MIN_FID_IMAGES = 2
 
 
@@ -83,9 +79,6 @@ def _disclosure(cfg: RunConfig, data: ClientData, content: RecordDict, state: Re
 
 def client_metrics(cfg: RunConfig, gen_uint8: torch.Tensor, data: ClientData, content: RecordDict,
                    state: RecordDict, t_c: int | None) -> dict[str, Any]:
-    """Research measurements on the node's private data (sent only under its sharing policy).
-
-    t_c: the node's own upload step (its uploads were made at it, whatever the server says);
-    None for methods that upload no x_tc.
-    """
+    """Research measurements on the node's private data; t_c: its own upload step (whatever the server
+    says), None for methods that upload no x_tc."""
     return {**_quality(cfg, gen_uint8, data), **_disclosure(cfg, data, content, state, t_c)}

@@ -1,19 +1,11 @@
 """A node's private state for one run: its denoiser, optimizer and uploads, in memory and on disk.
 
-The client denoiser and its optimizer must survive between rounds yet never leave the node.
-Flower keeps `context.state` per node across a run's rounds (Ray actors are shared between
-virtual nodes, so module globals are not safe); weights go in as an ArrayRecord, the optimizer's
-nested state as torch-serialized bytes in a ConfigRecord.
-
-`context.state` dies with the SuperNode process, so the same records are also written to a file
-in the node's own state folder after every round (`persist`), and read back when a restarted
-node or a resumed run finds `context.state` empty (`recover`). Two versions are kept, each tagged
-with the round it finished: a run resumed from the server's last checkpoint re-sends a round the
-node may already have trained, and the node then continues from the version before it, so the
-resumed run computes what the uninterrupted one would have. Files are written atomically, 0600,
-and read with `weights_only=True`; an unreadable one is set aside and the node starts that run's
-model afresh (one warning naming the file), instead of failing every later round. The upload
-caps that protect the data are not in these files when the node trusts nobody (`ledger.py`).
+They live in `context.state` between rounds (Ray actors are shared between virtual nodes, so module
+globals are not safe), and after every round also in a file in the node's state folder (`persist`),
+read back when a restarted node or a resumed run finds `context.state` empty (`recover`). Two
+versions are kept, tagged with the round they finished: a resumed run re-sends a round the node may
+have trained, and the node continues from the version before it. An unreadable file is set aside
+and that run's model starts afresh (one warning). A distrusting node's upload caps are in `ledger.py`.
 """
 
 from __future__ import annotations
@@ -46,7 +38,6 @@ def save_private(state: RecordDict, model: nn.Module, optimizer: torch.optim.Opt
 
 
 def restore_private(state: RecordDict, model: nn.Module, optimizer: torch.optim.Optimizer) -> bool:
-    """Load the node's model and optimizer if it has them; False on the node's first round."""
     if MODEL_KEY not in state.array_records:
         return False
     model.load_state_dict(state.array_records[MODEL_KEY].to_torch_state_dict())
@@ -56,12 +47,10 @@ def restore_private(state: RecordDict, model: nn.Module, optimizer: torch.optim.
 
 
 def state_round(state: RecordDict) -> int:
-    """The round the in-memory records finished (0: none)."""
     return int(state.config_records[META_KEY][_ROUND]) if META_KEY in state.config_records else 0
 
 
 def remember_upload(state: RecordDict, indices: np.ndarray, num_train: int) -> None:
-    """Which training images the last upload came from, and this run's count per image."""
     idx = np.asarray(indices, dtype=np.int64)
     counts = upload_counts(state, num_train)
     np.add.at(counts, idx, 1)
@@ -112,11 +101,8 @@ def _load(path: Path) -> dict | None:
 
 
 def recover(state: RecordDict, path: Path, server_round: int) -> int:
-    """Fill `state` for round `server_round` from memory or the files; returns the round it holds.
-
-    The version that finished round `server_round - 1` is preferred: a resumed run re-sends a round
-    the node may have trained already. Otherwise the newest version before `server_round`, else
-    nothing (the node's first round in this run)."""
+    """Fill `state` for round `server_round` from memory or the files (the newest version before it, else
+    nothing); returns the round it holds."""
     have = state_round(state)
     if MODEL_KEY in state.array_records and have < server_round:
         return have
