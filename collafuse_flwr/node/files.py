@@ -1,22 +1,14 @@
-"""The node's private files: a folder only its owner can read, atomic writes, safe loads.
-
-A node's state folder holds its secret key, its private denoiser and its upload ledger: with umask
-defaults any local user could read them, a crash mid-write leaves half a file, and a swapped pickle
-runs code. So the folder is 0700, files 0600, writes go through a renamed temporary file, and
-`torch.load` runs with `weights_only=True`.
-"""
+"""The node's private files: a 0700 folder, 0600 files written atomically, locks. The state folder
+holds the node's secret key, private denoiser and upload ledger: no other local user may read them,
+and a crash mid-write must not leave half a file."""
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
-import io
 import os
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
-
-import torch
 
 
 class CorruptFile(RuntimeError):
@@ -45,23 +37,6 @@ def write_private(path: Path, data: bytes) -> None:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
-
-
-def save_tensors(path: Path, obj: Any) -> None:
-    """`torch.save` of plain containers of tensors and numbers, written with `write_private`."""
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    write_private(path, buf.getvalue())
-
-
-def load_tensors(path: Path, what: str, fix: str) -> Any:
-    """`torch.load(path, weights_only=True)` (a crafted pickle raises instead of running code);
-    CorruptFile naming the file and `fix` if unreadable."""
-    try:
-        return torch.load(path, weights_only=True, map_location="cpu")
-    except Exception as exc:  # noqa: BLE001 - truncated, crafted or foreign: all mean "unreadable"
-        raise CorruptFile(f"{what} {path} cannot be read ({type(exc).__name__}: "
-                          f"{str(exc).splitlines()[0][:160] if str(exc) else 'no detail'}); {fix}") from None
 
 
 @contextlib.contextmanager

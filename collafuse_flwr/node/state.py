@@ -19,7 +19,7 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 from torch import nn
 
-from collafuse_flwr.node.files import CorruptFile, load_tensors, save_tensors
+from collafuse_flwr.node.files import write_private
 
 MODEL_KEY = "private-denoiser"
 OPTIM_KEY = "private-optimizer"
@@ -66,12 +66,9 @@ def upload_counts(state: RecordDict, num_train: int) -> np.ndarray:
 
 
 def last_upload(state: RecordDict) -> np.ndarray | None:
-    if UPLOADS_KEY not in state.array_records:
-        return None
-    return state.array_records[UPLOADS_KEY][_INDICES].numpy()
+    return state.array_records[UPLOADS_KEY][_INDICES].numpy() if UPLOADS_KEY in state.array_records else None
 
 
-# -- on disk ----------------------------------------------------------------------------------------
 def _previous(path: Path) -> Path:
     return path.with_name(path.stem + ".prev" + path.suffix)
 
@@ -84,19 +81,24 @@ def persist(state: RecordDict, path: Path) -> None:
             OPTIM_KEY: bytes(state.config_records[OPTIM_KEY][_BLOB]) if OPTIM_KEY in state.config_records else b""}
     if path.is_file():
         path.replace(_previous(path))
-    save_tensors(path, blob)
+    buf = io.BytesIO()
+    torch.save(blob, buf)
+    write_private(path, buf.getvalue())
 
 
 def _load(path: Path) -> dict | None:
-    try:
-        blob = load_tensors(path, "the node's private state file", "it was set aside")
+    """A saved version, or None where it cannot be read (set aside, with one warning)."""
+    try:  # weights_only: a crafted pickle raises here instead of running code
+        blob = torch.load(path, weights_only=True, map_location="cpu")
         if not isinstance(blob, dict) or _ROUND not in blob:
-            raise CorruptFile(f"the node's private state file {path} has an unknown layout")
+            raise ValueError("unknown layout")
         return blob
-    except CorruptFile as exc:
+    except Exception as exc:  # noqa: BLE001 - truncated, crafted or foreign: all mean "unreadable"
         bad = path.with_name(path.name + ".corrupt")
         path.replace(bad)
-        _LOG.warning("%s; moved to %s, this run's private model starts afresh", exc, bad.name)
+        _LOG.warning("the node's private state file %s cannot be read (%s: %s); moved to %s, this run's private "
+                     "model starts afresh", path, type(exc).__name__, str(exc).splitlines()[0][:160] if str(exc)
+                     else "no detail", bad.name)
         return None
 
 
@@ -108,23 +110,17 @@ def recover(state: RecordDict, path: Path, server_round: int) -> int:
         return have
     versions = [b for b in (_load(p) for p in (path, _previous(path)) if p.is_file()) if b is not None]
     usable = [b for b in versions if int(b[_ROUND]) < server_round]
+    for k in (MODEL_KEY, OPTIM_KEY, UPLOADS_KEY, META_KEY):
+        state.pop(k, None)
     if not usable:
-        return have if MODEL_KEY in state.array_records and have < server_round else _clear(state)
+        return 0
     blob = max(usable, key=lambda b: int(b[_ROUND]))
-    _clear(state)
     for k, arrays in blob["records"].items():
         state[k] = ArrayRecord({n: Array(t.numpy()) for n, t in arrays.items()})
     if blob[OPTIM_KEY]:
         state[OPTIM_KEY] = ConfigRecord({_BLOB: blob[OPTIM_KEY]})
     state[META_KEY] = ConfigRecord({_ROUND: int(blob[_ROUND])})
     return int(blob[_ROUND])
-
-
-def _clear(state: RecordDict) -> int:
-    for k in (MODEL_KEY, OPTIM_KEY, UPLOADS_KEY, META_KEY):
-        if k in state:
-            del state[k]
-    return 0
 
 
 def discard(path: Path) -> None:
