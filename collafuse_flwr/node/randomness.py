@@ -11,7 +11,6 @@ only grows) gives a replayed round new noise and the same run draws the same.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import os
 from pathlib import Path
@@ -34,8 +33,14 @@ def node_secret(folder: str | os.PathLike[str]) -> bytes:
     refused: a known or empty key would make the noise replayable, a silently new one orphan the state."""
     path = Path(folder) / SECRET_FILE
     if not path.exists():
-        with contextlib.suppress(FileExistsError):  # another process won the race: use its key
-            _create(path)
+        tmp = path.with_name(f".{SECRET_FILE}.{os.getpid()}.{os.urandom(6).hex()}.tmp")  # threads of one process too
+        write_private(tmp, os.urandom(SECRET_BYTES))
+        try:
+            os.link(tmp, path)  # atomic: if two start at once, the first writer wins and both use its key
+        except FileExistsError:
+            pass
+        finally:
+            tmp.unlink(missing_ok=True)
     data = path.read_bytes()
     if len(data) != SECRET_BYTES:
         raise NodeSecretError(f"the node secret in the node's state-dir holds {len(data)} bytes, not "
@@ -43,15 +48,6 @@ def node_secret(folder: str | os.PathLike[str]) -> bytes:
                               f"the file '{SECRET_FILE}' in its state-dir to make a new key (its private state "
                               f"is then started afresh)")
     return data
-
-
-def _create(path: Path) -> None:
-    tmp = path.with_name(f".{SECRET_FILE}.{os.getpid()}.{os.urandom(6).hex()}.tmp")  # threads of one process too
-    write_private(tmp, os.urandom(SECRET_BYTES))
-    try:
-        os.link(tmp, path)  # atomic, and the first writer wins if two start at once
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def keyed_generator(secret: bytes, *parts: Any) -> torch.Generator:
