@@ -1,14 +1,10 @@
 """The ClientApp: one function per protocol action, wiring the node's policy, data and work.
 
-Whether a node runs a method comes from its operator's policy (`node/policy.py`), never from the
-server's run-config, which supplies only hyperparameters that do not touch privacy (and, where
-the node trusts it, the privacy keys its operator left unset). What each action may send back:
-train.collafuse x_{t_c} with fresh secret noise at least as strong as the node's floor, each image
-at most K times over the node's life; train.fedavg its trained model and train.centralized its raw
-images, once (only where its policy serves them); train.local metrics only; evaluate.* counts,
-timings and FLOPs, plus samples and scores only where its policy shares research measurements
-(tests/test_client_app.py and test_privacy_attacks.py check it). Every failure becomes an Error
-reply without local paths (`node.refusal`).
+Whether a node runs a method, and what it sends back, comes from its operator's policy (`node/policy.py`),
+never from the server's run-config: collafuse uploads only x_{t_c} with fresh secret noise at least as
+strong as the node's floor, each image at most K times in the node's life; samples, scores and losses
+go back only where the policy shares research measurements. Every failure becomes an Error reply
+without local paths (`node.refusal`).
 """
 
 from __future__ import annotations

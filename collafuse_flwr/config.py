@@ -200,15 +200,10 @@ def unknown_keys_message(unknown: dict[str, Any], valid: list[str], where: str =
     parts, lost = [], False
     for key, value in unknown.items():
         near = difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
-        hint = f": did you mean {near[0]!r}?" if near else ""
         lost |= not near
-        parts.append(f"{key!r} (= {value!r}){hint}")
-    msg = f"unknown run-config key{'s' if len(parts) > 1 else ''} " + "; ".join(parts)
-    if where:
-        msg += f" ({where})"
-    if lost:
-        msg += f"; valid keys: {sorted(valid)}"
-    return msg
+        parts.append(f"{key!r} (= {value!r})" + (f": did you mean {near[0]!r}?" if near else ""))
+    return (f"unknown run-config key{'s' if len(parts) > 1 else ''} " + "; ".join(parts)
+            + (f" ({where})" if where else "") + (f"; valid keys: {sorted(valid)}" if lost else ""))
 
 
 def _coerce(key: str, value: Any, typ: Any) -> Any:
