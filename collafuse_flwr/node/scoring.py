@@ -66,7 +66,7 @@ def _disclosure(cfg: RunConfig, data: ClientData, content: RecordDict, state: Re
             seen.append(("inference-", content[P.HANDOFF][P.X_TC]))
         for what, arr in seen:
             r = upload_fid(torch.from_numpy(arr.numpy()), data.train_uint8, backbone, cfg.fid_weights or None)
-            out.update({f"{P.DISCLOSURE_PREFIX}{what}fid": r[P.FID], f"{P.DISCLOSURE_PREFIX}{what}kid": r[P.KID]})
+            out.update({f"{P.DISCLOSURE_PREFIX}{what}{k}": r[k] for k in (P.FID, P.KID)})
     return out
 
 
