@@ -47,26 +47,20 @@ def refusal(msg: Message, exc: Exception) -> Message:
     return Message(Error(code=FAILED, reason=scrub_paths(f"{type(exc).__name__}: {exc}")[:1000]), reply_to=msg)
 
 
-# -- checking the server's requests ----------------------------------------------------------------
 def check_train_request(conf: ConfigRecord, *, cut_step: int, upload_budget: int) -> int:
     """How many x_tc this node will upload; Refused where the server asks for another cut step (a
     smaller t_c means less noise, 0 raw images) or more uploads than the node's per-round budget."""
-    asked_cut = _read(conf, P.CUT_STEP, 0, 1 << 30)
+    try:
+        asked_cut, asked = P.read_int(conf, P.CUT_STEP, 0, 1 << 30), P.read_int(conf, P.UPLOADS_ASKED, 0, 1 << 62)
+    except P.ProtocolError as exc:
+        raise Refused(str(exc)) from None
     if asked_cut != cut_step:
         raise Refused(f"the server asked for cut step {asked_cut}, this node's is {cut_step} "
                       f"(set by its cut-ratio); nothing was uploaded")
-    asked = _read(conf, P.UPLOADS_ASKED, 0, 1 << 62)
     if asked > upload_budget:
         raise Refused(f"the server asked for {asked} uploads, this node's budget is {upload_budget} "
                       f"per round; nothing was uploaded")
     return asked
-
-
-def _read(conf: ConfigRecord, key: str, lo: int, hi: int) -> int:
-    try:
-        return P.read_int(conf, key, lo, hi)
-    except P.ProtocolError as exc:
-        raise Refused(str(exc)) from None
 
 
 def check_handoff(x_tc: np.ndarray, *, image_shape: tuple[int, ...], max_samples: int) -> Tensor:
@@ -80,7 +74,6 @@ def check_handoff(x_tc: np.ndarray, *, image_shape: tuple[int, ...], max_samples
     return torch.from_numpy(np.ascontiguousarray(x_tc, dtype=np.float32))
 
 
-# -- the node's work ---------------------------------------------------------------------------------
 def train_share(model: nn.Module, optimizer: torch.optim.Optimizer, images: Tensor, sched: D.Schedule,
                 t_max: int, steps: int, batch_size: int, generator: torch.Generator,
                 device: torch.device, meter: FlopMeter | None = None) -> float:
