@@ -271,24 +271,17 @@ def _train_private(node: Node, msg: Message, method: str, t_max: int,
 def train_collafuse(node: Node, msg: Message) -> tuple[dict, dict]:
     t_u, plan = node.upload_step()
     n_up = N.check_train_request(msg.content[P.CONFIG], cut_step=t_u, upload_budget=node.policy.uploads_per_round)
-
-    def upload(client: int, rnd: int, metrics: dict) -> dict:
-        idx, x_tc = _upload(node, client, rnd, t_u, plan, n_up)
-        metrics.update(plan.metrics(P.DP_PREFIX) if plan is not None else {})
-        if not idx.size:
-            return {}
-        metrics[P.NUM_UPLOADED] = int(idx.size)
-        return {P.UPLOAD: ArrayRecord({P.X_TC: Array(x_tc.numpy())})}
-
     # renoise starts the client's chain above t_c (the authors' patch), so it trains up there too
     t_max = D.client_start_step(t_u / node.sched.T, node.sched.T, node.cfg.server_target)
-    return _train_private(node, msg, P.COLLAFUSE, t_max, upload)
+    return _train_private(node, msg, P.COLLAFUSE, t_max,
+                          lambda client, rnd, metrics: _upload(node, client, rnd, metrics, t_u, plan, n_up))
 
 
-def _upload(node: Node, client: int, rnd: int, t_u: int, plan: DPPlan | None, n: int):
-    """Choose at most n images under the cap (counted before they leave), diffuse them to t_u."""
+def _upload(node: Node, client: int, rnd: int, metrics: dict, t_u: int, plan: DPPlan | None, n: int) -> dict:
+    """At most n images chosen under the cap (counted before they leave) and diffused to t_u."""
+    metrics.update(plan.metrics(P.DP_PREFIX) if plan is not None else {})
     if n <= 0 or t_u >= node.sched.T:
-        return np.zeros(0, dtype=np.int64), torch.zeros(0)
+        return {}
     st = node.context.state
     counts = state.upload_counts(st, node.num_train)
     gen = node.generator(client, rnd, _UPLOAD, int(counts.sum()))  # the run's upload count only grows
@@ -300,9 +293,11 @@ def _upload(node: Node, client: int, rnd: int, t_u: int, plan: DPPlan | None, n:
         idx = UploadLedger(node.num_train, cap, counts).choose(n, gen)
     if idx.size == 0:
         _LOG.warning("client %d: every image reached its upload cap (%d); nothing uploaded", client, cap)
-        return idx, torch.zeros(0)
+        return {}
     state.remember_upload(st, idx, node.num_train)
-    return idx, N.diffuse_upload(node.data.train[torch.from_numpy(idx)], node.sched, t_u, gen, plan)
+    metrics[P.NUM_UPLOADED] = int(idx.size)
+    x_tc = N.diffuse_upload(node.data.train[torch.from_numpy(idx)], node.sched, t_u, gen, plan)
+    return {P.UPLOAD: ArrayRecord({P.X_TC: Array(x_tc.numpy())})}
 
 
 @app.train(P.LOCAL)
