@@ -7,8 +7,6 @@ go back only where the policy shares research measurements. Every failure become
 without local paths (`node.refusal`).
 """
 
-from __future__ import annotations
-
 from collafuse_flwr.imports import LOCK
 
 with LOCK:  # the ServerApp may be loading in another thread (collafuse_flwr/imports.py)

@@ -7,8 +7,6 @@ serialization: arrays plus headers, keys, configs, metrics, metadata); transport
 Flower >= 1.20 pushes: content-addressed objects, each id sent once, so repeated chunks count once).
 """
 
-from __future__ import annotations
-
 import math
 from typing import Literal
 

@@ -6,8 +6,6 @@ import locks deadlock on such concurrent imports (seen: `_DeadlockError ... _Mod
 libraries are imported with `load`, under the same lock.
 """
 
-from __future__ import annotations
-
 import importlib
 import threading
 from types import ModuleType

@@ -8,8 +8,6 @@ admitted), `train.<method>` and `evaluate.<method>`. Records are checked against
 where they enter (both sides): a record nobody asked for is refused, so a reply cannot smuggle data.
 """
 
-from __future__ import annotations
-
 import math
 from typing import Any
 

@@ -2,8 +2,6 @@
 holds the node's secret key, private denoiser and upload ledger: no other local user may read them,
 and a crash mid-write must not leave half a file."""
 
-from __future__ import annotations
-
 import contextlib
 import fcntl
 import os

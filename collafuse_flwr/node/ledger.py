@@ -8,8 +8,6 @@ A corrupt ledger stops uploads (fail closed). The keys hash the images as the ru
 ledger pins the geometry of its first upload and refuses runs at another (`GeometryChanged`).
 """
 
-from __future__ import annotations
-
 import hashlib
 import json
 from pathlib import Path

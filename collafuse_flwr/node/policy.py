@@ -9,8 +9,6 @@ own `REFERENCE_SCHEDULE`, so a server that sets a tiny T or another schedule get
 (or no uploads), never a weaker floor.
 """
 
-from __future__ import annotations
-
 import dataclasses
 import math
 import sys

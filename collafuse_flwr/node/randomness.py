@@ -9,8 +9,6 @@ run-config value, client, round, phase, counter), where the counter (the run's u
 only grows) gives a replayed round new noise and the same run draws the same.
 """
 
-from __future__ import annotations
-
 import hashlib
 import os
 from pathlib import Path

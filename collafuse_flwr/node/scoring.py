@@ -3,8 +3,6 @@ Only the node holds its test split and training images; it scores the server's r
 evaluate message's `harness` record) only where its policy shares measurements, and returns scores.
 """
 
-from __future__ import annotations
-
 from typing import Any
 
 import numpy as np

@@ -8,8 +8,6 @@ have trained, and the node continues from the version before it. An unreadable f
 and that run's model starts afresh (one warning). A distrusting node's upload caps are in `ledger.py`.
 """
 
-from __future__ import annotations
-
 import io
 import logging
 from pathlib import Path

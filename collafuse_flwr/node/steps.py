@@ -7,8 +7,6 @@ whole ClientApp built from these alone; `collafuse_flwr.client_app` adds the ope
 lifetime upload ledger, persistence and the research harness.
 """
 
-from __future__ import annotations
-
 import math
 import re
 from typing import Any

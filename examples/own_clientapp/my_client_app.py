@@ -6,8 +6,6 @@ budget, refuses a server that asks for others, and draws fresh OS entropy for ev
 Point your pyproject's clientapp at `app` below.
 """
 
-from __future__ import annotations
-
 import torch
 from flwr.app import Array, ArrayRecord, Context, Message
 from flwr.clientapp import ClientApp
