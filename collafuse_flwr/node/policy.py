@@ -33,6 +33,11 @@ DEFAULTS: dict[str, Any] = {  # a node that trusts nothing and set nothing
     P.NODE_CUT_RATIO: 0.2, P.NODE_UPLOADS_PER_ROUND: 64, P.NODE_MAX_UPLOADS: DEFAULT_MAX_UPLOADS,
     P.NODE_EPSILON: 0.0, P.NODE_DELTA: 1e-5, P.NODE_CLIP: 0.0, P.NODE_MAX_SAMPLES: 0, P.NODE_TEST_FRACTION: 0.2,
 }
+#: NodePolicy's numbers: field -> (node_config key, type); a trusting node falls back on the run-config field
+_NUMBERS = {"uploads_per_round": (P.NODE_UPLOADS_PER_ROUND, int), "max_uploads_per_image": (P.NODE_MAX_UPLOADS, int),
+            "upload_epsilon": (P.NODE_EPSILON, float), "upload_delta": (P.NODE_DELTA, float),
+            "upload_clip": (P.NODE_CLIP, float), "max_samples": (P.NODE_MAX_SAMPLES, int),
+            "test_fraction": (P.NODE_TEST_FRACTION, float)}
 
 
 class NodeConfigError(ValueError):
@@ -103,18 +108,8 @@ def node_policy(node_config: dict[str, Any], cfg: RunConfig, client: int = -1) -
     if unknown:
         raise NodeConfigError(f"unknown node_config key(s) {unknown}; a node understands {sorted(P.NODE_KEYS)}")
     trust = _bool(nc, P.NODE_TRUST, in_simulation())
-    # the run's values are read only by a trusting node (a short client-cut-ratios list must not
-    # fail a node that never uses it)
-    run = {P.NODE_CUT_RATIO: cfg.cut_ratio_for(client) if trust else None,
-           P.NODE_UPLOADS_PER_ROUND: cfg.uploads_per_round,
-           P.NODE_MAX_UPLOADS: cfg.max_uploads_per_image, P.NODE_EPSILON: cfg.upload_epsilon,
-           P.NODE_DELTA: cfg.upload_delta, P.NODE_CLIP: cfg.upload_clip, P.NODE_MAX_SAMPLES: cfg.max_samples,
-           P.NODE_TEST_FRACTION: cfg.test_fraction}
-    fallback = run if trust else DEFAULTS
-
-    def get(key: str, kind: type) -> Any:
-        return _number(nc, key, kind) if key in nc else fallback[key]
-
+    # only a trusting node reads the run's c (a short client-cut-ratios must not fail another node)
+    run_c = cfg.cut_ratio_for(client) if trust else DEFAULTS[P.NODE_CUT_RATIO]
     if P.NODE_UPLOAD_NOISE in nc:
         sigma = _number(nc, P.NODE_UPLOAD_NOISE, float)
         if not 0.0 <= sigma <= 1.0:
@@ -122,18 +117,16 @@ def node_policy(node_config: dict[str, Any], cfg: RunConfig, client: int = -1) -
                                   f"sqrt(1 - abar) of the noise in an upload (0 = raw images, 1 = pure noise)")
         floor = 1.0 - sigma**2
     else:
-        c = get(P.NODE_CUT_RATIO, float)
+        c = _number(nc, P.NODE_CUT_RATIO, float) if P.NODE_CUT_RATIO in nc else run_c
         if not 0.0 <= c <= 1.0:
             raise NodeConfigError(f"node_config {P.NODE_CUT_RATIO}={c} must be in [0, 1] (0 = raw images, "
                                   f"1 = nothing uploaded)")
         floor = reference_abar(c) if (P.NODE_CUT_RATIO in nc or not trust) else 1.0
-    pol = NodePolicy(
-        methods=_methods(nc, trust), trusts_run_config=trust, abar_floor=floor,
-        uploads_per_round=get(P.NODE_UPLOADS_PER_ROUND, int), max_uploads_per_image=get(P.NODE_MAX_UPLOADS, int),
-        upload_epsilon=get(P.NODE_EPSILON, float), upload_delta=get(P.NODE_DELTA, float),
-        upload_clip=get(P.NODE_CLIP, float), max_samples=get(P.NODE_MAX_SAMPLES, int),
-        test_fraction=get(P.NODE_TEST_FRACTION, float), share_harness=_bool(nc, P.NODE_SHARE_HARNESS, trust),
-        state_dir=_state_dir(nc))
+    methods = _methods(nc, trust)
+    numbers = {f: _number(nc, key, kind) if key in nc else getattr(cfg, f) if trust else DEFAULTS[key]
+               for f, (key, kind) in _NUMBERS.items()}
+    pol = NodePolicy(methods=methods, trusts_run_config=trust, abar_floor=floor, **numbers,
+                     share_harness=_bool(nc, P.NODE_SHARE_HARNESS, trust), state_dir=_state_dir(nc))
     _check(pol, trust)
     return pol
 
