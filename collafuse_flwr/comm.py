@@ -1,10 +1,8 @@
 """Communication cost measured from the Flower messages themselves, not from parameter counts.
 
-CollaFuse's uplink is images x_{t_c} plus configs and metrics, FedAvg's a full model; comparing them
-fairly means counting what Flower serializes. Three views, none with gRPC/HTTP/TLS framing:
-`array_nbytes` (raw tensor bytes, the number papers quote); transport="proto" (Flower's protobuf
-serialization: arrays plus headers, keys, configs, metrics, metadata); transport="objects" (what
-Flower >= 1.20 pushes: content-addressed objects, each id sent once, so repeated chunks count once).
+Three views, none with gRPC/HTTP/TLS framing: `array_nbytes` (raw tensor bytes, the number papers
+quote); transport="proto" (Flower's protobuf serialization: arrays, keys, configs, metrics, metadata);
+transport="objects" (what Flower >= 1.20 pushes: content-addressed objects, each sent once).
 """
 
 import math

@@ -1,10 +1,6 @@
-"""One lock for every import the apps make while Flower's threads run.
-
-The simulation loads the ServerApp and the ClientApp in two threads at once, and Python's per-module
-import locks deadlock on such concurrent imports (seen: `_DeadlockError ... _ModuleLock(
-'collafuse_flwr.metrics.features')`). So both app modules import under `LOCK`, and heavy optional
-libraries are imported with `load`, under the same lock.
-"""
+"""One lock for every import the apps make while Flower's threads run: the simulation loads the
+ServerApp and the ClientApp in two threads at once, and Python's per-module import locks deadlock on
+such imports (`_DeadlockError ... _ModuleLock`). Heavy optional libraries are imported with `load`."""
 
 import importlib
 import threading

@@ -1,11 +1,8 @@
 """The wire protocol between the strategies (server) and a node (ClientApp): every message action,
-record, array, config key and reply field, named once, so both sides agree and check each other
-(tests/test_protocol.py fails if one is spelled as a literal anywhere else in the package).
-
-Actions (Flower's `<category>.<action>` routing): `query.hello` (first contact: the server proposes,
-the node declares what it will do; a node that does not serve the method refuses, and is never
-admitted), `train.<method>` and `evaluate.<method>`. Records are checked against `ALLOWED_RECORDS`
-where they enter (both sides): a record nobody asked for is refused, so a reply cannot smuggle data.
+record, array, config key and reply field, named once (tests/test_protocol.py fails on a literal
+elsewhere). Actions: `query.hello` (first contact; a node that does not serve the method refuses and
+is never admitted), `train.<method>`, `evaluate.<method>`. Records are checked against
+`ALLOWED_RECORDS` where they enter (both sides): one nobody asked for is refused, not ignored.
 """
 
 import math

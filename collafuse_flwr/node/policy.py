@@ -1,12 +1,9 @@
 """What a node's operator allows: its methods, its noise floor, its upload caps, its DP, its data.
 
-The data owner decides what leaves its node, never the server: everything here comes from the node's
-`node_config`, which only the operator sets (docs/reference.md lists the keys). The run-config is
-read for hyperparameters that do not touch privacy and, only where the node trusts it (Flower's
-simulation, by default), for the privacy keys the operator left unset; any other node falls back to
-`DEFAULTS`. A node's c is a statement about noise, not a step: it becomes abar_floor on the node's
-own `REFERENCE_SCHEDULE`, so a server that sets a tiny T or another schedule gets a larger cut step
-(or no uploads), never a weaker floor.
+All from `node_config`, which only the operator sets (docs/reference.md); the run-config fills the
+privacy keys left unset only where the node trusts it (the simulation), else `DEFAULTS`. A node's c
+is a noise level, read on its own `REFERENCE_SCHEDULE`: a server that sets a tiny T or another
+schedule gets a larger cut step (or no uploads), never a weaker floor.
 """
 
 import dataclasses

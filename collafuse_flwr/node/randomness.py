@@ -1,12 +1,9 @@
 """The node's randomness: never predictable by the server, and never the same twice for two releases.
 
-Seeds derived from the run-config and the round alone would let a server redo the node's draws and
-subtract the noise from x_tc (replay), and two releases of one image with the same noise solve x0
-exactly (reuse). So every draw that touches data comes from a generator made here, in one of two
-modes (`policy.NodePolicy.reproducible`): fresh OS entropy (a deployed node), or (the simulation,
-where the researcher owns the data) SHA-256(32-byte node secret, run fingerprint over every
-run-config value, client, round, phase, counter), where the counter (the run's upload count, which
-only grows) gives a replayed round new noise and the same run draws the same.
+A server that could redo the node's draws would subtract the noise from x_tc, and two releases of one
+image with the same noise solve x0. So every draw that touches data comes from here: fresh OS entropy
+(a deployed node), or for a trusting node SHA-256(32-byte node secret, run fingerprint, client,
+round, phase, counter), the counter (the run's upload count) giving a replayed round new noise.
 """
 
 import hashlib

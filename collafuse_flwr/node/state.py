@@ -1,11 +1,8 @@
 """A node's private state for one run: its denoiser, optimizer and uploads, in memory and on disk.
 
-They live in `context.state` between rounds (Ray actors are shared between virtual nodes, so module
-globals are not safe), and after every round also in a file in the node's state folder (`persist`),
-read back when a restarted node or a resumed run finds `context.state` empty (`recover`). Two
-versions are kept, tagged with the round they finished: a resumed run re-sends a round the node may
-have trained, and the node continues from the version before it. An unreadable file is set aside
-and that run's model starts afresh (one warning). A distrusting node's upload caps are in `ledger.py`.
+`context.state` holds it between rounds (Ray actors are shared, so no module globals), and a file in
+the state folder after every round, for a restarted node or a resumed run. Two versions are kept: a
+resumed run re-sends a round the node may have trained. An unreadable file is set aside (one warning).
 """
 
 import io

@@ -1,10 +1,8 @@
 """CollaFuse's node-side protocol, as functions a Flower user's own ClientApp can call.
 
-No project config, no harness: each function takes the tensors, models and privacy settings it
-needs. The node owns the data, so it checks every server request against its own settings and
-refuses, with a reason, what would lower its privacy. `examples/own_clientapp/my_client_app.py` is a
-whole ClientApp built from these alone; `collafuse_flwr.client_app` adds the operator's policy, a
-lifetime upload ledger, persistence and the research harness.
+Each takes the tensors, models and privacy settings it needs; the node checks every server request
+against its own settings and refuses, with a reason, what would lower its privacy. A whole ClientApp
+built from these alone: `examples/own_clientapp/my_client_app.py`.
 """
 
 import math

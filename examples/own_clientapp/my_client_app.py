@@ -1,10 +1,6 @@
-"""A ClientApp of your own that speaks CollaFuse's protocol, built from `collafuse_flwr.node` alone.
-
-It answers `query.hello` (or the strategy never admits it), `train.collafuse` and `evaluate.collafuse`;
-it keeps its images in memory and its denoiser in `context.state`, chooses its own cut step and upload
-budget, refuses a server that asks for others, and draws fresh OS entropy for every noise it releases.
-Point your pyproject's clientapp at `app` below.
-"""
+"""A ClientApp of your own that speaks CollaFuse's protocol, built from `collafuse_flwr.node` alone:
+it answers `query.hello` (or it is never admitted), `train.collafuse` and `evaluate.collafuse`, chooses
+its own cut step and upload budget, and draws fresh OS entropy for every noise it releases."""
 
 import torch
 from flwr.app import Array, ArrayRecord, Context, Message
