@@ -173,8 +173,7 @@ def _conf(node: Node, msg: Message) -> tuple[int, int, int]:
 
 
 def private_model_size(cfg: RunConfig, method: str) -> str:
-    """The preset of the node's own denoiser: `client-model-size` for CollaFuse (its short,
-    low-noise share needs less capacity than the server's), else `model-size`."""
+    """`client-model-size` for CollaFuse (its low-noise share needs less capacity), else `model-size`."""
     return client_preset(cfg.model_size, cfg.client_model_size) if method == P.COLLAFUSE else cfg.model_size
 
 
@@ -228,8 +227,7 @@ def _private_model(node: Node, method: str, client: int, server_round: int, run_
 
 
 def _state_file(node: Node, client: int, run_key: int, suffix: str = "pt") -> Path:
-    """The private state file, per run (a resumed run names the first) and run-config; suffix
-    "finished": the marker a node leaves after the run's final evaluation."""
+    """Per run (a resumed run names the first) and run-config; "finished": the final evaluation's marker."""
     run = f"run-{run_key or node.context.run_id}-{node.fingerprint}"
     return node.policy.state_dir / run / f"client-{client}.{suffix}"
 

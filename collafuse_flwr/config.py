@@ -173,8 +173,7 @@ def preset(name: str) -> dict[str, Any]:
         raise ConfigError(f"unknown preset {name!r}; the presets are {preset_names()} (files in {PRESET_DIR})")
     with open(path, "rb") as f:
         overrides = tomllib.load(f)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    with warnings.catch_warnings(action="ignore"):
         try:
             parse_config(overrides)
         except ConfigError as exc:
@@ -338,8 +337,6 @@ def run_dir(cfg: RunConfig, run_id: int | str | None = None) -> Path:
     tag = f"c{cfg.cut_ratio:g}-" if cfg.method == "collafuse" else ""
     data = "hf-" + Path(cfg.dataset[3:]).name if cfg.dataset.startswith("hf:") else cfg.dataset  # no '/' or ':'
     name = f"{time.strftime('%Y%m%d-%H%M%S')}-{cfg.method}-{tag}{data}-s{cfg.seed}"
-    if run_id is not None:
-        name += f"-{run_id}"
-    path = root / name
+    path = root / (name if run_id is None else f"{name}-{run_id}")
     path.mkdir(parents=True, exist_ok=False)
     return path

@@ -28,7 +28,6 @@ def message_type(category: str, action: str) -> str:
 REFUSED = 403  # a request the node refuses (its policy, a malformed or out-of-range value)
 FAILED = 500  # a request the node failed on (its own fault)
 
-
 # -- records and arrays ---------------------------------------------------------------------------
 CONFIG = "config"  # ConfigRecord: what the server asks (server -> node)
 METRICS = "metrics"  # MetricRecord: counts, timings, losses, scores (node -> server)
@@ -48,9 +47,8 @@ RECON_SERVER, RECON_SCALED, RECON_REFERENCE = "recon-server", "recon-scaled", "r
 RECON_NAMES = (RECON_SERVER, RECON_SCALED, RECON_REFERENCE)
 
 # -- server -> node config keys ------------------------------------------------------------------
-SERVER_ROUND = "server-round"
+SERVER_ROUND, NUM_CLIENTS = "server-round", "num-clients"
 CLIENT_INDEX = "client-index"  # the server-assigned slot (a conditional shared model's label)
-NUM_CLIENTS = "num-clients"
 RUN_KEY = "run-key"  # which run's private state a node continues (a resumed run keeps the first id)
 CUT_STEP = "cut-step"  # collafuse: the node's declared cut (a request for another one is refused)
 UPLOADS_ASKED = "uploads"  # collafuse: x_tc images asked for this round
