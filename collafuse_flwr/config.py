@@ -99,10 +99,6 @@ class RunConfig:
                               f"one cut ratio per client (as many as num-supernodes)")
         return ratios[client]
 
-    @property
-    def uses_cut(self) -> bool:
-        return self.method == "collafuse"
-
     def is_eval_round(self, server_round: int) -> bool:
         last = server_round == self.num_server_rounds
         return last or (self.eval_every > 0 and server_round % self.eval_every == 0)
@@ -298,10 +294,10 @@ def parse_config(run_config: dict[str, Any], *, defaults: dict[str, Any] | None 
         values[key] = os.path.expanduser(values[key]) if values[key] else ""
     _check_client_model_size(values)
     cfg = RunConfig(**values)
-    if cfg.uses_cut:  # cut_step and split_step_budget raise here, at start, naming the fix
+    if cfg.method == "collafuse":  # cut_step and split_step_budget raise here, at start, naming the fix
         split_step_budget(cfg.sampling_steps, cfg.diffusion_steps, cfg.cut_step)
-    if cfg.uses_cut and cfg.cut_step not in (0, cfg.diffusion_steps) and cfg.local_steps == 0:
-        raise ConfigError("collafuse with 0 < cut-ratio < 1 needs local-steps >= 1 to train the client models")
+        if cfg.cut_step not in (0, cfg.diffusion_steps) and cfg.local_steps == 0:
+            raise ConfigError("collafuse with 0 < cut-ratio < 1 needs local-steps >= 1 to train the client models")
     _warn_ignored(cfg, base)
     return cfg
 
