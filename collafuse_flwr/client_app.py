@@ -1,25 +1,11 @@
 """The ClientApp: one function per protocol action, wiring the node's policy, data and work.
 
-Which method a node runs comes from the message's action (`train.collafuse`, ...), and whether
-it runs it at all from its operator's policy (`node/policy.py`), never from the server's
-run-config. The run-config supplies the hyperparameters that do not touch privacy (model
-size, T, learning rate, ...) and, only where the node trusts it (the simulation), the privacy
-keys its operator left unset.
-
-What a node sends back, per action (tests/test_client_app.py and test_privacy_attacks.py check it):
-- train.collafuse: x_{t_c} of some training images, with fresh secret noise at least as strong
-  as the node's floor, each image at most K times over the node's life; never x0, the noise or
-  its private denoiser.
-- train.fedavg: its locally trained copy of the global denoiser (only if its policy serves fedavg).
-- train.local: metrics only.
-- train.centralized: its raw training images, once (only if its policy serves centralized: a
-  deployed node refuses by default).
-- evaluate.*: counts, timings and FLOPs; generated images, FID/KID against its private test
-  split and disclosure scores only where its policy shares research measurements.
-Every failure becomes an Error reply without local paths (`node.refusal`).
+Whether a node runs a method, and what it sends back, comes from its operator's policy (`node/policy.py`),
+never from the server's run-config: collafuse uploads only x_{t_c} with fresh secret noise at least as
+strong as the node's floor, each image at most K times in the node's life; samples, scores and losses
+go back only where the policy shares research measurements. Every failure becomes an Error reply
+without local paths (`node.refusal`).
 """
-
-from __future__ import annotations
 
 from collafuse_flwr.imports import LOCK
 
@@ -30,7 +16,6 @@ with LOCK:  # the ServerApp may be loading in another thread (collafuse_flwr/imp
     import time
     from collections.abc import Callable
     from dataclasses import dataclass
-    from functools import lru_cache
     from pathlib import Path
 
     import numpy as np
@@ -44,14 +29,8 @@ with LOCK:  # the ServerApp may be loading in another thread (collafuse_flwr/imp
     from collafuse_flwr.core.dp import DPPlan, UploadLedger, plan_uploads
     from collafuse_flwr.core.flops import FlopMeter
     from collafuse_flwr.core.images import to_uint8
-    from collafuse_flwr.core.models import (
-        build_denoiser,
-        client_preset,
-        count_parameters,
-        default_device,
-        shared_denoiser,
-        use_torch_threads,
-    )
+    from collafuse_flwr.core.models import (build_denoiser, client_preset, count_parameters, default_device,
+                                            shared_denoiser, use_torch_threads)
     from collafuse_flwr.core.training import generate, make_optimizer
     from collafuse_flwr.data.client_data import ClientData, client_data, own_folder_data
     from collafuse_flwr.node import ledger, randomness, scoring, state
@@ -65,7 +44,7 @@ _LOG = logging.getLogger("collafuse_flwr.node")
 _TRAIN, _UPLOAD, _EVAL = "draws-train", "draws-upload", "draws-evaluate"
 
 
-@lru_cache(maxsize=4)
+@functools.lru_cache(maxsize=4)
 def _config(items: tuple) -> RunConfig:
     return parse_config(dict(items))
 
@@ -86,29 +65,21 @@ class Node:
     def num_train(self) -> int:
         return int(self.data.train.shape[0])
 
-    def cut_step(self) -> int:
-        return node_cut_step(self.cfg, self.policy, self.data.partition_id, self.sched)
-
     def upload_cap(self) -> int:
-        """Uploads of one image allowed in the ledger's scope (a huge number = no cap, a trusting
-        node without max-uploads-per-image or DP)."""
+        """Uploads of one image allowed in the ledger's scope (huge: a trusting node without a cap or DP)."""
         return self.policy.max_uploads_per_image or (1 << 62)
 
-    def dp_plan(self, t_c: int) -> DPPlan | None:
-        return _dp_plan(self.cfg.diffusion_steps, self.cfg.beta_schedule, t_c, self.policy.upload_epsilon,
-                        self.policy.upload_delta, self._dp_uploads(), int(np.prod(self.data.image_shape)),
-                        self.policy.upload_clip) if self.policy.upload_epsilon > 0 and t_c < self.sched.T else None
-
-    def _dp_uploads(self) -> int:
-        """K of the DP guarantee: the node's cap, or (trusting, unset) the most the run can ask."""
-        return self.policy.max_uploads_per_image or max(1, math.ceil(
-            self.cfg.num_server_rounds * self.policy.uploads_per_round / max(self.num_train, 1)))
-
     def upload_step(self) -> tuple[int, DPPlan | None]:
-        """(the step uploads are made at, the DP plan): the DP plan's t_u >= the cut, when on."""
-        t_c = self.cut_step()
-        plan = self.dp_plan(t_c)
-        return (plan.t_upload if plan else t_c), plan
+        """(the step uploads are made at, the DP plan): the DP plan's t_u >= the cut, when on. K of the
+        guarantee is the node's cap, or (trusting, unset) the most the run can ask."""
+        t_c, pol = node_cut_step(self.cfg, self.policy, self.data.partition_id, self.sched), self.policy
+        if pol.upload_epsilon <= 0 or t_c >= self.sched.T:
+            return t_c, None
+        k = pol.max_uploads_per_image or max(1, math.ceil(
+            self.cfg.num_server_rounds * pol.uploads_per_round / max(self.num_train, 1)))
+        plan = _dp_plan(self.cfg.diffusion_steps, self.cfg.beta_schedule, t_c, pol.upload_epsilon,
+                        pol.upload_delta, k, int(np.prod(self.data.image_shape)), pol.upload_clip)
+        return plan.t_upload, plan
 
     def generator(self, client: int, server_round: int, phase: str, counter: int = 0) -> torch.Generator:
         """Fresh OS entropy, or (a trusting node) keyed by secret, run, client, round, phase, counter."""
@@ -117,9 +88,8 @@ class Node:
         secret = randomness.node_secret(private_dir(self.policy.state_dir))
         return randomness.keyed_generator(secret, self.fingerprint, client, server_round, phase, counter)
 
-    def run_dir(self, run_key: int) -> Path:
-        """This run's private files: per run (a resumed run names the first) and run-config."""
-        return self.policy.state_dir / f"run-{run_key or self.context.run_id}-{self.fingerprint}"
+    def meter(self) -> FlopMeter | None:
+        return FlopMeter(every_pass=self.cfg.flops_every_pass) if self.cfg.count_flops else None
 
 
 def node_cut_step(cfg: RunConfig, policy: NodePolicy, partition_id: int, sched: D.Schedule | None = None) -> int:
@@ -129,7 +99,7 @@ def node_cut_step(cfg: RunConfig, policy: NodePolicy, partition_id: int, sched: 
     return policy.cut_step(sched, D.cut_step(cfg.cut_ratio_for(partition_id), sched.T))
 
 
-@lru_cache(maxsize=32)
+@functools.lru_cache(maxsize=32)
 def _dp_plan(T: int, schedule: str, t_c: int, eps: float, delta: float, k: int, d: int,  # noqa: N803
              clip: float) -> DPPlan:
     try:
@@ -162,10 +132,10 @@ def node_data(cfg: RunConfig, nc: dict) -> ClientData:
     return client_data(cfg, max(pid, 0), int(nc.get(P.NODE_NUM_PARTITIONS, 1)))
 
 
-def action(category: str, method: str) -> Callable:
+def action(category: str, method: str, serves: str = "") -> Callable:
     """Register `fn(node, msg) -> (metrics, records)` for `<category>.<method>` with every check a
-    message needs where it enters: records it may carry, the node's policy, and an Error reply
-    (no local paths; the full error stays in the node's own log) for whatever goes wrong."""
+    message needs where it enters: the records it may carry, the node's policy (does it serve
+    `serves or method`), and an Error reply (no local paths; the full error stays in the node's log)."""
 
     def wrap(fn: Callable[[Node, Message], tuple[dict, dict]]) -> Callable[[Message, Context], Message]:
         @functools.wraps(fn)
@@ -175,12 +145,14 @@ def action(category: str, method: str) -> Callable:
                 if extra:
                     raise N.Refused(f"{category}.{method} carries records {extra} this node did not ask for")
                 node = _node(context)
-                if category != P.QUERY and not node.policy.serves(method):
+                if not node.policy.serves(serves or method):
                     raise N.Refused(f"this node serves only {sorted(node.policy.methods)} (its operator's "
-                                    f"node_config '{P.NODE_METHODS}'), not method={method!r}")
+                                    f"node_config '{P.NODE_METHODS}'), not method={serves or method!r}")
                 metrics, records = fn(node, msg)
             except Exception as exc:  # noqa: BLE001 - every failure becomes a clear Error reply
-                if not isinstance(exc, N.Refused):
+                if isinstance(exc, P.ProtocolError):  # a malformed server config: refused, not failed
+                    exc = N.Refused(str(exc))
+                elif not isinstance(exc, N.Refused):
                     _LOG.exception("%s.%s failed", category, method)
                 return N.refusal(msg, exc)
             return N.reply(msg, metrics, **records)
@@ -193,27 +165,20 @@ def action(category: str, method: str) -> Callable:
 def _conf(node: Node, msg: Message) -> tuple[int, int, int]:
     """(server round, client index, run key) from the server's config, each checked."""
     conf = msg.content[P.CONFIG]
-    try:
-        rnd = P.read_int(conf, P.SERVER_ROUND, 1, node.cfg.num_server_rounds)
-        num = P.read_int(conf, P.NUM_CLIENTS, 0, 1 << 20, default=0)
-        client = P.read_int(conf, P.CLIENT_INDEX, 0, max(num - 1, 0) if num else 1 << 20,
-                            default=max(node.data.partition_id, 0))
-        run_key = P.read_int(conf, P.RUN_KEY, 0, (1 << 64) - 1, default=0)  # Flower run ids are uint64
-    except P.ProtocolError as exc:
-        raise N.Refused(str(exc)) from None
-    return rnd, client, run_key
+    rnd = P.read_int(conf, P.SERVER_ROUND, 1, node.cfg.num_server_rounds)
+    num = P.read_int(conf, P.NUM_CLIENTS, 0, 1 << 20, default=0)
+    client = P.read_int(conf, P.CLIENT_INDEX, 0, max(num - 1, 0) if num else 1 << 20,
+                        default=max(node.data.partition_id, 0))
+    return rnd, client, P.read_int(conf, P.RUN_KEY, 0, (1 << 64) - 1, default=0)  # Flower run ids are uint64
 
 
-# -- first contact --------------------------------------------------------------------------------
 def private_model_size(cfg: RunConfig, method: str) -> str:
-    """The preset of the node's own denoiser: `client-model-size` for CollaFuse (its short,
-    low-noise share needs less capacity than the server's), else `model-size`."""
+    """`client-model-size` for CollaFuse (its low-noise share needs less capacity), else `model-size`."""
     return client_preset(cfg.model_size, cfg.client_model_size) if method == P.COLLAFUSE else cfg.model_size
 
 
-@lru_cache(maxsize=8)
+@functools.lru_cache(maxsize=8)
 def private_param_count(cfg: RunConfig, channels: int, method: str) -> int:
-    """Parameters of the private denoiser (what the node's device must hold), without data."""
     return count_parameters(build_denoiser(cfg.image_size, channels, private_model_size(cfg, method)))
 
 
@@ -224,20 +189,18 @@ def hello(msg: Message, context: Context) -> Message:
     method = str(conf.get(P.METHOD, ""))
     if method not in P.METHODS:
         return N.refusal(msg, N.Refused(f"unknown method {method!r}; this protocol knows {list(P.METHODS)}"))
-    return action(P.QUERY, P.HELLO)(lambda node, m: (_hello(node, method), {}))(msg, context)
+    return action(P.QUERY, P.HELLO, serves=method)(lambda node, m: (_hello(node, method), {}))(msg, context)
 
 
 def _hello(node: Node, method: str) -> dict:
-    if not node.policy.serves(method):
-        raise N.Refused(f"this node serves only {sorted(node.policy.methods)} (its operator's node_config "
-                        f"'{P.NODE_METHODS}'), not method={method!r}")
     info: dict = {P.PARTITION_ID: node.data.partition_id, P.NUM_EXAMPLES: node.num_train,
                   P.IMAGE_CHANNELS: node.data.image_shape[0], P.SHARE_HARNESS: int(node.policy.share_harness)}
     if method in (P.COLLAFUSE, P.LOCAL):
         info[P.CLIENT_PARAMS] = private_param_count(node.cfg, node.data.image_shape[0], method)
     if method == P.COLLAFUSE:
         t_u, plan = node.upload_step()
-        info.update({P.CUT_STEP: t_u, P.UPLOAD_BUDGET: node.policy.uploads_per_round, **(plan.metrics(P.DP_PREFIX) if plan else {})})
+        info.update({P.CUT_STEP: t_u, P.UPLOAD_BUDGET: node.policy.uploads_per_round,
+                     **(plan.metrics(P.DP_PREFIX) if plan else {})})
         if node.policy.lifetime_ledger:
             used = ledger.lifetime_counts(node.policy.state_dir, ledger.image_keys(node.data.train_uint8),
                                           node.data.image_shape)
@@ -245,7 +208,6 @@ def _hello(node: Node, method: str) -> dict:
     return info
 
 
-# -- the node's private model ---------------------------------------------------------------------------
 def init_private_denoiser(cfg: RunConfig, client: int, channels: int, device: torch.device,
                           method: str = P.COLLAFUSE) -> torch.nn.Module:
     """A client's denoiser before its first round, seeded by (seed, client) alone: the actor's
@@ -264,64 +226,58 @@ def _private_model(node: Node, method: str, client: int, server_round: int, run_
     return model, opt
 
 
-def _state_file(node: Node, client: int, run_key: int) -> Path:
-    return node.run_dir(run_key) / f"client-{client}.pt"
+def _state_file(node: Node, client: int, run_key: int, suffix: str = "pt") -> Path:
+    """Per run (a resumed run names the first) and run-config; "finished": the final evaluation's marker."""
+    run = f"run-{run_key or node.context.run_id}-{node.fingerprint}"
+    return node.policy.state_dir / run / f"client-{client}.{suffix}"
 
 
-def _finished(node: Node, client: int, run_key: int) -> Path:
-    """The marker a node leaves after its final evaluation: no state is written for that run again."""
-    return node.run_dir(run_key) / f"client-{client}.finished"
-
-
-def _check_open(node: Node, client: int, run_key: int) -> None:
-    if _finished(node, client, run_key).exists():
-        raise N.Refused("this run's final evaluation is done on this node; it trains no more for it")
-
-
-# -- train ---------------------------------------------------------------------------------------------
-def _train_private(node: Node, msg: Message, method: str, t_max: int, metrics: dict):
-    """Steps of the private denoiser on t in 1..t_max; the model, optimizer, round, client, key."""
-    rnd, client, run_key = _conf(node, msg)
-    _check_open(node, client, run_key)
-    model, opt = _private_model(node, method, client, rnd, run_key)
-    meter = FlopMeter(every_pass=node.cfg.flops_every_pass) if node.cfg.count_flops else None
+def _train(node: Node, model: torch.nn.Module, opt: torch.optim.Optimizer, t_max: int, client: int, rnd: int,
+           metrics: dict) -> None:
+    """Steps of `model` on t in 1..t_max; its loss is data-dependent (membership inference): harness only."""
+    meter = node.meter()
     if t_max > 0:
         loss = N.train_share(model, opt, node.data.train, node.sched, t_max, node.cfg.local_steps,
                              node.cfg.batch_size, node.generator(client, rnd, _TRAIN), node.device, meter)
-        if node.policy.share_harness:  # a loss is data-dependent (membership inference): harness only
+        if node.policy.share_harness:
             metrics[P.TRAIN_LOSS] = loss
-    state.save_private(node.context.state, model, opt, rnd)
     if meter is not None:
         metrics[P.CLIENT_TRAIN_FLOPS] = float(meter.totals.get("train", 0.0))
-    return rnd, client, run_key
 
 
-@app.train(P.COLLAFUSE)
-@action(P.TRAIN, P.COLLAFUSE)
-def train_collafuse(node: Node, msg: Message) -> tuple[dict, dict]:
+def _train_private(node: Node, msg: Message, method: str, t_max: int,
+                   upload: Callable[[int, int, dict], dict] | None = None) -> tuple[dict, dict]:
+    """A round of the private denoiser, then `upload(client, round, metrics) -> records`, then persist."""
     t0 = time.perf_counter()
-    t_u, plan = node.upload_step()
-    n_up = N.check_train_request(msg.content[P.CONFIG], cut_step=t_u, upload_budget=node.policy.uploads_per_round)
     metrics: dict = {P.NUM_EXAMPLES: node.num_train}
-    # renoise starts the client's chain above t_c (the authors' patch), so it trains up there too
-    t_max = D.client_start_step(t_u / node.sched.T, node.sched.T, node.cfg.server_target)
-    rnd, client, run_key = _train_private(node, msg, P.COLLAFUSE, t_max, metrics)
-    records = {}
-    idx, x_tc = _upload(node, client, rnd, t_u, plan, n_up)
-    if idx.size:
-        records[P.UPLOAD] = ArrayRecord({P.X_TC: Array(x_tc.numpy())})
-        metrics[P.NUM_UPLOADED] = int(idx.size)
-    if plan is not None:
-        metrics.update(plan.metrics(P.DP_PREFIX))
+    rnd, client, run_key = _conf(node, msg)
+    if _state_file(node, client, run_key, "finished").exists():
+        raise N.Refused("this run's final evaluation is done on this node; it trains no more for it")
+    model, opt = _private_model(node, method, client, rnd, run_key)
+    _train(node, model, opt, t_max, client, rnd, metrics)
+    state.save_private(node.context.state, model, opt, rnd)
+    records = upload(client, rnd, metrics) if upload else {}
     state.persist(node.context.state, _state_file(node, client, run_key))
     metrics[P.TRAIN_SECONDS] = time.perf_counter() - t0
     return metrics, records
 
 
-def _upload(node: Node, client: int, rnd: int, t_u: int, plan: DPPlan | None, n: int):
-    """Choose at most n images under the cap (counted before they leave), diffuse them to t_u."""
+@app.train(P.COLLAFUSE)
+@action(P.TRAIN, P.COLLAFUSE)
+def train_collafuse(node: Node, msg: Message) -> tuple[dict, dict]:
+    t_u, plan = node.upload_step()
+    n_up = N.check_train_request(msg.content[P.CONFIG], cut_step=t_u, upload_budget=node.policy.uploads_per_round)
+    # renoise starts the client's chain above t_c (the authors' patch), so it trains up there too
+    t_max = D.client_start_step(t_u / node.sched.T, node.sched.T, node.cfg.server_target)
+    return _train_private(node, msg, P.COLLAFUSE, t_max,
+                          lambda client, rnd, metrics: _upload(node, client, rnd, metrics, t_u, plan, n_up))
+
+
+def _upload(node: Node, client: int, rnd: int, metrics: dict, t_u: int, plan: DPPlan | None, n: int) -> dict:
+    """At most n images chosen under the cap (counted before they leave) and diffused to t_u."""
+    metrics.update(plan.metrics(P.DP_PREFIX) if plan is not None else {})
     if n <= 0 or t_u >= node.sched.T:
-        return np.zeros(0, dtype=np.int64), torch.zeros(0)
+        return {}
     st = node.context.state
     counts = state.upload_counts(st, node.num_train)
     gen = node.generator(client, rnd, _UPLOAD, int(counts.sum()))  # the run's upload count only grows
@@ -333,20 +289,17 @@ def _upload(node: Node, client: int, rnd: int, t_u: int, plan: DPPlan | None, n:
         idx = UploadLedger(node.num_train, cap, counts).choose(n, gen)
     if idx.size == 0:
         _LOG.warning("client %d: every image reached its upload cap (%d); nothing uploaded", client, cap)
-        return idx, torch.zeros(0)
+        return {}
     state.remember_upload(st, idx, node.num_train)
-    return idx, N.diffuse_upload(node.data.train[torch.from_numpy(idx)], node.sched, t_u, gen, plan)
+    metrics[P.NUM_UPLOADED] = int(idx.size)
+    x_tc = N.diffuse_upload(node.data.train[torch.from_numpy(idx)], node.sched, t_u, gen, plan)
+    return {P.UPLOAD: ArrayRecord({P.X_TC: Array(x_tc.numpy())})}
 
 
 @app.train(P.LOCAL)
 @action(P.TRAIN, P.LOCAL)
 def train_local(node: Node, msg: Message) -> tuple[dict, dict]:
-    t0 = time.perf_counter()
-    metrics: dict = {P.NUM_EXAMPLES: node.num_train}
-    _, client, run_key = _train_private(node, msg, P.LOCAL, node.sched.T, metrics)
-    state.persist(node.context.state, _state_file(node, client, run_key))
-    metrics[P.TRAIN_SECONDS] = time.perf_counter() - t0
-    return metrics, {}
+    return _train_private(node, msg, P.LOCAL, node.sched.T)
 
 
 def _global_model(node: Node, msg: Message, client: int) -> torch.nn.Module:
@@ -372,15 +325,9 @@ def train_fedavg(node: Node, msg: Message) -> tuple[dict, dict]:
     t0 = time.perf_counter()
     rnd, client, _ = _conf(node, msg)
     model = _global_model(node, msg, client)
-    meter = FlopMeter(every_pass=node.cfg.flops_every_pass) if node.cfg.count_flops else None
-    loss = N.train_share(model, make_optimizer(model, node.cfg.learning_rate), node.data.train, node.sched,
-                         node.sched.T, node.cfg.local_steps, node.cfg.batch_size,
-                         node.generator(client, rnd, _TRAIN), node.device, meter)
-    metrics: dict = {P.NUM_EXAMPLES: node.num_train, P.TRAIN_SECONDS: time.perf_counter() - t0}
-    if node.policy.share_harness:
-        metrics[P.TRAIN_LOSS] = loss
-    if meter is not None:
-        metrics[P.CLIENT_TRAIN_FLOPS] = float(meter.totals.get("train", 0.0))
+    metrics: dict = {P.NUM_EXAMPLES: node.num_train}
+    _train(node, model, make_optimizer(model, node.cfg.learning_rate), node.sched.T, client, rnd, metrics)
+    metrics[P.TRAIN_SECONDS] = time.perf_counter() - t0
     return metrics, {P.ARRAYS: ArrayRecord(model.state_dict())}
 
 
@@ -392,17 +339,13 @@ def train_centralized(node: Node, msg: Message) -> tuple[dict, dict]:
     return {P.NUM_EXAMPLES: node.num_train}, {P.UPLOAD: ArrayRecord({P.X0: Array(node.data.train.numpy())})}
 
 
-# -- evaluate ---------------------------------------------------------------------------------------------
 def _eval_request(node: Node, msg: Message) -> tuple[int, int, int, int, int | None]:
     """(round, client, run key, images to generate, DDIM steps or None), each checked."""
     rnd, client, run_key = _conf(node, msg)
     conf = msg.content[P.CONFIG]
-    try:
-        n = min(P.read_int(conf, P.NUM_SAMPLES, 1, 1 << 20), max(node.cfg.num_eval_samples, 1))
-        # a DDIM budget above the node's own T means "every step" (FedAvg does not know T)
-        steps = min(P.read_int(conf, P.CLIENT_SAMPLING_STEPS, 0, 1 << 20, default=0), node.sched.T) or None
-    except P.ProtocolError as exc:
-        raise N.Refused(str(exc)) from None
+    n = min(P.read_int(conf, P.NUM_SAMPLES, 1, 1 << 20), max(node.cfg.num_eval_samples, 1))
+    # a DDIM budget above the node's own T means "every step" (FedAvg does not know T)
+    steps = min(P.read_int(conf, P.CLIENT_SAMPLING_STEPS, 0, 1 << 20, default=0), node.sched.T) or None
     return rnd, client, run_key, n, steps
 
 
@@ -426,55 +369,53 @@ def _evaluated(node: Node, msg: Message, method: str, images: torch.Tensor, seco
         records[P.SAMPLES] = ArrayRecord({P.IMAGES: Array(images.numpy().astype(np.uint8))})
     if msg.content[P.CONFIG].get(P.FINAL_ROUND, 0) == 1 and method in (P.COLLAFUSE, P.LOCAL):
         state.discard(_state_file(node, client, run_key))
-        _finished(node, client, run_key).touch(mode=0o600)
+        _state_file(node, client, run_key, "finished").touch(mode=0o600)
     return metrics, records
 
 
 @app.evaluate(P.COLLAFUSE)
 @action(P.EVALUATE, P.COLLAFUSE)
 def evaluate_collafuse(node: Node, msg: Message) -> tuple[dict, dict]:
-    rnd, client, run_key, n, steps = _eval_request(node, msg)
-    t_u, _ = node.upload_step()
-    t_start = D.client_start_step(t_u / node.sched.T, node.sched.T, node.cfg.server_target)
-    asked = msg.content[P.CONFIG].get(P.CLIENT_START_STEP, t_start)
-    if asked != t_start:
-        raise N.Refused(f"the server asked to start sampling at step {asked}, this node's is {t_start}")
-    return _evaluate_private(node, msg, P.COLLAFUSE, rnd, client, run_key, n, steps, t_start, t_u)
+    return _evaluate(node, msg, P.COLLAFUSE)
 
 
 @app.evaluate(P.LOCAL)
 @action(P.EVALUATE, P.LOCAL)
 def evaluate_local(node: Node, msg: Message) -> tuple[dict, dict]:
-    rnd, client, run_key, n, steps = _eval_request(node, msg)
-    return _evaluate_private(node, msg, P.LOCAL, rnd, client, run_key, n, steps, node.sched.T, node.sched.T)
-
-
-def _evaluate_private(node: Node, msg: Message, method: str, rnd: int, client: int, run_key: int, n: int,
-                      steps: int | None, t_start: int, t_c: int) -> tuple[dict, dict]:
-    t0 = time.perf_counter()
-    model, _ = _private_model(node, method, client, rnd + 1, run_key)  # as it was after this round
-    gen = node.generator(client, rnd, _EVAL)
-    if P.HANDOFF in msg.content.array_records and P.X_TC in msg.content[P.HANDOFF]:
-        x = N.check_handoff(msg.content[P.HANDOFF][P.X_TC].numpy(), image_shape=node.data.image_shape, max_samples=n)
-    elif t_start < node.sched.T:
-        raise N.Refused(f"no '{P.HANDOFF}' record: this node starts at step {t_start}, below T={node.sched.T}")
-    else:  # local-only or c = 1: the client starts from pure noise
-        x = torch.randn((n, *node.data.image_shape), generator=gen)
-    meter = FlopMeter(every_pass=node.cfg.flops_every_pass) if node.cfg.count_flops else None
-    images = N.finish(model, node.sched, x, t_start, steps, gen, node.device, meter)
-    return _evaluated(node, msg, method, images, time.perf_counter() - t0, client, run_key, meter, model, t_c)
+    return _evaluate(node, msg, P.LOCAL)
 
 
 @app.evaluate(P.FEDAVG)
 @action(P.EVALUATE, P.FEDAVG)
 def evaluate_fedavg(node: Node, msg: Message) -> tuple[dict, dict]:
+    return _evaluate(node, msg, P.FEDAVG)
+
+
+def _evaluate(node: Node, msg: Message, method: str) -> tuple[dict, dict]:
+    """Generate with FedAvg's global model, or finish the server's hand-off (or pure noise) privately."""
     rnd, client, run_key, n, steps = _eval_request(node, msg)
+    t_start = t_c = node.sched.T
+    if method == P.COLLAFUSE:
+        t_c, _ = node.upload_step()
+        t_start = D.client_start_step(t_c / node.sched.T, node.sched.T, node.cfg.server_target)
+        asked = msg.content[P.CONFIG].get(P.CLIENT_START_STEP, t_start)
+        if asked != t_start:
+            raise N.Refused(f"the server asked to start sampling at step {asked}, this node's is {t_start}")
     t0 = time.perf_counter()
-    model = _global_model(node, msg, client)
-    meter = FlopMeter(every_pass=node.cfg.flops_every_pass) if node.cfg.count_flops else None
-    images = to_uint8(generate(model, node.sched, n, node.data.image_shape, steps, node.generator(client, rnd, _EVAL),
-                               node.device, meter))
-    return _evaluated(node, msg, P.FEDAVG, images, time.perf_counter() - t0, client, run_key, meter, model, 0)
+    gen, meter, shape = node.generator(client, rnd, _EVAL), node.meter(), node.data.image_shape
+    if method == P.FEDAVG:
+        model = _global_model(node, msg, client)
+        images = to_uint8(generate(model, node.sched, n, shape, steps, gen, node.device, meter))
+    else:
+        model, _ = _private_model(node, method, client, rnd + 1, run_key)  # as it was after this round
+        if P.HANDOFF in msg.content.array_records and P.X_TC in msg.content[P.HANDOFF]:
+            x = N.check_handoff(msg.content[P.HANDOFF][P.X_TC].numpy(), image_shape=shape, max_samples=n)
+        elif t_start < node.sched.T:
+            raise N.Refused(f"no '{P.HANDOFF}' record: this node starts at step {t_start}, below T={node.sched.T}")
+        else:  # local-only or c = 1: the client starts from pure noise
+            x = torch.randn((n, *shape), generator=gen)
+        images = N.finish(model, node.sched, x, t_start, steps, gen, node.device, meter)
+    return _evaluated(node, msg, method, images, time.perf_counter() - t0, client, run_key, meter, model, t_c)
 
 
 @app.evaluate(P.CENTRALIZED)

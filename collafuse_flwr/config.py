@@ -1,10 +1,5 @@
-"""The run configuration: one schema, validated once at start.
-
-The defaults live in `pyproject.toml` under `[tool.flwr.app.config]` (Flower's single source of
-truth, overridable with `flwr run . --run-config "key=value ..."`). This module only knows each
-key's type and allowed values, turns Flower's flat dict into a typed `RunConfig`, and fails
-early with a message that names the key, the bad value and the fix.
-"""
+"""The run configuration: one schema, validated once at start, failing with a message that names
+the key, the bad value and the fix. The defaults live in `pyproject.toml`'s `[tool.flwr.app.config]`."""
 
 from __future__ import annotations
 
@@ -26,8 +21,7 @@ from collafuse_flwr.core.presets import PRESETS, client_preset
 METHODS = ("collafuse", "fedavg", "local", "centralized")
 DATASETS = ("digits", "mnist5k", "mnist", "fashion-mnist", "cifar10", "celeba", "awa2", "imagefolder")  # or "hf:<id or path>"
 PARTITIONINGS = ("iid", "dirichlet", "by-class", "by-attribute")
-# The source tree's pyproject.toml; a wheel carries the same file inside the package (hatch
-# force-include), so an installed ClientApp used by someone else's app still has every default.
+# the source tree's pyproject.toml, or the copy a wheel carries inside the package (hatch force-include)
 _HERE = Path(__file__).resolve().parent
 PYPROJECT = next((p for p in (_HERE.parent / "pyproject.toml", _HERE / "pyproject.toml") if p.is_file()),
                  _HERE.parent / "pyproject.toml")
@@ -97,7 +91,6 @@ class RunConfig:
         return tuple(float(c) for c in self.client_cut_ratios.split(",")) if self.client_cut_ratios.strip() else ()
 
     def cut_ratio_for(self, client: int) -> float:
-        """Client k's cut ratio: its entry of client-cut-ratios, else cut-ratio."""
         ratios = self.cut_ratios
         if not ratios or client < 0:
             return self.cut_ratio
@@ -105,10 +98,6 @@ class RunConfig:
             raise ConfigError(f"client-cut-ratios has {len(ratios)} entries but client {client} needs one: give "
                               f"one cut ratio per client (as many as num-supernodes)")
         return ratios[client]
-
-    @property
-    def uses_cut(self) -> bool:
-        return self.method == "collafuse"
 
     def is_eval_round(self, server_round: int) -> bool:
         last = server_round == self.num_server_rounds
@@ -139,17 +128,15 @@ _MIN: dict[str, float] = {
     "attack_reference_steps": 0, "torch_threads": 0, "min_nodes": 1, "server_buffer_size": 0,
     "max_uploads_per_image": 0,
 }
-# Keys that only one method reads: setting them away from the default elsewhere is a mistake
-# worth a warning, never a silent no-op.
+# keys only one method reads: set away from the default elsewhere, they warn (never a silent no-op)
 _ONLY_FOR = {**dict.fromkeys(("cut_ratio", "server_target", "server_steps", "client_cut_ratios", "upload_epsilon",
                               "server_overlap", "uploads_per_round", "server_buffer_size", "client_model_size"),
                              "collafuse"),
              "fedavg_aggregation": "fedavg"}
 
 
-#: Keys that change neither a node's data nor anything that leaves it (where outputs go, how long
-#: to wait, what to measure and print). Runs that differ only in these are the same experiment:
-#: a node's keyed draws and its private state ignore them (client_app.Node.fingerprint).
+#: Keys that change neither a node's data nor anything that leaves it: runs that differ only in these
+#: are the same experiment, for a node's keyed draws and private state (client_app.Node.fingerprint).
 BOOKKEEPING_KEYS = ("output-dir", "resume-from", "round-timeout", "min-nodes", "min-available-fraction",
                     "torch-threads", "count-flops", "flops-every-pass", "harness", "fid-backbone", "fid-weights",
                     "fid-download", "attack-reference-steps")
@@ -160,7 +147,7 @@ class ConfigError(ValueError):
 
 
 def load_defaults(pyproject: Path = PYPROJECT) -> dict[str, Any]:
-    """The `[tool.flwr.app.config]` table (empty when the app runs without its pyproject)."""
+    """The `[tool.flwr.app.config]` table (empty without a pyproject)."""
     if not pyproject.is_file():
         return {}
     with open(pyproject, "rb") as f:
@@ -175,17 +162,14 @@ def preset_names() -> list[str]:
 
 
 def preset(name: str) -> dict[str, Any]:
-    """The run-config overrides of a named setting, `collafuse_flwr/presets/<name>.toml`: tiny (the
-    tests), quick (a smoke comparison), paper (the papers' scale), gpu (that scale cut to a lent
-    GPU's minutes). Tests, benchmarks and `collafuse-run --preset` read the same file; it is
-    validated here, so a preset that drifts from the schema fails where it is read."""
+    """The run-config overrides of `collafuse_flwr/presets/<name>.toml`, validated here so a preset that
+    drifts from the schema fails where it is read."""
     path = PRESET_DIR / f"{name}.toml"
     if not path.is_file():
         raise ConfigError(f"unknown preset {name!r}; the presets are {preset_names()} (files in {PRESET_DIR})")
     with open(path, "rb") as f:
         overrides = tomllib.load(f)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    with warnings.catch_warnings(action="ignore"):
         try:
             parse_config(overrides)
         except ConfigError as exc:
@@ -206,20 +190,15 @@ def valid_keys() -> list[str]:
 
 
 def unknown_keys_message(unknown: dict[str, Any], valid: list[str], where: str = "") -> str:
-    """One line naming each unknown key, its value and the closest valid key (a typo's fix);
-    the whole list of valid keys only where no key comes close."""
+    """One line naming each unknown key, its value and the closest valid key; all valid keys only
+    where none comes close."""
     parts, lost = [], False
     for key, value in unknown.items():
         near = difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
-        hint = f": did you mean {near[0]!r}?" if near else ""
         lost |= not near
-        parts.append(f"{key!r} (= {value!r}){hint}")
-    msg = f"unknown run-config key{'s' if len(parts) > 1 else ''} " + "; ".join(parts)
-    if where:
-        msg += f" ({where})"
-    if lost:
-        msg += f"; valid keys: {sorted(valid)}"
-    return msg
+        parts.append(f"{key!r} (= {value!r})" + (f": did you mean {near[0]!r}?" if near else ""))
+    return (f"unknown run-config key{'s' if len(parts) > 1 else ''} " + "; ".join(parts)
+            + (f" ({where})" if where else "") + (f"; valid keys: {sorted(valid)}" if lost else ""))
 
 
 def _coerce(key: str, value: Any, typ: Any) -> Any:
@@ -245,7 +224,6 @@ def _coerce(key: str, value: Any, typ: Any) -> Any:
 
 
 def _server_steps(value: Any) -> int | str:
-    """server-steps: "auto" (clients x local-steps per round, the fair budget) or a fixed count >= 0."""
     if isinstance(value, str) and value.strip().lower() == "auto":
         return "auto"
     if isinstance(value, bool) or not isinstance(value, (int, float)) or float(value) != int(value) or value < 0:
@@ -316,17 +294,16 @@ def parse_config(run_config: dict[str, Any], *, defaults: dict[str, Any] | None 
         values[key] = os.path.expanduser(values[key]) if values[key] else ""
     _check_client_model_size(values)
     cfg = RunConfig(**values)
-    if cfg.uses_cut:  # cut_step and split_step_budget raise here, at start, naming the fix
+    if cfg.method == "collafuse":  # cut_step and split_step_budget raise here, at start, naming the fix
         split_step_budget(cfg.sampling_steps, cfg.diffusion_steps, cfg.cut_step)
-    if cfg.uses_cut and cfg.cut_step not in (0, cfg.diffusion_steps) and cfg.local_steps == 0:
-        raise ConfigError("collafuse with 0 < cut-ratio < 1 needs local-steps >= 1 to train the client models")
+        if cfg.cut_step not in (0, cfg.diffusion_steps) and cfg.local_steps == 0:
+            raise ConfigError("collafuse with 0 < cut-ratio < 1 needs local-steps >= 1 to train the client models")
     _warn_ignored(cfg, base)
     return cfg
 
 
 def _check_client_model_size(values: dict[str, Any]) -> None:
-    """client-model-size: "" (the server's preset), "half" (model-size at half the widths) or a
-    preset name, whose UNet must fit image-size; checked here so no node fails at round 1."""
+    """client-model-size's UNet must fit image-size: checked here so no node fails at round 1."""
     name = values["client_model_size"]
     if not name:
         return
@@ -356,8 +333,6 @@ def run_dir(cfg: RunConfig, run_id: int | str | None = None) -> Path:
     tag = f"c{cfg.cut_ratio:g}-" if cfg.method == "collafuse" else ""
     data = "hf-" + Path(cfg.dataset[3:]).name if cfg.dataset.startswith("hf:") else cfg.dataset  # no '/' or ':'
     name = f"{time.strftime('%Y%m%d-%H%M%S')}-{cfg.method}-{tag}{data}-s{cfg.seed}"
-    if run_id is not None:
-        name += f"-{run_id}"
-    path = root / name
+    path = root / (name if run_id is None else f"{name}-{run_id}")
     path.mkdir(parents=True, exist_ok=False)
     return path

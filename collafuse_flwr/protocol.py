@@ -1,27 +1,9 @@
-"""The wire protocol between the strategies (server) and a node (ClientApp): every message
-action, record, array, config key and reply field, named once.
-
-Why one module: the server and the node must agree on every name, and each side must check
-what the other sends. When both spelled their own literals, a contract (the old `RecordKeys`)
-could say one thing while the node did another. Both sides import these names; a test
-(`tests/test_protocol.py`) fails if one of them is spelled as a literal anywhere else in the
-package.
-
-Actions (Flower 1.42's `<category>.<action>` routing; a node registers one function per action
-it may serve, and its operator's policy decides which it serves, never the server's run-config):
-
-    query.hello             first contact: the server proposes, the node declares what it will do
-    train.<method>          one round of the method's node-side work
-    evaluate.<method>       generate (and, where the node's policy allows, score) samples
-
-with <method> one of `METHODS`. A node that does not serve a method refuses its hello, so the
-server never admits it for that run.
-
-Records in a message are checked against `ALLOWED_RECORDS` where they enter (both sides): a
-record nobody asked for is refused, not ignored, so a reply cannot smuggle bulk data in.
+"""The wire protocol between the strategies (server) and a node (ClientApp): every message action,
+record, array, config key and reply field, named once (tests/test_protocol.py fails on a literal
+elsewhere). Actions: `query.hello` (first contact; a node that does not serve the method refuses and
+is never admitted), `train.<method>`, `evaluate.<method>`. Records are checked against
+`ALLOWED_RECORDS` where they enter (both sides): one nobody asked for is refused, not ignored.
 """
-
-from __future__ import annotations
 
 import math
 from typing import Any
@@ -30,10 +12,8 @@ from flwr.app import ConfigRecord, Message, MessageType
 
 # -- actions ------------------------------------------------------------------------------------
 COLLAFUSE, FEDAVG, LOCAL, CENTRALIZED = "collafuse", "fedavg", "local", "centralized"
-#: every method a strategy can run; also the run-config's `method` choices
 METHODS = (COLLAFUSE, FEDAVG, LOCAL, CENTRALIZED)
-#: what a deployed node serves unless its operator says otherwise: the only method that never
-#: sends its data (raw images: centralized) or models trained on it (fedavg) to the server
+#: what a deployed node serves unless its operator says otherwise: they never send its data or models
 PRIVATE_METHODS = (COLLAFUSE, LOCAL)
 HELLO = "hello"
 TRAIN, EVALUATE, QUERY = MessageType.TRAIN, MessageType.EVALUATE, MessageType.QUERY
@@ -47,7 +27,6 @@ def message_type(category: str, action: str) -> str:
 # -- error codes of the node's Error replies (Flower leaves codes >= 100 to apps) ---------------------
 REFUSED = 403  # a request the node refuses (its policy, a malformed or out-of-range value)
 FAILED = 500  # a request the node failed on (its own fault)
-
 
 # -- records and arrays ---------------------------------------------------------------------------
 CONFIG = "config"  # ConfigRecord: what the server asks (server -> node)
@@ -64,14 +43,12 @@ X0 = "x0"  # array: raw images (centralized reference only)
 IMAGES = "images"  # array: uint8 images (generated / samples)
 UPLOADS = "uploads"  # array in HARNESS: the node's last upload, echoed for upload FID
 RECON_SERVER, RECON_SCALED, RECON_REFERENCE = "recon-server", "recon-scaled", "recon-reference"
-#: The only arrays a node scores: the server's reconstructions of its own last upload. A fixed,
-#: small set of names in the upload's exact shape, so the scores cannot become an oracle.
+#: the only arrays a node scores (in its last upload's shape), so the scores cannot become an oracle
 RECON_NAMES = (RECON_SERVER, RECON_SCALED, RECON_REFERENCE)
 
 # -- server -> node config keys ------------------------------------------------------------------
-SERVER_ROUND = "server-round"
+SERVER_ROUND, NUM_CLIENTS = "server-round", "num-clients"
 CLIENT_INDEX = "client-index"  # the server-assigned slot (a conditional shared model's label)
-NUM_CLIENTS = "num-clients"
 RUN_KEY = "run-key"  # which run's private state a node continues (a resumed run keeps the first id)
 CUT_STEP = "cut-step"  # collafuse: the node's declared cut (a request for another one is refused)
 UPLOADS_ASKED = "uploads"  # collafuse: x_tc images asked for this round
@@ -89,12 +66,9 @@ UPLOAD_BUDGET = "upload-budget"  # hello: most uploads per round
 UPLOADS_LEFT = "uploads-left"  # hello/train: uploads the node's lifetime cap still allows
 SHARE_HARNESS = "share-harness"  # hello: 1 = the node returns research measurements
 CLIENT_PARAMS = "client-params"  # parameters of the model the node runs
-NUM_UPLOADED = "num-uploaded"
 TRAIN_LOSS = "train-loss"  # only where the node's policy shares losses (they are data-dependent)
-TRAIN_SECONDS = "train-seconds"
-INFER_SECONDS = "infer-seconds"
-CLIENT_TRAIN_FLOPS = "client-train-flops"
-CLIENT_INFER_FLOPS_PER_IMAGE = "client-infer-flops-per-image"
+NUM_UPLOADED, TRAIN_SECONDS, INFER_SECONDS = "num-uploaded", "train-seconds", "infer-seconds"
+CLIENT_TRAIN_FLOPS, CLIENT_INFER_FLOPS_PER_IMAGE = "client-train-flops", "client-infer-flops-per-image"
 CHECKSUM = "checksum"  # mean of the generated images (harness: detects non-finite samples)
 FID, KID, KID_STD, PRECISION, RECALL = "fid", "kid", "kid-std", "precision", "recall"
 FID_SKIPPED = "fid-skipped"  # 1 = too few test images for a meaningful FID on this node
@@ -103,25 +77,17 @@ MAX_UPLOADS_PER_IMAGE = "max-uploads-per-image"
 DISCLOSURE_PREFIX = "disclosure-"  # harness scores: disclosure-{psnr,ssim,reid}-<recon>, ...
 DP_PREFIX = "dp-"  # hello/train: the node's DP plan (dp.DPPlan.metrics)
 
-# -- node_config keys: what a node's operator sets (`flower-supernode --node-config`) ---------------
-# Simulation: Flower sets partition-id / num-partitions itself.
-NODE_NUM_PARTITIONS = "num-partitions"
-NODE_DATA_DIR = "data-dir"
-NODE_DATASET = "dataset"
-NODE_STATE_DIR = "state-dir"
+# -- node_config keys: what a node's operator sets (the simulation sets partition-id, num-partitions) ----
+NODE_NUM_PARTITIONS, NODE_DATA_DIR, NODE_DATASET, NODE_STATE_DIR = "num-partitions", "data-dir", "dataset", "state-dir"
 NODE_METHODS = "methods"  # comma-separated methods this node serves
 NODE_TRUST = "trust-run-config"  # true: unset privacy keys follow the run-config (simulation default)
 NODE_CUT_RATIO = "cut-ratio"  # noise floor, as c on the node's reference schedule
 NODE_UPLOAD_NOISE = "upload-noise"  # noise floor, as the least std sqrt(1 - abar) of an upload
 NODE_UPLOADS_PER_ROUND = "uploads-per-round"
 NODE_MAX_UPLOADS = MAX_UPLOADS_PER_IMAGE  # lifetime cap per image (with or without DP)
-NODE_EPSILON = "upload-epsilon"
-NODE_DELTA = "upload-delta"
-NODE_CLIP = "upload-clip"
-NODE_MAX_SAMPLES = "max-samples"
-NODE_TEST_FRACTION = "test-fraction"
-NODE_SHARE_HARNESS = SHARE_HARNESS
-NODE_PARTITION_ID = PARTITION_ID
+NODE_EPSILON, NODE_DELTA, NODE_CLIP = "upload-epsilon", "upload-delta", "upload-clip"
+NODE_MAX_SAMPLES, NODE_TEST_FRACTION = "max-samples", "test-fraction"
+NODE_SHARE_HARNESS, NODE_PARTITION_ID = SHARE_HARNESS, PARTITION_ID
 NODE_KEYS = (NODE_PARTITION_ID, NODE_NUM_PARTITIONS, NODE_DATA_DIR, NODE_DATASET, NODE_STATE_DIR,
              NODE_METHODS, NODE_TRUST, NODE_CUT_RATIO, NODE_UPLOAD_NOISE, NODE_UPLOADS_PER_ROUND,
              NODE_MAX_UPLOADS, NODE_EPSILON, NODE_DELTA, NODE_CLIP, NODE_MAX_SAMPLES, NODE_TEST_FRACTION,
@@ -135,22 +101,15 @@ WIRE_NAMES = frozenset(v for k, v in dict(globals()).items()
 #: Records each (direction, category, method) may carry; anything else is refused.
 #: "down" = server -> node, "up" = node -> server.
 ALLOWED_RECORDS: dict[tuple[str, str, str], frozenset[str]] = {
-    ("down", QUERY, HELLO): frozenset({CONFIG}),
-    ("up", QUERY, HELLO): frozenset({METRICS}),
-    ("down", TRAIN, COLLAFUSE): frozenset({CONFIG}),
-    ("up", TRAIN, COLLAFUSE): frozenset({METRICS, UPLOAD}),
+    ("down", QUERY, HELLO): frozenset({CONFIG}), ("up", QUERY, HELLO): frozenset({METRICS}),
+    ("down", TRAIN, COLLAFUSE): frozenset({CONFIG}), ("up", TRAIN, COLLAFUSE): frozenset({METRICS, UPLOAD}),
     ("down", EVALUATE, COLLAFUSE): frozenset({CONFIG, HANDOFF, HARNESS}),
     ("up", EVALUATE, COLLAFUSE): frozenset({METRICS, SAMPLES}),
-    ("down", TRAIN, FEDAVG): frozenset({CONFIG, ARRAYS}),
-    ("up", TRAIN, FEDAVG): frozenset({METRICS, ARRAYS}),
-    ("down", EVALUATE, FEDAVG): frozenset({CONFIG, ARRAYS}),
-    ("up", EVALUATE, FEDAVG): frozenset({METRICS, SAMPLES}),
-    ("down", TRAIN, LOCAL): frozenset({CONFIG}),
-    ("up", TRAIN, LOCAL): frozenset({METRICS}),
-    ("down", EVALUATE, LOCAL): frozenset({CONFIG}),
-    ("up", EVALUATE, LOCAL): frozenset({METRICS, SAMPLES}),
-    ("down", TRAIN, CENTRALIZED): frozenset({CONFIG}),
-    ("up", TRAIN, CENTRALIZED): frozenset({METRICS, UPLOAD}),
+    ("down", TRAIN, FEDAVG): frozenset({CONFIG, ARRAYS}), ("up", TRAIN, FEDAVG): frozenset({METRICS, ARRAYS}),
+    ("down", EVALUATE, FEDAVG): frozenset({CONFIG, ARRAYS}), ("up", EVALUATE, FEDAVG): frozenset({METRICS, SAMPLES}),
+    ("down", TRAIN, LOCAL): frozenset({CONFIG}), ("up", TRAIN, LOCAL): frozenset({METRICS}),
+    ("down", EVALUATE, LOCAL): frozenset({CONFIG}), ("up", EVALUATE, LOCAL): frozenset({METRICS, SAMPLES}),
+    ("down", TRAIN, CENTRALIZED): frozenset({CONFIG}), ("up", TRAIN, CENTRALIZED): frozenset({METRICS, UPLOAD}),
     ("down", EVALUATE, CENTRALIZED): frozenset({CONFIG, GENERATED}),
     ("up", EVALUATE, CENTRALIZED): frozenset({METRICS, SAMPLES}),
 }
@@ -169,11 +128,8 @@ def unexpected_records(msg: Message, direction: str, category: str, action: str)
 
 
 def read_int(conf: ConfigRecord | dict[str, Any], key: str, lo: int, hi: int, default: int | None = None) -> int:
-    """`conf[key]` as an int in [lo, hi]; ProtocolError naming the key otherwise.
-
-    The server's values are untrusted: a float, a bool, 1e6 where a round number belongs, or a
-    missing key are refused here, where they enter, instead of deep inside the node's work.
-    """
+    """`conf[key]` as an int in [lo, hi], else ProtocolError naming the key: the server's values are
+    untrusted (a float, a bool, 1e6 as a round or a missing key are refused where they enter)."""
     if key not in conf:
         if default is None:
             raise ProtocolError(f"'{key}' is missing from the server's config")

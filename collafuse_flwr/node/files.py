@@ -1,24 +1,12 @@
-"""The node's private files: a folder only its owner can read, atomic writes, safe loads.
-
-Why: a node's state folder holds its secret key, its private denoiser and its upload ledger.
-Created 0755 / 0644 (umask defaults), any local user could read them; written in place, a crash
-mid-write leaves half a file; loaded with pickle, a swapped file runs code. So: the folder is
-0700, files are 0600, every write goes to a temporary file that is renamed over the old one,
-and `torch.load` runs with `weights_only=True` (tensors, numbers, strings, containers: nothing
-that executes).
-"""
-
-from __future__ import annotations
+"""The node's private files: a 0700 folder, 0600 files written atomically, locks. The state folder
+holds the node's secret key, private denoiser and upload ledger: no other local user may read them,
+and a crash mid-write must not leave half a file."""
 
 import contextlib
 import fcntl
-import io
 import os
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
-
-import torch
 
 
 class CorruptFile(RuntimeError):
@@ -49,30 +37,9 @@ def write_private(path: Path, data: bytes) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def save_tensors(path: Path, obj: Any) -> None:
-    """`torch.save` of plain containers of tensors and numbers, written with `write_private`."""
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    write_private(path, buf.getvalue())
-
-
-def load_tensors(path: Path, what: str, fix: str) -> Any:
-    """`torch.load(path, weights_only=True)`; CorruptFile naming the file and `fix` if unreadable.
-
-    weights_only refuses any pickle that would construct an arbitrary object, so a crafted file
-    raises here instead of running code in this process.
-    """
-    try:
-        return torch.load(path, weights_only=True, map_location="cpu")
-    except Exception as exc:  # noqa: BLE001 - truncated, crafted or foreign: all mean "unreadable"
-        raise CorruptFile(f"{what} {path} cannot be read ({type(exc).__name__}: "
-                          f"{str(exc).splitlines()[0][:160] if str(exc) else 'no detail'}); {fix}") from None
-
-
 @contextlib.contextmanager
 def locked(path: Path) -> Iterator[None]:
-    """An exclusive lock on `path`.lock: read-modify-write of a shared file by one process at a time
-    (several virtual nodes of a simulation, or two SuperNodes, may share a state folder)."""
+    """An exclusive lock on `path`.lock: nodes (virtual ones, or two SuperNodes) may share a state folder."""
     private_dir(path.parent)
     fd = os.open(path.with_name(f".{path.name}.lock"), os.O_RDWR | os.O_CREAT, 0o600)
     try:

@@ -1,19 +1,10 @@
 """How often each of a node's images has left it: a cap that outlives runs, restarts and servers.
 
-A per-run count (the old design) restarts at 0 with every run the server starts, so 20 runs
-could upload an image 20 K times, and averaging many noisy uploads of one image cleans it
-(300 uploads at c = 0.8 took PSNR from 4.5 to 22.3 dB). The lifetime ledger is a file in the
-node's state folder, keyed by a hash of each image's pixels (so a new split, a subset or
-another order of the same images meets the same counts), updated under a lock *before* the
-upload leaves, and never deleted or reset by anything a server sends. A corrupt ledger stops
-uploads (fail closed) instead of starting again from zero.
-
-The keys hash the images as the run loads them (resized, channel-converted), so the same image at
-another size would meet a fresh count: the ledger records the image geometry of its first upload
-and refuses every run at another one (`GeometryChanged`), until the operator starts a new ledger.
+Averaging many noisy uploads of one image cleans it (300 at c = 0.8: PSNR 4.5 -> 22.3 dB), so the
+count is a file in the state folder, keyed by a hash of each image's pixels, updated under a lock
+*before* the upload leaves, never reset by a server message; a corrupt ledger stops uploads, and it
+pins the image geometry of its first upload (the keys hash the images as the run loads them).
 """
-
-from __future__ import annotations
 
 import hashlib
 import json
@@ -36,7 +27,7 @@ class GeometryChanged(Refused):
 
 
 def image_keys(images_uint8: Tensor) -> list[str]:
-    """One key per image: the first 16 bytes (hex) of SHA-256 over its uint8 pixels and shape."""
+    """One key per image: 16 bytes (hex) of SHA-256 over its uint8 pixels and shape."""
     arr = np.ascontiguousarray(images_uint8.numpy())
     return [hashlib.sha256(repr(a.shape).encode() + a.tobytes()).hexdigest()[:32] for a in arr]
 
@@ -65,15 +56,14 @@ def _read(path: Path, geometry: tuple[int, ...]) -> dict[str, int]:
 
 
 def lifetime_counts(folder: Path, keys: list[str], geometry: tuple[int, ...]) -> np.ndarray:
-    """Lifetime uploads of each image (by key) so far."""
     counts = _read(Path(folder) / LEDGER_FILE, geometry)
     return np.array([counts.get(k, 0) for k in keys], dtype=np.int64)
 
 
 def reserve(folder: Path, keys: list[str], cap: int, n: int, generator: torch.Generator,
             geometry: tuple[int, ...]) -> np.ndarray:
-    """Choose up to n images uploaded fewer than `cap` times in the node's life, uniformly among
-    them (`dp.UploadLedger.choose`), and record them as uploaded before returning their indices."""
+    """Up to n images uploaded fewer than `cap` times in the node's life, chosen uniformly among them
+    and recorded as uploaded before their indices are returned."""
     path = Path(folder) / LEDGER_FILE
     with locked(path):
         counts = _read(path, geometry)

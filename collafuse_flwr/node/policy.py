@@ -1,28 +1,10 @@
 """What a node's operator allows: its methods, its noise floor, its upload caps, its DP, its data.
 
-The data owner decides what leaves its node, never the server. Everything here comes from the
-node's `node_config` (`flower-supernode --node-config "..."`), which only the operator sets. The
-run-config, which the server chooses, is read for two things only: hyperparameters that do not
-touch privacy (model size, learning rate, T, ...), and, where the node *trusts* it, the privacy
-keys the operator left unset.
-
-Trust (`trust-run-config`): inside Flower's simulation engine the researcher runs the server and
-every node on one machine, so a simulated node trusts the run-config by default: it serves every
-method, takes its cut, caps and DP from the run-config, shares research measurements and draws
-reproducible (keyed) randomness. Any other node trusts nothing by default: it serves CollaFuse
-and local-only only (`protocol.PRIVATE_METHODS`), uploads at least as much noise as its own
-cut-ratio gives on its own reference schedule, caps each image at `DEFAULT_MAX_UPLOADS` uploads
-over its lifetime, keeps its own delta and data split, shares no research measurements or
-losses, and draws fresh randomness. A key set in node_config always wins, trusted or not.
-
-The noise floor. A node's c is a statement about noise, not a step number: c is turned into
-abar_floor on the node's own reference schedule (`REFERENCE_SCHEDULE`), and every upload must
-have abar <= abar_floor on the schedule of the run, which the node computes itself from T and the
-schedule's name. A server that sets diffusion-steps=3 beta-schedule='linear' therefore gets a
-larger cut step (or, where no step is noisy enough, no uploads at all), not a weaker floor.
+All from `node_config`, which only the operator sets (docs/reference.md); the run-config fills the
+privacy keys left unset only where the node trusts it (the simulation), else `DEFAULTS`. A node's c
+is a noise level, read on its own `REFERENCE_SCHEDULE`: a server that sets a tiny T or another
+schedule gets a larger cut step (or no uploads), never a weaker floor.
 """
-
-from __future__ import annotations
 
 import dataclasses
 import math
@@ -48,6 +30,11 @@ DEFAULTS: dict[str, Any] = {  # a node that trusts nothing and set nothing
     P.NODE_CUT_RATIO: 0.2, P.NODE_UPLOADS_PER_ROUND: 64, P.NODE_MAX_UPLOADS: DEFAULT_MAX_UPLOADS,
     P.NODE_EPSILON: 0.0, P.NODE_DELTA: 1e-5, P.NODE_CLIP: 0.0, P.NODE_MAX_SAMPLES: 0, P.NODE_TEST_FRACTION: 0.2,
 }
+#: NodePolicy's numbers: field -> (node_config key, type); a trusting node falls back on the run-config field
+_NUMBERS = {"uploads_per_round": (P.NODE_UPLOADS_PER_ROUND, int), "max_uploads_per_image": (P.NODE_MAX_UPLOADS, int),
+            "upload_epsilon": (P.NODE_EPSILON, float), "upload_delta": (P.NODE_DELTA, float),
+            "upload_clip": (P.NODE_CLIP, float), "max_samples": (P.NODE_MAX_SAMPLES, int),
+            "test_fraction": (P.NODE_TEST_FRACTION, float)}
 
 
 class NodeConfigError(ValueError):
@@ -55,8 +42,7 @@ class NodeConfigError(ValueError):
 
 
 def in_simulation() -> bool:
-    """True inside Flower's simulation engine (its ClientApps run in Ray workers). The server
-    cannot make a deployed node's process believe this: it does not start that process."""
+    """Inside Flower's simulation engine (Ray workers): a server does not start a deployed node's process."""
     ray = sys.modules.get("ray")
     return bool(ray is not None and getattr(ray, "is_initialized", lambda: False)())
 
@@ -77,22 +63,19 @@ class NodePolicy:
     state_dir: Path
 
     @property
-    def reproducible(self) -> bool:
-        """Keyed randomness (same run, same draws) only where the node trusts the run-config."""
+    def reproducible(self) -> bool:  # keyed randomness (same run, same draws) only for a trusting node
         return self.trusts_run_config
 
     @property
-    def lifetime_ledger(self) -> bool:
-        """Upload caps over the node's life (every run), or per run where it trusts the run-config."""
+    def lifetime_ledger(self) -> bool:  # caps over the node's life, or per run for a trusting node
         return not self.trusts_run_config
 
     def serves(self, method: str) -> bool:
         return method in self.methods
 
     def cut_step(self, sched: Schedule, proposed: int) -> int:
-        """The node's cut on the run's schedule: the first step noisy enough for its floor, or the
-        server's `proposed` step where that is noisier still (more noise never lowers privacy).
-        sched.T (nothing uploaded) where no step of the run is noisy enough."""
+        """The first step of the run's schedule noisy enough for the floor (sched.T, nothing uploaded,
+        if none is), or the server's `proposed` step where noisier still."""
         ab = sched.alpha_bars.double()
         # relative tolerance: the schedules are float32, so abar at the same t/T differs by ~1e-9
         # between T = 200 and another T, and an honest c equal to the floor must still fit
@@ -101,10 +84,8 @@ class NodePolicy:
         return max(floor, int(proposed))
 
     def data_config(self, cfg: RunConfig, node_config: dict[str, Any]) -> RunConfig:
-        """The run-config with the node's own data size and split. An untrusting node also keeps
-        the server from choosing its files: no run-config data-dir or download, a split seeded by
-        the node (0), and without a data-dir or dataset in its node_config it serves only the
-        embedded datasets (a run-config `imagefolder` or `hf:/path` would point it at any folder)."""
+        """The run-config with the node's own data size and split. An untrusting node also keeps the
+        server from choosing its files (a run-config `imagefolder` or `hf:/path` could name any folder)."""
         out = dataclasses.replace(cfg, max_samples=self.max_samples, test_fraction=self.test_fraction)
         if self.trusts_run_config:
             return out
@@ -118,29 +99,14 @@ class NodePolicy:
 
 
 def node_policy(node_config: dict[str, Any], cfg: RunConfig, client: int = -1) -> NodePolicy:
-    """The operator's policy from node_config; `cfg` only fills unset keys of a trusting node.
-
-    client: the node's slot (its entry of client-cut-ratios, for a trusting node).
-    """
+    """The operator's policy from node_config; `cfg` (at slot `client`) only fills a trusting node's unset keys."""
     nc = dict(node_config)
     unknown = sorted(set(nc) - set(P.NODE_KEYS))
     if unknown:
         raise NodeConfigError(f"unknown node_config key(s) {unknown}; a node understands {sorted(P.NODE_KEYS)}")
     trust = _bool(nc, P.NODE_TRUST, in_simulation())
-    # the run's values are read only by a trusting node (a short client-cut-ratios list must not
-    # fail a node that never uses it)
-    run = {P.NODE_CUT_RATIO: cfg.cut_ratio_for(client) if trust else None,
-           P.NODE_UPLOADS_PER_ROUND: cfg.uploads_per_round,
-           P.NODE_MAX_UPLOADS: cfg.max_uploads_per_image, P.NODE_EPSILON: cfg.upload_epsilon,
-           P.NODE_DELTA: cfg.upload_delta, P.NODE_CLIP: cfg.upload_clip, P.NODE_MAX_SAMPLES: cfg.max_samples,
-           P.NODE_TEST_FRACTION: cfg.test_fraction}
-    fallback = run if trust else DEFAULTS
-
-    def get(key: str, kind: type) -> Any:
-        if key not in nc:
-            return fallback[key]
-        return _number(nc, key, kind)
-
+    # only a trusting node reads the run's c (a short client-cut-ratios must not fail another node)
+    run_c = cfg.cut_ratio_for(client) if trust else DEFAULTS[P.NODE_CUT_RATIO]
     if P.NODE_UPLOAD_NOISE in nc:
         sigma = _number(nc, P.NODE_UPLOAD_NOISE, float)
         if not 0.0 <= sigma <= 1.0:
@@ -148,19 +114,16 @@ def node_policy(node_config: dict[str, Any], cfg: RunConfig, client: int = -1) -
                                   f"sqrt(1 - abar) of the noise in an upload (0 = raw images, 1 = pure noise)")
         floor = 1.0 - sigma**2
     else:
-        c = get(P.NODE_CUT_RATIO, float)
+        c = _number(nc, P.NODE_CUT_RATIO, float) if P.NODE_CUT_RATIO in nc else run_c
         if not 0.0 <= c <= 1.0:
             raise NodeConfigError(f"node_config {P.NODE_CUT_RATIO}={c} must be in [0, 1] (0 = raw images, "
                                   f"1 = nothing uploaded)")
         floor = reference_abar(c) if (P.NODE_CUT_RATIO in nc or not trust) else 1.0
     methods = _methods(nc, trust)
-    pol = NodePolicy(
-        methods=methods, trusts_run_config=trust, abar_floor=floor,
-        uploads_per_round=get(P.NODE_UPLOADS_PER_ROUND, int), max_uploads_per_image=get(P.NODE_MAX_UPLOADS, int),
-        upload_epsilon=get(P.NODE_EPSILON, float), upload_delta=get(P.NODE_DELTA, float),
-        upload_clip=get(P.NODE_CLIP, float), max_samples=get(P.NODE_MAX_SAMPLES, int),
-        test_fraction=get(P.NODE_TEST_FRACTION, float), share_harness=_bool(nc, P.NODE_SHARE_HARNESS, trust),
-        state_dir=_state_dir(nc))
+    numbers = {f: _number(nc, key, kind) if key in nc else getattr(cfg, f) if trust else DEFAULTS[key]
+               for f, (key, kind) in _NUMBERS.items()}
+    pol = NodePolicy(methods=methods, trusts_run_config=trust, abar_floor=floor, **numbers,
+                     share_harness=_bool(nc, P.NODE_SHARE_HARNESS, trust), state_dir=_state_dir(nc))
     _check(pol, trust)
     return pol
 

@@ -1,18 +1,9 @@
 """CollaFuse's node-side protocol, as functions a Flower user's own ClientApp can call.
 
-No project config, no harness: each function takes the tensors, models and the node's own
-privacy settings it needs. The node is the data owner, so it checks every server request
-against its own settings (`check_train_request`, `check_handoff`) and refuses, with a reason,
-what would lower its privacy; a refused request becomes an Error reply (`refusal`).
-
-A complete ClientApp built from these functions alone is `examples/own_clientapp/my_client_app.py`
-(tested against the CollaFuse strategy): it answers `query.hello` with its claim, its example
-count and its own cut step (a node that does not answer the hello is never admitted), then
-`train.collafuse` and `evaluate.collafuse`. This project's ClientApp (`collafuse_flwr.client_app`)
-adds the operator's policy, a lifetime upload ledger, persistence and the research harness.
+Each takes the tensors, models and privacy settings it needs; the node checks every server request
+against its own settings and refuses, with a reason, what would lower its privacy. A whole ClientApp
+built from these alone: `examples/own_clientapp/my_client_app.py`.
 """
-
-from __future__ import annotations
 
 import math
 import re
@@ -40,8 +31,8 @@ class Refused(Exception):
 
 
 def scrub_paths(text: str) -> str:
-    """`text` with local file paths replaced: an error reply must not tell the server where the
-    node keeps its data, state or code."""
+    """`text` without local file paths: an error reply must not tell the server where the node keeps
+    its data, state or code."""
     return _PATH.sub("<local path>", text)
 
 
@@ -52,30 +43,20 @@ def refusal(msg: Message, exc: Exception) -> Message:
     return Message(Error(code=FAILED, reason=scrub_paths(f"{type(exc).__name__}: {exc}")[:1000]), reply_to=msg)
 
 
-# -- checking the server's requests ----------------------------------------------------------------
 def check_train_request(conf: ConfigRecord, *, cut_step: int, upload_budget: int) -> int:
-    """How many x_tc this node will upload, after checking the server asks for its own cut.
-
-    Raises Refused when the server's cut step differs from the node's (a smaller t_c means
-    less noise on the uploads; 0 means raw images) or it asks for more uploads than the
-    node's per-round budget.
-    """
-    asked_cut = _read(conf, P.CUT_STEP, 0, 1 << 30)
+    """How many x_tc this node will upload; Refused where the server asks for another cut step (a
+    smaller t_c means less noise, 0 raw images) or more uploads than the node's per-round budget."""
+    try:
+        asked_cut, asked = P.read_int(conf, P.CUT_STEP, 0, 1 << 30), P.read_int(conf, P.UPLOADS_ASKED, 0, 1 << 62)
+    except P.ProtocolError as exc:
+        raise Refused(str(exc)) from None
     if asked_cut != cut_step:
         raise Refused(f"the server asked for cut step {asked_cut}, this node's is {cut_step} "
                       f"(set by its cut-ratio); nothing was uploaded")
-    asked = _read(conf, P.UPLOADS_ASKED, 0, 1 << 62)
     if asked > upload_budget:
         raise Refused(f"the server asked for {asked} uploads, this node's budget is {upload_budget} "
                       f"per round; nothing was uploaded")
     return asked
-
-
-def _read(conf: ConfigRecord, key: str, lo: int, hi: int) -> int:
-    try:
-        return P.read_int(conf, key, lo, hi)
-    except P.ProtocolError as exc:
-        raise Refused(str(exc)) from None
 
 
 def check_handoff(x_tc: np.ndarray, *, image_shape: tuple[int, ...], max_samples: int) -> Tensor:
@@ -89,7 +70,6 @@ def check_handoff(x_tc: np.ndarray, *, image_shape: tuple[int, ...], max_samples
     return torch.from_numpy(np.ascontiguousarray(x_tc, dtype=np.float32))
 
 
-# -- the node's work ---------------------------------------------------------------------------------
 def train_share(model: nn.Module, optimizer: torch.optim.Optimizer, images: Tensor, sched: D.Schedule,
                 t_max: int, steps: int, batch_size: int, generator: torch.Generator,
                 device: torch.device, meter: FlopMeter | None = None) -> float:
@@ -103,16 +83,9 @@ def train_share(model: nn.Module, optimizer: torch.optim.Optimizer, images: Tens
 def make_upload(images: Tensor, sched: D.Schedule, cut_step: int, n: int,
                 generator: torch.Generator, *, ledger: UploadLedger | None = None,
                 plan: DPPlan | None = None) -> tuple[np.ndarray, Tensor]:
-    """Pick n training images and diffuse them to x_{t_c} with fresh secret noise.
-
-    Returns (indices, x_tc). Only x_tc leaves the node: never x0, never the noise.
-
-    ledger: pick only images uploaded fewer than its cap K times (uniformly among them) and count
-    them; fewer than n come back once few are left, never more than K per image over the run.
-    plan (needs a ledger whose cap is <= plan.max_uploads_per_image, and plan.t_cut == cut_step):
-    per-image DP uploads (`dp.dp_upload`): clipped, at the plan's step t_upload >= cut_step, so
-    the tensor returned is x_{t_upload}. Without either, the old behaviour (same draws).
-    """
+    """(indices, x_tc) of n training images diffused with fresh secret noise: only x_tc leaves the node.
+    A `ledger` picks only images below its cap K (fewer than n once few are left); a DP `plan` (needs
+    such a ledger) clips and uploads at its t_upload >= cut_step (`dp.dp_upload`)."""
     if plan is not None:
         if ledger is None or ledger.max_uploads_per_image > plan.max_uploads_per_image:
             raise ValueError("a DP plan needs an UploadLedger whose cap is at most the plan's "
@@ -122,12 +95,12 @@ def make_upload(images: Tensor, sched: D.Schedule, cut_step: int, n: int,
             raise ValueError(f"the DP plan is for cut step {plan.t_cut}, not {cut_step}")
     if n <= 0 or cut_step >= sched.T:
         return np.zeros(0, dtype=np.int64), torch.zeros((0, *images.shape[1:]))
-    if ledger is not None:
-        if ledger.num_images != images.shape[0]:
-            raise ValueError(f"the ledger counts {ledger.num_images} images, the node has {images.shape[0]}")
-        idx = torch.from_numpy(ledger.choose(n, generator))
-    else:
+    if ledger is None:
         idx = torch.randperm(images.shape[0], generator=generator)[:n]
+    elif ledger.num_images != images.shape[0]:
+        raise ValueError(f"the ledger counts {ledger.num_images} images, the node has {images.shape[0]}")
+    else:
+        idx = torch.from_numpy(ledger.choose(n, generator))
     if idx.numel() == 0:
         return np.zeros(0, dtype=np.int64), torch.zeros((0, *images.shape[1:]))
     return idx.numpy(), diffuse_upload(images[idx], sched, cut_step, generator, plan)
@@ -135,8 +108,8 @@ def make_upload(images: Tensor, sched: D.Schedule, cut_step: int, n: int,
 
 def diffuse_upload(x0: Tensor, sched: D.Schedule, cut_step: int, generator: torch.Generator,
                    plan: DPPlan | None = None) -> Tensor:
-    """x0 (already chosen, and counted by the node's ledger) -> what leaves the node: x_{t_c} with
-    fresh secret noise, or with a DP plan the clipped x_{t_u} (`dp.dp_upload`). float32."""
+    """x0 (chosen, and counted by the node's ledger) -> x_{t_c} with fresh secret noise, or with a DP
+    plan the clipped x_{t_u} (`dp.dp_upload`). float32."""
     if plan is not None:
         return dp_upload(x0, sched, plan, generator)
     return D.upload(sched, x0, cut_step, torch.randn(x0.shape, generator=generator)).float()

@@ -1,16 +1,6 @@
-"""A ClientApp of your own that speaks CollaFuse's protocol, built from `collafuse_flwr.node` alone.
-
-The CollaFuse strategy first sends `query.hello` (answer it, or the node is never admitted),
-then `train.collafuse` every round and `evaluate.collafuse` at the end. This node holds its
-images in memory, keeps its private denoiser in `context.state`, chooses its own cut step and
-upload budget, refuses a server that asks for others, and draws fresh OS entropy for every
-noise it releases. What it leaves out, and `collafuse_flwr.client_app` adds: an operator
-policy, a lifetime per-image upload cap, persistence across restarts and the research harness.
-
-    from flwr.clientapp import ClientApp  # point your pyproject's clientapp at `app` below
-"""
-
-from __future__ import annotations
+"""A ClientApp of your own that speaks CollaFuse's protocol, built from `collafuse_flwr.node` alone:
+it answers `query.hello` (or it is never admitted), `train.collafuse` and `evaluate.collafuse`, chooses
+its own cut step and upload budget, and draws fresh OS entropy for every noise it releases."""
 
 import torch
 from flwr.app import Array, ArrayRecord, Context, Message
