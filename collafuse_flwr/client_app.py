@@ -154,7 +154,7 @@ def action(category: str, method: str, serves: str = "") -> Callable:
                     exc = N.Refused(str(exc))
                 elif not isinstance(exc, N.Refused):
                     _LOG.exception("%s.%s failed", category, method)
-                return N.refusal(msg, exc)
+                return N.refusal(msg, exc, context.node_config)
             return N.reply(msg, metrics, **records)
 
         return handler

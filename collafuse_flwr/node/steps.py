@@ -7,6 +7,8 @@ built from these alone: `examples/own_clientapp/my_client_app.py`.
 
 import math
 import re
+from collections.abc import Iterable, Mapping
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -30,17 +32,23 @@ class Refused(Exception):
     """The node will not do what the server asked; the message says what and why."""
 
 
-def scrub_paths(text: str) -> str:
+def scrub_paths(text: str, known: Iterable[Any] = ()) -> str:
     """`text` without local file paths: an error reply must not tell the server where the node keeps
-    its data, state or code."""
+    its data, state or code. `known` (the node_config's values) are removed whole first, because a
+    pattern cannot tell where a path with spaces ends."""
+    paths = {str(v) for v in known if isinstance(v, str) and v.startswith(("/", "~"))}
+    paths |= {str(Path(v).expanduser().resolve()) for v in paths}
+    for path in sorted(paths, key=len, reverse=True):
+        text = text.replace(path.rstrip("/"), "<local path>")
     return _PATH.sub("<local path>", text)
 
 
-def refusal(msg: Message, exc: Exception) -> Message:
+def refusal(msg: Message, exc: Exception, node_config: Mapping[str, Any] | None = None) -> Message:
     """The Error reply to a refused request (REFUSED) or a failure (FAILED), without local paths."""
+    known = (node_config or {}).values()
     if isinstance(exc, Refused):
-        return Message(Error(code=REFUSED, reason=scrub_paths(f"refused: {exc}")), reply_to=msg)
-    return Message(Error(code=FAILED, reason=scrub_paths(f"{type(exc).__name__}: {exc}")[:1000]), reply_to=msg)
+        return Message(Error(code=REFUSED, reason=scrub_paths(f"refused: {exc}", known)), reply_to=msg)
+    return Message(Error(code=FAILED, reason=scrub_paths(f"{type(exc).__name__}: {exc}", known)[:1000]), reply_to=msg)
 
 
 def check_train_request(conf: ConfigRecord, *, cut_step: int, upload_budget: int) -> int:
