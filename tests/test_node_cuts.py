@@ -15,6 +15,7 @@ from collafuse_flwr.core import diffusion as D
 from collafuse_flwr.core.models import shared_denoiser
 from collafuse_flwr.node.policy import node_policy
 from collafuse_flwr.server.build import from_config
+from strategies import NotAdmitted
 
 CUTS = {1: 2, 2: 10, 3: 18}  # node -> the cut step it declares (T = 20)
 
@@ -137,7 +138,8 @@ def test_a_node_declaring_an_impossible_cut_is_refused_and_the_others_run(tiny_c
 def test_without_node_cuts_a_node_with_another_cut_is_refused(tiny_config):
     cfg = parse_config(tiny_config(cut_ratio=0.5))
     s = from_config(cfg, shared_denoiser(8, 1, "tiny", "client", 3), (1, 8, 8))
-    assert "client-cut-ratios" in s.accept_hello(1, {"cut-step": 2})
+    with pytest.raises(NotAdmitted, match="client-cut-ratios"):
+        s.accept_hello(1, {"cut-step": 2})
 
 
 def _cut(cfg, pid, **node_config):

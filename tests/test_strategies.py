@@ -14,7 +14,7 @@ from collafuse_flwr.comm import message_nbytes
 from collafuse_flwr.config import parse_config
 from collafuse_flwr.core.models import build_denoiser, shared_denoiser
 from collafuse_flwr import protocol as P
-from strategies import CollaFuse, RoundFailed
+from strategies import CollaFuse, NotAdmitted, RoundFailed, ServerTrainer
 from collafuse_flwr.server.build import from_config
 
 
@@ -209,13 +209,13 @@ def test_a_non_finite_server_step_is_skipped_and_the_model_kept(tiny_config):
     msgs = list(s.configure_train(1, ArrayRecord(), ConfigRecord(), grid_of(1)))
     s.aggregate_train(1, _train_replies(s, msgs, [_x()]))
     before = {k: v.clone() for k, v in s.model.state_dict().items()}
-    opt_before = {k: v["exp_avg"].clone() for k, v in s.optimizer.state_dict()["state"].items()}
+    opt_before = {k: v["exp_avg"].clone() for k, v in s.trainer.optimizer.state_dict()["state"].items()}
     s.buffer[0] = [torch.full((5, 1, 8, 8), float("nan"))]  # whatever got in: the step must not apply
     msgs = list(s.configure_train(2, ArrayRecord(), ConfigRecord(), grid_of(1)))
     _, metrics = s.aggregate_train(2, _train_replies(s, msgs, [None]))
     assert metrics["server-steps-skipped"] == 2
     assert all(torch.equal(before[k], v) for k, v in s.model.state_dict().items())
-    assert all(torch.equal(opt_before[k], v["exp_avg"]) for k, v in s.optimizer.state_dict()["state"].items())
+    assert all(torch.equal(opt_before[k], v["exp_avg"]) for k, v in s.trainer.optimizer.state_dict()["state"].items())
 
 
 def test_the_upload_buffer_is_capped_fairly(tiny_config):
@@ -273,8 +273,9 @@ def test_collafuse_cut_one_asks_for_nothing_and_sends_nothing(tiny_config):
 
 def test_a_node_with_another_cut_is_not_admitted(tiny_config):
     cfg, s = _collafuse(tiny_config(cut_ratio=0.3))
-    assert "own cut step is 10" in s.accept_hello(5, {"cut-step": 10})
-    assert s.accept_hello(5, {"cut-step": 6}) == ""
+    with pytest.raises(NotAdmitted, match="own cut step is 10"):
+        s.accept_hello(5, {"cut-step": 10})
+    assert s.accept_hello(5, {"cut-step": 6}) is None
 
 
 def _fedavg_replies(msgs, weights, examples):
@@ -345,10 +346,11 @@ def test_local_only_messages_carry_no_arrays(tiny_config):
 def test_strategy_takes_plain_arguments_without_the_project_config():
     """A Flower user builds it from a model and numbers; no RunConfig involved."""
     model = build_denoiser(8, 1, "tiny")
-    s = CollaFuse(model, (1, 8, 8), diffusion_steps=50, cut_step=10, server_steps=1, uploads_per_round=4)
+    s = CollaFuse(ServerTrainer(model, server_steps=1), (1, 8, 8), diffusion_steps=50, cut_step=10,
+                  uploads_per_round=4)
     assert s.t_c == 10 and s.registry.capacity is None
     with pytest.raises(ValueError, match="exactly one of"):
-        CollaFuse(model, (1, 8, 8), diffusion_steps=50, cut_step=10, cut_ratio=0.2)
+        CollaFuse(ServerTrainer(model), (1, 8, 8), diffusion_steps=50, cut_step=10, cut_ratio=0.2)
 
 
 def test_a_silent_node_is_not_admitted_nor_asked_again_every_round(tiny_config):
@@ -420,4 +422,6 @@ def test_a_deployment_lets_each_node_choose_a_noisier_cut(tiny_config):
     deployed, _ = build_strategy(cfg, 2, torch.device("cpu"), harness=False, simulation=False)
     simulated, _ = build_strategy(cfg, 2, torch.device("cpu"), harness=False, simulation=True)
     assert deployed.node_cuts and not simulated.node_cuts
-    assert deployed.accept_hello(1, {P.CUT_STEP: 16}) == "" and simulated.accept_hello(1, {P.CUT_STEP: 16})
+    assert deployed.accept_hello(1, {P.CUT_STEP: 16}) is None
+    with pytest.raises(NotAdmitted):
+        simulated.accept_hello(1, {P.CUT_STEP: 16})
