@@ -140,10 +140,14 @@ class DiffusionStrategy(Strategy):
         evaluate_config = ConfigRecord() if evaluate_config is None else evaluate_config
         result = result if result is not None else Result()
         arrays = initial_arrays
-        if evaluate_fn and start_round == 1:
-            res = evaluate_fn(0, arrays)
+
+        def measure(rnd: int) -> None:
+            res = evaluate_fn(rnd, arrays) if evaluate_fn else None
             if res is not None:
-                result.evaluate_metrics_serverapp[0] = res
+                result.evaluate_metrics_serverapp[rnd] = res
+
+        if start_round == 1:
+            measure(0)
         for rnd in range(start_round, num_rounds + 1):
             log(INFO, "[ROUND %d/%d]", rnd, num_rounds)
             replies = self.exchange(grid, self.configure_train(rnd, arrays, train_config, grid), timeout,
@@ -157,10 +161,7 @@ class DiffusionStrategy(Strategy):
             eval_metrics = self.aggregate_evaluate(rnd, replies)
             if eval_metrics is not None:
                 result.evaluate_metrics_clientapp[rnd] = eval_metrics
-            if evaluate_fn:
-                res = evaluate_fn(rnd, arrays)
-                if res is not None:
-                    result.evaluate_metrics_serverapp[rnd] = res
+            measure(rnd)
             if checkpoint_fn is not None:
                 checkpoint_fn(rnd, arrays, result)
         if result.arrays is None or not len(result.arrays):
@@ -173,11 +174,7 @@ class DiffusionStrategy(Strategy):
         """`grid.send_and_receive`, with `during()` (server work that overlaps the nodes') run once
         the messages are out; the timeout counts from the push, as in Flower's grid."""
         messages = list(messages)
-        if not messages:
-            if during is not None:
-                during()
-            return []
-        pending = set(grid.push_messages(messages))
+        pending = set(grid.push_messages(messages)) if messages else set()
         deadline = None if timeout is None else time.time() + timeout
         if during is not None:
             during()

@@ -1,8 +1,5 @@
 """What a strategy measured, round by round: bytes on the wire, per-round figures, failures and
-rejected replies, and what each node returned at evaluation.
-
-Kept apart from the protocol so the same strategy runs with or without it: a deployment gets
-the counts for free, the research harness (report_run.py) reads the rest after the run.
+rejected replies, and what each node returned at evaluation (the harness reads it after the run).
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ from collafuse_flwr.comm import message_nbytes
 from collafuse_flwr.config import parse_config
 from collafuse_flwr.core.models import build_denoiser, shared_denoiser
 from collafuse_flwr import protocol as P
-from strategies import CollaFuse, NotAdmitted, RoundFailed, ServerTrainer
+from strategies import CollaFuse, ImplausibleUpload, NotAdmitted, ReplyRejected, RoundFailed, ServerTrainer
 from collafuse_flwr.server.build import from_config
 
 
@@ -425,3 +425,68 @@ def test_a_deployment_lets_each_node_choose_a_noisier_cut(tiny_config):
     assert deployed.accept_hello(1, {P.CUT_STEP: 16}) is None
     with pytest.raises(NotAdmitted):
         simulated.accept_hello(1, {P.CUT_STEP: 16})
+
+
+def test_a_users_own_check_raises_a_rejection_that_is_recorded_naming_the_client(tiny_config):
+    class Strict(CollaFuse):
+        def validate_reply(self, phase, client, msg):
+            super().validate_reply(phase, client, msg)
+            if phase == "train" and client == 1:
+                raise ImplausibleUpload("my-check: client 1's uploads are too bright")
+
+    cfg = parse_config(tiny_config(cut_ratio=0.3))
+    trainer = ServerTrainer(shared_denoiser(8, 1, "tiny", "client", 3), server_steps=1, overlap=False)
+    s = Strict(trainer, (1, 8, 8), diffusion_steps=cfg.diffusion_steps, beta_schedule=cfg.beta_schedule,
+               cut_ratio=0.3)
+    s.num_rounds = 1
+    msgs = list(s.configure_train(1, ArrayRecord(), ConfigRecord(), grid_of(3)))
+    _, metrics = s.aggregate_train(1, _train_replies(s, msgs, [_x(), _x(), _x()]))
+    assert sorted(s.buffer) == [0, 2] and metrics["uploads-received"] == 10
+    assert s.recorder.rejected == {"my-check": 1} and s.recorder.rejected_by_client == {1: {"my-check": 1}}
+    assert issubclass(ImplausibleUpload, ReplyRejected) and ImplausibleUpload("my-check: x").kind == "my-check"
+
+
+def _sampled(s, rounds, n=6):
+    """The train messages' nodes of each round (no replies needed to see whom a round asks)."""
+    grid, out = grid_of(n), []
+    for rnd in rounds:
+        out.append(tuple(m.metadata.dst_node_id for m in s.configure_train(rnd, ArrayRecord(), ConfigRecord(), grid)))
+        s._addressed.clear()
+    return out
+
+
+def test_fraction_train_samples_that_share_of_the_nodes_each_round_reproducibly(tiny_config):
+    rc = tiny_config(cut_ratio=0.3, fraction_train=0.5, seed=3)
+    first, again = (_sampled(_collafuse(rc, clients=6)[1], range(1, 5)) for _ in range(2))
+    assert all(len(nodes) == 3 for nodes in first) and len(set(first)) > 1  # 3 of 6, not the same 3
+    assert again == first  # the same seed, the same subsets
+    assert _sampled(_collafuse(rc, clients=6)[1], [3, 4]) == first[2:]  # a resumed run samples as the first did
+    assert _sampled(_collafuse(tiny_config(cut_ratio=0.3, fraction_train=0.5, seed=4), clients=6)[1],
+                    range(1, 5)) != first
+    assert all(len(nodes) == 5 for nodes in _sampled(_collafuse(rc, clients=6, min_train_nodes=5)[1], range(1, 4)))
+    assert _sampled(_collafuse(tiny_config(cut_ratio=0.3), clients=6)[1], [1, 2]) == [tuple(range(1, 7))] * 2
+
+
+def test_a_sampled_in_process_run_asks_half_the_nodes_a_round_and_serves_only_them(tiny_config):
+    from inprocess import InProcessGrid
+
+    from collafuse_flwr import client_app as ca
+    from collafuse_flwr.server.build import build_strategy
+
+    rc = {**tiny_config(cut_ratio=0.5, num_server_rounds=2, local_steps=2, fraction_train=0.5, fraction_evaluate=0.5,
+                        seed=1), "count-flops": False}
+    cfg = parse_config(rc)
+    s, arrays = build_strategy(cfg, 6, torch.device("cpu"), harness=False)
+    grid = InProcessGrid(ca.app, rc, 6)
+    s.start(grid=grid, initial_arrays=arrays, num_rounds=2)
+    asked: dict[tuple[int, str], list[int]] = {}
+    for m in grid.sent:
+        phase = m.metadata.message_type.split(".")[0]
+        if phase in ("train", "evaluate"):
+            asked.setdefault((m.content["config"]["server-round"], phase), []).append(m.metadata.dst_node_id)
+    assert sorted(asked) == [(1, "train"), (2, "evaluate"), (2, "train")]
+    assert all(len(nodes) == 3 for nodes in asked.values()) and asked[1, "train"] != asked[2, "train"]
+    assert not s.recorder.failures and not s.recorder.rejected
+    assert s.recorder.rounds[1].values["server-steps-owed"] == 2 * 3  # "auto": local-steps x the nodes it served
+    served = {s.client_of(n) for n in asked[1, "train"] + asked[2, "train"]}
+    assert set(s.buffer) == served
