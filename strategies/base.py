@@ -104,7 +104,8 @@ class DiffusionStrategy(Strategy):
                              f"{num_eval_samples}, {eval_every}, {sampling_steps}")
         self.min_available_nodes = min_available_nodes
         self.min_available_fraction = min_available_fraction
-        self.sampling = {"train": (fraction_train, min_train_nodes), "evaluate": (fraction_evaluate, min_evaluate_nodes)}
+        self.sampling = {"train": (fraction_train, min_train_nodes),
+                         "evaluate": (fraction_evaluate, min_evaluate_nodes)}
         self.seed = seed
         self.num_eval_samples = num_eval_samples
         self.eval_every = eval_every
@@ -503,7 +504,8 @@ class DiffusionStrategy(Strategy):
         met = m.content[P.METRICS]
         n_claim = met.get(P.NUM_EXAMPLES)
         if n_claim is not None and not 0 <= n_claim <= self.num_eval_samples:
-            raise OverBudget(f"num-examples: {n_claim} generated images claimed, {self.num_eval_samples} were asked for")
+            raise OverBudget(f"num-examples: {n_claim} generated images claimed, {self.num_eval_samples} were "
+                             f"asked for")
         if met.get(P.FID_SKIPPED, 0) not in (0, 1):
             raise MalformedReply(f"{P.FID_SKIPPED}: must be 0 or 1, got {met[P.FID_SKIPPED]}")
         if P.SAMPLES not in m.content.array_records:

@@ -208,7 +208,8 @@ class CollaFuse(DiffusionStrategy):
         cuts = {self.cut_for(int(c)) for c in labels.unique()}
         if len(cuts) == 1:  # one cut for all (the paper's setting)
             row_cuts = None
-            loss_fn = server_share_loss(self.model, self.sched, cuts.pop(), self.server_target, self.trainer.gen)  # type: ignore[arg-type]
+            loss_fn = server_share_loss(self.model, self.sched, cuts.pop(),  # type: ignore[arg-type]
+                                        self.server_target, self.trainer.gen)  # type: ignore[arg-type]
         else:
             row_cuts = torch.tensor([self.cut_for(c) for c in range(int(labels.max()) + 1)])[labels]
             loss_fn = lambda x_tc, c: D.server_loss(self.model, self.sched, x_tc, c, self.server_target,  # noqa: E731
@@ -269,10 +270,6 @@ class CollaFuse(DiffusionStrategy):
         finally:
             self.model.train(was_training)
 
-    def buffer_tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The buffer as one tensor, with each row's client index (in client order)."""
-        return self.trainer.tensors()
-
     # -- evaluation ---------------------------------------------------------------------------
     def server_half(self, n: int, client: int) -> torch.Tensor:
         """x_T -> x_{t_c,k} with the shared model for one client (what that node receives)."""
@@ -282,11 +279,11 @@ class CollaFuse(DiffusionStrategy):
         self.model.eval()
         if hasattr(self.model, "condition"):
             self.model.condition(client)
-        meter = self.trainer.meter
-        eps_model = meter.wrap(self.model, "server-infer") if meter is not None else self.model
+        t = self.trainer
+        eps_model = t.meter.wrap(self.model, "server-infer") if t.meter is not None else self.model
         with torch.no_grad():
             x = D.server_sample(eps_model, self.sched, (n, *self.image_shape), t_c,  # type: ignore[arg-type]
-                                self.server_target, s_srv, self.trainer.gen, self.trainer.device)  # type: ignore[arg-type]
+                                self.server_target, s_srv, t.gen, t.device)  # type: ignore[arg-type]
         return x.cpu()
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
@@ -295,11 +292,13 @@ class CollaFuse(DiffusionStrategy):
             client = self.client_of(node_id)
             t_c = self.cut_for(client)
             _, s_cli = D.split_step_budget(self.sampling_steps, self.sched.T, t_c)
-            conf[P.CLIENT_START_STEP] = D.client_start_step(t_c / self.sched.T, self.sched.T, self.server_target)  # type: ignore[arg-type]
+            T = self.sched.T
+            conf[P.CLIENT_START_STEP] = D.client_start_step(t_c / T, T, self.server_target)  # type: ignore[arg-type]
             conf[P.CLIENT_SAMPLING_STEPS] = s_cli or 0
             rd = RecordDict({P.CONFIG: conf})
             if self.serves(client):
-                rd[P.HANDOFF] = ArrayRecord({P.X_TC: Array(self.server_half(self.num_eval_samples, client).float().numpy())})
+                x_tc = self.server_half(self.num_eval_samples, client).float().numpy()
+                rd[P.HANDOFF] = ArrayRecord({P.X_TC: Array(x_tc)})
             if self.harness_payload is not None and client in self.last_upload:
                 payload = self.harness_payload(self, client, self.last_upload[client])
                 if payload is not None:

@@ -19,16 +19,11 @@ from .robust import balanced_batches
 
 
 class ServerTrainer:
-    """What the server trains and with what.
-
-    server_steps: steps a CollaFuse round earns ("auto": local_steps x nodes it served; an int:
-    a fixed budget, the ablation that starves the server as the federation grows).
-    buffer_size: most rows kept (the client holding the most gives way first); None = all.
-    overlap: CollaFuse runs a round's steps while the next round's nodes train (off with an
-    `evaluate_fn`, and before evaluations). overlap_threads: torch threads for those steps; where
-    the nodes train on the same cores give the server what they leave (two multi-thread teams
-    on one core spin against each other: 0.69 s a step instead of 0.07-0.09 s on a 2-core VM).
-    """
+    """What the server trains and with what. server_steps: a CollaFuse round's budget ("auto":
+    local_steps x nodes served; an int: fixed, the ablation that starves a growing federation).
+    buffer_size: most rows kept (None: all). overlap: CollaFuse trains while the next round's nodes
+    do; overlap_threads: torch threads then (two multi-thread teams on shared cores spin against
+    each other: 0.69 s a step instead of 0.07-0.09 s on a 2-core VM)."""
 
     def __init__(self, model: nn.Module, *, batch_size: int = 32, learning_rate: float = 2e-3,
                  server_steps: int | str = "auto", buffer_size: int | None = None, overlap: bool = True,
@@ -57,8 +52,8 @@ class ServerTrainer:
         return data, labels
 
     def trim(self) -> None:
-        """Keep at most `buffer_size` rows: drop the oldest of whichever client holds the most, so a client that uploads more
-        cannot push the others out."""
+        """Keep at most `buffer_size` rows: drop the oldest of whichever client holds the most (one
+        that uploads more cannot push the others out)."""
         if self.buffer_size is None:
             return
         sizes = {c: sum(t.shape[0] for t in ts) for c, ts in self.buffer.items()}

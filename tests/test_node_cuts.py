@@ -90,7 +90,7 @@ def test_the_server_trains_each_row_above_its_own_cut(tiny_config, monkeypatch):
     ts = torch.cat([t for t, _ in seen])
     assert ts.min() >= 3 and ts.max() <= 20
     # rows of the t_c = 18 client only ever see t in {19, 20}; those of the t_c = 2 client reach low t
-    data, labels = s.buffer_tensors()
+    data, labels = s.trainer.tensors()
     row_cuts = torch.tensor([s.cut_for(int(c)) for c in labels])
     g = torch.Generator().manual_seed(0)
     t_rows = []

@@ -58,7 +58,8 @@ def from_config(cfg: RunConfig, model: nn.Module | None = None,
         return FedAvgDiffusion(image_shape=shape, **args)
     if model is None:
         raise ValueError(f"method={cfg.method!r} trains a server model: pass model=")
-    trainer = ServerTrainer(model, seed=args["seed"], **{k: args.pop(k) for k in TRAINER_ARGS if k in args and k != "seed"})
+    trained = {k: args.pop(k) for k in TRAINER_ARGS if k in args and k != "seed"}
+    trainer = ServerTrainer(model, seed=args["seed"], **trained)
     return (CollaFuse if cfg.method == P.COLLAFUSE else Centralized)(trainer, shape, **args)
 
 

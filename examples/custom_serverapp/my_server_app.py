@@ -56,13 +56,8 @@ def main(grid: Grid, context: Context) -> None:
                             num_rounds=int(rc["num-server-rounds"]), evaluate_fn=parameter_norm)
     out = Path(str(rc["output-dir"]) or Path.home() / "collafuse-runs") / f"custom-serverapp-{context.run_id}"
     out.mkdir(parents=True, exist_ok=True)
-    summary = {
-        "cut_step": strategy.t_c,
-        "num_nodes": num_nodes,
-        "train_metrics_clientapp": {r: dict(m) for r, m in result.train_metrics_clientapp.items()},
-        "evaluate_metrics_clientapp": {r: dict(m) for r, m in result.evaluate_metrics_clientapp.items()},
-        "evaluate_metrics_serverapp": {r: dict(m) for r, m in result.evaluate_metrics_serverapp.items()},
-        "final_arrays": len(result.arrays),
-    }
+    summary = {"cut_step": strategy.t_c, "num_nodes": num_nodes, "final_arrays": len(result.arrays),
+               **{k: {r: dict(m) for r, m in getattr(result, k).items()} for k in
+                  ("train_metrics_clientapp", "evaluate_metrics_clientapp", "evaluate_metrics_serverapp")}}
     (out / "summary.json").write_text(json.dumps(summary, indent=1, default=float))
     log(INFO, "my-collafuse-server: summary in %s", out / "summary.json")
