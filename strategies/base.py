@@ -192,9 +192,8 @@ class DiffusionStrategy(Strategy):
     @staticmethod
     def retry_lost_workers(grid: Grid, messages: list[Message], replies: list[Message],
                            timeout: float | None) -> list[Message]:
-        """Send once more the messages whose reply says the simulation worker that ran them died:
-        the engine failing, not the node answering (`isolation.py`). A node whose own ClientApp
-        kills its worker fails again and is counted as failed."""
+        """Send once more the messages whose simulation worker died (the engine failing, not the
+        node: `isolation.py`); a node whose ClientApp kills it again counts as failed."""
         if not isolation.simulation_workers():  # a deployed node could fake the engine's error text
             return replies
         lost = {m.metadata.src_node_id for m in replies if m.has_error() and m.error.code not in (P.REFUSED, P.FAILED)
@@ -213,8 +212,7 @@ class DiffusionStrategy(Strategy):
         """Server work that may run while round `server_round`'s train messages are out (none here)."""
 
     # -- checkpoint state: everything a resumed run needs to continue exactly -------------------------
-    #: plain attributes a checkpoint keeps as they are (each method lists its buffers and counters)
-    checkpoint_attrs: tuple[str, ...] = ()
+    checkpoint_attrs: tuple[str, ...] = ()  # plain attributes a checkpoint keeps as they are
 
     def state_dict(self) -> dict[str, Any]:
         """Identity, records, RNGs, the server trainer where the method has one, `checkpoint_attrs`."""
@@ -346,8 +344,8 @@ class DiffusionStrategy(Strategy):
             time.sleep(1.0)
 
     def sample(self, grid: Grid, server_round: int, phase: str) -> list[int]:
-        """The nodes a round's `phase` addresses, in client order: max(int(fraction x admitted),
-        min_*_nodes) of them, drawn from (seed, round, phase) alone, so a resumed run draws the same."""
+        """max(int(fraction x admitted), min_*_nodes) nodes in client order, drawn from (seed, round,
+        phase) alone, so a resumed run draws the same."""
         fraction, least = self.sampling[phase]
         nodes = self._participants(grid, least)
         k = max(int(len(nodes) * fraction), least)
@@ -389,9 +387,8 @@ class DiffusionStrategy(Strategy):
         """Method-specific payload checks: raise a `ReplyRejected` for a reply that must not be used."""
 
     def _accept(self, server_round: int, replies: Iterable[Message], phase: str) -> list[Message]:
-        """Validated replies in client order. Error replies and silent nodes are counted and logged
-        by client; an invalid reply is dropped whole. Fails the run when fewer than
-        `min_available_fraction` of the addressed nodes are usable."""
+        """Validated replies in client order; errors, silences and rejections are counted by client.
+        Fails the run when fewer than `min_available_fraction` of the addressed nodes are usable."""
         addressed = self._addressed.pop(phase, [])
         ok: list[Message] = []
         rejected: list[tuple[int, int, ReplyRejected]] = []  # (client, node, why)
@@ -448,9 +445,8 @@ class DiffusionStrategy(Strategy):
 
     def _record_rejections(self, server_round: int, phase: str, rejected: list[tuple[int, int, ReplyRejected]],
                            accepted: int) -> None:
-        """Log and count rejected replies by client; never blame the many for the one: when most
-        of a round's train replies are non-finite, the global model they trained was already
-        broken, an incident of the round (naming the clients flagged earlier), not each node's fault."""
+        """Count rejections by client, but never blame the many for the one: most train replies
+        non-finite means the global model was already broken, an incident of the round."""
         diverged = ("non-finite", "not all finite", "not a finite number")
         if (phase == "train" and len(rejected) >= 2 and len(rejected) > accepted
                 and all(any(d in str(r) for d in diverged) for _, _, r in rejected)):
@@ -475,10 +471,8 @@ class DiffusionStrategy(Strategy):
         return "; likely cause: " + ", ".join(f"client {c} ({', '.join(k)})" for c, k in flagged.items())
 
     def _cap_claims(self, server_round: int, ok: list[Message]) -> None:
-        """Example counts weigh every average: a claim counts for at most what the node declared at
-        first contact and `robust.CLAIM_FACTOR` x the others' median. A capped claim is rewritten
-        in the server's copy and recorded: a serious flag when over the declaration or 10x over
-        the cap, otherwise a note (clients differ in size)."""
+        """Cap example claims (`robust.cap_claims`: they weigh every average) in the server's copy; a
+        serious flag when over the declaration or 10x over the cap, else a note (clients differ)."""
         by_client = {self.client_of(m.metadata.src_node_id): m for m in ok
                      if isinstance(m.content[P.METRICS].get(P.NUM_EXAMPLES), (int, float))}
         claims = {c: float(m.content[P.METRICS][P.NUM_EXAMPLES]) for c, m in by_client.items()}
@@ -498,9 +492,8 @@ class DiffusionStrategy(Strategy):
             self.recorder.flag(server_round, c, "claim-capped", detail, serious=serious)
 
     def _check_eval(self, m: Message) -> None:
-        """Evaluation replies are kept and written out after the last round: one client's bad
-        array is refused here, not left to crash every client's report. Samples: exactly uint8
-        N x C x H x W, 1 <= N <= num_eval_samples, in this run's image shape, N = num-examples."""
+        """Evaluation replies are kept for the report: one client's bad array is refused here, not
+        left to crash every client's report (uint8 N x C x H x W, N <= num_eval_samples)."""
         met = m.content[P.METRICS]
         n_claim = met.get(P.NUM_EXAMPLES)
         if n_claim is not None and not 0 <= n_claim <= self.num_eval_samples:
