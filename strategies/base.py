@@ -102,21 +102,17 @@ class DiffusionStrategy(Strategy):
         if num_eval_samples < 1 or eval_every < 0 or sampling_steps < 0:
             raise ValueError(f"num_eval_samples >= 1, eval_every >= 0 and sampling_steps >= 0 required, got "
                              f"{num_eval_samples}, {eval_every}, {sampling_steps}")
-        self.min_available_nodes = min_available_nodes
-        self.min_available_fraction = min_available_fraction
+        self.min_available_nodes, self.min_available_fraction = min_available_nodes, min_available_fraction
         self.sampling = {"train": (fraction_train, min_train_nodes),
                          "evaluate": (fraction_evaluate, min_evaluate_nodes)}
-        self.seed = seed
-        self.num_eval_samples = num_eval_samples
-        self.eval_every = eval_every
-        self.sampling_steps = sampling_steps
-        self.connect_timeout = connect_timeout
+        self.num_eval_samples, self.eval_every, self.sampling_steps = num_eval_samples, eval_every, sampling_steps
+        self.seed, self.connect_timeout = seed, connect_timeout
         self.recorder = recorder or Recorder()
         self.image_shape: tuple[int, ...] | None = tuple(image_shape) if image_shape else None
         self.registry = NodeRegistry(capacity)
         self.num_rounds: int | None = None
-        self.run_key = 0  # which run's private state nodes continue (a resumed run keeps the first id)
         self.round_timeout: float | None = None
+        self.run_key = 0  # which run's private state nodes continue (a resumed run keeps the first id)
         self._on_round_end = on_round_end
         self._addressed: dict[str, list[int]] = {}  # phase -> nodes the last messages went to
         self._t0 = time.perf_counter()
@@ -130,8 +126,7 @@ class DiffusionStrategy(Strategy):
               checkpoint_fn: Callable[[int, ArrayRecord, Result], None] | None = None) -> Result:
         """Flower's `Strategy.start` loop, plus resuming (`start_round`, the `result` so far) and
         `checkpoint_fn(round, arrays, result)` after every round, so a killed run can go on."""
-        self.num_rounds = num_rounds
-        self.round_timeout = timeout
+        self.num_rounds, self.round_timeout = num_rounds, timeout
         # an evaluate_fn measures the model after every round: no server work may be left owed then
         self.measured_every_round = evaluate_fn is not None
         self._t0 = time.perf_counter()
@@ -296,7 +291,7 @@ class DiffusionStrategy(Strategy):
                    f"its {P.PARTITION_ID} claim {info[P.PARTITION_ID]!r} is not a whole number >= -1"
                    if P.PARTITION_ID in info and not (float(info[P.PARTITION_ID]).is_integer()
                                                       and info[P.PARTITION_ID] >= -1) else "")
-            if why or info is None:
+            if why:
                 self._refuse(nid, f"its first-contact reply was malformed: {why}",
                              f"sent a malformed first-contact reply ({why}); not admitted")
                 continue
@@ -306,16 +301,15 @@ class DiffusionStrategy(Strategy):
         for nid, info in answers:
             try:
                 self.accept_hello(nid, info)
+                claimed = int(info[P.PARTITION_ID]) if P.PARTITION_ID in info else None
+                idx, why = self.registry.admit(nid, claimed, info, connected)
+                if idx is None:
+                    raise NotAdmitted(why)
             except NotAdmitted as exc:
                 self._refuse(nid, str(exc), f"refused: {exc}")
                 continue
-            claimed = int(info[P.PARTITION_ID]) if P.PARTITION_ID in info else None
-            idx, why = self.registry.admit(nid, claimed, info, connected)
-            if idx is None:
-                log(WARNING, "node %d refused: %s", nid, why)
-            else:
-                self.on_admit(nid, idx, info)
-                log(INFO, "node %d admitted as client %d", nid, idx)
+            self.on_admit(nid, idx, info)
+            log(INFO, "node %d admitted as client %d", nid, idx)
 
     def _participants(self, grid: Grid, least: int = 1) -> list[int]:
         """Admitted, connected nodes in client order; waits for max(`min_available_nodes`, least)."""

@@ -1,13 +1,7 @@
-"""The CollaFuse strategy: clients train their low-noise share and upload x_{t_c}; the server
-trains the shared high-noise denoiser on those uploads.
-
-Round r: configure_train sends each node its cut step, steps and upload budget (never the
-server model; the node refuses a request that would lower its privacy). aggregate_train
-validates each upload (shape, dtype, finite, range, budget, and image by image what an x_{t_c}
-at that node's noise level looks like: `robust.UploadCheck`) before it joins the bounded buffer;
-the server owes `server_steps` steps on t > t_c, in which every client gets the same share of
-rows (`robust.balanced_batches`); with `overlap` they run while the nodes train round r + 1.
-configure_evaluate runs x_T -> x_{t_c} per node; the node finishes x_{t_c} -> x_0 privately.
+"""The CollaFuse strategy: clients train their low-noise share and upload x_{t_c} (never
+receiving the server model); the server validates each upload (`robust.UploadCheck`) and trains
+the shared high-noise denoiser on them, overlapping the nodes' next round where it may. At
+evaluation it runs x_T -> x_{t_c} per node; the node finishes x_{t_c} -> x_0 privately.
 """
 
 from __future__ import annotations
@@ -40,21 +34,12 @@ HarnessPayload = Callable[["CollaFuse", int, np.ndarray], ArrayRecord | None]
 
 
 class CollaFuse(DiffusionStrategy):
-    """CollaFuse's server side.
-
-    trainer: the server's shared denoiser eps(x_t, t[, client]) and how it trains; a `Denoiser`
-    with `num_classes` = client slots is conditioned on the client index.
-    cut_ratio / cut_step: c (t_c = round(c T)) or t_c itself; exactly one.
-    node_cuts: each node runs at the cut its hello declares (node_config or client-cut-ratios) and
-    the server trains on t > t_c,k for its uploads; False (the paper): a node declaring another
-    cut is not admitted.
-    server_target: "exact" sub-diffusion from x_{t_c}, or the authors' "renoise" (ablation).
-    local_steps: each node's steps a round; with the trainer's server_steps="auto" the server
-    takes local_steps per node whose upload it accepted (centralized training's budget).
-    uploads_per_round: x_{t_c} images a node uploads a round (more are refused).
-    harness_payload(strategy, client, last_upload): research hook, a measurement-only record sent
-    at evaluation (disclosure).
-    """
+    """CollaFuse's server side. trainer: the shared denoiser (conditioned on the client index when
+    its `num_classes` = client slots) and how it trains. cut_ratio or cut_step: c or t_c = round(c T).
+    node_cuts: each node runs at the cut its hello declares (else, as in the paper, such a node is
+    not admitted). server_target: "exact" or the authors' "renoise" (ablation). local_steps: what
+    server_steps="auto" pays per node served. harness_payload(strategy, client, last_upload): a
+    measurement-only record sent at evaluation (disclosure research)."""
 
     method = P.COLLAFUSE
     checkpoint_attrs = ("last_upload", "owed_steps", "client_cut")

@@ -473,8 +473,8 @@ def test_a_sampled_in_process_run_asks_half_the_nodes_a_round_and_serves_only_th
     from collafuse_flwr import client_app as ca
     from collafuse_flwr.server.build import build_strategy
 
-    rc = {**tiny_config(cut_ratio=0.5, num_server_rounds=2, local_steps=2, fraction_train=0.5, fraction_evaluate=0.5,
-                        seed=1), "count-flops": False}
+    rc = {**tiny_config(cut_ratio=0.5, num_server_rounds=2, local_steps=2, server_steps="auto", fraction_train=0.5,
+                        fraction_evaluate=0.5, seed=1), "count-flops": False}
     cfg = parse_config(rc)
     s, arrays = build_strategy(cfg, 6, torch.device("cpu"), harness=False)
     grid = InProcessGrid(ca.app, rc, 6)

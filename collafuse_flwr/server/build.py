@@ -21,14 +21,6 @@ from strategies.base import DiffusionStrategy
 TRAINER_ARGS = tuple(inspect.signature(ServerTrainer).parameters)[1:]  # all but the model (the seed: both)
 
 
-def common_args(cfg: RunConfig) -> dict[str, Any]:
-    """`DiffusionStrategy` arguments every method shares."""
-    return dict(min_available_nodes=cfg.min_nodes, min_available_fraction=cfg.min_available_fraction,
-                fraction_train=cfg.fraction_train, fraction_evaluate=cfg.fraction_evaluate, seed=cfg.seed,
-                num_eval_samples=cfg.num_eval_samples, eval_every=cfg.eval_every,
-                sampling_steps=cfg.sampling_steps, connect_timeout=cfg.round_timeout)
-
-
 def method_args(cfg: RunConfig) -> dict[str, Any]:
     """Constructor arguments of cfg.method's strategy and its `ServerTrainer` (model and shape aside)."""
     if cfg.method == P.LOCAL:
@@ -51,7 +43,11 @@ def from_config(cfg: RunConfig, model: nn.Module | None = None,
     """cfg.method's strategy; `kwargs` (strategy or trainer arguments) win over the run-config's.
     CollaFuse and centralized train `model` on the server; FedAvg and local-only hold no model."""
     shape = image_shape or (run_channels(cfg), cfg.image_size, cfg.image_size)
-    args = {**common_args(cfg), **method_args(cfg), **kwargs}
+    common = dict(min_available_nodes=cfg.min_nodes, min_available_fraction=cfg.min_available_fraction,
+                  fraction_train=cfg.fraction_train, fraction_evaluate=cfg.fraction_evaluate, seed=cfg.seed,
+                  num_eval_samples=cfg.num_eval_samples, eval_every=cfg.eval_every,
+                  sampling_steps=cfg.sampling_steps, connect_timeout=cfg.round_timeout)
+    args = {**common, **method_args(cfg), **kwargs}
     if cfg.method == P.LOCAL:
         return LocalOnly(image_shape=shape, **args)
     if cfg.method == P.FEDAVG:
