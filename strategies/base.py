@@ -230,6 +230,11 @@ class DiffusionStrategy(Strategy):
         for a, v in state["attrs"].items():
             setattr(self, a, v)
 
+    @property
+    def model(self) -> torch.nn.Module:
+        """The server's model, where the method trains one (`self.trainer`)."""
+        return self.trainer.model  # type: ignore[attr-defined]
+
     def is_eval_round(self, server_round: int) -> bool:
         last = self.num_rounds is None or server_round == self.num_rounds
         return last or (self.eval_every > 0 and server_round % self.eval_every == 0)

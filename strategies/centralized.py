@@ -46,10 +46,6 @@ class Centralized(DiffusionStrategy):
         log(WARNING, "method=centralized is a REFERENCE that pools the clients' raw training images "
             "on the server (no privacy); use it as the quality upper bound only")
 
-    @property
-    def model(self) -> torch.nn.Module:
-        return self.trainer.model
-
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
         if self.trainer.buffer:

@@ -80,10 +80,6 @@ class CollaFuse(DiffusionStrategy):
             log(WARNING, "cut-ratio=1: clients train alone and upload nothing (local-only extreme)")
 
     @property
-    def model(self) -> torch.nn.Module:
-        return self.trainer.model
-
-    @property
     def buffer(self) -> dict[int, list[torch.Tensor]]:
         return self.trainer.buffer
 
