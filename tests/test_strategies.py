@@ -465,6 +465,11 @@ def test_fraction_train_samples_that_share_of_the_nodes_each_round_reproducibly(
                     range(1, 5)) != first
     assert all(len(nodes) == 5 for nodes in _sampled(_collafuse(rc, clients=6, min_train_nodes=5)[1], range(1, 4)))
     assert _sampled(_collafuse(tiny_config(cut_ratio=0.3), clients=6)[1], [1, 2]) == [tuple(range(1, 7))] * 2
+    from collafuse_flwr.config import ConfigError
+
+    for key in ("fraction_train", "fraction_evaluate"):  # refused at start, naming the key
+        with pytest.raises(ConfigError, match=key.replace("_", "-")):
+            parse_config(tiny_config(**{key: 0.0}))
 
 
 def test_a_sampled_in_process_run_asks_half_the_nodes_a_round_and_serves_only_them(tiny_config):
