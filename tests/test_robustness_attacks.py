@@ -140,7 +140,7 @@ def test_no_client_gets_more_than_its_share_of_server_steps():
 
 
 def test_collafuse_trains_on_equal_shares_when_one_client_holds_more(tiny_config, monkeypatch):
-    import strategies.collafuse as cf
+    import strategies.trainer as cf
 
     seen = {}
 
