@@ -76,6 +76,8 @@ class RunConfig:
     output_dir: str
     min_nodes: int
     min_available_fraction: float
+    fraction_train: float
+    fraction_evaluate: float
     round_timeout: float
     server_buffer_size: int
     harness: str
@@ -278,6 +280,10 @@ def parse_config(run_config: dict[str, Any], *, defaults: dict[str, Any] | None 
     if not 0.0 < values["min_available_fraction"] <= 1.0:
         raise ConfigError(f"min-available-fraction must be in (0, 1] (the share of nodes whose replies "
                           f"let a round go on), got {values['min_available_fraction']}")
+    for key in ("fraction_train", "fraction_evaluate"):
+        if not 0.0 < values[key] <= 1.0:
+            raise ConfigError(f"{key.replace('_', '-')} must be in (0, 1] (the share of the admitted nodes "
+                              f"sampled each round), got {values[key]}")
     if values["round_timeout"] <= 0:
         raise ConfigError(f"round-timeout must be > 0 seconds, got {values['round_timeout']}")
     if values["learning_rate"] <= 0:

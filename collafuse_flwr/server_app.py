@@ -1,9 +1,6 @@
-"""The ServerApp: this project's thin wiring of config, strategy and research harness.
-
-Validate the run-config once, wait for the nodes, build the method's strategy from it
-(`server/build.py`), switch the research harness on only where it may run (the
-simulation engine, or `harness = "on"`), run Flower's loop and write the outputs.
-"""
+"""The ServerApp: validate the run-config, wait for the nodes, build the method's strategy
+(`server/build.py`), run Flower's loop and write the outputs; the research harness only where
+it may run (the simulation engine, or `harness = "on"`)."""
 
 from __future__ import annotations
 
@@ -56,14 +53,13 @@ def in_simulation(grid: Grid) -> bool:
 
 
 def harness_enabled(cfg: RunConfig, simulation: bool) -> bool:
-    """Pooled FID, the reference attacker and the disclosure probe reload client data in the
-    ServerApp: only a simulation can (and may) do that, or an explicit `harness = "on"`."""
+    """The harness reloads client data in the ServerApp: only a simulation can (and may), or `harness = "on"`."""
     return cfg.harness == "on" or (cfg.harness == "auto" and simulation)
 
 
 def harness_data_readable(cfg: RunConfig) -> bool:
-    """Check at start that the ServerApp can read the data its harness needs, so a harness that
-    cannot run is skipped now, with one line, instead of failing the run after training."""
+    """Whether the harness's data is readable: checked at start, so it is skipped now, with one line,
+    instead of failing the run after training."""
     try:
         dataset_for(cfg)
         return True
@@ -120,23 +116,17 @@ def _recorded_status(folder: Path) -> str:
 
 
 def _stop_on_sigterm() -> None:
-    """`flwr stop` / a killed SuperLink sends SIGTERM: turn it into SystemExit so results.json
-    says "stopped" instead of staying at "running". Only the main thread may set handlers (the
-    simulation runs the ServerApp in a thread; there the engine stops it)."""
+    """SIGTERM (`flwr stop`, a killed SuperLink) -> SystemExit, so results.json says "stopped"
+    (only the main thread may set handlers; in a simulation thread the engine stops it)."""
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
 
 class _EngineExit:
-    """Record "stopped" when Flower's engine exits under a running ServerApp.
-
-    `flwr stop`, or SIGINT/SIGTERM to flwr-simulation, ends the simulation through flwr_exit in
-    its main thread; the ServerApp runs in another thread and never sees a signal, so
-    results.json would stay at "running". flwr_exit runs its registered exit handlers first:
-    this one writes "stopped" (if the run is still running) and remembers that the engine is
-    going, so the error the ServerApp's thread may hit next (its grid gone) is recorded as
-    "stopped" too, not "failed". Disarmed when the run ends; a no-op in a process without
-    flwr_exit (a deployment's flwr-serverapp turns SIGTERM into SystemExit instead)."""
+    """Record "stopped" when Flower's engine exits under a running ServerApp: `flwr stop` ends a
+    simulation through flwr_exit in its main thread, and the ServerApp's thread never sees a
+    signal. The handler writes "stopped" and remembers it, so the error the thread hits next (its
+    grid gone) is "stopped" too, not "failed". Disarmed when the run ends."""
 
     def __init__(self, results: Path, header: dict) -> None:
         self.results, self.header, self.armed, self.exiting = results, header, True, False

@@ -1,11 +1,9 @@
-"""What every method's strategy shares: first contact and identity, who takes part in a round,
-validating replies before they touch state, dropouts and metric averaging. Every name in a message comes from `collafuse_flwr.protocol`.
+"""What every method's strategy shares: first contact and identity, which nodes take part in a
+round, validating replies before they touch state, dropouts and metric averaging.
 
-Each method only decides what goes into its train/evaluate messages and what the server does
-with the (already validated) replies. The conventions are those of
-`flwr.serverapp.strategy.FedAvg`: plain constructor arguments, the `config` passed to
-`configure_*` is forwarded to the nodes, `start()` returns Flower's `Result` and takes an
-`evaluate_fn` for server-side measures.
+Conventions are those of `flwr.serverapp.strategy.FedAvg`: plain constructor arguments, the
+`config` given to `configure_*` is forwarded to the nodes, `start()` returns Flower's `Result`.
+Every name in a message comes from `collafuse_flwr.protocol`.
 """
 
 from __future__ import annotations
@@ -46,57 +44,75 @@ class RoundFailed(RuntimeError):
     """Too few nodes replied (or were connected) for the round to mean anything."""
 
 
+class ReplyRejected(Exception):
+    """A reply the server will not use; the message says why, its `kind` (the text before the
+    first ':') is what the recorder counts it under."""
+
+    @property
+    def kind(self) -> str:
+        return str(self).split(":")[0]
+
+
+class MalformedReply(ReplyRejected):
+    """Records, metrics or arrays that are missing, unasked for, or of the wrong type or shape."""
+
+
+class OverBudget(ReplyRejected):
+    """More than the node was asked for or may send."""
+
+
+class ImplausibleUpload(ReplyRejected):
+    """Well-formed values that no honest node could have sent (non-finite, out of range)."""
+
+
+class NotAdmitted(Exception):
+    """A node's first-contact reply that keeps it out of the run; the message says why."""
+
+
 class DiffusionStrategy(Strategy):
     """Base of the CollaFuse, FedAvg, local-only and centralized strategies.
 
-    Parameters
-    ----------
-    min_available_nodes : int
-        Nodes that must be connected (and admitted) before a round starts; waits up to
-        `connect_timeout` seconds for them, then fails clearly instead of waiting forever.
-    min_available_fraction : float
-        A round goes on when at least this share of the nodes it addressed replied validly
-        within the round's timeout; below it the run fails with the missing clients named.
-    capacity : int | None
-        Number of client slots (a conditional shared model's classes); None = unbounded.
-    num_eval_samples, eval_every, sampling_steps
-        Generated images per node at evaluation; evaluate every k rounds (0 = last round only);
-        0 = ancestral DDPM sampling, n = n DDIM steps.
-    image_shape : (C, H, W) | None
-        Shape of one image: the samples an evaluation reply returns must have it (None: any
-        shape, checked only for being uint8 N x C x H x W).
-    recorder : Recorder | None
-        Bytes, per-round figures and evaluation returns (a fresh one when None).
-    on_round_end : callable(strategy, round) | None
-        Called after each round's evaluation step (the app appends metrics.csv there).
+    min_available_nodes: admitted nodes to wait for (up to `connect_timeout` s) before a round.
+    min_available_fraction: a round goes on when this share of the nodes it addressed replied
+    validly in time; below it the run fails naming the missing clients.
+    fraction_train / fraction_evaluate, min_train_nodes / min_evaluate_nodes: the share of the
+    admitted nodes sampled each round (at least min_*, waited for), as in Flower's FedAvg; drawn
+    from `seed` and the round, so a resumed run samples the same nodes.
+    capacity: client slots (a conditional shared model's classes); None = unbounded.
+    image_shape: what an evaluation reply's samples must be (None: any uint8 N x C x H x W).
+    on_round_end(strategy, round): called after each round's evaluation step.
     """
 
     method = "diffusion"
 
     def __init__(self, *, min_available_nodes: int = 1, min_available_fraction: float = 0.5,
+                 fraction_train: float = 1.0, min_train_nodes: int = 1, fraction_evaluate: float = 1.0,
+                 min_evaluate_nodes: int = 1, seed: int = 0,
                  capacity: int | None = None, num_eval_samples: int = 64, eval_every: int = 0,
                  sampling_steps: int = 0, connect_timeout: float = 300.0,
                  recorder: Recorder | None = None, image_shape: tuple[int, int, int] | None = None,
                  on_round_end: Callable[[Any, int], None] | None = None) -> None:
-        if min_available_nodes < 1:
-            raise ValueError(f"min_available_nodes must be >= 1, got {min_available_nodes}")
-        if not 0.0 < min_available_fraction <= 1.0:
-            raise ValueError(f"min_available_fraction must be in (0, 1], got {min_available_fraction}")
+        if min(min_available_nodes, min_train_nodes, min_evaluate_nodes) < 1:
+            raise ValueError(f"min_available_nodes, min_train_nodes and min_evaluate_nodes must be >= 1, got "
+                             f"{min_available_nodes}, {min_train_nodes}, {min_evaluate_nodes}")
+        for name, f in (("min_available_fraction", min_available_fraction), ("fraction_train", fraction_train),
+                        ("fraction_evaluate", fraction_evaluate)):
+            if not 0.0 < f <= 1.0:
+                raise ValueError(f"{name} must be in (0, 1], got {f}")
         if num_eval_samples < 1 or eval_every < 0 or sampling_steps < 0:
             raise ValueError(f"num_eval_samples >= 1, eval_every >= 0 and sampling_steps >= 0 required, got "
                              f"{num_eval_samples}, {eval_every}, {sampling_steps}")
-        self.min_available_nodes = min_available_nodes
-        self.min_available_fraction = min_available_fraction
-        self.num_eval_samples = num_eval_samples
-        self.eval_every = eval_every
-        self.sampling_steps = sampling_steps
-        self.connect_timeout = connect_timeout
+        self.min_available_nodes, self.min_available_fraction = min_available_nodes, min_available_fraction
+        self.sampling = {"train": (fraction_train, min_train_nodes),
+                         "evaluate": (fraction_evaluate, min_evaluate_nodes)}
+        self.num_eval_samples, self.eval_every, self.sampling_steps = num_eval_samples, eval_every, sampling_steps
+        self.seed, self.connect_timeout = seed, connect_timeout
         self.recorder = recorder or Recorder()
         self.image_shape: tuple[int, ...] | None = tuple(image_shape) if image_shape else None
         self.registry = NodeRegistry(capacity)
         self.num_rounds: int | None = None
-        self.run_key = 0  # which run's private state nodes continue (a resumed run keeps the first id)
         self.round_timeout: float | None = None
+        self.run_key = 0  # which run's private state nodes continue (a resumed run keeps the first id)
         self._on_round_end = on_round_end
         self._addressed: dict[str, list[int]] = {}  # phase -> nodes the last messages went to
         self._t0 = time.perf_counter()
@@ -108,15 +124,9 @@ class DiffusionStrategy(Strategy):
               evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None,
               *, start_round: int = 1, result: Result | None = None,
               checkpoint_fn: Callable[[int, ArrayRecord, Result], None] | None = None) -> Result:
-        """Flower's `Strategy.start` loop (train, evaluate, `evaluate_fn`, per round), plus:
-
-        start_round / result: continue a run from a checkpoint (rounds before `start_round`
-        are done; `result` holds their history).
-        checkpoint_fn(round, arrays, result): called after every round, so a killed run can be
-        resumed from its last finished round.
-        """
-        self.num_rounds = num_rounds
-        self.round_timeout = timeout
+        """Flower's `Strategy.start` loop, plus resuming (`start_round`, the `result` so far) and
+        `checkpoint_fn(round, arrays, result)` after every round, so a killed run can go on."""
+        self.num_rounds, self.round_timeout = num_rounds, timeout
         # an evaluate_fn measures the model after every round: no server work may be left owed then
         self.measured_every_round = evaluate_fn is not None
         self._t0 = time.perf_counter()
@@ -126,10 +136,14 @@ class DiffusionStrategy(Strategy):
         evaluate_config = ConfigRecord() if evaluate_config is None else evaluate_config
         result = result if result is not None else Result()
         arrays = initial_arrays
-        if evaluate_fn and start_round == 1:
-            res = evaluate_fn(0, arrays)
+
+        def measure(rnd: int) -> None:
+            res = evaluate_fn(rnd, arrays) if evaluate_fn else None
             if res is not None:
-                result.evaluate_metrics_serverapp[0] = res
+                result.evaluate_metrics_serverapp[rnd] = res
+
+        if start_round == 1:
+            measure(0)
         for rnd in range(start_round, num_rounds + 1):
             log(INFO, "[ROUND %d/%d]", rnd, num_rounds)
             replies = self.exchange(grid, self.configure_train(rnd, arrays, train_config, grid), timeout,
@@ -143,10 +157,7 @@ class DiffusionStrategy(Strategy):
             eval_metrics = self.aggregate_evaluate(rnd, replies)
             if eval_metrics is not None:
                 result.evaluate_metrics_clientapp[rnd] = eval_metrics
-            if evaluate_fn:
-                res = evaluate_fn(rnd, arrays)
-                if res is not None:
-                    result.evaluate_metrics_serverapp[rnd] = res
+            measure(rnd)
             if checkpoint_fn is not None:
                 checkpoint_fn(rnd, arrays, result)
         if result.arrays is None or not len(result.arrays):
@@ -156,15 +167,10 @@ class DiffusionStrategy(Strategy):
     @staticmethod
     def exchange(grid: Grid, messages: Iterable[Message], timeout: float | None,
                  during: Callable[[], None] | None = None, interval: float = 0.05) -> list[Message]:
-        """`grid.send_and_receive`, with `during()` run after the messages are out and before the
-        replies are collected: server work that overlaps the nodes' work. The timeout counts from
-        the push, as in Flower's grid; replies that arrive while `during()` runs are kept."""
+        """`grid.send_and_receive`, with `during()` (server work that overlaps the nodes') run once
+        the messages are out; the timeout counts from the push, as in Flower's grid."""
         messages = list(messages)
-        if not messages:
-            if during is not None:
-                during()
-            return []
-        pending = set(grid.push_messages(messages))
+        pending = set(grid.push_messages(messages)) if messages else set()
         deadline = None if timeout is None else time.time() + timeout
         if during is not None:
             during()
@@ -181,14 +187,8 @@ class DiffusionStrategy(Strategy):
     @staticmethod
     def retry_lost_workers(grid: Grid, messages: list[Message], replies: list[Message],
                            timeout: float | None) -> list[Message]:
-        """Send once more the messages whose reply says the simulation worker that ran them died.
-
-        On Flower's simulation engine a ClientApp that ends its process (os._exit, a crash in
-        native code, the OOM killer) kills a Ray actor that other nodes' ClientApps run on, and
-        every message that actor had or is given next fails with ActorDiedError (see
-        `isolation.py`). That is the infrastructure failing, not the node answering: each such
-        node gets its message once more. A node whose own ClientApp kills the actor fails again
-        and is counted as failed; the others answer."""
+        """Send once more the messages whose simulation worker died (the engine failing, not the
+        node: `isolation.py`); a node whose ClientApp kills it again counts as failed."""
         if not isolation.simulation_workers():  # a deployed node could fake the engine's error text
             return replies
         lost = {m.metadata.src_node_id for m in replies if m.has_error() and m.error.code not in (P.REFUSED, P.FAILED)
@@ -207,20 +207,17 @@ class DiffusionStrategy(Strategy):
         """Server work that may run while round `server_round`'s train messages are out (none here)."""
 
     # -- checkpoint state: everything a resumed run needs to continue exactly -------------------------
-    #: plain attributes a checkpoint keeps as they are (each method lists its buffers and counters)
-    checkpoint_attrs: tuple[str, ...] = ()
+    checkpoint_attrs: tuple[str, ...] = ()  # plain attributes a checkpoint keeps as they are
 
     def state_dict(self) -> dict[str, Any]:
-        """The strategy's state for a checkpoint: identity, records, RNGs, a server model and its
-        optimizer where the method has one, and `checkpoint_attrs`."""
+        """Identity, records, RNGs, the server trainer where the method has one, `checkpoint_attrs`."""
         state: dict[str, Any] = {
             "registry": (self.registry.capacity, dict(self.registry.index), dict(self.registry.info),
                          dict(self.registry.refused)),
             "recorder": self.recorder.state_dict(), "torch_rng": torch.get_rng_state(),
             "attrs": {a: getattr(self, a) for a in self.checkpoint_attrs}}
-        if hasattr(self, "model"):
-            state.update(model=self.model.state_dict(), optimizer=self.optimizer.state_dict(),
-                         gen=self.gen.get_state())
+        if hasattr(self, "trainer"):
+            state["trainer"] = self.trainer.state_dict()
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -228,20 +225,23 @@ class DiffusionStrategy(Strategy):
         self.registry = NodeRegistry(cap, dict(index), dict(info), dict(refused))
         self.recorder.load_state_dict(state["recorder"])
         torch.set_rng_state(state["torch_rng"])
-        if "model" in state:
-            self.model.load_state_dict(state["model"])
-            self.optimizer.load_state_dict(state["optimizer"])
-            self.gen.set_state(state["gen"])
+        if "trainer" in state:
+            self.trainer.load_state_dict(state["trainer"])
         for a, v in state["attrs"].items():
             setattr(self, a, v)
+
+    @property
+    def model(self) -> torch.nn.Module:
+        """The server's model, where the method trains one (`self.trainer`)."""
+        return self.trainer.model  # type: ignore[attr-defined]
 
     def is_eval_round(self, server_round: int) -> bool:
         last = self.num_rounds is None or server_round == self.num_rounds
         return last or (self.eval_every > 0 and server_round % self.eval_every == 0)
 
     def model_measured_after(self, server_round: int) -> bool:
-        """Whether anything looks at the model once this round ends: the nodes' evaluation, the
-        last round, or a user's `evaluate_fn` (every round); no server work may be owed then."""
+        """Whether anything looks at the model once this round ends (the nodes' evaluation, the
+        last round, a user's `evaluate_fn`): no server work may be owed then."""
         return self.measured_every_round or self.is_eval_round(server_round)
 
     def client_of(self, node_id: int) -> int:
@@ -253,21 +253,22 @@ class DiffusionStrategy(Strategy):
         """What the server tells a node at first contact (methods add their settings)."""
         return {P.METHOD: self.method}
 
-    def accept_hello(self, node_id: int, info: dict[str, Any]) -> str:
-        """Method-specific admission check on a node's hello reply: '' to admit, else why not."""
-        return ""
-
-    def _check_channels(self, info: dict[str, Any]) -> str:
-        """A node whose images have other channels than the server's model cannot take part."""
-        shape = getattr(self, "image_shape", None)
+    def accept_hello(self, node_id: int, info: dict[str, Any]) -> None:
+        """Method-specific admission check on a node's hello reply: raise `NotAdmitted` to refuse.
+        Here: a node whose images have other channels than the server's model cannot take part."""
         have = info.get(P.IMAGE_CHANNELS)
-        if shape is None or have is None or int(have) == shape[0]:
-            return ""
-        return (f"the node's images have {int(have)} channel(s), the server's model {shape[0]}: set run-config "
-                f"image-channels={shape[0]} so that every node converts its images")
+        if self.image_shape is not None and have is not None and int(have) != self.image_shape[0]:
+            raise NotAdmitted(f"the node's images have {int(have)} channel(s), the server's model "
+                              f"{self.image_shape[0]}: set run-config image-channels={self.image_shape[0]} so "
+                              f"that every node converts its images")
 
     def on_admit(self, node_id: int, client: int, info: dict[str, Any]) -> None:
         """Called once a node is admitted as `client` (methods keep what its hello declared)."""
+
+    def _refuse(self, node_id: int, why: str, what: str) -> None:
+        """Not asked again: a node that cannot take part now will not be able to next round."""
+        self.registry.refused[node_id] = why
+        log(WARNING, "node %d %s", node_id, what)
 
     def _contact_new_nodes(self, grid: Grid) -> None:
         """Send the `hello` query to connected nodes the server has not seen, admit or refuse them."""
@@ -279,16 +280,15 @@ class DiffusionStrategy(Strategy):
         msgs = [Message(content=RecordDict({P.CONFIG: conf}), message_type=P.message_type(P.QUERY, P.HELLO),
                         dst_node_id=n) for n in sorted(new)]
         replies = list(grid.send_and_receive(msgs, timeout=self.round_timeout or self.connect_timeout))
-        for nid in set(new) - {m.metadata.src_node_id for m in replies}:
-            # not asked again every round: a dead node would cost a whole timeout each time
-            self.registry.refused[nid] = "no answer to the first-contact query in time"
-            log(WARNING, "node %d did not answer the first-contact query in time; it is not admitted", nid)
+        for nid in set(new) - {m.metadata.src_node_id for m in replies}:  # a dead node would cost a timeout a round
+            self._refuse(nid, "no answer to the first-contact query in time",
+                         "did not answer the first-contact query in time; it is not admitted")
         answers = []
         for m in replies:
             nid = m.metadata.src_node_id
-            if m.has_error():  # its ClientApp raised (no data, bad node_config, ...): asking again won't help
-                self.registry.refused[nid] = f"its first-contact reply was an error: {_last_line(m.error.reason)}"
-                log(WARNING, "node %d did not answer hello: %s", nid, m.error.reason)
+            if m.has_error():  # its ClientApp raised (no data, bad node_config, ...)
+                self._refuse(nid, f"its first-contact reply was an error: {_last_line(m.error.reason)}",
+                             f"did not answer hello: {m.error.reason}")
                 continue
             info = _metrics_dict(m, P.METRICS)
             why = ("it carried records nobody asked for" if P.unexpected_records(m, "up", P.QUERY, P.HELLO) else
@@ -296,38 +296,40 @@ class DiffusionStrategy(Strategy):
                    f"its {P.PARTITION_ID} claim {info[P.PARTITION_ID]!r} is not a whole number >= -1"
                    if P.PARTITION_ID in info and not (float(info[P.PARTITION_ID]).is_integer()
                                                       and info[P.PARTITION_ID] >= -1) else "")
-            if why or info is None:
-                self.registry.refused[nid] = f"its first-contact reply was malformed: {why}"
-                log(WARNING, "node %d: first-contact reply malformed (%s); not admitted", nid, why)
+            if why:
+                self._refuse(nid, f"its first-contact reply was malformed: {why}",
+                             f"sent a malformed first-contact reply ({why}); not admitted")
                 continue
             answers.append((nid, info))
         # claims first, by claimed index, so the same claims give the same map whatever the ids
         answers.sort(key=lambda a: (a[1].get(P.PARTITION_ID, -1) < 0, a[1].get(P.PARTITION_ID, -1), a[0]))
         for nid, info in answers:
-            reason = self._check_channels(info) or self.accept_hello(nid, info)
-            claimed = int(info[P.PARTITION_ID]) if P.PARTITION_ID in info else None
-            idx, why = (None, reason) if reason else self.registry.admit(nid, claimed, info, connected)
-            if idx is None:
-                self.registry.refused[nid] = reason or why
-                log(WARNING, "node %d refused: %s", nid, reason or why)
-            else:
-                self.on_admit(nid, idx, info)
-                log(INFO, "node %d admitted as client %d", nid, idx)
+            try:
+                self.accept_hello(nid, info)
+                claimed = int(info[P.PARTITION_ID]) if P.PARTITION_ID in info else None
+                idx, why = self.registry.admit(nid, claimed, info, connected)
+                if idx is None:
+                    raise NotAdmitted(why)
+            except NotAdmitted as exc:
+                self._refuse(nid, str(exc), f"refused: {exc}")
+                continue
+            self.on_admit(nid, idx, info)
+            log(INFO, "node %d admitted as client %d", nid, idx)
 
-    def _participants(self, grid: Grid) -> list[int]:
-        """Admitted, connected nodes in client order; waits for `min_available_nodes` of them."""
+    def _participants(self, grid: Grid, least: int = 1) -> list[int]:
+        """Admitted, connected nodes in client order; waits for max(`min_available_nodes`, least)."""
+        need = max(self.min_available_nodes, least)
         deadline = time.time() + self.connect_timeout
         while True:
             self._contact_new_nodes(grid)
             connected = list(grid.get_node_ids())
             nodes = self.registry.ordered(connected)
-            if len(nodes) >= self.min_available_nodes:
+            if len(nodes) >= need:
                 return nodes
-            if (not self.registry.index and len(connected) >= self.min_available_nodes
+            if (not self.registry.index and len(connected) >= need
                     and all(n in self.registry.refused for n in connected)):
-                # nobody admitted yet, as many nodes as the run needs are there and every one was
-                # refused: waiting connect_timeout for them to change their answer only hides why
-                # the run cannot start (once nodes were admitted, their return is worth waiting for)
+                # nobody admitted yet and every node the run needs was refused: waiting only hides
+                # why the run cannot start (once nodes were admitted, their return is worth a wait)
                 reasons: dict[str, list[int]] = {}
                 for n in sorted(connected):
                     reasons.setdefault(self.registry.refused[n], []).append(n)
@@ -335,10 +337,24 @@ class DiffusionStrategy(Strategy):
                 raise RoundFailed(f"all {len(connected)} connected node(s) were refused ({why})")
             if time.time() > deadline:
                 raise RoundFailed(f"only {len(nodes)} admitted client node(s) connected after "
-                                  f"{self.connect_timeout:.0f}s, {self.min_available_nodes} required "
+                                  f"{self.connect_timeout:.0f}s, {need} required "
                                   f"(refused: {self.registry.refused or 'none'})")
-            log(INFO, "waiting for client nodes: %d admitted, %d required", len(nodes), self.min_available_nodes)
+            log(INFO, "waiting for client nodes: %d admitted, %d required", len(nodes), need)
             time.sleep(1.0)
+
+    def sample(self, grid: Grid, server_round: int, phase: str) -> list[int]:
+        """max(int(fraction x admitted), min_*_nodes) nodes in client order, drawn from (seed, round,
+        phase) alone, so a resumed run draws the same."""
+        fraction, least = self.sampling[phase]
+        nodes = self._participants(grid, least)
+        k = max(int(len(nodes) * fraction), least)
+        if k >= len(nodes):
+            return nodes
+        rng = np.random.default_rng([self.seed, server_round, int(phase == "evaluate")])
+        chosen = sorted(rng.choice(len(nodes), size=k, replace=False).tolist())
+        log(INFO, "round %d %s: sampled clients %s of %d", server_round, phase,
+            [self.client_of(nodes[i]) for i in chosen], len(nodes))
+        return [nodes[i] for i in chosen]
 
     # -- messages out -----------------------------------------------------------------------------
     def _config(self, config: ConfigRecord | None, server_round: int, node_id: int, **extra: Any) -> ConfigRecord:
@@ -356,18 +372,25 @@ class DiffusionStrategy(Strategy):
         self._addressed[phase] = [m.metadata.dst_node_id for m in msgs]
         return msgs
 
+    def _train_messages(self, server_round: int, grid: Grid, config: ConfigRecord,
+                        content_for: Callable[[int, ConfigRecord], RecordDict] | None = None) -> list[Message]:
+        """A train message to each sampled node: its config, and what `content_for` adds."""
+        def content(n: int) -> RecordDict:
+            conf = self._config(config, server_round, n)
+            return content_for(n, conf) if content_for is not None else RecordDict({P.CONFIG: conf})
+
+        return self._send(self.sample(grid, server_round, "train"), content, "train")
+
     # -- replies in -------------------------------------------------------------------------------
-    def validate_reply(self, phase: str, client: int, msg: Message) -> str:
-        """Method-specific payload checks: '' when the reply may be used, else why not."""
-        return ""
+    def validate_reply(self, phase: str, client: int, msg: Message) -> None:
+        """Method-specific payload checks: raise a `ReplyRejected` for a reply that must not be used."""
 
     def _accept(self, server_round: int, replies: Iterable[Message], phase: str) -> list[Message]:
-        """Validated replies in client order. Error replies and silent nodes are counted and logged
-        by client; an invalid reply is dropped whole (one WARNING naming node, client and reason).
+        """Validated replies in client order; errors, silences and rejections are counted by client.
         Fails the run when fewer than `min_available_fraction` of the addressed nodes are usable."""
         addressed = self._addressed.pop(phase, [])
         ok: list[Message] = []
-        rejected: list[tuple[int, int, str]] = []  # (client, node, why)
+        rejected: list[tuple[int, int, ReplyRejected]] = []  # (client, node, why)
         answered: set[int] = set()
         failed = 0
         for m in replies:
@@ -386,12 +409,15 @@ class DiffusionStrategy(Strategy):
                 continue
             self.recorder.up(m, "eval" if phase == "evaluate" else phase, client)
             try:
-                reason = (self._check_metrics(m, phase) or (self._check_eval(m) if phase == "evaluate" else "")
-                          or self.validate_reply(phase, client, m))
+                self._check_metrics(m, phase)
+                if phase == "evaluate":
+                    self._check_eval(m)
+                self.validate_reply(phase, client, m)
+            except ReplyRejected as exc:
+                rejected.append((client, nid, exc))
+                continue
             except Exception as exc:  # noqa: BLE001 - a reply that breaks a check is malformed, not fatal
-                reason = f"malformed: {type(exc).__name__}: {str(exc)[:120]}"
-            if reason:
-                rejected.append((client, nid, reason))
+                rejected.append((client, nid, MalformedReply(f"malformed: {type(exc).__name__}: {str(exc)[:120]}")))
                 continue
             if phase == "train":
                 self.recorder.train_reply(client, dict(m.content[P.METRICS]))
@@ -416,34 +442,26 @@ class DiffusionStrategy(Strategy):
             self._cap_claims(server_round, ok)
         return ok
 
-    @staticmethod
-    def _diverged(reason: str) -> bool:
-        """A rejection for non-finite content: what an honest node returns when the global model
-        it was sent has already gone bad."""
-        return "non-finite" in reason or "not all finite" in reason or "not a finite number" in reason
-
-    def _record_rejections(self, server_round: int, phase: str, rejected: list[tuple[int, int, str]],
+    def _record_rejections(self, server_round: int, phase: str, rejected: list[tuple[int, int, ReplyRejected]],
                            accepted: int) -> None:
-        """Log and count rejected replies by client; never blame the many for the one.
-
-        When most of a round's train replies are non-finite, the nodes trained a global model
-        that was already broken: that is recorded as an incident of the round (naming the
-        clients flagged earlier as the likely cause), not as each node's fault."""
+        """Count rejections by client, but never blame the many for the one: most train replies
+        non-finite means the global model was already broken, an incident of the round."""
+        diverged = ("non-finite", "not all finite", "not a finite number")
         if (phase == "train" and len(rejected) >= 2 and len(rejected) > accepted
-                and all(self._diverged(r) for _, _, r in rejected)):
+                and all(any(d in str(r) for d in diverged) for _, _, r in rejected)):
             clients = sorted(c for c, _, _ in rejected)
             what = (f"{len(rejected)} of {len(rejected) + accepted} clients' training diverged from the global "
                     f"model (non-finite replies from clients {clients}): the model they were sent was "
                     f"already broken{self._suspects_note()}")
             log(WARNING, "round %d train: %s", server_round, what)
             self.recorder.incidents.append((server_round, what))
-            for _, _, reason in rejected:
-                self.recorder.reject(server_round, reason.split(":")[0], None)
+            for _, _, exc in rejected:
+                self.recorder.reject(server_round, exc.kind, None)
             return
-        for client, nid, reason in rejected:
+        for client, nid, exc in rejected:
             log(WARNING, "round %d %s: reply of client %d (node %d) rejected: %s", server_round, phase,
-                client, nid, reason)
-            self.recorder.reject(server_round, reason.split(":")[0], client)
+                client, nid, exc)
+            self.recorder.reject(server_round, exc.kind, client)
 
     def _suspects_note(self) -> str:
         flagged = self.recorder.flagged()
@@ -452,12 +470,8 @@ class DiffusionStrategy(Strategy):
         return "; likely cause: " + ", ".join(f"client {c} ({', '.join(k)})" for c, k in flagged.items())
 
     def _cap_claims(self, server_round: int, ok: list[Message]) -> None:
-        """Example counts weigh averages (FedAvg's weights, every metric mean): a client's claim
-        counts for at most what it declared at first contact and `robust.CLAIM_FACTOR` x the
-        median of the others' (robust.cap_claims). A capped claim is rewritten in the server's
-        copy of the reply, logged naming the client and recorded: a serious flag when it is
-        more than what the node declared or 10x over the cap, otherwise a note (natural size
-        differences between clients)."""
+        """Cap example claims (`robust.cap_claims`: they weigh every average) in the server's copy; a
+        serious flag when over the declaration or 10x over the cap, else a note (clients differ)."""
         by_client = {self.client_of(m.metadata.src_node_id): m for m in ok
                      if isinstance(m.content[P.METRICS].get(P.NUM_EXAMPLES), (int, float))}
         claims = {c: float(m.content[P.METRICS][P.NUM_EXAMPLES]) for c, m in by_client.items()}
@@ -476,51 +490,46 @@ class DiffusionStrategy(Strategy):
             log(WARNING, "round %d: client %d (node %d) %s", server_round, c, m.metadata.src_node_id, detail)
             self.recorder.flag(server_round, c, "claim-capped", detail, serious=serious)
 
-    def _check_eval(self, m: Message) -> str:
-        """An evaluation reply is data the ServerApp keeps and writes out after the last round:
-        one client's bad array must be refused here, not crash the report (and the results) of
-        every client. Samples: exactly uint8 N x C x H x W images, 1 <= N <= num_eval_samples,
-        in this run's image shape, as many as its num-examples says."""
+    def _check_eval(self, m: Message) -> None:
+        """Evaluation replies are kept for the report: one client's bad array is refused here, not
+        left to crash every client's report (uint8 N x C x H x W, N <= num_eval_samples)."""
         met = m.content[P.METRICS]
         n_claim = met.get(P.NUM_EXAMPLES)
         if n_claim is not None and not 0 <= n_claim <= self.num_eval_samples:
-            return f"num-examples: {n_claim} generated images claimed, {self.num_eval_samples} were asked for"
+            raise OverBudget(f"num-examples: {n_claim} generated images claimed, {self.num_eval_samples} were "
+                             f"asked for")
         if met.get(P.FID_SKIPPED, 0) not in (0, 1):
-            return f"{P.FID_SKIPPED}: must be 0 or 1, got {met[P.FID_SKIPPED]}"
+            raise MalformedReply(f"{P.FID_SKIPPED}: must be 0 or 1, got {met[P.FID_SKIPPED]}")
         if P.SAMPLES not in m.content.array_records:
-            return ""
+            return
         rec = m.content[P.SAMPLES]
         if list(rec.keys()) != [P.IMAGES]:
-            return f"samples: expected exactly the array '{P.IMAGES}', got {list(rec.keys())}"
+            raise MalformedReply(f"samples: expected exactly the array '{P.IMAGES}', got {list(rec.keys())}")
         a = rec[P.IMAGES]
         want = f"uint8 (1..{self.num_eval_samples}, {', '.join(map(str, self.image_shape or ('C', 'H', 'W')))})"
         if (a.dtype != "uint8" or len(a.shape) != 4 or not 1 <= a.shape[0] <= self.num_eval_samples
                 or (self.image_shape is not None and tuple(a.shape[1:]) != self.image_shape)):
-            return f"samples: expected {want}, got {a.dtype}{tuple(a.shape)}"
+            raise MalformedReply(f"samples: expected {want}, got {a.dtype}{tuple(a.shape)}")
         if n_claim is not None and n_claim != a.shape[0]:
-            return f"samples: {a.shape[0]} images but num-examples says {n_claim}"
+            raise MalformedReply(f"samples: {a.shape[0]} images but num-examples says {n_claim}")
         a.numpy()  # bytes that do not decode to that shape are malformed (raises, caught by _accept)
-        return ""
 
-    def _check_metrics(self, m: Message, phase: str = "train") -> str:
-        extra = P.unexpected_records(m, "up", P.TRAIN if phase == "train" else P.EVALUATE, self.method)
+    def _check_metrics(self, m: Message, phase: str = "train") -> None:
+        category = P.TRAIN if phase == "train" else P.EVALUATE
+        extra = P.unexpected_records(m, "up", category, self.method)
         if extra:
-            return f"records: {extra} were not asked for (a {phase} reply of {self.method} carries only " \
-                   f"{sorted(P.ALLOWED_RECORDS[('up', P.TRAIN if phase == 'train' else P.EVALUATE, self.method)])})"
+            raise MalformedReply(f"records: {extra} were not asked for (a {phase} reply of {self.method} carries "
+                                 f"only {sorted(P.ALLOWED_RECORDS[('up', category, self.method)])})")
         if P.METRICS not in m.content.metric_records:
-            return f"metrics: no '{P.METRICS}' metric record"
+            raise MalformedReply(f"metrics: no '{P.METRICS}' metric record")
         if _metrics_dict(m, P.METRICS) is None:
-            return "metrics: a metric is not a finite number"
-        return ""
+            raise ImplausibleUpload("metrics: a metric is not a finite number")
 
     # -- aggregation of metrics -------------------------------------------------------------------
     def mean_metrics(self, replies: list[Message], weight_key: str = P.NUM_EXAMPLES) -> MetricRecord:
         """Example-weighted mean of every numeric metric the replies share; totals for SUM_KEYS.
-
-        Not Flower's `aggregate_metricrecords`: that one has no totals, and a metric a node could
-        not compute (NaN) must drop out of the mean with its weight renormalised, not pull the
-        mean toward 0.
-        """
+        Not Flower's `aggregate_metricrecords`: it has no totals, and a metric a node could not
+        compute (NaN) must drop out with its weight, not pull the mean toward 0."""
         recs = [dict(m.content[P.METRICS]) for m in replies]
         if not recs:
             return MetricRecord()
@@ -542,13 +551,23 @@ class DiffusionStrategy(Strategy):
                 out[f"{k}-total"] = float(np.nansum(arr))
         return MetricRecord(out)
 
+    def _train_done(self, server_round: int, ok: list[Message], **server: float) -> MetricRecord:
+        """The round's train metrics (the nodes' mean, and the server's own): recorded and logged."""
+        metrics = self.mean_metrics(ok)
+        for k, v in server.items():
+            metrics[k] = v
+        self.recorder.record(server_round, **dict(metrics))
+        self._progress(server_round, "train", **{k: float(v) for k, v in metrics.items()
+                                                 if k in (P.TRAIN_LOSS, "server-train-loss", "uploads-received")})
+        return metrics
+
     # -- evaluation, shared by methods whose node generates -----------------------------------------
     def _eval_messages(self, server_round: int, grid: Grid, config: ConfigRecord | None,
                        content_for: Callable[[int, ConfigRecord], RecordDict],
                        harness: Iterable[str] = (), **extra: Any) -> list[Message]:
         if not self.is_eval_round(server_round):
             return []
-        nodes = self._participants(grid)
+        nodes = self.sample(grid, server_round, "evaluate")
         extra = {P.NUM_SAMPLES: self.num_eval_samples, P.FINAL_ROUND: int(server_round == self.num_rounds), **extra}
         return self._send(nodes, lambda n: content_for(n, self._config(config, server_round, n, **extra)),
                           "evaluate", harness)
@@ -581,8 +600,9 @@ class DiffusionStrategy(Strategy):
             self.num_rounds or "?", phase, shown, elapsed)
 
     def summary(self) -> None:
-        log(INFO, "\t├──> %s: min-available-nodes=%d min-available-fraction=%g eval-every=%d samples=%d",
-            type(self).__name__, self.min_available_nodes, self.min_available_fraction, self.eval_every,
+        log(INFO, "\t├──> %s: min-available-nodes=%d min-available-fraction=%g fraction-train=%g "
+            "fraction-evaluate=%g eval-every=%d samples=%d", type(self).__name__, self.min_available_nodes,
+            self.min_available_fraction, self.sampling["train"][0], self.sampling["evaluate"][0], self.eval_every,
             self.num_eval_samples)
 
 

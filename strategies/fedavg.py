@@ -1,16 +1,10 @@
-"""FedAvg for diffusion: every node trains the whole denoiser (all T steps) for the same local
-steps and the server averages the weights, weighted by examples (Flower's
-`aggregate_arrayrecords`, the same arithmetic as `flwr.serverapp.strategy.FedAvg`).
+"""FedAvg for diffusion: every node trains the whole denoiser and the server averages the weights
+by examples (Flower's `aggregate_arrayrecords`, the arithmetic of `flwr.serverapp.strategy.FedAvg`).
 
-Every reply is checked against the global model before it is averaged in: the same array
-names, shapes and dtypes, all finite, and a positive example count. One client cannot take the
-average over: its example count weighs at most what it declared at first contact and twice the
-median of the others' (base `_cap_claims`), and its update (weights minus the global model) is
-scaled down to at most `robust.CLIP_FACTOR` x the median of the others' update norms; both are
-logged naming the client and recorded for results.json. Flower's robust aggregations are
-offered as baselines (`aggregation`): "median" (FedMedian's coordinate-wise median) and
-"trimmed-mean" (FedTrimmedAvg's `trim_mean`). On evaluation rounds each node receives the
-global model and samples x_T -> x_0 on its own device.
+A reply must match the global model (names, shapes, dtypes, finite) with a positive example
+count. One client cannot take the average over: its claim is capped (base `_cap_claims`) and its
+update scaled down to `robust.CLIP_FACTOR` x the others' median norm, both recorded by client.
+"median" / "trimmed-mean" are Flower's FedMedian / FedTrimmedAvg rules, as robust baselines.
 """
 
 from __future__ import annotations
@@ -28,7 +22,7 @@ from flwr.supercore import log
 
 from collafuse_flwr import protocol as P
 
-from .base import DiffusionStrategy
+from .base import DiffusionStrategy, ImplausibleUpload, MalformedReply
 from .robust import CLIP_FACTOR, clip_bounds, clipped, update_norms
 
 #: fedavg-aggregation choices: example-weighted mean (FedAvg), coordinate-wise median (FedMedian),
@@ -37,18 +31,9 @@ AGGREGATIONS = ("mean", "median", "trimmed-mean")
 TRIM_BETA = 0.2  # FedTrimmedAvg's default
 
 
-
 class FedAvgDiffusion(DiffusionStrategy):
-    """FedAvg over a diffusion denoiser.
-
-    aggregation : "mean" | "median" | "trimmed-mean"
-        FedAvg's example-weighted mean (default), or Flower's FedMedian / FedTrimmedAvg rule
-        (unweighted, so example counts do not matter to them) as robust baselines.
-    clip_updates : bool
-        Scale an update larger than `robust.CLIP_FACTOR` x the median of the others' down to it.
-    **common
-        `DiffusionStrategy` arguments.
-    """
+    """FedAvg over a diffusion denoiser. aggregation: "mean" (example-weighted), "median" or
+    "trimmed-mean" (unweighted); clip_updates: scale an oversized update down."""
 
     method = P.FEDAVG
 
@@ -60,7 +45,6 @@ class FedAvgDiffusion(DiffusionStrategy):
         self._global: dict[str, tuple[tuple[int, ...], str]] = {}  # name -> (shape, dtype)
         self._global_arrays: dict[str, np.ndarray] = {}
 
-
     def summary(self) -> None:
         super().summary()
         log(INFO, "\t├──> aggregation=%s, update clipping %s", self.aggregation, "on" if self.clip_updates else "off")
@@ -69,28 +53,27 @@ class FedAvgDiffusion(DiffusionStrategy):
                         grid: Grid) -> Iterable[Message]:
         self._global = {k: (tuple(a.shape), a.dtype) for k, a in arrays.items()}
         self._global_arrays = {k: a.numpy() for k, a in arrays.items()}
-        return self._send(self._participants(grid),
-                          lambda n: RecordDict({P.ARRAYS: arrays,
-                                                P.CONFIG: self._config(config, server_round, n)}),
-                          "train")
+        return self._train_messages(server_round, grid, config,
+                                    lambda n, conf: RecordDict({P.ARRAYS: arrays, P.CONFIG: conf}))
 
-    def validate_reply(self, phase: str, client: int, msg: Message) -> str:
+    def validate_reply(self, phase: str, client: int, msg: Message) -> None:
         if phase != "train":
-            return ""
+            return
         if P.ARRAYS not in msg.content.array_records:
-            return f"weights: no '{P.ARRAYS}' array record"
+            raise MalformedReply(f"weights: no '{P.ARRAYS}' array record")
         rec = msg.content[P.ARRAYS]
         if set(rec.keys()) != set(self._global):
-            return f"weights: array names differ from the global model's ({sorted(set(rec) ^ set(self._global))[:3]} ...)"
+            raise MalformedReply(f"weights: array names differ from the global model's "
+                                 f"({sorted(set(rec) ^ set(self._global))[:3]} ...)")
         for k, a in rec.items():
             if (tuple(a.shape), a.dtype) != self._global[k]:
-                return f"weights: '{k}' is {a.dtype}{tuple(a.shape)}, the global model's is {self._global[k][1]}{self._global[k][0]}"
+                raise MalformedReply(f"weights: '{k}' is {a.dtype}{tuple(a.shape)}, the global model's is "
+                                     f"{self._global[k][1]}{self._global[k][0]}")
             if not np.isfinite(a.numpy()).all():
-                return f"weights: '{k}' has non-finite values"
+                raise ImplausibleUpload(f"weights: '{k}' has non-finite values")
         n = msg.content[P.METRICS].get(P.NUM_EXAMPLES, 0)
         if not n > 0:
-            return f"num-examples: must be > 0, got {n}"
-        return ""
+            raise MalformedReply(f"num-examples: must be > 0, got {n}")
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord]:
         ok = self._accept(server_round, replies, "train")  # example claims already capped there
@@ -104,14 +87,11 @@ class FedAvgDiffusion(DiffusionStrategy):
                 arrays = aggregate_arrayrecords(records, P.NUM_EXAMPLES)
             else:
                 arrays = self._robust_aggregate(weights)
-        metrics = self.mean_metrics(ok)
-        self.recorder.record(server_round, **dict(metrics))
-        self._progress(server_round, "train", **{k: float(v) for k, v in metrics.items() if k == P.TRAIN_LOSS})
-        return arrays, metrics
+        return arrays, self._train_done(server_round, ok)
 
     def _clipped_weights(self, server_round: int, ok: list[Message]) -> list[ArrayRecord]:
-        """Each reply's weights, an update too large scaled down (the others exactly as sent, so
-        a round where nothing is clipped averages bit-identically to plain FedAvg)."""
+        """Each reply's weights, an update too large scaled down (the others exactly as sent: a
+        round where nothing is clipped averages bit-identically to plain FedAvg)."""
         recs = [m.content[P.ARRAYS] for m in ok]
         if not self.clip_updates or len(ok) < 2 or not self._global_arrays:
             return recs
@@ -134,8 +114,8 @@ class FedAvgDiffusion(DiffusionStrategy):
         return out
 
     def _robust_aggregate(self, records: list[ArrayRecord]) -> ArrayRecord:
-        """Flower's FedMedian (np.median over the stacked layers, as flwr.serverapp.strategy.
-        FedMedian does) or FedTrimmedAvg (its `trim_mean`), layer by layer, in each layer's dtype."""
+        """Flower's FedMedian (np.median of the stacked layers) or FedTrimmedAvg (its `trim_mean`),
+        layer by layer, in each layer's dtype."""
         out = ArrayRecord()
         for k in records[0].keys():
             layers = np.stack([r[k].numpy() for r in records])

@@ -1,25 +1,11 @@
 """One node's crash must not take other nodes down with it on Flower's simulation engine.
 
-What happens in Flower 1.42 (flwr/server/superlink/fleet/vce/backend/raybackend.py and
-flwr/simulation/ray_transport/ray_actor.py): every virtual node's ClientApp runs on one of a
-small pool of Ray actors (one per `client-resources-num-cpus` share of the machine), created
-with Ray's default `max_restarts=0`. A ClientApp that ends its process (os._exit, a segfault in
-native code, the OOM killer) kills its actor; `ray.get` raises ActorDiedError, the Simulation
-Runtime answers that node's message with an Error, and `RayBackend.process_message` puts the
-dead actor back into the pool (`BasicActorPool.add_actor_back_to_pool`). From then on every
-message the pool hands to that actor - any node's - fails at once with ActorDiedError, and
-because the pool is a stack the dead actor, returned quickest, takes the most messages: honest
-nodes fail and the run fails with them. The run's federation config cannot ask for restarts:
-`flwr run` builds the backend config from `client-resources-num-cpus/-gpus` and Ray's init
-arguments only (flwr/simulation/app.py), never the actor options.
-
-What this module does from our side:
-- `repair_dead_actors()`: in the simulation process (where the ServerApp runs beside the
-  Simulation Runtime), a dead actor returned to the pool is replaced by a fresh one, so only the
-  message that was on it fails. Installed once by the ServerApp when it runs in a simulation; a
-  no-op elsewhere or on a Flower whose pool has another shape (then the retry below still helps).
-- `is_infrastructure_error(reason)`: what the strategies treat as the engine failing rather than
-  the node answering (they send such a node's message once more: base.retry_lost_workers).
+In Flower 1.42 every virtual node's ClientApp runs on one of a few Ray actors created with
+`max_restarts=0`; a ClientApp that ends its process (os._exit, a segfault, the OOM killer) kills
+its actor, and `RayBackend.process_message` puts the dead actor back into the pool, where it
+fails every later message - any node's - with ActorDiedError (the run config cannot ask for
+restarts). `repair_dead_actors()` replaces a dead actor in the pool; `is_infrastructure_error`
+tells the strategies an error reply is the engine's, not the node's (they retry it once).
 """
 
 from __future__ import annotations
@@ -42,14 +28,12 @@ _installed = False
 
 
 def simulation_workers() -> bool:
-    """Whether this ServerApp runs beside Flower's Ray simulation workers (the actor-pool repair is
-    installed): the only place a dead worker, not the node, can be the reason of an error reply."""
+    """Whether the actor-pool repair is installed: only there can a dead worker explain an error."""
     return _installed
 
 
 def repair_dead_actors() -> bool:
-    """Make Flower's Ray actor pool replace an actor that died instead of reusing it; True when
-    installed (now or before). Idempotent; needs Flower's simulation extra (Ray)."""
+    """Make Flower's Ray actor pool replace an actor that died instead of reusing it; True when installed."""
     global _installed
     if _installed:
         return True

@@ -15,7 +15,6 @@ from collafuse_flwr import protocol as P
 from .base import DiffusionStrategy
 
 
-
 class LocalOnly(DiffusionStrategy):
     """Local-only training. `diffusion_steps`: T (the node starts sampling there)."""
 
@@ -25,19 +24,12 @@ class LocalOnly(DiffusionStrategy):
         super().__init__(**common)
         self.diffusion_steps = diffusion_steps
 
-
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
-        return self._send(self._participants(grid),
-                          lambda n: RecordDict({P.CONFIG: self._config(config, server_round, n)}),
-                          "train")
+        return self._train_messages(server_round, grid, config)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[None, MetricRecord]:
-        ok = self._accept(server_round, replies, "train")
-        metrics = self.mean_metrics(ok)
-        self.recorder.record(server_round, **dict(metrics))
-        self._progress(server_round, "train", **{k: float(v) for k, v in metrics.items() if k == P.TRAIN_LOSS})
-        return None, metrics
+        return None, self._train_done(server_round, self._accept(server_round, replies, "train"))
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:

@@ -1,8 +1,5 @@
 """What a strategy measured, round by round: bytes on the wire, per-round figures, failures and
-rejected replies, and what each node returned at evaluation.
-
-Kept apart from the protocol so the same strategy runs with or without it: a deployment gets
-the counts for free, the research harness (report_run.py) reads the rest after the run.
+rejected replies, and what each node returned at evaluation (the harness reads it after the run).
 """
 
 from __future__ import annotations
@@ -37,8 +34,7 @@ class RoundRecord:
 
 
 class Recorder:
-    def __init__(self, count_bytes: bool = True) -> None:
-        self.count_bytes = count_bytes
+    def __init__(self) -> None:
         self.bytes: dict[str, float] = defaultdict(float)  # totals by direction and phase
         self.bytes_by_client: dict[int, dict[str, float]] = defaultdict(lambda: defaultdict(float))
         self.rounds: dict[int, RoundRecord] = {}
@@ -62,8 +58,6 @@ class Recorder:
 
     def down(self, messages: list[Message], phase: str, client_of, harness: Iterable[str] = ()) -> None:
         """Bytes server -> client; `harness` keys are measurement-only and counted apart."""
-        if not self.count_bytes:
-            return
         for m in messages:
             n_harness = sum(recorddict_nbytes(RecordDict({k: m.content[k]})) for k in harness if k in m.content)
             n = message_nbytes(m)
@@ -72,8 +66,6 @@ class Recorder:
             self.bytes_by_client[client_of(m.metadata.dst_node_id)][f"down-{phase}"] += n - n_harness
 
     def up(self, message: Message, phase: str, client: int) -> None:
-        if not self.count_bytes:
-            return
         n = message_nbytes(message)
         key = f"up-{phase}"
         self.bytes[key] += n

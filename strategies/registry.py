@@ -1,16 +1,10 @@
 """Which client index each node holds: kept by the server, checked at first contact.
 
-A node's partition-id is self-reported, so it is a claim, not an identity. The server admits a
-node once (at its first contact, the `hello` query), gives it an index in 0..capacity-1 (its
-claim when the claim is in range and free, otherwise the lowest free index) and from then on
-trusts only its own map node id -> index, never what a reply says about itself. The index is
-what a conditional shared denoiser is labelled with, so it must be unique and in range.
-
-A slot held by a node that is no longer connected goes to the next node that claims it (or,
-when no slot is free, to the next node without a claim): a restarted SuperNode comes back under
-a new node id, and a run resumed from a checkpoint meets only new ids, so the old holders would
-otherwise block every slot forever. A node that drops out for a moment can lose its slot this
-way to whoever claims it while it is gone; the claim is checked as any first claim is.
+A node's partition-id is a claim, not an identity: the server admits a node once (its `hello`),
+gives it an index in 0..capacity-1 (its claim when in range and free, else the lowest free one)
+and from then on trusts only its own map node id -> index (the label of a conditional model).
+A slot whose holder is no longer connected goes to the next node that claims it (or, when none
+is free, to the next without a claim): a restarted or resumed SuperNode comes back under a new id.
 """
 
 from __future__ import annotations
@@ -29,10 +23,8 @@ class NodeRegistry:
 
     def admit(self, node_id: int, claimed: int | None, info: dict[str, Any] | None = None,
               connected: Iterable[int] | None = None) -> tuple[int | None, str]:
-        """Admit a node; returns (index, "") or (None, reason). Idempotent for admitted nodes.
-
-        connected: the node ids connected now (None: all holders count as present); a slot whose
-        holder is not among them is free for this node."""
+        """(index, "") or (None, reason); idempotent. A slot whose holder is not in `connected` (None:
+        all are) is free for this node."""
         if node_id in self.index:
             return self.index[node_id], ""
         if connected is not None:
@@ -76,14 +68,6 @@ class NodeRegistry:
         return node_id in self.index or node_id in self.refused
 
     def ordered(self, node_ids: Iterable[int]) -> list[int]:
-        """The admitted ones among `node_ids`, by client index.
-
-        Why an order at all: Flower draws node ids at random each run and replies arrive in any
-        order. Anything that consumes the server's RNG per node or stacks data per node must
-        follow the client order, or the same seed gives a different result each run.
-        """
+        """The admitted ones among `node_ids`, by client index: node ids are random each run and
+        replies come in any order, so whatever draws from the server's RNG per node follows this."""
         return sorted((n for n in node_ids if n in self.index), key=self.index.__getitem__)
-
-    def describe(self, node_id: int) -> str:
-        i = self.index.get(node_id)
-        return f"client {i} (node {node_id})" if i is not None else f"node {node_id}"

@@ -1,18 +1,9 @@
 """Defences against one hostile or broken client that the strategies share (issue 25).
 
-Why here and not in the validation of single values: a reply can be valid in every field and
-still take the federation over. A CollaFuse upload of constant images just under the magnitude
-bound, a FedAvg node that claims 1e12 examples, or one that returns its weights x100 each pass
-the per-value checks. What such a reply cannot do is look like what an honest node sends, and
-that is what this module checks, with thresholds derived from the distribution an honest reply
-follows, so honest replies pass with overwhelming probability (bit-identical honest runs).
-
-- `UploadCheck`: an x_tc upload must look like sqrt(abar) x0 + sqrt(1 - abar) eps with x0 in
-  [-1, 1] and eps white Gaussian noise, image by image.
-- `balanced_batches`: server minibatches in which every client holds the same share of rows,
-  whatever it uploaded (the "auto" step budget is earned per client, so each is owed 1/K).
-- `cap_claims`: example counts a client may claim for weighting.
-- `clip_updates`: FedAvg updates no larger than a few times the others'.
+A reply valid in every field can still take the federation over (constant images just under
+the magnitude bound, a claim of 1e12 examples, weights x100); what it cannot do is look like an
+honest reply. The thresholds come from the distribution an honest reply follows, so honest
+replies pass with overwhelming probability (bit-identical honest runs).
 """
 
 from __future__ import annotations
@@ -33,10 +24,8 @@ MEAN_Z = 8.0
 
 def chi2_tail_factor(m: int, p: float = TAIL_P, upper: bool = False) -> float:
     """u with P(chi2_m <= m u) <= p (lower tail, u < 1) or P(chi2_m >= m u) <= p (upper, u > 1).
-
-    From the Chernoff bound P <= (u e^(1-u))^(m/2), which holds for every m on both sides, so the
-    threshold is rigorous (no normal approximation) and needs no scipy; it is a little looser
-    than the exact quantile, which only lowers the false-positive rate further."""
+    From the Chernoff bound P <= (u e^(1-u))^(m/2), valid for every m: rigorous, no scipy, and a
+    little looser than the exact quantile (only fewer false positives)."""
     if m <= 0:
         return 0.0 if not upper else math.inf
     target = math.log(p) * 2.0 / m  # log(u) + 1 - u must reach this (<= 0)
@@ -55,20 +44,12 @@ def chi2_tail_factor(m: int, p: float = TAIL_P, upper: bool = False) -> float:
 
 @dataclass(frozen=True)
 class UploadCheck:
-    """What every image of an honest upload at a node's cut satisfies, with probability 1 - TAIL_P
-    per statistic, whatever its data x0 in [-1, 1] (s^2 = 1 - abar, d pixels):
-
-    - mean:        |mean(x)| <= sqrt(abar) + MEAN_Z s / sqrt(d)
-    - spread:      ||x - mean(x)||^2 >= s^2 (d - 1) u_lo        (too little noise: a constant image)
-    - texture:     sum over disjoint neighbour pairs (x_a - x_b)^2 >= 2 s^2 m u_lo, across rows and
-                   down columns   (white noise of variance s^2; smooth or constant images fail)
-    - energy:      ||x|| <= sqrt(abar d) + s sqrt(d u_hi)        (too large an image)
-
-    The lower bounds use Anderson's theorem: adding the data's (fixed) term to centred Gaussian
-    noise only makes a symmetric convex set such as {||P x|| <= r} less likely, so the threshold
-    for noise alone holds for any x0. The upper bounds follow from the triangle inequality with
-    |x0| <= 1. Raw uploads (t_c = 0, s = 0) keep only the bounds of [-1, 1] data.
-    """
+    """What every image of an honest upload x = sqrt(abar) x0 + s eps (x0 in [-1, 1], s^2 = 1 - abar,
+    d pixels) satisfies with probability 1 - TAIL_P per statistic: |mean| <= sqrt(abar) + MEAN_Z s /
+    sqrt(d); spread ||x - mean||^2 >= s^2 (d - 1) u_lo and texture (squared differences of disjoint
+    neighbour pairs, across and down) >= 2 s^2 m u_lo (constant or smooth images fail); ||x|| <=
+    sqrt(abar d) + s sqrt(d u_hi). Lower bounds hold for any x0 by Anderson's theorem (a fixed shift
+    only makes a symmetric convex set less likely), upper ones by the triangle inequality."""
 
     abar: float
     image_shape: tuple[int, int, int]
@@ -140,14 +121,9 @@ class UploadCheck:
 
 
 def balanced_batches(labels: Tensor, batch_size: int, steps: int, generator: torch.Generator) -> list[Tensor] | None:
-    """Minibatch row indices in which every client (label) gets the same share of rows.
-
-    None when every client holds the same number of rows: the plain reshuffled-epoch sampler
-    (`training.minibatch_indices`) then already gives each exactly 1/K, and an honest run stays
-    bit-identical. Otherwise each batch's slots go round-robin over the clients in a fresh random
-    order, and each client's slots take its rows from its own reshuffled epochs, so a client
-    that holds more rows (uploaded more, or the others' were refused) gets no larger share of
-    the server's steps, and each client's images are still seen evenly."""
+    """Minibatch row indices in which every client (label) gets the same share of rows: the "auto"
+    budget is earned per client, so one that uploaded more gets no larger share. None when all
+    hold as many rows (the plain sampler already gives 1/K: honest runs stay bit-identical)."""
     clients, counts = torch.unique(labels, return_counts=True)
     if steps <= 0 or len(clients) <= 1 or bool((counts == counts[0]).all()):
         return None
@@ -176,9 +152,7 @@ CLAIM_FACTOR = 2.0
 
 def cap_claims(claims: dict[int, float], declared: dict[int, float]) -> dict[int, float]:
     """Each client's example count for weighting: its claim, at most what it declared at first
-    contact (when it did), and at most CLAIM_FACTOR x the median of the other clients' (already
-    declaration-capped) claims. Honest clients of similar sizes are untouched; one that claims
-    1e12 weighs like CLAIM_FACTOR typical clients instead of all of them."""
+    contact and CLAIM_FACTOR x the median of the others' (so a 1e12 claim weighs like two clients)."""
     first = {c: min(v, declared[c]) if declared.get(c, 0) > 0 else v for c, v in claims.items()}
     if len(first) < 2:
         return first
@@ -207,8 +181,7 @@ def update_norms(updates: dict[int, dict[str, np.ndarray]], base: dict[str, np.n
 
 
 def clip_bounds(norms: dict[int, float]) -> dict[int, float]:
-    """Each client's largest allowed update norm: CLIP_FACTOR x the median of the others' norms
-    (inf with fewer than two clients, or when the others did not move: nothing to compare with)."""
+    """CLIP_FACTOR x the median of the others' norms (inf when there is nothing to compare with)."""
     out = {}
     for c in norms:
         others = [v for o, v in norms.items() if o != c]

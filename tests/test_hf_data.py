@@ -152,6 +152,7 @@ def test_channels_come_from_the_data_not_the_name(tmp_path, tiny_config, mode, c
     from collafuse_flwr.data.client_data import run_channels
     from collafuse_flwr.server.build import build_strategy
     from inprocess import InProcessGrid
+    from strategies import NotAdmitted
 
     name = "fake-mnist-rgb" if mode == "RGB" else "xray-scans"  # a name that would have fooled the guess
     rc = tiny_config(dataset=f"hf:{_local_hf(tmp_path / name, mode)}", num_server_rounds=1, partitioning="iid",
@@ -167,5 +168,5 @@ def test_channels_come_from_the_data_not_the_name(tmp_path, tiny_config, mode, c
     assert x.shape[1] == channels
     # a node with the other channel count is refused at first contact, naming the fix
     other = 3 if channels == 1 else 1
-    why = strategy._check_channels({"image-channels": other})
-    assert f"image-channels={channels}" in why
+    with pytest.raises(NotAdmitted, match=f"image-channels={channels}"):
+        strategy.accept_hello(1, {"image-channels": other})

@@ -16,6 +16,7 @@ from collafuse_flwr.core import diffusion as D
 from collafuse_flwr.core.models import shared_denoiser
 from collafuse_flwr.node.policy import node_policy
 from collafuse_flwr.server.build import from_config
+from strategies import NotAdmitted
 
 CUTS = {1: 2, 2: 10, 3: 18}  # node -> the cut step it declares (T = 20)
 
@@ -90,7 +91,7 @@ def test_the_server_trains_each_row_above_its_own_cut(tiny_config, monkeypatch):
     ts = torch.cat([t for t, _ in seen])
     assert ts.min() >= 3 and ts.max() <= 20
     # rows of the t_c = 18 client only ever see t in {19, 20}; those of the t_c = 2 client reach low t
-    data, labels = s.buffer_tensors()
+    data, labels = s.trainer.tensors()
     row_cuts = torch.tensor([s.cut_for(int(c)) for c in labels])
     g = torch.Generator().manual_seed(0)
     t_rows = []
@@ -138,7 +139,8 @@ def test_a_node_declaring_an_impossible_cut_is_refused_and_the_others_run(tiny_c
 def test_without_node_cuts_a_node_with_another_cut_is_refused(tiny_config):
     cfg = parse_config(tiny_config(cut_ratio=0.5))
     s = from_config(cfg, shared_denoiser(8, 1, "tiny", "client", 3), (1, 8, 8))
-    assert "client-cut-ratios" in s.accept_hello(1, {"cut-step": 2})
+    with pytest.raises(NotAdmitted, match="client-cut-ratios"):
+        s.accept_hello(1, {"cut-step": 2})
 
 
 def _cut(cfg, pid, **node_config):

@@ -9,7 +9,7 @@ from flwr.app import ArrayRecord
 
 from collafuse_flwr.core.models import shared_denoiser
 from inprocess import InProcessGrid
-from strategies import CollaFuse
+from strategies import CollaFuse, ServerTrainer
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -24,8 +24,8 @@ def _own_app():
 def test_a_users_own_clientapp_runs_collafuse():
     mod = _own_app()
     model = shared_denoiser(8, 1, "tiny", "client", 2)
-    strategy = CollaFuse(model, (1, 8, 8), diffusion_steps=mod.T, cut_step=mod.CUT, server_steps=2,
-                         uploads_per_round=mod.BUDGET, num_eval_samples=4, batch_size=16, capacity=2)
+    strategy = CollaFuse(ServerTrainer(model, server_steps=2, batch_size=16), (1, 8, 8), diffusion_steps=mod.T,
+                         cut_step=mod.CUT, uploads_per_round=mod.BUDGET, num_eval_samples=4, capacity=2)
     grid = InProcessGrid(mod.app, {}, 2)
     result = strategy.start(grid=grid, initial_arrays=ArrayRecord(model.state_dict()), num_rounds=2)
     assert len(strategy.registry.index) == 2 and not strategy.recorder.rejected and not strategy.recorder.failures

@@ -140,7 +140,7 @@ def test_no_client_gets_more_than_its_share_of_server_steps():
 
 
 def test_collafuse_trains_on_equal_shares_when_one_client_holds_more(tiny_config, monkeypatch):
-    import strategies.collafuse as cf
+    import strategies.trainer as cf
 
     seen = {}
 
@@ -449,7 +449,7 @@ def test_checkpoints_hold_only_what_weights_only_loading_reads(tiny_config, tmp_
     np.testing.assert_array_equal(s2.recorder.evals[1].images[0], s.recorder.evals[1].images[0])
     np.testing.assert_array_equal(s2.last_upload[0], s.last_upload[0])
     assert s2.recorder.rejected_by_client == {1: {"upload statistics": 1}} and s2.recorder.flagged() == {1: ["claim-capped"]}
-    assert torch.equal(s2.gen.get_state(), s.gen.get_state()) and blob["run_key"] == 7
+    assert torch.equal(s2.trainer.gen.get_state(), s.trainer.gen.get_state()) and blob["run_key"] == 7
 
 
 # -- isolation: a dead simulation worker is infrastructure, not the node's answer -----------------------------

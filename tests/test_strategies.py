@@ -14,7 +14,7 @@ from collafuse_flwr.comm import message_nbytes
 from collafuse_flwr.config import parse_config
 from collafuse_flwr.core.models import build_denoiser, shared_denoiser
 from collafuse_flwr import protocol as P
-from strategies import CollaFuse, RoundFailed
+from strategies import CollaFuse, ImplausibleUpload, NotAdmitted, ReplyRejected, RoundFailed, ServerTrainer
 from collafuse_flwr.server.build import from_config
 
 
@@ -209,13 +209,13 @@ def test_a_non_finite_server_step_is_skipped_and_the_model_kept(tiny_config):
     msgs = list(s.configure_train(1, ArrayRecord(), ConfigRecord(), grid_of(1)))
     s.aggregate_train(1, _train_replies(s, msgs, [_x()]))
     before = {k: v.clone() for k, v in s.model.state_dict().items()}
-    opt_before = {k: v["exp_avg"].clone() for k, v in s.optimizer.state_dict()["state"].items()}
+    opt_before = {k: v["exp_avg"].clone() for k, v in s.trainer.optimizer.state_dict()["state"].items()}
     s.buffer[0] = [torch.full((5, 1, 8, 8), float("nan"))]  # whatever got in: the step must not apply
     msgs = list(s.configure_train(2, ArrayRecord(), ConfigRecord(), grid_of(1)))
     _, metrics = s.aggregate_train(2, _train_replies(s, msgs, [None]))
     assert metrics["server-steps-skipped"] == 2
     assert all(torch.equal(before[k], v) for k, v in s.model.state_dict().items())
-    assert all(torch.equal(opt_before[k], v["exp_avg"]) for k, v in s.optimizer.state_dict()["state"].items())
+    assert all(torch.equal(opt_before[k], v["exp_avg"]) for k, v in s.trainer.optimizer.state_dict()["state"].items())
 
 
 def test_the_upload_buffer_is_capped_fairly(tiny_config):
@@ -273,8 +273,9 @@ def test_collafuse_cut_one_asks_for_nothing_and_sends_nothing(tiny_config):
 
 def test_a_node_with_another_cut_is_not_admitted(tiny_config):
     cfg, s = _collafuse(tiny_config(cut_ratio=0.3))
-    assert "own cut step is 10" in s.accept_hello(5, {"cut-step": 10})
-    assert s.accept_hello(5, {"cut-step": 6}) == ""
+    with pytest.raises(NotAdmitted, match="own cut step is 10"):
+        s.accept_hello(5, {"cut-step": 10})
+    assert s.accept_hello(5, {"cut-step": 6}) is None
 
 
 def _fedavg_replies(msgs, weights, examples):
@@ -345,10 +346,11 @@ def test_local_only_messages_carry_no_arrays(tiny_config):
 def test_strategy_takes_plain_arguments_without_the_project_config():
     """A Flower user builds it from a model and numbers; no RunConfig involved."""
     model = build_denoiser(8, 1, "tiny")
-    s = CollaFuse(model, (1, 8, 8), diffusion_steps=50, cut_step=10, server_steps=1, uploads_per_round=4)
+    s = CollaFuse(ServerTrainer(model, server_steps=1), (1, 8, 8), diffusion_steps=50, cut_step=10,
+                  uploads_per_round=4)
     assert s.t_c == 10 and s.registry.capacity is None
     with pytest.raises(ValueError, match="exactly one of"):
-        CollaFuse(model, (1, 8, 8), diffusion_steps=50, cut_step=10, cut_ratio=0.2)
+        CollaFuse(ServerTrainer(model), (1, 8, 8), diffusion_steps=50, cut_step=10, cut_ratio=0.2)
 
 
 def test_a_silent_node_is_not_admitted_nor_asked_again_every_round(tiny_config):
@@ -420,4 +422,76 @@ def test_a_deployment_lets_each_node_choose_a_noisier_cut(tiny_config):
     deployed, _ = build_strategy(cfg, 2, torch.device("cpu"), harness=False, simulation=False)
     simulated, _ = build_strategy(cfg, 2, torch.device("cpu"), harness=False, simulation=True)
     assert deployed.node_cuts and not simulated.node_cuts
-    assert deployed.accept_hello(1, {P.CUT_STEP: 16}) == "" and simulated.accept_hello(1, {P.CUT_STEP: 16})
+    assert deployed.accept_hello(1, {P.CUT_STEP: 16}) is None
+    with pytest.raises(NotAdmitted):
+        simulated.accept_hello(1, {P.CUT_STEP: 16})
+
+
+def test_a_users_own_check_raises_a_rejection_that_is_recorded_naming_the_client(tiny_config):
+    class Strict(CollaFuse):
+        def validate_reply(self, phase, client, msg):
+            super().validate_reply(phase, client, msg)
+            if phase == "train" and client == 1:
+                raise ImplausibleUpload("my-check: client 1's uploads are too bright")
+
+    cfg = parse_config(tiny_config(cut_ratio=0.3))
+    trainer = ServerTrainer(shared_denoiser(8, 1, "tiny", "client", 3), server_steps=1, overlap=False)
+    s = Strict(trainer, (1, 8, 8), diffusion_steps=cfg.diffusion_steps, beta_schedule=cfg.beta_schedule,
+               cut_ratio=0.3)
+    s.num_rounds = 1
+    msgs = list(s.configure_train(1, ArrayRecord(), ConfigRecord(), grid_of(3)))
+    _, metrics = s.aggregate_train(1, _train_replies(s, msgs, [_x(), _x(), _x()]))
+    assert sorted(s.buffer) == [0, 2] and metrics["uploads-received"] == 10
+    assert s.recorder.rejected == {"my-check": 1} and s.recorder.rejected_by_client == {1: {"my-check": 1}}
+    assert issubclass(ImplausibleUpload, ReplyRejected) and ImplausibleUpload("my-check: x").kind == "my-check"
+
+
+def _sampled(s, rounds, n=6):
+    """The train messages' nodes of each round (no replies needed to see whom a round asks)."""
+    grid, out = grid_of(n), []
+    for rnd in rounds:
+        out.append(tuple(m.metadata.dst_node_id for m in s.configure_train(rnd, ArrayRecord(), ConfigRecord(), grid)))
+        s._addressed.clear()
+    return out
+
+
+def test_fraction_train_samples_that_share_of_the_nodes_each_round_reproducibly(tiny_config):
+    rc = tiny_config(cut_ratio=0.3, fraction_train=0.5, seed=3)
+    first, again = (_sampled(_collafuse(rc, clients=6)[1], range(1, 5)) for _ in range(2))
+    assert all(len(nodes) == 3 for nodes in first) and len(set(first)) > 1  # 3 of 6, not the same 3
+    assert again == first  # the same seed, the same subsets
+    assert _sampled(_collafuse(rc, clients=6)[1], [3, 4]) == first[2:]  # a resumed run samples as the first did
+    assert _sampled(_collafuse(tiny_config(cut_ratio=0.3, fraction_train=0.5, seed=4), clients=6)[1],
+                    range(1, 5)) != first
+    assert all(len(nodes) == 5 for nodes in _sampled(_collafuse(rc, clients=6, min_train_nodes=5)[1], range(1, 4)))
+    assert _sampled(_collafuse(tiny_config(cut_ratio=0.3), clients=6)[1], [1, 2]) == [tuple(range(1, 7))] * 2
+    from collafuse_flwr.config import ConfigError
+
+    for key in ("fraction_train", "fraction_evaluate"):  # refused at start, naming the key
+        with pytest.raises(ConfigError, match=key.replace("_", "-")):
+            parse_config(tiny_config(**{key: 0.0}))
+
+
+def test_a_sampled_in_process_run_asks_half_the_nodes_a_round_and_serves_only_them(tiny_config):
+    from inprocess import InProcessGrid
+
+    from collafuse_flwr import client_app as ca
+    from collafuse_flwr.server.build import build_strategy
+
+    rc = {**tiny_config(cut_ratio=0.5, num_server_rounds=2, local_steps=2, server_steps="auto", fraction_train=0.5,
+                        fraction_evaluate=0.5, seed=1), "count-flops": False}
+    cfg = parse_config(rc)
+    s, arrays = build_strategy(cfg, 6, torch.device("cpu"), harness=False)
+    grid = InProcessGrid(ca.app, rc, 6)
+    s.start(grid=grid, initial_arrays=arrays, num_rounds=2)
+    asked: dict[tuple[int, str], list[int]] = {}
+    for m in grid.sent:
+        phase = m.metadata.message_type.split(".")[0]
+        if phase in ("train", "evaluate"):
+            asked.setdefault((m.content["config"]["server-round"], phase), []).append(m.metadata.dst_node_id)
+    assert sorted(asked) == [(1, "train"), (2, "evaluate"), (2, "train")]
+    assert all(len(nodes) == 3 for nodes in asked.values()) and asked[1, "train"] != asked[2, "train"]
+    assert not s.recorder.failures and not s.recorder.rejected
+    assert s.recorder.rounds[1].values["server-steps-owed"] == 2 * 3  # "auto": local-steps x the nodes it served
+    served = {s.client_of(n) for n in asked[1, "train"] + asked[2, "train"]}
+    assert set(s.buffer) == served

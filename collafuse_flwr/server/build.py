@@ -1,9 +1,9 @@
 """This project's run-config -> a strategy: the one place that maps `RunConfig` keys onto the
-strategies' plain constructor arguments, so `strategies/` depends on protocol and core only and a
-Flower user builds the same strategies from their own settings."""
+strategies' plain constructor arguments, so `strategies/` depends on protocol and core only."""
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import torch
@@ -15,26 +15,21 @@ from collafuse_flwr.config import RunConfig
 from collafuse_flwr.core.models import shared_denoiser
 from collafuse_flwr.data.client_data import run_channels
 from collafuse_flwr.harness.disclosure_probe import DisclosureProbe
-from strategies import Centralized, CollaFuse, FedAvgDiffusion, LocalOnly
+from strategies import Centralized, CollaFuse, FedAvgDiffusion, LocalOnly, ServerTrainer
 from strategies.base import DiffusionStrategy
 
-
-def common_args(cfg: RunConfig) -> dict[str, Any]:
-    """`DiffusionStrategy` arguments every method shares."""
-    return dict(min_available_nodes=cfg.min_nodes, min_available_fraction=cfg.min_available_fraction,
-                num_eval_samples=cfg.num_eval_samples, eval_every=cfg.eval_every,
-                sampling_steps=cfg.sampling_steps, connect_timeout=cfg.round_timeout)
+TRAINER_ARGS = tuple(inspect.signature(ServerTrainer).parameters)[1:]  # all but the model (the seed: both)
 
 
 def method_args(cfg: RunConfig) -> dict[str, Any]:
-    """Constructor arguments of cfg.method's strategy (model and shape aside)."""
-    training = dict(diffusion_steps=cfg.diffusion_steps, beta_schedule=cfg.beta_schedule,
-                    local_steps=cfg.local_steps, batch_size=cfg.batch_size, learning_rate=cfg.learning_rate,
-                    seed=cfg.seed, count_flops=cfg.count_flops, flops_every_pass=cfg.flops_every_pass)
+    """Constructor arguments of cfg.method's strategy and its `ServerTrainer` (model and shape aside)."""
     if cfg.method == P.LOCAL:
         return dict(diffusion_steps=cfg.diffusion_steps)
     if cfg.method == P.FEDAVG:
         return dict(aggregation=cfg.fedavg_aggregation)
+    training = dict(diffusion_steps=cfg.diffusion_steps, beta_schedule=cfg.beta_schedule, local_steps=cfg.local_steps,
+                    batch_size=cfg.batch_size, learning_rate=cfg.learning_rate, count_flops=cfg.count_flops,
+                    flops_every_pass=cfg.flops_every_pass)
     if cfg.method == P.CENTRALIZED:
         return training
     return dict(training, cut_ratio=cfg.cut_ratio, server_target=cfg.server_target,
@@ -45,17 +40,23 @@ def method_args(cfg: RunConfig) -> dict[str, Any]:
 
 def from_config(cfg: RunConfig, model: nn.Module | None = None,
                 image_shape: tuple[int, int, int] | None = None, **kwargs: Any) -> DiffusionStrategy:
-    """cfg.method's strategy; `kwargs` win over the run-config's values. CollaFuse and
-    centralized train `model` on the server; FedAvg and local-only hold no model."""
+    """cfg.method's strategy; `kwargs` (strategy or trainer arguments) win over the run-config's.
+    CollaFuse and centralized train `model` on the server; FedAvg and local-only hold no model."""
     shape = image_shape or (run_channels(cfg), cfg.image_size, cfg.image_size)
-    args = {**common_args(cfg), **method_args(cfg), **kwargs}
+    common = dict(min_available_nodes=cfg.min_nodes, min_available_fraction=cfg.min_available_fraction,
+                  fraction_train=cfg.fraction_train, fraction_evaluate=cfg.fraction_evaluate, seed=cfg.seed,
+                  num_eval_samples=cfg.num_eval_samples, eval_every=cfg.eval_every,
+                  sampling_steps=cfg.sampling_steps, connect_timeout=cfg.round_timeout)
+    args = {**common, **method_args(cfg), **kwargs}
     if cfg.method == P.LOCAL:
         return LocalOnly(image_shape=shape, **args)
     if cfg.method == P.FEDAVG:
         return FedAvgDiffusion(image_shape=shape, **args)
     if model is None:
         raise ValueError(f"method={cfg.method!r} trains a server model: pass model=")
-    return (CollaFuse if cfg.method == P.COLLAFUSE else Centralized)(model, shape, **args)
+    trained = {k: args.pop(k) for k in TRAINER_ARGS if k in args and k != "seed"}
+    trainer = ServerTrainer(model, seed=args["seed"], **trained)
+    return (CollaFuse if cfg.method == P.COLLAFUSE else Centralized)(trainer, shape, **args)
 
 
 def build_strategy(cfg: RunConfig, num_clients: int, device: torch.device, on_round_end=None,

@@ -1,19 +1,11 @@
 """Checkpoint after every round and resume a killed run from its last finished round.
 
-The checkpoint holds what the next round needs to go on exactly as if nothing happened: the
-strategy's state (server model, optimizer, upload buffer, registry, RNG states, records), the
-global arrays, Flower's `Result` so far and the run-config. It is written atomically (a
-temporary file, then a rename), so a kill during the write leaves the previous one intact.
-The nodes keep their own state (client_app.py); the server tells them which run's state to
-continue with (`run-key`).
-
-A checkpoint is read with `torch.load(weights_only=True)`: resume-from names a folder, and a
-file in it may have been replaced by anyone who could write there; a full unpickler would run
-whatever code a crafted file carries, inside the ServerApp. So everything is stored as tensors
-and plain containers: numpy arrays (recorded images, uploads, global arrays) travel as
-`{NP_TAG: tensor}` and numpy scalars as Python numbers. A file that cannot be read this way -
-truncated, corrupt, crafted, or not this project's - is one `CheckpointError` line naming the
-file and what to do, not a traceback.
+The checkpoint holds the strategy's state, the global arrays, Flower's `Result` so far and the
+run-config, written atomically (temporary file, then rename). It is read with
+`torch.load(weights_only=True)`: a file in resume-from may have been replaced by anyone who
+could write there, and a full unpickler would run its code inside the ServerApp. So everything
+is tensors and plain containers (numpy arrays as `{NP_TAG: tensor}`), and a file that cannot be
+read this way is one `CheckpointError` line naming the file and the fix, not a traceback.
 """
 
 from __future__ import annotations
@@ -45,22 +37,16 @@ def to_safe(obj: Any) -> Any:
         return obj.item()
     if isinstance(obj, dict):
         return {k: to_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        out = [to_safe(v) for v in obj]
-        return tuple(out) if isinstance(obj, tuple) else out
-    return obj
+    return type(obj)(to_safe(v) for v in obj) if isinstance(obj, (list, tuple)) else obj
 
 
 def from_safe(obj: Any) -> Any:
     """`to_safe` undone: numpy arrays back where they were."""
+    if isinstance(obj, dict) and set(obj) == {NP_TAG} and isinstance(obj[NP_TAG], torch.Tensor):
+        return obj[NP_TAG].numpy()
     if isinstance(obj, dict):
-        if set(obj) == {NP_TAG} and isinstance(obj[NP_TAG], torch.Tensor):
-            return obj[NP_TAG].numpy()
         return {k: from_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        out = [from_safe(v) for v in obj]
-        return tuple(out) if isinstance(obj, tuple) else out
-    return obj
+    return type(obj)(from_safe(v) for v in obj) if isinstance(obj, (list, tuple)) else obj
 
 
 def _why(exc: Exception) -> str:
@@ -91,10 +77,7 @@ def save_checkpoint(run_dir: Path, strategy, server_round: int, arrays: ArrayRec
 
 
 def load_checkpoint(run_dir: Path) -> dict[str, Any]:
-    """The checkpoint of `run_dir`, with `arrays` and `result` as Flower objects again.
-
-    Raises CheckpointError (one line) when the file is missing, unreadable or not a checkpoint
-    of this project; nothing in the file is executed."""
+    """The checkpoint of `run_dir`, `arrays` and `result` as Flower objects; nothing in it is executed."""
     path = Path(run_dir) / FILE
     if not path.is_file():
         raise CheckpointError(f"resume-from={str(run_dir)!r} has no {FILE}: point it at the run folder of a "

@@ -1,10 +1,7 @@
-"""A Grid wrapper that waits for replies with a short poll instead of Flower's fixed 3 s.
+"""A Grid wrapper that polls for replies every `interval` s instead of Flower's fixed 3 s.
 
-Flower's HTTP Grid (`flwr.superlink.grid.http_grid`, 1.42) pulls replies, then sleeps 3 s
-before it looks again. A round whose clients finish just after a pull idles up to 3 s, twice a
-round (train and evaluate): on the 2-core digits job that was a measured share of the framework
-overhead against a plain loop. This wrapper keeps the same push/pull protocol and only polls
-more often; everything else is delegated to Flower's grid unchanged.
+Flower's HTTP Grid (1.42) sleeps 3 s between pulls: a round whose clients finish just after a
+pull idles up to 3 s, twice a round (a measured share of the overhead on the 2-core digits job).
 """
 
 from __future__ import annotations

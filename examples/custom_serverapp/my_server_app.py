@@ -1,10 +1,8 @@
 """A user's own ServerApp: CollaFuse's strategy from collafuse-flwr, everything else its own.
 
-It builds the shared denoiser, constructs `strategies.CollaFuse` with plain arguments (no
-collafuse-flwr run-config object), adds its own server-side measure through Flower's
-`evaluate_fn` hook, runs `strategy.start()` and writes the `Result` Flower returns as JSON.
-The nodes run collafuse-flwr's ClientApp, which reads its settings (cut ratio, steps, ...) from
-the same run-config; the strategy tells them the cut step, and a node refuses another one.
+It builds the shared denoiser and `strategies.CollaFuse` from plain arguments, adds its own
+server-side measure through Flower's `evaluate_fn`, and writes the `Result` as JSON. The nodes
+run collafuse-flwr's ClientApp on the same run-config; a node refuses another cut step.
 
     flwr run examples/custom_serverapp --federation-config "num-supernodes=3" --stream
 """
@@ -22,7 +20,7 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.supercore import log
 
 from collafuse_flwr.core.models import shared_denoiser
-from strategies import CollaFuse
+from strategies import CollaFuse, ServerTrainer
 
 app = ServerApp()
 
@@ -50,21 +48,16 @@ def main(grid: Grid, context: Context) -> None:
     torch.manual_seed(0)
     # one class slot per node: the shared model is conditioned on the client index
     model = shared_denoiser(size, 1, str(rc["model-size"]), "client", num_nodes)
-    strategy = CollaFuse(model, (1, size, size), diffusion_steps=steps, cut_ratio=float(rc["cut-ratio"]),
-                         server_steps=int(rc["server-steps"]), batch_size=int(rc["batch-size"]),
+    trainer = ServerTrainer(model, server_steps=int(rc["server-steps"]), batch_size=int(rc["batch-size"]))
+    strategy = CollaFuse(trainer, (1, size, size), diffusion_steps=steps, cut_ratio=float(rc["cut-ratio"]),
                          uploads_per_round=int(rc["uploads-per-round"]),
                          num_eval_samples=int(rc["num-eval-samples"]), capacity=num_nodes)
     result = strategy.start(grid=grid, initial_arrays=ArrayRecord(model.state_dict()),
                             num_rounds=int(rc["num-server-rounds"]), evaluate_fn=parameter_norm)
     out = Path(str(rc["output-dir"]) or Path.home() / "collafuse-runs") / f"custom-serverapp-{context.run_id}"
     out.mkdir(parents=True, exist_ok=True)
-    summary = {
-        "cut_step": strategy.t_c,
-        "num_nodes": num_nodes,
-        "train_metrics_clientapp": {r: dict(m) for r, m in result.train_metrics_clientapp.items()},
-        "evaluate_metrics_clientapp": {r: dict(m) for r, m in result.evaluate_metrics_clientapp.items()},
-        "evaluate_metrics_serverapp": {r: dict(m) for r, m in result.evaluate_metrics_serverapp.items()},
-        "final_arrays": len(result.arrays),
-    }
+    summary = {"cut_step": strategy.t_c, "num_nodes": num_nodes, "final_arrays": len(result.arrays),
+               **{k: {r: dict(m) for r, m in getattr(result, k).items()} for k in
+                  ("train_metrics_clientapp", "evaluate_metrics_clientapp", "evaluate_metrics_serverapp")}}
     (out / "summary.json").write_text(json.dumps(summary, indent=1, default=float))
     log(INFO, "my-collafuse-server: summary in %s", out / "summary.json")
