@@ -141,7 +141,7 @@ _ONLY_FOR = {**dict.fromkeys(("cut_ratio", "server_target", "server_steps", "cli
 #: are the same experiment, for a node's keyed draws and private state (client_app.Node.fingerprint).
 BOOKKEEPING_KEYS = ("output-dir", "resume-from", "round-timeout", "min-nodes", "min-available-fraction",
                     "torch-threads", "count-flops", "flops-every-pass", "harness", "fid-backbone", "fid-weights",
-                    "fid-download", "attack-reference-steps")
+                    "fid-download", "attack-reference-steps", "fraction-train", "fraction-evaluate")
 
 
 class ConfigError(ValueError):

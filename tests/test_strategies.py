@@ -478,20 +478,22 @@ def test_a_sampled_in_process_run_asks_half_the_nodes_a_round_and_serves_only_th
     from collafuse_flwr import client_app as ca
     from collafuse_flwr.server.build import build_strategy
 
-    rc = {**tiny_config(cut_ratio=0.5, num_server_rounds=2, local_steps=2, server_steps="auto", fraction_train=0.5,
-                        fraction_evaluate=0.5, seed=1), "count-flops": False}
+    rc = {**tiny_config(cut_ratio=0.5, num_server_rounds=3, local_steps=2, server_steps="auto", fraction_train=0.5,
+                        fraction_evaluate=0.5, eval_every=2, seed=1), "count-flops": False}
     cfg = parse_config(rc)
     s, arrays = build_strategy(cfg, 6, torch.device("cpu"), harness=False)
     grid = InProcessGrid(ca.app, rc, 6)
-    s.start(grid=grid, initial_arrays=arrays, num_rounds=2)
+    s.start(grid=grid, initial_arrays=arrays, num_rounds=3)
     asked: dict[tuple[int, str], list[int]] = {}
     for m in grid.sent:
         phase = m.metadata.message_type.split(".")[0]
         if phase in ("train", "evaluate"):
             asked.setdefault((m.content["config"]["server-round"], phase), []).append(m.metadata.dst_node_id)
-    assert sorted(asked) == [(1, "train"), (2, "evaluate"), (2, "train")]
+    assert sorted(asked) == [(1, "train"), (2, "evaluate"), (2, "train"), (3, "evaluate"), (3, "train")]
+    # the last evaluation reaches every client: it ends each node's run and gives every client's figures
+    assert len(asked.pop((3, "evaluate"))) == 6
     assert all(len(nodes) == 3 for nodes in asked.values()) and asked[1, "train"] != asked[2, "train"]
     assert not s.recorder.failures and not s.recorder.rejected
     assert s.recorder.rounds[1].values["server-steps-owed"] == 2 * 3  # "auto": local-steps x the nodes it served
-    served = {s.client_of(n) for n in asked[1, "train"] + asked[2, "train"]}
+    served = {s.client_of(n) for n in asked[1, "train"] + asked[2, "train"] + asked[3, "train"]}
     assert set(s.buffer) == served
