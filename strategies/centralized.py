@@ -50,7 +50,9 @@ class Centralized(DiffusionStrategy):
                         grid: Grid) -> Iterable[Message]:
         if self.trainer.buffer:
             return []  # the raw data was collected once
-        return self._train_messages(server_round, grid, config)
+        # from every client, whatever fraction-train says: a sample would cut the pool for good
+        return self._send(self._participants(grid),
+                          lambda n: RecordDict({P.CONFIG: self._config(config, server_round, n)}), "train")
 
     def validate_reply(self, phase: str, client: int, msg: Message) -> None:
         if phase != "train":
@@ -64,7 +66,8 @@ class Centralized(DiffusionStrategy):
         if not np.isfinite(x).all() or (x.size and float(np.abs(x).max()) > 1.0):
             raise ImplausibleUpload("upload values: raw images must be finite and within [-1, 1]")
 
-    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+    def aggregate_train(self, server_round: int,
+                        replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         if not self.trainer.buffer:
             ok = self._accept(server_round, replies, "train")
             if not ok:
@@ -87,8 +90,8 @@ class Centralized(DiffusionStrategy):
                            grid: Grid) -> Iterable[Message]:
         def content(node_id: int, conf: ConfigRecord) -> RecordDict:
             t = self.trainer
-            imgs = generate(self.model, self.sched, self.num_eval_samples, self.image_shape, self.sampling_steps or None,
-                            t.gen, t.device, t.meter, label=self.client_of(node_id))
+            imgs = generate(self.model, self.sched, self.num_eval_samples, self.image_shape,
+                            self.sampling_steps or None, t.gen, t.device, t.meter, label=self.client_of(node_id))
             return RecordDict({P.CONFIG: conf,
                                P.GENERATED: ArrayRecord({P.IMAGES: Array(to_uint8(imgs).numpy())})})
 

@@ -178,7 +178,7 @@ class CollaFuse(DiffusionStrategy):
         if self.owed_steps:
             with self.trainer.overlap_threading():
                 self._overlap_metrics = self._train_server(self.owed_steps, server_round)
-            self._overlap_metrics["server-train-overlapped-seconds"] = self._overlap_metrics.pop("server-train-seconds")
+            self._overlap_metrics["server-train-overlapped-seconds"] = self._overlap_metrics.pop("server-train-seconds", 0.0)
             self.owed_steps = 0
 
     def _train_server(self, steps: int, server_round: int) -> dict[str, float]:

@@ -77,6 +77,7 @@ class Recorder:
             v = metrics.get(k)
             if isinstance(v, (int, float)):
                 self.train_totals[client][k] += float(v)
+        self.train_totals[client]["train-replies"] += 1  # client-rounds: sampling skips some
 
     def reject(self, server_round: int, reason: str, client: int | None = None) -> None:
         """One reply dropped by validation; `client` is blamed for it (None: nobody is)."""

@@ -301,6 +301,12 @@ def test_an_error_reply_names_no_local_path(tiny_config, tmp_path, parts):
     assert str(tmp_path) not in reply.error.reason
 
 
+def test_a_root_path_in_node_config_does_not_unhide_the_others():
+    from collafuse_flwr.node.steps import scrub_paths
+
+    assert scrub_paths("no images in /data/my scans", ["/", "/data/my scans"]) == "no images in <local path>"
+
+
 def test_a_deployed_node_reports_no_loss(tiny_config):
     """A training loss is data-dependent: from it a server's membership test on a canary image
     reached AUC 0.78. A deployed node sends counts and costs; a trusting one its loss too."""

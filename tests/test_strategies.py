@@ -497,3 +497,31 @@ def test_a_sampled_in_process_run_asks_half_the_nodes_a_round_and_serves_only_th
     assert s.recorder.rounds[1].values["server-steps-owed"] == 2 * 3  # "auto": local-steps x the nodes it served
     served = {s.client_of(n) for n in asked[1, "train"] + asked[2, "train"] + asked[3, "train"]}
     assert set(s.buffer) == served
+    # per client-round figures divide by the client-rounds that trained (3 a round), not 6 x rounds
+    assert sum(v["train-replies"] for v in s.recorder.train_totals.values()) == 9
+
+
+def test_centralized_pools_every_clients_data_whatever_fraction_train_says(tiny_config):
+    """Naively its one collection round went to a sample: the pool (and the upper bound) held half
+    the clients for good."""
+    from inprocess import InProcessGrid
+
+    from collafuse_flwr import client_app as ca
+    from collafuse_flwr.server.build import build_strategy
+
+    rc = {**tiny_config(method="centralized", num_server_rounds=2, fraction_train=0.5), "count-flops": False}
+    s, arrays = build_strategy(parse_config(rc), 4, torch.device("cpu"), harness=False)
+    grid = InProcessGrid(ca.app, rc, 4)
+    s.start(grid=grid, initial_arrays=arrays, num_rounds=2)
+    trained = [m.metadata.dst_node_id for m in grid.sent if m.metadata.message_type.startswith("train")]
+    assert sorted(trained) == sorted(grid.node_ids) and set(s.trainer.buffer) == {0, 1, 2, 3}
+
+
+def test_overlapped_steps_owed_with_nothing_to_train_on_take_none(tiny_config):
+    """A fixed server-steps budget is owed even by a round whose uploads were all refused; with an
+    empty buffer the overlapped steps take nothing (naively: KeyError, the run ended)."""
+    model = build_denoiser(8, 1, "tiny")
+    s = CollaFuse(ServerTrainer(model, server_steps=5, overlap=True), (1, 8, 8), diffusion_steps=20, cut_step=4)
+    s.owed_steps = s.steps_for(0)
+    s.while_nodes_train(2)
+    assert s.owed_steps == 0 and s._overlap_metrics["server-steps"] == 0

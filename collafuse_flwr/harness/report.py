@@ -148,7 +148,7 @@ def finalize(cfg: RunConfig, strategy, result, out: Path, run_id: int, num_nodes
         "kid": avg(P.KID), "kid_per_client": _per_client(per_client, P.KID),
         "precision": avg("precision"), "recall": avg("recall"), "fid_backbone": None,
         "client_train_flops": flops, "client_train_flops_per_round": flops / n_rounds,
-        "client_train_flops_per_client_round": flops / n_rounds / max(1, num_nodes),
+        "client_train_flops_per_client_round": flops / max(1, sum(v.get("train-replies", 0) for _, v in trained)),
         "client_infer_flops_per_image": avg(P.CLIENT_INFER_FLOPS_PER_IMAGE),
         "client_infer_flops_per_image_per_client": _per_client(per_client, P.CLIENT_INFER_FLOPS_PER_IMAGE),
         "client_parameters_per_client": _per_client(per_client, P.CLIENT_PARAMS),

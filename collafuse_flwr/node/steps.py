@@ -38,8 +38,8 @@ def scrub_paths(text: str, known: Iterable[Any] = ()) -> str:
     pattern cannot tell where a path with spaces ends."""
     paths = {str(v) for v in known if isinstance(v, str) and v.startswith(("/", "~"))}
     paths |= {str(Path(v).expanduser().resolve()) for v in paths}
-    for path in sorted(paths, key=len, reverse=True):
-        text = text.replace(path.rstrip("/"), "<local path>")
+    for path in sorted({p.rstrip("/") for p in paths} - {""}, key=len, reverse=True):
+        text = text.replace(path, "<local path>")
     return _PATH.sub("<local path>", text)
 
 
