@@ -376,13 +376,16 @@ class DiffusionStrategy(Strategy):
         return msgs
 
     def _train_messages(self, server_round: int, grid: Grid, config: ConfigRecord,
-                        content_for: Callable[[int, ConfigRecord], RecordDict] | None = None) -> list[Message]:
-        """A train message to each sampled node: its config, and what `content_for` adds."""
+                        content_for: Callable[[int, ConfigRecord], RecordDict] | None = None,
+                        everyone: bool = False) -> list[Message]:
+        """A train message to each sampled node (every admitted one with `everyone`): its config,
+        and what `content_for` adds."""
         def content(n: int) -> RecordDict:
             conf = self._config(config, server_round, n)
             return content_for(n, conf) if content_for is not None else RecordDict({P.CONFIG: conf})
 
-        return self._send(self.sample(grid, server_round, "train"), content, "train")
+        nodes = self._participants(grid) if everyone else self.sample(grid, server_round, "train")
+        return self._send(nodes, content, "train")
 
     # -- replies in -------------------------------------------------------------------------------
     def validate_reply(self, phase: str, client: int, msg: Message) -> None:

@@ -51,8 +51,7 @@ class Centralized(DiffusionStrategy):
         if self.trainer.buffer:
             return []  # the raw data was collected once
         # from every client, whatever fraction-train says: a sample would cut the pool for good
-        return self._send(self._participants(grid),
-                          lambda n: RecordDict({P.CONFIG: self._config(config, server_round, n)}), "train")
+        return self._train_messages(server_round, grid, config, everyone=True)
 
     def validate_reply(self, phase: str, client: int, msg: Message) -> None:
         if phase != "train":
