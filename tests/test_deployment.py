@@ -124,7 +124,8 @@ def test_the_cli_recipe_runs_and_says_where_outputs_are(tmp_path):
     Flower's stock SuperNodes: a fresh ClientApp process per message."""
     script = APP_DIR / "examples" / "local_deployment" / "run.sh"
     env = {**os.environ, "WORKDIR": str(tmp_path / "w"), "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
-           "EXTRA_RUN_CONFIG": "num-server-rounds=1 attack-reference-steps=5 torch-threads=1", "APP": str(APP), "ISOLATION": "subprocess"}
+           "EXTRA_RUN_CONFIG": "num-server-rounds=1 attack-reference-steps=5 torch-threads=1", "APP": str(APP),
+           "ISOLATION": "subprocess", "NUM_NODES": "2"}  # a process per message: 2 nodes keep the cost down
     proc = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=900)
     text = proc.stdout + proc.stderr
     assert proc.returncode == 0, text[-4000:]
