@@ -25,7 +25,7 @@ from collafuse_flwr.config import preset, run_config_text
 from collafuse_flwr.tools.deploy import ISOLATIONS, LocalDeployment
 from collafuse_flwr.tools.launch import APP_DIR
 
-from .common import RESULTS_DIR, verdict, write_result
+from .common import RESULTS_DIR, print_checks, write_result
 
 RUN_CONFIG = {**preset("tiny"), "torch-threads": 1}  # 3 nodes training at once on 2 cores: one thread each
 TARGET_S = 3.0
@@ -93,8 +93,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{m['median_round_s']:.2f} s, first round {m['first_round_s']:.1f} s)", flush=True)
     shutil.rmtree(tmp, ignore_errors=True)
     ok = {k: m["median_overhead_s"] <= TARGET_S for k, m in modes.items()}
-    for k, good in ok.items():
-        print(f"{verdict(good)}  {k}: median overhead {modes[k]['median_overhead_s']:.2f} s (target <= {TARGET_S} s)")
+    print_checks({f"{k}: median overhead {modes[k]['median_overhead_s']:.2f} s (target <= {TARGET_S} s)": good
+                  for k, good in ok.items()})
     write_result(a.out, {"app": str(a.app.resolve()), "nodes": a.nodes, "rounds": a.rounds,
                          "measured_rounds": f"2..{a.rounds - 1}", "run_config": run_config_text(RUN_CONFIG),
                          "target_overhead_s": TARGET_S, "import": imports, "modes": modes, "pass": ok})

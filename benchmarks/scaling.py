@@ -21,6 +21,7 @@ import numpy as np
 
 from collafuse_flwr.config import preset
 from collafuse_flwr.tools.launch import run_flower
+from collafuse_flwr.tools.processes import tree
 
 from .common import (RESULTS_DIR, BenchmarkError, fmt_seconds, parse_overrides, print_checks, pyplot, read_json,
                      save_figure, validate_overrides, write_result)
@@ -29,16 +30,7 @@ from .common import (RESULTS_DIR, BenchmarkError, fmt_seconds, parse_overrides, 
 def _tree_memory(root: int) -> tuple[int, int, int]:
     """(summed RSS, summed PSS, processes) of root and its descendants (flwr run's SuperLink, Ray, ...).
     Summed RSS counts shared pages once per process (conservative: the limit is checked on it); PSS once."""
-    children: dict[int, list[int]] = {}
-    for proc in Path("/proc").iterdir():
-        try:
-            children.setdefault(int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1]), []).append(int(proc.name))
-        except (OSError, IndexError, ValueError):
-            continue
-    pids, todo, rss, pss = [root], [root], 0, 0
-    while todo:
-        kids = children.get(todo.pop(), [])
-        pids, todo = pids + kids, todo + kids
+    pids, rss, pss = tree(root), 0, 0
     for pid in pids:
         try:
             kb = dict(ln.split()[:2] for ln in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()[1:])
