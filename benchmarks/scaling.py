@@ -87,12 +87,10 @@ def measure(n: int, overrides: dict[str, Any], timeout: float, interval: float) 
     ok = res.ok and results.get("status") == "ok"
     return {
         "clients": n, "ok": ok, "status": res.status, "call_seconds": call_s,
-        "wall_seconds": float(results.get("wall_seconds", float("nan"))),
-        "clients_seen": results.get("num_clients"), "failed_replies": results.get("final", {}).get("failed_replies"),
-        "peak_rss_bytes": mem.peak_rss, "peak_pss_bytes": mem.peak_pss, "peak_processes": mem.peak_procs,
-        "memory_samples": mem.samples,
-        "log_tail": None if ok else "\n".join(res.log.splitlines()[-25:]),
-    }
+        "wall_seconds": float(results.get("wall_seconds", float("nan"))), "clients_seen": results.get("num_clients"),
+        "failed_replies": results.get("final", {}).get("failed_replies"), "peak_rss_bytes": mem.peak_rss,
+        "peak_pss_bytes": mem.peak_pss, "peak_processes": mem.peak_procs, "memory_samples": mem.samples,
+        "log_tail": None if ok else "\n".join(res.log.splitlines()[-25:])}
 
 
 def linear_fit(ns: list[int], ts: list[float]) -> tuple[float, float]:
@@ -166,16 +164,17 @@ def main(argv: list[str] | None = None) -> int:
     if len(good) >= 2:
         for key in ("wall_seconds", "call_seconds", "peak_rss_bytes"):
             summary[key] = dict(zip(("fixed", "per_client"), linear_fit(gn, [pt[key] for pt in good])))
-        print(f"fit: ServerApp {summary['wall_seconds']['fixed']:.1f} s + {summary['wall_seconds']['per_client']:.3f} "
-              f"s/client; whole call {summary['call_seconds']['fixed']:.1f} s + "
-              f"{summary['call_seconds']['per_client']:.3f} s/client; memory {summary['peak_rss_bytes']['fixed'] / GB:.2f}"
-              f" GB + {summary['peak_rss_bytes']['per_client'] / 1e6:.1f} MB/client")
+        w, c, m = (summary[k] for k in ("wall_seconds", "call_seconds", "peak_rss_bytes"))
+        print(f"fit: ServerApp {w['fixed']:.1f} s + {w['per_client']:.3f} s/client; whole call {c['fixed']:.1f} s + "
+              f"{c['per_client']:.3f} s/client; memory {m['fixed'] / GB:.2f} GB + {m['per_client'] / 1e6:.1f} "
+              f"MB/client")
     if len(good) >= 3:
-        summary["superlinearity"] = {k: superlinearity(gn, [pt[f"{k}_seconds"] for pt in good]) for k in ("wall", "call")}
-        print(f"largest point / the line through the two smallest: ServerApp x{summary['superlinearity']['wall']:.2f}, "
-              f"whole call x{summary['superlinearity']['call']:.2f}")
+        sl = {k: superlinearity(gn, [pt[f"{k}_seconds"] for pt in good]) for k in ("wall", "call")}
+        summary["superlinearity"] = sl
+        print(f"largest point / the line through the two smallest: ServerApp x{sl['wall']:.2f}, whole call "
+              f"x{sl['call']:.2f}")
         checks[f"time growth no worse than linear (ServerApp, +{a.tolerance:.0%} allowed)"] = \
-            summary["superlinearity"]["wall"] <= 1 + a.tolerance
+            sl["wall"] <= 1 + a.tolerance
     ok = print_checks(checks)
     write_result(a.out / "scaling.json", {"benchmark": "scaling", "when": time.strftime("%Y-%m-%dT%H:%M:%S"),
                                           "run_config": overrides, "mem_limit_gb": a.mem_limit_gb,

@@ -46,16 +46,14 @@ def make_tls(folder: Path) -> TlsFiles:
     folder.mkdir(parents=True, exist_ok=True)
     ca_key = ec.generate_private_key(ec.SECP384R1())
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "collafuse-flwr local CA")])
-    ca = _cert(ca_name, ca_name, ca_key, ca_key,
-               (x509.BasicConstraints(ca=True, path_length=None), True),
+    ca = _cert(ca_name, ca_name, ca_key, ca_key, (x509.BasicConstraints(ca=True, path_length=None), True),
                (x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True, content_commitment=False,
                               key_encipherment=False, data_encipherment=False, key_agreement=False,
                               encipher_only=False, decipher_only=False), True))
     key = ec.generate_private_key(ec.SECP384R1())
     sans = [x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.DNSName("localhost")]
     cert = _cert(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")]), ca_name, key, ca_key,
-                 (x509.SubjectAlternativeName(sans), False),
-                 (x509.BasicConstraints(ca=False, path_length=None), True),
+                 (x509.SubjectAlternativeName(sans), False), (x509.BasicConstraints(ca=False, path_length=None), True),
                  (x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), False))
     files = TlsFiles(folder / "ca.crt", folder / "server.pem", folder / "server.key")
     files.ca_cert.write_bytes(ca.public_bytes(serialization.Encoding.PEM))

@@ -64,10 +64,6 @@ class RunStopped(KeyboardInterrupt):
         super().__init__(summary)
         self.signum, self.outcome, self.summary = signum, outcome, summary
 
-    @property
-    def exit_code(self) -> int:
-        return 128 + self.signum  # the shell's convention: 130 for SIGINT, 143 for SIGTERM
-
 
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that was free a moment ago."""
@@ -405,7 +401,7 @@ def main(argv: list[str] | None = None) -> int:
                          client_cpus=a.client_cpus, client_gpus=a.client_gpus)
     except RunStopped as stop:
         print(f"\n{stop.summary}", flush=True)
-        return stop.exit_code
+        return 128 + stop.signum  # the shell's convention: 130 for SIGINT, 143 for SIGTERM
     print(f"\nrun {out.run_id}: {out.status}; outputs: {out.output_dir}")
     return 0 if out.ok else 1
 
