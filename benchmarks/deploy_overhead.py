@@ -31,9 +31,8 @@ RUN_CONFIG = {**preset("tiny"), "torch-threads": 1}  # 3 nodes training at once 
 TARGET_S = 3.0
 
 
-def round_overheads(metrics_csv: Path) -> list[dict[str, float]]:
-    """Per middle round: wall, client and server compute, and wall minus compute (seconds)."""
-    rows = list(csv.DictReader(open(metrics_csv)))
+def round_overheads(rows: list[dict[str, str]]) -> list[dict[str, float]]:
+    """Per middle round of metrics.csv's rows: wall, client and server compute, and wall minus compute (seconds)."""
     out = []
     for prev, row in zip(rows[:-2], rows[1:-1]):  # rounds 2 .. R-1 (prev is the round before)
         wall = float(row["elapsed-s"]) - float(prev["elapsed-s"])
@@ -67,10 +66,11 @@ def measure(mode: str, rounds: int, nodes: int, workdir: Path, app: Path = APP_D
                       timeout=1500)
     if not out.ok or out.output_dir is None:
         raise RuntimeError(f"{mode}: run ended {out.status} (rc {out.returncode}); logs in {workdir / mode}/logs")
-    per_round = round_overheads(out.output_dir / "metrics.csv")
-    first = next(csv.DictReader(open(out.output_dir / "metrics.csv")))
+    with open(out.output_dir / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    per_round = round_overheads(rows)
     return {"mode": mode, "status": out.status, "deployment_start_s": round(started, 1),
-            "first_round_s": float(first["elapsed-s"]), "rounds": per_round,
+            "first_round_s": float(rows[0]["elapsed-s"]), "rounds": per_round,
             "median_overhead_s": statistics.median(r["overhead_s"] for r in per_round),
             "median_round_s": statistics.median(r["wall_s"] for r in per_round)}
 

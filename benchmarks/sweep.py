@@ -20,7 +20,6 @@ import json
 import math
 import shutil
 import sys
-import tempfile
 import time
 import traceback
 from collections.abc import Sequence
@@ -293,11 +292,9 @@ def _run_one(spec: RunSpec, runs_dir: Path, engine: str, timeout: float, stream:
     started, error, stopped = time.time(), None, None
     if engine == "flwr":
         (run_dir / "flower").mkdir(exist_ok=True)
-        try:
-            with tempfile.TemporaryDirectory(prefix="sweep-flwr-home-") as home:
-                out = run_flower({**spec.run_config, "output-dir": str(run_dir / "flower")},
-                                 num_clients=spec.num_clients, flwr_home=Path(home), timeout=timeout, stream=stream,
-                                 client_gpus=client_gpus)
+        try:  # run_flower gives the run a private FLWR_HOME and removes it after
+            out = run_flower({**spec.run_config, "output-dir": str(run_dir / "flower")}, num_clients=spec.num_clients,
+                             timeout=timeout, stream=stream, client_gpus=client_gpus)
             folder, log = out.output_dir, out.log
             error = None if out.ok else f"flower status {out.status!r}, return code {out.returncode}; see flwr.log"
         except Exception as exc:
