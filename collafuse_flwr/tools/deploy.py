@@ -36,8 +36,6 @@ WARM_SCRIPT = APP_DIR / "scripts" / "flwr142_warm.py"
 
 @dataclass
 class DeployOutcome(Outcome):
-    """What one job in the local deployment did."""
-
     killed_node: int | None = None
 
 
@@ -83,8 +81,7 @@ class LocalDeployment:
         self.logs = self.workdir / "logs"
 
     def env(self) -> dict[str, str]:
-        # SuperExec asks the SuperNode for a new ClientApp task every 1 s by default
-        poll = os.environ.get("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", "0.1")
+        poll = os.environ.get("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", "0.1")  # SuperExec's task poll; Flower's: 1 s
         return flwr_env(self.flwr_home, {"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": poll})
 
     def _say(self, cmd: list[str]) -> None:
