@@ -18,7 +18,6 @@ from typing import Any
 from collafuse_flwr.harness.outputs import write_json
 from collafuse_flwr.tools.launch import APP_DIR
 
-REPO = APP_DIR
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
@@ -65,7 +64,7 @@ def read_json(path: Path) -> dict[str, Any]:
 def in_process_grid():
     """tests/inprocess.py's InProcessGrid (tests/ is no package: loaded by path, once)."""
     if "inprocess" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("inprocess", REPO / "tests" / "inprocess.py")
+        spec = importlib.util.spec_from_file_location("inprocess", APP_DIR / "tests" / "inprocess.py")
         sys.modules["inprocess"] = mod = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(mod)
     return sys.modules["inprocess"].InProcessGrid
@@ -102,7 +101,7 @@ def command_line() -> str:
     argv = list(sys.argv)
     if argv and argv[0].endswith(".py"):
         try:
-            argv[0] = "python -m " + ".".join(Path(argv[0]).resolve().relative_to(REPO).with_suffix("").parts)
+            argv[0] = "python -m " + ".".join(Path(argv[0]).resolve().relative_to(APP_DIR).with_suffix("").parts)
         except ValueError:
             argv[0] = "python " + argv[0]
     return " ".join([argv[0], *map(shlex.quote, argv[1:])]) if argv else ""
@@ -118,14 +117,10 @@ def fmt_seconds(s: float | None) -> str:
     return f"{m}m{sec:02d}s" if m < 60 else f"{m // 60}h{m % 60:02d}m"
 
 
-def verdict(ok: bool) -> str:
-    return "PASS" if ok else "FAIL"
-
-
 def print_checks(checks: dict[str, bool]) -> bool:
     """One PASS/FAIL line per check; whether all passed."""
     for name, ok in checks.items():
-        print(f"{verdict(ok)}  {name}")
+        print(f"{'PASS' if ok else 'FAIL'}  {name}")
     return all(checks.values())
 
 

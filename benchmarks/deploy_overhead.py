@@ -25,15 +25,14 @@ from collafuse_flwr.config import preset, run_config_text
 from collafuse_flwr.tools.deploy import ISOLATIONS, LocalDeployment
 from collafuse_flwr.tools.launch import APP_DIR
 
-from .common import RESULTS_DIR, verdict, write_result
+from .common import RESULTS_DIR, print_checks, write_result
 
 RUN_CONFIG = {**preset("tiny"), "torch-threads": 1}  # 3 nodes training at once on 2 cores: one thread each
 TARGET_S = 3.0
 
 
-def round_overheads(metrics_csv: Path) -> list[dict[str, float]]:
-    """Per middle round: wall, client and server compute, and wall minus compute (seconds)."""
-    rows = list(csv.DictReader(open(metrics_csv)))
+def round_overheads(rows: list[dict[str, str]]) -> list[dict[str, float]]:
+    """Per middle round of metrics.csv's rows: wall, client and server compute, and wall minus compute (seconds)."""
     out = []
     for prev, row in zip(rows[:-2], rows[1:-1]):  # rounds 2 .. R-1 (prev is the round before)
         wall = float(row["elapsed-s"]) - float(prev["elapsed-s"])
@@ -67,10 +66,11 @@ def measure(mode: str, rounds: int, nodes: int, workdir: Path, app: Path = APP_D
                       timeout=1500)
     if not out.ok or out.output_dir is None:
         raise RuntimeError(f"{mode}: run ended {out.status} (rc {out.returncode}); logs in {workdir / mode}/logs")
-    per_round = round_overheads(out.output_dir / "metrics.csv")
-    first = next(csv.DictReader(open(out.output_dir / "metrics.csv")))
+    with open(out.output_dir / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    per_round = round_overheads(rows)
     return {"mode": mode, "status": out.status, "deployment_start_s": round(started, 1),
-            "first_round_s": float(first["elapsed-s"]), "rounds": per_round,
+            "first_round_s": float(rows[0]["elapsed-s"]), "rounds": per_round,
             "median_overhead_s": statistics.median(r["overhead_s"] for r in per_round),
             "median_round_s": statistics.median(r["wall_s"] for r in per_round)}
 
@@ -93,8 +93,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{m['median_round_s']:.2f} s, first round {m['first_round_s']:.1f} s)", flush=True)
     shutil.rmtree(tmp, ignore_errors=True)
     ok = {k: m["median_overhead_s"] <= TARGET_S for k, m in modes.items()}
-    for k, good in ok.items():
-        print(f"{verdict(good)}  {k}: median overhead {modes[k]['median_overhead_s']:.2f} s (target <= {TARGET_S} s)")
+    print_checks({f"{k}: median overhead {modes[k]['median_overhead_s']:.2f} s (target <= {TARGET_S} s)": good
+                  for k, good in ok.items()})
     write_result(a.out, {"app": str(a.app.resolve()), "nodes": a.nodes, "rounds": a.rounds,
                          "measured_rounds": f"2..{a.rounds - 1}", "run_config": run_config_text(RUN_CONFIG),
                          "target_overhead_s": TARGET_S, "import": imports, "modes": modes, "pass": ok})

@@ -58,10 +58,8 @@ def _status(r: dict, s: dict) -> str | None:
 
 #: results.csv columns: (column, where in results.json r / sweep.json s it comes from)
 COLUMNS: list[tuple[str, Callable[[dict, dict], Any]]] = [
-    ("run", lambda r, s: s["_name"]),
-    ("tag", lambda r, s: s.get("tag") or s["_name"].rsplit("-s", 1)[0]),
-    ("status", _status),
-    ("method", lambda r, s: r.get("method") or s.get("method")),
+    ("run", lambda r, s: s["_name"]), ("tag", lambda r, s: s.get("tag") or s["_name"].rsplit("-s", 1)[0]),
+    ("status", _status), ("method", lambda r, s: r.get("method") or s.get("method")),
     ("c", lambda r, s: r.get("cut_ratio") if "cut_ratio" in r else s.get("cut_ratio")),
     ("cut_step", lambda r, s: r.get("cut_step")),
     ("cut_steps", lambda r, s: ",".join(map(str, (r.get("cut_step_per_client") or {}).values())) or None),

@@ -21,6 +21,7 @@ import numpy as np
 
 from collafuse_flwr.config import preset
 from collafuse_flwr.tools.launch import run_flower
+from collafuse_flwr.tools.processes import tree
 
 from .common import (RESULTS_DIR, BenchmarkError, fmt_seconds, parse_overrides, print_checks, pyplot, read_json,
                      save_figure, validate_overrides, write_result)
@@ -29,16 +30,7 @@ from .common import (RESULTS_DIR, BenchmarkError, fmt_seconds, parse_overrides, 
 def _tree_memory(root: int) -> tuple[int, int, int]:
     """(summed RSS, summed PSS, processes) of root and its descendants (flwr run's SuperLink, Ray, ...).
     Summed RSS counts shared pages once per process (conservative: the limit is checked on it); PSS once."""
-    children: dict[int, list[int]] = {}
-    for proc in Path("/proc").iterdir():
-        try:
-            children.setdefault(int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1]), []).append(int(proc.name))
-        except (OSError, IndexError, ValueError):
-            continue
-    pids, todo, rss, pss = [root], [root], 0, 0
-    while todo:
-        kids = children.get(todo.pop(), [])
-        pids, todo = pids + kids, todo + kids
+    pids, rss, pss = tree(root), 0, 0
     for pid in pids:
         try:
             kb = dict(ln.split()[:2] for ln in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()[1:])
@@ -95,12 +87,10 @@ def measure(n: int, overrides: dict[str, Any], timeout: float, interval: float) 
     ok = res.ok and results.get("status") == "ok"
     return {
         "clients": n, "ok": ok, "status": res.status, "call_seconds": call_s,
-        "wall_seconds": float(results.get("wall_seconds", float("nan"))),
-        "clients_seen": results.get("num_clients"), "failed_replies": results.get("final", {}).get("failed_replies"),
-        "peak_rss_bytes": mem.peak_rss, "peak_pss_bytes": mem.peak_pss, "peak_processes": mem.peak_procs,
-        "memory_samples": mem.samples,
-        "log_tail": None if ok else "\n".join(res.log.splitlines()[-25:]),
-    }
+        "wall_seconds": float(results.get("wall_seconds", float("nan"))), "clients_seen": results.get("num_clients"),
+        "failed_replies": results.get("final", {}).get("failed_replies"), "peak_rss_bytes": mem.peak_rss,
+        "peak_pss_bytes": mem.peak_pss, "peak_processes": mem.peak_procs, "memory_samples": mem.samples,
+        "log_tail": None if ok else "\n".join(res.log.splitlines()[-25:])}
 
 
 def linear_fit(ns: list[int], ts: list[float]) -> tuple[float, float]:
@@ -174,16 +164,17 @@ def main(argv: list[str] | None = None) -> int:
     if len(good) >= 2:
         for key in ("wall_seconds", "call_seconds", "peak_rss_bytes"):
             summary[key] = dict(zip(("fixed", "per_client"), linear_fit(gn, [pt[key] for pt in good])))
-        print(f"fit: ServerApp {summary['wall_seconds']['fixed']:.1f} s + {summary['wall_seconds']['per_client']:.3f} "
-              f"s/client; whole call {summary['call_seconds']['fixed']:.1f} s + "
-              f"{summary['call_seconds']['per_client']:.3f} s/client; memory {summary['peak_rss_bytes']['fixed'] / GB:.2f}"
-              f" GB + {summary['peak_rss_bytes']['per_client'] / 1e6:.1f} MB/client")
+        w, c, m = (summary[k] for k in ("wall_seconds", "call_seconds", "peak_rss_bytes"))
+        print(f"fit: ServerApp {w['fixed']:.1f} s + {w['per_client']:.3f} s/client; whole call {c['fixed']:.1f} s + "
+              f"{c['per_client']:.3f} s/client; memory {m['fixed'] / GB:.2f} GB + {m['per_client'] / 1e6:.1f} "
+              f"MB/client")
     if len(good) >= 3:
-        summary["superlinearity"] = {k: superlinearity(gn, [pt[f"{k}_seconds"] for pt in good]) for k in ("wall", "call")}
-        print(f"largest point / the line through the two smallest: ServerApp x{summary['superlinearity']['wall']:.2f}, "
-              f"whole call x{summary['superlinearity']['call']:.2f}")
+        sl = {k: superlinearity(gn, [pt[f"{k}_seconds"] for pt in good]) for k in ("wall", "call")}
+        summary["superlinearity"] = sl
+        print(f"largest point / the line through the two smallest: ServerApp x{sl['wall']:.2f}, whole call "
+              f"x{sl['call']:.2f}")
         checks[f"time growth no worse than linear (ServerApp, +{a.tolerance:.0%} allowed)"] = \
-            summary["superlinearity"]["wall"] <= 1 + a.tolerance
+            sl["wall"] <= 1 + a.tolerance
     ok = print_checks(checks)
     write_result(a.out / "scaling.json", {"benchmark": "scaling", "when": time.strftime("%Y-%m-%dT%H:%M:%S"),
                                           "run_config": overrides, "mem_limit_gb": a.mem_limit_gb,

@@ -56,9 +56,8 @@ def unload_modules_under(folder: Path) -> list[str]:
     return gone
 
 
-def serve(address: str, insecure: bool, root_certificates: str | None, poll_interval: float = 0.1,
-          max_tasks: int = 0) -> int:
-    """Acquire and run ClientApp tasks until stopped (or `max_tasks` > 0 have run); returns how many ran."""
+def serve(address: str, insecure: bool, root_certificates: str | None, poll_interval: float = 0.1) -> None:
+    """Acquire and run ClientApp tasks until stopped."""
     from logging import ERROR, INFO
 
     from flwr.app import Message
@@ -91,7 +90,7 @@ def serve(address: str, insecure: bool, root_certificates: str | None, poll_inte
 
     app = fab_hash = project_dir = None
 
-    def run_task(token: str) -> str:
+    def run_task(token: str) -> None:
         """One task as `flwr-clientapp` runs it, minus the process start."""
         nonlocal app, fab_hash, project_dir
         t0, task = time.perf_counter(), client(token)
@@ -130,22 +129,19 @@ def serve(address: str, insecure: bool, root_certificates: str | None, poll_inte
                 heartbeat.stop()
             task.close()
             log(INFO, "warm ClientApp: task %s in %.2fs", status, time.perf_counter() - t0)
-        return status
 
-    acquirer, done = client(None), 0
+    acquirer = client(None)
     request = AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP.value])
     log(INFO, "warm ClientApp worker polling %s every %.2fs", address, poll_interval)
     try:
-        while not max_tasks or done < max_tasks:
+        while True:
             res = acquirer.AcquireTask(request)
             if res.HasField("task") and res.token:
                 run_task(res.token)
-                done += 1
             else:
                 time.sleep(poll_interval)
     finally:
         acquirer.close()
-    return done
 
 
 def main(argv: list[str] | None = None) -> int:

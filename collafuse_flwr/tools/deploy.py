@@ -18,6 +18,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,8 +36,6 @@ WARM_SCRIPT = APP_DIR / "scripts" / "flwr142_warm.py"
 
 @dataclass
 class DeployOutcome(Outcome):
-    """What one job in the local deployment did."""
-
     killed_node: int | None = None
 
 
@@ -47,7 +46,7 @@ class LocalDeployment:
     node_configs: one `--node-config` per SuperNode (default `partition-id=K num-partitions=N`);
     each node gets its own `state-dir` unless it names one. isolation: `subprocess` and `process`
     (stock Flower: a ClientApp process per message) or `warm` (WARM_SCRIPT: one long-lived worker
-    per SuperNode, polling every `node_poll` s); per-round overhead ~22 s, ~22 s, ~2 s (benchmarks/README.md).
+    per SuperNode, the SuperNode polling every 0.5 s); per-round overhead ~22 s, ~22 s, ~2 s (benchmarks/README.md).
     """
 
     workdir: Path
@@ -56,12 +55,9 @@ class LocalDeployment:
     tls: bool = True
     auth: bool = True
     isolation: str = "subprocess"
-    federation: str = FEDERATION
     database: str | None = None
-    node_poll: float = 0.5
     quiet: bool = False
     superlink_port: int = 0
-    node_ports: list[int] = field(default_factory=list)
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
     tls_files: TlsFiles | None = None
 
@@ -85,8 +81,7 @@ class LocalDeployment:
         self.logs = self.workdir / "logs"
 
     def env(self) -> dict[str, str]:
-        # SuperExec asks the SuperNode for a new ClientApp task every 1 s by default
-        poll = os.environ.get("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", "0.1")
+        poll = os.environ.get("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", "0.1")  # SuperExec's task poll; Flower's: 1 s
         return flwr_env(self.flwr_home, {"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": poll})
 
     def _say(self, cmd: list[str]) -> None:
@@ -140,8 +135,8 @@ class LocalDeployment:
 
     def write_federation_entry(self) -> Path:
         """`[superlink.NAME]` in $FLWR_HOME/config.toml: the address and how to trust it."""
-        lines = ["[superlink]", f'default = "{self.federation}"', "",
-                 f"[superlink.{self.federation}]", f'address = "127.0.0.1:{self.superlink_port}"',
+        lines = ["[superlink]", f'default = "{FEDERATION}"', "",
+                 f"[superlink.{FEDERATION}]", f'address = "127.0.0.1:{self.superlink_port}"',
                  f'root-certificates = "{self.tls_files.ca_cert}"' if self.tls_files else "insecure = true"]
         path = self.flwr_home / "config.toml"
         path.write_text("\n".join(lines) + "\n")
@@ -149,19 +144,18 @@ class LocalDeployment:
 
     def _start_supernode(self, k: int) -> None:
         port = free_port()
-        self.node_ports.append(port)
         node_config = (self.node_configs[k] if self.node_configs
                        else f"partition-id={k} num-partitions={self.num_nodes}")
         if "state-dir" not in node_config:  # nodes sharing a host must not share their secret and state
             node_config += f" state-dir='{self.workdir / 'node-state' / f'node-{k}'}'"
-        exe = ([sys.executable, str(WARM_SCRIPT), "supernode", "--poll", str(self.node_poll), "--"]
+        exe = ([sys.executable, str(WARM_SCRIPT), "supernode", "--poll", "0.5", "--"]
                if self.isolation == "warm" else ["flower-supernode"])
         cmd = [*exe, "--superlink", f"127.0.0.1:{self.superlink_port}",
                "--host", "127.0.0.1", "--port", str(port), "--node-config", node_config]
         cmd += ["--root-certificates", str(self.tls_files.ca_cert)] if self.tls_files else ["--insecure"]
         if self.auth:
             priv, pub = make_node_key(self.workdir / "keys", k)
-            self._flwr("supernode", "register", str(pub), self.federation)
+            self._flwr("supernode", "register", str(pub), FEDERATION)
             cmd += ["--auth-supernode-private-key", str(priv)]
         if self.isolation != "subprocess":
             cmd += ["--isolation", "process"]
@@ -173,7 +167,7 @@ class LocalDeployment:
             self._spawn(f"clientapp-{k}", [sys.executable, str(WARM_SCRIPT), "worker", *runtime])
 
     def online_nodes(self) -> int:
-        res = self._flwr("supernode", "ls", self.federation, "--format", "json", check=False)
+        res = self._flwr("supernode", "ls", FEDERATION, "--format", "json", check=False)
         try:
             nodes = json.loads(res.stdout).get("nodes", [])
         except json.JSONDecodeError:
@@ -199,7 +193,7 @@ class LocalDeployment:
             run_config = f"{run_config} output-dir='{self.workdir / 'outputs'}'".strip()
         output_root = _output_root(run_config)
         before = set(self.list_runs() or {})
-        cmd = [flwr_bin(), "run", str(app), self.federation, "--run-config", run_config, "--stream"]
+        cmd = [flwr_bin(), "run", str(app), FEDERATION, "--run-config", run_config, "--stream"]
         self._say(cmd)
         lines: list[str] = []
         proc = subprocess.Popen(cmd, env=self.env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -221,35 +215,25 @@ class LocalDeployment:
         reader.join(timeout=10)
         rc = proc.wait()
         (self.logs / "flwr-run.log").write_text("".join(lines))
-        run_id, status = self.run_status(before)
+        run_id, status = final_status(self.list_runs, 30, before)  # run ids are random: the one not in `before`
         log = "".join(lines)
         return DeployOutcome(run_id, status, rc, _output_dir(log, output_root), log, killed)
 
     def kill_node(self, k: int) -> list[int]:
         """SIGKILL SuperNode k and everything under it (and its warm worker): a crashed node."""
-        pids = []
-        for name in (f"supernode-{k}", f"clientapp-{k}"):
-            if name in self.procs:
-                pids += tree(self.procs[name].pid)
+        pids = [p for n in (f"supernode-{k}", f"clientapp-{k}") if n in self.procs for p in tree(self.procs[n].pid)]
         return stop_pids(pids, signals=(signal.SIGKILL,))
 
     def list_runs(self) -> dict[int, str] | None:
         """run id -> status from `flwr list --format json`; None when the SuperLink does not answer."""
-        return parse_runs(self._flwr("list", self.federation, "--format", "json", check=False).stdout)
-
-    def run_status(self, before: set[int] = frozenset()) -> tuple[int | None, str]:
-        """The real status of the run submitted after `before` (run ids are random, not ordered)."""
-        return final_status(self.list_runs, 30, before)
+        return parse_runs(self._flwr("list", FEDERATION, "--format", "json", check=False).stdout)
 
     def stop(self) -> list[int]:
         """Stop every process this deployment started, and their children, by pid."""
-        pids = [p for proc in self.procs.values() for p in tree(proc.pid)]
-        stopped = stop_pids(pids)
+        stopped = stop_pids([p for proc in self.procs.values() for p in tree(proc.pid)])
         for proc in self.procs.values():
-            try:
-                proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                pass
+            with suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=5)  # reap them
         return stopped
 
     def __enter__(self) -> LocalDeployment:

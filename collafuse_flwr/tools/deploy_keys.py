@@ -30,36 +30,30 @@ def _write_key(key: ec.EllipticCurvePrivateKey, path: Path,
 
 
 def _cert(subject: x509.Name, issuer: x509.Name, key: ec.EllipticCurvePrivateKey, signer: ec.EllipticCurvePrivateKey,
-          now: dt.datetime, days: int, *extensions: tuple[x509.ExtensionType, bool]) -> x509.Certificate:
+          *extensions: tuple[x509.ExtensionType, bool]) -> x509.Certificate:
+    """Valid from 5 minutes ago (clock skew) for 30 days."""
+    now = dt.datetime.now(dt.timezone.utc)
     builder = (x509.CertificateBuilder().subject_name(subject).issuer_name(issuer)
                .public_key(key.public_key()).serial_number(x509.random_serial_number())
-               .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=days)))
+               .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=30)))
     for ext, critical in extensions:
         builder = builder.add_extension(ext, critical=critical)
     return builder.sign(signer, hashes.SHA256())
 
 
-def make_tls(folder: Path, hosts: tuple[str, ...] = ("127.0.0.1", "localhost"), days: int = 30) -> TlsFiles:
-    """A self-signed CA and a server certificate it signs, valid for `hosts` (SAN entries)."""
+def make_tls(folder: Path) -> TlsFiles:
+    """A self-signed CA and a server certificate it signs, valid for 127.0.0.1 and localhost."""
     folder.mkdir(parents=True, exist_ok=True)
-    now = dt.datetime.now(dt.timezone.utc)
     ca_key = ec.generate_private_key(ec.SECP384R1())
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "collafuse-flwr local CA")])
-    ca = _cert(ca_name, ca_name, ca_key, ca_key, now, days,
-               (x509.BasicConstraints(ca=True, path_length=None), True),
+    ca = _cert(ca_name, ca_name, ca_key, ca_key, (x509.BasicConstraints(ca=True, path_length=None), True),
                (x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True, content_commitment=False,
                               key_encipherment=False, data_encipherment=False, key_agreement=False,
                               encipher_only=False, decipher_only=False), True))
     key = ec.generate_private_key(ec.SECP384R1())
-    sans: list[x509.GeneralName] = []
-    for h in hosts:
-        try:
-            sans.append(x509.IPAddress(ipaddress.ip_address(h)))
-        except ValueError:
-            sans.append(x509.DNSName(h))
-    cert = _cert(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hosts[0])]), ca_name, key, ca_key, now, days,
-                 (x509.SubjectAlternativeName(sans), False),
-                 (x509.BasicConstraints(ca=False, path_length=None), True),
+    sans = [x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.DNSName("localhost")]
+    cert = _cert(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")]), ca_name, key, ca_key,
+                 (x509.SubjectAlternativeName(sans), False), (x509.BasicConstraints(ca=False, path_length=None), True),
                  (x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), False))
     files = TlsFiles(folder / "ca.crt", folder / "server.pem", folder / "server.key")
     files.ca_cert.write_bytes(ca.public_bytes(serialization.Encoding.PEM))

@@ -24,7 +24,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from collafuse_flwr.config import preset, preset_names, run_config_text
@@ -54,7 +54,6 @@ class Outcome:
 class RunOutcome(Outcome):
     http_port: int
     control_port: int
-    stopped: list[str] = field(default_factory=list)  # names of the processes stopped at the end
 
 
 class RunStopped(KeyboardInterrupt):
@@ -64,10 +63,6 @@ class RunStopped(KeyboardInterrupt):
     def __init__(self, signum: int, outcome: RunOutcome, summary: str) -> None:
         super().__init__(summary)
         self.signum, self.outcome, self.summary = signum, outcome, summary
-
-    @property
-    def exit_code(self) -> int:
-        return 128 + self.signum  # the shell's convention: 130 for SIGINT, 143 for SIGTERM
 
 
 def free_port() -> int:
@@ -176,22 +171,21 @@ def _status(path: Path) -> str | None:
         return None
 
 
+def _said(log: str, marker: str, end: str = "\n") -> str | None:
+    """What the last log line holding `marker` says after it, up to `end`."""
+    said = [line.split(marker, 1)[1].split(end, 1)[0].strip() for line in log.splitlines() if marker in line]
+    return said[-1] if said else None
+
+
 def announced_dir(log: str) -> Path | None:
     """The run folder the ServerApp names at start ("outputs go to <dir> (on the machine ...")."""
-    for line in log.splitlines():
-        if "collafuse-flwr: method=" in line and "; outputs go to " in line:
-            return Path(line.split("; outputs go to ", 1)[1].split(" (on the machine", 1)[0].strip())
-    return None
+    said = _said(log, "; outputs go to ", " (on the machine")
+    return Path(said) if said else None
 
 
 def started_run_id(log: str) -> int | None:
-    for line in log.splitlines():
-        if "Successfully started run " in line:
-            try:
-                return int(line.split()[-1])
-            except ValueError:
-                return None
-    return None
+    said = _said(log, "Successfully started run ")
+    return int(said) if said and said.isdigit() else None
 
 
 def find_run_dir(run_config: str, app_dir: Path, run_id: int) -> Path | None:
@@ -285,13 +279,12 @@ def run_flower(run_config: dict[str, object] | str = "", num_clients: int = 5, a
         finally:
             signals.hold()  # a signal now would cut the clean-up short
             live = [proc.pid] if proc is not None and proc.poll() is None else []
-            marks = processes.run_marks(token, home if own_home else None)
+            marks = [f"{MARK}={token}"] + ([f"FLWR_HOME={home}"] if own_home else [])  # a private home marks it too
             names, left = processes.stop_run(marks, ports, trees=live, groups=[proc.pid] if proc is not None else [])
             if own_home:
                 shutil.rmtree(home, ignore_errors=True)
         log = "".join(log_lines)
-        out = RunOutcome(run_id, status, rc, _output_dir(log) or announced_dir(log), log, http_port, control_port,
-                         names)
+        out = RunOutcome(run_id, status, rc, _output_dir(log) or announced_dir(log), log, http_port, control_port)
         if not halted:
             return out
         if out.output_dir is None and run_id is not None:
@@ -323,6 +316,11 @@ def _follow(proc: subprocess.Popen, log_lines: list[str], echo: threading.Event,
     return False
 
 
+def _output_dir(log: str) -> Path | None:
+    said = _said(log, "collafuse-flwr: results in ")
+    return Path(said) if said else None
+
+
 def parse_runs(stdout: str) -> dict[int, str] | None:
     """run id -> status from `flwr list --format json`; None when the SuperLink did not answer."""
     try:
@@ -352,13 +350,6 @@ def _run_status(env: dict[str, str], app_dir: Path) -> tuple[int | None, str]:
     cmd = [flwr_bin(), "list", "--format", "json"]
     return final_status(lambda: parse_runs(subprocess.run(cmd, env=env, capture_output=True, text=True,
                                                           cwd=str(app_dir)).stdout), 20)
-
-
-def _output_dir(log: str) -> Path | None:
-    for line in reversed(log.splitlines()):
-        if "collafuse-flwr: results in " in line:
-            return Path(line.split("collafuse-flwr: results in ", 1)[1].strip())
-    return None
 
 
 def common_args(p: argparse.ArgumentParser, example: str, timeout: float) -> None:
@@ -410,7 +401,7 @@ def main(argv: list[str] | None = None) -> int:
                          client_cpus=a.client_cpus, client_gpus=a.client_gpus)
     except RunStopped as stop:
         print(f"\n{stop.summary}", flush=True)
-        return stop.exit_code
+        return 128 + stop.signum  # the shell's convention: 130 for SIGINT, 143 for SIGTERM
     print(f"\nrun {out.run_id}: {out.status}; outputs: {out.output_dir}")
     return 0 if out.ok else 1
 

@@ -8,7 +8,6 @@ make a mistake cost seconds and one line naming the key, the value and the fix.
 
 from __future__ import annotations
 
-import json
 import re
 import tomllib
 import warnings
@@ -16,11 +15,11 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from collafuse_flwr.config import ConfigError, RunConfig, load_defaults, parse_config, unknown_keys_message, valid_keys
+from collafuse_flwr.config import (ConfigError, RunConfig, load_defaults, parse_config, run_config_text,
+                                   unknown_keys_message, valid_keys)
 
 #: how `flwr run` splits --run-config into pairs (flwr.common.config.parse_config_args)
 _PAIR = re.compile(r"(\S+?)=(\'[^\']*\'|\"[^\"]*\"|\S+)")
-_EXAMPLE = "e.g. --run-config \"cut-ratio=0.4 method='fedavg'\""
 
 
 class RunConfigError(ValueError):
@@ -46,7 +45,7 @@ def parse_overrides(text: str) -> dict[str, Any]:
     leftover = _PAIR.sub(" ", text).split()
     if leftover:
         raise RunConfigError(f"--run-config: cannot read {' '.join(leftover)!r} as key=value (no spaces around "
-                             f"'='; quote strings; {_EXAMPLE})")
+                             f"'='; quote strings; e.g. --run-config \"cut-ratio=0.4 method='fedavg'\")")
     pairs = _PAIR.findall(text)
     twice = sorted(k for k, n in Counter(k for k, _ in pairs).items() if n > 1)
     if twice:
@@ -64,12 +63,6 @@ def parse_overrides(text: str) -> dict[str, Any]:
         raise RunConfigError(f"--run-config {text!r}: {getattr(exc, 'message', exc)}") from None
 
 
-def _toml(value: Any) -> str:
-    if isinstance(value, bool):
-        return str(value).lower()
-    return json.dumps(value) if isinstance(value, str) else str(value)
-
-
 def app_table(app_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     """(the app's flattened [tool.flwr.app.config], its [tool.flwr.app.components])."""
     from flwr.common.config import flatten_dict
@@ -77,13 +70,6 @@ def app_table(app_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     with open(app_dir / "pyproject.toml", "rb") as f:
         app = tomllib.load(f).get("tool", {}).get("flwr", {}).get("app", {})
     return flatten_dict(app.get("config", {})), dict(app.get("components", {}))
-
-
-def uses_collafuse_config(config: dict[str, Any], components: dict[str, Any]) -> bool:
-    """Whether the app's run-config is this project's (its components are ours and its keys all ours);
-    any other app has a schema the launcher cannot know."""
-    ours = any(str(c).startswith("collafuse_flwr.") for c in components.values())
-    return ours and set(config) <= set(valid_keys())
 
 
 def check_run_config(app_dir: Path, text: str, num_clients: int) -> RunConfig | None:
@@ -96,11 +82,13 @@ def check_run_config(app_dir: Path, text: str, num_clients: int) -> RunConfig | 
     if foreign:
         ours = sorted(set(foreign) & set(valid_keys()))
         if ours and len(ours) == len(foreign):
+            add = " and ".join(run_config_text({k: foreign[k]}).replace("=", " = ", 1) for k in ours)
             raise RunConfigError(f"{', '.join(map(repr, ours))} {'is a key' if len(ours) == 1 else 'are keys'} of "
                                  f"collafuse-flwr, but Flower accepts overrides only of keys the app lists: add "
-                                 f"{' and '.join(f'{k} = {_toml(foreign[k])}' for k in ours)} to {where}")
+                                 f"{add} to {where}")
         raise RunConfigError(unknown_keys_message(foreign, sorted(config), where=f"the keys of {where}"))
-    if not uses_collafuse_config(config, components):
+    ours_app = any(str(c).startswith("collafuse_flwr.") for c in components.values())
+    if not ours_app or not set(config) <= set(valid_keys()):  # another app's schema: the launcher cannot know it
         return None
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

@@ -82,21 +82,10 @@ def tree(pid: int) -> list[int]:
     return out
 
 
-def in_group(pgid: int) -> list[int]:
-    """Processes in process group `pgid` (a child started with start_new_session leads its own)."""
-    return [p for p in _all_pids() if (f := _stat(p)) and len(f) > 2 and int(f[2]) == pgid]
-
-
 def marked(*marks: str) -> list[int]:
     """Processes of this user whose environment holds any of `marks` ("KEY=value" entries)."""
     needles = {m.encode() for m in marks if m}
     return _pids_where(lambda pid: bool(needles & set(Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"))))
-
-
-def run_marks(token: str, private_home: Path | str | None = None) -> list[str]:
-    """The environment entries that mark a launcher's run: its token, and the FLWR_HOME when the
-    launcher made it (then no other process can have it)."""
-    return [f"{MARK}={token}"] + ([f"FLWR_HOME={private_home}"] if private_home else [])
 
 
 def name(pid: int) -> str:
@@ -147,7 +136,8 @@ def find_run(marks: list[str], ports: list[int], trees: list[int] = (), groups: 
         found.update(marked(*(f"RAY_RAYLET_PID={p}" for p in raylets)))
     for root in [p for port in ports for p in pids_listening_on(port)] + list(trees):
         found.update(tree(root))
-    found.update(p for g in groups for p in in_group(g))
+    # a child started with start_new_session leads its own process group
+    found.update(p for p in _all_pids() if (f := _stat(p)) and len(f) > 2 and int(f[2]) in groups)
     found.discard(os.getpid())
     return sorted(p for p in found if alive(p))
 
