@@ -49,12 +49,9 @@ def fid_sanity(net: DigitsCNN, images: torch.Tensor, labels: torch.Tensor, seed:
     half = images.shape[0] // 2
     a, b, la = images[perm[:half]], images[perm[half:]], labels[perm[:half]]
     kernel, sigma = (9, 3.0) if images.shape[-1] > 8 else (5, 1.0)
-    fakes = {
-        "real": a,
-        "noise": torch.randint(0, 256, a.shape, generator=g, dtype=torch.uint8),
-        "blur": gaussian_blur(a.float(), kernel_size=kernel, sigma=sigma).round().clamp(0, 255).to(torch.uint8),
-        "digits_0_3_only": a[la < 4],
-    }
+    blur = gaussian_blur(a.float(), kernel_size=kernel, sigma=sigma).round().clamp(0, 255).to(torch.uint8)
+    fakes = {"real": a, "noise": torch.randint(0, 256, a.shape, generator=g, dtype=torch.uint8), "blur": blur,
+             "digits_0_3_only": a[la < 4]}
     fb = net_features(net, b)
     return {k: _fd(fb, net_features(net, v)) for k, v in fakes.items()}
 
@@ -94,14 +91,14 @@ def net_features(net: DigitsCNN, images: torch.Tensor) -> torch.Tensor:
         return extract_features(DigitsCNNFeatures(net), images)
 
 
-def class_separation(feats: torch.Tensor, labels: torch.Tensor, noisy_feats: torch.Tensor | None = None,
-                     seed: int = 1, draws: int = 5) -> dict[str, Any]:
+def class_separation(feats: torch.Tensor, labels: torch.Tensor, noisy_feats: torch.Tensor, seed: int = 1,
+                     draws: int = 5) -> dict[str, Any]:
     """Whether FD in these features tells digits apart, against real-vs-real sampling (means over `draws`).
     floor / floor_class: FD between disjoint random halves / class-sized sets (the fair floor for one class vs
     another); fd_3_5 and worst_pair: FD between two classes. Mode collapse, for a client holding {2k, 2k+1}:
     FD to a reference half of the other half's one class only, against a same-sized random subset
     (collapse_only_3s / collapse_real: the {2, 3} client keeping 3s; worst_collapse_ratio: the smallest over
-    clients and kept classes), and with `noisy_feats` against that subset with pixel noise
+    clients and kept classes), and against that subset with pixel noise, `noisy_feats`
     (worst_collapse_vs_noisy: below 1 a collapsed generator outscores a slightly noisy full one)."""
     g = torch.Generator().manual_seed(seed)
     n = feats.shape[0]
@@ -127,15 +124,14 @@ def class_separation(feats: torch.Tensor, labels: torch.Tensor, noisy_feats: tor
                 held = rest[torch.randperm(rest.shape[0], generator=g)[: one_class.shape[0]]]
                 only += _fd(feats[ref], feats[one_class]) / draws
                 real += _fd(feats[ref], feats[held]) / draws
-                if noisy_feats is not None:
-                    noisy += _fd(feats[ref], noisy_feats[held]) / draws
+                noisy += _fd(feats[ref], noisy_feats[held]) / draws
             collapse[(a, keep)] = (only, real, noisy)
     return {
         "floor": floor, "floor_class": floor_class, "fd_3_5": pairs[(3, 5)],
         "worst_pair": pairs[worst], "worst_pair_classes": worst,
         "collapse_only_3s": collapse[(2, 3)][0], "collapse_real": collapse[(2, 3)][1],
         "worst_collapse_ratio": min(o / r for o, r, _ in collapse.values()),
-        **({"worst_collapse_vs_noisy": min(o / z for o, _, z in collapse.values())} if noisy_feats is not None else {}),
+        "worst_collapse_vs_noisy": min(o / z for o, _, z in collapse.values()),
     }
 
 

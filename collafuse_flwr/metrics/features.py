@@ -40,10 +40,10 @@ def hub_inception_paths() -> list[Path]:
 def _missing_weights_message(given: str | None) -> str:
     where = f"no file at {given}" if given else "no Inception FID weights found at " + " or ".join(
         str(p) for p in hub_inception_paths())
-    return (f"{where}. Set fid-download=true to let torch-fidelity fetch them into that cache, put "
-            f"pt_inception-2015-12-05-6726825d.pth (pytorch-fid / torch-fidelity's FID Inception weights) "
-            f"there, or pass fid-weights=/abs/path/to/pt_inception-2015-12-05-6726825d.pth, "
-            f"or choose fid-backbone=digits-cnn (digit datasets) or fid-backbone=none")
+    name = INCEPTION_WEIGHT_NAMES[0]
+    return (f"{where}. Set fid-download=true to let torch-fidelity fetch them into that cache, put {name} (pytorch-fid"
+            f" / torch-fidelity's FID Inception weights) there, or pass fid-weights=/abs/path/to/{name}, or choose "
+            f"fid-backbone=digits-cnn (digit datasets) or fid-backbone=none")
 
 
 def find_inception_weights(weights_path: str | os.PathLike[str] | None = None) -> Path | None:
@@ -137,11 +137,10 @@ def fetch_inception_weights() -> Path:
         tfi.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
     except (OSError, urllib.error.URLError, RuntimeError) as exc:
         why = f"{type(exc).__name__}: {' '.join(str(exc).split())}"
-        raise ConnectionError(f"fid-download=true could not fetch the FID Inception weights from "
-                              f"{tfi.URL_INCEPTION_V3} into {cache} ({why}); go online, or put "
-                              f"{INCEPTION_WEIGHT_NAMES[0]} there or at fid-weights=/abs/path, or choose "
-                              f"fid-backbone=auto (falls back: digit nets for digit datasets, else none), digits-cnn "
-                              f"or none") from exc
+        raise ConnectionError(f"fid-download=true could not fetch the FID Inception weights from {tfi.URL_INCEPTION_V3}"
+                              f" into {cache} ({why}); go online, or put {INCEPTION_WEIGHT_NAMES[0]} there or at "
+                              f"fid-weights=/abs/path, or choose fid-backbone=auto (falls back: digit nets for digit "
+                              f"datasets, else none), digits-cnn or none") from exc
     found = find_inception_weights(None)
     if found is None:
         raise FileNotFoundError(f"torch-fidelity reported no error but no weights are in {cache}")
@@ -175,9 +174,8 @@ class InceptionFeatures(nn.Module):
         super().__init__()
         tm_fid = load("torchmetrics.image.fid")
         try:
-            self.net = tm_fid.NoTrainInceptionV3(
-                name="inception-v3-compat", features_list=[str(INCEPTION_FEATURES)],
-                feature_extractor_weights_path=str(weights))
+            self.net = tm_fid.NoTrainInceptionV3(name="inception-v3-compat", features_list=[str(INCEPTION_FEATURES)],
+                                                 feature_extractor_weights_path=str(weights))
         except Exception as err:  # wrong or corrupt file: torch.load / load_state_dict errors vary
             raise RuntimeError(f"could not load Inception FID weights from {weights}: {err}. Expected "
                                f"{INCEPTION_WEIGHT_NAMES[0]} (pytorch-fid / torch-fidelity)") from err

@@ -25,7 +25,7 @@ ACCOUNTANTS = ("rdp", "pld")
 def _validate(alpha_bar_c: float, num_uploads: int, dim: int, delta: float,
               l2_sensitivity: float | None, accountant: str) -> tuple[float, float]:
     abar = float(alpha_bar_c)
-    if not 0.0 <= abar <= 1.0 or math.isnan(abar):
+    if not 0.0 <= abar <= 1.0:  # NaN fails the comparison too
         raise ValueError(f"alpha_bar_c must be in [0, 1] (abar at the cut step), got {alpha_bar_c!r}")
     if isinstance(num_uploads, bool) or int(num_uploads) != num_uploads or num_uploads < 0:
         raise ValueError(f"num_uploads must be an integer >= 0 (uploads of one image), got {num_uploads!r}")
