@@ -23,14 +23,6 @@ SINGLE_THREAD_MAX_DIM = 256
 PRC_NEIGHBORHOOD = 3  # torch-fidelity's default k for precision/recall
 
 
-class _GivenFeatures(nn.Identity):
-    """Identity with ``num_features``, so torchmetrics accepts precomputed features as 'images'."""
-
-    def __init__(self, num_features: int) -> None:
-        super().__init__()
-        self.num_features = num_features
-
-
 def _check_images(images: Tensor, what: str) -> None:
     if not isinstance(images, Tensor) or images.dtype != torch.uint8:
         got = images.dtype if isinstance(images, Tensor) else type(images).__name__
@@ -52,15 +44,15 @@ def fid_kid_from_features(real: Tensor, fake: Tensor, kid_subset_size: int | Non
         raise ValueError(f"kid_subset_size must be in [2, min(n_real, n_fake) = {min(n_real, n_fake)}], "
                          f"got {kid_subset_size}; pass None for min({DEFAULT_KID_SUBSET_SIZE}, n_real, n_fake)")
     tm_fid, tm_kid = load("torchmetrics.image.fid"), load("torchmetrics.image.kid")
-    d = real.shape[1]
-    with one_thread() if d <= SINGLE_THREAD_MAX_DIM else nullcontext():
-        fid = tm_fid.FrechetInceptionDistance(feature=_GivenFeatures(d))
+    given = nn.Identity()  # with num_features, torchmetrics takes the precomputed features as 'images'
+    given.num_features = real.shape[1]
+    with one_thread() if real.shape[1] <= SINGLE_THREAD_MAX_DIM else nullcontext():
+        fid = tm_fid.FrechetInceptionDistance(feature=given)
         fid.update(real.double(), real=True)
         fid.update(fake.double(), real=False)
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*will save all extracted features.*")
-            kid = tm_kid.KernelInceptionDistance(feature=_GivenFeatures(d), subsets=KID_SUBSETS,
-                                                 subset_size=kid_subset_size)
+            kid = tm_kid.KernelInceptionDistance(feature=given, subsets=KID_SUBSETS, subset_size=kid_subset_size)
         kid.update(real.double(), real=True)
         kid.update(fake.double(), real=False)
         with torch.random.fork_rng(devices=[]):
