@@ -97,7 +97,7 @@ def prepare(images_uint8: Tensor, size: int = INPUT_SIZE) -> Tensor:
 
 
 class DigitsCNNFeatures(nn.Module):
-    """uint8 images in, 64-d features out: the ``feature`` module torchmetrics' FID/KID call."""
+    """uint8 images in, 64-d features out: the module `features.extract_features` runs for FID/KID."""
 
     num_features = NUM_FEATURES
 
@@ -285,8 +285,7 @@ def save_digits_cnn(net: DigitsCNN, info: dict[str, Any], path: str | os.PathLik
         os.chmod(tmp, 0o644)  # mkstemp makes it owner-only; the asset is meant to be shared
         os.replace(tmp, path)
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        Path(tmp).unlink(missing_ok=True)
     return path
 
 
