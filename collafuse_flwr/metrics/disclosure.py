@@ -13,8 +13,7 @@ from collafuse_flwr.imports import load
 from collafuse_flwr.metrics.features import to_uint8
 from collafuse_flwr.metrics.fid import compute_fid_kid
 
-#: Per-image PSNR cap (dB), so means and JSON stay finite: 100 dB is far below 8-bit quantisation
-#: (~48 dB), so the cap never hides a real difference.
+#: Per-image PSNR cap (dB), so means and JSON stay finite; far above 8-bit quantisation's ~48 dB, it hides nothing.
 PSNR_CAP_DB = 100.0
 DATA_RANGE = 2.0  # images live in [-1, 1]
 

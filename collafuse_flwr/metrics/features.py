@@ -1,12 +1,8 @@
-"""Which feature network FID/KID use, and getting its weights the library's way.
-
-``inception``: torchmetrics' FID Inception-v3, always handed an explicit weights file (``fid-weights``
-or torch hub's cache); only with ``fid-download = true`` does torch-fidelity fetch it, once, at start.
-``digits-cnn`` / ``mnist-cnn``: the offline nets of :mod:`.digits_cnn`, honest only for digit images.
-``none``: no FID. ``auto``: Inception when its weights are available, else the digit net for digit
-datasets and ``none`` (one warning) for others: no offline net has seen faces or photos, so its
-distance would look like FID without meaning it.
-"""
+"""Which feature network FID/KID use. ``inception``: torchmetrics' FID Inception-v3, always handed a weights
+file (``fid-weights`` or torch hub's cache), fetched by torch-fidelity only with ``fid-download = true``, once,
+at start. ``digits-cnn`` / ``mnist-cnn``: the offline nets of :mod:`.digits_cnn`, honest only for digits.
+``auto``: Inception when its weights are there, else the digit net for digit datasets and ``none`` (one
+warning) for others: no offline net has seen faces or photos, so its distance would only look like FID."""
 
 from __future__ import annotations
 
@@ -19,22 +15,20 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from collafuse_flwr.core.images import to_uint8 as _core_to_uint8
 from collafuse_flwr.imports import load
 from collafuse_flwr.metrics.digits_cnn import DigitsCNNFeatures, load_feature_net
 
 BACKBONES = ("auto", "inception", "digits-cnn", "mnist-cnn", "none")
 DIGIT_DATASETS = ("digits", "mnist", "mnist5k", "hf:ylecun/mnist", "hf:mnist")
 #: pytorch-fid's, then torch-fidelity's name for the same FID Inception weights (torch hub's cache names).
-INCEPTION_WEIGHT_NAMES = ("pt_inception-2015-12-05-6726825d.pth",
-                          "weights-inception-2015-12-05-6726825d.pth")
+INCEPTION_WEIGHT_NAMES = ("pt_inception-2015-12-05-6726825d.pth", "weights-inception-2015-12-05-6726825d.pth")
 INCEPTION_FEATURES = 2048
 
 
 def to_uint8(images: Tensor) -> Tensor:
-    """[-1, 1] floats -> uint8 0..255, clamping overshoot (samples and uploads leave the range)."""
-    if images.dtype == torch.uint8:
-        return images
-    return ((images.detach().to(torch.float32) + 1.0) * 127.5).clamp(0, 255).round().to(torch.uint8)
+    """The core conversion, passing uint8 through: FID's callers hand in either."""
+    return images if images.dtype == torch.uint8 else _core_to_uint8(images.detach())
 
 
 def hub_inception_paths() -> list[Path]:
@@ -46,10 +40,10 @@ def hub_inception_paths() -> list[Path]:
 def _missing_weights_message(given: str | None) -> str:
     where = f"no file at {given}" if given else "no Inception FID weights found at " + " or ".join(
         str(p) for p in hub_inception_paths())
-    return (f"{where}. Set fid-download=true to let torch-fidelity fetch them into that cache, put "
-            f"pt_inception-2015-12-05-6726825d.pth (pytorch-fid / torch-fidelity's FID Inception weights) "
-            f"there, or pass fid-weights=/abs/path/to/pt_inception-2015-12-05-6726825d.pth, "
-            f"or choose fid-backbone=digits-cnn (digit datasets) or fid-backbone=none")
+    name = INCEPTION_WEIGHT_NAMES[0]
+    return (f"{where}. Set fid-download=true to let torch-fidelity fetch them into that cache, put {name} (pytorch-fid"
+            f" / torch-fidelity's FID Inception weights) there, or pass fid-weights=/abs/path/to/{name}, or choose "
+            f"fid-backbone=digits-cnn (digit datasets) or fid-backbone=none")
 
 
 def find_inception_weights(weights_path: str | os.PathLike[str] | None = None) -> Path | None:
@@ -94,13 +88,9 @@ def resolve_backbone(name: str, dataset: str, weights_path: str | None) -> str:
     return _resolve(name, dataset, weights_path, None)
 
 
-def _check_name(name: str) -> None:
+def _resolve(name: str, dataset: str, weights_path: str | None, fetch_error: str | None) -> str:
     if name not in BACKBONES:
         raise ValueError(f"fid-backbone must be one of {BACKBONES}, got {name!r}")
-
-
-def _resolve(name: str, dataset: str, weights_path: str | None, fetch_error: str | None) -> str:
-    _check_name(name)
     if name == "none":
         return "none"
     if name == "inception":
@@ -147,11 +137,10 @@ def fetch_inception_weights() -> Path:
         tfi.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
     except (OSError, urllib.error.URLError, RuntimeError) as exc:
         why = f"{type(exc).__name__}: {' '.join(str(exc).split())}"
-        raise ConnectionError(f"fid-download=true could not fetch the FID Inception weights from "
-                              f"{tfi.URL_INCEPTION_V3} into {cache} ({why}); go online, or put "
-                              f"{INCEPTION_WEIGHT_NAMES[0]} there or at fid-weights=/abs/path, or choose "
-                              f"fid-backbone=auto (falls back: digit nets for digit datasets, else none), digits-cnn "
-                              f"or none") from exc
+        raise ConnectionError(f"fid-download=true could not fetch the FID Inception weights from {tfi.URL_INCEPTION_V3}"
+                              f" into {cache} ({why}); go online, or put {INCEPTION_WEIGHT_NAMES[0]} there or at "
+                              f"fid-weights=/abs/path, or choose fid-backbone=auto (falls back: digit nets for digit "
+                              f"datasets, else none), digits-cnn or none") from exc
     found = find_inception_weights(None)
     if found is None:
         raise FileNotFoundError(f"torch-fidelity reported no error but no weights are in {cache}")
@@ -161,7 +150,6 @@ def fetch_inception_weights() -> Path:
 def prepare_backbone(name: str, dataset: str, weights_path: str | None = None, download: bool = False) -> str:
     """Once at a run's start: the backbone FID will use, its weights fetched now (``download``) so a run
     that cannot have them fails at start; ``auto`` falls back with one warning, later resolves silently."""
-    _check_name(name)
     wants_inception = name == "inception" or (name == "auto" and torch_fidelity_available())
     fetch_error = None
     if download and wants_inception and find_inception_weights(weights_path) is None:
@@ -186,9 +174,8 @@ class InceptionFeatures(nn.Module):
         super().__init__()
         tm_fid = load("torchmetrics.image.fid")
         try:
-            self.net = tm_fid.NoTrainInceptionV3(
-                name="inception-v3-compat", features_list=[str(INCEPTION_FEATURES)],
-                feature_extractor_weights_path=str(weights))
+            self.net = tm_fid.NoTrainInceptionV3(name="inception-v3-compat", features_list=[str(INCEPTION_FEATURES)],
+                                                 feature_extractor_weights_path=str(weights))
         except Exception as err:  # wrong or corrupt file: torch.load / load_state_dict errors vary
             raise RuntimeError(f"could not load Inception FID weights from {weights}: {err}. Expected "
                                f"{INCEPTION_WEIGHT_NAMES[0]} (pytorch-fid / torch-fidelity)") from err
@@ -217,6 +204,6 @@ def extract_features(net: nn.Module, images_uint8: Tensor, batch_size: int = 128
     """Features in float64, batched so thousands of 299x299 Inception inputs fit in memory."""
     if images_uint8.dtype != torch.uint8:
         raise TypeError(f"images must be uint8 0..255, got {images_uint8.dtype}; convert [-1, 1] "
-                        "floats with collafuse_flwr.metrics.to_uint8")
+                        "floats with collafuse_flwr.metrics.features.to_uint8")
     rows = [net(chunk).reshape(chunk.shape[0], -1).double() for chunk in images_uint8.split(batch_size)]
     return torch.cat(rows) if rows else torch.zeros(0, getattr(net, "num_features", 0), dtype=torch.float64)

@@ -1,12 +1,8 @@
-"""FID, KID, precision and recall between two uint8 image sets, on one feature pass.
-
-FID and KID are torchmetrics'; precision and recall (Kynkaenniemi et al. 2019, k = 3) are
-torch-fidelity's, on the same features. The backbone runs once and torchmetrics gets its features
-through an identity module: FID and KID need the same features, and Inception on CPU dominates.
-KID's random subsets run under a forked, fixed-seed RNG: same inputs, same value.
-Small problems run on one CPU thread: on a busy 2-core machine torch's thread pool made KID's
-64 x 64 kernel products ~250x slower (measured).
-"""
+"""FID, KID (torchmetrics'), precision and recall (torch-fidelity's, Kynkaenniemi et al. 2019, k = 3)
+between two uint8 image sets: the backbone runs once (Inception on CPU dominates) and torchmetrics gets
+its features through an identity module. KID's subsets draw from a forked, fixed-seed RNG: same inputs,
+same value. Small problems run on one CPU thread: on a busy 2-core machine torch's thread pool made
+KID's 64 x 64 kernel products ~250x slower (measured)."""
 
 from __future__ import annotations
 
@@ -27,38 +23,44 @@ SINGLE_THREAD_MAX_DIM = 256
 PRC_NEIGHBORHOOD = 3  # torch-fidelity's default k for precision/recall
 
 
-class _GivenFeatures(nn.Identity):
-    """Identity with ``num_features``, so torchmetrics accepts precomputed features as 'images'."""
-
-    def __init__(self, num_features: int) -> None:
-        super().__init__()
-        self.num_features = num_features
-
-
 def _check_images(images: Tensor, what: str) -> None:
     if not isinstance(images, Tensor) or images.dtype != torch.uint8:
         got = images.dtype if isinstance(images, Tensor) else type(images).__name__
         raise TypeError(f"{what} must be a uint8 tensor (0..255), got {got}; convert [-1, 1] floats "
-                        "with collafuse_flwr.metrics.to_uint8")
+                        "with collafuse_flwr.metrics.features.to_uint8")
     if images.dim() != 4 or images.shape[1] not in (1, 3):
         raise ValueError(f"{what} must be N x C x H x W with C in (1, 3), got shape {tuple(images.shape)}")
-    if images.shape[0] < 2:
-        raise ValueError(f"{what} has {images.shape[0]} image(s); FID and KID need at least 2 per set "
-                         "(a covariance needs two samples) - generate or load more images")
 
 
 def fid_kid_from_features(real: Tensor, fake: Tensor, kid_subset_size: int | None = None) -> dict[str, float]:
     """FID, KID mean and KID std from two feature matrices (rows = images)."""
     n_real, n_fake = real.shape[0], fake.shape[0]
     if n_real < 2 or n_fake < 2:
-        raise ValueError(f"need at least 2 feature rows per set, got {n_real} real and {n_fake} fake")
+        raise ValueError(f"FID and KID need at least 2 images (feature rows) per set (a covariance needs two), "
+                         f"got {n_real} real and {n_fake} fake: generate or load more")
     if kid_subset_size is None:
         kid_subset_size = min(DEFAULT_KID_SUBSET_SIZE, n_real, n_fake)
     if not 2 <= kid_subset_size <= min(n_real, n_fake):
         raise ValueError(f"kid_subset_size must be in [2, min(n_real, n_fake) = {min(n_real, n_fake)}], "
                          f"got {kid_subset_size}; pass None for min({DEFAULT_KID_SUBSET_SIZE}, n_real, n_fake)")
+    tm_fid, tm_kid = load("torchmetrics.image.fid"), load("torchmetrics.image.kid")
+    given = nn.Identity()  # with num_features, torchmetrics takes the precomputed features as 'images'
+    given.num_features = real.shape[1]
     with one_thread() if real.shape[1] <= SINGLE_THREAD_MAX_DIM else nullcontext():
-        return {**_fid_kid(real.double(), fake.double(), kid_subset_size), **precision_recall(real, fake)}
+        fid = tm_fid.FrechetInceptionDistance(feature=given)
+        fid.update(real.double(), real=True)
+        fid.update(fake.double(), real=False)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*will save all extracted features.*")
+            kid = tm_kid.KernelInceptionDistance(feature=given, subsets=KID_SUBSETS, subset_size=kid_subset_size)
+        kid.update(real.double(), real=True)
+        kid.update(fake.double(), real=False)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(KID_SEED)
+            kid_mean, kid_std = kid.compute()
+        # A Frechet distance is >= 0; identical sets give about -1e-14 from float rounding.
+        return {"fid": max(float(fid.compute()), 0.0), "kid": float(kid_mean), "kid_std": float(kid_std),
+                **precision_recall(real, fake)}
 
 
 def frechet_distance(a: Tensor, b: Tensor) -> float:
@@ -84,27 +86,6 @@ def precision_recall(real: Tensor, fake: Tensor, neighborhood: int = PRC_NEIGHBO
     out = prc_features_to_metric(fake.double(), real.double(), prc_neighborhood=neighborhood,
                                  prc_batch_size=10000, save_cpu_ram=False, verbose=False)
     return {"precision": float(out["precision"]), "recall": float(out["recall"])}
-
-
-def _fid_kid(real: Tensor, fake: Tensor, kid_subset_size: int) -> dict[str, float]:
-    FrechetInceptionDistance = load("torchmetrics.image.fid").FrechetInceptionDistance  # noqa: N806
-    KernelInceptionDistance = load("torchmetrics.image.kid").KernelInceptionDistance  # noqa: N806
-
-    d = real.shape[1]
-    fid = FrechetInceptionDistance(feature=_GivenFeatures(d))
-    fid.update(real, real=True)
-    fid.update(fake, real=False)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*will save all extracted features.*")
-        kid = KernelInceptionDistance(feature=_GivenFeatures(d), subsets=KID_SUBSETS,
-                                      subset_size=kid_subset_size)
-    kid.update(real, real=True)
-    kid.update(fake, real=False)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(KID_SEED)
-        kid_mean, kid_std = kid.compute()
-    # A Frechet distance is >= 0; identical sets give about -1e-14 from float rounding.
-    return {"fid": max(float(fid.compute()), 0.0), "kid": float(kid_mean), "kid_std": float(kid_std)}
 
 
 def compute_fid_kid(real_uint8: Tensor, fake_uint8: Tensor, backbone: str, weights_path: str | None = None,

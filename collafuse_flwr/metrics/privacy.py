@@ -1,12 +1,9 @@
-r"""A formal (epsilon, delta) bound for CollaFuse uploads, treating each as a Gaussian mechanism.
-
-An upload x_{t_c} = sqrt(abar_c) x_0 + sqrt(1 - abar_c) eps is, divided by sqrt(abar_c), the
-Gaussian mechanism on x_0 with noise std sqrt(1 - abar_c) / sqrt(abar_c). Its L2 sensitivity with
-d pixels in [-1, 1] is S = 2 sqrt(d) (replace-one adjacency on the image), so the noise multiplier
-is z = sqrt(1 - abar_c) / (sqrt(abar_c) * S). An image uploaded k times (fresh noise each round)
-composes k mechanisms; different images do not compose for a per-image guarantee. The bound
-covers the uploads only. S is the worst case (black vs white), so epsilon is usually huge; a
-tighter ``l2_sensitivity`` may be passed.
+r"""A formal (epsilon, delta) bound for CollaFuse uploads, each a Gaussian mechanism: divided by sqrt(abar_c),
+x_{t_c} = sqrt(abar_c) x_0 + sqrt(1 - abar_c) eps is x_0 plus noise of std sqrt(1 - abar_c) / sqrt(abar_c). With d
+pixels in [-1, 1] the L2 sensitivity (replace-one on the image) is at worst S = 2 sqrt(d) (black vs white, so
+epsilon is usually huge; a tighter ``l2_sensitivity`` may be passed), so z = sqrt(1 - abar_c) / (sqrt(abar_c) S).
+An image uploaded k times (fresh noise each round) composes k mechanisms; different images do not, for a
+per-image guarantee. The bound covers the uploads only.
 
 Accountants (dp-accounting): ``"rdp"`` (default) self-composes ``GaussianDpEvent(z)`` k times in an
 ``RdpAccountant``; ``"pld"`` inverts the exact Gaussian curve (k-fold = std z / sqrt(k)) with
@@ -25,15 +22,10 @@ Accountant = Literal["rdp", "pld"]
 ACCOUNTANTS = ("rdp", "pld")
 
 
-def default_l2_sensitivity(dim: int) -> float:
-    """2 sqrt(d): the L2 distance between an all-black and an all-white image in [-1, 1]^d."""
-    return 2.0 * math.sqrt(dim)
-
-
 def _validate(alpha_bar_c: float, num_uploads: int, dim: int, delta: float,
               l2_sensitivity: float | None, accountant: str) -> tuple[float, float]:
     abar = float(alpha_bar_c)
-    if not 0.0 <= abar <= 1.0 or math.isnan(abar):
+    if not 0.0 <= abar <= 1.0:  # NaN fails the comparison too
         raise ValueError(f"alpha_bar_c must be in [0, 1] (abar at the cut step), got {alpha_bar_c!r}")
     if isinstance(num_uploads, bool) or int(num_uploads) != num_uploads or num_uploads < 0:
         raise ValueError(f"num_uploads must be an integer >= 0 (uploads of one image), got {num_uploads!r}")
@@ -43,7 +35,7 @@ def _validate(alpha_bar_c: float, num_uploads: int, dim: int, delta: float,
         raise ValueError(f"delta must be in (0, 1), e.g. 1e-5, got {delta!r}")
     if accountant not in ACCOUNTANTS:
         raise ValueError(f"accountant must be one of {ACCOUNTANTS}, got {accountant!r}")
-    sens = default_l2_sensitivity(int(dim)) if l2_sensitivity is None else float(l2_sensitivity)
+    sens = 2.0 * math.sqrt(int(dim)) if l2_sensitivity is None else float(l2_sensitivity)  # black vs white
     if not sens > 0.0 or math.isinf(sens):
         raise ValueError(f"l2_sensitivity must be a finite number > 0, got {l2_sensitivity!r}")
     return abar, sens
