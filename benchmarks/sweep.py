@@ -382,7 +382,6 @@ def run_sweep(configs: Sequence[SweepConfig], out: Path, *, seeds: Sequence[int]
     meta = {"command": command_line(), "preset": run_set.name, "preset_about": run_set.about, "engine": ENGINES[engine],
             "configs": [{"tag": c.tag, **c.overrides} for c in configs], "seeds": list(seeds),
             "num_clients": num_clients, "run_config": merged, "machine": machine_info(),
-            "cryptography_stubbed": getattr(sys.modules.get("sitecustomize"), "CRYPTOGRAPHY_STUBBED", None),
             "calibration": calibration, "started": time.strftime("%Y-%m-%dT%H:%M:%S"), "finished": None}
     summary, durations, t0 = SweepSummary(out), [], time.time()
 
