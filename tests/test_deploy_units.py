@@ -171,3 +171,27 @@ def test_readme_by_hand_commands_are_the_scripts():
     assert len(lines) > 20
     missing = [ln for ln in lines if ln not in script.splitlines()]
     assert not missing, f"README lines not in by_hand.sh: {missing}"
+
+
+def test_a_relative_app_path_is_submitted_absolute(tmp_path, monkeypatch):
+    """`flwr run` runs with cwd=app: a relative `--app` passed as given resolved twice (app/app)."""
+    from collafuse_flwr.tools import deploy
+
+    (tmp_path / "my-app").mkdir()
+    monkeypatch.chdir(tmp_path)
+    dep = LocalDeployment(tmp_path / "w", num_nodes=1, tls=False, auth=False, isolation="subprocess")
+    monkeypatch.setattr(dep, "list_runs", lambda: {})
+    seen = {}
+
+    class Done(Exception):
+        pass
+
+    def popen(cmd, **kw):
+        seen.update(cmd=cmd, cwd=kw["cwd"])
+        raise Done
+
+    monkeypatch.setattr(deploy.subprocess, "Popen", popen)
+    with pytest.raises(Done):
+        dep.run(Path("my-app"))
+    app = str((tmp_path / "my-app").resolve())
+    assert seen["cwd"] == app and seen["cmd"][2] == app, seen

@@ -189,6 +189,7 @@ class LocalDeployment:
     def run(self, app: Path = APP_DIR, run_config: str = "", timeout: float = 1800,
             kill_node_after_round: int | None = None, stream: bool = True) -> DeployOutcome:
         """Submit one job and wait for it; optionally SIGKILL the last SuperNode after round k."""
+        app = Path(app).expanduser().resolve()  # flwr runs with cwd=app: a relative path would resolve twice
         if "output-dir" not in run_config:
             run_config = f"{run_config} output-dir='{self.workdir / 'outputs'}'".strip()
         output_root = _output_root(run_config)
