@@ -35,19 +35,16 @@ def array_nbytes(rd: RecordDict) -> int:
     return sum(_raw_nbytes(arr) for rec in rd.values() if isinstance(rec, ArrayRecord) for arr in rec.values())
 
 
-def _object_nbytes(obj: Message | RecordDict) -> int:
-    if get_all_nested_objects is None:
-        raise RuntimeError("transport='objects' needs flwr.supercore.inflatable (Flower >= 1.20); "
-                           "use transport='proto'")
-    return sum(len(o.deflate()) for o in get_all_nested_objects(obj).values())
-
-
 def _nbytes(obj: Message | RecordDict, kind: type, name: str, transport: str, to_proto) -> int:
     if not isinstance(obj, kind):
         raise TypeError(f"{name} expects a flwr.app.{kind.__name__}, got {type(obj).__name__}")
     if transport not in TRANSPORTS:
         raise ValueError(f"transport must be one of {TRANSPORTS}, got {transport!r}")
-    return _object_nbytes(obj) if transport == "objects" else int(to_proto(obj).ByteSize())
+    if transport == "proto":
+        return int(to_proto(obj).ByteSize())
+    if get_all_nested_objects is None:
+        raise RuntimeError("transport='objects' needs flwr.supercore.inflatable (Flower >= 1.20); use 'proto'")
+    return sum(len(o.deflate()) for o in get_all_nested_objects(obj).values())
 
 
 def recorddict_nbytes(rd: RecordDict, transport: Transport = "proto") -> int:

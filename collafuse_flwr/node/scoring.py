@@ -24,8 +24,7 @@ from collafuse_flwr.node.steps import Refused
 MIN_FID_IMAGES = 2
 
 
-def _quality(cfg: RunConfig, gen_uint8: torch.Tensor, data: ClientData) -> dict[str, float]:
-    backbone = resolve_backbone(cfg.fid_backbone, cfg.dataset, cfg.fid_weights or None)
+def _quality(cfg: RunConfig, backbone: str, gen_uint8: torch.Tensor, data: ClientData) -> dict[str, float]:
     if backbone == "none":
         return {}
     if min(len(data.test_uint8), len(gen_uint8)) < MIN_FID_IMAGES:
@@ -35,7 +34,7 @@ def _quality(cfg: RunConfig, gen_uint8: torch.Tensor, data: ClientData) -> dict[
             **{k: r[k] for k in (P.PRECISION, P.RECALL) if k in r}}
 
 
-def _disclosure(cfg: RunConfig, data: ClientData, content: RecordDict, state: RecordDict,
+def _disclosure(cfg: RunConfig, backbone: str, data: ClientData, content: RecordDict, state: RecordDict,
                 t_c: int | None) -> dict[str, float]:
     idx = last_upload(state)
     if t_c is None or idx is None:
@@ -55,9 +54,7 @@ def _disclosure(cfg: RunConfig, data: ClientData, content: RecordDict, state: Re
         x_hat = torch.from_numpy(h[name].numpy())
         ps, key = psnr_ssim(x_hat, x0), name.removeprefix("recon-")
         reid = reidentification_rate(x_hat, torch.from_numpy(idx), data.train)
-        out.update({f"{P.DISCLOSURE_PREFIX}{m}-{key}": v for m, v in (("psnr", ps["psnr"]), ("ssim", ps["ssim"]),
-                                                                       ("reid", reid))})
-    backbone = resolve_backbone(cfg.fid_backbone, cfg.dataset, cfg.fid_weights or None)
+        out.update({f"{P.DISCLOSURE_PREFIX}{m}-{key}": v for m, v in {**ps, "reid": reid}.items()})
     if backbone != "none" and P.UPLOADS in h:
         seen = [("upload-", h[P.UPLOADS])]
         if P.HANDOFF in content.array_records:
@@ -72,4 +69,5 @@ def client_metrics(cfg: RunConfig, gen_uint8: torch.Tensor, data: ClientData, co
                    state: RecordDict, t_c: int | None) -> dict[str, Any]:
     """Research measurements on the node's private data; t_c: its own upload step (whatever the server
     says), None for methods that upload no x_tc."""
-    return {**_quality(cfg, gen_uint8, data), **_disclosure(cfg, data, content, state, t_c)}
+    backbone = resolve_backbone(cfg.fid_backbone, cfg.dataset, cfg.fid_weights or None)
+    return {**_quality(cfg, backbone, gen_uint8, data), **_disclosure(cfg, backbone, data, content, state, t_c)}

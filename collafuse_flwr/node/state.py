@@ -32,13 +32,11 @@ def save_private(state: RecordDict, model: nn.Module, optimizer: torch.optim.Opt
     state[META_KEY] = ConfigRecord({_ROUND: int(server_round)})
 
 
-def restore_private(state: RecordDict, model: nn.Module, optimizer: torch.optim.Optimizer) -> bool:
-    if MODEL_KEY not in state.array_records:
-        return False
-    model.load_state_dict(state.array_records[MODEL_KEY].to_torch_state_dict())
-    blob = state.config_records[OPTIM_KEY][_BLOB]
-    optimizer.load_state_dict(torch.load(io.BytesIO(blob), weights_only=True))  # type: ignore[arg-type]
-    return True
+def restore_private(state: RecordDict, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    if MODEL_KEY in state.array_records:
+        model.load_state_dict(state.array_records[MODEL_KEY].to_torch_state_dict())
+        blob = state.config_records[OPTIM_KEY][_BLOB]
+        optimizer.load_state_dict(torch.load(io.BytesIO(blob), weights_only=True))  # type: ignore[arg-type]
 
 
 def state_round(state: RecordDict) -> int:
@@ -97,25 +95,22 @@ def _load(path: Path) -> dict | None:
         return None
 
 
-def recover(state: RecordDict, path: Path, server_round: int) -> int:
-    """Fill `state` for round `server_round` from memory or the files (the newest version before it, else
-    nothing); returns the round it holds."""
-    have = state_round(state)
-    if MODEL_KEY in state.array_records and have < server_round:
-        return have
+def recover(state: RecordDict, path: Path, server_round: int) -> None:
+    """Fill `state` for round `server_round` from memory or the files (the newest version before it, else nothing)."""
+    if MODEL_KEY in state.array_records and state_round(state) < server_round:
+        return
     versions = [b for b in (_load(p) for p in (path, _previous(path)) if p.is_file()) if b is not None]
     usable = [b for b in versions if int(b[_ROUND]) < server_round]
     for k in (MODEL_KEY, OPTIM_KEY, UPLOADS_KEY, META_KEY):
         state.pop(k, None)
     if not usable:
-        return 0
+        return
     blob = max(usable, key=lambda b: int(b[_ROUND]))
     for k, arrays in blob["records"].items():
         state[k] = ArrayRecord({n: Array(t.numpy()) for n, t in arrays.items()})
     if blob[OPTIM_KEY]:
         state[OPTIM_KEY] = ConfigRecord({_BLOB: blob[OPTIM_KEY]})
     state[META_KEY] = ConfigRecord({_ROUND: int(blob[_ROUND])})
-    return int(blob[_ROUND])
 
 
 def discard(path: Path) -> None:

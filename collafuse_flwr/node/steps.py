@@ -102,8 +102,8 @@ def make_upload(images: Tensor, sched: D.Schedule, cut_step: int, n: int,
         if plan.t_cut != cut_step:
             raise ValueError(f"the DP plan is for cut step {plan.t_cut}, not {cut_step}")
     if n <= 0 or cut_step >= sched.T:
-        return np.zeros(0, dtype=np.int64), torch.zeros((0, *images.shape[1:]))
-    if ledger is None:
+        idx = torch.zeros(0, dtype=torch.int64)
+    elif ledger is None:
         idx = torch.randperm(images.shape[0], generator=generator)[:n]
     elif ledger.num_images != images.shape[0]:
         raise ValueError(f"the ledger counts {ledger.num_images} images, the node has {images.shape[0]}")
