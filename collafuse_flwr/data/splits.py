@@ -42,18 +42,11 @@ def cache_dir() -> Path | None:
     return Path(base) / "collafuse-flwr"
 
 
-def _version(dist: str) -> str:
-    try:
-        return metadata.version(dist)
-    except metadata.PackageNotFoundError:
-        return "absent"
-
-
 def split_key(ds: ImageDataset, num_clients: int, params: dict[str, object]) -> str:
     """A digest of everything a partition depends on (see the module docstring)."""
     h = hashlib.sha256()
-    meta = {"algorithm": ALGORITHM_VERSION, "flwr-datasets": _version("flwr-datasets"),
-            "datasets": _version("datasets"), "dataset": ds.name, "n": len(ds),
+    meta = {"algorithm": ALGORITHM_VERSION, "flwr-datasets": metadata.version("flwr-datasets"),  # both required
+            "datasets": metadata.version("datasets"), "dataset": ds.name, "n": len(ds),
             "class_names": list(ds.class_names), "attribute_names": list(ds.attribute_names or []),
             "num_clients": int(num_clients), "params": params}
     h.update(json.dumps(meta, sort_keys=True, default=str).encode())
