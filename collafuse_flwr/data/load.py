@@ -23,11 +23,9 @@ from collafuse_flwr.data.dataset import (
 from collafuse_flwr.data.embedded import load_digits, load_mnist5k
 
 # Splits each dataset understands; "all" means every image the files hold.
-_SPLITS: dict[str, tuple[str, ...]] = {
-    "digits": ("train", "all"), "mnist5k": ("train", "all"), "mnist": ("train", "test"),
-    "fashion-mnist": ("train", "test"), "cifar10": ("train", "test"), "celeba": ("train", "valid", "test", "all"),
-    "awa2": ("train", "all"), "imagefolder": ("train", "all"),
-}
+_SPLITS: dict[str, tuple[str, ...]] = {**dict.fromkeys(("digits", "mnist5k", "awa2", "imagefolder"), ("train", "all")),
+                                       **dict.fromkeys(("mnist", "fashion-mnist", "cifar10"), ("train", "test")),
+                                       "celeba": ("train", "valid", "test", "all")}
 _SPLIT_ALIASES = {"val": "valid", "validation": "valid"}
 
 
@@ -65,7 +63,15 @@ def load_dataset(name: str, data_dir: str | None = None, image_size: int | None 
     elif key in _EMBEDDED:
         ds = load_digits(limit) if key == "digits" else load_mnist5k(limit)
     else:
-        root = _resolve_data_dir(key, data_dir, download)
+        if data_dir is None or not str(data_dir).strip():
+            raise ValueError(f"dataset {key!r} needs data_dir (the embedded ones are {', '.join(_EMBEDDED)}). "
+                             f"{vision.LAYOUTS[key].format(d='<data_dir>')}; or set download=true where "
+                             f"torchvision can fetch it")
+        root = Path(data_dir).expanduser().resolve()
+        if download:
+            root.mkdir(parents=True, exist_ok=True)
+        if not root.is_dir():
+            raise vision.missing(key, root, f"data_dir {root} does not exist or is not a folder")
         ds = {"mnist": lambda: vision.load_mnist_like(key, root, split, limit, download),
               "fashion-mnist": lambda: vision.load_mnist_like(key, root, split, limit, download),
               "cifar10": lambda: vision.load_cifar10(root, split, limit, download),
@@ -94,14 +100,3 @@ def _known(name: str) -> str:
                          f"or {HF_PREFIX}<Hugging Face id or local path>")
     return key
 
-
-def _resolve_data_dir(key: str, data_dir: str | None, download: bool) -> Path:
-    if data_dir is None or not str(data_dir).strip():
-        raise ValueError(f"dataset {key!r} needs data_dir (the embedded ones are {', '.join(_EMBEDDED)}). "
-                         f"{vision.LAYOUTS[key].format(d='<data_dir>')}; or set download=true where torchvision can fetch it")
-    root = Path(data_dir).expanduser().resolve()
-    if download:
-        root.mkdir(parents=True, exist_ok=True)
-    if not root.is_dir():
-        raise vision.missing(key, root, f"data_dir {root} does not exist or is not a folder")
-    return root

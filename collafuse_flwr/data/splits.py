@@ -1,8 +1,7 @@
 """Per-client index sets, memoised on disk: every Ray worker and the ServerApp partition the same
 dataset, and partitioning imports flwr-datasets (2-3 s per worker start). The key hashes everything a
 partition depends on (never the images, which no scheme reads); entries are written atomically, an
-unreadable one is recomputed. In $COLLAFUSE_FLWR_CACHE (default ~/.cache/collafuse-flwr; "off": none).
-"""
+unreadable one is recomputed. In $COLLAFUSE_FLWR_CACHE (default ~/.cache/collafuse-flwr; "off": none)."""
 
 from __future__ import annotations
 

@@ -1,9 +1,6 @@
-"""The disclosure harness's reference attacker: a full-chain denoiser trained on data of the same
-kind as the clients' (the pooled held-out test splits), not on the training images it attacks.
-
-Trained at the first evaluation, while the clients are idle: a background thread from the
-ServerApp's start slowed round 1's clients by more than it saved (measured in /proc).
-"""
+"""The disclosure harness's reference attacker: a full-chain denoiser trained on data of the same kind as
+the clients' (the pooled held-out test splits), not on the images it attacks. Trained at the first evaluation,
+while the clients are idle: a thread from the ServerApp's start slowed round 1's clients more than it saved."""
 
 from __future__ import annotations
 
