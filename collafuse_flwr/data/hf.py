@@ -88,9 +88,9 @@ def _columns(table, image_column: str, label_column: str, source: str) -> tuple[
     return image_column, labels[0] if labels else None
 
 
-def load_hf(source: str, split: str, limit: int | None, image_size: int | None, channels: int | None,
+def load_hf(source: str, split: str, limit: int | None, image_size: int | None, mode: str,
             image_column: str = "", label_column: str = "") -> ImageDataset:
-    """The first `limit` rows of `split`, decoded to uint8 squares (see the module docstring)."""
+    """The first `limit` rows of `split`, decoded to uint8 squares of PIL `mode` ("": the first image's)."""
     datasets = load("datasets")
     iid = load("flwr_datasets.partitioner").IidPartitioner(num_partitions=1)  # partition.py splits later
     fds = load("flwr_datasets").FederatedDataset(partitioners={split: iid}, shuffle=False, **_source(source))
@@ -107,10 +107,8 @@ def load_hf(source: str, split: str, limit: int | None, image_size: int | None, 
     if table.num_rows == 0:
         raise ValueError(f"dataset='{HF_PREFIX}{source}' split {split!r} has no rows")
     pil = table[image_column]
-    if channels is None:
-        channels = 1 if pil[0].mode in GRAY_MODES else 3
+    mode = mode or ("L" if pil[0].mode in GRAY_MODES else "RGB")
     size = image_size or (pil[0].size[0] if pil[0].size[0] == pil[0].size[1] else DEFAULT_JPEG_SIZE)
-    mode = "L" if channels == 1 else "RGB"
     images = torch.from_numpy(np.stack([square_uint8(im, size, mode) for im in pil]))
     if label_column is None:
         labels, class_names = np.zeros(table.num_rows, dtype=np.int64), ["all"]

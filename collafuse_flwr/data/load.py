@@ -59,7 +59,7 @@ def load_dataset(name: str, data_dir: str | None = None, image_size: int | None 
     mode = {1: "L", 3: "RGB"}.get(channels or NATIVE_CHANNELS.get(key, 0), "")  # "": the files' own
 
     if hf:
-        ds = hf_loader.load_hf(key[len(HF_PREFIX):], split, limit, image_size, channels, image_column, label_column)
+        ds = hf_loader.load_hf(key[len(HF_PREFIX):], split, limit, image_size, mode, image_column, label_column)
     elif key in _EMBEDDED:
         ds = load_digits(limit) if key == "digits" else load_mnist5k(limit)
     else:

@@ -47,9 +47,9 @@ def _fetch(key: str, root: Path, make: Callable[[], object]) -> None:
     try:
         make()
     except (OSError, RuntimeError, ImportError, urllib.error.URLError) as exc:
-        raise ConnectionError(
-            f"download=true could not fetch {key} into {root} ({type(exc).__name__}: {' '.join(str(exc).split())}); go online, "
-            f"or put the files there yourself and set download=false. {LAYOUTS[key].format(d=root)}") from exc
+        raise ConnectionError(f"download=true could not fetch {key} into {root} ({type(exc).__name__}: "
+                              f"{' '.join(str(exc).split())}); go online, or put the files there yourself and set "
+                              f"download=false. {LAYOUTS[key].format(d=root)}") from exc
 
 
 def load_images(paths: Sequence[str | Path], size: int, mode: str) -> Tensor:

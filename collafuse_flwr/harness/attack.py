@@ -27,7 +27,6 @@ def train_reference_denoiser(cfg: RunConfig, num_clients: int, device: torch.dev
         model = build_denoiser(cfg.image_size, data.shape[1], cfg.model_size).to(device)
     sched = D.make_schedule(cfg.diffusion_steps, cfg.beta_schedule)
     gen = torch.Generator().manual_seed(cfg.seed + 4242)  # the only randomness of the training
-    opt = make_optimizer(model, cfg.learning_rate)
-    train_steps(model, opt, client_share_loss(model, sched, sched.T, gen), data,
+    train_steps(model, make_optimizer(model, cfg.learning_rate), client_share_loss(model, sched, sched.T, gen), data,
                 cfg.attack_reference_steps, cfg.batch_size, gen, device)
     return model.eval()

@@ -29,8 +29,7 @@ class DisclosureProbe:
             self.reference = train_reference_denoiser(self.cfg, self.num_clients, self.device)
             self._trained = True
         x = torch.from_numpy(uploads).to(self.device)  # where the server model is (a GPU: found on an H100)
-        model = strategy.model
-        model.eval()
+        model = strategy.model.eval()
         with torch.no_grad():
             if hasattr(model, "condition"):
                 model.condition(client)
