@@ -6,7 +6,6 @@ then partitioned by `partition.py` like every other dataset. Columns ("" = detec
 from __future__ import annotations
 
 import contextlib
-import glob
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -38,9 +37,9 @@ def _source(source: str) -> dict[str, Any]:
         return {"dataset": builder, "data_files": {"train": str(path)}}
     if (path / "dataset_dict.json").is_file():  # save_to_disk of a DatasetDict: one folder per split
         splits = [d.name for d in sorted(path.iterdir()) if (d / "state.json").is_file()]
-        return {"dataset": "arrow", "data_files": {s: sorted(glob.glob(str(path / s / "*.arrow"))) for s in splits}}
+        return {"dataset": "arrow", "data_files": {s: sorted(map(str, (path / s).glob("*.arrow"))) for s in splits}}
     if (path / "state.json").is_file():  # save_to_disk of one Dataset
-        return {"dataset": "arrow", "data_files": {"train": sorted(glob.glob(str(path / "*.arrow")))}}
+        return {"dataset": "arrow", "data_files": {"train": sorted(map(str, path.glob("*.arrow")))}}
     return {"dataset": str(path)}
 
 

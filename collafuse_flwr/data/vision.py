@@ -17,8 +17,6 @@ from torch import Tensor
 from collafuse_flwr.data.dataset import _DOWNLOADABLE, GRAY_MODES, ImageDataset, round_robin, square_uint8
 from collafuse_flwr.imports import load
 
-_TV_NAMES = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST"}
-
 _IDX_LAYOUT = ("{} expects train-images-idx3-ubyte[.gz], train-labels-idx1-ubyte[.gz], t10k-images-idx3-ubyte[.gz] "
                "and t10k-labels-idx1-ubyte[.gz] in {{d}}/{}/raw (torchvision's layout) or in {{d}} itself")
 LAYOUTS = {
@@ -69,7 +67,7 @@ def load_images(paths: Sequence[str | Path], size: int, mode: str) -> Tensor:
 
 
 def load_mnist_like(key: str, root: Path, split: str, limit: int | None, download: bool) -> ImageDataset:
-    base = getattr(load("torchvision.datasets"), _TV_NAMES[key])
+    base = getattr(load("torchvision.datasets"), {"mnist": "MNIST", "fashion-mnist": "FashionMNIST"}[key])
     if download:
         _fetch(key, root, lambda: base(str(root), train=split == "train", download=True))
     names = [Path(url).stem for url, _ in base.resources]  # train-images-idx3-ubyte, ...
