@@ -84,8 +84,7 @@ def canonical_name(name: str) -> str:
 
 
 def round_robin(labels: Sequence[int], limit: int | None) -> list[int]:
-    """Indices of the first `limit` rows taken round-robin over the classes (the k-th row of every
-    class before any (k+1)-th), so that a cap drops no class; every row when limit is None."""
+    """Row indices, the k-th of every class before any (k+1)-th, cut at `limit` (None: all): a cap drops no class."""
     counters: defaultdict[int, itertools.count] = defaultdict(itertools.count)
     return [i for _, _, i in sorted((next(counters[c]), c, i) for i, c in enumerate(labels))[:limit]]
 

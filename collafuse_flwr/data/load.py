@@ -32,12 +32,9 @@ _SPLIT_ALIASES = {"val": "valid", "validation": "valid"}
 def load_dataset(name: str, data_dir: str | None = None, image_size: int | None = None, split: str = "train",
                  max_samples: int | None = None, channels: int | None = None, *, download: bool = False,
                  image_column: str = "", label_column: str = "") -> ImageDataset:
-    """Load one of `DATASETS`, or `hf:<Hub id or local path>`, into memory.
-
-    image_size None keeps the native size (64 for JPEG datasets, center-cropped square first).
-    max_samples (None/0 = all) keeps the first images, round-robin over classes for class folders
-    (and mnist5k) so that a cap does not drop whole classes. channels 1/3 converts gray <-> RGB.
-    """
+    """One of `DATASETS`, or `hf:<Hub id or local path>`, in memory. image_size None keeps the native size
+    (64 for JPEG datasets, center-cropped square first); max_samples (None/0 = all) keeps the first images,
+    round-robin over classes for class folders (and mnist5k) so no class is dropped; channels 1/3 converts."""
     key = _known(name)
     hf = key.startswith(HF_PREFIX)
     split = _SPLIT_ALIASES.get(split, split) if not hf else split
