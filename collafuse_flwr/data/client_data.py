@@ -1,7 +1,6 @@
 """A node's own data, train and held-out test: all of its own folder (`data-dir` in node_config, how
 a deployment's data owners take part) or its share of a dataset every node partitions alike
-(`partition-id`/`num-partitions`). Cached per process, as Ray actors serve many virtual nodes.
-"""
+(`partition-id`/`num-partitions`). Cached per process, as Ray actors serve many virtual nodes."""
 
 from __future__ import annotations
 

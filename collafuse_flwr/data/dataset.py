@@ -24,10 +24,8 @@ FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", 
                          "Bag", "Ankle boot"]
 _EMBEDDED = ("digits", "mnist5k")
 _DOWNLOADABLE = ("mnist", "fashion-mnist", "cifar10", "celeba")  # torchvision can fetch these
-# Size of JPEG datasets when none is given: the usual working size for CelebA/AwA2 diffusion.
-DEFAULT_JPEG_SIZE = 64
-# Resizing MNIST-sized sets in chunks bounds the float32 working memory.
-_RESIZE_CHUNK = 4096
+DEFAULT_JPEG_SIZE = 64  # the usual working size for CelebA/AwA2 diffusion
+_RESIZE_CHUNK = 4096  # bounds the float32 working memory of converting MNIST-sized sets
 
 
 @dataclass
@@ -86,18 +84,16 @@ def canonical_name(name: str) -> str:
 
 
 def round_robin(labels: Sequence[int], limit: int | None) -> list[int]:
-    """Indices of the first `limit` rows taken round-robin over the classes (the k-th row of every
-    class before any (k+1)-th), so that a cap drops no class; every row when limit is None."""
+    """Row indices, the k-th of every class before any (k+1)-th, cut at `limit` (None: all): a cap drops no class."""
     counters: defaultdict[int, itertools.count] = defaultdict(itertools.count)
     return [i for _, _, i in sorted((next(counters[c]), c, i) for i, c in enumerate(labels))[:limit]]
 
 
 def resize_uint8(images: Tensor, size: int) -> Tensor:
     """Bilinear with antialias, so downscaling averages pixels rather than aliasing."""
-    out = [F.interpolate(chunk.to(torch.float32), size=(size, size), mode="bilinear", antialias=True,
-                         align_corners=False).round().clamp(0, 255).to(torch.uint8)
-           for chunk in images.split(_RESIZE_CHUNK)]
-    return torch.cat(out) if out else images.new_zeros((0, images.shape[1], size, size))
+    return torch.cat([F.interpolate(chunk.to(torch.float32), size=(size, size), mode="bilinear", antialias=True,
+                                    align_corners=False).round().clamp(0, 255).to(torch.uint8)
+                      for chunk in images.split(_RESIZE_CHUNK)])  # split gives >= 1 chunk, even of 0 images
 
 
 def convert_channels(images: Tensor, channels: int) -> Tensor:
@@ -105,9 +101,8 @@ def convert_channels(images: Tensor, channels: int) -> Tensor:
         return images.expand(-1, 3, -1, -1).contiguous()
     # ITU-R 601 luma, the weights PIL's convert("L") uses.
     weights = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
-    out = [(c.to(torch.float32) * weights).sum(1, keepdim=True).round().clamp(0, 255)
-           for c in images.split(_RESIZE_CHUNK)]
-    return torch.cat(out).to(torch.uint8) if out else images[:, :1]
+    return torch.cat([(c.to(torch.float32) * weights).sum(1, keepdim=True).round().clamp(0, 255)
+                      for c in images.split(_RESIZE_CHUNK)]).to(torch.uint8)
 
 
 def square_uint8(img: Image.Image, size: int, mode: str) -> np.ndarray:

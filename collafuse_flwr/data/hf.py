@@ -1,13 +1,11 @@
 """`dataset = "hf:<Hub id or local path>"`: a Hugging Face dataset, loaded through flwr-datasets
 (from the Hub, its cache with HF_HUB_OFFLINE=1, a `save_to_disk` folder or parquet/csv/image files),
 then partitioned by `partition.py` like every other dataset. Columns ("" = detect): the first
-`datasets.Image` one; "label" or the first `ClassLabel` (none: label 0); bools become attributes.
-"""
+`datasets.Image` one; "label" or the first `ClassLabel` (none: label 0); bools become attributes."""
 
 from __future__ import annotations
 
 import contextlib
-import glob
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -39,9 +37,9 @@ def _source(source: str) -> dict[str, Any]:
         return {"dataset": builder, "data_files": {"train": str(path)}}
     if (path / "dataset_dict.json").is_file():  # save_to_disk of a DatasetDict: one folder per split
         splits = [d.name for d in sorted(path.iterdir()) if (d / "state.json").is_file()]
-        return {"dataset": "arrow", "data_files": {s: sorted(glob.glob(str(path / s / "*.arrow"))) for s in splits}}
+        return {"dataset": "arrow", "data_files": {s: sorted(map(str, (path / s).glob("*.arrow"))) for s in splits}}
     if (path / "state.json").is_file():  # save_to_disk of one Dataset
-        return {"dataset": "arrow", "data_files": {"train": sorted(glob.glob(str(path / "*.arrow")))}}
+        return {"dataset": "arrow", "data_files": {"train": sorted(map(str, path.glob("*.arrow")))}}
     return {"dataset": str(path)}
 
 
@@ -75,24 +73,23 @@ def _columns(table, image_column: str, label_column: str, source: str) -> tuple[
     datasets = load("datasets")
     feats = table.features
     where = f"dataset='{HF_PREFIX}{source}' (columns: {', '.join(feats)})"
-    if image_column and image_column not in feats:
-        raise ValueError(f"image-column={image_column!r} is not a column of {where}")
+    for arg, column in (("image-column", image_column), ("label-column", label_column)):
+        if column and column not in feats:
+            raise ValueError(f"{arg}={column!r} is not a column of {where}")
     if not image_column:
         images = [c for c, f in feats.items() if isinstance(f, datasets.Image)]
         if not images:
             raise ValueError(f"no column with the datasets.Image feature in {where}; set image-column")
         image_column = images[0]
-    if label_column and label_column not in feats:
-        raise ValueError(f"label-column={label_column!r} is not a column of {where}")
     if label_column or "label" in feats:
         return image_column, label_column or "label"
     labels = [c for c, f in feats.items() if isinstance(f, datasets.ClassLabel)]
     return image_column, labels[0] if labels else None
 
 
-def load_hf(source: str, split: str, limit: int | None, image_size: int | None, channels: int | None,
+def load_hf(source: str, split: str, limit: int | None, image_size: int | None, mode: str,
             image_column: str = "", label_column: str = "") -> ImageDataset:
-    """The first `limit` rows of `split`, decoded to uint8 squares (see the module docstring)."""
+    """The first `limit` rows of `split`, decoded to uint8 squares of PIL `mode` ("": the first image's)."""
     datasets = load("datasets")
     iid = load("flwr_datasets.partitioner").IidPartitioner(num_partitions=1)  # partition.py splits later
     fds = load("flwr_datasets").FederatedDataset(partitioners={split: iid}, shuffle=False, **_source(source))
@@ -109,10 +106,8 @@ def load_hf(source: str, split: str, limit: int | None, image_size: int | None, 
     if table.num_rows == 0:
         raise ValueError(f"dataset='{HF_PREFIX}{source}' split {split!r} has no rows")
     pil = table[image_column]
-    if channels is None:
-        channels = 1 if pil[0].mode in GRAY_MODES else 3
+    mode = mode or ("L" if pil[0].mode in GRAY_MODES else "RGB")
     size = image_size or (pil[0].size[0] if pil[0].size[0] == pil[0].size[1] else DEFAULT_JPEG_SIZE)
-    mode = "L" if channels == 1 else "RGB"
     images = torch.from_numpy(np.stack([square_uint8(im, size, mode) for im in pil]))
     if label_column is None:
         labels, class_names = np.zeros(table.num_rows, dtype=np.int64), ["all"]

@@ -23,23 +23,18 @@ from collafuse_flwr.data.dataset import (
 from collafuse_flwr.data.embedded import load_digits, load_mnist5k
 
 # Splits each dataset understands; "all" means every image the files hold.
-_SPLITS: dict[str, tuple[str, ...]] = {
-    "digits": ("train", "all"), "mnist5k": ("train", "all"), "mnist": ("train", "test"),
-    "fashion-mnist": ("train", "test"), "cifar10": ("train", "test"), "celeba": ("train", "valid", "test", "all"),
-    "awa2": ("train", "all"), "imagefolder": ("train", "all"),
-}
+_SPLITS: dict[str, tuple[str, ...]] = {**dict.fromkeys(("digits", "mnist5k", "awa2", "imagefolder"), ("train", "all")),
+                                       **dict.fromkeys(("mnist", "fashion-mnist", "cifar10"), ("train", "test")),
+                                       "celeba": ("train", "valid", "test", "all")}
 _SPLIT_ALIASES = {"val": "valid", "validation": "valid"}
 
 
 def load_dataset(name: str, data_dir: str | None = None, image_size: int | None = None, split: str = "train",
                  max_samples: int | None = None, channels: int | None = None, *, download: bool = False,
                  image_column: str = "", label_column: str = "") -> ImageDataset:
-    """Load one of `DATASETS`, or `hf:<Hub id or local path>`, into memory.
-
-    image_size None keeps the native size (64 for JPEG datasets, center-cropped square first).
-    max_samples (None/0 = all) keeps the first images, round-robin over classes for class folders
-    (and mnist5k) so that a cap does not drop whole classes. channels 1/3 converts gray <-> RGB.
-    """
+    """One of `DATASETS`, or `hf:<Hub id or local path>`, in memory. image_size None keeps the native size
+    (64 for JPEG datasets, center-cropped square first); max_samples (None/0 = all) keeps the first images,
+    round-robin over classes for class folders (and mnist5k) so no class is dropped; channels 1/3 converts."""
     key = _known(name)
     hf = key.startswith(HF_PREFIX)
     split = _SPLIT_ALIASES.get(split, split) if not hf else split
@@ -61,11 +56,19 @@ def load_dataset(name: str, data_dir: str | None = None, image_size: int | None 
     mode = {1: "L", 3: "RGB"}.get(channels or NATIVE_CHANNELS.get(key, 0), "")  # "": the files' own
 
     if hf:
-        ds = hf_loader.load_hf(key[len(HF_PREFIX):], split, limit, image_size, channels, image_column, label_column)
+        ds = hf_loader.load_hf(key[len(HF_PREFIX):], split, limit, image_size, mode, image_column, label_column)
     elif key in _EMBEDDED:
         ds = load_digits(limit) if key == "digits" else load_mnist5k(limit)
     else:
-        root = _resolve_data_dir(key, data_dir, download)
+        if data_dir is None or not str(data_dir).strip():
+            raise ValueError(f"dataset {key!r} needs data_dir (the embedded ones are {', '.join(_EMBEDDED)}). "
+                             f"{vision.LAYOUTS[key].format(d='<data_dir>')}; or set download=true where "
+                             f"torchvision can fetch it")
+        root = Path(data_dir).expanduser().resolve()
+        if download:
+            root.mkdir(parents=True, exist_ok=True)
+        if not root.is_dir():
+            raise vision.missing(key, root, f"data_dir {root} does not exist or is not a folder")
         ds = {"mnist": lambda: vision.load_mnist_like(key, root, split, limit, download),
               "fashion-mnist": lambda: vision.load_mnist_like(key, root, split, limit, download),
               "cifar10": lambda: vision.load_cifar10(root, split, limit, download),
@@ -94,14 +97,3 @@ def _known(name: str) -> str:
                          f"or {HF_PREFIX}<Hugging Face id or local path>")
     return key
 
-
-def _resolve_data_dir(key: str, data_dir: str | None, download: bool) -> Path:
-    if data_dir is None or not str(data_dir).strip():
-        raise ValueError(f"dataset {key!r} needs data_dir (the embedded ones are {', '.join(_EMBEDDED)}). "
-                         f"{vision.LAYOUTS[key].format(d='<data_dir>')}; or set download=true where torchvision can fetch it")
-    root = Path(data_dir).expanduser().resolve()
-    if download:
-        root.mkdir(parents=True, exist_ok=True)
-    if not root.is_dir():
-        raise vision.missing(key, root, f"data_dir {root} does not exist or is not a folder")
-    return root

@@ -1,11 +1,9 @@
-"""Split one `ImageDataset` into per-client train/test index sets. iid and dirichlet use
-flwr-datasets' partitioners (on row indices and labels), matching other Flower baselines. The
-group schemes give client k the rows its group claims, by class (default {0,1},{2,3},...; class k
-mod C beyond C clients) or by ANY attribute (default: the paper's CelebA groups), which
-flwr-datasets' `PathologicalPartitioner` cannot (its class windows overlap and drop classes). A
-row several groups claim goes to one drawn with the seed (first-match-wins would hand nearly all
-of CelebA to the hair-colour client); unclaimed rows are left out.
-"""
+"""Split one `ImageDataset` into per-client train/test index sets. iid and dirichlet use flwr-datasets'
+partitioners, matching other Flower baselines. The group schemes give client k the rows its group
+claims, by class (default {0,1},{2,3},...; class k mod C beyond C clients) or by ANY attribute (default:
+the paper's CelebA groups), which flwr-datasets' `PathologicalPartitioner` cannot (its class windows
+overlap and drop classes). A row several groups claim goes to one drawn with the seed (first-match-wins
+would hand nearly all of CelebA to the hair-colour client); unclaimed rows are left out."""
 
 from __future__ import annotations
 
@@ -29,8 +27,7 @@ CELEBA_PAPER_GROUPS: list[list[str]] = [
 
 
 def _group_shares(member: np.ndarray, seed: int) -> list[np.ndarray]:
-    """Rows of each group (member: rows x groups, bool); a row claimed by several goes to one of
-    them drawn uniformly with `seed`, so overlapping groups share rows evenly."""
+    """Rows of each group (member: rows x groups, bool); overlapping groups share their rows evenly."""
     n, k = member.shape
     counts = member.sum(axis=1)
     pick = np.floor(np.random.default_rng(seed).random(n) * counts).astype(np.int64)
@@ -41,8 +38,6 @@ def _group_shares(member: np.ndarray, seed: int) -> list[np.ndarray]:
 
 def parse_groups(spec: str) -> list[list[str]]:
     """'0,1;2,3' -> [['0','1'], ['2','3']]: the run-config string form of client groups."""
-    if not isinstance(spec, str):
-        raise TypeError(f"groups spec must be a string like '0,1;2,3', got {type(spec).__name__}")
     if not spec.strip():
         return []
     groups = [[item.strip() for item in chunk.split(",")] for chunk in spec.split(";")]
@@ -77,18 +72,12 @@ def partition_dataset(ds: ImageDataset, num_clients: int, scheme: str = "iid", s
         raise ValueError(f"groups={groups!r} only apply to by-class/by-attribute partitioning, "
                          f"not {scheme!r}; drop them")
 
-    labels = ds.labels.numpy().astype(np.int64)
     if scheme == "by-class":
-        class_groups = _class_groups(ds, num_clients, groups)
-        shares = _group_shares(np.stack([np.isin(labels, g) for g in class_groups], axis=1), seed)
+        shares = _group_shares(_class_members(ds, num_clients, groups), seed)
     elif scheme == "by-attribute":
-        attr_groups = _attribute_groups(ds, num_clients, groups)
-        assert ds.attributes is not None and ds.attribute_names is not None
-        attrs = ds.attributes.numpy().astype(bool)
-        cols = [[ds.attribute_names.index(a) for a in g] for g in attr_groups]
-        shares = _group_shares(np.stack([attrs[:, c].any(axis=1) for c in cols], axis=1), seed)
+        shares = _group_shares(_attribute_members(ds, num_clients, groups), seed)
     else:
-        shares = _flwr_shares(labels, num_clients, scheme, seed, alpha, test_fraction)
+        shares = _flwr_shares(ds.labels.numpy().astype(np.int64), num_clients, scheme, seed, alpha, test_fraction)
     for client_id, share in enumerate(shares):
         if len(share) == 0:
             hint = (f": no image matches {'its group' if groups else 'its default group'} (or overlapping groups "
@@ -123,13 +112,9 @@ def _flwr_shares(labels: np.ndarray, num_clients: int, scheme: str, seed: int, a
         ) from exc
 
 
-def _class_groups(ds: ImageDataset, num_clients: int, groups: list[list[str]] | None) -> list[list[int]]:
+def _class_members(ds: ImageDataset, num_clients: int, groups: list[list[str]] | None) -> np.ndarray:
+    """rows x clients: whether the image's class is in the client's group."""
     num_classes = len(ds.class_names)
-    if groups is None:
-        if num_clients <= num_classes:
-            return [chunk.tolist() for chunk in np.array_split(np.arange(num_classes), num_clients)]
-        return [[k % num_classes] for k in range(num_clients)]
-    _check_group_count(groups, num_clients)
 
     def class_id(g: int, entry: str) -> int:
         if entry in ds.class_names:
@@ -138,10 +123,17 @@ def _class_groups(ds: ImageDataset, num_clients: int, groups: list[list[str]] | 
             return int(entry)
         raise ValueError(f"group {g} names unknown class {entry!r}; {ds.name} classes are "
                          f"{', '.join(ds.class_names)} (or their indices 0..{num_classes - 1})")
-    return [sorted({class_id(g, str(e).strip()) for e in group}) for g, group in enumerate(groups)]
+    if groups is None:
+        ids = (np.array_split(np.arange(num_classes), num_clients) if num_clients <= num_classes
+               else [[k % num_classes] for k in range(num_clients)])
+    else:
+        _check_group_count(groups, num_clients)
+        ids = [[class_id(g, str(e).strip()) for e in group] for g, group in enumerate(groups)]
+    return np.stack([np.isin(ds.labels.numpy(), g) for g in ids], axis=1)
 
 
-def _attribute_groups(ds: ImageDataset, num_clients: int, groups: list[list[str]] | None) -> list[list[str]]:
+def _attribute_members(ds: ImageDataset, num_clients: int, groups: list[list[str]] | None) -> np.ndarray:
+    """rows x clients: whether the image has any attribute of the client's group."""
     if ds.attributes is None or ds.attribute_names is None:
         raise ValueError(f"by-attribute partitioning needs per-image attributes, which {ds.name} does not have; "
                          f"use celeba or awa2 (with its predicate files), or by-class partitioning")
@@ -152,23 +144,21 @@ def _attribute_groups(ds: ImageDataset, num_clients: int, groups: list[list[str]
                 f"by-attribute has default groups only for CelebA with {len(CELEBA_PAPER_GROUPS)} clients "
                 f"(the CollaFuse paper's); give {num_clients} groups of {ds.name} attribute names, "
                 f"e.g. 'Black_Hair,Blond_Hair;Eyeglasses'")
-        return [list(g) for g in CELEBA_PAPER_GROUPS]
+        groups = CELEBA_PAPER_GROUPS
     _check_group_count(groups, num_clients)
     for g, group in enumerate(groups):
         for entry in group:
             if entry not in ds.attribute_names:
                 raise ValueError(f"group {g} names unknown attribute {entry!r}; {ds.name} attributes are "
                                  f"{', '.join(ds.attribute_names)}")
-    return [list(dict.fromkeys(g)) for g in groups]
+    attrs = ds.attributes.numpy().astype(bool)
+    return np.stack([attrs[:, [ds.attribute_names.index(a) for a in g]].any(axis=1) for g in groups], axis=1)
 
 
 def _check_group_count(groups: list[list[str]], num_clients: int) -> None:
     if len(groups) != num_clients:
         raise ValueError(f"got {len(groups)} groups for {num_clients} clients; give exactly one group per client "
                          f"(';' separates clients in the run config)")
-    for g, group in enumerate(groups):
-        if not group:
-            raise ValueError(f"group {g} is empty; every client needs at least one class or attribute")
 
 
 def _split_train_test(client_id: int, share: np.ndarray, test_fraction: float, seed: int) -> ClientSplit:

@@ -1,8 +1,7 @@
 """Per-client index sets, memoised on disk: every Ray worker and the ServerApp partition the same
 dataset, and partitioning imports flwr-datasets (2-3 s per worker start). The key hashes everything a
 partition depends on (never the images, which no scheme reads); entries are written atomically, an
-unreadable one is recomputed. In $COLLAFUSE_FLWR_CACHE (default ~/.cache/collafuse-flwr; "off": none).
-"""
+unreadable one is recomputed. In $COLLAFUSE_FLWR_CACHE (default ~/.cache/collafuse-flwr; "off": none)."""
 
 from __future__ import annotations
 
@@ -42,18 +41,11 @@ def cache_dir() -> Path | None:
     return Path(base) / "collafuse-flwr"
 
 
-def _version(dist: str) -> str:
-    try:
-        return metadata.version(dist)
-    except metadata.PackageNotFoundError:
-        return "absent"
-
-
 def split_key(ds: ImageDataset, num_clients: int, params: dict[str, object]) -> str:
     """A digest of everything a partition depends on (see the module docstring)."""
     h = hashlib.sha256()
-    meta = {"algorithm": ALGORITHM_VERSION, "flwr-datasets": _version("flwr-datasets"),
-            "datasets": _version("datasets"), "dataset": ds.name, "n": len(ds),
+    meta = {"algorithm": ALGORITHM_VERSION, "flwr-datasets": metadata.version("flwr-datasets"),  # both required
+            "datasets": metadata.version("datasets"), "dataset": ds.name, "n": len(ds),
             "class_names": list(ds.class_names), "attribute_names": list(ds.attribute_names or []),
             "num_clients": int(num_clients), "params": params}
     h.update(json.dumps(meta, sort_keys=True, default=str).encode())

@@ -1,9 +1,7 @@
-"""On-disk image datasets read by torchvision's own dataset classes (download=True fetches with
-torchvision's mirrors and checksums), plus AwA2, which torchvision lacks. So that accepted layouts
-keep working: IDX files may sit in data_dir itself, gzipped only (extracted with `extract_archive`);
-CIFAR-10/CelebA files only have to exist (torchvision's MD5 check at every load rejects re-packed
-copies); the dataset folder may be data_dir itself or torchvision's sub-folder.
-"""
+"""On-disk image datasets through torchvision's dataset classes (download=True uses its mirrors and
+checksums), plus AwA2. Laxer than torchvision, so accepted layouts keep working: IDX files may sit in
+data_dir itself and be gzipped only; CIFAR-10/CelebA files need no MD5 match (re-packed copies); the
+dataset folder may be data_dir itself or torchvision's sub-folder."""
 
 from __future__ import annotations
 
@@ -19,23 +17,19 @@ from torch import Tensor
 from collafuse_flwr.data.dataset import _DOWNLOADABLE, GRAY_MODES, ImageDataset, round_robin, square_uint8
 from collafuse_flwr.imports import load
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp")
-_TV_NAMES = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST"}
-
 _IDX_LAYOUT = ("{} expects train-images-idx3-ubyte[.gz], train-labels-idx1-ubyte[.gz], t10k-images-idx3-ubyte[.gz] "
                "and t10k-labels-idx1-ubyte[.gz] in {{d}}/{}/raw (torchvision's layout) or in {{d}} itself")
 LAYOUTS = {
     "mnist": _IDX_LAYOUT.format("MNIST", "MNIST"),
     "fashion-mnist": _IDX_LAYOUT.format("Fashion-MNIST", "FashionMNIST"),
-    "cifar10": ("CIFAR-10 expects the python version: {d}/cifar-10-batches-py/ (or {d} itself) holding "
-                "data_batch_1 .. data_batch_5, test_batch and batches.meta (the extracted "
-                "cifar-10-python.tar.gz)"),
+    "cifar10": ("CIFAR-10 expects the python version: {d}/cifar-10-batches-py/ (or {d} itself) holding data_batch_1 "
+                ".. data_batch_5, test_batch and batches.meta (the extracted cifar-10-python.tar.gz)"),
     "celeba": ("CelebA expects torchvision's layout: {d}/celeba/ (or {d} itself) holding img_align_celeba/*.jpg, "
                "list_attr_celeba.txt, list_eval_partition.txt, identity_CelebA.txt, list_bbox_celeba.txt "
                "and list_landmarks_align_celeba.txt"),
-    "awa2": ("AwA2 expects {d}/JPEGImages/<class>/*.jpg, optionally {d}/classes.txt and, for "
-             "attributes, {d}/predicates.txt with {d}/predicate-matrix-binary.txt "
-             "(the same under {d}/Animals_with_Attributes2/ is accepted)"),
+    "awa2": ("AwA2 expects {d}/JPEGImages/<class>/*.jpg, optionally {d}/classes.txt and, for attributes, "
+             "{d}/predicates.txt with {d}/predicate-matrix-binary.txt (the same under {d}/Animals_with_Attributes2/ "
+             "is accepted)"),
     "imagefolder": "imagefolder expects {d}/<class name>/<image>.png|jpg|jpeg|bmp, one sub-folder per class",
 }
 
@@ -51,9 +45,9 @@ def _fetch(key: str, root: Path, make: Callable[[], object]) -> None:
     try:
         make()
     except (OSError, RuntimeError, ImportError, urllib.error.URLError) as exc:
-        raise ConnectionError(
-            f"download=true could not fetch {key} into {root} ({type(exc).__name__}: {' '.join(str(exc).split())}); go online, "
-            f"or put the files there yourself and set download=false. {LAYOUTS[key].format(d=root)}") from exc
+        raise ConnectionError(f"download=true could not fetch {key} into {root} ({type(exc).__name__}: "
+                              f"{' '.join(str(exc).split())}); go online, or put the files there yourself and set "
+                              f"download=false. {LAYOUTS[key].format(d=root)}") from exc
 
 
 def load_images(paths: Sequence[str | Path], size: int, mode: str) -> Tensor:
@@ -73,7 +67,7 @@ def load_images(paths: Sequence[str | Path], size: int, mode: str) -> Tensor:
 
 
 def load_mnist_like(key: str, root: Path, split: str, limit: int | None, download: bool) -> ImageDataset:
-    base = getattr(load("torchvision.datasets"), _TV_NAMES[key])
+    base = getattr(load("torchvision.datasets"), {"mnist": "MNIST", "fashion-mnist": "FashionMNIST"}[key])
     if download:
         _fetch(key, root, lambda: base(str(root), train=split == "train", download=True))
     names = [Path(url).stem for url, _ in base.resources]  # train-images-idx3-ubyte, ...
@@ -92,15 +86,12 @@ def load_mnist_like(key: str, root: Path, split: str, limit: int | None, downloa
     try:
         tv = at_raw(str(root), train=split == "train")
     except (AssertionError, ValueError, TypeError, KeyError, IndexError, RuntimeError) as exc:
-        prefix = "train" if split == "train" else "t10k"
-        for kind, magic in (("images", 0x803), ("labels", 0x801)):
-            path = raw / f"{prefix}-{kind}-idx{3 if kind == 'images' else 1}-ubyte"
-            with open(path, "rb") as f:
-                got = int.from_bytes(f.read(4), "big")
+        first = 0 if split == "train" else 2  # names: train images, labels, then t10k's
+        for n, magic, kind in zip(names[first:first + 2], (0x803, 0x801), ("images", "labels")):
+            got = int.from_bytes((raw / n).read_bytes()[:4], "big")
             if got != magic:
-                raise ValueError(f"{path} has IDX magic 0x{got:08x}, expected 0x{magic:08x} "
-                                 f"for uint8 {kind}; the file is corrupt or not an MNIST-style IDX file, "
-                                 f"re-download it") from exc
+                raise ValueError(f"{raw / n} has IDX magic 0x{got:08x}, expected 0x{magic:08x} for uint8 {kind}; "
+                                 f"the file is corrupt or not an MNIST-style IDX file, re-download it") from exc
         raise ValueError(f"torchvision cannot read the {key} {split} files in {raw} ({exc!r}); re-download them") from exc
     if len(tv.data) != len(tv.targets):
         raise ValueError(f"{raw} holds {len(tv.data)} {split} images but {len(tv.targets)} labels; re-download it")
@@ -149,23 +140,20 @@ def load_celeba(root: Path, split: str, limit: int | None, size: int, mode: str,
         tv = unchecked(str(folder.parent), split=split, target_type="attr")
     except (ValueError, IndexError, RuntimeError) as exc:
         raise ValueError(f"torchvision cannot parse the CelebA lists in {folder} ({exc!r}); re-download them") from exc
-    n = len(tv.filename) if limit is None else min(limit, len(tv.filename))
-    paths = [folder / "img_align_celeba" / fn for fn in tv.filename[:n]]
+    paths = [folder / "img_align_celeba" / fn for fn in tv.filename[:limit]]
     absent_images = [p for p in paths if not p.is_file()]
     if absent_images:
         raise missing("celeba", root, f"{len(absent_images)} listed images are missing, e.g. {absent_images[0]}")
-    return ImageDataset(images=load_images(paths, size, mode), labels=torch.zeros(n, dtype=torch.int64),
-                        name="celeba", class_names=["face"], attributes=tv.attr[:n].to(torch.int8),
+    return ImageDataset(images=load_images(paths, size, mode), labels=torch.zeros(len(paths), dtype=torch.int64),
+                        name="celeba", class_names=["face"], attributes=tv.attr[:limit].to(torch.int8),
                         attribute_names=[a for a in tv.attr_names if a])  # a trailing space gives ''
 
 
 def _from_samples(name: str, samples: list[tuple[str, int]], class_names: list[str], limit: int | None,
                   size: int, mode: str) -> ImageDataset:
-    picked = (samples[i] for i in round_robin([c for _, c in samples], limit))
-    chosen = sorted(picked, key=lambda s: (s[1], s[0]))
-    labels = np.array([c for _, c in chosen], dtype=np.int64)
-    return ImageDataset(images=load_images([p for p, _ in chosen], size, mode), labels=torch.from_numpy(labels),
-                        name=name, class_names=class_names)
+    chosen = sorted((samples[i] for i in round_robin([c for _, c in samples], limit)), key=lambda s: (s[1], s[0]))
+    return ImageDataset(images=load_images([p for p, _ in chosen], size, mode), name=name, class_names=class_names,
+                        labels=torch.tensor([c for _, c in chosen], dtype=torch.int64))
 
 
 def load_imagefolder(root: Path, limit: int | None, size: int, mode: str) -> ImageDataset:
@@ -219,7 +207,7 @@ def load_awa2(root: Path, limit: int | None, size: int, mode: str) -> ImageDatas
             raise ValueError(f"{matrix_path} must be a {len(class_names)} x {len(attr_names)} matrix of 0/1 "
                              f"(classes x predicates), got shape {matrix.shape}")
     samples = make_dataset(str(img_root), {c: i for i, c in enumerate(class_names)},
-                           extensions=IMAGE_EXTENSIONS, allow_empty=True)
+                           extensions=(".png", ".jpg", ".jpeg", ".bmp"), allow_empty=True)
     if not samples:
         raise missing("awa2", root, f"no images found in {img_root}")
     ds = _from_samples("awa2", samples, list(class_names), limit, size, mode)

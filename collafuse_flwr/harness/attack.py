@@ -1,9 +1,6 @@
-"""The disclosure harness's reference attacker: a full-chain denoiser trained on data of the same
-kind as the clients' (the pooled held-out test splits), not on the training images it attacks.
-
-Trained at the first evaluation, while the clients are idle: a background thread from the
-ServerApp's start slowed round 1's clients by more than it saved (measured in /proc).
-"""
+"""The disclosure harness's reference attacker: a full-chain denoiser trained on data of the same kind as
+the clients' (the pooled held-out test splits), not on the images it attacks. Trained at the first evaluation,
+while the clients are idle: a thread from the ServerApp's start slowed round 1's clients more than it saved."""
 
 from __future__ import annotations
 
@@ -30,7 +27,6 @@ def train_reference_denoiser(cfg: RunConfig, num_clients: int, device: torch.dev
         model = build_denoiser(cfg.image_size, data.shape[1], cfg.model_size).to(device)
     sched = D.make_schedule(cfg.diffusion_steps, cfg.beta_schedule)
     gen = torch.Generator().manual_seed(cfg.seed + 4242)  # the only randomness of the training
-    opt = make_optimizer(model, cfg.learning_rate)
-    train_steps(model, opt, client_share_loss(model, sched, sched.T, gen), data,
+    train_steps(model, make_optimizer(model, cfg.learning_rate), client_share_loss(model, sched, sched.T, gen), data,
                 cfg.attack_reference_steps, cfg.batch_size, gen, device)
     return model.eval()

@@ -1,10 +1,7 @@
-"""Research harness: what an honest-but-curious server can reconstruct from a node's uploads.
-
-At evaluation the server reconstructs each node's last upload three ways (its own model, a
-reference attacker from `attack.py`, model-free scaling) and sends them back for the node to score
-against the true x0, which only the node holds, where its operator allows research measurements.
-The reference attacker reloads data in the ServerApp, so this runs only in the simulation harness.
-"""
+"""Research harness: what an honest-but-curious server can reconstruct from a node's uploads. At evaluation
+the server reconstructs each node's last upload three ways (its own model, `attack.py`'s reference attacker,
+model-free scaling) and sends them back for the node to score against the true x0, which only it holds (where
+its operator allows research measurements). The reference attacker reloads data: simulation harness only."""
 
 from __future__ import annotations
 
@@ -32,8 +29,7 @@ class DisclosureProbe:
             self.reference = train_reference_denoiser(self.cfg, self.num_clients, self.device)
             self._trained = True
         x = torch.from_numpy(uploads).to(self.device)  # where the server model is (a GPU: found on an H100)
-        model = strategy.model
-        model.eval()
+        model = strategy.model.eval()
         with torch.no_grad():
             if hasattr(model, "condition"):
                 model.condition(client)

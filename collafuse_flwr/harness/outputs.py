@@ -1,6 +1,5 @@
-"""Run outputs every method writes the same way (metrics.csv, samples.png/.npz, results.json),
-so one report can read them all.
-"""
+"""Run outputs every method writes the same way (metrics.csv, samples.png/.npz, results.json), so one
+report can read them all."""
 
 from __future__ import annotations
 
@@ -23,16 +22,14 @@ def _clean(v: Any) -> Any:
         return [_clean(x) for x in v]
     if isinstance(v, (np.floating, np.integer)):
         v = v.item()
-    if isinstance(v, float) and math.isnan(v):
-        return None
-    if isinstance(v, float) and math.isinf(v):
-        return "inf" if v > 0 else "-inf"
+    if isinstance(v, float) and not math.isfinite(v):
+        return None if math.isnan(v) else "inf" if v > 0 else "-inf"
     return v
 
 
 def write_json(path: Path, obj: dict[str, Any]) -> None:
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(_clean(obj), indent=2, sort_keys=False))
+    tmp.write_text(json.dumps(_clean(obj), indent=2))
     tmp.replace(path)
 
 
@@ -53,12 +50,11 @@ class MetricsCsv:
         with open(self.path, "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=cols)
             w.writeheader()
-            for r in self.rows:
-                w.writerow({k: _clean(r.get(k, "")) if r.get(k) is not None else "" for k in cols})
+            w.writerows({k: _clean(r.get(k)) for k in cols} for r in self.rows)  # csv writes None as ""
 
 
-def save_samples(out_dir: Path, images: dict[int, np.ndarray], max_per_row: int = 16) -> None:
-    """samples.npz (all images) and samples.png (one row per client)."""
+def save_samples(out_dir: Path, images: dict[int, np.ndarray]) -> None:
+    """samples.npz (all images) and samples.png (one row per client, at most 16 images)."""
     if not images:
         return
     clients = sorted(images)
@@ -66,8 +62,7 @@ def save_samples(out_dir: Path, images: dict[int, np.ndarray], max_per_row: int 
     labels = np.concatenate([np.full(images[c].shape[0], c, dtype=np.int64) for c in clients])
     np.savez_compressed(out_dir / "samples.npz", images=stacked.transpose(0, 2, 3, 1).astype(np.uint8),
                         client=labels)
-    save_grid(out_dir / "samples.png", [images[c][:max_per_row] for c in clients],
-              [f"client {c}" for c in clients])
+    save_grid(out_dir / "samples.png", [images[c][:16] for c in clients], [f"client {c}" for c in clients])
 
 
 def save_grid(path: Path, rows: list[np.ndarray], row_labels: list[str], title: str | None = None) -> None:
@@ -82,8 +77,7 @@ def save_grid(path: Path, rows: list[np.ndarray], row_labels: list[str], title: 
         for j in range(ncols):
             ax = axes[i][j]
             ax.set(xticks=[], yticks=[])
-            for s in ax.spines.values():
-                s.set_visible(False)
+            ax.spines[:].set_visible(False)
             if j < r.shape[0]:
                 img = r[j].transpose(1, 2, 0)
                 ax.imshow(img[..., 0] if img.shape[-1] == 1 else img, cmap="gray", vmin=0, vmax=255,

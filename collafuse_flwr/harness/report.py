@@ -28,7 +28,6 @@ def _per_client(metrics: dict[int, dict[str, float]], key: str) -> dict[str, flo
 
 
 def _by_client(records: dict[int, Any]) -> dict[str, dict]:
-    """{client: counts or figures} with string keys in client order, as JSON holds them."""
     return {str(c): dict(v) for c, v in sorted(records.items())}
 
 
@@ -103,23 +102,10 @@ def consistent_images(images: dict[int, np.ndarray]) -> tuple[dict[int, np.ndarr
     left out: the last line of defence, so one client's data never costs the run its report."""
     ok = {c: a for c, a in images.items()
           if isinstance(a, np.ndarray) and a.dtype == np.uint8 and a.ndim == 4 and a.shape[0] > 0}
-    if ok:
-        shapes = [a.shape[1:] for a in ok.values()]
-        common = max(sorted(set(shapes)), key=shapes.count)
-        ok = {c: a for c, a in ok.items() if a.shape[1:] == common}
+    shapes = [a.shape[1:] for a in ok.values()]
+    common = max(sorted(set(shapes)), key=shapes.count, default=None)
+    ok = {c: a for c, a in ok.items() if a.shape[1:] == common}
     return ok, sorted(set(images) - set(ok))
-
-
-def robustness_report(rec, strategy) -> dict[str, Any]:
-    """Who the robustness checks acted on, and each client's upload / server-loss figures."""
-    return {
-        "rejected_replies_by_client": _by_client(rec.rejected_by_client),
-        "flags": {str(c): [{"round": r, "kind": k.removeprefix("note:"), "serious": not k.startswith("note:"),
-                            "detail": d} for r, k, d in v] for c, v in sorted(rec.flags.items())},
-        "incidents": [{"round": r, "what": w} for r, w in rec.incidents],
-        "client_stats": _by_client(rec.client_stats),
-        "aggregation": getattr(strategy, "aggregation", None),
-    }
 
 
 def finalize(cfg: RunConfig, strategy, result, out: Path, run_id: int, num_nodes: int, started: float,
@@ -131,10 +117,8 @@ def finalize(cfg: RunConfig, strategy, result, out: Path, run_id: int, num_nodes
     last = evals[max(evals)] if evals else None
     per_client = last.metrics if last else {}
     images, dropped = consistent_images(last.images if last else {})
-    server_flops = float(sum(r.values.get("server-train-flops", 0.0) or 0.0 for r in rounds.values()))
     flops = float(sum(float(m.get(P.CLIENT_TRAIN_FLOPS, 0.0)) for m in result.train_metrics_clientapp.values()))
-    b = rec.bytes
-    n_rounds = max(1, cfg.num_server_rounds)
+    b, n_rounds = rec.bytes, cfg.num_server_rounds
     bytes_up = b.get("up-train", 0.0)
     bytes_down = b.get("down-train", 0.0) + b.get("down-eval", 0.0)
     trained = sorted(rec.train_totals.items())
@@ -154,9 +138,8 @@ def finalize(cfg: RunConfig, strategy, result, out: Path, run_id: int, num_nodes
         "client_parameters_per_client": _per_client(per_client, P.CLIENT_PARAMS),
         "client_train_flops_per_client": {str(c): v.get(P.CLIENT_TRAIN_FLOPS, 0.0) for c, v in trained},
         "uploads_per_client": {str(c): int(v.get(P.NUM_UPLOADED, 0)) for c, v in trained},
-        "server_train_flops": server_flops,
-        "server_infer_flops_per_image": _mean([r.values.get("server-infer-flops-per-image")
-                                               for r in rounds.values()]),
+        "server_train_flops": float(sum(r.values.get("server-train-flops", 0.0) or 0.0 for r in rounds.values())),
+        "server_infer_flops_per_image": _mean(r.values.get("server-infer-flops-per-image") for r in rounds.values()),
         "bytes_up": bytes_up, "bytes_down": bytes_down,
         "bytes_up_per_round": bytes_up / n_rounds, "bytes_down_per_round": bytes_down / n_rounds,
         "bytes_per_client": _by_client(rec.bytes_by_client),
@@ -164,7 +147,12 @@ def finalize(cfg: RunConfig, strategy, result, out: Path, run_id: int, num_nodes
         "failed_replies": rec.failures, "rejected_replies": dict(rec.rejected),
         "rejected_replies_by_client": _by_client(rec.rejected_by_client),
         "failed_replies_by_client": _by_client(rec.failed_by_client),
-        "robustness": robustness_report(rec, strategy),
+        "robustness": {  # who the robustness checks acted on, each client's upload / server-loss figures
+            "rejected_replies_by_client": _by_client(rec.rejected_by_client),
+            "flags": {str(c): [{"round": r, "kind": k.removeprefix("note:"), "serious": not k.startswith("note:"),
+                                "detail": d} for r, k, d in v] for c, v in sorted(rec.flags.items())},
+            "incidents": [{"round": r, "what": w} for r, w in rec.incidents],
+            "client_stats": _by_client(rec.client_stats), "aggregation": getattr(strategy, "aggregation", None)},
         "missing_clients_by_round": {str(k): v for k, v in sorted(rec.missing.items())},
         "infer_seconds_per_client": avg(P.INFER_SECONDS),
     }
@@ -173,13 +161,17 @@ def finalize(cfg: RunConfig, strategy, result, out: Path, run_id: int, num_nodes
     if final["fid_backbone"] is None and per_client:
         final["fid_backbone"] = resolve_backbone(cfg.fid_backbone, cfg.dataset, cfg.fid_weights or None)
     shape = strategy.image_shape  # CollaFuse's model's (also when no node shared images)
-    image_dim = int(np.prod(shape)) if shape else 0
-    final["disclosure"] = _disclosure(cfg, per_client, image_dim)
-    dp = _dp_per_client(strategy)
-    if dp:  # each node's DP plan as it declared it, beside the epsilon its actual uploads realised
-        final["disclosure"]["dp_per_client"] = {
-            c: {**plan, "epsilon_realised": per_client.get(int(c), {}).get(P.EPSILON)} for c, plan in dp.items()}
-    status, reasons = run_status(rec, num_nodes, per_client, bool(evals), sorted(strategy.registry.index.values()))
+    final["disclosure"] = _disclosure(cfg, per_client, int(np.prod(shape)) if shape else 0)
+    # each admitted node's DP plan as its first-contact reply declared it, beside the epsilon its uploads realised
+    reg = strategy.registry
+    dp = {str(reg.index[n]): {**{k.removeprefix(P.DP_PREFIX).replace("-", "_"): v for k, v in info.items()
+                                 if k.startswith(P.DP_PREFIX)},
+                              "epsilon_realised": per_client.get(reg.index[n], {}).get(P.EPSILON)}
+          for n, info in sorted(reg.info.items(), key=lambda kv: reg.index.get(kv[0], -1))
+          if n in reg.index and any(k.startswith(P.DP_PREFIX) for k in info)}
+    if dp:
+        final["disclosure"]["dp_per_client"] = dp
+    status, reasons = run_status(rec, num_nodes, per_client, bool(evals), sorted(reg.index.values()))
     if dropped:
         reasons.append(f"samples of clients {dropped} left out of samples.* and pooled FID (not uint8 images of "
                        f"the others' shape)")
@@ -195,13 +187,14 @@ def finalize(cfg: RunConfig, strategy, result, out: Path, run_id: int, num_nodes
         "server_target": cfg.server_target if cf else None,
         "dataset": cfg.dataset, "num_clients": num_nodes, "num_rounds": cfg.num_server_rounds, "seed": cfg.seed,
         "diffusion_steps": cfg.diffusion_steps, "denoiser_parameters": params,
-        "client_model_size": _client_model_size(cfg),
+        # the preset each client ran: its private denoiser's (collafuse), FedAvg's global or local's own
+        "client_model_size": (client_preset(cfg.model_size, cfg.client_model_size) if cf
+                              else None if cfg.method == "centralized" else cfg.model_size),
         "wall_seconds": None,  # set last, once everything else is done
         "run_id": run_id, "config": cfg.to_flwr(), "final": final,
         "per_client": {str(k): v for k, v in sorted(per_client.items())},
     }
-    if images:
-        save_samples(out, images)
+    save_samples(out, images)
     results["wall_seconds"] = time.time() - started
     write_json(out / "results.json", results)
     log(INFO, "\n%s", summary_table(_summary_rows(results)))
@@ -209,26 +202,10 @@ def finalize(cfg: RunConfig, strategy, result, out: Path, run_id: int, num_nodes
     return results
 
 
-def _dp_per_client(strategy) -> dict[str, dict[str, float]]:
-    """dp-* figures from each admitted node's first-contact reply (upload-epsilon's plan)."""
-    reg = strategy.registry
-    return {str(reg.index[n]): {k.removeprefix(P.DP_PREFIX).replace("-", "_"): v for k, v in info.items()
-                                if k.startswith(P.DP_PREFIX)}
-            for n, info in sorted(reg.info.items(), key=lambda kv: reg.index.get(kv[0], -1))
-            if n in reg.index and any(k.startswith(P.DP_PREFIX) for k in info)}
-
-
-def _client_model_size(cfg: RunConfig) -> str | None:
-    """The preset each client ran: its private denoiser's (collafuse, local), FedAvg's global."""
-    if cfg.method == "centralized":
-        return None
-    return client_preset(cfg.model_size, cfg.client_model_size) if cfg.method == "collafuse" else cfg.model_size
-
-
 def _disclosure(cfg: RunConfig, per_client: dict[int, dict[str, float]], image_dim: int) -> dict[str, Any]:
     keys = sorted({k for m in per_client.values() for k in m if k.startswith(P.DISCLOSURE_PREFIX)})
-    d: dict[str, Any] = {k.removeprefix(P.DISCLOSURE_PREFIX).replace("-", "_"): _mean(m.get(k) for m in per_client.values())
-                         for k in keys}
+    d: dict[str, Any] = {k.removeprefix(P.DISCLOSURE_PREFIX).replace("-", "_"):
+                         _mean(m.get(k) for m in per_client.values()) for k in keys}
     eps = [m[P.EPSILON] for m in per_client.values() if P.EPSILON in m]
     if cfg.method == "collafuse":
         k = int(max((m.get(P.MAX_UPLOADS_PER_IMAGE, 0) for m in per_client.values()), default=0))
