@@ -158,8 +158,7 @@ def preset_names() -> list[str]:
 
 
 def preset(name: str) -> dict[str, Any]:
-    """The run-config overrides of `collafuse_flwr/presets/<name>.toml`, validated here so a preset that
-    drifts from the schema fails where it is read."""
+    """The run-config overrides of `presets/<name>.toml`, validated so a drifting preset fails where it is read."""
     path = PRESET_DIR / f"{name}.toml"
     if not path.is_file():
         raise ConfigError(f"unknown preset {name!r}; the presets are {preset_names()} (files in {PRESET_DIR})")
@@ -186,8 +185,7 @@ def valid_keys() -> list[str]:
 
 
 def unknown_keys_message(unknown: dict[str, Any], valid: list[str], where: str = "") -> str:
-    """One line naming each unknown key, its value and the closest valid key; all valid keys only
-    where none comes close."""
+    """One line naming each unknown key, its value and the closest valid key (all valid keys if none is close)."""
     parts, lost = [], False
     for key, value in unknown.items():
         near = difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
@@ -275,12 +273,9 @@ def parse_config(run_config: dict[str, Any], *, defaults: dict[str, Any] | None 
         if not 0.0 < values[key] <= 1.0:
             raise ConfigError(f"{key.replace('_', '-')} must be in (0, 1] (the share of the admitted nodes "
                               f"sampled each round), got {values[key]}")
-    if values["round_timeout"] <= 0:
-        raise ConfigError(f"round-timeout must be > 0 seconds, got {values['round_timeout']}")
-    if values["learning_rate"] <= 0:
-        raise ConfigError(f"learning-rate must be > 0, got {values['learning_rate']}")
-    if values["dirichlet_alpha"] <= 0:
-        raise ConfigError(f"dirichlet-alpha must be > 0, got {values['dirichlet_alpha']}")
+    for key in ("round_timeout", "learning_rate", "dirichlet_alpha"):
+        if values[key] <= 0:
+            raise ConfigError(f"{key.replace('_', '-')} must be > 0, got {values[key]}")
     if values["dataset"] not in ("digits", "mnist5k") and not values["dataset"].startswith("hf:") and not values["data_dir"]:
         raise ConfigError(f"dataset={values['dataset']!r} reads local files: set data-dir to the absolute folder "
                           f"that holds them (or that download=true fills)")
