@@ -109,15 +109,9 @@ class RunConfig:
 
 _TYPES: dict[str, type] = {f.name: f.type for f in dataclasses.fields(RunConfig)}  # type: ignore[misc]
 _CHOICES: dict[str, tuple[str, ...]] = {
-    "method": METHODS,
-    "server_target": ("exact", "renoise"),
-    "dataset": DATASETS,
-    "partitioning": PARTITIONINGS,
-    "beta_schedule": ("linear", "cosine"),
-    "model_size": ("tiny", "small", "base"),
-    "conditioning": ("client", "none"),
-    "fid_backbone": ("auto", "inception", "digits-cnn", "mnist-cnn", "none"),
-    "harness": ("auto", "on", "off"),
+    "method": METHODS, "server_target": ("exact", "renoise"), "dataset": DATASETS, "partitioning": PARTITIONINGS,
+    "beta_schedule": ("linear", "cosine"), "model_size": ("tiny", "small", "base"), "conditioning": ("client", "none"),
+    "fid_backbone": ("auto", "inception", "digits-cnn", "mnist-cnn", "none"), "harness": ("auto", "on", "off"),
     "fedavg_aggregation": ("mean", "median", "trimmed-mean"),
 }
 _MIN: dict[str, float] = {

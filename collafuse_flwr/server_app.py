@@ -51,8 +51,7 @@ def harness_enabled(cfg: RunConfig, simulation: bool) -> bool:
 
 
 def harness_data_readable(cfg: RunConfig) -> bool:
-    """Whether the harness's data is readable: checked at start, so it is skipped now, with one line,
-    instead of failing the run after training."""
+    """The harness's data is readable (checked at start: skipped now, with one line, not failing after training)."""
     try:
         dataset_for(cfg)
         return True
@@ -176,7 +175,6 @@ def main(grid: Grid, context: Context) -> None:
         def checkpoint(server_round: int, arrays_now: ArrayRecord, result) -> None:
             ck.save_checkpoint(out, strategy, server_round, arrays_now, result, cfg.to_flwr(), run_key)
 
-        # Flower's grid re-polls for replies only every 3 s; PollingGrid polls every 0.05 s
         result = strategy.start(grid=PollingGrid(grid), initial_arrays=arrays, num_rounds=cfg.num_server_rounds,
                                 timeout=cfg.round_timeout, checkpoint_fn=checkpoint, **resume)
         finalize(cfg, strategy, result, out, run_key, num_nodes, started, params, harness)
