@@ -100,7 +100,6 @@ def sub_diffuse(sched: Schedule, x_anchor: Tensor, anchor: int, t: Tensor, noise
 
 
 def sample_timesteps(n: int, low: int, high: int, generator: torch.Generator | None = None) -> Tensor:
-    """t ~ U{low, ..., high}, inclusive."""
     if not 1 <= low <= high:
         raise ValueError(f"empty timestep range [{low}, {high}]")
     return torch.randint(low, high + 1, (n,), generator=generator)
@@ -159,11 +158,9 @@ def reverse_variance(sched: Schedule, t: int, anchor: int, relative: bool, gamma
     """Analytic-DPM's variance for x_t -> x_{t-1} (Bao et al. 2022, Thm 1), clamped.
 
     Var(x_{t-1} | x_t) = var_post + k_a^2 (1 - a'_t) / a'_t (1 - gamma), gamma = E||eps_hat||^2 / d,
-    k_a = sqrt(a'_{t-1}) beta_t / (1 - a'_t) (law of total variance, averaged over x_t). The kernel
-    does not depend on the parametrisation, so it is clamped to what the full chain allows for data
-    of per-pixel variance <= 1 (in [-1, 1]): [v_full, v_full + k_0^2], which keeps an
-    imperfect model from producing variances no data in range could have.
-    """
+    k_a = sqrt(a'_{t-1}) beta_t / (1 - a'_t) (law of total variance, averaged over x_t). The kernel does not depend on
+    the parametrisation, so it is clamped to what the full chain allows for data of per-pixel variance <= 1 (in
+    [-1, 1]): [v_full, v_full + k_0^2], which keeps an imperfect model from producing variances no data could have."""
     ab_t, ab_prev = relative_alpha_bar(sched, t, anchor, relative), relative_alpha_bar(sched, t - 1, anchor, relative)
     beta = sched.betas[t]
     var_post = beta * (1 - ab_prev) / (1 - ab_t)
@@ -183,17 +180,14 @@ def _strided_steps(t_from: int, t_to: int, num_steps: int | None) -> list[int]:
 
 
 @torch.no_grad()
-def reverse_chain(eps_model: EpsModel, sched: Schedule, x: Tensor, t_from: int, t_to: int,
-                  anchor: int | None = None, relative: bool = True, num_steps: int | None = None,
-                  generator: torch.Generator | None = None, clip: float | None = None,
-                  variance: Variance = "posterior") -> Tensor:
+def reverse_chain(eps_model: EpsModel, sched: Schedule, x: Tensor, t_from: int, t_to: int, anchor: int | None = None,
+                  relative: bool = True, num_steps: int | None = None, generator: torch.Generator | None = None,
+                  clip: float | None = None, variance: Variance = "posterior") -> Tensor:
     """Run the reverse process from x at step t_from down to step t_to.
 
-    anchor: the step the chain treats as clean (default t_to). num_steps None/0: DDPM ancestral
-    sampling over every step; n >= 1: deterministic DDIM (eta = 0) on min(n, t_from - t_to) steps.
-    variance (DDPM): "posterior" returns the mean at the anchor; "analytic" draws every step, the
-    anchor's included. clip: clamp the anchor estimate to [-clip, clip].
-    """
+    anchor: the step the chain treats as clean (default t_to). num_steps None/0: DDPM ancestral sampling over every
+    step; n >= 1: deterministic DDIM (eta = 0) on min(n, t_from - t_to) steps. variance (DDPM): "posterior" returns
+    the mean at the anchor; "analytic" draws every step, the anchor's included. clip: bound on |anchor estimate|."""
     anchor = t_to if anchor is None else anchor
     if not (anchor <= t_to <= t_from <= sched.T):
         raise ValueError(f"need anchor <= t_to <= t_from <= T, got {anchor}, {t_to}, {t_from}, {sched.T}")
@@ -254,9 +248,8 @@ def server_sample(eps_model: EpsModel, sched: Schedule, shape: tuple[int, ...], 
                          num_steps=num_steps, generator=generator, clip=anchor_bound(sched, t_c), variance=variance)
 
 
-def client_finish(eps_model: EpsModel, sched: Schedule, x_start: Tensor, t_start: int,
-                  num_steps: int | None = None, generator: torch.Generator | None = None,
-                  variance: Variance = "posterior") -> Tensor:
+def client_finish(eps_model: EpsModel, sched: Schedule, x_start: Tensor, t_start: int, num_steps: int | None = None,
+                  generator: torch.Generator | None = None, variance: Variance = "posterior") -> Tensor:
     """Client half of inference (and the baselines' whole chain, t_start = T): x_{t_start} -> x_0
     with the private model, clipped to [-1, 1]."""
     x = reverse_chain(eps_model, sched, x_start, t_start, 0, anchor=0, num_steps=num_steps,

@@ -37,11 +37,10 @@ def train_steps(model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: Cal
                 batches: list[Tensor] | None = None) -> float:
     """Run `steps` Adam steps of loss_fn(batch) on `data` (in model range); the mean loss (NaN if none).
 
-    labels: bound to a conditional `Denoiser` per minibatch. row_args: a per-row value passed as
-    loss_fn(batch, row_args[idx]) (each row's cut step). guard: skip a step whose loss or gradients
-    are not finite, so one bad batch cannot destroy a shared model (counted in stats["skipped"]).
-    batches: the caller's minibatch indices; None = `minibatch_indices`.
-    """
+    labels: bound to a conditional `Denoiser` per minibatch. batches: the caller's minibatch indices (None:
+    `minibatch_indices`). row_args: a per-row value passed as loss_fn(batch, row_args[idx]) (each row's cut step).
+    guard: skip a step whose loss or gradients are not finite, so one bad batch cannot destroy a shared model
+    (counted in stats["skipped"])."""
     if steps <= 0 or data.shape[0] == 0:
         return float("nan")
     model.train()
