@@ -115,17 +115,14 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "fedavg_aggregation": ("mean", "median", "trimmed-mean"),
 }
 _MIN: dict[str, float] = {
-    "num_server_rounds": 1, "diffusion_steps": 2, "image_size": 4, "local_steps": 0,
-    "batch_size": 1, "uploads_per_round": 0, "eval_every": 0,
-    "num_eval_samples": 2, "sampling_steps": 0, "max_samples": 0, "seed": 0,
-    "attack_reference_steps": 0, "torch_threads": 0, "min_nodes": 1, "server_buffer_size": 0,
-    "max_uploads_per_image": 0,
+    "num_server_rounds": 1, "diffusion_steps": 2, "image_size": 4, "local_steps": 0, "batch_size": 1, "min_nodes": 1,
+    "uploads_per_round": 0, "eval_every": 0, "num_eval_samples": 2, "sampling_steps": 0, "max_samples": 0, "seed": 0,
+    "attack_reference_steps": 0, "torch_threads": 0, "server_buffer_size": 0, "max_uploads_per_image": 0,
 }
 # keys only one method reads: set away from the default elsewhere, they warn (never a silent no-op)
 _ONLY_FOR = {**dict.fromkeys(("cut_ratio", "server_target", "server_steps", "client_cut_ratios", "upload_epsilon",
                               "server_overlap", "uploads_per_round", "server_buffer_size", "client_model_size"),
-                             "collafuse"),
-             "fedavg_aggregation": "fedavg"}
+                             "collafuse"), "fedavg_aggregation": "fedavg"}
 
 
 #: Keys that change neither a node's data nor anything that leaves it: runs that differ only in these
