@@ -95,8 +95,7 @@ def sub_diffuse(sched: Schedule, x_anchor: Tensor, anchor: int, t: Tensor, noise
                 target: ServerTarget = "exact") -> Tensor:
     """Noise x_anchor up to step t > anchor. exact: x_t = sqrt(abar_t/abar_a) x_a + sqrt(1 - abar_t/abar_a) eps'
     (marginal = q(x_t|x_0)); renoise: x_t = sqrt(abar_t) x_a + sqrt(1 - abar_t) eps' (x_a as clean data)."""
-    ab = relative_alpha_bar(sched, t.cpu(), anchor) if target == "exact" else sched.alpha_bars[t.cpu()]
-    return _noised(ab, x_anchor, noise)
+    return _noised(relative_alpha_bar(sched, t.cpu(), anchor, relative=target == "exact"), x_anchor, noise)
 
 
 def sample_timesteps(n: int, low: int, high: int, generator: torch.Generator | None = None) -> Tensor:
