@@ -81,9 +81,8 @@ def _resume_point(cfg: RunConfig, context: Context):
     if not cfg.resume_from:
         return run_dir(cfg, context.run_id), None
     ckpt = ck.load_checkpoint(Path(cfg.resume_from))
-    now = {k: v for k, v in cfg.to_flwr().items() if k != "resume-from"}
-    then = {k: v for k, v in ckpt["config"].items() if k != "resume-from"}
-    changed = sorted(k for k in set(now) | set(then) if now.get(k) != then.get(k))
+    now, then = cfg.to_flwr(), ckpt["config"]
+    changed = sorted(k for k in set(now) | set(then) if k != "resume-from" and now.get(k) != then.get(k))
     if changed:
         raise RuntimeError(f"resume-from: the run-config differs from the checkpoint's in {changed}; resume with "
                            f"the same settings (only resume-from may differ)")
