@@ -141,9 +141,8 @@ def posterior(sched: Schedule, x_t: Tensor, x_anchor_hat: Tensor, t: int, anchor
     """Mean and variance of q(x_{t-1} | x_t, x_anchor) for the chain anchored at `anchor`.
 
     mean = sqrt(a'_{t-1}) beta_t / (1 - a'_t) x_a + sqrt(alpha_t) (1 - a'_{t-1}) / (1 - a'_t) x_t,
-    var  = beta_t (1 - a'_{t-1}) / (1 - a'_t), with a' = abar / abar_anchor (or abar when not
-    relative). At t - 1 = anchor the variance is 0 and the mean is x_anchor.
-    """
+    var  = beta_t (1 - a'_{t-1}) / (1 - a'_t), with a' = abar / abar_anchor (or abar when not relative).
+    At t - 1 = anchor the variance is 0 and the mean is x_anchor."""
     ab_t, ab_prev = relative_alpha_bar(sched, t, anchor, relative), relative_alpha_bar(sched, t - 1, anchor, relative)
     beta = 1 - ab_t / ab_prev
     c_anchor = ab_prev.sqrt() * beta / (1 - ab_t)
