@@ -25,6 +25,7 @@ PARTITIONINGS = ("iid", "dirichlet", "by-class", "by-attribute")
 _HERE = Path(__file__).resolve().parent
 PYPROJECT = next((p for p in (_HERE.parent / "pyproject.toml", _HERE / "pyproject.toml") if p.is_file()),
                  _HERE.parent / "pyproject.toml")
+PRESET_DIR = _HERE / "presets"
 
 
 @dataclass(frozen=True)
@@ -101,10 +102,6 @@ class RunConfig:
                               f"one cut ratio per client (as many as num-supernodes)")
         return ratios[client]
 
-    def is_eval_round(self, server_round: int) -> bool:
-        last = server_round == self.num_server_rounds
-        return last or (self.eval_every > 0 and server_round % self.eval_every == 0)
-
     def to_flwr(self) -> dict[str, Any]:
         """Back to Flower's flat, dash-separated form (for results.json and ConfigRecords)."""
         return {f.name.replace("_", "-"): getattr(self, f.name) for f in dataclasses.fields(self)}
@@ -112,29 +109,20 @@ class RunConfig:
 
 _TYPES: dict[str, type] = {f.name: f.type for f in dataclasses.fields(RunConfig)}  # type: ignore[misc]
 _CHOICES: dict[str, tuple[str, ...]] = {
-    "method": METHODS,
-    "server_target": ("exact", "renoise"),
-    "dataset": DATASETS,
-    "partitioning": PARTITIONINGS,
-    "beta_schedule": ("linear", "cosine"),
-    "model_size": ("tiny", "small", "base"),
-    "conditioning": ("client", "none"),
-    "fid_backbone": ("auto", "inception", "digits-cnn", "mnist-cnn", "none"),
-    "harness": ("auto", "on", "off"),
+    "method": METHODS, "server_target": ("exact", "renoise"), "dataset": DATASETS, "partitioning": PARTITIONINGS,
+    "beta_schedule": ("linear", "cosine"), "model_size": ("tiny", "small", "base"), "conditioning": ("client", "none"),
+    "fid_backbone": ("auto", "inception", "digits-cnn", "mnist-cnn", "none"), "harness": ("auto", "on", "off"),
     "fedavg_aggregation": ("mean", "median", "trimmed-mean"),
 }
 _MIN: dict[str, float] = {
-    "num_server_rounds": 1, "diffusion_steps": 2, "image_size": 4, "local_steps": 0,
-    "batch_size": 1, "uploads_per_round": 0, "eval_every": 0,
-    "num_eval_samples": 2, "sampling_steps": 0, "max_samples": 0, "seed": 0,
-    "attack_reference_steps": 0, "torch_threads": 0, "min_nodes": 1, "server_buffer_size": 0,
-    "max_uploads_per_image": 0,
+    "num_server_rounds": 1, "diffusion_steps": 2, "image_size": 4, "local_steps": 0, "batch_size": 1, "min_nodes": 1,
+    "uploads_per_round": 0, "eval_every": 0, "num_eval_samples": 2, "sampling_steps": 0, "max_samples": 0, "seed": 0,
+    "attack_reference_steps": 0, "torch_threads": 0, "server_buffer_size": 0, "max_uploads_per_image": 0,
 }
 # keys only one method reads: set away from the default elsewhere, they warn (never a silent no-op)
 _ONLY_FOR = {**dict.fromkeys(("cut_ratio", "server_target", "server_steps", "client_cut_ratios", "upload_epsilon",
                               "server_overlap", "uploads_per_round", "server_buffer_size", "client_model_size"),
-                             "collafuse"),
-             "fedavg_aggregation": "fedavg"}
+                             "collafuse"), "fedavg_aggregation": "fedavg"}
 
 
 #: Keys that change neither a node's data nor anything that leaves it: runs that differ only in these
@@ -156,16 +144,12 @@ def load_defaults(pyproject: Path = PYPROJECT) -> dict[str, Any]:
         return dict(tomllib.load(f)["tool"]["flwr"]["app"]["config"])
 
 
-PRESET_DIR = _HERE / "presets"
-
-
 def preset_names() -> list[str]:
     return sorted(p.stem for p in PRESET_DIR.glob("*.toml"))
 
 
 def preset(name: str) -> dict[str, Any]:
-    """The run-config overrides of `collafuse_flwr/presets/<name>.toml`, validated here so a preset that
-    drifts from the schema fails where it is read."""
+    """The run-config overrides of `presets/<name>.toml`, validated so a drifting preset fails where it is read."""
     path = PRESET_DIR / f"{name}.toml"
     if not path.is_file():
         raise ConfigError(f"unknown preset {name!r}; the presets are {preset_names()} (files in {PRESET_DIR})")
@@ -192,8 +176,7 @@ def valid_keys() -> list[str]:
 
 
 def unknown_keys_message(unknown: dict[str, Any], valid: list[str], where: str = "") -> str:
-    """One line naming each unknown key, its value and the closest valid key; all valid keys only
-    where none comes close."""
+    """One line naming each unknown key, its value and the closest valid key (all valid keys if none is close)."""
     parts, lost = [], False
     for key, value in unknown.items():
         near = difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
@@ -205,6 +188,13 @@ def unknown_keys_message(unknown: dict[str, Any], valid: list[str], where: str =
 
 def _coerce(key: str, value: Any, typ: Any) -> Any:
     dash = key.replace("_", "-")
+    if key == "server_steps":  # "auto" or a fixed count
+        if isinstance(value, str) and value.strip().lower() == "auto":
+            return "auto"
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or float(value) != int(value) or value < 0:
+            raise ConfigError(f"server-steps must be \"auto\" (clients x local-steps per round, the fair budget) "
+                              f"or an integer >= 0 (a fixed budget, for the ablation), got {value!r}")
+        return int(value)
     typ = {"int": int, "float": float, "str": str, "bool": bool}.get(typ, typ)
     if typ is bool:
         if isinstance(value, bool):
@@ -225,15 +215,6 @@ def _coerce(key: str, value: Any, typ: Any) -> Any:
     return value
 
 
-def _server_steps(value: Any) -> int | str:
-    if isinstance(value, str) and value.strip().lower() == "auto":
-        return "auto"
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or float(value) != int(value) or value < 0:
-        raise ConfigError(f"server-steps must be \"auto\" (clients x local-steps per round, the fair budget) "
-                          f"or an integer >= 0 (a fixed budget, for the ablation), got {value!r}")
-    return int(value)
-
-
 def parse_config(run_config: dict[str, Any], *, defaults: dict[str, Any] | None = None) -> RunConfig:
     """Validate Flower's run_config (dash-separated keys) into a RunConfig."""
     base = load_defaults() if defaults is None else dict(defaults)
@@ -244,8 +225,7 @@ def parse_config(run_config: dict[str, Any], *, defaults: dict[str, Any] | None 
     missing = sorted(k.replace("_", "-") for k in _TYPES if k.replace("_", "-") not in merged)
     if missing:
         raise ConfigError(f"run-config lacks {missing}; they belong in [tool.flwr.app.config]")
-    values = {k: _coerce(k, merged[k.replace("_", "-")], t) for k, t in _TYPES.items() if k != "server_steps"}
-    values["server_steps"] = _server_steps(merged["server-steps"])
+    values = {k: _coerce(k, merged[k.replace("_", "-")], t) for k, t in _TYPES.items()}
     for k, choices in _CHOICES.items():
         if values[k] not in choices and not (k == "dataset" and values[k].startswith("hf:") and len(values[k]) > 3):
             raise ConfigError(f"{k.replace('_', '-')}={values[k]!r} is not one of {list(choices)}")
@@ -284,12 +264,9 @@ def parse_config(run_config: dict[str, Any], *, defaults: dict[str, Any] | None 
         if not 0.0 < values[key] <= 1.0:
             raise ConfigError(f"{key.replace('_', '-')} must be in (0, 1] (the share of the admitted nodes "
                               f"sampled each round), got {values[key]}")
-    if values["round_timeout"] <= 0:
-        raise ConfigError(f"round-timeout must be > 0 seconds, got {values['round_timeout']}")
-    if values["learning_rate"] <= 0:
-        raise ConfigError(f"learning-rate must be > 0, got {values['learning_rate']}")
-    if values["dirichlet_alpha"] <= 0:
-        raise ConfigError(f"dirichlet-alpha must be > 0, got {values['dirichlet_alpha']}")
+    for key in ("round_timeout", "learning_rate", "dirichlet_alpha"):
+        if values[key] <= 0:
+            raise ConfigError(f"{key.replace('_', '-')} must be > 0, got {values[key]}")
     if values["dataset"] not in ("digits", "mnist5k") and not values["dataset"].startswith("hf:") and not values["data_dir"]:
         raise ConfigError(f"dataset={values['dataset']!r} reads local files: set data-dir to the absolute folder "
                           f"that holds them (or that download=true fills)")
@@ -298,39 +275,28 @@ def parse_config(run_config: dict[str, Any], *, defaults: dict[str, Any] | None 
             raise ConfigError(f"{key.replace('_', '-')} must be an absolute path (Flower resolves "
                               f"relative paths against the SuperLink's start folder), got {values[key]!r}")
         values[key] = os.path.expanduser(values[key]) if values[key] else ""
-    _check_client_model_size(values)
+    name = values["client_model_size"]  # checked here so no node fails at round 1
+    if name:
+        if name != "half" and name not in PRESETS:
+            raise ConfigError(f"client-model-size={name!r} is not a preset: use '' (same as model-size), "
+                              f"'half' (model-size's UNet at half the channel widths) or one of {list(PRESETS)}")
+        unet = client_preset(values["model_size"], name)
+        step = 2 ** (len(PRESETS[unet].block_out_channels) - 1)
+        if values["image_size"] % step:
+            raise ConfigError(f"client-model-size={name!r} ({unet}) needs image-size to be a multiple of {step}, "
+                              f"got {values['image_size']}; pick a smaller preset or resize (image-size={step * 4})")
     cfg = RunConfig(**values)
     if cfg.method == "collafuse":  # cut_step and split_step_budget raise here, at start, naming the fix
         split_step_budget(cfg.sampling_steps, cfg.diffusion_steps, cfg.cut_step)
         if cfg.cut_step not in (0, cfg.diffusion_steps) and cfg.local_steps == 0:
             raise ConfigError("collafuse with 0 < cut-ratio < 1 needs local-steps >= 1 to train the client models")
-    _warn_ignored(cfg, base)
-    return cfg
-
-
-def _check_client_model_size(values: dict[str, Any]) -> None:
-    """client-model-size's UNet must fit image-size: checked here so no node fails at round 1."""
-    name = values["client_model_size"]
-    if not name:
-        return
-    if name != "half" and name not in PRESETS:
-        raise ConfigError(f"client-model-size={name!r} is not a preset: use '' (same as model-size), "
-                          f"'half' (model-size's UNet at half the channel widths) or one of {list(PRESETS)}")
-    preset = client_preset(values["model_size"], name)
-    step = 2 ** (len(PRESETS[preset].block_out_channels) - 1)
-    if values["image_size"] % step:
-        raise ConfigError(f"client-model-size={name!r} ({preset}) needs image-size to be a multiple of {step}, "
-                          f"got {values['image_size']}; pick a smaller preset or resize (image-size={step * 4})")
-
-
-def _warn_ignored(cfg: RunConfig, base: dict[str, Any]) -> None:
     for key, method in _ONLY_FOR.items():
         dash = key.replace("_", "-")
-        default = _server_steps(base[dash]) if key == "server_steps" and dash in base else (
-            _coerce(key, base[dash], _TYPES[key]) if dash in base else None)
+        default = _coerce(key, base[dash], _TYPES[key]) if dash in base else None
         if cfg.method != method and dash in base and getattr(cfg, key) != default:
             warnings.warn(f"{dash}={getattr(cfg, key)} is ignored by method={cfg.method!r} "
-                          f"(only {method} reads it)", stacklevel=3)
+                          f"(only {method} reads it)", stacklevel=2)
+    return cfg
 
 
 def run_dir(cfg: RunConfig, run_id: int | str | None = None) -> Path:

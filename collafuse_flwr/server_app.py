@@ -44,13 +44,6 @@ with LOCK:  # the ClientApp may be loading in another thread (collafuse_flwr/imp
 
 app = ServerApp()
 
-def in_simulation(grid: Grid) -> bool:
-    """The simulation engine runs the ServerApp beside the nodes with an in-memory grid."""
-    if InMemoryGrid is None:
-        return False
-    inner = grid.inner if isinstance(grid, PollingGrid) else grid
-    return isinstance(inner, InMemoryGrid)
-
 
 def harness_enabled(cfg: RunConfig, simulation: bool) -> bool:
     """The harness reloads client data in the ServerApp: only a simulation can (and may), or `harness = "on"`."""
@@ -58,8 +51,7 @@ def harness_enabled(cfg: RunConfig, simulation: bool) -> bool:
 
 
 def harness_data_readable(cfg: RunConfig) -> bool:
-    """Whether the harness's data is readable: checked at start, so it is skipped now, with one line,
-    instead of failing the run after training."""
+    """The harness's data is readable (checked at start: skipped now, with one line, not failing after training)."""
     try:
         dataset_for(cfg)
         return True
@@ -68,7 +60,6 @@ def harness_data_readable(cfg: RunConfig) -> bool:
             "the reference attacker need the clients' data, which only a simulation has", cfg.dataset,
             str(exc).splitlines()[0][:200])
         return False
-
 
 
 def wait_for_nodes(grid: Grid, min_nodes: int, timeout: float) -> int:
@@ -90,43 +81,27 @@ def _resume_point(cfg: RunConfig, context: Context):
     if not cfg.resume_from:
         return run_dir(cfg, context.run_id), None
     ckpt = ck.load_checkpoint(Path(cfg.resume_from))
-    now = {k: v for k, v in cfg.to_flwr().items() if k != "resume-from"}
-    then = {k: v for k, v in ckpt["config"].items() if k != "resume-from"}
-    changed = sorted(k for k in set(now) | set(then) if now.get(k) != then.get(k))
+    now, then = cfg.to_flwr(), ckpt["config"]
+    changed = sorted(k for k in set(now) | set(then) if k != "resume-from" and now.get(k) != then.get(k))
     if changed:
         raise RuntimeError(f"resume-from: the run-config differs from the checkpoint's in {changed}; resume with "
                            f"the same settings (only resume-from may differ)")
     if ckpt["round"] >= cfg.num_server_rounds:
-        status = _recorded_status(Path(cfg.resume_from))
+        try:
+            status = str(json.loads((Path(cfg.resume_from) / "results.json").read_text()).get("status"))
+        except (OSError, ValueError, AttributeError):
+            status = "unknown"
         if status in ("ok", "degraded"):
             raise RuntimeError(f"resume-from: {cfg.resume_from} already finished all {cfg.num_server_rounds} rounds "
                                f"(status {status})")
-        # every round ran but the results were not written (the run broke while writing them):
-        # resuming runs no round and writes them from the checkpoint
         log(WARNING, "resume-from: all %d rounds of %s finished but its results were not written (status %s); "
             "writing them from the checkpoint", cfg.num_server_rounds, cfg.resume_from, status)
     return Path(cfg.resume_from), ckpt
 
 
-def _recorded_status(folder: Path) -> str:
-    try:
-        return str(json.loads((folder / "results.json").read_text()).get("status"))
-    except (OSError, ValueError, AttributeError):
-        return "unknown"
-
-
-def _stop_on_sigterm() -> None:
-    """SIGTERM (`flwr stop`, a killed SuperLink) -> SystemExit, so results.json says "stopped"
-    (only the main thread may set handlers; in a simulation thread the engine stops it)."""
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-
-
 class _EngineExit:
-    """Record "stopped" when Flower's engine exits under a running ServerApp: `flwr stop` ends a
-    simulation through flwr_exit in its main thread, and the ServerApp's thread never sees a
-    signal. The handler writes "stopped" and remembers it, so the error the thread hits next (its
-    grid gone) is "stopped" too, not "failed". Disarmed when the run ends."""
+    """Record "stopped" when Flower's engine exits under a running ServerApp: `flwr stop` ends a simulation
+    in its main thread, so the ServerApp's thread sees no signal, only the error of its grid gone ("stopped")."""
 
     def __init__(self, results: Path, header: dict) -> None:
         self.results, self.header, self.armed, self.exiting = results, header, True, False
@@ -152,7 +127,8 @@ def main(grid: Grid, context: Context) -> None:
     log(INFO, "collafuse-flwr: method=%s dataset=%s; outputs go to %s (on the machine that runs the "
         "ServerApp; set run-config output-dir to choose)%s", cfg.method, cfg.dataset, out,
         f"; resuming after round {ckpt['round']}" if ckpt else "")
-    _stop_on_sigterm()
+    if threading.current_thread() is threading.main_thread():  # SIGTERM -> SystemExit: results.json says "stopped"
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # (in a simulation thread the engine stops it)
     started = time.time()
     csv = MetricsCsv(out / "metrics.csv", keep_rounds_upto=ckpt["round"] if ckpt else 0)
     run_key = ckpt["run_key"] if ckpt else context.run_id
@@ -162,18 +138,17 @@ def main(grid: Grid, context: Context) -> None:
     try:
         use_torch_threads(cfg.torch_threads)
         torch.manual_seed(cfg.seed)
-        simulation = in_simulation(grid)
+        inner = grid.inner if isinstance(grid, PollingGrid) else grid
+        simulation = InMemoryGrid is not None and isinstance(inner, InMemoryGrid)  # the simulation engine's grid
         if simulation:  # the nodes share this machine's data and network: stop now if they cannot load it
             repair_dead_actors()  # and one node's crash must not kill the Ray worker others run on
             check_dataset(cfg.dataset)
             prepare_backbone(cfg.fid_backbone, cfg.dataset, cfg.fid_weights or None, cfg.fid_download)  # fetch once
-        harness = harness_enabled(cfg, simulation)
+        harness = harness_enabled(cfg, simulation) and harness_data_readable(cfg)
         if cfg.harness == "auto" and not simulation:
             log(WARNING, "not a simulation: the research harness (pooled FID, reference attacker, disclosure "
                 "probe) is off, so the ServerApp reads no client data; nodes report only what their "
                 "share-harness policy allows")
-        if harness:
-            harness = harness_data_readable(cfg)
         num_nodes = wait_for_nodes(grid, cfg.min_nodes, cfg.round_timeout)
         device = default_device()
 
@@ -199,7 +174,6 @@ def main(grid: Grid, context: Context) -> None:
         def checkpoint(server_round: int, arrays_now: ArrayRecord, result) -> None:
             ck.save_checkpoint(out, strategy, server_round, arrays_now, result, cfg.to_flwr(), run_key)
 
-        # Flower's grid re-polls for replies only every 3 s; PollingGrid polls every 0.05 s
         result = strategy.start(grid=PollingGrid(grid), initial_arrays=arrays, num_rounds=cfg.num_server_rounds,
                                 timeout=cfg.round_timeout, checkpoint_fn=checkpoint, **resume)
         finalize(cfg, strategy, result, out, run_key, num_nodes, started, params, harness)

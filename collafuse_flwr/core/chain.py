@@ -9,11 +9,6 @@ from typing import Literal
 ServerTarget = Literal["exact", "renoise"]
 
 
-def check_target(target: str) -> None:
-    if target not in ("exact", "renoise"):
-        raise ValueError(f"server-target must be 'exact' or 'renoise', got {target!r}")
-
-
 def cut_step(c: float, T: int) -> int:  # noqa: N803
     """t_c = round(c T). Only c = 0 may give t_c = 0 (raw images uploaded) and only c = 1 t_c = T (nothing
     uploaded): a c in between that rounds to either end would silently switch regime, so it is an error."""
@@ -33,12 +28,11 @@ def cut_step(c: float, T: int) -> int:  # noqa: N803
 
 def client_start_step(c: float, T: int, target: ServerTarget = "exact") -> int:  # noqa: N803
     """exact: t_c (the server's output is distributed as x_{t_c}); renoise: round((c + c(1 - c)) T),
-    the authors' patch for the mismatched server marginal."""
+    the authors' patch for the mismatched server marginal. The target's one check (strategies call this at start)."""
+    if target not in ("exact", "renoise"):
+        raise ValueError(f"server-target must be 'exact' or 'renoise', got {target!r}")
     t_c = cut_step(c, T)
-    if target == "exact" or t_c == 0:
-        return t_c
-    check_target(target)
-    return min(T, int(round((c + c * (1 - c)) * T)))
+    return t_c if target == "exact" or t_c == 0 else min(T, int(round((c + c * (1 - c)) * T)))
 
 
 def split_step_budget(num_steps: int | None, T: int, t_c: int) -> tuple[int | None, int | None]:  # noqa: N803

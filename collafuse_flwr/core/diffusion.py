@@ -3,18 +3,16 @@ r"""DDPM math for CollaFuse: the noise schedule, the timestep split, and split s
 Timesteps are 1-indexed, t in {1, ..., T}, with abar_0 = 1 (t = 0 is clean data):
     q(x_t | x_0) = N(sqrt(abar_t) x_0, (1 - abar_t) I),   abar_t = prod_{s<=t} (1 - beta_s).
 The chain is cut at t_c = round(c T): the client owns t <= t_c, the server t > t_c. For t > t_c,
-x_t = sqrt(abar_t / abar_c) x_{t_c} + sqrt(1 - abar_t / abar_c) eps' has noise variance
-(abar_t/abar_c - abar_t) + (1 - abar_t/abar_c) = 1 - abar_t, exactly q(x_t | x_0)'s, without x_0:
-the server is a DDPM whose clean data is x_{t_c} and cumulative schedule abar_t / abar_c. Both
-sides run `reverse_chain`, anchored at 0 (client) or t_c (server).
+    x_t = sqrt(abar_t / abar_c) x_{t_c} + sqrt(1 - abar_t / abar_c) eps'
+has noise variance (abar_t/abar_c - abar_t) + (1 - abar_t/abar_c) = 1 - abar_t, exactly q(x_t | x_0)'s, without
+x_0: the server is a DDPM whose clean data is x_{t_c} and cumulative schedule abar_t / abar_c. Both sides run
+`reverse_chain`, anchored at 0 (client) or t_c (server).
 
-The hand-off must be a *draw* of x_{t_c}, but the sub-chain posterior's variance is too small (0 at
-its last step), so the server's DDPM steps use the Analytic-DPM variance (Bao et al., ICLR 2022,
-`reverse_variance`), exact for Gaussian data with the optimal denoiser. DDIM (eta = 0) steps in the
-full chain's coordinates; for x_0 ~ N(0, s2) its hand-off is short by 1 - prod cos^2(dtheta),
-tan(theta_t) = sqrt(abar_t s2 / (1 - abar_t)) (both tested). "renoise" is the authors' public code,
-kept for the ablation (`sub_diffuse`, `renoise_matched_step`, `client_start_step`).
-"""
+The hand-off must be a *draw* of x_{t_c}, but the sub-chain posterior's variance is too small (0 at its last step), so
+the server's DDPM steps use the Analytic-DPM variance (Bao et al., ICLR 2022, `reverse_variance`), exact for Gaussian
+data with the optimal denoiser. DDIM (eta = 0) steps in the full chain's coordinates; for x_0 ~ N(0, s2) its hand-off
+is short by 1 - prod cos^2(dtheta), tan(theta_t) = sqrt(abar_t s2 / (1 - abar_t)) (both tested). "renoise" is
+the authors' public code, kept for the ablation (`sub_diffuse`, `renoise_matched_step`, `client_start_step`)."""
 
 from __future__ import annotations
 
@@ -27,7 +25,6 @@ import torch
 from diffusers.schedulers.scheduling_ddpm import betas_for_alpha_bar
 from torch import Tensor
 
-from collafuse_flwr.core import chain
 from collafuse_flwr.core.chain import ServerTarget, client_start_step, cut_step, split_step_budget  # noqa: F401
 
 BetaSchedule = Literal["linear", "cosine"]
@@ -83,7 +80,6 @@ def relative_alpha_bar(sched: Schedule, t: Tensor | int, anchor: int, relative: 
 
 
 def _noised(ab: Tensor, x: Tensor, noise: Tensor) -> Tensor:
-    """sqrt(ab) x + sqrt(1 - ab) noise, with ab per sample."""
     ab = ab.to(device=x.device, dtype=x.dtype).reshape(-1, *([1] * (x.dim() - 1)))
     return ab.sqrt() * x + (1 - ab).sqrt() * noise
 
@@ -99,13 +95,10 @@ def sub_diffuse(sched: Schedule, x_anchor: Tensor, anchor: int, t: Tensor, noise
                 target: ServerTarget = "exact") -> Tensor:
     """Noise x_anchor up to step t > anchor. exact: x_t = sqrt(abar_t/abar_a) x_a + sqrt(1 - abar_t/abar_a) eps'
     (marginal = q(x_t|x_0)); renoise: x_t = sqrt(abar_t) x_a + sqrt(1 - abar_t) eps' (x_a as clean data)."""
-    chain.check_target(target)
-    ab = relative_alpha_bar(sched, t.cpu(), anchor) if target == "exact" else sched.alpha_bars[t.cpu()]
-    return _noised(ab, x_anchor, noise)
+    return _noised(relative_alpha_bar(sched, t.cpu(), anchor, relative=target == "exact"), x_anchor, noise)
 
 
 def sample_timesteps(n: int, low: int, high: int, generator: torch.Generator | None = None) -> Tensor:
-    """t ~ U{low, ..., high}, inclusive."""
     if not 1 <= low <= high:
         raise ValueError(f"empty timestep range [{low}, {high}]")
     return torch.randint(low, high + 1, (n,), generator=generator)
@@ -148,9 +141,8 @@ def posterior(sched: Schedule, x_t: Tensor, x_anchor_hat: Tensor, t: int, anchor
     """Mean and variance of q(x_{t-1} | x_t, x_anchor) for the chain anchored at `anchor`.
 
     mean = sqrt(a'_{t-1}) beta_t / (1 - a'_t) x_a + sqrt(alpha_t) (1 - a'_{t-1}) / (1 - a'_t) x_t,
-    var  = beta_t (1 - a'_{t-1}) / (1 - a'_t), with a' = abar / abar_anchor (or abar when not
-    relative). At t - 1 = anchor the variance is 0 and the mean is x_anchor.
-    """
+    var  = beta_t (1 - a'_{t-1}) / (1 - a'_t), with a' = abar / abar_anchor (or abar when not relative).
+    At t - 1 = anchor the variance is 0 and the mean is x_anchor."""
     ab_t, ab_prev = relative_alpha_bar(sched, t, anchor, relative), relative_alpha_bar(sched, t - 1, anchor, relative)
     beta = 1 - ab_t / ab_prev
     c_anchor = ab_prev.sqrt() * beta / (1 - ab_t)
@@ -160,16 +152,13 @@ def posterior(sched: Schedule, x_t: Tensor, x_anchor_hat: Tensor, t: int, anchor
     return c_anchor.to(**f) * x_anchor_hat + c_t.to(**f) * x_t, var.to(**f)
 
 
-def reverse_variance(sched: Schedule, t: int, anchor: int, relative: bool, gamma: float,
-                     data_var_max: float = 1.0) -> Tensor:
+def reverse_variance(sched: Schedule, t: int, anchor: int, relative: bool, gamma: float) -> Tensor:
     """Analytic-DPM's variance for x_t -> x_{t-1} (Bao et al. 2022, Thm 1), clamped.
 
     Var(x_{t-1} | x_t) = var_post + k_a^2 (1 - a'_t) / a'_t (1 - gamma), gamma = E||eps_hat||^2 / d,
-    k_a = sqrt(a'_{t-1}) beta_t / (1 - a'_t) (law of total variance, averaged over x_t). The kernel
-    does not depend on the parametrisation, so it is clamped to what the full chain allows for data
-    of per-pixel variance <= data_var_max: [v_full, v_full + k_0^2 data_var_max], which keeps an
-    imperfect model from producing variances no data in range could have.
-    """
+    k_a = sqrt(a'_{t-1}) beta_t / (1 - a'_t) (law of total variance, averaged over x_t). The kernel does not depend on
+    the parametrisation, so it is clamped to what the full chain allows for data of per-pixel variance <= 1 (in
+    [-1, 1]): [v_full, v_full + k_0^2], which keeps an imperfect model from producing variances no data could have."""
     ab_t, ab_prev = relative_alpha_bar(sched, t, anchor, relative), relative_alpha_bar(sched, t - 1, anchor, relative)
     beta = sched.betas[t]
     var_post = beta * (1 - ab_prev) / (1 - ab_t)
@@ -177,12 +166,11 @@ def reverse_variance(sched: Schedule, t: int, anchor: int, relative: bool, gamma
     var_anchor = (1 - ab_t) / ab_t * max(0.0, 1.0 - float(gamma))
     full_t, full_prev = sched.alpha_bars[t], sched.alpha_bars[t - 1]
     lo = beta * (1 - full_prev) / (1 - full_t)
-    hi = lo + full_prev * (beta / (1 - full_t)) ** 2 * data_var_max
+    hi = lo + full_prev * (beta / (1 - full_t)) ** 2
     return (var_post + k_a**2 * var_anchor).clamp(min=float(lo), max=float(hi))
 
 
 def _strided_steps(t_from: int, t_to: int, num_steps: int | None) -> list[int]:
-    """Descending timesteps t_from = s_0 > s_1 > ... > s_k = t_to for the reverse chain."""
     if num_steps is None or num_steps <= 0 or num_steps >= t_from - t_to:
         return list(range(t_from, t_to - 1, -1))
     pts = torch.linspace(t_from, t_to, num_steps + 1).round().long().tolist()
@@ -190,17 +178,14 @@ def _strided_steps(t_from: int, t_to: int, num_steps: int | None) -> list[int]:
 
 
 @torch.no_grad()
-def reverse_chain(eps_model: EpsModel, sched: Schedule, x: Tensor, t_from: int, t_to: int,
-                  anchor: int | None = None, relative: bool = True, num_steps: int | None = None,
-                  generator: torch.Generator | None = None, clip: float | None = None,
-                  variance: Variance = "posterior") -> Tensor:
+def reverse_chain(eps_model: EpsModel, sched: Schedule, x: Tensor, t_from: int, t_to: int, anchor: int | None = None,
+                  relative: bool = True, num_steps: int | None = None, generator: torch.Generator | None = None,
+                  clip: float | None = None, variance: Variance = "posterior") -> Tensor:
     """Run the reverse process from x at step t_from down to step t_to.
 
-    anchor: the step the chain treats as clean (default t_to). num_steps None/0: DDPM ancestral
-    sampling over every step; n >= 1: deterministic DDIM (eta = 0) on min(n, t_from - t_to) steps.
-    variance (DDPM): "posterior" returns the mean at the anchor; "analytic" draws every step, the
-    anchor's included. clip: clamp the anchor estimate to [-clip, clip].
-    """
+    anchor: the step the chain treats as clean (default t_to). num_steps None/0: DDPM ancestral sampling over every
+    step; n >= 1: deterministic DDIM (eta = 0) on min(n, t_from - t_to) steps. variance (DDPM): "posterior" returns
+    the mean at the anchor; "analytic" draws every step, the anchor's included. clip: bound on |anchor estimate|."""
     anchor = t_to if anchor is None else anchor
     if not (anchor <= t_to <= t_from <= sched.T):
         raise ValueError(f"need anchor <= t_to <= t_from <= T, got {anchor}, {t_to}, {t_from}, {sched.T}")
@@ -256,19 +241,15 @@ def server_sample(eps_model: EpsModel, sched: Schedule, shape: tuple[int, ...], 
     x = torch.randn(shape, generator=generator).to(device)
     if t_c >= sched.T:
         return x
-    chain.check_target(target)
     exact = target == "exact"
     return reverse_chain(eps_model, sched, x, sched.T, t_c, anchor=t_c if exact else 0, relative=exact,
                          num_steps=num_steps, generator=generator, clip=anchor_bound(sched, t_c), variance=variance)
 
 
-def client_finish(eps_model: EpsModel, sched: Schedule, x_start: Tensor, t_start: int,
-                  num_steps: int | None = None, generator: torch.Generator | None = None,
-                  variance: Variance = "posterior") -> Tensor:
+def client_finish(eps_model: EpsModel, sched: Schedule, x_start: Tensor, t_start: int, num_steps: int | None = None,
+                  generator: torch.Generator | None = None, variance: Variance = "posterior") -> Tensor:
     """Client half of inference (and the baselines' whole chain, t_start = T): x_{t_start} -> x_0
     with the private model, clipped to [-1, 1]."""
-    if t_start == 0:
-        return x_start.clamp(-1, 1)
     x = reverse_chain(eps_model, sched, x_start, t_start, 0, anchor=0, num_steps=num_steps,
                       generator=generator, clip=1.0, variance=variance)
     return x.clamp(-1, 1)

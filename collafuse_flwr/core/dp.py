@@ -1,15 +1,13 @@
-r"""Differentially private uploads, node side. With replace-one adjacency, all x_{t_u} a node uploads
-in the ledger's scope (a deployed node: its whole life) are (epsilon, delta)-DP per image. Which
-images are uploaded depends only on indices and past counts, never on pixels, so replacing image
-i changes only the (at most K) uploads *of i*. With x_0 L2-clipped to C (default sqrt(d), the
-largest norm in [-1, 1]^d), an upload x_{t_u} (secret noise) is a Gaussian mechanism of
-sensitivity 2 C sqrt(abar_u), composed K-fold (dp-accounting's RDP). If that is not enough at
-t_c, the node diffuses forward to a genuine x_{t_u}, its effective cut.
+r"""Differentially private uploads, node side. With replace-one adjacency, all x_{t_u} a node uploads in the
+ledger's scope (a deployed node: its whole life) are (epsilon, delta)-DP per image. Which images are uploaded
+depends only on indices and past counts, never on pixels, so replacing image i changes only the (at most K)
+uploads *of i*. With x_0 L2-clipped to C (default sqrt(d), the largest norm in [-1, 1]^d), an upload x_{t_u}
+(secret noise) is a Gaussian mechanism of sensitivity 2 C sqrt(abar_u), composed K-fold (dp-accounting's RDP).
+If that is not enough at t_c, the node diffuses forward to a genuine x_{t_u}, its effective cut.
 
-Not claimed: subsampling amplification (selection depends on history; the server sees row counts);
-anything but uploads; across runs for a trusting (simulated) node, whose ledger is per run; exact
-floating-point Gaussian sampling (Mironov 2012). Noise must be fresh and secret (`node.randomness`).
-"""
+Not claimed: subsampling amplification (selection depends on history; the server sees row counts); anything
+but uploads; across runs for a trusting (simulated) node, whose ledger is per run; exact floating-point
+Gaussian sampling (Mironov 2012). Noise must be fresh and secret (`node.randomness`)."""
 
 from __future__ import annotations
 
@@ -215,7 +213,6 @@ class UploadLedger:
 
     @property
     def remaining(self) -> int:
-        """Uploads still allowed."""
         return int(np.clip(self.max_uploads_per_image - self.counts, 0, None).sum())
 
     def choose(self, n: int, generator: torch.Generator) -> np.ndarray:

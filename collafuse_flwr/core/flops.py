@@ -1,9 +1,6 @@
 """FLOPs measured on the real passes with ``torch.utils.flop_counter`` (a split's cost depends on
 which code ran): matmul/conv/attention, 2 per multiply-add, backward included; keys are inclusive.
-The stock ``ModuleTracker`` crashes under ``inference_mode`` for inputs that require grad, so the
-tracker always answers "Global". Counting runs a Python hook per aten op and slows small nets'
-steps noticeably: disable it (``count-flops = false``) for wall-clock runs.
-"""
+Counting runs a Python hook per aten op, slowing small nets: set ``count-flops = false`` for wall-clock runs."""
 
 from __future__ import annotations
 
@@ -15,7 +12,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 
 class _GlobalOnlyTracker(nullcontext):
-    """Drop-in for FlopCounterMode's ModuleTracker: every op belongs to 'Global' only."""
+    """FlopCounterMode's ModuleTracker crashes under inference_mode for inputs that require grad: all is 'Global'."""
 
     parents = frozenset({"Global"})
 
@@ -67,7 +64,6 @@ class FlopMeter:
         self.totals[key] = self.totals.get(key, 0) + int(flops)
 
     def merge(self, other: FlopMeter | Mapping[str, int]) -> FlopMeter:
-        """Add another meter's (or a plain dict's) totals into this one; returns self."""
         for key, flops in (other.totals if isinstance(other, FlopMeter) else other).items():
             self.add(key, int(flops))
         return self

@@ -37,11 +37,10 @@ def train_steps(model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: Cal
                 batches: list[Tensor] | None = None) -> float:
     """Run `steps` Adam steps of loss_fn(batch) on `data` (in model range); the mean loss (NaN if none).
 
-    labels: bound to a conditional `Denoiser` per minibatch. row_args: a per-row value passed as
-    loss_fn(batch, row_args[idx]) (each row's cut step). guard: skip a step whose loss or gradients
-    are not finite, so one bad batch cannot destroy a shared model (counted in stats["skipped"]).
-    batches: the caller's minibatch indices; None = `minibatch_indices`.
-    """
+    labels: bound to a conditional `Denoiser` per minibatch. batches: the caller's minibatch indices (None:
+    `minibatch_indices`). row_args: a per-row value passed as loss_fn(batch, row_args[idx]) (each row's cut step).
+    guard: skip a step whose loss or gradients are not finite, so one bad batch cannot destroy a shared model
+    (counted in stats["skipped"])."""
     if steps <= 0 or data.shape[0] == 0:
         return float("nan")
     model.train()
@@ -54,7 +53,8 @@ def train_steps(model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: Cal
             loss = loss_fn(batch) if row_args is None else loss_fn(batch, row_args[idx])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-        if guard and not _finite_step(model, loss):
+        if guard and not (bool(torch.isfinite(loss)) and all(bool(torch.isfinite(p.grad).all())
+                                                            for p in model.parameters() if p.grad is not None)):
             optimizer.zero_grad(set_to_none=True)
             if stats is not None:
                 stats["skipped"] = stats.get("skipped", 0) + 1
@@ -63,11 +63,6 @@ def train_steps(model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: Cal
         total += float(loss.detach())
         taken += 1
     return total / taken if taken else float("nan")
-
-
-def _finite_step(model: nn.Module, loss: Tensor) -> bool:
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
-    return bool(torch.isfinite(loss)) and all(bool(torch.isfinite(g).all()) for g in grads)
 
 
 def client_share_loss(model: nn.Module, sched: D.Schedule, t_max: int, generator: torch.Generator):

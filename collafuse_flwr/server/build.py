@@ -21,23 +21,6 @@ from strategies.base import DiffusionStrategy
 TRAINER_ARGS = tuple(inspect.signature(ServerTrainer).parameters)[1:]  # all but the model (the seed: both)
 
 
-def method_args(cfg: RunConfig) -> dict[str, Any]:
-    """Constructor arguments of cfg.method's strategy and its `ServerTrainer` (model and shape aside)."""
-    if cfg.method == P.LOCAL:
-        return dict(diffusion_steps=cfg.diffusion_steps)
-    if cfg.method == P.FEDAVG:
-        return dict(aggregation=cfg.fedavg_aggregation)
-    training = dict(diffusion_steps=cfg.diffusion_steps, beta_schedule=cfg.beta_schedule, local_steps=cfg.local_steps,
-                    batch_size=cfg.batch_size, learning_rate=cfg.learning_rate, count_flops=cfg.count_flops,
-                    flops_every_pass=cfg.flops_every_pass)
-    if cfg.method == P.CENTRALIZED:
-        return training
-    return dict(training, cut_ratio=cfg.cut_ratio, server_target=cfg.server_target,
-                node_cuts=bool(cfg.client_cut_ratios) or cfg.upload_epsilon > 0,  # DP moves a node's cut
-                server_steps=cfg.server_steps, overlap=cfg.server_overlap, uploads_per_round=cfg.uploads_per_round,
-                buffer_size=cfg.server_buffer_size or None)
-
-
 def from_config(cfg: RunConfig, model: nn.Module | None = None,
                 image_shape: tuple[int, int, int] | None = None, **kwargs: Any) -> DiffusionStrategy:
     """cfg.method's strategy; `kwargs` (strategy or trainer arguments) win over the run-config's.
@@ -47,13 +30,21 @@ def from_config(cfg: RunConfig, model: nn.Module | None = None,
                   fraction_train=cfg.fraction_train, fraction_evaluate=cfg.fraction_evaluate, seed=cfg.seed,
                   num_eval_samples=cfg.num_eval_samples, eval_every=cfg.eval_every,
                   sampling_steps=cfg.sampling_steps, connect_timeout=cfg.round_timeout)
-    args = {**common, **method_args(cfg), **kwargs}
     if cfg.method == P.LOCAL:
-        return LocalOnly(image_shape=shape, **args)
+        return LocalOnly(image_shape=shape, **{**common, "diffusion_steps": cfg.diffusion_steps, **kwargs})
     if cfg.method == P.FEDAVG:
-        return FedAvgDiffusion(image_shape=shape, **args)
+        return FedAvgDiffusion(image_shape=shape, **{**common, "aggregation": cfg.fedavg_aggregation, **kwargs})
     if model is None:
         raise ValueError(f"method={cfg.method!r} trains a server model: pass model=")
+    args = dict(common, diffusion_steps=cfg.diffusion_steps, beta_schedule=cfg.beta_schedule,
+                local_steps=cfg.local_steps, batch_size=cfg.batch_size, learning_rate=cfg.learning_rate,
+                count_flops=cfg.count_flops, flops_every_pass=cfg.flops_every_pass)
+    if cfg.method == P.COLLAFUSE:
+        args.update(cut_ratio=cfg.cut_ratio, server_target=cfg.server_target,
+                    node_cuts=bool(cfg.client_cut_ratios) or cfg.upload_epsilon > 0,  # DP moves a node's cut
+                    server_steps=cfg.server_steps, overlap=cfg.server_overlap, uploads_per_round=cfg.uploads_per_round,
+                    buffer_size=cfg.server_buffer_size or None)
+    args.update(kwargs)
     trained = {k: args.pop(k) for k in TRAINER_ARGS if k in args and k != "seed"}
     trainer = ServerTrainer(model, seed=args["seed"], **trained)
     return (CollaFuse if cfg.method == P.COLLAFUSE else Centralized)(trainer, shape, **args)

@@ -1,12 +1,7 @@
-"""Checkpoint after every round and resume a killed run from its last finished round.
-
-The checkpoint holds the strategy's state, the global arrays, Flower's `Result` so far and the
-run-config, written atomically (temporary file, then rename). It is read with
-`torch.load(weights_only=True)`: a file in resume-from may have been replaced by anyone who
-could write there, and a full unpickler would run its code inside the ServerApp. So everything
-is tensors and plain containers (numpy arrays as `{NP_TAG: tensor}`), and a file that cannot be
-read this way is one `CheckpointError` line naming the file and the fix, not a traceback.
-"""
+"""Checkpoint after every round (strategy state, global arrays, Flower's `Result`, run-config; written
+atomically) and resume a killed run from its last finished round. Read with `torch.load(weights_only=True)`:
+anyone who could write to resume-from could plant a file there, and a full unpickler would run its code in
+the ServerApp; so it holds only tensors and plain containers (numpy arrays as `{NP_TAG: tensor}`)."""
 
 from __future__ import annotations
 

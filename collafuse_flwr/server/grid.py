@@ -1,8 +1,6 @@
-"""A Grid wrapper that polls for replies every `interval` s instead of Flower's fixed 3 s.
-
-Flower's HTTP Grid (1.42) sleeps 3 s between pulls: a round whose clients finish just after a
-pull idles up to 3 s, twice a round (a measured share of the overhead on the 2-core digits job).
-"""
+"""A Grid wrapper that polls for replies every `interval` s: Flower's HTTP Grid (1.42) sleeps 3 s between
+pulls, so a round whose clients finish just after a pull idles up to 3 s, twice a round (a measured share of
+the overhead on the 2-core digits job)."""
 
 from __future__ import annotations
 
