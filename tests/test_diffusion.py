@@ -482,3 +482,15 @@ def test_ddim_handoff_shortfall_shrinks_with_more_steps():
     shortfalls = [1 - _ddim_gain_closed_form(s, tc, D._strided_steps(1000, tc, n))[1] for n in (5, 20, 100, 800)]
     assert all(a > b for a, b in zip(shortfalls, shortfalls[1:]))
     assert shortfalls[-1] < 0.002 and shortfalls[1] < 0.06 < shortfalls[0]
+
+
+@pytest.mark.parametrize("call", ["sub_diffuse", "server_sample", "client_start_step"])
+def test_an_unknown_server_target_is_an_error_not_a_silent_renoise(call):
+    """Every entry that branches on the target refuses a typo ("Exact") rather than running renoise."""
+    s = D.make_schedule(50, "cosine")
+    x = torch.zeros(2, 1, 4, 4)
+    calls = {"sub_diffuse": lambda: D.sub_diffuse(s, x, 5, torch.tensor([9, 9]), x, "Exact"),
+             "server_sample": lambda: D.server_sample(lambda x, t: x * 0, s, (2, 1, 4, 4), 10, "Exact"),
+             "client_start_step": lambda: D.client_start_step(0.0, 50, "Exact")}
+    with pytest.raises(ValueError, match="server-target must be 'exact' or 'renoise', got 'Exact'"):
+        calls[call]()

@@ -28,11 +28,16 @@ def cut_step(c: float, T: int) -> int:  # noqa: N803
 
 def client_start_step(c: float, T: int, target: ServerTarget = "exact") -> int:  # noqa: N803
     """exact: t_c (the server's output is distributed as x_{t_c}); renoise: round((c + c(1 - c)) T),
-    the authors' patch for the mismatched server marginal. The target's one check (strategies call this at start)."""
+    the authors' patch for the mismatched server marginal."""
+    t_c = cut_step(c, T)
+    return t_c if is_exact(target) or t_c == 0 else min(T, int(round((c + c * (1 - c)) * T)))
+
+
+def is_exact(target: ServerTarget) -> bool:
+    """Whether the target is "exact"; any other value than "renoise" is an error, never a silent renoise."""
     if target not in ("exact", "renoise"):
         raise ValueError(f"server-target must be 'exact' or 'renoise', got {target!r}")
-    t_c = cut_step(c, T)
-    return t_c if target == "exact" or t_c == 0 else min(T, int(round((c + c * (1 - c)) * T)))
+    return target == "exact"
 
 
 def split_step_budget(num_steps: int | None, T: int, t_c: int) -> tuple[int | None, int | None]:  # noqa: N803

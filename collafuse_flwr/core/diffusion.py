@@ -25,7 +25,8 @@ import torch
 from diffusers.schedulers.scheduling_ddpm import betas_for_alpha_bar
 from torch import Tensor
 
-from collafuse_flwr.core.chain import ServerTarget, client_start_step, cut_step, split_step_budget  # noqa: F401
+from collafuse_flwr.core.chain import (ServerTarget, client_start_step, cut_step, is_exact,  # noqa: F401
+                                       split_step_budget)
 
 BetaSchedule = Literal["linear", "cosine"]
 #: q(x_{t-1} | x_t, x_anchor)'s variance (classic DDPM, 0 at the anchor), or `reverse_variance`'s.
@@ -95,7 +96,7 @@ def sub_diffuse(sched: Schedule, x_anchor: Tensor, anchor: int, t: Tensor, noise
                 target: ServerTarget = "exact") -> Tensor:
     """Noise x_anchor up to step t > anchor. exact: x_t = sqrt(abar_t/abar_a) x_a + sqrt(1 - abar_t/abar_a) eps'
     (marginal = q(x_t|x_0)); renoise: x_t = sqrt(abar_t) x_a + sqrt(1 - abar_t) eps' (x_a as clean data)."""
-    return _noised(relative_alpha_bar(sched, t.cpu(), anchor, relative=target == "exact"), x_anchor, noise)
+    return _noised(relative_alpha_bar(sched, t.cpu(), anchor, relative=is_exact(target)), x_anchor, noise)
 
 
 def sample_timesteps(n: int, low: int, high: int, generator: torch.Generator | None = None) -> Tensor:
@@ -241,7 +242,7 @@ def server_sample(eps_model: EpsModel, sched: Schedule, shape: tuple[int, ...], 
     x = torch.randn(shape, generator=generator).to(device)
     if t_c >= sched.T:
         return x
-    exact = target == "exact"
+    exact = is_exact(target)
     return reverse_chain(eps_model, sched, x, sched.T, t_c, anchor=t_c if exact else 0, relative=exact,
                          num_steps=num_steps, generator=generator, clip=anchor_bound(sched, t_c), variance=variance)
 
