@@ -68,12 +68,10 @@ def repair_dead_actors() -> bool:
 def _died(ray: Any, future: Any) -> bool:
     """Whether `future` failed because its actor is gone (it has finished: its error is known)."""
     try:
-        ready, _ = ray.wait([future], timeout=0)
-        if not ready:
-            return False
-        ray.get(future, timeout=0)
-        return False
+        if ray.wait([future], timeout=0)[0]:
+            ray.get(future, timeout=0)
     except ray.exceptions.RayActorError:
         return True
     except Exception:  # noqa: BLE001 - the ClientApp raised: the actor is alive
-        return False
+        pass
+    return False
