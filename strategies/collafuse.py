@@ -217,15 +217,14 @@ class CollaFuse(DiffusionStrategy):
         self.trainer.trim()
         self.owed_steps += self.steps_for(contributors)  # nodes the server serves are the ones that upload
         ran, self._overlap_metrics = self._overlap_metrics, {}
-        if not self.trainer.overlap or self.model_measured_after(server_round):
+        # nothing may be owed when the model is looked at after this round (evaluation, a user's evaluate_fn)
+        if not self.trainer.overlap or self.measured_every_round or self.is_eval_round(server_round):
             now = self._train_server(self.owed_steps, server_round)
             self.owed_steps = 0
-            if ran:  # steps taken in both places this round: one record of each, summed where additive
-                for k in ("server-steps", "server-train-flops", "server-steps-skipped"):
-                    if k in ran or k in now:
-                        now[k] = ran.get(k, 0) + now.get(k, 0)
-                ran = {k: v for k, v in ran.items() if k not in now}
-            ran = {**ran, **now}
+            for k in ("server-steps", "server-train-flops", "server-steps-skipped"):  # taken in both places: summed
+                if k in ran:
+                    now[k] = ran[k] + now.get(k, 0)
+            ran = {**{k: v for k, v in ran.items() if k not in now}, **now}
         if ran.get("server-steps"):
             self._client_losses(server_round)
         metrics = self._train_done(server_round, ok, **ran, **{

@@ -42,8 +42,7 @@ class FedAvgDiffusion(DiffusionStrategy):
             raise ValueError(f"aggregation must be one of {list(AGGREGATIONS)}, got {aggregation!r}")
         super().__init__(**common)
         self.aggregation, self.clip_updates = aggregation, clip_updates
-        self._global: dict[str, tuple[tuple[int, ...], str]] = {}  # name -> (shape, dtype)
-        self._global_arrays: dict[str, np.ndarray] = {}
+        self._global_arrays: dict[str, np.ndarray] = {}  # the model the round's replies must match
 
     def summary(self) -> None:
         super().summary()
@@ -51,7 +50,6 @@ class FedAvgDiffusion(DiffusionStrategy):
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
-        self._global = {k: (tuple(a.shape), a.dtype) for k, a in arrays.items()}
         self._global_arrays = {k: a.numpy() for k, a in arrays.items()}
         return self._train_messages(server_round, grid, config,
                                     lambda n, conf: RecordDict({P.ARRAYS: arrays, P.CONFIG: conf}))
@@ -62,13 +60,14 @@ class FedAvgDiffusion(DiffusionStrategy):
         if P.ARRAYS not in msg.content.array_records:
             raise MalformedReply(f"weights: no '{P.ARRAYS}' array record")
         rec = msg.content[P.ARRAYS]
-        if set(rec.keys()) != set(self._global):
+        if set(rec.keys()) != set(self._global_arrays):
             raise MalformedReply(f"weights: array names differ from the global model's "
-                                 f"({sorted(set(rec) ^ set(self._global))[:3]} ...)")
+                                 f"({sorted(set(rec) ^ set(self._global_arrays))[:3]} ...)")
         for k, a in rec.items():
-            if (tuple(a.shape), a.dtype) != self._global[k]:
+            g = self._global_arrays[k]
+            if (tuple(a.shape), a.dtype) != (g.shape, str(g.dtype)):
                 raise MalformedReply(f"weights: '{k}' is {a.dtype}{tuple(a.shape)}, the global model's is "
-                                     f"{self._global[k][1]}{self._global[k][0]}")
+                                     f"{g.dtype}{g.shape}")
             if not np.isfinite(a.numpy()).all():
                 raise ImplausibleUpload(f"weights: '{k}' has non-finite values")
         n = msg.content[P.METRICS].get(P.NUM_EXAMPLES, 0)
