@@ -252,7 +252,7 @@ class DiffusionStrategy(Strategy):
     def _contact_new_nodes(self, grid: Grid) -> None:
         """Send the `hello` query to connected nodes the server has not seen, admit or refuse them."""
         connected = set(grid.get_node_ids())
-        new = [n for n in connected if not self.registry.known(n)]
+        new = [n for n in connected if n not in self.registry.index and n not in self.registry.refused]
         if not new:
             return
         conf = ConfigRecord({P.METHOD: self.method})
@@ -357,8 +357,7 @@ class DiffusionStrategy(Strategy):
     def _train_messages(self, server_round: int, grid: Grid, config: ConfigRecord,
                         content_for: Callable[[int, ConfigRecord], RecordDict] | None = None,
                         everyone: bool = False) -> list[Message]:
-        """A train message to each sampled node (every admitted one with `everyone`): its config,
-        and what `content_for` adds."""
+        """A train message (its config, and what `content_for` adds) to each sampled node, or every admitted one."""
         def content(n: int) -> RecordDict:
             conf = self._config(config, server_round, n)
             return content_for(n, conf) if content_for is not None else RecordDict({P.CONFIG: conf})

@@ -1,10 +1,8 @@
 """FedAvg for diffusion: every node trains the whole denoiser and the server averages the weights
 by examples (Flower's `aggregate_arrayrecords`, the arithmetic of `flwr.serverapp.strategy.FedAvg`).
-
 A reply must match the global model (names, shapes, dtypes, finite) with a positive example
 count. One client cannot take the average over: its claim is capped (base `_cap_claims`) and its
 update scaled down to `robust.CLIP_FACTOR` x the others' median norm, both recorded by client.
-"median" / "trimmed-mean" are Flower's FedMedian / FedTrimmedAvg rules, as robust baselines.
 """
 
 from __future__ import annotations
@@ -25,15 +23,14 @@ from collafuse_flwr import protocol as P
 from .base import DiffusionStrategy, ImplausibleUpload, MalformedReply
 from .robust import CLIP_FACTOR, clip_bounds, clipped, update_norms
 
-#: fedavg-aggregation choices: example-weighted mean (FedAvg), coordinate-wise median (FedMedian),
-#: trimmed mean (FedTrimmedAvg, TRIM_BETA of each tail)
+#: fedavg-aggregation: FedAvg's weighted mean, FedMedian, FedTrimmedAvg (TRIM_BETA of each tail)
 AGGREGATIONS = ("mean", "median", "trimmed-mean")
 TRIM_BETA = 0.2  # FedTrimmedAvg's default
 
 
 class FedAvgDiffusion(DiffusionStrategy):
     """FedAvg over a diffusion denoiser. aggregation: "mean" (example-weighted), "median" or
-    "trimmed-mean" (unweighted); clip_updates: scale an oversized update down."""
+    "trimmed-mean" (unweighted: Flower's robust baselines); clip_updates: scale an oversized update down."""
 
     method = P.FEDAVG
 

@@ -1,6 +1,5 @@
-"""One node's crash must not take other nodes down with it on Flower's simulation engine.
-
-In Flower 1.42 every virtual node's ClientApp runs on one of a few Ray actors created with
+"""One node's crash must not take other nodes down with it on Flower's simulation engine. In
+Flower 1.42 every virtual node's ClientApp runs on one of a few Ray actors created with
 `max_restarts=0`; a ClientApp that ends its process (os._exit, a segfault, the OOM killer) kills
 its actor, and `RayBackend.process_message` puts the dead actor back into the pool, where it
 fails every later message - any node's - with ActorDiedError (the run config cannot ask for

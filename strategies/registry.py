@@ -54,9 +54,6 @@ class NodeRegistry:
         self.refused[node_id] = reason
         return None, reason
 
-    def known(self, node_id: int) -> bool:
-        return node_id in self.index or node_id in self.refused
-
     def ordered(self, node_ids: Iterable[int]) -> list[int]:
         """The admitted ones among `node_ids`, by client index: node ids are random each run and
         replies come in any order, so whatever draws from the server's RNG per node follows this."""

@@ -129,12 +129,10 @@ def balanced_batches(labels: Tensor, batch_size: int, steps: int, generator: tor
     bs = min(batch_size, int(labels.numel()))
     k = len(rows)
     out: list[Tensor] = []
+    take = [bs // k + (1 if j < bs % k else 0) for j in range(k)]
     for _ in range(steps):
-        order = torch.randperm(k, generator=generator)
-        take = [bs // k + (1 if j < bs % k else 0) for j in range(k)]
         batch = []
-        for j, ci in enumerate(order.tolist()):
-            need = take[j]
+        for need, ci in zip(take, torch.randperm(k, generator=generator).tolist()):
             while streams[ci].numel() < need:
                 streams[ci] = torch.cat([streams[ci], rows[ci][torch.randperm(rows[ci].numel(), generator=generator)]])
             batch.append(streams[ci][:need])
