@@ -322,9 +322,8 @@ class DiffusionStrategy(Strategy):
             time.sleep(1.0)
 
     def sample(self, grid: Grid, server_round: int, phase: str) -> list[int]:
-        """max(int(fraction x admitted), min_*_nodes) nodes in client order, drawn from (seed, round,
-        phase) alone, so a resumed run draws the same. The last round evaluates every client: its
-        message ends each node's run, and the report needs every client's figures."""
+        """In client order, drawn from (seed, round, phase) alone, so a resumed run draws the same. The last
+        round evaluates every client: its message ends each node's run, and the report needs every client."""
         fraction, least = self.sampling[phase]
         if phase == "evaluate" and server_round == self.num_rounds:
             fraction = 1.0
