@@ -1,10 +1,7 @@
 """What every method's strategy shares: first contact and identity, which nodes take part in a
-round, validating replies before they touch state, dropouts and metric averaging.
-
-Conventions are those of `flwr.serverapp.strategy.FedAvg`: plain constructor arguments, the
-`config` given to `configure_*` is forwarded to the nodes, `start()` returns Flower's `Result`.
-Every name in a message comes from `collafuse_flwr.protocol`.
-"""
+round, validating replies before they touch state, dropouts and metric averaging. Conventions are
+those of `flwr.serverapp.strategy.FedAvg` (plain constructor arguments, `configure_*` forwards its
+`config` to the nodes, `start()` returns Flower's `Result`); message names come from `protocol`."""
 
 from __future__ import annotations
 
@@ -45,8 +42,7 @@ class RoundFailed(RuntimeError):
 
 
 class ReplyRejected(Exception):
-    """A reply the server will not use; the message says why, its `kind` (the text before the
-    first ':') is what the recorder counts it under."""
+    """A reply the server will not use; its `kind` (the message up to the first ':') is what is counted."""
 
     @property
     def kind(self) -> str:
@@ -87,9 +83,8 @@ class DiffusionStrategy(Strategy):
 
     def __init__(self, *, min_available_nodes: int = 1, min_available_fraction: float = 0.5,
                  fraction_train: float = 1.0, min_train_nodes: int = 1, fraction_evaluate: float = 1.0,
-                 min_evaluate_nodes: int = 1, seed: int = 0,
-                 capacity: int | None = None, num_eval_samples: int = 64, eval_every: int = 0,
-                 sampling_steps: int = 0, connect_timeout: float = 300.0,
+                 min_evaluate_nodes: int = 1, seed: int = 0, capacity: int | None = None, num_eval_samples: int = 64,
+                 eval_every: int = 0, sampling_steps: int = 0, connect_timeout: float = 300.0,
                  recorder: Recorder | None = None, image_shape: tuple[int, int, int] | None = None,
                  on_round_end: Callable[[Any, int], None] | None = None) -> None:
         if min(min_available_nodes, min_train_nodes, min_evaluate_nodes) < 1:
@@ -182,17 +177,10 @@ class DiffusionStrategy(Strategy):
             if not pending or (deadline is not None and time.time() >= deadline):
                 break
             time.sleep(interval)
-        return DiffusionStrategy.retry_lost_workers(grid, messages, replies, timeout)
-
-    @staticmethod
-    def retry_lost_workers(grid: Grid, messages: list[Message], replies: list[Message],
-                           timeout: float | None) -> list[Message]:
-        """Send once more the messages whose simulation worker died (the engine failing, not the
-        node: `isolation.py`); a node whose ClientApp kills it again counts as failed."""
-        if not isolation.simulation_workers():  # a deployed node could fake the engine's error text
-            return replies
+        # resent once: messages whose simulation worker died (the engine failing, not the node: `isolation.py`), only
+        # in simulation (a deployed node could fake the error text); a node that kills it again counts as failed
         lost = {m.metadata.src_node_id for m in replies if m.has_error() and m.error.code not in (P.REFUSED, P.FAILED)
-                and is_infrastructure_error(m.error.reason)}
+                and is_infrastructure_error(m.error.reason)} if isolation.simulation_workers() else set()
         if not lost:
             return replies
         again = [Message(content=m.content, message_type=m.metadata.message_type, dst_node_id=m.metadata.dst_node_id)
@@ -239,20 +227,11 @@ class DiffusionStrategy(Strategy):
         last = self.num_rounds is None or server_round == self.num_rounds
         return last or (self.eval_every > 0 and server_round % self.eval_every == 0)
 
-    def model_measured_after(self, server_round: int) -> bool:
-        """Whether anything looks at the model once this round ends (the nodes' evaluation, the
-        last round, a user's `evaluate_fn`): no server work may be owed then."""
-        return self.measured_every_round or self.is_eval_round(server_round)
-
     def client_of(self, node_id: int) -> int:
         """The server-assigned client index of an admitted node."""
         return self.registry.index[node_id]
 
     # -- first contact and participants ----------------------------------------------------------
-    def hello_config(self) -> dict[str, Any]:
-        """What the server tells a node at first contact (methods add their settings)."""
-        return {P.METHOD: self.method}
-
     def accept_hello(self, node_id: int, info: dict[str, Any]) -> None:
         """Method-specific admission check on a node's hello reply: raise `NotAdmitted` to refuse.
         Here: a node whose images have other channels than the server's model cannot take part."""
@@ -273,10 +252,10 @@ class DiffusionStrategy(Strategy):
     def _contact_new_nodes(self, grid: Grid) -> None:
         """Send the `hello` query to connected nodes the server has not seen, admit or refuse them."""
         connected = set(grid.get_node_ids())
-        new = [n for n in connected if not self.registry.known(n)]
+        new = [n for n in connected if n not in self.registry.index and n not in self.registry.refused]
         if not new:
             return
-        conf = ConfigRecord(self.hello_config())
+        conf = ConfigRecord({P.METHOD: self.method})
         msgs = [Message(content=RecordDict({P.CONFIG: conf}), message_type=P.message_type(P.QUERY, P.HELLO),
                         dst_node_id=n) for n in sorted(new)]
         replies = list(grid.send_and_receive(msgs, timeout=self.round_timeout or self.connect_timeout))
@@ -290,7 +269,7 @@ class DiffusionStrategy(Strategy):
                 self._refuse(nid, f"its first-contact reply was an error: {_last_line(m.error.reason)}",
                              f"did not answer hello: {m.error.reason}")
                 continue
-            info = _metrics_dict(m, P.METRICS)
+            info = _metrics_dict(m)
             why = ("it carried records nobody asked for" if P.unexpected_records(m, "up", P.QUERY, P.HELLO) else
                    "it had no finite metrics" if info is None else
                    f"its {P.PARTITION_ID} claim {info[P.PARTITION_ID]!r} is not a whole number >= -1"
@@ -343,9 +322,8 @@ class DiffusionStrategy(Strategy):
             time.sleep(1.0)
 
     def sample(self, grid: Grid, server_round: int, phase: str) -> list[int]:
-        """max(int(fraction x admitted), min_*_nodes) nodes in client order, drawn from (seed, round,
-        phase) alone, so a resumed run draws the same. The last round evaluates every client: its
-        message ends each node's run, and the report needs every client's figures."""
+        """In client order, drawn from (seed, round, phase) alone, so a resumed run draws the same. The last
+        round evaluates every client: its message ends each node's run, and the report needs every client."""
         fraction, least = self.sampling[phase]
         if phase == "evaluate" and server_round == self.num_rounds:
             fraction = 1.0
@@ -378,8 +356,7 @@ class DiffusionStrategy(Strategy):
     def _train_messages(self, server_round: int, grid: Grid, config: ConfigRecord,
                         content_for: Callable[[int, ConfigRecord], RecordDict] | None = None,
                         everyone: bool = False) -> list[Message]:
-        """A train message to each sampled node (every admitted one with `everyone`): its config,
-        and what `content_for` adds."""
+        """A train message (its config, and what `content_for` adds) to each sampled node, or every admitted one."""
         def content(n: int) -> RecordDict:
             conf = self._config(config, server_round, n)
             return content_for(n, conf) if content_for is not None else RecordDict({P.CONFIG: conf})
@@ -419,11 +396,9 @@ class DiffusionStrategy(Strategy):
                 if phase == "evaluate":
                     self._check_eval(m)
                 self.validate_reply(phase, client, m)
-            except ReplyRejected as exc:
-                rejected.append((client, nid, exc))
-                continue
             except Exception as exc:  # noqa: BLE001 - a reply that breaks a check is malformed, not fatal
-                rejected.append((client, nid, MalformedReply(f"malformed: {type(exc).__name__}: {str(exc)[:120]}")))
+                rejected.append((client, nid, exc if isinstance(exc, ReplyRejected) else
+                                 MalformedReply(f"malformed: {type(exc).__name__}: {str(exc)[:120]}")))
                 continue
             if phase == "train":
                 self.recorder.train_reply(client, dict(m.content[P.METRICS]))
@@ -470,10 +445,8 @@ class DiffusionStrategy(Strategy):
             self.recorder.reject(server_round, exc.kind, client)
 
     def _suspects_note(self) -> str:
-        flagged = self.recorder.flagged()
-        if not flagged:
-            return ""
-        return "; likely cause: " + ", ".join(f"client {c} ({', '.join(k)})" for c, k in flagged.items())
+        flagged = self.recorder.flagged().items()
+        return "; likely cause: " + ", ".join(f"client {c} ({', '.join(k)})" for c, k in flagged) if flagged else ""
 
     def _cap_claims(self, server_round: int, ok: list[Message]) -> None:
         """Cap example claims (`robust.cap_claims`: they weigh every average) in the server's copy; a
@@ -520,7 +493,7 @@ class DiffusionStrategy(Strategy):
             raise MalformedReply(f"samples: {a.shape[0]} images but num-examples says {n_claim}")
         a.numpy()  # bytes that do not decode to that shape are malformed (raises, caught by _accept)
 
-    def _check_metrics(self, m: Message, phase: str = "train") -> None:
+    def _check_metrics(self, m: Message, phase: str) -> None:
         category = P.TRAIN if phase == "train" else P.EVALUATE
         extra = P.unexpected_records(m, "up", category, self.method)
         if extra:
@@ -528,7 +501,7 @@ class DiffusionStrategy(Strategy):
                                  f"only {sorted(P.ALLOWED_RECORDS[('up', category, self.method)])})")
         if P.METRICS not in m.content.metric_records:
             raise MalformedReply(f"metrics: no '{P.METRICS}' metric record")
-        if _metrics_dict(m, P.METRICS) is None:
+        if _metrics_dict(m) is None:
             raise ImplausibleUpload("metrics: a metric is not a finite number")
 
     # -- aggregation of metrics -------------------------------------------------------------------
@@ -560,8 +533,7 @@ class DiffusionStrategy(Strategy):
     def _train_done(self, server_round: int, ok: list[Message], **server: float) -> MetricRecord:
         """The round's train metrics (the nodes' mean, and the server's own): recorded and logged."""
         metrics = self.mean_metrics(ok)
-        for k, v in server.items():
-            metrics[k] = v
+        metrics.update(server)
         self.recorder.record(server_round, **dict(metrics))
         self._progress(server_round, "train", **{k: float(v) for k, v in metrics.items()
                                                  if k in (P.TRAIN_LOSS, "server-train-loss", "uploads-received")})
@@ -612,11 +584,11 @@ class DiffusionStrategy(Strategy):
             self.num_eval_samples)
 
 
-def _metrics_dict(m: Message, key: str) -> dict[str, Any] | None:
+def _metrics_dict(m: Message) -> dict[str, Any] | None:
     """The reply's metrics as a dict, or None when absent or any value is not finite."""
-    if key not in m.content.metric_records:
+    if P.METRICS not in m.content.metric_records:
         return None
-    d = dict(m.content[key])
+    d = dict(m.content[P.METRICS])
     for v in d.values():
         vals = v if isinstance(v, list) else [v]
         if any(not isinstance(x, (int, float)) or not math.isfinite(float(x)) for x in vals):

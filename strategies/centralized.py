@@ -1,9 +1,7 @@
 """Centralized reference: the server pools the nodes' raw training images and trains one full
 denoiser. This SHARES RAW DATA: the privacy worst case and quality upper bound, not a private method.
-
-Round 1 collects the images; every round the server takes nodes x local_steps steps, the total
-of FedAvg or local-only. At evaluation it generates each node's samples and sends them to the
-node, which scores them against its own held-out test split.
+Round 1 collects the images; every round the server takes nodes x local_steps steps (the total of
+FedAvg or local-only) and at evaluation sends each node samples to score on its own test split.
 """
 
 from __future__ import annotations
@@ -28,8 +26,7 @@ from .trainer import ServerTrainer
 
 
 class Centralized(DiffusionStrategy):
-    """The pooled-data reference; `trainer.buffer` holds the pool by client. `local_steps`: per
-    node per round (the server takes nodes x local_steps)."""
+    """The pooled-data reference; `trainer.buffer` holds the pool by client, `local_steps` is per node."""
 
     method = P.CENTRALIZED
     checkpoint_attrs = ("num_contributors",)

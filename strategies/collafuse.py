@@ -44,11 +44,10 @@ class CollaFuse(DiffusionStrategy):
     method = P.COLLAFUSE
     checkpoint_attrs = ("last_upload", "owed_steps", "client_cut")
 
-    def __init__(self, trainer: ServerTrainer, image_shape: tuple[int, int, int], *,
-                 diffusion_steps: int = 1000, beta_schedule: str = "cosine",
-                 cut_ratio: float | None = None, cut_step: int | None = None, node_cuts: bool = False,
-                 server_target: str = "exact", local_steps: int = 40, uploads_per_round: int = 64,
-                 harness_payload: HarnessPayload | None = None, **common: Any) -> None:
+    def __init__(self, trainer: ServerTrainer, image_shape: tuple[int, int, int], *, diffusion_steps: int = 1000,
+                 beta_schedule: str = "cosine", cut_ratio: float | None = None, cut_step: int | None = None,
+                 node_cuts: bool = False, server_target: str = "exact", local_steps: int = 40,
+                 uploads_per_round: int = 64, harness_payload: HarnessPayload | None = None, **common: Any) -> None:
         if (cut_ratio is None) == (cut_step is None):
             raise ValueError("give exactly one of cut_ratio (c in [0, 1]) or cut_step (t_c in 0..T)")
         common.setdefault("capacity", getattr(trainer.model, "num_classes", 0) or None)
@@ -68,7 +67,6 @@ class CollaFuse(DiffusionStrategy):
         self.harness_payload = harness_payload
         self.owed_steps = 0  # server steps earned by finished rounds and not yet taken (overlap)
         self._overlap_metrics: dict[str, float] = {}
-        self._checks: dict[int, UploadCheck] = {}  # cut step -> what an honest upload at it looks like
         self.client_budget: dict[int, int] = {}  # client -> uploads a round, at most its node's budget
         self.last_upload: dict[int, np.ndarray] = {}  # client -> its last upload (harness only)
         self.client_cut: dict[int, int] = {}  # client -> the cut step its node declared (node_cuts)
@@ -120,10 +118,8 @@ class CollaFuse(DiffusionStrategy):
 
     def upload_check(self, client: int) -> UploadCheck:
         """The statistics every image of an honest upload at this client's cut satisfies."""
-        t_c = self.cut_for(client)
-        if t_c not in self._checks:
-            self._checks[t_c] = UploadCheck(float(self.sched.alpha_bars[t_c]), self.image_shape)  # type: ignore[arg-type]
-        return self._checks[t_c]
+        abar = float(self.sched.alpha_bars[self.cut_for(client)])
+        return UploadCheck(abar, self.image_shape)  # type: ignore[arg-type]
 
     # -- training ---------------------------------------------------------------------------
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
@@ -217,15 +213,14 @@ class CollaFuse(DiffusionStrategy):
         self.trainer.trim()
         self.owed_steps += self.steps_for(contributors)  # nodes the server serves are the ones that upload
         ran, self._overlap_metrics = self._overlap_metrics, {}
-        if not self.trainer.overlap or self.model_measured_after(server_round):
+        # nothing may be owed when the model is looked at after this round (evaluation, a user's evaluate_fn)
+        if not self.trainer.overlap or self.measured_every_round or self.is_eval_round(server_round):
             now = self._train_server(self.owed_steps, server_round)
             self.owed_steps = 0
-            if ran:  # steps taken in both places this round: one record of each, summed where additive
-                for k in ("server-steps", "server-train-flops", "server-steps-skipped"):
-                    if k in ran or k in now:
-                        now[k] = ran.get(k, 0) + now.get(k, 0)
-                ran = {k: v for k, v in ran.items() if k not in now}
-            ran = {**ran, **now}
+            for k in ("server-steps", "server-train-flops", "server-steps-skipped"):  # taken in both places: summed
+                if k in ran:
+                    now[k] = ran[k] + now.get(k, 0)
+            ran = {**{k: v for k, v in ran.items() if k not in now}, **now}
         if ran.get("server-steps"):
             self._client_losses(server_round)
         metrics = self._train_done(server_round, ok, **ran, **{
@@ -271,9 +266,8 @@ class CollaFuse(DiffusionStrategy):
                            grid: Grid) -> Iterable[Message]:
         def content(node_id: int, conf: ConfigRecord) -> RecordDict:
             client = self.client_of(node_id)
-            t_c = self.cut_for(client)
-            _, s_cli = D.split_step_budget(self.sampling_steps, self.sched.T, t_c)
-            T = self.sched.T
+            T, t_c = self.sched.T, self.cut_for(client)
+            _, s_cli = D.split_step_budget(self.sampling_steps, T, t_c)
             conf[P.CLIENT_START_STEP] = D.client_start_step(t_c / T, T, self.server_target)  # type: ignore[arg-type]
             conf[P.CLIENT_SAMPLING_STEPS] = s_cli or 0
             rd = RecordDict({P.CONFIG: conf})

@@ -1,10 +1,8 @@
 """FedAvg for diffusion: every node trains the whole denoiser and the server averages the weights
 by examples (Flower's `aggregate_arrayrecords`, the arithmetic of `flwr.serverapp.strategy.FedAvg`).
-
 A reply must match the global model (names, shapes, dtypes, finite) with a positive example
 count. One client cannot take the average over: its claim is capped (base `_cap_claims`) and its
 update scaled down to `robust.CLIP_FACTOR` x the others' median norm, both recorded by client.
-"median" / "trimmed-mean" are Flower's FedMedian / FedTrimmedAvg rules, as robust baselines.
 """
 
 from __future__ import annotations
@@ -25,15 +23,14 @@ from collafuse_flwr import protocol as P
 from .base import DiffusionStrategy, ImplausibleUpload, MalformedReply
 from .robust import CLIP_FACTOR, clip_bounds, clipped, update_norms
 
-#: fedavg-aggregation choices: example-weighted mean (FedAvg), coordinate-wise median (FedMedian),
-#: trimmed mean (FedTrimmedAvg, TRIM_BETA of each tail)
+#: fedavg-aggregation: FedAvg's weighted mean, FedMedian, FedTrimmedAvg (TRIM_BETA of each tail)
 AGGREGATIONS = ("mean", "median", "trimmed-mean")
 TRIM_BETA = 0.2  # FedTrimmedAvg's default
 
 
 class FedAvgDiffusion(DiffusionStrategy):
     """FedAvg over a diffusion denoiser. aggregation: "mean" (example-weighted), "median" or
-    "trimmed-mean" (unweighted); clip_updates: scale an oversized update down."""
+    "trimmed-mean" (unweighted: Flower's robust baselines); clip_updates: scale an oversized update down."""
 
     method = P.FEDAVG
 
@@ -42,8 +39,7 @@ class FedAvgDiffusion(DiffusionStrategy):
             raise ValueError(f"aggregation must be one of {list(AGGREGATIONS)}, got {aggregation!r}")
         super().__init__(**common)
         self.aggregation, self.clip_updates = aggregation, clip_updates
-        self._global: dict[str, tuple[tuple[int, ...], str]] = {}  # name -> (shape, dtype)
-        self._global_arrays: dict[str, np.ndarray] = {}
+        self._global_arrays: dict[str, np.ndarray] = {}  # the model the round's replies must match
 
     def summary(self) -> None:
         super().summary()
@@ -51,7 +47,6 @@ class FedAvgDiffusion(DiffusionStrategy):
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
-        self._global = {k: (tuple(a.shape), a.dtype) for k, a in arrays.items()}
         self._global_arrays = {k: a.numpy() for k, a in arrays.items()}
         return self._train_messages(server_round, grid, config,
                                     lambda n, conf: RecordDict({P.ARRAYS: arrays, P.CONFIG: conf}))
@@ -62,13 +57,14 @@ class FedAvgDiffusion(DiffusionStrategy):
         if P.ARRAYS not in msg.content.array_records:
             raise MalformedReply(f"weights: no '{P.ARRAYS}' array record")
         rec = msg.content[P.ARRAYS]
-        if set(rec.keys()) != set(self._global):
+        if set(rec.keys()) != set(self._global_arrays):
             raise MalformedReply(f"weights: array names differ from the global model's "
-                                 f"({sorted(set(rec) ^ set(self._global))[:3]} ...)")
+                                 f"({sorted(set(rec) ^ set(self._global_arrays))[:3]} ...)")
         for k, a in rec.items():
-            if (tuple(a.shape), a.dtype) != self._global[k]:
+            g = self._global_arrays[k]
+            if (tuple(a.shape), a.dtype) != (g.shape, str(g.dtype)):
                 raise MalformedReply(f"weights: '{k}' is {a.dtype}{tuple(a.shape)}, the global model's is "
-                                     f"{self._global[k][1]}{self._global[k][0]}")
+                                     f"{g.dtype}{g.shape}")
             if not np.isfinite(a.numpy()).all():
                 raise ImplausibleUpload(f"weights: '{k}' has non-finite values")
         n = msg.content[P.METRICS].get(P.NUM_EXAMPLES, 0)

@@ -1,6 +1,5 @@
-"""One node's crash must not take other nodes down with it on Flower's simulation engine.
-
-In Flower 1.42 every virtual node's ClientApp runs on one of a few Ray actors created with
+"""One node's crash must not take other nodes down with it on Flower's simulation engine. In
+Flower 1.42 every virtual node's ClientApp runs on one of a few Ray actors created with
 `max_restarts=0`; a ClientApp that ends its process (os._exit, a segfault, the OOM killer) kills
 its actor, and `RayBackend.process_message` puts the dead actor back into the pool, where it
 fails every later message - any node's - with ActorDiedError (the run config cannot ask for
@@ -68,12 +67,10 @@ def repair_dead_actors() -> bool:
 def _died(ray: Any, future: Any) -> bool:
     """Whether `future` failed because its actor is gone (it has finished: its error is known)."""
     try:
-        ready, _ = ray.wait([future], timeout=0)
-        if not ready:
-            return False
-        ray.get(future, timeout=0)
-        return False
+        if ray.wait([future], timeout=0)[0]:
+            ray.get(future, timeout=0)
     except ray.exceptions.RayActorError:
         return True
     except Exception:  # noqa: BLE001 - the ClientApp raised: the actor is alive
-        return False
+        pass
+    return False

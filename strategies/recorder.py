@@ -16,6 +16,8 @@ from collafuse_flwr.comm import message_nbytes, recorddict_nbytes
 
 #: train-reply metrics summed per client over the run
 TRAIN_TOTALS = (P.CLIENT_TRAIN_FLOPS, P.NUM_UPLOADED, P.TRAIN_SECONDS)
+#: the per-client tallies (client -> dict), kept in a checkpoint as plain dicts
+BY_CLIENT = ("bytes_by_client", "train_totals", "rejected_by_client", "failed_by_client", "client_stats")
 
 
 @dataclass
@@ -44,8 +46,7 @@ class Recorder:
         self.missing: dict[int, list[int]] = {}  # round -> client indices that did not reply
         # per client, summed over its accepted train replies (what each data owner spent and sent)
         self.train_totals: dict[int, dict[str, float]] = defaultdict(lambda: defaultdict(float))
-        # who: rejected replies by client and reason, and what the robustness checks did to a
-        # client's accepted replies (a capped claim, a clipped update), so results.json names them
+        # by client, so that results.json names who was rejected, failed or flagged
         self.rejected_by_client: dict[int, Counter[str]] = defaultdict(Counter)
         self.failed_by_client: dict[int, Counter[str]] = defaultdict(Counter)  # error replies, by what they said
         self.flags: dict[int, list[tuple[int, str, str]]] = defaultdict(list)  # client -> (round, kind, detail)
@@ -53,8 +54,7 @@ class Recorder:
         self.incidents: list[tuple[int, str]] = []  # (round, what): events no single client is blamed for
 
     def record(self, server_round: int, **values: float) -> None:
-        rec = self.rounds.setdefault(server_round, RoundRecord(server_round))
-        rec.values.update(values)
+        self.rounds.setdefault(server_round, RoundRecord(server_round)).values.update(values)
 
     def down(self, messages: list[Message], phase: str, client_of, harness: Iterable[str] = ()) -> None:
         """Bytes server -> client; `harness` keys are measurement-only and counted apart."""
@@ -96,45 +96,30 @@ class Recorder:
         capped, its update clipped). `serious`: the run's status degrades (else a note)."""
         self.flags[client].append((server_round, kind if serious else f"note:{kind}", detail))
 
-    def flagged(self, serious_only: bool = True) -> dict[int, list[str]]:
-        """client -> the kinds of flag raised on it (serious ones only, by default)."""
-        out = {}
-        for c, items in sorted(self.flags.items()):
-            kinds = sorted({k for _, k, _ in items if not (serious_only and k.startswith("note:"))})
-            if kinds:
-                out[c] = kinds
-        return out
+    def flagged(self) -> dict[int, list[str]]:
+        """client -> the kinds of serious flag raised on it (notes aside)."""
+        kinds = {c: sorted({k for _, k, _ in v if not k.startswith("note:")}) for c, v in sorted(self.flags.items())}
+        return {c: k for c, k in kinds.items() if k}
 
     # -- checkpoint ----------------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        return {"bytes": dict(self.bytes), "bytes_by_client": {c: dict(v) for c, v in self.bytes_by_client.items()},
-                "rounds": {r: dict(v.values) for r, v in self.rounds.items()},
-                "evals": {r: (dict(e.images), {c: dict(m) for c, m in e.metrics.items()}) for r, e in self.evals.items()},
+        return {"bytes": dict(self.bytes), "rounds": {r: dict(v.values) for r, v in self.rounds.items()},
+                "evals": {r: (dict(e.images), {c: dict(m) for c, m in e.metrics.items()})
+                          for r, e in self.evals.items()},
                 "failures": self.failures, "rejected": dict(self.rejected), "missing": dict(self.missing),
-                "train_totals": {c: dict(v) for c, v in self.train_totals.items()},
-                "rejected_by_client": {c: dict(v) for c, v in self.rejected_by_client.items()},
-                "failed_by_client": {c: dict(v) for c, v in self.failed_by_client.items()},
+                **{k: {c: dict(v) for c, v in getattr(self, k).items()} for k in BY_CLIENT},
                 "flags": {c: [list(f) for f in v] for c, v in self.flags.items()},
-                "client_stats": {c: dict(v) for c, v in self.client_stats.items()},
                 "incidents": [list(i) for i in self.incidents]}
 
     def load_state_dict(self, state: dict) -> None:
-        self.bytes = defaultdict(float, state["bytes"])
-        self.bytes_by_client = defaultdict(lambda: defaultdict(float))
-        for c, v in state["bytes_by_client"].items():
-            self.bytes_by_client[c].update(v)
+        Recorder.__init__(self)  # empty tallies, then the checkpoint's
+        self.bytes.update(state["bytes"])
         self.rounds = {r: RoundRecord(r, dict(v)) for r, v in state["rounds"].items()}
         self.evals = {r: EvalResult(r, dict(im), dict(me)) for r, (im, me) in state["evals"].items()}
-        self.failures = state["failures"]
-        self.rejected = Counter(state["rejected"])
-        self.missing = dict(state["missing"])
-        self.train_totals = defaultdict(lambda: defaultdict(float))
-        for c, v in state.get("train_totals", {}).items():
-            self.train_totals[c].update(v)
-        self.rejected_by_client = defaultdict(Counter, {c: Counter(v) for c, v in
-                                                        state.get("rejected_by_client", {}).items()})
-        self.failed_by_client = defaultdict(Counter, {c: Counter(v) for c, v in
-                                                      state.get("failed_by_client", {}).items()})
-        self.flags = defaultdict(list, {c: [tuple(f) for f in v] for c, v in state.get("flags", {}).items()})
-        self.client_stats = defaultdict(dict, {c: dict(v) for c, v in state.get("client_stats", {}).items()})
+        self.failures, self.missing = state["failures"], dict(state["missing"])
+        self.rejected.update(state["rejected"])
+        for k in BY_CLIENT:
+            for c, v in state.get(k, {}).items():
+                getattr(self, k)[c].update(v)
+        self.flags.update({c: [tuple(f) for f in v] for c, v in state.get("flags", {}).items()})
         self.incidents = [tuple(i) for i in state.get("incidents", [])]

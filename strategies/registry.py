@@ -1,10 +1,8 @@
-"""Which client index each node holds: kept by the server, checked at first contact.
-
-A node's partition-id is a claim, not an identity: the server admits a node once (its `hello`),
-gives it an index in 0..capacity-1 (its claim when in range and free, else the lowest free one)
-and from then on trusts only its own map node id -> index (the label of a conditional model).
-A slot whose holder is no longer connected goes to the next node that claims it (or, when none
-is free, to the next without a claim): a restarted or resumed SuperNode comes back under a new id.
+"""Which client index each node holds, kept by the server. A node's partition-id is a claim, not an
+identity: the server admits a node once (its `hello`), gives it an index in 0..capacity-1 (its claim
+when in range and free, else the lowest free one; a conditional model's label) and from then on
+trusts only its own map node id -> index. A slot whose holder is gone can be taken again: a
+restarted or resumed SuperNode comes back under a new id.
 """
 
 from __future__ import annotations
@@ -24,13 +22,17 @@ class NodeRegistry:
     def admit(self, node_id: int, claimed: int | None, info: dict[str, Any] | None = None,
               connected: Iterable[int] | None = None) -> tuple[int | None, str]:
         """(index, "") or (None, reason); idempotent. A slot whose holder is not in `connected` (None:
-        all are) is free for this node."""
+        all are) is free for this node: the one it claims or, without a claim when none is free, any."""
         if node_id in self.index:
             return self.index[node_id], ""
-        if connected is not None:
-            self._release_absent(set(connected), claimed)
+        claims = claimed is not None and claimed >= 0
+        if connected is not None and (claims or (self.capacity is not None and len(self.index) >= self.capacity)):
+            for n in set(self.index) - set(connected):
+                if not claims or self.index[n] == claimed:
+                    del self.index[n]
+                    self.info.pop(n, None)
         held = {i: n for n, i in self.index.items()}
-        if claimed is not None and claimed >= 0:
+        if claims:
             if self.capacity is not None and claimed >= self.capacity:
                 return self._refuse(node_id, f"partition-id {claimed} is outside 0..{self.capacity - 1} "
                                              f"(the shared model was built for {self.capacity} clients)")
@@ -48,24 +50,9 @@ class NodeRegistry:
         self.refused.pop(node_id, None)
         return idx, ""
 
-    def _release_absent(self, connected: set[int], claimed: int | None) -> None:
-        """Free the slot `claimed` if its holder is gone; without a claim, free every absent holder's
-        slot when no slot is free."""
-        absent = [n for n in self.index if n not in connected]
-        if claimed is not None and claimed >= 0:
-            absent = [n for n in absent if self.index[n] == claimed]
-        elif self.capacity is None or len(self.index) < self.capacity:
-            return
-        for n in absent:
-            del self.index[n]
-            self.info.pop(n, None)
-
     def _refuse(self, node_id: int, reason: str) -> tuple[None, str]:
         self.refused[node_id] = reason
         return None, reason
-
-    def known(self, node_id: int) -> bool:
-        return node_id in self.index or node_id in self.refused
 
     def ordered(self, node_ids: Iterable[int]) -> list[int]:
         """The admitted ones among `node_ids`, by client index: node ids are random each run and

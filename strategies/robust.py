@@ -1,10 +1,7 @@
-"""Defences against one hostile or broken client that the strategies share (issue 25).
-
-A reply valid in every field can still take the federation over (constant images just under
-the magnitude bound, a claim of 1e12 examples, weights x100); what it cannot do is look like an
-honest reply. The thresholds come from the distribution an honest reply follows, so honest
-replies pass with overwhelming probability (bit-identical honest runs).
-"""
+"""Defences against one hostile or broken client (issue 25). A reply valid in every field can
+still take the federation over (constant images just under the magnitude bound, a claim of 1e12
+examples, weights x100), but it cannot look like an honest reply: the thresholds come from the
+distribution an honest reply follows, so honest replies pass (bit-identical honest runs)."""
 
 from __future__ import annotations
 
@@ -132,12 +129,10 @@ def balanced_batches(labels: Tensor, batch_size: int, steps: int, generator: tor
     bs = min(batch_size, int(labels.numel()))
     k = len(rows)
     out: list[Tensor] = []
+    take = [bs // k + (1 if j < bs % k else 0) for j in range(k)]
     for _ in range(steps):
-        order = torch.randperm(k, generator=generator)
-        take = [bs // k + (1 if j < bs % k else 0) for j in range(k)]
         batch = []
-        for j, ci in enumerate(order.tolist()):
-            need = take[j]
+        for need, ci in zip(take, torch.randperm(k, generator=generator).tolist()):
             while streams[ci].numel() < need:
                 streams[ci] = torch.cat([streams[ci], rows[ci][torch.randperm(rows[ci].numel(), generator=generator)]])
             batch.append(streams[ci][:need])
@@ -148,6 +143,15 @@ def balanced_batches(labels: Tensor, batch_size: int, steps: int, generator: tor
 
 #: A client's claimed example count weighs at most this many times the median of the others'.
 CLAIM_FACTOR = 2.0
+#: A FedAvg update (returned weights minus the global model) may be at most this many times the
+#: median of the other clients' update norms; larger ones are scaled down to it.
+CLIP_FACTOR = 3.0
+
+
+def _others_median(values: dict[int, float]) -> dict[int, float]:
+    """Each client's median of the other clients' values (0 when there are none)."""
+    return {c: float(np.median([w for o, w in values.items() if o != c])) if len(values) > 1 else 0.0
+            for c in values}
 
 
 def cap_claims(claims: dict[int, float], declared: dict[int, float]) -> dict[int, float]:
@@ -156,38 +160,19 @@ def cap_claims(claims: dict[int, float], declared: dict[int, float]) -> dict[int
     first = {c: min(v, declared[c]) if declared.get(c, 0) > 0 else v for c, v in claims.items()}
     if len(first) < 2:
         return first
-    out = {}
-    for c, v in first.items():
-        others = [w for o, w in first.items() if o != c]
-        out[c] = min(v, CLAIM_FACTOR * float(np.median(others)))
-    return out
-
-
-#: A FedAvg update (returned weights minus the global model) may be at most this many times the
-#: median of the other clients' update norms; larger ones are scaled down to it.
-CLIP_FACTOR = 3.0
+    return {c: min(first[c], CLAIM_FACTOR * med) for c, med in _others_median(first).items()}
 
 
 def update_norms(updates: dict[int, dict[str, np.ndarray]], base: dict[str, np.ndarray]) -> dict[int, float]:
     """L2 norm of each client's update (its floating-point arrays minus the global model's)."""
-    out = {}
-    for c, arrays in updates.items():
-        sq = 0.0
-        for k, a in arrays.items():
-            if np.issubdtype(a.dtype, np.floating):
-                sq += float(np.sum((a.astype(np.float64) - base[k].astype(np.float64)) ** 2))
-        out[c] = math.sqrt(sq)
-    return out
+    return {c: math.sqrt(sum(float(np.sum((a.astype(np.float64) - base[k].astype(np.float64)) ** 2))
+                             for k, a in arrays.items() if np.issubdtype(a.dtype, np.floating)))
+            for c, arrays in updates.items()}
 
 
 def clip_bounds(norms: dict[int, float]) -> dict[int, float]:
     """CLIP_FACTOR x the median of the others' norms (inf when there is nothing to compare with)."""
-    out = {}
-    for c in norms:
-        others = [v for o, v in norms.items() if o != c]
-        med = float(np.median(others)) if others else 0.0
-        out[c] = CLIP_FACTOR * med if med > 0 else math.inf
-    return out
+    return {c: CLIP_FACTOR * med if med > 0 else math.inf for c, med in _others_median(norms).items()}
 
 
 def clipped(arrays: dict[str, np.ndarray], base: dict[str, np.ndarray], scale: float) -> dict[str, np.ndarray]:
