@@ -53,7 +53,8 @@ def import_time(module: str = "collafuse_flwr.client_app", repeats: int = 3) -> 
         for m in re.finditer(r"import time:\s+\d+ \|\s+(\d+) \|( {0,3})(\S+)", res.stderr):  # 2 levels deep
             heavy[m.group(3)] = max(heavy.get(m.group(3), 0), int(m.group(1)))
     top = sorted(heavy.items(), key=lambda kv: -kv[1])[:10]
-    return {"module": module, "wall_s": [round(w, 2) for w in walls], "median_wall_s": round(statistics.median(walls), 2),
+    median = round(statistics.median(walls), 2)
+    return {"module": module, "wall_s": [round(w, 2) for w in walls], "median_wall_s": median,
             "slowest_cumulative_s": {k: round(v / 1e6, 2) for k, v in top}}
 
 

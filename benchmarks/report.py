@@ -275,7 +275,8 @@ def plot_all(groups: list[dict], out: Path, meta: dict) -> list[str]:
           ("reid_scaled", "model-free x_tc / sqrt(abar_c)", "tab:purple")],
          "share of uploads matched to their source image", "reid_server", _fmt_num),
         ("How much the server's view resembles the data",
-         [("upload_fid", "uploads x_tc (training)", "tab:blue"), ("inference_fid", "x_tc sent at inference", "tab:cyan")],
+         [("upload_fid", "uploads x_tc (training)", "tab:blue"),
+          ("inference_fid", "x_tc sent at inference", "tab:cyan")],
          f"FID vs the client's training images, {feats}", "", _fmt_num)],
         groups, f"Disclosure vs cut ratio ({sub}); c = 1 uploads nothing")
     _figure(out / "client_flops_vs_c.png", [
@@ -316,7 +317,8 @@ def write_markdown(path: Path, rows: list[dict], groups: list[dict], sweep: dict
         lines += [f"| clients | {ok[0].get('num_clients')} |", f"| seeds | {sorted({r['seed'] for r in ok})} |"]
     if sweep:
         lines += ["", f"Run set `{sweep.get('preset')}`: {sweep.get('preset_about', '')}. Engine: "
-                      f"{sweep.get('engine', 'flwr run')}. Keys sent to every run: `{json.dumps(sweep.get('run_config', {}))}`."]
+                      f"{sweep.get('engine', 'flwr run')}. Keys sent to every run: "
+                      f"`{json.dumps(sweep.get('run_config', {}))}`."]
     header = ["configuration", "n"] + [h for _, h, _ in TABLE]
     lines += ["", "## Results (mean ± std over seeds)", "", ABOUT, "", "| " + " | ".join(header) + " |",
               "|" + "---|" * len(header)]

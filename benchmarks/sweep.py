@@ -176,7 +176,8 @@ def plan(configs: Sequence[SweepConfig], seeds: Sequence[int], run_config: dict[
     if owned:
         raise BenchmarkError(f"{owned} are set by the sweep itself (configurations, --seeds, --out); "
                              f"remove them from the overrides")
-    return [RunSpec(c, int(s), {**run_config, **c.overrides, "seed": int(s)}, num_clients) for s in seeds for c in configs]
+    return [RunSpec(c, int(s), {**run_config, **c.overrides, "seed": int(s)}, num_clients)
+            for s in seeds for c in configs]
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -405,8 +406,8 @@ def run_sweep(configs: Sequence[SweepConfig], out: Path, *, seeds: Sequence[int]
             if rec["status"] == "ok":
                 summary.ran.append(spec.name)
                 fid = read_json(runs_dir / spec.name / "results.json").get("final", {}).get("fid")
-                print(f"{prefix}: ok in {fmt_seconds(rec['call_seconds'])} (FID {fid if fid is None else f'{fid:.3g}'})",
-                      flush=True)
+                shown = "None" if fid is None else f"{fid:.3g}"
+                print(f"{prefix}: ok in {fmt_seconds(rec['call_seconds'])} (FID {shown})", flush=True)
             else:
                 summary.failed.append(spec.name)
                 print(f"{prefix}: FAILED after {fmt_seconds(rec['call_seconds'])}: {rec['error']} "

@@ -19,7 +19,8 @@ from collafuse_flwr.core.chain import cut_step, split_step_budget
 from collafuse_flwr.core.presets import PRESETS, client_preset
 
 METHODS = ("collafuse", "fedavg", "local", "centralized")
-DATASETS = ("digits", "mnist5k", "mnist", "fashion-mnist", "cifar10", "celeba", "awa2", "imagefolder")  # or "hf:<id or path>"
+# or "hf:<id or path>"
+DATASETS = ("digits", "mnist5k", "mnist", "fashion-mnist", "cifar10", "celeba", "awa2", "imagefolder")
 PARTITIONINGS = ("iid", "dirichlet", "by-class", "by-attribute")
 # the source tree's pyproject.toml, or the copy a wheel carries inside the package (hatch force-include)
 _HERE = Path(__file__).resolve().parent
@@ -233,7 +234,8 @@ def parse_config(run_config: dict[str, Any], *, defaults: dict[str, Any] | None 
         if values[k] < lo:
             raise ConfigError(f"{k.replace('_', '-')} must be >= {lo:g}, got {values[k]}")
     if values["image_channels"] not in (0, 1, 3):
-        raise ConfigError(f"image-channels must be 0 (the data's own), 1 (gray) or 3 (RGB), got {values['image_channels']}")
+        raise ConfigError(f"image-channels must be 0 (the data's own), 1 (gray) or 3 (RGB), "
+                          f"got {values['image_channels']}")
     if not 0.0 <= values["cut_ratio"] <= 1.0:
         raise ConfigError(f"cut-ratio must be in [0, 1] (0 = server-only, 1 = local-only), "
                           f"got {values['cut_ratio']}")
@@ -267,8 +269,9 @@ def parse_config(run_config: dict[str, Any], *, defaults: dict[str, Any] | None 
     for key in ("round_timeout", "learning_rate", "dirichlet_alpha"):
         if values[key] <= 0:
             raise ConfigError(f"{key.replace('_', '-')} must be > 0, got {values[key]}")
-    if values["dataset"] not in ("digits", "mnist5k") and not values["dataset"].startswith("hf:") and not values["data_dir"]:
-        raise ConfigError(f"dataset={values['dataset']!r} reads local files: set data-dir to the absolute folder "
+    ds = values["dataset"]
+    if ds not in ("digits", "mnist5k") and not ds.startswith("hf:") and not values["data_dir"]:
+        raise ConfigError(f"dataset={ds!r} reads local files: set data-dir to the absolute folder "
                           f"that holds them (or that download=true fills)")
     for key in ("data_dir", "output_dir", "fid_weights", "resume_from"):
         if values[key] and not os.path.isabs(os.path.expanduser(values[key])):

@@ -174,7 +174,8 @@ class CollaFuse(DiffusionStrategy):
         if self.owed_steps:
             with self.trainer.overlap_threading():
                 self._overlap_metrics = self._train_server(self.owed_steps, server_round)
-            self._overlap_metrics["server-train-overlapped-seconds"] = self._overlap_metrics.pop("server-train-seconds", 0.0)
+            took = self._overlap_metrics.pop("server-train-seconds", 0.0)
+            self._overlap_metrics["server-train-overlapped-seconds"] = took
             self.owed_steps = 0
 
     def _train_server(self, steps: int, server_round: int) -> dict[str, float]:
@@ -241,7 +242,8 @@ class CollaFuse(DiffusionStrategy):
                 x = self.buffer[client][-1][:rows].to(self.trainer.device)
                 if hasattr(self.model, "condition"):
                     self.model.condition(client)
-                loss = D.server_loss(self.model, self.sched, x, self.cut_for(client), self.server_target, gen)  # type: ignore[arg-type]
+                loss = D.server_loss(self.model, self.sched, x, self.cut_for(client),  # type: ignore[arg-type]
+                                     self.server_target, gen)
                 self.recorder.client_stats[client]["server-loss"] = float(loss)
         finally:
             self.model.train(was_training)

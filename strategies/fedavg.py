@@ -43,7 +43,8 @@ class FedAvgDiffusion(DiffusionStrategy):
 
     def summary(self) -> None:
         super().summary()
-        log(INFO, "\t├──> aggregation=%s, update clipping %s", self.aggregation, "on" if self.clip_updates else "off")
+        log(INFO, "\t├──> aggregation=%s, update clipping %s", self.aggregation,
+            "on" if self.clip_updates else "off")
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
@@ -101,8 +102,8 @@ class FedAvgDiffusion(DiffusionStrategy):
                 out.append(r)
                 continue
             scale = bounds[c] / norms[c]
-            detail = (f"update norm {norms[c]:.4g} is {norms[c] * CLIP_FACTOR / bounds[c]:.3g}x the median of the other "
-                      f"clients'; scaled down to {bounds[c]:.4g}")
+            detail = (f"update norm {norms[c]:.4g} is {norms[c] * CLIP_FACTOR / bounds[c]:.3g}x the median of the "
+                      f"other clients'; scaled down to {bounds[c]:.4g}")
             log(WARNING, "round %d: client %d (node %d): %s", server_round, c, m.metadata.src_node_id, detail)
             self.recorder.flag(server_round, c, "update-clipped", detail)
             out.append(ArrayRecord({k: Array(np.ascontiguousarray(v))

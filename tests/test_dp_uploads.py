@@ -4,7 +4,6 @@ trains and hands off at t_u for that node. Its run through `flwr run` (upload-ep
 MNIST-5k) is in tests/test_e2e_datasets.py."""
 
 
-import numpy as np
 import pytest
 import torch
 from inprocess import InProcessGrid

@@ -36,7 +36,8 @@ class ClientData:
 def _load(name: str, data_dir: str, image_size: int, max_samples: int, channels: int, download: bool,
           image_column: str, label_column: str) -> ImageDataset:
     return load_dataset(name, data_dir or None, image_size=image_size, max_samples=max_samples or None,
-                        channels=channels or None, download=download, image_column=image_column, label_column=label_column)
+                        channels=channels or None, download=download, image_column=image_column,
+                        label_column=label_column)
 
 
 def dataset_for(cfg: RunConfig, name: str | None = None, data_dir: str | None = None) -> ImageDataset:

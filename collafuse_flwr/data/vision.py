@@ -92,7 +92,8 @@ def load_mnist_like(key: str, root: Path, split: str, limit: int | None, downloa
             if got != magic:
                 raise ValueError(f"{raw / n} has IDX magic 0x{got:08x}, expected 0x{magic:08x} for uint8 {kind}; "
                                  f"the file is corrupt or not an MNIST-style IDX file, re-download it") from exc
-        raise ValueError(f"torchvision cannot read the {key} {split} files in {raw} ({exc!r}); re-download them") from exc
+        raise ValueError(f"torchvision cannot read the {key} {split} files in {raw} ({exc!r}); "
+                         "re-download them") from exc
     if len(tv.data) != len(tv.targets):
         raise ValueError(f"{raw} holds {len(tv.data)} {split} images but {len(tv.targets)} labels; re-download it")
     return ImageDataset(images=tv.data[:limit].unsqueeze(1).contiguous(),
@@ -194,7 +195,8 @@ def load_awa2(root: Path, limit: int | None, size: int, mode: str) -> ImageDatas
     class_names = _read_indexed_names(classes_txt) if classes_txt.is_file() else dirs
     unknown = sorted(set(dirs) - set(class_names))
     if unknown:
-        raise ValueError(f"JPEGImages folders {unknown} are not listed in {classes_txt}; add them or remove the folders")
+        raise ValueError(f"JPEGImages folders {unknown} are not listed in {classes_txt}; "
+                         "add them or remove the folders")
     matrix = attr_names = None
     matrix_path, pred_path = base / "predicate-matrix-binary.txt", base / "predicates.txt"
     if matrix_path.is_file() or pred_path.is_file():

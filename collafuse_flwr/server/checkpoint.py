@@ -81,9 +81,12 @@ def load_checkpoint(run_dir: Path) -> dict[str, Any]:
     try:
         blob = from_safe(torch.load(path, weights_only=True, map_location="cpu"))
     except Exception as exc:  # noqa: BLE001 - any reason the file cannot be read says the same to the user
-        raise CheckpointError(f"resume-from={str(run_dir)!r}: {path.name} cannot be read ({_why(exc)}); {fix}") from None
+        raise CheckpointError(f"resume-from={str(run_dir)!r}: {path.name} cannot be read ({_why(exc)}); "
+                              f"{fix}") from None
+    def to_rec(d: dict | None) -> ArrayRecord | None:
+        return None if d is None else ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in d.items()})
+
     try:
-        to_rec = lambda d: None if d is None else ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in d.items()})  # noqa: E731
         result = Result()
         result.arrays = to_rec(blob["result"]["arrays"])
         for name in _RESULT_KEYS:
