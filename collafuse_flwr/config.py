@@ -192,7 +192,8 @@ def _coerce(key: str, value: Any, typ: Any) -> Any:
     if key == "server_steps":  # "auto" or a fixed count
         if isinstance(value, str) and value.strip().lower() == "auto":
             return "auto"
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or float(value) != int(value) or value < 0:
+        if (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
+                or float(value) != int(value) or value < 0):
             raise ConfigError(f"server-steps must be \"auto\" (clients x local-steps per round, the fair budget) "
                               f"or an integer >= 0 (a fixed budget, for the ablation), got {value!r}")
         return int(value)
@@ -204,7 +205,8 @@ def _coerce(key: str, value: Any, typ: Any) -> Any:
             return value.lower() == "true"
         raise ConfigError(f"{dash} must be true or false, got {value!r}")
     if typ is int:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or float(value) != int(value):
+        if (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
+                or float(value) != int(value)):
             raise ConfigError(f"{dash} must be an integer, got {value!r}")
         return int(value)
     if typ is float:

@@ -101,7 +101,8 @@ def _resume_point(cfg: RunConfig, context: Context):
 
 class _EngineExit:
     """Record "stopped" when Flower's engine exits under a running ServerApp: `flwr stop` ends a simulation
-    in its main thread, so the ServerApp's thread sees no signal, only the error of its grid gone ("stopped")."""
+    in its main thread, so the ServerApp's thread sees no signal. The handler remembers "stopped", so the error
+    the thread hits next (its grid gone) is recorded "stopped", not "failed". Disarmed when the run ends."""
 
     def __init__(self, results: Path, header: dict) -> None:
         self.results, self.header, self.armed, self.exiting = results, header, True, False

@@ -1,7 +1,8 @@
 """Defences against one hostile or broken client (issue 25). A reply valid in every field can
 still take the federation over (constant images just under the magnitude bound, a claim of 1e12
 examples, weights x100), but it cannot look like an honest reply: the thresholds come from the
-distribution an honest reply follows, so honest replies pass (bit-identical honest runs)."""
+distribution an honest reply follows, so honest replies pass with overwhelming probability (tail
+bounds; bit-identical honest runs)."""
 
 from __future__ import annotations
 

@@ -21,6 +21,8 @@ def test_pyproject_defaults_are_valid():
     ({"data-dir": "relative/path", "dataset": "mnist"}, "absolute path"),
     ({"num-server-rounds": 0}, "num-server-rounds must be >= 1"),
     ({"batch-size": 2.5}, "batch-size must be an integer"),
+    ({"batch-size": float("inf")}, "batch-size must be an integer"),  # TOML allows inf; int(inf) overflows
+    ({"server-steps": float("inf")}, "server-steps must be"),
     ({"learning-rate": "fast"}, "learning-rate must be a number"),
     ({"count-flops": "maybe"}, "count-flops must be true or false"),
     ({"test-fraction": 1.0}, "test-fraction"),

@@ -61,6 +61,8 @@ def test_save_to_disk_dataset_dict_with_splits(tmp_path):
     assert test.images.shape == (3, 1, 8, 8)
     with pytest.raises(ValueError, match="no split 'valid'"):
         load_dataset(f"hf:{tmp_path / 'dd'}", split="valid")
+    (tmp_path / "dd" / "train" / "._data-00000-of-00001.arrow").write_bytes(b"\0\5\26\7 AppleDouble")  # a macOS copy
+    assert load_dataset(f"hf:{tmp_path / 'dd'}", image_size=8).images.shape == (12, 3, 8, 8)
 
 
 def test_single_dataset_parquet_and_image_folder(tmp_path):

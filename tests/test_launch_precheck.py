@@ -161,3 +161,17 @@ def test_a_preset_is_the_base_and_the_command_line_wins(captured_run):
     assert sent == {**preset("quick"), "num-server-rounds": 3, "cut-ratio": 0.4}
     assert preset("quick")["num-server-rounds"] == 2  # the file's own value was overridden, not edited
     assert main(["--preset", "tiny", "--run-config", "cut-rato=0.4"]) == 2  # still checked before a run
+
+
+def test_the_launcher_reads_only_the_lines_it_means_from_the_log():
+    """The run id, the announced run folder and the results folder come from flwr's and the
+    ServerApp's own lines; a user's line that merely contains the same words does not count."""
+    from collafuse_flwr.tools.launch import _output_dir, announced_dir, started_run_id
+
+    log = ("my note; outputs go to /elsewhere (on the machine x)\n"
+           "INFO :      collafuse-flwr: method=collafuse; outputs go to /runs/a b (on the machine that runs it)\n"
+           "Successfully started run 4711\n"
+           "collafuse-flwr: results in /runs/old\ncollafuse-flwr: results in /runs/a b\n")
+    assert announced_dir(log) == Path("/runs/a b") and started_run_id(log) == 4711
+    assert _output_dir(log) == Path("/runs/a b")
+    assert started_run_id("Successfully started run ²") is None and started_run_id("nothing") is None

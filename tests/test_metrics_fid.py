@@ -88,6 +88,8 @@ def test_small_sets_and_kid_subset(digits16):
     assert set(out) == {"fid", "kid", "kid_std"} and all(isinstance(v, float) for v in out.values())
     with pytest.raises(ValueError, match="at least 2"):
         compute_fid_kid(test[:5], train[:1], "digits-cnn")
+    with pytest.raises(ValueError, match="at least 2"):  # said before any backbone loads (these weights are absent)
+        compute_fid_kid(test[:5], train[:1], "inception", weights_path="/nonexistent/weights.pth")
     with pytest.raises(ValueError, match="kid_subset_size"):
         compute_fid_kid(test[:5], train[:3], "digits-cnn", kid_subset_size=4)
 

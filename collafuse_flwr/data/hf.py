@@ -37,10 +37,15 @@ def _source(source: str) -> dict[str, Any]:
         return {"dataset": builder, "data_files": {"train": str(path)}}
     if (path / "dataset_dict.json").is_file():  # save_to_disk of a DatasetDict: one folder per split
         splits = [d.name for d in sorted(path.iterdir()) if (d / "state.json").is_file()]
-        return {"dataset": "arrow", "data_files": {s: sorted(map(str, (path / s).glob("*.arrow"))) for s in splits}}
+        return {"dataset": "arrow", "data_files": {s: _arrow_files(path / s) for s in splits}}
     if (path / "state.json").is_file():  # save_to_disk of one Dataset
-        return {"dataset": "arrow", "data_files": {"train": sorted(map(str, path.glob("*.arrow")))}}
+        return {"dataset": "arrow", "data_files": {"train": _arrow_files(path)}}
     return {"dataset": str(path)}
+
+
+def _arrow_files(folder: Path) -> list[str]:
+    """The shards save_to_disk wrote, without hidden files (a copy from macOS adds `._*.arrow`)."""
+    return sorted(str(p) for p in folder.glob("*.arrow") if not p.name.startswith("."))
 
 
 @contextlib.contextmanager

@@ -30,6 +30,9 @@ def _check_images(images: Tensor, what: str) -> None:
                         "with collafuse_flwr.metrics.features.to_uint8")
     if images.dim() != 4 or images.shape[1] not in (1, 3):
         raise ValueError(f"{what} must be N x C x H x W with C in (1, 3), got shape {tuple(images.shape)}")
+    if images.shape[0] < 2:  # before any backbone loads or features are extracted
+        raise ValueError(f"{what} has {images.shape[0]} image(s); FID and KID need at least 2 per set "
+                         "(a covariance needs two samples) - generate or load more images")
 
 
 def fid_kid_from_features(real: Tensor, fake: Tensor, kid_subset_size: int | None = None) -> dict[str, float]:

@@ -1,7 +1,8 @@
 """Checkpoint after every round (strategy state, global arrays, Flower's `Result`, run-config; written
 atomically) and resume a killed run from its last finished round. Read with `torch.load(weights_only=True)`:
 anyone who could write to resume-from could plant a file there, and a full unpickler would run its code in
-the ServerApp; so it holds only tensors and plain containers (numpy arrays as `{NP_TAG: tensor}`)."""
+the ServerApp; so it holds only tensors and plain containers (numpy arrays as `{NP_TAG: tensor}`), and a
+file that cannot be read so is one `CheckpointError` line naming the file and the fix, not a traceback."""
 
 from __future__ import annotations
 

@@ -171,21 +171,22 @@ def _status(path: Path) -> str | None:
         return None
 
 
-def _said(log: str, marker: str, end: str = "\n") -> str | None:
-    """What the last log line holding `marker` says after it, up to `end`."""
-    said = [line.split(marker, 1)[1].split(end, 1)[0].strip() for line in log.splitlines() if marker in line]
-    return said[-1] if said else None
+def _said(log: str, marker: str, end: str = "\n", *, last: bool = False, also: str = "") -> str | None:
+    """What the first (or last) log line holding `marker` (and `also`) says after it, up to `end`."""
+    said = [line.split(marker, 1)[1].split(end, 1)[0].strip() for line in log.splitlines()
+            if marker in line and also in line]
+    return (said[-1] if last else said[0]) if said else None
 
 
 def announced_dir(log: str) -> Path | None:
     """The run folder the ServerApp names at start ("outputs go to <dir> (on the machine ...")."""
-    said = _said(log, "; outputs go to ", " (on the machine")
+    said = _said(log, "; outputs go to ", " (on the machine", also="collafuse-flwr: method=")
     return Path(said) if said else None
 
 
 def started_run_id(log: str) -> int | None:
     said = _said(log, "Successfully started run ")
-    return int(said) if said and said.isdigit() else None
+    return int(said) if said and said.isdecimal() and said.isascii() else None
 
 
 def find_run_dir(run_config: str, app_dir: Path, run_id: int) -> Path | None:
@@ -233,10 +234,10 @@ def run_flower(run_config: dict[str, object] | str = "", num_clients: int = 5, a
     client_cpus = int(client_cpus)
     app_dir = Path(app_dir).expanduser().resolve()
     run_config = run_config if isinstance(run_config, str) else run_config_text(run_config)
+    http_port, control_port = free_port(), free_port()  # before a private home exists: nothing to leak if it fails
     own_home = flwr_home is None
     home = Path(tempfile.mkdtemp(prefix="collafuse-flwr-home-")) if own_home else Path(flwr_home).resolve()
     home.mkdir(parents=True, exist_ok=True)
-    http_port, control_port = free_port(), free_port()
     ports = [http_port, control_port]  # Flower 1.42's local SuperLink serves the Control API on the HTTP port
     token = uuid.uuid4().hex
     env = flwr_env(home, {"FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(http_port),
@@ -317,7 +318,7 @@ def _follow(proc: subprocess.Popen, log_lines: list[str], echo: threading.Event,
 
 
 def _output_dir(log: str) -> Path | None:
-    said = _said(log, "collafuse-flwr: results in ")
+    said = _said(log, "collafuse-flwr: results in ", last=True)
     return Path(said) if said else None
 
 
