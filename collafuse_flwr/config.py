@@ -19,7 +19,7 @@ from collafuse_flwr.core.chain import cut_step, split_step_budget
 from collafuse_flwr.core.presets import PRESETS, client_preset
 
 METHODS = ("collafuse", "fedavg", "local", "centralized")
-# or "hf:<id or path>"
+#: the named datasets; `dataset` may also be "hf:<Hub id or local path>"
 DATASETS = ("digits", "mnist5k", "mnist", "fashion-mnist", "cifar10", "celeba", "awa2", "imagefolder")
 PARTITIONINGS = ("iid", "dirichlet", "by-class", "by-attribute")
 # the source tree's pyproject.toml, or the copy a wheel carries inside the package (hatch force-include)

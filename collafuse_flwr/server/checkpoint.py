@@ -84,6 +84,7 @@ def load_checkpoint(run_dir: Path) -> dict[str, Any]:
     except Exception as exc:  # noqa: BLE001 - any reason the file cannot be read says the same to the user
         raise CheckpointError(f"resume-from={str(run_dir)!r}: {path.name} cannot be read ({_why(exc)}); "
                               f"{fix}") from None
+
     def to_rec(d: dict | None) -> ArrayRecord | None:
         return None if d is None else ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in d.items()})
 
