@@ -10,6 +10,7 @@ without local paths (`node.refusal`).
 from collafuse_flwr.imports import LOCK
 
 with LOCK:  # the ServerApp may be loading in another thread (collafuse_flwr/imports.py)
+    import dataclasses
     import functools
     import logging
     import math
@@ -118,6 +119,8 @@ def _node(context: Context) -> Node:
     nc = dict(context.node_config)
     policy = node_policy(nc, cfg, int(nc.get(P.NODE_PARTITION_ID, -1)))
     data = node_data(policy.data_config(cfg, nc), nc)
+    if not policy.trusts_run_config:  # no file the server names is read: loading FID weights runs a pickle
+        cfg = dataclasses.replace(cfg, fid_weights="")
     private_dir(policy.state_dir)
     return Node(cfg, policy, data, D.make_schedule(cfg.diffusion_steps, cfg.beta_schedule), default_device(),
                 context, randomness.run_fingerprint(dict(context.run_config), ignore=BOOKKEEPING_KEYS))
@@ -227,9 +230,11 @@ def _private_model(node: Node, method: str, client: int, server_round: int, run_
 
 
 def _state_file(node: Node, client: int, run_key: int, suffix: str = "pt") -> Path:
-    """Per run (a resumed run names the first) and run-config; "finished": the final evaluation's marker."""
+    """Per run (a resumed run names the first) and run-config; "finished": the final evaluation's marker.
+    A deployed node's state folder is its own (docs): one private model a run, whatever client index
+    the server sends, so the server cannot have it write a file per index."""
     run = f"run-{run_key or node.context.run_id}-{node.fingerprint}"
-    return node.policy.state_dir / run / f"client-{client}.{suffix}"
+    return node.policy.state_dir / run / f"{f'client-{client}' if node.policy.trusts_run_config else 'node'}.{suffix}"
 
 
 def _train(node: Node, model: torch.nn.Module, opt: torch.optim.Optimizer, t_max: int, client: int, rnd: int,
@@ -257,6 +262,8 @@ def _train_private(node: Node, msg: Message, method: str, t_max: int,
     _train(node, model, opt, t_max, client, rnd, metrics)
     state.save_private(node.context.state, model, opt, rnd)
     records = upload(client, rnd, metrics) if upload else {}
+    if not node.policy.trusts_run_config:
+        state.prune_runs(_state_file(node, client, run_key))
     state.persist(node.context.state, _state_file(node, client, run_key))
     metrics[P.TRAIN_SECONDS] = time.perf_counter() - t0
     return metrics, records
@@ -365,7 +372,8 @@ def _evaluated(node: Node, msg: Message, method: str, images: torch.Tensor, seco
     if node.policy.share_harness:  # research measurements, only where the node's operator allows them
         metrics[P.CHECKSUM] = float(images.double().mean())
         metrics.update(scoring.client_metrics(node.cfg, images, node.data, msg.content, node.context.state,
-                                              t_c if method == P.COLLAFUSE else None))
+                                              t_c if method == P.COLLAFUSE else None,
+                                              _state_file(node, client, run_key, "scored")))
         records[P.SAMPLES] = ArrayRecord({P.IMAGES: Array(images.numpy().astype(np.uint8))})
     if msg.content[P.CONFIG].get(P.FINAL_ROUND, 0) == 1 and method in (P.COLLAFUSE, P.LOCAL):
         state.discard(_state_file(node, client, run_key))

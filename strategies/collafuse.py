@@ -276,8 +276,8 @@ class CollaFuse(DiffusionStrategy):
             if self.serves(client):
                 x_tc = self.server_half(self.num_eval_samples, client).float().numpy()
                 rd[P.HANDOFF] = ArrayRecord({P.X_TC: Array(x_tc)})
-            if self.harness_payload is not None and client in self.last_upload:
-                payload = self.harness_payload(self, client, self.last_upload[client])
+            if self.harness_payload is not None and client in self.last_upload:  # once an upload: nodes score once
+                payload = self.harness_payload(self, client, self.last_upload.pop(client))
                 if payload is not None:
                     rd[P.HARNESS] = payload
             return rd

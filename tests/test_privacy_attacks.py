@@ -307,6 +307,18 @@ def test_a_root_path_in_node_config_does_not_unhide_the_others():
     assert scrub_paths("no images in /data/my scans", ["/", "/data/my scans"]) == "no images in <local path>"
 
 
+def test_relative_node_config_paths_and_file_names_with_spaces_are_scrubbed():
+    """Naively only absolute node_config values are known paths, and a known folder hides only
+    itself: 'data/St Mary/scans' and '/d/John Doe MRN 448812.png' under data-dir=/d travel whole."""
+    from collafuse_flwr.node.steps import scrub_paths
+
+    known = ["data/St Mary/scans", "/d", "0.5"]
+    assert scrub_paths("got 'data/St Mary/scans'", known) == "got '<local path>'"
+    assert (scrub_paths("cannot read /d/John Doe MRN 448812.png: cannot identify '/d/John Doe MRN 448812.png'",
+                        known) == "cannot read <local path>: cannot identify '<local path>'")
+    assert scrub_paths("cut-ratio 0.5 is fine", known) == "cut-ratio 0.5 is fine"
+
+
 def test_a_deployed_node_reports_no_loss(tiny_config):
     """A training loss is data-dependent: from it a server's membership test on a canary image
     reached AUC 0.78. A deployed node sends counts and costs; a trusting one its loss too."""
@@ -330,6 +342,60 @@ def test_scores_are_no_reconstruction_oracle(tiny_config):
     ok = {"recon-server": Array(np.zeros((n_up, 1, 8, 8), np.float32))}
     metrics = _evaluate(rc, ctx, harness=ArrayRecord(ok)).content["metrics"]
     assert "disclosure-psnr-server" in metrics  # the fixed set is still scored (research harness)
+
+
+def test_an_upload_is_scored_once_so_repeated_scores_reveal_nothing(tiny_config, tmp_path):
+    """Naively each evaluate message scores the last upload again: three allowed arrays a message
+    (x, x + d e_k, x - d e_k) give pixel k of an uploaded image from the mean PSNRs, 64 messages the
+    whole image, exactly. A node scores each upload once, also after a restart (a fresh Context)."""
+    rc = tiny_config(cut_ratio=0.5)
+    node = {"share-harness": "true", "state-dir": str(tmp_path / "node")}
+    ctx = _context(rc, **node)
+    n_up = len(_uploaded(_train(rc, ctx)))
+    probe = ArrayRecord({k: Array(np.zeros((n_up, 1, 8, 8), np.float32)) for k in
+                         ("recon-server", "recon-scaled", "recon-reference")})
+    assert "disclosure-psnr-scaled" in _evaluate(rc, ctx, rnd=1, harness=probe).content["metrics"]
+    again = _evaluate(rc, ctx, rnd=1, harness=probe)
+    assert again.has_error() and "scored already" in again.error.reason
+    restarted = Context(run_id=ctx.run_id, node_id=ctx.node_id, node_config=ctx.node_config, state=RecordDict(),
+                        run_config=rc)
+    assert "scored already" in _evaluate(rc, restarted, rnd=1, harness=probe).error.reason
+    assert not _evaluate(rc, ctx, rnd=1).has_error()  # without the harness, evaluation goes on
+    assert len(_uploaded(_train(rc, ctx, rnd=2))) == n_up  # a new upload is scored, once
+    assert not _evaluate(rc, ctx, rnd=2, harness=probe).has_error()
+
+
+def test_the_server_names_no_fid_weights_file_that_a_node_unpickles(tiny_config, tmp_path):
+    """Naively the run-config's fid-weights=<path> is torch.load-ed (weights_only=False, inside
+    torchmetrics) by a node sharing measurements: any pickle it can read runs code in the node."""
+    marker = tmp_path / "code-ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (marker.touch, ())
+
+    torch.save(Payload(), tmp_path / "weights.pth")
+    rc = tiny_config(cut_ratio=0.5, fid_backbone="inception", fid_weights=str(tmp_path / "weights.pth"))
+    ctx = _context(rc, **{"share-harness": "true"})
+    _uploaded(_train(rc, ctx))
+    reply = _evaluate(rc, ctx, rnd=1)
+    assert reply.has_error() and "Inception" in reply.error.reason  # its own weights: none here, offline
+    assert not marker.exists() and str(tmp_path) not in reply.error.reason
+
+
+def test_invented_run_keys_and_client_indices_cannot_fill_the_nodes_disk(tiny_config, tmp_path):
+    """Naively every train message with a new run-key (2^64 of them) or client-index (2^20) makes a
+    new private-model file that stays until that run's final evaluation, which never comes."""
+    from collafuse_flwr.node.state import RUNS_KEPT
+
+    rc = tiny_config(cut_ratio=0.5)
+    state_dir = tmp_path / "node"
+    ctx = _context(rc, **{"state-dir": str(state_dir)})
+    for k in range(1, RUNS_KEPT + 3):
+        assert not _train(rc, ctx, **{"run-key": k, "client-index": k, "uploads": 0}).has_error()
+    runs = sorted(state_dir.glob("run-*"))
+    assert len(runs) == RUNS_KEPT and all(len(list(r.glob("*.pt"))) == 1 for r in runs)
+    assert any(r.name.startswith(f"run-{RUNS_KEPT + 2}-") for r in runs)  # the newest stays
 
 
 def test_a_deployment_node_returns_no_images_and_no_private_scores(tiny_config):
@@ -428,6 +494,32 @@ def test_the_server_cannot_point_a_node_at_files(tiny_config, tmp_path):
     assert str(folder) not in reply.error.reason
     own = _context(rc, **{"data-dir": str(folder), "dataset": "imagefolder"})  # its operator names it
     assert not _hello(rc, own).has_error()
+
+
+def _gray_folder(folder, n, value):
+    """n distinct images of about `value` gray, in one class folder (an `hf:` local image folder)."""
+    from PIL import Image
+
+    (folder / "x").mkdir(parents=True)
+    for i in range(n):
+        Image.fromarray(np.where(np.arange(64).reshape(8, 8) == i, 128, value).astype(np.uint8)).save(
+            folder / "x" / f"{i:03d}.png")
+    return folder
+
+
+def test_a_run_config_hf_path_never_replaces_the_operators_data(tiny_config, tmp_path):
+    """Naively an operator who names only data-dir (the run's dataset then says the format) or only
+    dataset='hf:<its folder>' gets the run-config's dataset='hf:/any/path' read, trained on and
+    uploaded: the server picks the folder (here 50 white images instead of the operator's 30 dark)."""
+    other = _gray_folder(tmp_path / "other", 50, 255)
+    mine = _gray_folder(tmp_path / "mine", 30, 0)
+    rc = tiny_config(cut_ratio=0.5, dataset=f"hf:{other}", max_samples=0)
+    assert _hello(rc, _context(rc, **{"trust-run-config": "true", "num-partitions": 1}))  # the attack's data loads
+    reply = _hello(rc, _context(rc, **{"data-dir": str(mine)}))
+    assert reply.has_error() and "reads only what its operator names" in reply.error.reason
+    ctx = _context(rc, **{"dataset": f"hf:{mine}", "num-partitions": 1})
+    assert _declared_cut(rc, ctx) and _train_images(rc, ctx).shape[0] == 24  # its own 30, less the test fifth
+    assert float(_uploaded(_train(rc, ctx)).mean()) < 0  # x_tc of dark images, not of the white ones
 
 
 def test_another_image_size_meets_the_same_lifetime_cap(tiny_config, tmp_path):

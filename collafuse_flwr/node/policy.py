@@ -15,7 +15,7 @@ from typing import Any
 
 from collafuse_flwr import protocol as P
 from collafuse_flwr.data.dataset import _EMBEDDED as EMBEDDED
-from collafuse_flwr.data.dataset import canonical_name
+from collafuse_flwr.data.dataset import HF_PREFIX, canonical_name
 from collafuse_flwr.config import RunConfig
 from collafuse_flwr.core.diffusion import Schedule, cut_step, make_schedule
 from collafuse_flwr.data.splits import cache_dir
@@ -84,18 +84,21 @@ class NodePolicy:
         return max(floor, int(proposed))
 
     def data_config(self, cfg: RunConfig, node_config: dict[str, Any]) -> RunConfig:
-        """The run-config with the node's own data size and split. An untrusting node also keeps the
-        server from choosing its files (a run-config `imagefolder` or `hf:/path` could name any folder)."""
+        """The run-config with the node's own data size, split and (untrusting) dataset. An untrusting
+        node reads only what its operator names: node_config `dataset`, else the run's dataset name as
+        the format of the operator's `data-dir`, else an embedded dataset. Never a run-config `hf:`
+        name: a path or a Hub id names files (or the node's Hub cache) of its own, wherever data-dir is."""
         out = dataclasses.replace(cfg, max_samples=self.max_samples, test_fraction=self.test_fraction)
         if self.trusts_run_config:
             return out
-        own = node_config.get(P.NODE_DATA_DIR) or node_config.get(P.NODE_DATASET)
-        if not own and canonical_name(cfg.dataset) not in EMBEDDED:
+        own = str(node_config.get(P.NODE_DATASET, "") or "")
+        run = canonical_name(cfg.dataset)
+        if not own and run not in EMBEDDED and (run.startswith(HF_PREFIX) or not node_config.get(P.NODE_DATA_DIR)):
             raise NodeConfigError(f"run-config dataset={cfg.dataset!r} would have this node read files the server "
                                   f"names; it reads only what its operator names: set node_config "
-                                  f"{P.NODE_DATA_DIR} (and {P.NODE_DATASET}), or run on an embedded dataset "
+                                  f"{P.NODE_DATASET} (and {P.NODE_DATA_DIR}), or run on an embedded dataset "
                                   f"({', '.join(EMBEDDED)})")
-        return dataclasses.replace(out, data_dir="", download=False, seed=0)
+        return dataclasses.replace(out, dataset=own or cfg.dataset, data_dir="", download=False, seed=0)
 
 
 def node_policy(node_config: dict[str, Any], cfg: RunConfig, client: int = -1) -> NodePolicy:

@@ -3,6 +3,7 @@ Only the node holds its test split and training images; it scores the server's r
 evaluate message's `harness` record) only where its policy shares measurements, and returns scores.
 """
 
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -17,7 +18,7 @@ from collafuse_flwr.metrics.disclosure import psnr_ssim, reidentification_rate, 
 from collafuse_flwr.metrics.features import resolve_backbone
 from collafuse_flwr.metrics.fid import compute_fid_kid
 from collafuse_flwr.metrics.privacy import gaussian_upload_epsilon
-from collafuse_flwr.node.state import last_upload, upload_counts
+from collafuse_flwr.node.state import first_scoring, last_upload, upload_counts
 from collafuse_flwr.node.steps import Refused
 
 #: fewest real and generated images for a Frechet distance (one has no covariance): fewer -> `fid-skipped`
@@ -35,7 +36,7 @@ def _quality(cfg: RunConfig, backbone: str, gen_uint8: torch.Tensor, data: Clien
 
 
 def _disclosure(cfg: RunConfig, backbone: str, data: ClientData, content: RecordDict, state: RecordDict,
-                t_c: int | None) -> dict[str, float]:
+                t_c: int | None, scored: Path) -> dict[str, float]:
     idx = last_upload(state)
     if t_c is None or idx is None:
         return {}
@@ -50,6 +51,9 @@ def _disclosure(cfg: RunConfig, backbone: str, data: ClientData, content: Record
     if unexpected or any(tuple(h[k].shape) != tuple(x0.shape) for k in h.keys()):
         raise Refused(f"disclosure harness: refusing to score {unexpected or 'them'} - only "
                       f"{list(P.RECON_NAMES)} of the last upload's shape {tuple(x0.shape)} are scored")
+    if not first_scoring(state, scored):
+        raise Refused("disclosure harness: this upload's reconstructions were scored already; each upload is "
+                      "scored once (scores asked for again and again would reveal the uploaded images)")
     for name in [k for k in P.RECON_NAMES if k in h.keys()]:
         x_hat = torch.from_numpy(h[name].numpy())
         ps, key = psnr_ssim(x_hat, x0), name.removeprefix("recon-")
@@ -66,8 +70,9 @@ def _disclosure(cfg: RunConfig, backbone: str, data: ClientData, content: Record
 
 
 def client_metrics(cfg: RunConfig, gen_uint8: torch.Tensor, data: ClientData, content: RecordDict,
-                   state: RecordDict, t_c: int | None) -> dict[str, Any]:
+                   state: RecordDict, t_c: int | None, scored: Path) -> dict[str, Any]:
     """Research measurements on the node's private data; t_c: its own upload step (whatever the server
-    says), None for methods that upload no x_tc."""
+    says), None for methods that upload no x_tc; scored: the file naming the uploads already scored."""
     backbone = resolve_backbone(cfg.fid_backbone, cfg.dataset, cfg.fid_weights or None)
-    return {**_quality(cfg, backbone, gen_uint8, data), **_disclosure(cfg, backbone, data, content, state, t_c)}
+    return {**_quality(cfg, backbone, gen_uint8, data),
+            **_disclosure(cfg, backbone, data, content, state, t_c, scored)}

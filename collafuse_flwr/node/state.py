@@ -6,7 +6,9 @@ resumed run re-sends a round the node may have trained. An unreadable file is se
 """
 
 import io
+import json
 import logging
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +23,7 @@ OPTIM_KEY = "private-optimizer"
 UPLOADS_KEY = "upload-history"  # indices of the last upload, and per-image counts of this run
 META_KEY = "private-meta"  # the round these records finished
 _BLOB, _ROUND, _INDICES, _COUNTS = "blob", "round", "indices", "counts"
+RUNS_KEPT = 4  # run folders a deployed node's state folder keeps, the newest
 _LOG = logging.getLogger("collafuse_flwr.node")
 
 
@@ -60,6 +63,38 @@ def upload_counts(state: RecordDict, num_train: int) -> np.ndarray:
 
 def last_upload(state: RecordDict) -> np.ndarray | None:
     return state.array_records[UPLOADS_KEY][_INDICES].numpy() if UPLOADS_KEY in state.array_records else None
+
+
+def first_scoring(state: RecordDict, path: Path) -> bool:
+    """Whether the last upload's reconstructions may be scored: once per upload (named by the run's upload
+    total), recorded in `path` before any score leaves. Scores of crafted reconstructions, asked for again
+    and again, would solve the uploaded images pixel by pixel (mean PSNR against x0 +- d e_k)."""
+    upload = int(state.array_records[UPLOADS_KEY][_COUNTS].numpy().sum())
+    try:
+        done = {int(u) for u in json.loads(path.read_text(encoding="utf-8"))} if path.is_file() else set()
+    except (OSError, ValueError, TypeError):  # unreadable: the uploads it named can no longer be told apart
+        done = set()
+    if upload in done:
+        return False
+    write_private(path, json.dumps(sorted(done | {upload})).encode())
+    return True
+
+
+def prune_runs(path: Path, keep: int = RUNS_KEPT) -> None:
+    """Before a run's first file: all but the newest `keep` - 1 other run folders beside it go, so a server
+    that invents run keys (2^64 of them) cannot fill the node's disk with private models."""
+    if path.parent.exists():
+        return
+
+    def age(d: Path) -> float:
+        try:
+            return d.stat().st_mtime
+        except OSError:  # removed meanwhile by another worker of this node
+            return 0.0
+
+    runs = sorted((d for d in path.parent.parent.glob("run-*") if d.is_dir()), key=age, reverse=True)
+    for old in runs[keep - 1:]:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def _previous(path: Path) -> Path:

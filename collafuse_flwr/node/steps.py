@@ -34,12 +34,13 @@ class Refused(Exception):
 
 def scrub_paths(text: str, known: Iterable[Any] = ()) -> str:
     """`text` without local file paths: an error reply must not tell the server where the node keeps
-    its data, state or code. `known` (the node_config's values) are removed whole first, because a
-    pattern cannot tell where a path with spaces ends."""
-    paths = {str(v) for v in known if isinstance(v, str) and v.startswith(("/", "~"))}
+    its data, state or code. `known` (the node_config's values, relative ones too) go first, with the
+    rest of the name up to a quote, colon or line end: a pattern cannot tell where a path with spaces
+    (a file named after a patient, say) ends."""
+    paths = {v for v in known if isinstance(v, str) and ("/" in v or v.startswith("~"))}
     paths |= {str(Path(v).expanduser().resolve()) for v in paths}
     for path in sorted({p.rstrip("/") for p in paths} - {""}, key=len, reverse=True):
-        text = text.replace(path, "<local path>")
+        text = re.sub(re.escape(path) + r"[^'\":\n]*", "<local path>", text)
     return _PATH.sub("<local path>", text)
 
 
