@@ -317,6 +317,9 @@ def test_relative_node_config_paths_and_file_names_with_spaces_are_scrubbed():
     assert (scrub_paths("cannot read /d/John Doe MRN 448812.png: cannot identify '/d/John Doe MRN 448812.png'",
                         known) == "cannot read <local path>: cannot identify '<local path>'")
     assert scrub_paths("cut-ratio 0.5 is fine", known) == "cut-ratio 0.5 is fine"
+    url = "Tried http://yann.lecun.com/exdb/mnist/train-images-idx3-ubyte.gz, got: timed out"
+    assert scrub_paths(url, known) == url  # a download URL is no local path (it read 'http<local path>')
+    assert scrub_paths("dataset='hf:/srv/op/scans'", []) == "dataset='hf:<local path>'"
 
 
 def test_a_deployed_node_reports_no_loss(tiny_config):

@@ -25,7 +25,8 @@ from collafuse_flwr.core.images import to_uint8
 from collafuse_flwr.core.training import client_share_loss, train_steps
 
 REFUSED, FAILED = P.REFUSED, P.FAILED
-_PATH = re.compile(r"(?:[A-Za-z]:)?(?:/[^\s'\":,;()\[\]]+){2,}")
+#: a local path (two or more segments, a drive letter only alone), or a URL, which is kept: not a local file
+_PATH = re.compile(r"([A-Za-z][\w+.-]*://[^\s'\"]+)|(?:(?<![\w.-])[A-Za-z]:)?(?:/[^\s'\":,;()\[\]]+){2,}")
 
 
 class Refused(Exception):
@@ -41,7 +42,7 @@ def scrub_paths(text: str, known: Iterable[Any] = ()) -> str:
     paths |= {str(Path(v).expanduser().resolve()) for v in paths}
     for path in sorted({p.rstrip("/") for p in paths} - {""}, key=len, reverse=True):
         text = re.sub(re.escape(path) + r"[^'\":\n]*", "<local path>", text)
-    return _PATH.sub("<local path>", text)
+    return _PATH.sub(lambda m: m.group(1) or "<local path>", text)
 
 
 def refusal(msg: Message, exc: Exception, node_config: Mapping[str, Any] | None = None) -> Message:
