@@ -195,3 +195,31 @@ def test_a_relative_app_path_is_submitted_absolute(tmp_path, monkeypatch):
         dep.run(Path("my-app"))
     app = str((tmp_path / "my-app").resolve())
     assert seen["cwd"] == app and seen["cmd"][2] == app, seen
+
+
+def test_one_node_config_reaches_every_node_and_a_wrong_count_is_one_line(tmp_path, monkeypatch, capsys):
+    """The examples' FedAvg deployment needs every node to list fedavg: one --node-config was refused with
+    a traceback (after making a workdir). It now reaches all nodes, each keeping its partition."""
+    from collafuse_flwr.tools import deploy
+
+    seen = {}
+
+    class Started(Exception):
+        pass
+
+    def deployment(workdir, num_nodes, node_configs, **kwargs):
+        seen["configs"] = node_configs
+        raise Started
+
+    monkeypatch.setattr(deploy, "LocalDeployment", deployment)
+    with pytest.raises(Started):
+        deploy.main(["--num-nodes", "3", "--workdir", str(tmp_path / "w"), "--node-config", "methods='local,fedavg'"])
+    assert seen["configs"] == [f"partition-id={k} num-partitions=3 methods='local,fedavg'" for k in range(3)]
+    with pytest.raises(Started):
+        deploy.main(["--num-nodes", "2", "--workdir", str(tmp_path / "w"), "--per-node-data",
+                     "--node-config", "cut-ratio=0.5"])
+    assert [c.endswith("dataset='imagefolder' cut-ratio=0.5") for c in seen["configs"]] == [True, True]
+    monkeypatch.setattr(deploy.tempfile, "mkdtemp", lambda **kw: pytest.fail("a workdir was made"))
+    with pytest.raises(SystemExit) as exc:
+        deploy.main(["--num-nodes", "3", "--node-config", "a=1", "--node-config", "b=2"])
+    assert exc.value.code == 2 and "give one per node, or one for every node" in capsys.readouterr().err

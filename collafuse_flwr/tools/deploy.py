@@ -280,11 +280,12 @@ def _output_dir(log: str, output_root: Path | None) -> Path | None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="collafuse-deploy", description=__doc__.split("\n\n")[0])
     p.add_argument("--num-nodes", type=int, default=3, help="SuperNodes to start (default 3)")
-    common_args(p, "num-server-rounds=2 method='fedavg'", timeout=1800)
+    common_args(p, "num-server-rounds=2 cut-ratio=0.4", timeout=1800)
     p.add_argument("--workdir", type=Path, default=None,
                    help="folder for FLWR_HOME, certificates, keys, logs and outputs (default: a new temp dir, kept)")
     p.add_argument("--node-config", action="append", default=None,
-                   help="one per node, in order (default: partition-id=K num-partitions=N)")
+                   help="one per node, in order; or once, for every node, after the default "
+                        "partition-id=K num-partitions=N (e.g. \"methods='collafuse,local,fedavg'\")")
     p.add_argument("--per-node-data", action="store_true",
                    help="write each node its own digits image folder and start it with "
                         "--node-config \"data-dir='<its folder>' dataset='imagefolder'\"")
@@ -303,12 +304,18 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--app {a.app} has no pyproject.toml; point it at a Flower app folder")
     if a.preset:
         a.run_config = with_preset(a.preset, a.run_config)
+    given = a.node_config or []
+    if len(given) not in (0, 1, a.num_nodes):
+        p.error(f"{len(given)} --node-config for {a.num_nodes} nodes: give one per node, or one for every node")
     workdir = (a.workdir or Path(tempfile.mkdtemp(prefix="collafuse-deploy-"))).resolve()
-    node_configs = a.node_config
+    node_configs = given or None
     if a.per_node_data:
         from collafuse_flwr.tools.node_folders import write_node_folders
         folders = write_node_folders(workdir / "node-data", a.num_nodes)
-        node_configs = [f"data-dir='{f}' dataset='imagefolder'" for f in folders]
+        extra = given if len(given) == a.num_nodes else given * a.num_nodes or [""] * a.num_nodes
+        node_configs = [f"data-dir='{f}' dataset='imagefolder' {e}".strip() for f, e in zip(folders, extra)]
+    elif len(given) == 1 < a.num_nodes:  # one for all: each node keeps its own partition
+        node_configs = [f"partition-id={k} num-partitions={a.num_nodes} {given[0]}" for k in range(a.num_nodes)]
         if "dataset=" not in a.run_config:  # the folders hold scikit-learn digits: score them as digits
             a.run_config = f"dataset='digits' {a.run_config}".strip()
     dep = LocalDeployment(workdir, a.num_nodes, node_configs, tls=not a.insecure,
