@@ -86,3 +86,18 @@ def test_no_harness_no_probe(tiny_config):
     """Outside the simulation the strategy gets no disclosure probe: the ServerApp reads no client data."""
     strategy, _ = build_strategy(parse_config(tiny_config(cut_ratio=0.3)), 3, torch.device("cpu"), harness=False)
     assert strategy.harness_payload is None
+
+
+def test_the_console_summary_shows_the_servers_psnr_the_readme_quotes():
+    """README quotes the server model's PSNR (20.3 dB at c = 0.2); the summary printed only the reference
+    attacker's (24.25), so a user comparing the two saw another figure."""
+    from collafuse_flwr.harness.report import _summary_rows
+
+    final = {"fid_backbone": "mnist-cnn", "fid": 11.3, "kid": 0.1, "client_train_flops": 1.0,
+             "client_infer_flops_per_image": 1.0, "server_train_flops": 1.0, "bytes_up_per_round": 1.0,
+             "bytes_down_per_round": 1.0, "disclosure": {"reid_server": 1.0, "psnr_server": 20.33,
+                                                         "psnr_reference": 24.25}}
+    r = {"method": "collafuse", "cut_ratio": 0.2, "cut_step": 40, "diffusion_steps": 200, "num_clients": 5,
+         "num_rounds": 5, "client_model_size": "", "wall_seconds": 1.0, "final": final}
+    rows = dict(_summary_rows(r))
+    assert rows["disclosure psnr_server"] == 20.33 and rows["disclosure psnr_reference"] == 24.25

@@ -175,3 +175,24 @@ def test_the_launcher_reads_only_the_lines_it_means_from_the_log():
     assert announced_dir(log) == Path("/runs/a b") and started_run_id(log) == 4711
     assert _output_dir(log) == Path("/runs/a b")
     assert started_run_id("Successfully started run ²") is None and started_run_id("nothing") is None
+
+
+def test_a_failed_run_says_why_on_its_last_line_also_when_quiet(monkeypatch, tmp_path, capsys):
+    """Under --quiet a failed run printed only 'finished:failed; outputs: ...': the reason was in
+    results.json alone. It is now the last line."""
+    (tmp_path / "results.json").write_text('{"status": "failed", "error": "FileNotFoundError: data_dir\\n'
+                                           '/data/mnist does not exist; or set download=true"}')
+    monkeypatch.setattr(launch, "run_flower", lambda *a, **k: launch.RunOutcome(
+        1, "finished:failed", 1, tmp_path, "", 0, 0))
+    assert main(["--quiet"]) == 1
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last == "why: FileNotFoundError: data_dir /data/mnist does not exist; or set download=true"
+
+
+def test_client_gpus_without_a_gpu_is_refused_before_anything_starts(monkeypatch, captured_run, capsys):
+    """Naively Flower's engine starts, finds no GPU for its actors and fails after ~30 s ('ActorPool
+    is empty'), and the run was recorded as stopped."""
+    monkeypatch.setattr(launch, "_cuda_available", lambda: False)
+    with pytest.raises(SystemExit) as exc:
+        main(["--client-gpus", "0.2"])
+    assert exc.value.code == 2 and "torch sees no CUDA GPU" in capsys.readouterr().err and not captured_run

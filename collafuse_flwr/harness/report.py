@@ -242,6 +242,6 @@ def _summary_rows(r: dict[str, Any]) -> list[tuple[str, Any]]:
         ("bytes up / round", f["bytes_up_per_round"]), ("bytes down / round", f["bytes_down_per_round"]),
     ]
     d = f["disclosure"]
-    rows += [(f"disclosure {k}", d[k]) for k in ("reid_server", "reid_reference", "psnr_reference", "upload_fid",
-                                                 "epsilon") if k in d]
+    rows += [(f"disclosure {k}", d[k]) for k in ("reid_server", "psnr_server", "reid_reference", "psnr_reference",
+                                                 "upload_fid", "epsilon") if k in d]
     return [*rows, ("wall time (s)", r["wall_seconds"])]

@@ -359,7 +359,8 @@ def common_args(p: argparse.ArgumentParser, example: str, timeout: float) -> Non
     p.add_argument("--preset", choices=preset_names(), default=None,
                    help="a named setting (collafuse_flwr/presets/NAME.toml); --run-config's keys win over it")
     p.add_argument("--app", type=Path, default=APP_DIR, help="Flower app folder (has pyproject.toml)")
-    p.add_argument("--timeout", type=float, default=timeout)
+    p.add_argument("--timeout", type=float, default=timeout,
+                   help=f"seconds before the run is stopped and marked timed-out (default {timeout:g})")
 
 
 def with_preset(name: str, run_config: str) -> str:
@@ -384,6 +385,10 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--num-clients must be >= 1, got {a.num_clients}")
     if a.client_cpus < 1:
         p.error(f"--client-cpus must be >= 1, got {a.client_cpus}")
+    if a.client_gpus < 0 or (a.client_gpus > 0 and not _cuda_available()):
+        p.error(f"--client-gpus {a.client_gpus}: torch sees no CUDA GPU here (Flower's engine would fail with "
+                f"'ActorPool is empty'); leave it at 0 to run the clients on CPUs" if a.client_gpus > 0 else
+                f"--client-gpus must be >= 0, got {a.client_gpus}")
     run_config = a.run_config.strip()
     if run_config.endswith(".toml") and len(run_config.split()) == 1:  # flwr reads it from the app folder
         run_config = str(Path(run_config).expanduser().resolve())
@@ -404,7 +409,24 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\n{stop.summary}", flush=True)
         return 128 + stop.signum  # the shell's convention: 130 for SIGINT, 143 for SIGTERM
     print(f"\nrun {out.run_id}: {out.status}; outputs: {out.output_dir}")
+    why = _recorded_error(out.output_dir) if not out.ok else ""
+    if why:  # the reason, also under --quiet, where no log showed it
+        print(f"why: {why}", flush=True)
     return 0 if out.ok else 1
+
+
+def _cuda_available() -> bool:
+    import torch  # here: the launcher does not pay torch's import otherwise
+
+    return torch.cuda.is_available()
+
+
+def _recorded_error(output_dir: Path | None) -> str:
+    """The one-line error the ServerApp recorded in results.json, or "" where there is none."""
+    try:
+        return " ".join(str(json.loads((output_dir / "results.json").read_text())["error"]).split())[:600]
+    except (TypeError, OSError, ValueError, KeyError):
+        return ""
 
 
 if __name__ == "__main__":
