@@ -196,3 +196,12 @@ def test_client_gpus_without_a_gpu_is_refused_before_anything_starts(monkeypatch
     with pytest.raises(SystemExit) as exc:
         main(["--client-gpus", "0.2"])
     assert exc.value.code == 2 and "torch sees no CUDA GPU" in capsys.readouterr().err and not captured_run
+
+
+def test_a_missing_data_dir_or_fid_weights_file_is_one_line_before_flower_starts(tmp_path):
+    """Naively these passed the check and the simulation failed ~1 minute later, inside the nodes."""
+    with pytest.raises(RunConfigError, match=r"data-dir='.*nothing' is not a folder .* or set download=true"):
+        check_run_config(APP_DIR, f"dataset='mnist' data-dir='{tmp_path}/nothing'", num_clients=2)
+    assert check_run_config(APP_DIR, f"dataset='mnist' data-dir='{tmp_path}/new' download=true", num_clients=2)
+    with pytest.raises(RunConfigError, match=r"fid-weights='.*none.pth' is not a file"):
+        check_run_config(APP_DIR, f"fid-weights='{tmp_path}/none.pth'", num_clients=2)

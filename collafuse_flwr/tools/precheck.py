@@ -105,6 +105,13 @@ def check_run_config(app_dir: Path, text: str, num_clients: int) -> RunConfig | 
             load_checkpoint(Path(cfg.resume_from))
         except CheckpointError as exc:
             raise RunConfigError(str(exc)) from None
+    # the simulation's nodes read these on this machine: a missing one is one line now, not a failed run later
+    if cfg.data_dir and not cfg.download and not Path(cfg.data_dir).is_dir():
+        raise RunConfigError(f"data-dir={cfg.data_dir!r} is not a folder on this machine: point it at the "
+                             f"{cfg.dataset} files, or set download=true where torchvision can fetch them")
+    if cfg.fid_weights and not Path(cfg.fid_weights).is_file():
+        raise RunConfigError(f"fid-weights={cfg.fid_weights!r} is not a file on this machine: give the path of "
+                             f"the Inception weights, or leave it empty (torch hub's cache, or fid-backbone=auto)")
     if cfg.method == "collafuse" and 0 < len(cfg.cut_ratios) < num_clients:
         raise RunConfigError(f"client-cut-ratios={cfg.client_cut_ratios!r} has {len(cfg.cut_ratios)} entries for "
                              f"--num-clients {num_clients}: give one cut ratio per client")
