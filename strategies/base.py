@@ -271,7 +271,7 @@ class DiffusionStrategy(Strategy):
                 continue
             info = _metrics_dict(m)
             why = ("it carried records nobody asked for" if P.unexpected_records(m, "up", P.QUERY, P.HELLO) else
-                   "it had no finite metrics" if info is None else
+                   f"its metrics: {_metrics_problem(m)}" if info is None else
                    f"its {P.PARTITION_ID} claim {info[P.PARTITION_ID]!r} is not a whole number >= -1"
                    if P.PARTITION_ID in info and not (float(info[P.PARTITION_ID]).is_integer()
                                                       and info[P.PARTITION_ID] >= -1) else "")
@@ -499,10 +499,9 @@ class DiffusionStrategy(Strategy):
         if extra:
             raise MalformedReply(f"records: {extra} were not asked for (a {phase} reply of {self.method} carries "
                                  f"only {sorted(P.ALLOWED_RECORDS[('up', category, self.method)])})")
-        if P.METRICS not in m.content.metric_records:
-            raise MalformedReply(f"metrics: no '{P.METRICS}' metric record")
-        if _metrics_dict(m) is None:
-            raise ImplausibleUpload("metrics: a metric is not a finite number")
+        why = _metrics_problem(m)
+        if why:  # a list or another type is malformed; NaN or Inf is an implausible value
+            raise (ImplausibleUpload if why.endswith("not a finite number") else MalformedReply)(f"metrics: {why}")
 
     # -- aggregation of metrics -------------------------------------------------------------------
     def mean_metrics(self, replies: list[Message], weight_key: str = P.NUM_EXAMPLES) -> MetricRecord:
@@ -584,13 +583,20 @@ class DiffusionStrategy(Strategy):
             self.num_eval_samples)
 
 
-def _metrics_dict(m: Message) -> dict[str, Any] | None:
-    """The reply's metrics as a dict, or None when absent or any value is not finite."""
+def _metrics_problem(m: Message) -> str:
+    """Why the reply's metrics cannot be used, '' when each is one finite number. Flower's MetricRecord
+    also carries lists of numbers; no message of this protocol has one and every reader takes a number
+    (hello's claims, example weights, the report's means), so a list is refused here, where it enters."""
     if P.METRICS not in m.content.metric_records:
-        return None
-    d = dict(m.content[P.METRICS])
-    for v in d.values():
-        vals = v if isinstance(v, list) else [v]
-        if any(not isinstance(x, (int, float)) or not math.isfinite(float(x)) for x in vals):
-            return None
-    return d
+        return f"no '{P.METRICS}' metric record"
+    for k, v in m.content[P.METRICS].items():
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            return f"'{k}' is {str(v)[:40]} ({type(v).__name__}), expected one number"
+        if not math.isfinite(v):
+            return f"'{k}' is {v}, not a finite number"
+    return ""
+
+
+def _metrics_dict(m: Message) -> dict[str, Any] | None:
+    """The reply's metrics as a dict, or None when absent or any value is not one finite number."""
+    return None if _metrics_problem(m) else dict(m.content[P.METRICS])

@@ -320,6 +320,44 @@ def test_evaluation_metrics_must_fit_the_request(tiny_config):
     assert sorted(s.recorder.rejected_by_client) == [1, 2, 3]
 
 
+
+# -- values Flower's records allow but no honest node sends ---------------------------------------------------
+@pytest.mark.parametrize("key", ["partition-id", "image-channels", "cut-step", "num-examples"])
+def test_a_list_where_a_hello_number_belongs_refuses_that_node_only(tiny_config, key):
+    """Flower's MetricRecord also carries lists of numbers. Naively a hello saying partition-id=[0.0, 1.0]
+    (or image-channels, cut-step) crashed the ServerApp at first contact (float(list), int(list)), and
+    num-examples=[...] crashed it when the first round's claims were weighed."""
+    cfg, s = _collafuse(tiny_config(cut_ratio=0.3, server_steps=2, uploads_per_round=8))
+    grid = grid_of(3)
+    grid.extra[3] = {key: [0.0, 1.0]}
+    msgs = list(s.configure_train(1, ArrayRecord(), ConfigRecord(), grid))
+    assert sorted(s.registry.index) == [1, 2]
+    assert f"'{key}' is [0.0, 1.0] (list), expected one number" in s.registry.refused[3]
+    _, metrics = s.aggregate_train(1, _train_replies(s, msgs, [_honest_upload(s, c, seed=c) for c in range(2)]))
+    assert sorted(s.buffer) == [0, 1] and metrics["num-examples"] == 20
+
+
+@pytest.mark.parametrize("phase", ["train", "evaluate"])
+def test_a_list_valued_metric_rejects_that_reply_only(tiny_config, phase):
+    """Naively num-examples=[10.0, 10.0] in a train reply crashed the ServerApp (the example weights of
+    the mean metrics), and fid or max-uploads-per-image lists in an evaluation reply were kept and
+    crashed the report after the last round (its means, its max)."""
+    cfg, s = _collafuse(tiny_config(cut_ratio=0.3, server_steps=2, uploads_per_round=8, num_server_rounds=1))
+    if phase == "train":
+        msgs = list(s.configure_train(1, ArrayRecord(), ConfigRecord(), grid_of(3)))
+        replies = _train_replies(s, msgs, [_honest_upload(s, c, seed=c) for c in range(3)])
+        replies[1].content["metrics"]["num-examples"] = [10.0, 10.0]
+        _, metrics = s.aggregate_train(1, replies)
+        assert sorted(s.buffer) == [0, 2] and metrics["num-examples"] == 20
+    else:
+        msgs = list(s.configure_evaluate(1, ArrayRecord(), ConfigRecord(), grid_of(3)))
+        good = np.zeros((4, 1, 8, 8), np.uint8)
+        s.aggregate_evaluate(1, [_eval_reply(msgs[0], good),
+                                 _eval_reply(msgs[1], good, fid=[1.0, 2.0], **{"max-uploads-per-image": [1, 2]}),
+                                 _eval_reply(msgs[2], good)])
+        assert sorted(s.recorder.evals[1].metrics) == [0, 2]
+    assert dict(s.recorder.rejected_by_client) == {1: {"metrics": 1}}
+
 def test_report_survives_one_clients_unstackable_samples():
     images = {0: np.zeros((4, 1, 8, 8), np.uint8), 1: np.zeros((4, 1, 9, 9), np.uint8),
               2: np.zeros((2, 1, 8, 8), np.uint8), 3: np.zeros((4, 1, 8, 8), np.float32)}
