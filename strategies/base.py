@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
 from flwr.supercore import log
@@ -491,7 +491,7 @@ class DiffusionStrategy(Strategy):
             raise MalformedReply(f"samples: expected {want}, got {a.dtype}{tuple(a.shape)}")
         if n_claim is not None and n_claim != a.shape[0]:
             raise MalformedReply(f"samples: {a.shape[0]} images but num-examples says {n_claim}")
-        a.numpy()  # bytes that do not decode to that shape are malformed (raises, caught by _accept)
+        decoded(a, f"{P.SAMPLES}/{P.IMAGES}")  # the report reads the bytes: they must be what was checked
 
     def _check_metrics(self, m: Message, phase: str) -> None:
         category = P.TRAIN if phase == "train" else P.EVALUATE
@@ -600,3 +600,18 @@ def _metrics_problem(m: Message) -> str:
 def _metrics_dict(m: Message) -> dict[str, Any] | None:
     """The reply's metrics as a dict, or None when absent or any value is not one finite number."""
     return None if _metrics_problem(m) else dict(m.content[P.METRICS])
+
+
+def decoded(a: Array, where: str) -> np.ndarray:
+    """The ndarray `a` carries, once its payload is seen to be what its fields declare. Checks read
+    `a.dtype` and `a.shape`, but Flower's `Array.numpy()` decodes the payload without comparing: bytes
+    of another shape or dtype would pass them and reach the buffer, the average or the report."""
+    try:
+        x = a.numpy()
+    except Exception as exc:  # noqa: BLE001 - bytes that do not decode at all are as malformed
+        raise MalformedReply(f"array payload: {where} does not decode ({type(exc).__name__})") from None
+    got = (str(x.dtype), tuple(x.shape)) if isinstance(x, np.ndarray) else (type(x).__name__, ())
+    if got != (a.dtype, tuple(a.shape)):
+        raise MalformedReply(f"array payload: {where} declares {a.dtype}{tuple(a.shape)}, its bytes hold "
+                             f"{got[0]}{got[1]}")
+    return x

@@ -21,7 +21,7 @@ from collafuse_flwr import protocol as P
 from collafuse_flwr.core import diffusion as D
 from collafuse_flwr.core.training import server_share_loss
 
-from .base import DiffusionStrategy, ImplausibleUpload, MalformedReply, NotAdmitted, OverBudget
+from .base import DiffusionStrategy, ImplausibleUpload, MalformedReply, NotAdmitted, OverBudget, decoded
 from .robust import UploadCheck
 from .trainer import ServerTrainer
 
@@ -151,7 +151,7 @@ class CollaFuse(DiffusionStrategy):
                                  f"{tuple(arr.shape)}")
         if not self.serves(client) or arr.shape[0] > self.uploads_for(client):
             raise OverBudget(f"upload budget: {arr.shape[0]} images, at most {self.uploads_for(client)}")
-        x = arr.numpy()
+        x = decoded(arr, f"{P.UPLOAD}/{P.X_TC}")  # the buffer takes these bytes: the budget and shape are theirs
         if not np.isfinite(x).all():
             raise ImplausibleUpload("upload values: not all finite (NaN or Inf)")
         peak = float(np.abs(x).max()) if x.size else 0.0

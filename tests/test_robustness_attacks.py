@@ -10,6 +10,7 @@ honest FedAvg round averages bit-identically to Flower's FedAvg).
 
 from __future__ import annotations
 
+import io
 import json
 import math
 from pathlib import Path
@@ -357,6 +358,67 @@ def test_a_list_valued_metric_rejects_that_reply_only(tiny_config, phase):
                                  _eval_reply(msgs[2], good)])
         assert sorted(s.recorder.evals[1].metrics) == [0, 2]
     assert dict(s.recorder.rejected_by_client) == {1: {"metrics": 1}}
+
+
+def _lying(declared_shape: tuple[int, ...], declared_dtype: str, payload: np.ndarray) -> Array:
+    """An Array whose fields (what the checks read) say one thing and whose npy bytes (what Flower's
+    `Array.numpy()` returns, never comparing) say another."""
+    buf = io.BytesIO()
+    np.save(buf, payload, allow_pickle=False)
+    return Array(dtype=declared_dtype, shape=tuple(declared_shape), stype="numpy.ndarray", data=buf.getvalue())
+
+
+@pytest.mark.parametrize("attack", ["larger-images", "over-budget"])
+def test_an_upload_whose_bytes_are_not_what_it_declares_is_refused(tiny_config, attack):
+    """Client 2 declares 8 x (1, 8, 8) float32. Naively its bytes were used as they were: 8 honest-looking
+    16 x 16 x_tc crashed the server's training (torch.cat in the buffer), 4000 x_tc (budget 8) went
+    into the buffer past the upload budget."""
+    cfg, s = _collafuse(tiny_config(cut_ratio=0.3, server_steps=2, uploads_per_round=8))
+    msgs = list(s.configure_train(1, ArrayRecord(), ConfigRecord(), grid_of(3)))
+    replies = _train_replies(s, msgs, [_honest_upload(s, c, seed=c) for c in range(3)])
+    if attack == "larger-images":
+        x0 = torch.rand((8, 1, 16, 16), generator=torch.Generator().manual_seed(5)) * 2 - 1
+        payload = D.upload(s.sched, x0, s.cut_for(2), torch.randn(x0.shape)).float().numpy()
+    else:
+        payload = _honest_upload(s, 2, n=4000, seed=9)
+    replies[2].content["upload"] = ArrayRecord({"x_tc": _lying((8, 1, 8, 8), "float32", payload)})
+    _, metrics = s.aggregate_train(1, replies)
+    assert sorted(s.buffer) == [0, 1] and metrics["uploads-received"] == 16
+    assert dict(s.recorder.rejected_by_client) == {2: {"array payload": 1}}
+
+
+@pytest.mark.parametrize("attack", ["float64-bytes", "larger-bytes"])
+def test_fedavg_weights_whose_bytes_are_not_what_they_declare_are_refused(tiny_config, attack):
+    """Client 0 declares float32 (4,). Naively float64 bytes made the global model float64, so the next
+    round every honest client's float32 reply "differed from the global model": all five rejected, the
+    round failed. (4, 4) bytes became the global model's shape (sent first) or crashed the average
+    (aggregate_arrayrecords, sent later)."""
+    s, grid, msgs = _fedavg(tiny_config, n=5)
+    honest = [np.full(4, 0.1) + 0.01 * i for i in range(5)]
+    replies = _fa_replies(msgs, honest, [10] * 5)
+    payload = np.full(4, 0.1, np.float64) if attack == "float64-bytes" else np.full((4, 4), 0.1, np.float32)
+    replies[0].content["arrays"] = ArrayRecord({"w": _lying((4,), "float32", payload)})
+    arrays, _ = s.aggregate_train(1, replies)
+    w = arrays["w"].numpy()
+    assert (w.dtype, w.shape, arrays["w"].dtype) == (np.float32, (4,), "float32")
+    assert dict(s.recorder.rejected_by_client) == {0: {"array payload": 1}}
+    msgs = list(s.configure_train(2, arrays, ConfigRecord(), grid))
+    s.aggregate_train(2, _fa_replies(msgs, honest, [10] * 5))  # everyone honest: everyone accepted
+    assert dict(s.recorder.rejected_by_client) == {0: {"array payload": 1}}
+
+
+def test_evaluation_samples_whose_bytes_are_not_what_they_declare_are_refused(tiny_config):
+    """Naively 9 x 9 bytes declared (4, 1, 8, 8) uint8 passed the samples check and were kept for the
+    report (which then left them out and called the run degraded, without blaming the client)."""
+    cfg, s = _collafuse(tiny_config(cut_ratio=0.3, num_server_rounds=1))
+    msgs = list(s.configure_evaluate(1, ArrayRecord(), ConfigRecord(), grid_of(3)))
+    good = np.zeros((4, 1, 8, 8), np.uint8)
+    replies = [_eval_reply(m, good) for m in msgs]
+    replies[1].content["samples"] = ArrayRecord({"images": _lying((4, 1, 8, 8), "uint8",
+                                                                  np.zeros((4, 1, 9, 9), np.uint8))})
+    s.aggregate_evaluate(1, replies)
+    assert sorted(s.recorder.evals[1].images) == [0, 2]
+    assert dict(s.recorder.rejected_by_client) == {1: {"array payload": 1}}
 
 def test_report_survives_one_clients_unstackable_samples():
     images = {0: np.zeros((4, 1, 8, 8), np.uint8), 1: np.zeros((4, 1, 9, 9), np.uint8),
