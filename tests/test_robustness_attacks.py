@@ -420,6 +420,24 @@ def test_evaluation_samples_whose_bytes_are_not_what_they_declare_are_refused(ti
     assert sorted(s.recorder.evals[1].images) == [0, 2]
     assert dict(s.recorder.rejected_by_client) == {1: {"array payload": 1}}
 
+
+def test_an_empty_upload_is_no_upload_not_a_crash(tiny_config):
+    """Round 2: client 2 uploads a well-formed (0, 1, 8, 8) x_tc. Naively it passed validation and
+    crashed the ServerApp summarising it (UploadCheck.summary reshapes 0 rows). An own ClientApp built on
+    `collafuse_flwr.node.make_upload` sends one when asked for 0 images or all its images reached their
+    cap, so it is not blamed either: it adds nothing to the buffer, earns no server steps."""
+    cfg, s = _collafuse(tiny_config(cut_ratio=0.3, server_steps=2, uploads_per_round=8))
+    grid = grid_of(3)
+    for rnd in (1, 2):
+        msgs = list(s.configure_train(rnd, ArrayRecord(), ConfigRecord(), grid))
+        ups = [_honest_upload(s, c, seed=10 * rnd + c) for c in range(3)]
+        if rnd == 2:
+            ups[2] = np.zeros((0, 1, 8, 8), np.float32)
+        _, metrics = s.aggregate_train(rnd, _train_replies(s, msgs, ups))
+    assert metrics["uploads-received"] == 16 and metrics["server-buffer-size"] == 5 * 8
+    assert [sum(len(t) for t in s.buffer[c]) for c in range(3)] == [16, 16, 8]
+    assert not s.recorder.rejected_by_client and not s.recorder.flagged()
+
 def test_report_survives_one_clients_unstackable_samples():
     images = {0: np.zeros((4, 1, 8, 8), np.uint8), 1: np.zeros((4, 1, 9, 9), np.uint8),
               2: np.zeros((2, 1, 8, 8), np.uint8), 3: np.zeros((4, 1, 8, 8), np.float32)}
