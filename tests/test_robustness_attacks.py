@@ -246,6 +246,25 @@ def test_weights_x100_are_clipped_and_the_global_model_stays_sane(tiny_config):
     assert s.recorder.flagged() == {4: ["update-clipped"]}
 
 
+
+@pytest.mark.parametrize("attack", ["tiny-claim", "tiny-update"])
+def test_with_two_clients_the_hostile_one_is_no_yardstick_for_the_honest(tiny_config, attack):
+    """Two clients: "the median of the others" is the hostile one. Naively its claim of 1e-9 examples
+    capped the honest client's 100 to 2e-9, or its update of norm 2e-7 clipped the honest update to 6e-7
+    (the model stood still): the honest client was flagged and the run "degraded" naming it. Now neither
+    is a reference; a claim over a client's own first-contact declaration is still capped."""
+    s, grid, msgs = _fedavg(tiny_config, n=2, declared={1: 100, 2: 100})
+    honest = np.full(4, 0.5)
+    hostile, claims = (np.full(4, 0.1), [100, 1e-9]) if attack == "tiny-claim" else (np.full(4, 1e-7), [100, 100])
+    replies = _fa_replies(msgs, [honest, hostile], claims)
+    plain = aggregate_arrayrecords([r.content for r in replies], "num-examples")  # Flower's FedAvg
+    arrays, metrics = s.aggregate_train(1, replies)
+    assert np.array_equal(arrays["w"].numpy(), plain["w"].numpy()) and metrics["num-examples"] == sum(claims)
+    assert s.recorder.flagged() == {} and run_status(s.recorder, 2, {}, False, [0, 1])[0] == "ok"
+    msgs = list(s.configure_train(2, arrays, ConfigRecord(), grid))
+    s.aggregate_train(2, _fa_replies(msgs, [honest, honest], [100, 1e6]))  # over its own declaration of 100
+    assert s.recorder.flagged() == {1: ["claim-capped"]}
+
 @pytest.mark.parametrize("agg", ["median", "trimmed-mean"])
 def test_flowers_robust_aggregations_are_selectable(tiny_config, agg):
     s, grid, msgs = _fedavg(tiny_config, agg=agg)
