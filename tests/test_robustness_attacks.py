@@ -568,6 +568,33 @@ def test_a_corrupt_checkpoint_is_one_line_naming_the_file(tmp_path, damage):
     assert "\n" not in str(err.value) and str(tmp_path) in str(err.value) and ck.FILE in str(err.value)
 
 
+
+@pytest.mark.parametrize("damage", ["no-registry", "foreign-recorder", "slots-not-a-number"])
+def test_a_checkpoint_whose_strategy_state_is_not_ours_is_one_line_naming_the_file(tiny_config, tmp_path, damage):
+    """torch.load(weights_only=True) reads the file and load_checkpoint accepts its keys, but the strategy
+    part is not this project's. Naively the ServerApp failed with a bare KeyError ('registry', 'bytes')."""
+    from collafuse_flwr import server_app
+    from inprocess import InProcessGrid
+
+    rc = {**tiny_config(cut_ratio=0.5, num_server_rounds=2), "output-dir": str(tmp_path)}
+    cfg = parse_config(rc)
+    registry = (3, {}, {}, {})
+    strategy = {"no-registry": {},
+                "foreign-recorder": {"registry": registry, "recorder": {}, "torch_rng": torch.zeros(3), "attrs": {}},
+                "slots-not-a-number": {"registry": ("3", {}, {}, {})}}[damage]
+    torch.save({"round": 1, "config": cfg.to_flwr(), "run_key": 7, "strategy": strategy, "arrays": None,
+                "result": {"arrays": None, "train_metrics_clientapp": {}, "evaluate_metrics_clientapp": {},
+                           "evaluate_metrics_serverapp": {}}}, tmp_path / ck.FILE)
+    ck.load_checkpoint(tmp_path)  # accepted: the damage shows only when the state is used
+    rc = {**rc, "resume-from": str(tmp_path)}
+    grid = InProcessGrid(_shape_attack_app, rc, 3)
+    with pytest.raises(ck.CheckpointError) as err:
+        server_app.main(grid, Context(run_id=9, node_id=0, node_config={}, state=RecordDict(), run_config=dict(rc)))
+    msg = str(err.value)
+    assert "\n" not in msg and str(tmp_path) in msg and ck.FILE in msg and "start afresh" in msg
+    assert err.value.__cause__ is None and grid.sent == []
+    assert json.loads((tmp_path / "results.json").read_text())["status"] == "failed"
+
 def test_checkpoints_hold_only_what_weights_only_loading_reads(tiny_config, tmp_path):
     """The recorder's numpy images, the last uploads, RNG states, buffers and flags round-trip."""
     from flwr.serverapp.strategy import Result
