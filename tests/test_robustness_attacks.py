@@ -347,7 +347,7 @@ def test_a_list_where_a_hello_number_belongs_refuses_that_node_only(tiny_config,
     """Flower's MetricRecord also carries lists of numbers. Naively a hello saying partition-id=[0.0, 1.0]
     (or image-channels, cut-step) crashed the ServerApp at first contact (float(list), int(list)), and
     num-examples=[...] crashed it when the first round's claims were weighed."""
-    cfg, s = _collafuse(tiny_config(cut_ratio=0.3, server_steps=2, uploads_per_round=8))
+    _, s = _collafuse(tiny_config(cut_ratio=0.3, server_steps=2, uploads_per_round=8))
     grid = grid_of(3)
     grid.extra[3] = {key: [0.0, 1.0]}
     msgs = list(s.configure_train(1, ArrayRecord(), ConfigRecord(), grid))
@@ -362,7 +362,7 @@ def test_a_list_valued_metric_rejects_that_reply_only(tiny_config, phase):
     """Naively num-examples=[10.0, 10.0] in a train reply crashed the ServerApp (the example weights of
     the mean metrics), and fid or max-uploads-per-image lists in an evaluation reply were kept and
     crashed the report after the last round (its means, its max)."""
-    cfg, s = _collafuse(tiny_config(cut_ratio=0.3, server_steps=2, uploads_per_round=8, num_server_rounds=1))
+    _, s = _collafuse(tiny_config(cut_ratio=0.3, server_steps=2, uploads_per_round=8, num_server_rounds=1))
     if phase == "train":
         msgs = list(s.configure_train(1, ArrayRecord(), ConfigRecord(), grid_of(3)))
         replies = _train_replies(s, msgs, [_honest_upload(s, c, seed=c) for c in range(3)])
@@ -392,7 +392,7 @@ def test_an_upload_whose_bytes_are_not_what_it_declares_is_refused(tiny_config, 
     """Client 2 declares 8 x (1, 8, 8) float32. Naively its bytes were used as they were: 8 honest-looking
     16 x 16 x_tc crashed the server's training (torch.cat in the buffer), 4000 x_tc (budget 8) went
     into the buffer past the upload budget."""
-    cfg, s = _collafuse(tiny_config(cut_ratio=0.3, server_steps=2, uploads_per_round=8))
+    _, s = _collafuse(tiny_config(cut_ratio=0.3, server_steps=2, uploads_per_round=8))
     msgs = list(s.configure_train(1, ArrayRecord(), ConfigRecord(), grid_of(3)))
     replies = _train_replies(s, msgs, [_honest_upload(s, c, seed=c) for c in range(3)])
     if attack == "larger-images":
@@ -445,7 +445,7 @@ def test_an_empty_upload_is_no_upload_not_a_crash(tiny_config):
     crashed the ServerApp summarising it (UploadCheck.summary reshapes 0 rows). An own ClientApp built on
     `collafuse_flwr.node.make_upload` sends one when asked for 0 images or all its images reached their
     cap, so it is not blamed either: it adds nothing to the buffer, earns no server steps."""
-    cfg, s = _collafuse(tiny_config(cut_ratio=0.3, server_steps=2, uploads_per_round=8))
+    _, s = _collafuse(tiny_config(cut_ratio=0.3, server_steps=2, uploads_per_round=8))
     grid = grid_of(3)
     for rnd in (1, 2):
         msgs = list(s.configure_train(rnd, ArrayRecord(), ConfigRecord(), grid))
