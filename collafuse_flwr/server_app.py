@@ -160,7 +160,11 @@ def main(grid: Grid, context: Context) -> None:
                         **{f"bytes-total-{k}": v for k, v in strategy.recorder.bytes.items()}})
 
         if ckpt:  # the same client slots as before, whoever is connected now
-            num_nodes = ckpt["strategy"]["registry"][0] or num_nodes
+            with ck.applying(cfg.resume_from):
+                slots = ckpt["strategy"]["registry"][0]
+                if not (slots is None or type(slots) is int and slots >= 0):
+                    raise TypeError(f"client slots {slots!r}, expected a whole number >= 0 or None")
+                num_nodes = slots or num_nodes
         strategy, arrays = build_strategy(cfg, num_nodes, device, on_round_end, harness, simulation)
         strategy.run_key = run_key
         params = 0 if not len(arrays) else sum(a.numpy().size for a in arrays.values())
@@ -168,7 +172,8 @@ def main(grid: Grid, context: Context) -> None:
             "on" if harness else "off")
         resume = {}
         if ckpt:
-            strategy.load_state_dict(ckpt["strategy"])
+            with ck.applying(cfg.resume_from):
+                strategy.load_state_dict(ckpt["strategy"])
             arrays = ckpt["arrays"] if len(ckpt["arrays"]) else arrays
             resume = {"start_round": ckpt["round"] + 1, "result": ckpt["result"]}
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
 from flwr.supercore import log
@@ -271,7 +271,7 @@ class DiffusionStrategy(Strategy):
                 continue
             info = _metrics_dict(m)
             why = ("it carried records nobody asked for" if P.unexpected_records(m, "up", P.QUERY, P.HELLO) else
-                   "it had no finite metrics" if info is None else
+                   f"its metrics: {_metrics_problem(m)}" if info is None else
                    f"its {P.PARTITION_ID} claim {info[P.PARTITION_ID]!r} is not a whole number >= -1"
                    if P.PARTITION_ID in info and not (float(info[P.PARTITION_ID]).is_integer()
                                                       and info[P.PARTITION_ID] >= -1) else "")
@@ -491,7 +491,7 @@ class DiffusionStrategy(Strategy):
             raise MalformedReply(f"samples: expected {want}, got {a.dtype}{tuple(a.shape)}")
         if n_claim is not None and n_claim != a.shape[0]:
             raise MalformedReply(f"samples: {a.shape[0]} images but num-examples says {n_claim}")
-        a.numpy()  # bytes that do not decode to that shape are malformed (raises, caught by _accept)
+        decoded(a, f"{P.SAMPLES}/{P.IMAGES}")  # the report reads the bytes: they must be what was checked
 
     def _check_metrics(self, m: Message, phase: str) -> None:
         category = P.TRAIN if phase == "train" else P.EVALUATE
@@ -499,10 +499,9 @@ class DiffusionStrategy(Strategy):
         if extra:
             raise MalformedReply(f"records: {extra} were not asked for (a {phase} reply of {self.method} carries "
                                  f"only {sorted(P.ALLOWED_RECORDS[('up', category, self.method)])})")
-        if P.METRICS not in m.content.metric_records:
-            raise MalformedReply(f"metrics: no '{P.METRICS}' metric record")
-        if _metrics_dict(m) is None:
-            raise ImplausibleUpload("metrics: a metric is not a finite number")
+        why = _metrics_problem(m)
+        if why:  # a list or another type is malformed; NaN or Inf is an implausible value
+            raise (ImplausibleUpload if why.endswith("not a finite number") else MalformedReply)(f"metrics: {why}")
 
     # -- aggregation of metrics -------------------------------------------------------------------
     def mean_metrics(self, replies: list[Message], weight_key: str = P.NUM_EXAMPLES) -> MetricRecord:
@@ -584,13 +583,35 @@ class DiffusionStrategy(Strategy):
             self.num_eval_samples)
 
 
-def _metrics_dict(m: Message) -> dict[str, Any] | None:
-    """The reply's metrics as a dict, or None when absent or any value is not finite."""
+def _metrics_problem(m: Message) -> str:
+    """Why the reply's metrics cannot be used, '' when each is one finite number. Flower's MetricRecord
+    also carries lists of numbers; no message of this protocol has one and every reader takes a number
+    (hello's claims, example weights, the report's means), so a list is refused here, where it enters."""
     if P.METRICS not in m.content.metric_records:
-        return None
-    d = dict(m.content[P.METRICS])
-    for v in d.values():
-        vals = v if isinstance(v, list) else [v]
-        if any(not isinstance(x, (int, float)) or not math.isfinite(float(x)) for x in vals):
-            return None
-    return d
+        return f"no '{P.METRICS}' metric record"
+    for k, v in m.content[P.METRICS].items():
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            return f"'{k}' is {str(v)[:40]} ({type(v).__name__}), expected one number"
+        if not math.isfinite(v):
+            return f"'{k}' is {v}, not a finite number"
+    return ""
+
+
+def _metrics_dict(m: Message) -> dict[str, Any] | None:
+    """The reply's metrics as a dict, or None when absent or any value is not one finite number."""
+    return None if _metrics_problem(m) else dict(m.content[P.METRICS])
+
+
+def decoded(a: Array, where: str) -> np.ndarray:
+    """The ndarray `a` carries, once its payload is seen to be what its fields declare. Checks read
+    `a.dtype` and `a.shape`, but Flower's `Array.numpy()` decodes the payload without comparing: bytes
+    of another shape or dtype would pass them and reach the buffer, the average or the report."""
+    try:
+        x = a.numpy()
+    except Exception as exc:  # noqa: BLE001 - bytes that do not decode at all are as malformed
+        raise MalformedReply(f"array payload: {where} does not decode ({type(exc).__name__})") from None
+    got = (str(x.dtype), tuple(x.shape)) if isinstance(x, np.ndarray) else (type(x).__name__, ())
+    if got != (a.dtype, tuple(a.shape)):
+        raise MalformedReply(f"array payload: {where} declares {a.dtype}{tuple(a.shape)}, its bytes hold "
+                             f"{got[0]}{got[1]}")
+    return x

@@ -21,7 +21,7 @@ from collafuse_flwr.core import diffusion as D
 from collafuse_flwr.core.images import to_uint8
 from collafuse_flwr.core.training import client_share_loss, generate
 
-from .base import DiffusionStrategy, ImplausibleUpload, MalformedReply
+from .base import DiffusionStrategy, ImplausibleUpload, MalformedReply, decoded
 from .trainer import ServerTrainer
 
 
@@ -58,7 +58,7 @@ class Centralized(DiffusionStrategy):
         a = msg.content[P.UPLOAD][P.X0]
         if a.dtype != "float32" or len(a.shape) != 4 or tuple(a.shape[1:]) != self.image_shape:
             raise MalformedReply(f"upload: expected float32 (n, {self.image_shape}), got {a.dtype}{tuple(a.shape)}")
-        x = a.numpy()
+        x = decoded(a, f"{P.UPLOAD}/{P.X0}")  # the pool takes these bytes: as declared
         if not np.isfinite(x).all() or (x.size and float(np.abs(x).max()) > 1.0):
             raise ImplausibleUpload("upload values: raw images must be finite and within [-1, 1]")
 

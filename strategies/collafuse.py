@@ -21,7 +21,7 @@ from collafuse_flwr import protocol as P
 from collafuse_flwr.core import diffusion as D
 from collafuse_flwr.core.training import server_share_loss
 
-from .base import DiffusionStrategy, ImplausibleUpload, MalformedReply, NotAdmitted, OverBudget
+from .base import DiffusionStrategy, ImplausibleUpload, MalformedReply, NotAdmitted, OverBudget, decoded
 from .robust import UploadCheck
 from .trainer import ServerTrainer
 
@@ -151,7 +151,7 @@ class CollaFuse(DiffusionStrategy):
                                  f"{tuple(arr.shape)}")
         if not self.serves(client) or arr.shape[0] > self.uploads_for(client):
             raise OverBudget(f"upload budget: {arr.shape[0]} images, at most {self.uploads_for(client)}")
-        x = arr.numpy()
+        x = decoded(arr, f"{P.UPLOAD}/{P.X_TC}")  # the buffer takes these bytes: the budget and shape are theirs
         if not np.isfinite(x).all():
             raise ImplausibleUpload("upload values: not all finite (NaN or Inf)")
         peak = float(np.abs(x).max()) if x.size else 0.0
@@ -202,15 +202,16 @@ class CollaFuse(DiffusionStrategy):
         ok = self._accept(server_round, replies, "train")
         n_new, contributors = 0, 0
         for m in ok:
-            if P.UPLOAD in m.content.array_records:
-                x = m.content[P.UPLOAD][P.X_TC].numpy()
-                client = self.client_of(m.metadata.src_node_id)
-                self.buffer.setdefault(client, []).append(torch.from_numpy(x.copy()))
-                self.last_upload[client] = x
-                self.recorder.client_stats[client].update(
-                    {f"upload-{k}": v for k, v in self.upload_check(client).summary(x).items()})
-                n_new += x.shape[0]
-                contributors += x.shape[0] > 0
+            x = m.content[P.UPLOAD][P.X_TC].numpy() if P.UPLOAD in m.content.array_records else None
+            if x is None or not len(x):  # (0, C, H, W): what `node.make_upload` gives a node with nothing to send
+                continue
+            client = self.client_of(m.metadata.src_node_id)
+            self.buffer.setdefault(client, []).append(torch.from_numpy(x.copy()))
+            self.last_upload[client] = x
+            self.recorder.client_stats[client].update(
+                {f"upload-{k}": v for k, v in self.upload_check(client).summary(x).items()})
+            n_new += x.shape[0]
+            contributors += 1
         self.trainer.trim()
         self.owed_steps += self.steps_for(contributors)  # nodes the server serves are the ones that upload
         ran, self._overlap_metrics = self._overlap_metrics, {}

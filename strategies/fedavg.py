@@ -20,7 +20,7 @@ from flwr.supercore import log
 
 from collafuse_flwr import protocol as P
 
-from .base import DiffusionStrategy, ImplausibleUpload, MalformedReply
+from .base import DiffusionStrategy, ImplausibleUpload, MalformedReply, decoded
 from .robust import CLIP_FACTOR, clip_bounds, clipped, update_norms
 
 #: fedavg-aggregation: FedAvg's weighted mean, FedMedian, FedTrimmedAvg (TRIM_BETA of each tail)
@@ -66,7 +66,7 @@ class FedAvgDiffusion(DiffusionStrategy):
             if (tuple(a.shape), a.dtype) != (g.shape, str(g.dtype)):
                 raise MalformedReply(f"weights: '{k}' is {a.dtype}{tuple(a.shape)}, the global model's is "
                                      f"{g.dtype}{g.shape}")
-            if not np.isfinite(a.numpy()).all():
+            if not np.isfinite(decoded(a, f"{P.ARRAYS}/{k!r}")).all():  # what is averaged: as declared
                 raise ImplausibleUpload(f"weights: '{k}' has non-finite values")
         n = msg.content[P.METRICS].get(P.NUM_EXAMPLES, 0)
         if not n > 0:

@@ -10,6 +10,7 @@ honest FedAvg round averages bit-identically to Flower's FedAvg).
 
 from __future__ import annotations
 
+import io
 import json
 import math
 from pathlib import Path
@@ -245,6 +246,25 @@ def test_weights_x100_are_clipped_and_the_global_model_stays_sane(tiny_config):
     assert s.recorder.flagged() == {4: ["update-clipped"]}
 
 
+
+@pytest.mark.parametrize("attack", ["tiny-claim", "tiny-update"])
+def test_with_two_clients_the_hostile_one_is_no_yardstick_for_the_honest(tiny_config, attack):
+    """Two clients: "the median of the others" is the hostile one. Naively its claim of 1e-9 examples
+    capped the honest client's 100 to 2e-9, or its update of norm 2e-7 clipped the honest update to 6e-7
+    (the model stood still): the honest client was flagged and the run "degraded" naming it. Now neither
+    is a reference; a claim over a client's own first-contact declaration is still capped."""
+    s, grid, msgs = _fedavg(tiny_config, n=2, declared={1: 100, 2: 100})
+    honest = np.full(4, 0.5)
+    hostile, claims = (np.full(4, 0.1), [100, 1e-9]) if attack == "tiny-claim" else (np.full(4, 1e-7), [100, 100])
+    replies = _fa_replies(msgs, [honest, hostile], claims)
+    plain = aggregate_arrayrecords([r.content for r in replies], "num-examples")  # Flower's FedAvg
+    arrays, metrics = s.aggregate_train(1, replies)
+    assert np.array_equal(arrays["w"].numpy(), plain["w"].numpy()) and metrics["num-examples"] == sum(claims)
+    assert s.recorder.flagged() == {} and run_status(s.recorder, 2, {}, False, [0, 1])[0] == "ok"
+    msgs = list(s.configure_train(2, arrays, ConfigRecord(), grid))
+    s.aggregate_train(2, _fa_replies(msgs, [honest, honest], [100, 1e6]))  # over its own declaration of 100
+    assert s.recorder.flagged() == {1: ["claim-capped"]}
+
 @pytest.mark.parametrize("agg", ["median", "trimmed-mean"])
 def test_flowers_robust_aggregations_are_selectable(tiny_config, agg):
     s, grid, msgs = _fedavg(tiny_config, agg=agg)
@@ -319,6 +339,123 @@ def test_evaluation_metrics_must_fit_the_request(tiny_config):
     assert sorted(s.recorder.evals[1].metrics) == [0]
     assert sorted(s.recorder.rejected_by_client) == [1, 2, 3]
 
+
+
+# -- values Flower's records allow but no honest node sends ---------------------------------------------------
+@pytest.mark.parametrize("key", ["partition-id", "image-channels", "cut-step", "num-examples"])
+def test_a_list_where_a_hello_number_belongs_refuses_that_node_only(tiny_config, key):
+    """Flower's MetricRecord also carries lists of numbers. Naively a hello saying partition-id=[0.0, 1.0]
+    (or image-channels, cut-step) crashed the ServerApp at first contact (float(list), int(list)), and
+    num-examples=[...] crashed it when the first round's claims were weighed."""
+    _, s = _collafuse(tiny_config(cut_ratio=0.3, server_steps=2, uploads_per_round=8))
+    grid = grid_of(3)
+    grid.extra[3] = {key: [0.0, 1.0]}
+    msgs = list(s.configure_train(1, ArrayRecord(), ConfigRecord(), grid))
+    assert sorted(s.registry.index) == [1, 2]
+    assert f"'{key}' is [0.0, 1.0] (list), expected one number" in s.registry.refused[3]
+    _, metrics = s.aggregate_train(1, _train_replies(s, msgs, [_honest_upload(s, c, seed=c) for c in range(2)]))
+    assert sorted(s.buffer) == [0, 1] and metrics["num-examples"] == 20
+
+
+@pytest.mark.parametrize("phase", ["train", "evaluate"])
+def test_a_list_valued_metric_rejects_that_reply_only(tiny_config, phase):
+    """Naively num-examples=[10.0, 10.0] in a train reply crashed the ServerApp (the example weights of
+    the mean metrics), and fid or max-uploads-per-image lists in an evaluation reply were kept and
+    crashed the report after the last round (its means, its max)."""
+    _, s = _collafuse(tiny_config(cut_ratio=0.3, server_steps=2, uploads_per_round=8, num_server_rounds=1))
+    if phase == "train":
+        msgs = list(s.configure_train(1, ArrayRecord(), ConfigRecord(), grid_of(3)))
+        replies = _train_replies(s, msgs, [_honest_upload(s, c, seed=c) for c in range(3)])
+        replies[1].content["metrics"]["num-examples"] = [10.0, 10.0]
+        _, metrics = s.aggregate_train(1, replies)
+        assert sorted(s.buffer) == [0, 2] and metrics["num-examples"] == 20
+    else:
+        msgs = list(s.configure_evaluate(1, ArrayRecord(), ConfigRecord(), grid_of(3)))
+        good = np.zeros((4, 1, 8, 8), np.uint8)
+        s.aggregate_evaluate(1, [_eval_reply(msgs[0], good),
+                                 _eval_reply(msgs[1], good, fid=[1.0, 2.0], **{"max-uploads-per-image": [1, 2]}),
+                                 _eval_reply(msgs[2], good)])
+        assert sorted(s.recorder.evals[1].metrics) == [0, 2]
+    assert dict(s.recorder.rejected_by_client) == {1: {"metrics": 1}}
+
+
+def _lying(declared_shape: tuple[int, ...], declared_dtype: str, payload: np.ndarray) -> Array:
+    """An Array whose fields (what the checks read) say one thing and whose npy bytes (what Flower's
+    `Array.numpy()` returns, never comparing) say another."""
+    buf = io.BytesIO()
+    np.save(buf, payload, allow_pickle=False)
+    return Array(dtype=declared_dtype, shape=tuple(declared_shape), stype="numpy.ndarray", data=buf.getvalue())
+
+
+@pytest.mark.parametrize("attack", ["larger-images", "over-budget"])
+def test_an_upload_whose_bytes_are_not_what_it_declares_is_refused(tiny_config, attack):
+    """Client 2 declares 8 x (1, 8, 8) float32. Naively its bytes were used as they were: 8 honest-looking
+    16 x 16 x_tc crashed the server's training (torch.cat in the buffer), 4000 x_tc (budget 8) went
+    into the buffer past the upload budget."""
+    _, s = _collafuse(tiny_config(cut_ratio=0.3, server_steps=2, uploads_per_round=8))
+    msgs = list(s.configure_train(1, ArrayRecord(), ConfigRecord(), grid_of(3)))
+    replies = _train_replies(s, msgs, [_honest_upload(s, c, seed=c) for c in range(3)])
+    if attack == "larger-images":
+        x0 = torch.rand((8, 1, 16, 16), generator=torch.Generator().manual_seed(5)) * 2 - 1
+        payload = D.upload(s.sched, x0, s.cut_for(2), torch.randn(x0.shape)).float().numpy()
+    else:
+        payload = _honest_upload(s, 2, n=4000, seed=9)
+    replies[2].content["upload"] = ArrayRecord({"x_tc": _lying((8, 1, 8, 8), "float32", payload)})
+    _, metrics = s.aggregate_train(1, replies)
+    assert sorted(s.buffer) == [0, 1] and metrics["uploads-received"] == 16
+    assert dict(s.recorder.rejected_by_client) == {2: {"array payload": 1}}
+
+
+@pytest.mark.parametrize("attack", ["float64-bytes", "larger-bytes"])
+def test_fedavg_weights_whose_bytes_are_not_what_they_declare_are_refused(tiny_config, attack):
+    """Client 0 declares float32 (4,). Naively float64 bytes made the global model float64, so the next
+    round every honest client's float32 reply "differed from the global model": all five rejected, the
+    round failed. (4, 4) bytes became the global model's shape (sent first) or crashed the average
+    (aggregate_arrayrecords, sent later)."""
+    s, grid, msgs = _fedavg(tiny_config, n=5)
+    honest = [np.full(4, 0.1) + 0.01 * i for i in range(5)]
+    replies = _fa_replies(msgs, honest, [10] * 5)
+    payload = np.full(4, 0.1, np.float64) if attack == "float64-bytes" else np.full((4, 4), 0.1, np.float32)
+    replies[0].content["arrays"] = ArrayRecord({"w": _lying((4,), "float32", payload)})
+    arrays, _ = s.aggregate_train(1, replies)
+    w = arrays["w"].numpy()
+    assert (w.dtype, w.shape, arrays["w"].dtype) == (np.float32, (4,), "float32")
+    assert dict(s.recorder.rejected_by_client) == {0: {"array payload": 1}}
+    msgs = list(s.configure_train(2, arrays, ConfigRecord(), grid))
+    s.aggregate_train(2, _fa_replies(msgs, honest, [10] * 5))  # everyone honest: everyone accepted
+    assert dict(s.recorder.rejected_by_client) == {0: {"array payload": 1}}
+
+
+def test_evaluation_samples_whose_bytes_are_not_what_they_declare_are_refused(tiny_config):
+    """Naively 9 x 9 bytes declared (4, 1, 8, 8) uint8 passed the samples check and were kept for the
+    report (which then left them out and called the run degraded, without blaming the client)."""
+    cfg, s = _collafuse(tiny_config(cut_ratio=0.3, num_server_rounds=1))
+    msgs = list(s.configure_evaluate(1, ArrayRecord(), ConfigRecord(), grid_of(3)))
+    good = np.zeros((4, 1, 8, 8), np.uint8)
+    replies = [_eval_reply(m, good) for m in msgs]
+    replies[1].content["samples"] = ArrayRecord({"images": _lying((4, 1, 8, 8), "uint8",
+                                                                  np.zeros((4, 1, 9, 9), np.uint8))})
+    s.aggregate_evaluate(1, replies)
+    assert sorted(s.recorder.evals[1].images) == [0, 2]
+    assert dict(s.recorder.rejected_by_client) == {1: {"array payload": 1}}
+
+
+def test_an_empty_upload_is_no_upload_not_a_crash(tiny_config):
+    """Round 2: client 2 uploads a well-formed (0, 1, 8, 8) x_tc. Naively it passed validation and
+    crashed the ServerApp summarising it (UploadCheck.summary reshapes 0 rows). An own ClientApp built on
+    `collafuse_flwr.node.make_upload` sends one when asked for 0 images or all its images reached their
+    cap, so it is not blamed either: it adds nothing to the buffer, earns no server steps."""
+    _, s = _collafuse(tiny_config(cut_ratio=0.3, server_steps=2, uploads_per_round=8))
+    grid = grid_of(3)
+    for rnd in (1, 2):
+        msgs = list(s.configure_train(rnd, ArrayRecord(), ConfigRecord(), grid))
+        ups = [_honest_upload(s, c, seed=10 * rnd + c) for c in range(3)]
+        if rnd == 2:
+            ups[2] = np.zeros((0, 1, 8, 8), np.float32)
+        _, metrics = s.aggregate_train(rnd, _train_replies(s, msgs, ups))
+    assert metrics["uploads-received"] == 16 and metrics["server-buffer-size"] == 5 * 8
+    assert [sum(len(t) for t in s.buffer[c]) for c in range(3)] == [16, 16, 8]
+    assert not s.recorder.rejected_by_client and not s.recorder.flagged()
 
 def test_report_survives_one_clients_unstackable_samples():
     images = {0: np.zeros((4, 1, 8, 8), np.uint8), 1: np.zeros((4, 1, 9, 9), np.uint8),
@@ -430,6 +567,33 @@ def test_a_corrupt_checkpoint_is_one_line_naming_the_file(tmp_path, damage):
         ck.load_checkpoint(tmp_path)
     assert "\n" not in str(err.value) and str(tmp_path) in str(err.value) and ck.FILE in str(err.value)
 
+
+
+@pytest.mark.parametrize("damage", ["no-registry", "foreign-recorder", "slots-not-a-number"])
+def test_a_checkpoint_whose_strategy_state_is_not_ours_is_one_line_naming_the_file(tiny_config, tmp_path, damage):
+    """torch.load(weights_only=True) reads the file and load_checkpoint accepts its keys, but the strategy
+    part is not this project's. Naively the ServerApp failed with a bare KeyError ('registry', 'bytes')."""
+    from collafuse_flwr import server_app
+    from inprocess import InProcessGrid
+
+    rc = {**tiny_config(cut_ratio=0.5, num_server_rounds=2), "output-dir": str(tmp_path)}
+    cfg = parse_config(rc)
+    registry = (3, {}, {}, {})
+    strategy = {"no-registry": {},
+                "foreign-recorder": {"registry": registry, "recorder": {}, "torch_rng": torch.zeros(3), "attrs": {}},
+                "slots-not-a-number": {"registry": ("3", {}, {}, {})}}[damage]
+    torch.save({"round": 1, "config": cfg.to_flwr(), "run_key": 7, "strategy": strategy, "arrays": None,
+                "result": {"arrays": None, "train_metrics_clientapp": {}, "evaluate_metrics_clientapp": {},
+                           "evaluate_metrics_serverapp": {}}}, tmp_path / ck.FILE)
+    ck.load_checkpoint(tmp_path)  # accepted: the damage shows only when the state is used
+    rc = {**rc, "resume-from": str(tmp_path)}
+    grid = InProcessGrid(_shape_attack_app, rc, 3)
+    with pytest.raises(ck.CheckpointError) as err:
+        server_app.main(grid, Context(run_id=9, node_id=0, node_config={}, state=RecordDict(), run_config=dict(rc)))
+    msg = str(err.value)
+    assert "\n" not in msg and str(tmp_path) in msg and ck.FILE in msg and "start afresh" in msg
+    assert err.value.__cause__ is None and grid.sent == []
+    assert json.loads((tmp_path / "results.json").read_text())["status"] == "failed"
 
 def test_checkpoints_hold_only_what_weights_only_loading_reads(tiny_config, tmp_path):
     """The recorder's numpy images, the last uploads, RNG states, buffers and flags round-trip."""

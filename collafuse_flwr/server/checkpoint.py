@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +19,7 @@ from flwr.app import Array, ArrayRecord, MetricRecord
 from flwr.serverapp.strategy import Result
 
 FILE = "checkpoint.pt"
+_FIX = "resume from another run folder or start afresh (without resume-from)"
 NP_TAG = "__numpy__"  # {NP_TAG: tensor}: a numpy array stored as a tensor (weights_only can read it)
 _RESULT_KEYS = ("train_metrics_clientapp", "evaluate_metrics_clientapp", "evaluate_metrics_serverapp")
 
@@ -78,12 +81,11 @@ def load_checkpoint(run_dir: Path) -> dict[str, Any]:
     if not path.is_file():
         raise CheckpointError(f"resume-from={str(run_dir)!r} has no {FILE}: point it at the run folder of a "
                               f"run that finished at least one round")
-    fix = "resume from another run folder or start afresh (without resume-from)"
     try:
         blob = from_safe(torch.load(path, weights_only=True, map_location="cpu"))
     except Exception as exc:  # noqa: BLE001 - any reason the file cannot be read says the same to the user
         raise CheckpointError(f"resume-from={str(run_dir)!r}: {path.name} cannot be read ({_why(exc)}); "
-                              f"{fix}") from None
+                              f"{_FIX}") from None
 
     def to_rec(d: dict | None) -> ArrayRecord | None:
         return None if d is None else ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in d.items()})
@@ -101,5 +103,18 @@ def load_checkpoint(run_dir: Path) -> dict[str, Any]:
         blob["run_key"]  # noqa: B018 - present
     except Exception as exc:  # noqa: BLE001 - a readable file without a checkpoint's content
         raise CheckpointError(f"resume-from={str(run_dir)!r}: {path.name} is not a checkpoint of this project "
-                              f"({type(exc).__name__}: {str(exc)[:120]}); {fix}") from None
+                              f"({type(exc).__name__}: {str(exc)[:120]}); {_FIX}") from None
     return blob
+
+
+@contextmanager
+def applying(run_dir: Path | str) -> Iterator[None]:
+    """Wraps the use of a loaded checkpoint's strategy state (its registry, `strategy.load_state_dict`): a file
+    `load_checkpoint` accepts can still hold a strategy state that is not this project's, and its failure
+    there is the same one `CheckpointError` line as a corrupt file's, not a bare KeyError traceback."""
+    try:
+        yield
+    except Exception as exc:  # noqa: BLE001 - any reason the state does not fit says the same to the user
+        why = " ".join(f"{type(exc).__name__}: {exc}".split())[:160]
+        raise CheckpointError(f"resume-from={str(run_dir)!r}: {FILE} holds a strategy state this run cannot use "
+                              f"({why}): it is corrupt or not this project's; {_FIX}") from None
