@@ -237,6 +237,13 @@ def _state_file(node: Node, client: int, run_key: int, suffix: str = "pt") -> Pa
     return node.policy.state_dir / run / f"{f'client-{client}' if node.policy.trusts_run_config else 'node'}.{suffix}"
 
 
+def _scored_file(node: Node, client: int, run_key: int) -> Path:
+    """Which uploads were scored: a deployed node's one file, so no run key a message names finds it empty."""
+    if node.policy.trusts_run_config:
+        return _state_file(node, client, run_key, "scored")
+    return node.policy.state_dir / "scored-uploads.json"
+
+
 def _train(node: Node, model: torch.nn.Module, opt: torch.optim.Optimizer, t_max: int, client: int, rnd: int,
            metrics: dict) -> None:
     """Steps of `model` on t in 1..t_max; its loss is data-dependent (membership inference): harness only."""
@@ -371,13 +378,16 @@ def _evaluated(node: Node, msg: Message, method: str, images: torch.Tensor, seco
     records: dict = {}
     if node.policy.share_harness:  # research measurements, only where the node's operator allows them
         metrics[P.CHECKSUM] = float(images.double().mean())
+        scored = _scored_file(node, client, run_key)
         metrics.update(scoring.client_metrics(node.cfg, images, node.data, msg.content, node.context.state,
-                                              t_c if method == P.COLLAFUSE else None,
-                                              _state_file(node, client, run_key, "scored")))
+                                              t_c if method == P.COLLAFUSE else None, scored))
         records[P.SAMPLES] = ArrayRecord({P.IMAGES: Array(images.numpy().astype(np.uint8))})
     if msg.content[P.CONFIG].get(P.FINAL_ROUND, 0) == 1 and method in (P.COLLAFUSE, P.LOCAL):
         state.discard(_state_file(node, client, run_key))
-        _state_file(node, client, run_key, "finished").touch(mode=0o600)
+        finished = _state_file(node, client, run_key, "finished")
+        if not node.policy.trusts_run_config:
+            state.prune_runs(finished)
+        private_dir(finished.parent).joinpath(finished.name).touch(mode=0o600)  # a node never sampled to train too
     return metrics, records
 
 

@@ -62,9 +62,9 @@ def _uploaded(reply) -> np.ndarray:
     return reply.content["upload"]["x_tc"].numpy() if "upload" in reply.content.array_records else np.zeros(0)
 
 
-def _evaluate(rc, ctx, rnd=2, **records):
+def _evaluate(rc, ctx, rnd=2, extra=None, **records):
     conf = ConfigRecord({"server-round": rnd, "num-samples": 4, "client-start-step": _declared_cut(rc, ctx),
-                         "client-sampling-steps": 0, "client-index": 0})
+                         "client-sampling-steps": 0, "client-index": 0, **(extra or {})})
     records.setdefault("handoff", ArrayRecord({"x_tc": Array(np.zeros((4, 1, 8, 8), np.float32))}))
     return _send(rc, ctx, "evaluate", RecordDict({"config": conf, **records}))
 
@@ -320,6 +320,8 @@ def test_relative_node_config_paths_and_file_names_with_spaces_are_scrubbed():
     url = "Tried http://yann.lecun.com/exdb/mnist/train-images-idx3-ubyte.gz, got: timed out"
     assert scrub_paths(url, known) == url  # a download URL is no local path (it read 'http<local path>')
     assert scrub_paths("dataset='hf:/srv/op/scans'", []) == "dataset='hf:<local path>'"
+    assert scrub_paths("open file:///home/al/jd.png failed", []) == "open file:<local path> failed"
+    assert scrub_paths("see http://h/a,/home/al/secret/x", []) == "see http://h/a,<local path>"
 
 
 def test_a_deployed_node_reports_no_loss(tiny_config):
@@ -350,7 +352,8 @@ def test_scores_are_no_reconstruction_oracle(tiny_config):
 def test_an_upload_is_scored_once_so_repeated_scores_reveal_nothing(tiny_config, tmp_path):
     """Naively each evaluate message scores the last upload again: three allowed arrays a message
     (x, x + d e_k, x - d e_k) give pixel k of an uploaded image from the mean PSNRs, 64 messages the
-    whole image, exactly. A node scores each upload once, also after a restart (a fresh Context)."""
+    whole image, exactly. A node scores each upload once: also when a message names another run key,
+    or after a restart. A resumed run that redoes a round makes a new upload, scored once again."""
     rc = tiny_config(cut_ratio=0.5)
     node = {"share-harness": "true", "state-dir": str(tmp_path / "node")}
     ctx = _context(rc, **node)
@@ -358,14 +361,22 @@ def test_an_upload_is_scored_once_so_repeated_scores_reveal_nothing(tiny_config,
     probe = ArrayRecord({k: Array(np.zeros((n_up, 1, 8, 8), np.float32)) for k in
                          ("recon-server", "recon-scaled", "recon-reference")})
     assert "disclosure-psnr-scaled" in _evaluate(rc, ctx, rnd=1, harness=probe).content["metrics"]
-    again = _evaluate(rc, ctx, rnd=1, harness=probe)
-    assert again.has_error() and "scored already" in again.error.reason
-    restarted = Context(run_id=ctx.run_id, node_id=ctx.node_id, node_config=ctx.node_config, state=RecordDict(),
-                        run_config=rc)
-    assert "scored already" in _evaluate(rc, restarted, rnd=1, harness=probe).error.reason
+    for extra in ({}, {"run-key": 7}, {"run-key": 8}):
+        again = _evaluate(rc, ctx, rnd=1, extra=extra, harness=probe)
+        assert again.has_error() and "scored already" in again.error.reason, extra
+    assert not list((tmp_path / "node").glob("run-7-*"))  # and no folder for a made-up run key
+
+    def restarted():
+        return Context(run_id=ctx.run_id, node_id=ctx.node_id, node_config=ctx.node_config, state=RecordDict(),
+                       run_config=rc)
+
+    assert "scored already" in _evaluate(rc, restarted(), rnd=1, harness=probe).error.reason
     assert not _evaluate(rc, ctx, rnd=1).has_error()  # without the harness, evaluation goes on
     assert len(_uploaded(_train(rc, ctx, rnd=2))) == n_up  # a new upload is scored, once
     assert not _evaluate(rc, ctx, rnd=2, harness=probe).has_error()
+    resumed = restarted()  # a resumed run redoes round 2 (the server died before its checkpoint)
+    assert len(_uploaded(_train(rc, resumed, rnd=2))) == n_up
+    assert not _evaluate(rc, resumed, rnd=2, harness=probe).has_error()
 
 
 def test_the_server_names_no_fid_weights_file_that_a_node_unpickles(tiny_config, tmp_path):
@@ -537,3 +548,13 @@ def test_another_image_size_meets_the_same_lifetime_cap(tiny_config, tmp_path):
     assert hello.has_error() and "run at image-size 8" in hello.error.reason
     reply = _train(other, ctx, **{"cut-step": 10})  # ... and a train message anyway uploads nothing
     assert reply.has_error() and not reply.has_content() and "run at image-size 8" in reply.error.reason
+
+
+def test_a_node_never_sampled_to_train_finishes_the_final_evaluation(tiny_config, tmp_path):
+    """With fraction-train < 1 a node may first hear of a run at its final evaluation: its 'finished'
+    marker went into a run folder that did not exist, and the honest node's reply was an error."""
+    rc = tiny_config(cut_ratio=0.5)
+    ctx = _context(rc, **{"state-dir": str(tmp_path / "node")})
+    reply = _evaluate(rc, ctx, rnd=1, extra={"final-round": 1})
+    assert not reply.has_error(), reply.error.reason
+    assert "final evaluation is done" in _train(rc, ctx, rnd=1).error.reason  # the run is over on this node

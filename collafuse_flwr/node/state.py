@@ -8,6 +8,7 @@ resumed run re-sends a round the node may have trained. An unreadable file is se
 import io
 import json
 import logging
+import secrets
 import shutil
 from pathlib import Path
 
@@ -22,7 +23,8 @@ MODEL_KEY = "private-denoiser"
 OPTIM_KEY = "private-optimizer"
 UPLOADS_KEY = "upload-history"  # indices of the last upload, and per-image counts of this run
 META_KEY = "private-meta"  # the round these records finished
-_BLOB, _ROUND, _INDICES, _COUNTS = "blob", "round", "indices", "counts"
+_BLOB, _ROUND, _INDICES, _COUNTS, _ID, _IDS = "blob", "round", "indices", "counts", "id", "ids"
+SCORED_KEY = "harness-scored"  # ids of this run's uploads whose reconstructions were scored
 RUNS_KEPT = 4  # run folders a deployed node's state folder keeps, the newest
 _LOG = logging.getLogger("collafuse_flwr.node")
 
@@ -50,7 +52,9 @@ def remember_upload(state: RecordDict, indices: np.ndarray, num_train: int) -> N
     idx = np.asarray(indices, dtype=np.int64)
     counts = upload_counts(state, num_train)
     np.add.at(counts, idx, 1)
-    state[UPLOADS_KEY] = ArrayRecord({_INDICES: Array(idx), _COUNTS: Array(counts)})
+    # a random id: a redone round's upload (a resumed run) is a new upload, scored once again
+    state[UPLOADS_KEY] = ArrayRecord({_INDICES: Array(idx), _COUNTS: Array(counts),
+                                      _ID: Array(np.array([secrets.randbits(62)], dtype=np.int64))})
 
 
 def upload_counts(state: RecordDict, num_train: int) -> np.ndarray:
@@ -66,16 +70,22 @@ def last_upload(state: RecordDict) -> np.ndarray | None:
 
 
 def first_scoring(state: RecordDict, path: Path) -> bool:
-    """Whether the last upload's reconstructions may be scored: once per upload (named by the run's upload
-    total), recorded in `path` before any score leaves. Scores of crafted reconstructions, asked for again
-    and again, would solve the uploaded images pixel by pixel (mean PSNR against x0 +- d e_k)."""
-    upload = int(state.array_records[UPLOADS_KEY][_COUNTS].numpy().sum())
+    """Whether the last upload's reconstructions may be scored: once per upload, by its random id,
+    kept in `state` (the Flower run's memory, whatever run key a message names) and in `path` (across
+    restarts and runs) before any score leaves. Scores of crafted reconstructions, asked for again and
+    again, would solve the uploaded images pixel by pixel (mean PSNR against x0 +- d e_k)."""
+    rec = state.array_records[UPLOADS_KEY]
+    if _ID not in rec:  # a state file written before uploads had ids
+        rec[_ID] = Array(np.array([secrets.randbits(62)], dtype=np.int64))
+    upload = int(rec[_ID].numpy()[0])
+    seen = set(state.config_records[SCORED_KEY][_IDS]) if SCORED_KEY in state.config_records else set()
     try:
         done = {int(u) for u in json.loads(path.read_text(encoding="utf-8"))} if path.is_file() else set()
-    except (OSError, ValueError, TypeError):  # unreadable: the uploads it named can no longer be told apart
+    except (OSError, ValueError, TypeError):  # unreadable: the memory still holds this run's
         done = set()
-    if upload in done:
+    if upload in seen | done:
         return False
+    state[SCORED_KEY] = ConfigRecord({_IDS: sorted(seen | {upload})})
     write_private(path, json.dumps(sorted(done | {upload})).encode())
     return True
 
@@ -93,7 +103,8 @@ def prune_runs(path: Path, keep: int = RUNS_KEPT) -> None:
             return 0.0
 
     runs = sorted((d for d in path.parent.parent.glob("run-*") if d.is_dir()), key=age, reverse=True)
-    for old in runs[keep - 1:]:
+    for old in runs[keep - 1:]:  # only the server that started the runs can invent keys: its own runs go
+        _LOG.warning("the node keeps the state of its newest %d runs; removing %s", keep, old.name)
         shutil.rmtree(old, ignore_errors=True)
 
 
