@@ -24,7 +24,7 @@ from . import isolation
 from .isolation import is_infrastructure_error
 from .recorder import EvalResult, Recorder
 from .registry import NodeRegistry
-from .robust import CLAIM_FACTOR, cap_claims
+from .robust import CLAIM_FACTOR, MIN_OTHERS, cap_claims
 
 # Totals across nodes rather than example-weighted means.
 SUM_KEYS = (P.NUM_EXAMPLES, P.NUM_UPLOADED, P.CLIENT_TRAIN_FLOPS)
@@ -467,7 +467,8 @@ class DiffusionStrategy(Strategy):
                       + (f" (it declared {declared[c]:.6g} at first contact)" if lie else
                          f" (at most {CLAIM_FACTOR:g}x the median of the other clients' claims)"))
             log(WARNING, "round %d: client %d (node %d) %s", server_round, c, m.metadata.src_node_id, detail)
-            self.recorder.flag(server_round, c, "claim-capped", detail, serious=serious)
+            if lie or len(claims) > MIN_OTHERS:  # one other client is no yardstick to blame by (robust.MIN_OTHERS)
+                self.recorder.flag(server_round, c, "claim-capped", detail, serious=serious)
 
     def _check_eval(self, m: Message) -> None:
         """Evaluation replies are kept for the report: one client's bad array is refused here, not

@@ -2,7 +2,8 @@
 by examples (Flower's `aggregate_arrayrecords`, the arithmetic of `flwr.serverapp.strategy.FedAvg`).
 A reply must match the global model (names, shapes, dtypes, finite) with a positive example
 count. One client cannot take the average over: its claim is capped (base `_cap_claims`) and its
-update scaled down to `robust.CLIP_FACTOR` x the others' median norm, both recorded by client.
+update scaled down to `robust.CLIP_FACTOR` x the others' median norm, both flagged by client where
+at least `robust.MIN_OTHERS` others make the median (with one other, neither is to blame).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from flwr.supercore import log
 from collafuse_flwr import protocol as P
 
 from .base import DiffusionStrategy, ImplausibleUpload, MalformedReply, decoded
-from .robust import CLIP_FACTOR, clip_bounds, clipped, update_norms
+from .robust import CLIP_FACTOR, MIN_OTHERS, clip_bounds, clipped, update_norms
 
 #: fedavg-aggregation: FedAvg's weighted mean, FedMedian, FedTrimmedAvg (TRIM_BETA of each tail)
 AGGREGATIONS = ("mean", "median", "trimmed-mean")
@@ -105,7 +106,8 @@ class FedAvgDiffusion(DiffusionStrategy):
             detail = (f"update norm {norms[c]:.4g} is {norms[c] * CLIP_FACTOR / bounds[c]:.3g}x the median of the "
                       f"other clients'; scaled down to {bounds[c]:.4g}")
             log(WARNING, "round %d: client %d (node %d): %s", server_round, c, m.metadata.src_node_id, detail)
-            self.recorder.flag(server_round, c, "update-clipped", detail)
+            if len(ok) > MIN_OTHERS:  # one other client is no yardstick to blame by (robust.MIN_OTHERS)
+                self.recorder.flag(server_round, c, "update-clipped", detail)
             out.append(ArrayRecord({k: Array(np.ascontiguousarray(v))
                                     for k, v in clipped(local[c], self._global_arrays, scale).items()}))
         return out

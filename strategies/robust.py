@@ -147,25 +147,25 @@ CLAIM_FACTOR = 2.0
 #: A FedAvg update (returned weights minus the global model) may be at most this many times the
 #: median of the other clients' update norms; larger ones are scaled down to it.
 CLIP_FACTOR = 3.0
-#: The fewest other clients whose median is a reference. With one, "the others" is that one client,
-#: perhaps the hostile one: its claim of 1e-9 examples (or an update of norm 1e-7) would cap the
-#: honest client and flag it, so with fewer no one is capped or clipped against the others.
+#: The fewest other clients whose median may blame one. With one, "the others" is that one client,
+#: perhaps the hostile one: claims and updates are still bounded by it (neither client takes the
+#: average over), but nobody is flagged, or a claim of 1e-9 examples would name the honest client.
 MIN_OTHERS = 2
 
 
-def _others_median(values: dict[int, float]) -> dict[int, float | None]:
-    """Each client's median of the other clients' values (None when fewer than MIN_OTHERS others)."""
-    return {c: float(np.median([w for o, w in values.items() if o != c])) if len(values) > MIN_OTHERS else None
+def _others_median(values: dict[int, float]) -> dict[int, float]:
+    """Each client's median of the other clients' values (0 when there are none)."""
+    return {c: float(np.median([w for o, w in values.items() if o != c])) if len(values) > 1 else 0.0
             for c in values}
 
 
 def cap_claims(claims: dict[int, float], declared: dict[int, float]) -> dict[int, float]:
     """Each client's example count for weighting: its claim, at most what it declared at first
-    contact and CLAIM_FACTOR x the median of the others' (so a 1e12 claim weighs like two clients),
-    the latter only among at least MIN_OTHERS + 1 clients."""
+    contact and CLAIM_FACTOR x the median of the others' (so a 1e12 claim weighs like two clients)."""
     first = {c: min(v, declared[c]) if declared.get(c, 0) > 0 else v for c, v in claims.items()}
-    return {c: first[c] if med is None else min(first[c], CLAIM_FACTOR * med)
-            for c, med in _others_median(first).items()}
+    if len(first) < 2:
+        return first
+    return {c: min(first[c], CLAIM_FACTOR * med) for c, med in _others_median(first).items()}
 
 
 def update_norms(updates: dict[int, dict[str, np.ndarray]], base: dict[str, np.ndarray]) -> dict[int, float]:
@@ -176,9 +176,8 @@ def update_norms(updates: dict[int, dict[str, np.ndarray]], base: dict[str, np.n
 
 
 def clip_bounds(norms: dict[int, float]) -> dict[int, float]:
-    """CLIP_FACTOR x the median of the others' norms (inf with fewer than MIN_OTHERS others, or a median of 0)."""
-    return {c: CLIP_FACTOR * med if med is not None and med > 0 else math.inf
-            for c, med in _others_median(norms).items()}
+    """CLIP_FACTOR x the median of the others' norms (inf when there is nothing to compare with)."""
+    return {c: CLIP_FACTOR * med if med > 0 else math.inf for c, med in _others_median(norms).items()}
 
 
 def clipped(arrays: dict[str, np.ndarray], base: dict[str, np.ndarray], scale: float) -> dict[str, np.ndarray]:

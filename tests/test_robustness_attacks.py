@@ -247,23 +247,27 @@ def test_weights_x100_are_clipped_and_the_global_model_stays_sane(tiny_config):
 
 
 
-@pytest.mark.parametrize("attack", ["tiny-claim", "tiny-update"])
-def test_with_two_clients_the_hostile_one_is_no_yardstick_for_the_honest(tiny_config, attack):
-    """Two clients: "the median of the others" is the hostile one. Naively its claim of 1e-9 examples
-    capped the honest client's 100 to 2e-9, or its update of norm 2e-7 clipped the honest update to 6e-7
-    (the model stood still): the honest client was flagged and the run "degraded" naming it. Now neither
-    is a reference; a claim over a client's own first-contact declaration is still capped."""
-    s, grid, msgs = _fedavg(tiny_config, n=2, declared={1: 100, 2: 100})
-    honest = np.full(4, 0.5)
-    hostile, claims = (np.full(4, 0.1), [100, 1e-9]) if attack == "tiny-claim" else (np.full(4, 1e-7), [100, 100])
-    replies = _fa_replies(msgs, [honest, hostile], claims)
-    plain = aggregate_arrayrecords([r.content for r in replies], "num-examples")  # Flower's FedAvg
-    arrays, metrics = s.aggregate_train(1, replies)
-    assert np.array_equal(arrays["w"].numpy(), plain["w"].numpy()) and metrics["num-examples"] == sum(claims)
+@pytest.mark.parametrize("attack, hostile, claims, w", [
+    ("tiny-claim", 0.4, [100, 1e-9], (2 * 0.5 + 0.4) / 3),  # the honest client counted as 2x the other
+    ("huge-claim", 0.4, [100, 1e12], (0.5 + 2 * 0.4) / 3),  # the hostile one counted as 2x the honest
+    ("tiny-update", 1e-7, [100, 100], (3e-7 + 1e-7) / 2),  # the honest update clipped to 3x the other's
+    ("huge-update", 1e6, [100, 100], (0.5 + 1.5) / 2)])  # the hostile update clipped to 3x the honest's
+def test_with_two_clients_neither_takes_the_average_over_and_the_honest_is_not_blamed(
+        tiny_config, attack, hostile, claims, w):
+    """Two clients: "the median of the others" is the other one, perhaps the hostile one. Naively its
+    claim of 1e-9 examples, or an update of norm 2e-7, flagged the honest client and the run was
+    "degraded" naming it. Both are still bounded by each other (an unbounded 1e12 claim or a 1e6 update
+    would take the model over), but one other client is no yardstick to blame by; a claim over a
+    client's own first-contact declaration is still flagged."""
+    s, grid, msgs = _fedavg(tiny_config, n=2, declared={1: 100, 2: 1e12 if attack == "huge-claim" else 100})
+    arrays, _ = s.aggregate_train(1, _fa_replies(msgs, [np.full(4, 0.5), np.full(4, hostile)], claims))
+    np.testing.assert_allclose(arrays["w"].numpy(), np.full(4, w), rtol=1e-5)
     assert s.recorder.flagged() == {} and run_status(s.recorder, 2, {}, False, [0, 1])[0] == "ok"
     msgs = list(s.configure_train(2, arrays, ConfigRecord(), grid))
-    s.aggregate_train(2, _fa_replies(msgs, [honest, honest], [100, 1e6]))  # over its own declaration of 100
-    assert s.recorder.flagged() == {1: ["claim-capped"]}
+    honest = np.full(4, 0.5)
+    s.aggregate_train(2, _fa_replies(msgs, [honest, honest], [1e6, 100]))  # over client 0's declaration of 100
+    assert s.recorder.flagged() == {0: ["claim-capped"]}
+
 
 @pytest.mark.parametrize("agg", ["median", "trimmed-mean"])
 def test_flowers_robust_aggregations_are_selectable(tiny_config, agg):
@@ -703,3 +707,20 @@ def test_a_valid_reply_carrying_a_record_nobody_asked_for_is_refused(tiny_config
     _, metrics = s.aggregate_train(1, replies)
     assert sorted(s.buffer) == [0] and metrics["uploads-received"] == 8
     assert dict(s.recorder.rejected_by_client) == {1: {"records": 1}}
+
+
+def test_each_upload_goes_back_to_its_node_for_scoring_once(tiny_config):
+    """Nodes score an upload's reconstructions once (asked again, they refuse: repeated scores are an
+    oracle). Naively the server sent the last upload's harness in every evaluation until the next
+    upload, so an honest node that uploaded nothing new was refused."""
+    _, s = _collafuse(tiny_config(cut_ratio=0.3, server_steps=2, uploads_per_round=8))
+    sent = []
+    s.harness_payload, s.eval_every = lambda strategy, client, upload: sent.append(client) or ArrayRecord(), 1
+    grid = grid_of(2)
+    msgs = list(s.configure_train(1, ArrayRecord(), ConfigRecord(), grid))
+    s.aggregate_train(1, _train_replies(s, msgs, [_honest_upload(s, 0), _honest_upload(s, 1)]))
+    first = list(s.configure_evaluate(1, ArrayRecord(), ConfigRecord(), grid))
+    second = list(s.configure_evaluate(2, ArrayRecord(), ConfigRecord(), grid))
+    assert sorted(sent) == [0, 1] and len(first) == len(second) == 2
+    assert all("harness" in m.content.array_records for m in first)
+    assert not any("harness" in m.content.array_records for m in second)
