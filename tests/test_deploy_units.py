@@ -211,6 +211,10 @@ def test_one_node_config_reaches_every_node_and_a_wrong_count_is_one_line(tmp_pa
         seen["configs"] = node_configs
         raise Started
 
+    def submitted(self, app, run_config, *args, **kwargs):
+        seen["run_config"] = run_config
+        raise Started
+
     monkeypatch.setattr(deploy, "LocalDeployment", deployment)
     with pytest.raises(Started):
         deploy.main(["--num-nodes", "3", "--workdir", str(tmp_path / "w"), "--node-config", "methods='local,fedavg'"])
@@ -219,6 +223,19 @@ def test_one_node_config_reaches_every_node_and_a_wrong_count_is_one_line(tmp_pa
         deploy.main(["--num-nodes", "2", "--workdir", str(tmp_path / "w"), "--per-node-data",
                      "--node-config", "cut-ratio=0.5"])
     assert [c.endswith("dataset='imagefolder' cut-ratio=0.5") for c in seen["configs"]] == [True, True]
+    real = LocalDeployment
+    monkeypatch.setattr(deploy, "LocalDeployment", real)
+    monkeypatch.setattr(real, "__enter__", lambda self: self)
+    monkeypatch.setattr(real, "__exit__", lambda self, *exc: None)
+    monkeypatch.setattr(real, "run", submitted)
+    for argv, run_config in ((["--node-config", "methods='local,fedavg'"], ""),
+                             (["--per-node-data"], "dataset='digits'")):  # its folders hold digits
+        with pytest.raises(Started):
+            deploy.main(["--num-nodes", "2", "--workdir", str(tmp_path / "w2"), *argv])
+        assert seen["run_config"] == run_config
+    with pytest.raises(SystemExit) as exc:  # one state folder for all: a shared secret and ledger
+        deploy.main(["--num-nodes", "2", "--node-config", "state-dir='/srv/state'"])
+    assert exc.value.code == 2 and "would share their secret" in capsys.readouterr().err
     monkeypatch.setattr(deploy.tempfile, "mkdtemp", lambda **kw: pytest.fail("a workdir was made"))
     with pytest.raises(SystemExit) as exc:
         deploy.main(["--num-nodes", "3", "--node-config", "a=1", "--node-config", "b=2"])

@@ -307,6 +307,9 @@ def main(argv: list[str] | None = None) -> int:
     given = a.node_config or []
     if len(given) not in (0, 1, a.num_nodes):
         p.error(f"{len(given)} --node-config for {a.num_nodes} nodes: give one per node, or one for every node")
+    if len(given) == 1 < a.num_nodes and "state-dir" in given[0]:
+        p.error("one --node-config for every node names state-dir: the nodes would share their secret, upload "
+                "ledger and private state; give one per node, or leave state-dir out (each gets its own)")
     workdir = (a.workdir or Path(tempfile.mkdtemp(prefix="collafuse-deploy-"))).resolve()
     node_configs = given or None
     if a.per_node_data:
@@ -314,10 +317,10 @@ def main(argv: list[str] | None = None) -> int:
         folders = write_node_folders(workdir / "node-data", a.num_nodes)
         extra = given if len(given) == a.num_nodes else given * a.num_nodes or [""] * a.num_nodes
         node_configs = [f"data-dir='{f}' dataset='imagefolder' {e}".strip() for f, e in zip(folders, extra)]
-    elif len(given) == 1 < a.num_nodes:  # one for all: each node keeps its own partition
-        node_configs = [f"partition-id={k} num-partitions={a.num_nodes} {given[0]}" for k in range(a.num_nodes)]
         if "dataset=" not in a.run_config:  # the folders hold scikit-learn digits: score them as digits
             a.run_config = f"dataset='digits' {a.run_config}".strip()
+    elif len(given) == 1 < a.num_nodes:  # one for all: each node keeps its own partition
+        node_configs = [f"partition-id={k} num-partitions={a.num_nodes} {given[0]}" for k in range(a.num_nodes)]
     dep = LocalDeployment(workdir, a.num_nodes, node_configs, tls=not a.insecure,
                           auth=not (a.insecure or a.no_auth), isolation=a.isolation, database=a.database)
     previous = signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
