@@ -203,5 +203,6 @@ def test_a_missing_data_dir_or_fid_weights_file_is_one_line_before_flower_starts
     with pytest.raises(RunConfigError, match=r"data-dir='.*nothing' is not a folder .* or set download=true"):
         check_run_config(APP_DIR, f"dataset='mnist' data-dir='{tmp_path}/nothing'", num_clients=2)
     assert check_run_config(APP_DIR, f"dataset='mnist' data-dir='{tmp_path}/new' download=true", num_clients=2)
+    assert check_run_config(APP_DIR, f"dataset='digits' data-dir='{tmp_path}/nothing'", num_clients=2)  # unread
     with pytest.raises(RunConfigError, match=r"fid-weights='.*none.pth' is not a file"):
         check_run_config(APP_DIR, f"fid-weights='{tmp_path}/none.pth'", num_clients=2)

@@ -25,8 +25,8 @@ from collafuse_flwr.core.images import to_uint8
 from collafuse_flwr.core.training import client_share_loss, train_steps
 
 REFUSED, FAILED = P.REFUSED, P.FAILED
-#: a local path (two or more segments, a drive letter only alone), or a URL, which is kept: not a local file
-_PATH = re.compile(r"([A-Za-z][\w+.-]*://[^\s'\"]+)|(?:(?<![\w.-])[A-Za-z]:)?(?:/[^\s'\":,;()\[\]]+){2,}")
+#: a local path (two or more segments; a drive letter only alone), or a web URL, which is kept (file:// is a path)
+_PATH = re.compile(r"((?:https?|ftp)://[^\s'\",;()\[\]]+)|(?:(?<![\w.-])[A-Za-z]:)?(?:/[^\s'\":,;()\[\]]+){2,}")
 
 
 class Refused(Exception):

@@ -17,6 +17,8 @@ from typing import Any
 
 from collafuse_flwr.config import (ConfigError, RunConfig, load_defaults, parse_config, run_config_text,
                                    unknown_keys_message, valid_keys)
+from collafuse_flwr.data.dataset import _EMBEDDED as EMBEDDED
+from collafuse_flwr.data.dataset import HF_PREFIX, canonical_name
 
 #: how `flwr run` splits --run-config into pairs (flwr.common.config.parse_config_args)
 _PAIR = re.compile(r"(\S+?)=(\'[^\']*\'|\"[^\"]*\"|\S+)")
@@ -106,7 +108,9 @@ def check_run_config(app_dir: Path, text: str, num_clients: int) -> RunConfig | 
         except CheckpointError as exc:
             raise RunConfigError(str(exc)) from None
     # the simulation's nodes read these on this machine: a missing one is one line now, not a failed run later
-    if cfg.data_dir and not cfg.download and not Path(cfg.data_dir).is_dir():
+    name = canonical_name(cfg.dataset)
+    reads_files = not (name.startswith(HF_PREFIX) or name in EMBEDDED)
+    if reads_files and cfg.data_dir and not cfg.download and not Path(cfg.data_dir).is_dir():
         raise RunConfigError(f"data-dir={cfg.data_dir!r} is not a folder on this machine: point it at the "
                              f"{cfg.dataset} files, or set download=true where torchvision can fetch them")
     if cfg.fid_weights and not Path(cfg.fid_weights).is_file():
