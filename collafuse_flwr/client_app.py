@@ -237,6 +237,15 @@ def _state_file(node: Node, client: int, run_key: int, suffix: str = "pt") -> Pa
     return node.policy.state_dir / run / f"{f'client-{client}' if node.policy.trusts_run_config else 'node'}.{suffix}"
 
 
+def _new_run_file(node: Node, client: int, run_key: int, suffix: str = "pt") -> Path:
+    """`_state_file`, its run folder made; a deployed node first drops all but its newest runs' folders."""
+    path = _state_file(node, client, run_key, suffix)
+    if not node.policy.trusts_run_config:
+        state.prune_runs(path)
+    private_dir(path.parent)
+    return path
+
+
 def _scored_file(node: Node, client: int, run_key: int) -> Path:
     """Which uploads were scored: a deployed node's one file, so no run key a message names finds it empty."""
     if node.policy.trusts_run_config:
@@ -269,9 +278,7 @@ def _train_private(node: Node, msg: Message, method: str, t_max: int,
     _train(node, model, opt, t_max, client, rnd, metrics)
     state.save_private(node.context.state, model, opt, rnd)
     records = upload(client, rnd, metrics) if upload else {}
-    if not node.policy.trusts_run_config:
-        state.prune_runs(_state_file(node, client, run_key))
-    state.persist(node.context.state, _state_file(node, client, run_key))
+    state.persist(node.context.state, _new_run_file(node, client, run_key))
     metrics[P.TRAIN_SECONDS] = time.perf_counter() - t0
     return metrics, records
 
@@ -384,10 +391,7 @@ def _evaluated(node: Node, msg: Message, method: str, images: torch.Tensor, seco
         records[P.SAMPLES] = ArrayRecord({P.IMAGES: Array(images.numpy().astype(np.uint8))})
     if msg.content[P.CONFIG].get(P.FINAL_ROUND, 0) == 1 and method in (P.COLLAFUSE, P.LOCAL):
         state.discard(_state_file(node, client, run_key))
-        finished = _state_file(node, client, run_key, "finished")
-        if not node.policy.trusts_run_config:
-            state.prune_runs(finished)
-        private_dir(finished.parent).joinpath(finished.name).touch(mode=0o600)  # a node never sampled to train too
+        _new_run_file(node, client, run_key, "finished").touch(mode=0o600)  # also where it never trained
     return metrics, records
 
 
