@@ -271,7 +271,7 @@ class DiffusionStrategy(Strategy):
                 continue
             info = _metrics_dict(m)
             why = ("it carried records nobody asked for" if P.unexpected_records(m, "up", P.QUERY, P.HELLO) else
-                   f"its metrics: {_metrics_problem(m)}" if info is None else
+                   f"its {_metrics_problem(m)}" if info is None else
                    f"its {P.PARTITION_ID} claim {info[P.PARTITION_ID]!r} is not a whole number >= -1"
                    if P.PARTITION_ID in info and not (float(info[P.PARTITION_ID]).is_integer()
                                                       and info[P.PARTITION_ID] >= -1) else "")
@@ -500,9 +500,9 @@ class DiffusionStrategy(Strategy):
         if extra:
             raise MalformedReply(f"records: {extra} were not asked for (a {phase} reply of {self.method} carries "
                                  f"only {sorted(P.ALLOWED_RECORDS[('up', category, self.method)])})")
-        why = _metrics_problem(m)
-        if why:  # a list or another type is malformed; NaN or Inf is an implausible value
-            raise (ImplausibleUpload if why.endswith("not a finite number") else MalformedReply)(f"metrics: {why}")
+        problem = _metrics_problem(m)
+        if problem is not None:
+            raise problem
 
     # -- aggregation of metrics -------------------------------------------------------------------
     def mean_metrics(self, replies: list[Message], weight_key: str = P.NUM_EXAMPLES) -> MetricRecord:
@@ -584,23 +584,24 @@ class DiffusionStrategy(Strategy):
             self.num_eval_samples)
 
 
-def _metrics_problem(m: Message) -> str:
-    """Why the reply's metrics cannot be used, '' when each is one finite number. Flower's MetricRecord
-    also carries lists of numbers; no message of this protocol has one and every reader takes a number
-    (hello's claims, example weights, the report's means), so a list is refused here, where it enters."""
+def _metrics_problem(m: Message) -> ReplyRejected | None:
+    """Why the reply's metrics cannot be used (a missing record or a list is malformed, NaN or Inf an
+    implausible value), None when each is one finite number. Flower's MetricRecord also carries lists of
+    numbers; no message of this protocol has one and every reader takes a number (hello's claims,
+    example weights, the report's means), so a list is refused here, where it enters."""
     if P.METRICS not in m.content.metric_records:
-        return f"no '{P.METRICS}' metric record"
+        return MalformedReply(f"metrics: no '{P.METRICS}' metric record")
     for k, v in m.content[P.METRICS].items():
         if isinstance(v, bool) or not isinstance(v, (int, float)):
-            return f"'{k}' is {str(v)[:40]} ({type(v).__name__}), expected one number"
+            return MalformedReply(f"metrics: '{k}' is {str(v)[:40]} ({type(v).__name__}), expected one number")
         if not math.isfinite(v):
-            return f"'{k}' is {v}, not a finite number"
-    return ""
+            return ImplausibleUpload(f"metrics: '{k}' is {v}, not a finite number")
+    return None
 
 
 def _metrics_dict(m: Message) -> dict[str, Any] | None:
     """The reply's metrics as a dict, or None when absent or any value is not one finite number."""
-    return None if _metrics_problem(m) else dict(m.content[P.METRICS])
+    return None if _metrics_problem(m) is not None else dict(m.content[P.METRICS])
 
 
 def decoded(a: Array, where: str) -> np.ndarray:
